@@ -1,0 +1,83 @@
+//! The workload's parameters, from the kernel command line: `key=value` words.
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum ExitMode {
+    PowerOff,
+    Reset,
+    TripleFault,
+}
+
+pub struct Params {
+    /// Working set in MiB, spread over all vCPUs.
+    pub ws_mib: u64,
+    /// Pages dirtied per second, over all vCPUs.
+    pub rate: u64,
+    /// Verification period in ms.
+    pub verify_ms: u64,
+    /// Heartbeat period in ms.
+    pub hb_ms: u64,
+    /// Stop after this many heartbeats (0: never), the way `exit_mode` says.
+    pub exit_after: u64,
+    pub exit_mode: ExitMode,
+    /// Corrupt one page before this verification epoch (0: never), to show a FAIL verdict.
+    pub corrupt_epoch: u64,
+}
+
+fn parse_u64(s: &[u8]) -> Option<u64> {
+    if s.is_empty() {
+        return None;
+    }
+    let mut v: u64 = 0;
+    for &c in s {
+        if !c.is_ascii_digit() {
+            return None;
+        }
+        v = v.checked_mul(10)?.checked_add(u64::from(c - b'0'))?;
+    }
+    Some(v)
+}
+
+/// Parses the command line; unknown words (for example `console=ttyS0`) are ignored, and
+/// a malformed number keeps the default and is reported through `bad`.
+pub fn parse(cmdline: &[u8], mut bad: impl FnMut(&[u8])) -> Params {
+    let mut p = Params {
+        ws_mib: 16,
+        rate: 1000,
+        verify_ms: 1000,
+        hb_ms: 500,
+        exit_after: 0,
+        exit_mode: ExitMode::PowerOff,
+        corrupt_epoch: 0,
+    };
+    for word in cmdline.split(|&c| c == b' ') {
+        let Some(eq) = word.iter().position(|&c| c == b'=') else {
+            continue;
+        };
+        let (key, value) = (&word[..eq], &word[eq + 1..]);
+        if key == b"exitmode" {
+            match value {
+                b"poweroff" => p.exit_mode = ExitMode::PowerOff,
+                b"reset" => p.exit_mode = ExitMode::Reset,
+                b"triplefault" => p.exit_mode = ExitMode::TripleFault,
+                _ => bad(word),
+            }
+            continue;
+        }
+        let slot = match key {
+            b"ws" => &mut p.ws_mib,
+            b"rate" => &mut p.rate,
+            b"verify" => &mut p.verify_ms,
+            b"hb" => &mut p.hb_ms,
+            b"exit" => &mut p.exit_after,
+            b"corrupt" => &mut p.corrupt_epoch,
+            _ => continue,
+        };
+        match parse_u64(value) {
+            Some(v) => *slot = v,
+            None => bad(word),
+        }
+    }
+    p.verify_ms = p.verify_ms.max(1);
+    p.hb_ms = p.hb_ms.max(1);
+    p
+}

@@ -1,0 +1,417 @@
+//! The NovaCron test guest.
+//!
+//! A tiny x86-64 kernel that boots through the PVH entry (on NovaCron's VMM and on QEMU
+//! microvm alike), brings up every vCPU, and runs a self-verifying memory workload whose
+//! parameters come from its command line. What it prints, line by line:
+//!
+//! ```text
+//! NOVACRON-GUEST boot                                  (first instruction, before anything)
+//! NOVACRON-GUEST v1 cpus=4 mem=512 ws=64 rate=1000 verify=1000 hb=500 exit=0 clock=kvm
+//! SMP online=4
+//! READY pages=16384 base=0x1000000
+//! HB 1                                                 (every hb ms, sequence from 1)
+//! VERIFY OK epoch=1 pages=16384 cpus=4                 (every verify ms)
+//! VERIFY FAIL epoch=2 bad=1 first=0 cpus=4
+//! ```
+//!
+//! Command line words (all optional): `ws=MiB rate=pages/s verify=ms hb=ms exit=N`
+//! `exitmode=poweroff|reset|triplefault corrupt=EPOCH`. `mem` is in MiB.
+//! It is frugal in instructions: this machine's KVM emulates guests at ~1.3 MIPS.
+
+#![no_std]
+#![no_main]
+
+mod acpi;
+mod apic;
+mod clock;
+mod cmdline;
+mod console;
+mod interrupts;
+mod intrinsics;
+mod io;
+mod power;
+mod pvh;
+mod workload;
+
+use acpi::{AcpiInfo, MAX_CPUS};
+use cmdline::{ExitMode, Params};
+use console::Line;
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use workload::{PAGE, Slice};
+
+core::arch::global_asm!(include_str!("entry.S"), options(att_syntax));
+
+const AP_TRAMP_BASE: u64 = 0x8000;
+const AP_STACK_SIZE: usize = 16384;
+const MS: u64 = 1_000_000;
+/// A CPU never sleeps longer than this, so it notices a new verification epoch quickly.
+const MAX_SLEEP_NS: u64 = 20 * MS;
+/// Nor shorter: each wake-up costs exits, so pages are dirtied in small batches.
+const MIN_SLEEP_NS: u64 = MS;
+
+unsafe extern "C" {
+    static ap_tramp_start: u8;
+    static ap_tramp_end: u8;
+    static __image_end: u8;
+    static mut pdpt: [u64; 512];
+}
+
+/// Read by `ap_long_entry` before it has a stack.
+#[unsafe(no_mangle)]
+static mut AP_STACK_TOP: u64 = 0;
+
+#[repr(C, align(16))]
+struct Stack([u8; AP_STACK_SIZE]);
+static mut AP_STACKS: [Stack; MAX_CPUS] = [const { Stack([0; AP_STACK_SIZE]) }; MAX_CPUS];
+
+/// What the BSP decides and every CPU reads after `GO`.
+struct Shared {
+    params: Params,
+    ws_base: u64,
+    ws_pages: u64,
+}
+
+static mut SHARED: Option<Shared> = None;
+static AP_INDEX: AtomicUsize = AtomicUsize::new(0);
+static ONLINE: AtomicUsize = AtomicUsize::new(1);
+static GO: AtomicBool = AtomicBool::new(false);
+static EPOCH: AtomicU64 = AtomicU64::new(0);
+
+/// One CPU's answer to a verification epoch.
+struct Report {
+    epoch: AtomicU64,
+    bad: AtomicU64,
+    first_bad: AtomicU64,
+    pages: AtomicU64,
+}
+static REPORTS: [Report; MAX_CPUS] = [const {
+    Report {
+        epoch: AtomicU64::new(0),
+        bad: AtomicU64::new(0),
+        first_bad: AtomicU64::new(0),
+        pages: AtomicU64::new(0),
+    }
+}; MAX_CPUS];
+
+fn shared() -> &'static Shared {
+    // SAFETY: written once by the BSP before GO is released; read-only afterwards.
+    match unsafe { &*(&raw const SHARED) } {
+        Some(s) => s,
+        None => io::halt_forever(),
+    }
+}
+
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    console::say("PANIC");
+    io::halt_forever()
+}
+
+fn has_1g_pages() -> bool {
+    io::cpuid(0x8000_0001).3 & (1 << 26) != 0
+}
+
+/// The entry code maps the first 4 GiB. Maps up to `end` with 1 GiB pages, or returns the
+/// highest address that is mapped when the CPU has no 1 GiB pages.
+fn map_up_to(end: u64) -> u64 {
+    const GIB: u64 = 1 << 30;
+    if end <= 4 * GIB {
+        return end;
+    }
+    if !has_1g_pages() {
+        return 4 * GIB;
+    }
+    let end = end.min(512 * GIB);
+    for i in 4..end.div_ceil(GIB) {
+        // SAFETY: the BSP extends its own page tables before any AP starts.
+        unsafe { (*(&raw mut pdpt))[i as usize] = (i * GIB) | 0x83 };
+    }
+    end
+}
+
+/// Picks the working set's place: the largest RAM range above the image, 2 MiB aligned.
+fn place_working_set(info: &pvh::BootInfo, ws_bytes: u64) -> (u64, u64) {
+    let image_end = &raw const __image_end as u64;
+    let mut best = (0, 0);
+    for &(start, size) in &info.ram[..info.ram_ranges] {
+        let base = start.max(image_end).next_multiple_of(2 << 20);
+        let end = start + size;
+        if end > base && end - base > best.1 {
+            best = (base, end - base);
+        }
+    }
+    let (base, avail) = best;
+    let end = map_up_to(base + ws_bytes.min(avail));
+    (base, end.saturating_sub(base) / PAGE)
+}
+
+fn start_aps(acpi: &AcpiInfo) {
+    let bsp = apic::id();
+    // SAFETY: the trampoline is position-independent real-mode code; 0x8000 is free RAM
+    // below 1 MiB that the loader does not use.
+    unsafe {
+        let start = &raw const ap_tramp_start;
+        let len = (&raw const ap_tramp_end as usize) - (start as usize);
+        core::ptr::copy_nonoverlapping(start, AP_TRAMP_BASE as *mut u8, len);
+    }
+    let mut index = 1;
+    for &apic_id in &acpi.apic_ids[..acpi.cpus] {
+        if apic_id == bsp {
+            continue;
+        }
+        AP_INDEX.store(index, Ordering::Relaxed);
+        // SAFETY: one AP starts at a time, so its stack slot is not in use.
+        unsafe {
+            AP_STACK_TOP = (&raw mut AP_STACKS[index]) as u64 + AP_STACK_SIZE as u64;
+        }
+        let before = ONLINE.load(Ordering::Acquire);
+        apic::send_init(apic_id);
+        let mut started = false;
+        for _ in 0..2 {
+            apic::send_sipi(apic_id, (AP_TRAMP_BASE >> 12) as u8);
+            let deadline = clock::now_ns(0) + 500 * MS;
+            while clock::now_ns(0) < deadline {
+                if ONLINE.load(Ordering::Acquire) > before {
+                    started = true;
+                    break;
+                }
+                io::spin_hint();
+            }
+            if started {
+                break;
+            }
+        }
+        if started {
+            index += 1;
+        } else {
+            Line::new()
+                .str("SMP apic=")
+                .u64(u64::from(apic_id))
+                .str(" did not start")
+                .print();
+        }
+    }
+}
+
+#[unsafe(no_mangle)]
+extern "C" fn kmain(start_info: u64) -> ! {
+    let Some(info) = pvh::read(start_info) else {
+        console::say("NOVACRON-GUEST: no PVH start info; boot me through the PVH entry");
+        io::halt_forever()
+    };
+    let acpi = acpi::read(info.rsdp);
+    let params = cmdline::parse(info.cmdline, |word| {
+        Line::new().str("CMDLINE bad word: ").bytes(word).print()
+    });
+    let cpus = acpi.cpus.max(1);
+    let kvm_clock = clock::init(0);
+    Line::new()
+        .str("NOVACRON-GUEST v1")
+        .kv("cpus", cpus as u64)
+        .kv("mem", info.ram_bytes() >> 20)
+        .kv("ws", params.ws_mib)
+        .kv("rate", params.rate)
+        .kv("verify", params.verify_ms)
+        .kv("hb", params.hb_ms)
+        .kv("exit", params.exit_after)
+        .str(if kvm_clock {
+            " clock=kvm"
+        } else {
+            " clock=tsc"
+        })
+        .print();
+    if acpi.ignored_cpus > 0 {
+        Line::new()
+            .str("SMP ignoring")
+            .kv("cpus", acpi.ignored_cpus as u64)
+            .print();
+    }
+
+    apic::mask_pic();
+    interrupts::build();
+    interrupts::load_idt();
+    apic::init();
+
+    let (ws_base, ws_pages) = place_working_set(&info, params.ws_mib << 20);
+    // SAFETY: no other CPU runs yet.
+    unsafe {
+        SHARED = Some(Shared {
+            params,
+            ws_base,
+            ws_pages,
+        })
+    };
+    if cpus > 1 {
+        start_aps(&acpi);
+    }
+    let online = ONLINE.load(Ordering::Acquire);
+    Line::new().str("SMP").kv("online", online as u64).print();
+    Line::new()
+        .str("READY")
+        .kv("pages", ws_pages)
+        .str(" base=")
+        .hex(ws_base)
+        .print();
+    GO.store(true, Ordering::Release);
+    run(0, online)
+}
+
+#[unsafe(no_mangle)]
+extern "C" fn ap_main() -> ! {
+    let cpu = AP_INDEX.load(Ordering::Relaxed);
+    interrupts::load_idt();
+    apic::init();
+    clock::init(cpu);
+    ONLINE.fetch_add(1, Ordering::AcqRel);
+    while !GO.load(Ordering::Acquire) {
+        io::spin_hint();
+    }
+    run(cpu, ONLINE.load(Ordering::Acquire))
+}
+
+/// The BSP's duties besides its own slice: heartbeats, epochs, verdicts, exit.
+struct Bsp {
+    next_hb: u64,
+    hb_seq: u64,
+    next_verify: u64,
+    pending_epoch: u64,
+}
+
+impl Bsp {
+    fn tick(&mut self, now: u64, online: usize) {
+        let p = &shared().params;
+        if now >= self.next_hb {
+            self.hb_seq += 1;
+            Line::new().str("HB ").u64(self.hb_seq).print();
+            // No backlog after a pause: the next beat is a period from now.
+            self.next_hb = (self.next_hb + p.hb_ms * MS).max(now + MS);
+            if p.exit_after != 0 && self.hb_seq >= p.exit_after {
+                exit(p.exit_mode);
+            }
+        }
+        if self.pending_epoch == 0 && now >= self.next_verify {
+            self.pending_epoch = EPOCH.fetch_add(1, Ordering::AcqRel) + 1;
+        }
+        if self.pending_epoch != 0 && verdict_ready(self.pending_epoch, online) {
+            print_verdict(self.pending_epoch, online);
+            self.pending_epoch = 0;
+            self.next_verify = now + p.verify_ms * MS;
+        }
+    }
+
+    /// While a verdict is pending, poll for the other CPUs' reports every millisecond.
+    fn next_event(&self, now: u64) -> u64 {
+        if self.pending_epoch != 0 {
+            now + MS
+        } else {
+            self.next_hb.min(self.next_verify)
+        }
+    }
+}
+
+fn verdict_ready(epoch: u64, online: usize) -> bool {
+    REPORTS[..online]
+        .iter()
+        .all(|r| r.epoch.load(Ordering::Acquire) >= epoch)
+}
+
+fn print_verdict(epoch: u64, online: usize) {
+    let (mut bad, mut pages, mut first) = (0, 0, u64::MAX);
+    for r in &REPORTS[..online] {
+        let b = r.bad.load(Ordering::Relaxed);
+        pages += r.pages.load(Ordering::Relaxed);
+        if b > 0 {
+            bad += b;
+            first = first.min(r.first_bad.load(Ordering::Relaxed));
+        }
+    }
+    let mut line = Line::new();
+    if bad == 0 {
+        line.str("VERIFY OK").kv("epoch", epoch).kv("pages", pages);
+    } else {
+        line.str("VERIFY FAIL")
+            .kv("epoch", epoch)
+            .kv("bad", bad)
+            .kv("first", first);
+    }
+    line.kv("cpus", online as u64).print();
+}
+
+fn exit(mode: ExitMode) -> ! {
+    match mode {
+        ExitMode::PowerOff => power::power_off(acpi::read(0).sleep_control),
+        ExitMode::Reset => power::reset(),
+        ExitMode::TripleFault => interrupts::triple_fault(),
+    }
+}
+
+/// Every CPU's loop: dirty its slice at its share of the rate, verify it when the epoch
+/// moves, sleep on the APIC timer in between.
+fn run(cpu: usize, online: usize) -> ! {
+    let s = shared();
+    let p = &s.params;
+    let share =
+        |total: u64| total * (cpu as u64 + 1) / online as u64 - total * cpu as u64 / online as u64;
+    let first = s.ws_pages * cpu as u64 / online as u64;
+    let mut slice = Slice::new(s.ws_base, first, share(s.ws_pages));
+    let rate = share(p.rate);
+    slice.fill();
+
+    let mut seen_epoch = 0;
+    let mut start = clock::now_ns(cpu);
+    let mut done: u64 = 0;
+    // At most 100 ms of pages at once: after a pause the guest does not burst.
+    let max_backlog = rate / 10 + 1;
+    let mut bsp = (cpu == 0).then(|| Bsp {
+        next_hb: start,
+        hb_seq: 0,
+        next_verify: start + p.verify_ms * MS,
+        pending_epoch: 0,
+    });
+
+    loop {
+        let now = clock::now_ns(cpu);
+        let epoch = EPOCH.load(Ordering::Acquire);
+        if epoch > seen_epoch {
+            if cpu == 0 && epoch == p.corrupt_epoch {
+                slice.corrupt();
+            }
+            let v = slice.verify();
+            let r = &REPORTS[cpu];
+            r.bad.store(v.bad, Ordering::Relaxed);
+            r.first_bad.store(v.first_bad, Ordering::Relaxed);
+            r.pages.store(slice.pages(), Ordering::Relaxed);
+            r.epoch.store(epoch, Ordering::Release);
+            seen_epoch = epoch;
+        }
+
+        let mut next_page = u64::MAX;
+        if rate > 0 {
+            let due =
+                (u128::from(now.saturating_sub(start)) * u128::from(rate) / 1_000_000_000) as u64;
+            if due > done + max_backlog {
+                done = due - max_backlog;
+            }
+            if due > done {
+                slice.dirty(due - done);
+                done = due;
+            }
+            // Keep the numbers small: move the origin a second on once a second's pages are done.
+            if done >= rate {
+                start += 1_000_000_000;
+                done -= rate;
+            }
+            next_page = start + ((u128::from(done + 1) * 1_000_000_000) / u128::from(rate)) as u64;
+        }
+
+        let mut wake = next_page.min(now + MAX_SLEEP_NS);
+        if let Some(b) = bsp.as_mut() {
+            b.tick(now, online);
+            wake = wake.min(b.next_event(now));
+        }
+        let now = clock::now_ns(cpu);
+        if wake > now {
+            apic::sleep_ns((wake - now).max(MIN_SLEEP_NS));
+        }
+    }
+}

@@ -1,0 +1,212 @@
+//! The VMM's control socket: a Unix stream socket carrying one JSON object per line.
+//!
+//! ```text
+//! -> {"version":1,"op":"status"}
+//! <- {"version":1,"ok":true,"status":{"state":"running","vcpus":2,...}}
+//! -> {"version":1,"op":"pause"}
+//! <- {"version":1,"ok":true}
+//! -> {"version":9,"op":"pause"}
+//! <- {"version":1,"ok":false,"error":{"kind":"unsupported_version","message":"..."}}
+//! ```
+//!
+//! Operations: `status`, `pause`, `resume`, `shutdown`. Version policy: the VMM answers
+//! requests of its own version and of the one before it; a request it cannot read gets an
+//! error reply, never a closed connection without a word. The full description, with every
+//! error kind, is `docs/control-socket.md`.
+
+pub mod client;
+pub mod server;
+
+use serde::{Deserialize, Serialize};
+
+/// The protocol version this VMM speaks.
+pub const API_VERSION: u32 = 1;
+/// The oldest request version it still answers.
+pub const API_MIN_VERSION: u32 = 1;
+/// Longest request line accepted.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    Status,
+    Pause,
+    Resume,
+    Shutdown,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct RequestFrame {
+    pub version: u32,
+    #[serde(flatten)]
+    pub request: Request,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    Running,
+    Paused,
+}
+
+impl std::fmt::Display for VmState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            VmState::Running => "running",
+            VmState::Paused => "paused",
+        })
+    }
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct VmStatus {
+    pub state: VmState,
+    pub vcpus: u8,
+    pub mem_mib: u64,
+    pub pid: u32,
+    pub uptime_ms: u64,
+    /// The kernel's path, or "test-guest" for the bundled one.
+    pub kernel: String,
+    pub boot_format: String,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The line is not a request this version understands.
+    BadRequest,
+    UnsupportedVersion,
+    /// The request does not apply in the VM's state (e.g. resume while running).
+    InvalidState,
+    /// The VMM could not carry it out.
+    Internal,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        ApiError {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    pub version: u32,
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<VmStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ApiError>,
+}
+
+impl Response {
+    pub fn done() -> Self {
+        Response {
+            version: API_VERSION,
+            ok: true,
+            status: None,
+            error: None,
+        }
+    }
+
+    pub fn status(status: VmStatus) -> Self {
+        Response {
+            status: Some(status),
+            ..Response::done()
+        }
+    }
+
+    pub fn error(e: ApiError) -> Self {
+        Response {
+            version: API_VERSION,
+            ok: false,
+            status: None,
+            error: Some(e),
+        }
+    }
+}
+
+/// Parses one request line, checking the version before the operation so that a newer
+/// client gets "unsupported version" rather than "unknown operation".
+pub fn parse_request(line: &[u8]) -> Result<Request, ApiError> {
+    #[derive(Deserialize)]
+    struct Version {
+        version: u32,
+    }
+    let v: Version = serde_json::from_slice(line).map_err(|e| {
+        ApiError::new(
+            ErrorKind::BadRequest,
+            format!("not a request (a JSON object with \"version\" and \"op\"): {e}"),
+        )
+    })?;
+    if !(API_MIN_VERSION..=API_VERSION).contains(&v.version) {
+        return Err(ApiError::new(
+            ErrorKind::UnsupportedVersion,
+            format!(
+                "protocol version {} is not supported; this VMM speaks {API_MIN_VERSION} to {API_VERSION}",
+                v.version
+            ),
+        ));
+    }
+    let frame: RequestFrame = serde_json::from_slice(line)
+        .map_err(|e| ApiError::new(ErrorKind::BadRequest, format!("bad request: {e}")))?;
+    Ok(frame.request)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_parse_request_accepts_each_op() {
+        for (line, want) in [
+            (r#"{"version":1,"op":"status"}"#, Request::Status),
+            (r#"{"op":"pause","version":1}"#, Request::Pause),
+            (r#"{"version":1,"op":"resume"}"#, Request::Resume),
+            (r#"{"version":1,"op":"shutdown"}"#, Request::Shutdown),
+        ] {
+            assert_eq!(parse_request(line.as_bytes()), Ok(want));
+        }
+    }
+
+    #[test]
+    fn test_parse_request_newer_version_is_unsupported_even_with_unknown_op() {
+        let err = parse_request(br#"{"version":7,"op":"teleport"}"#).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::UnsupportedVersion);
+    }
+
+    #[test]
+    fn test_parse_request_garbage_and_unknown_op_are_bad_requests() {
+        for line in [
+            &b"\xff\xfe"[..],
+            b"{}",
+            b"[1,2]",
+            br#"{"version":1,"op":"teleport"}"#,
+            br#"{"version":"1","op":"status"}"#,
+        ] {
+            assert_eq!(
+                parse_request(line).unwrap_err().kind,
+                ErrorKind::BadRequest,
+                "{}",
+                String::from_utf8_lossy(line)
+            );
+        }
+    }
+
+    #[test]
+    fn test_response_round_trips_through_json() {
+        let r = Response::error(ApiError::new(ErrorKind::InvalidState, "already paused"));
+        let text = serde_json::to_string(&r).unwrap();
+        assert_eq!(serde_json::from_str::<Response>(&text).unwrap(), r);
+        assert!(!text.contains("status"));
+    }
+}

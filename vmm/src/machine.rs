@@ -1,0 +1,197 @@
+//! A running VM as the VMM thread sees it: the vCPU handles, the devices it must flush, the
+//! event fds through which the guest asks to stop, and pause/resume across all vCPUs.
+
+use crate::api::{ApiError, ErrorKind, VmState, VmStatus};
+use crate::vstate::memory::GuestMemory;
+use crate::vstate::vcpu::{IoBuses, VcpuCommand, VcpuEvent, VcpuHandle, VcpuStop};
+use crate::vstate::vm::Vm;
+use novacron_devices::legacy::Serial;
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use vmm_sys_util::eventfd::EventFd;
+
+/// How long vCPUs get to answer pause/resume. They answer in microseconds; this only bounds
+/// the wait on a wedged host.
+const VCPU_ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the VM is, for status replies.
+#[derive(Debug, Clone)]
+pub struct MachineInfo {
+    pub vcpus: u8,
+    pub mem_mib: u64,
+    pub kernel: String,
+    pub boot_format: String,
+}
+
+/// The event fds the guest or the vCPUs use to end the VM.
+pub struct StopEvents {
+    /// A vCPU has sent a `VcpuEvent` (read them from `Machine::vcpu_events`).
+    pub vcpu: EventFd,
+    /// ACPI power-off.
+    pub power_off: EventFd,
+    /// i8042 or ACPI reset.
+    pub reset: EventFd,
+}
+
+pub struct Machine {
+    pub info: MachineInfo,
+    pub stop_events: StopEvents,
+    vcpus: Vec<VcpuHandle>,
+    vcpu_events: Receiver<VcpuEvent>,
+    serial: Arc<Mutex<Serial>>,
+    state: VmState,
+    started: Instant,
+    /// A vCPU stop seen while waiting for pause/resume answers, for the event loop.
+    pending_stops: Vec<(u8, VcpuStop)>,
+    // Dropped last, in this order: the buses (devices), the VM fd, then guest memory.
+    _buses: Arc<IoBuses>,
+    _vm: Vm,
+    _memory: GuestMemory,
+}
+
+impl Machine {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        info: MachineInfo,
+        stop_events: StopEvents,
+        vcpus: Vec<VcpuHandle>,
+        vcpu_events: Receiver<VcpuEvent>,
+        serial: Arc<Mutex<Serial>>,
+        buses: Arc<IoBuses>,
+        vm: Vm,
+        memory: GuestMemory,
+    ) -> Self {
+        Machine {
+            info,
+            stop_events,
+            vcpus,
+            vcpu_events,
+            serial,
+            state: VmState::Running,
+            started: Instant::now(),
+            pending_stops: Vec::new(),
+            _buses: buses,
+            _vm: vm,
+            _memory: memory,
+        }
+    }
+
+    pub fn state(&self) -> VmState {
+        self.state
+    }
+
+    pub fn status(&self) -> VmStatus {
+        VmStatus {
+            state: self.state,
+            vcpus: self.info.vcpus,
+            mem_mib: self.info.mem_mib,
+            pid: std::process::id(),
+            uptime_ms: self.started.elapsed().as_millis() as u64,
+            kernel: self.info.kernel.clone(),
+            boot_format: self.info.boot_format.clone(),
+        }
+    }
+
+    /// vCPU stops that arrived since the last call, from the channel and from pause/resume.
+    pub fn take_vcpu_stops(&mut self) -> Vec<(u8, VcpuStop)> {
+        let mut stops = std::mem::take(&mut self.pending_stops);
+        while let Ok(event) = self.vcpu_events.try_recv() {
+            if let VcpuEvent::Stopped(index, why) = event {
+                stops.push((index, why));
+            }
+        }
+        stops
+    }
+
+    /// Sends `cmd` to every vCPU and waits until each answers with `want(index)`.
+    fn command_all(&mut self, cmd: VcpuCommand, want: fn(u8) -> VcpuEvent) -> Result<(), ApiError> {
+        for v in &self.vcpus {
+            if !v.send(cmd) {
+                return Err(ApiError::new(
+                    ErrorKind::Internal,
+                    format!("vCPU {} is gone", v.index),
+                ));
+            }
+        }
+        let deadline = Instant::now() + VCPU_ANSWER_TIMEOUT;
+        let mut answered = vec![false; self.vcpus.len()];
+        while answered.iter().any(|a| !a) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.vcpu_events.recv_timeout(left) {
+                Ok(VcpuEvent::Stopped(index, why)) => {
+                    let msg = format!("vCPU {index} stopped: {why}");
+                    self.pending_stops.push((index, why));
+                    return Err(ApiError::new(ErrorKind::Internal, msg));
+                }
+                Ok(event) => {
+                    if let Some(i) = (0..self.vcpus.len()).find(|&i| event == want(i as u8)) {
+                        answered[i] = true;
+                    }
+                }
+                Err(_) => {
+                    let late: Vec<usize> = (0..answered.len()).filter(|&i| !answered[i]).collect();
+                    return Err(ApiError::new(
+                        ErrorKind::Internal,
+                        format!(
+                            "vCPUs {late:?} did not answer {cmd:?} within {VCPU_ANSWER_TIMEOUT:?}"
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes every vCPU out of the guest; they stay out until `resume`.
+    pub fn pause(&mut self) -> Result<(), ApiError> {
+        if self.state == VmState::Paused {
+            return Err(ApiError::new(
+                ErrorKind::InvalidState,
+                "the VM is already paused",
+            ));
+        }
+        self.command_all(VcpuCommand::Pause, VcpuEvent::Paused)?;
+        self.state = VmState::Paused;
+        self.flush_serial();
+        tracing::info!("VM paused");
+        Ok(())
+    }
+
+    pub fn resume(&mut self) -> Result<(), ApiError> {
+        if self.state == VmState::Running {
+            return Err(ApiError::new(
+                ErrorKind::InvalidState,
+                "the VM is not paused",
+            ));
+        }
+        self.command_all(VcpuCommand::Resume, VcpuEvent::Resumed)?;
+        self.state = VmState::Running;
+        tracing::info!("VM resumed");
+        Ok(())
+    }
+
+    pub fn flush_serial(&self) {
+        self.serial
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .flush();
+    }
+
+    /// Stops every vCPU thread and waits for it, then flushes the console.
+    pub fn shut_down(&mut self) {
+        for v in &self.vcpus {
+            v.send(VcpuCommand::Exit);
+        }
+        for v in &mut self.vcpus {
+            v.join();
+        }
+        self.flush_serial();
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        self.shut_down();
+    }
+}

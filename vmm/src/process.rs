@@ -1,0 +1,83 @@
+//! The VMM process: one VM, from arguments to exit status.
+//!
+//! `novacron vm run` and the standalone `novacron-vmm` binary both end up in [`run_vm`].
+//! Exit status: 0 when the guest powers off or resets or the control socket says
+//! `shutdown`; 128+n after signal n; 1 when the VM cannot be built (bad arguments, no KVM,
+//! not a kernel); 2 when the guest crashes (triple fault); 3 on a KVM or VMM fault.
+
+use crate::api::server::ApiServer;
+use crate::builder;
+use crate::config::{VmArgs, VmConfig};
+use crate::runtime::{self, VmExit};
+use novacron_devices::legacy::SerialOutput;
+use std::io::{LineWriter, Write};
+
+pub const EXIT_BUILD_FAILED: i32 = 1;
+
+/// Prints an error and its causes on one line: "what failed: because: because".
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut line = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        line.push_str(": ");
+        line.push_str(&s.to_string());
+        source = s.source();
+    }
+    line
+}
+
+fn serial_output(config: &VmConfig) -> std::io::Result<SerialOutput> {
+    Ok(match &config.serial_file {
+        Some(path) => Box::new(LineWriter::new(std::fs::File::create(path)?)),
+        None => Box::new(LineWriter::new(std::io::stdout())),
+    })
+}
+
+/// Logs go to stderr, so that stdout carries only the guest's console.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("NOVACRON_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+/// Builds and runs one VM; returns the process exit status.
+pub fn run_vm(args: &VmArgs) -> i32 {
+    let fail = |what: &str, e: &dyn std::error::Error| {
+        eprintln!("novacron: {what}: {}", error_chain(e));
+        EXIT_BUILD_FAILED
+    };
+    let config = match VmConfig::from_args(args) {
+        Ok(c) => c,
+        Err(e) => return fail("invalid VM configuration", &e),
+    };
+    let serial = match serial_output(&config) {
+        Ok(s) => s,
+        Err(e) => return fail("cannot open the serial console file", &e),
+    };
+    if let Err(e) = runtime::block_stop_signals() {
+        return fail("cannot start", &e);
+    }
+    let api = match config.api_sock.as_deref().map(ApiServer::bind).transpose() {
+        Ok(a) => a,
+        Err(e) => return fail("cannot open the control socket", &e),
+    };
+    let mut machine = match builder::build(&config, serial) {
+        Ok(m) => m,
+        Err(e) => return fail("cannot start the VM", &e),
+    };
+    let exit = match runtime::run(&mut machine, api) {
+        Ok(exit) => exit,
+        Err(e) => return fail("the VMM's event loop failed", &e),
+    };
+    drop(machine);
+    let _ = std::io::stdout().flush();
+    match &exit {
+        VmExit::PowerOff | VmExit::Reset | VmExit::Shutdown => tracing::info!("{exit}"),
+        _ => eprintln!("novacron: VM stopped: {exit}"),
+    }
+    exit.code()
+}

@@ -1,0 +1,6 @@
+//! KVM state: the system handle and its capabilities, guest memory, the VM, the vCPUs.
+
+pub mod kvm;
+pub mod memory;
+pub mod vcpu;
+pub mod vm;

@@ -1,0 +1,413 @@
+//! vCPUs: configuration, and the thread that runs each one.
+//!
+//! A vCPU thread is a small state machine (running or paused), driven only by
+//! [`VcpuCommand`]s through its [`VcpuHandle`] and answering with [`VcpuEvent`]s. To get a
+//! thread out of `KVM_RUN`, the handle sends the command and then a signal whose handler
+//! sets `kvm_run.immediate_exit`: if the signal lands before `KVM_RUN` is entered, the next
+//! `KVM_RUN` returns at once, so no command is ever missed (Firecracker's scheme).
+
+use super::memory::GuestMemory;
+use super::vm::Vm;
+use crate::arch::x86_64::cpuid::{CpuidError, vcpu_cpuid};
+use crate::arch::x86_64::msr::{MsrError, boot_msrs};
+use crate::arch::x86_64::regs::{self, BootEntry, RegsError};
+use kvm_bindings::{CpuId, kvm_run};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use novacron_devices::Bus;
+use std::cell::Cell;
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::thread::JoinHandle;
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
+
+const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
+const KVM_SYSTEM_EVENT_RESET: u32 = 2;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    #[error("cannot create vCPU {index}")]
+    Create {
+        index: u8,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("vCPU {index}: {what} failed")]
+    Configure {
+        index: u8,
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("vCPU {index}: KVM took {set} of {total} boot MSRs")]
+    PartialMsrs { index: u8, set: usize, total: usize },
+    #[error(transparent)]
+    Cpuid(#[from] CpuidError),
+    #[error(transparent)]
+    Msrs(#[from] MsrError),
+    #[error(transparent)]
+    Regs(#[from] RegsError),
+    #[error("cannot install the vCPU kick signal handler")]
+    SignalHandler(#[source] vmm_sys_util::errno::Error),
+    #[error("cannot start the thread of vCPU {index}")]
+    Spawn {
+        index: u8,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Why a vCPU stopped running the guest for good.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VcpuStop {
+    /// KVM_EXIT_SHUTDOWN: the guest triple-faulted.
+    TripleFault,
+    /// The guest asked for power-off through a KVM system event (PSCI-style).
+    PowerOff,
+    /// The guest asked for a reset through a KVM system event.
+    Reset,
+    /// KVM could not go on: internal error, failed entry, an exit we cannot handle.
+    KvmError(String),
+    /// The vCPU thread panicked; a bug in the VMM.
+    Panic(String),
+}
+
+impl std::fmt::Display for VcpuStop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VcpuStop::TripleFault => f.write_str("the guest triple-faulted (KVM_EXIT_SHUTDOWN)"),
+            VcpuStop::PowerOff => f.write_str("the guest powered off"),
+            VcpuStop::Reset => f.write_str("the guest reset"),
+            VcpuStop::KvmError(e) => write!(f, "KVM error: {e}"),
+            VcpuStop::Panic(e) => write!(f, "vCPU thread panicked: {e}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VcpuCommand {
+    Pause,
+    Resume,
+    /// Leave the thread.
+    Exit,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VcpuEvent {
+    Paused(u8),
+    Resumed(u8),
+    Exited(u8),
+    Stopped(u8, VcpuStop),
+}
+
+/// Port I/O and MMIO buses shared by all vCPUs.
+pub struct IoBuses {
+    pub pio: Bus,
+    pub mmio: Bus,
+}
+
+thread_local! {
+    /// This thread's `kvm_run`, for the kick signal handler.
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    KVM_RUN.with(|run| {
+        let run = run.get();
+        if !run.is_null() {
+            // SAFETY: the pointer is this thread's own kvm_run mapping, set by the vCPU thread
+            // before it first enters KVM_RUN and valid for the thread's whole life.
+            unsafe { (*run).immediate_exit = 1 };
+        }
+    });
+}
+
+fn kick_signal() -> i32 {
+    SIGRTMIN()
+}
+
+/// Installs the kick handler (idempotent; once per process is enough).
+pub fn install_kick_handler() -> Result<(), VcpuError> {
+    register_signal_handler(kick_signal(), kick_handler).map_err(VcpuError::SignalHandler)
+}
+
+pub struct Vcpu {
+    index: u8,
+    fd: VcpuFd,
+}
+
+impl Vcpu {
+    pub fn new(vm: &Vm, index: u8) -> Result<Self, VcpuError> {
+        let fd = vm
+            .fd
+            .create_vcpu(u64::from(index))
+            .map_err(|source| VcpuError::Create { index, source })?;
+        Ok(Vcpu { index, fd })
+    }
+
+    fn configure_step<T>(
+        &self,
+        what: &'static str,
+        r: Result<T, kvm_ioctls::Error>,
+    ) -> Result<T, VcpuError> {
+        r.map_err(|source| VcpuError::Configure {
+            index: self.index,
+            what,
+            source,
+        })
+    }
+
+    /// CPUID, MSRs, FPU and LINT pins for every vCPU; boot registers for the first one only
+    /// (the others wait for INIT/SIPI from the guest).
+    pub fn configure(
+        &self,
+        supported: &CpuId,
+        count: u8,
+        memory: &GuestMemory,
+        boot: BootEntry,
+        start_info: u64,
+    ) -> Result<(), VcpuError> {
+        let cpuid = vcpu_cpuid(supported, self.index, count)?;
+        self.configure_step("KVM_SET_CPUID2", self.fd.set_cpuid2(&cpuid))?;
+        let msrs = boot_msrs()?;
+        let set = self.configure_step("KVM_SET_MSRS", self.fd.set_msrs(&msrs))?;
+        if set != msrs.as_slice().len() {
+            return Err(VcpuError::PartialMsrs {
+                index: self.index,
+                set,
+                total: msrs.as_slice().len(),
+            });
+        }
+        self.configure_step("KVM_SET_FPU", self.fd.set_fpu(&regs::boot_fpu()))?;
+        let mut lapic = self.configure_step("KVM_GET_LAPIC", self.fd.get_lapic())?;
+        regs::set_lint(&mut lapic);
+        self.configure_step("KVM_SET_LAPIC", self.fd.set_lapic(&lapic))?;
+        if self.index == 0 {
+            let mut sregs = self.configure_step("KVM_GET_SREGS", self.fd.get_sregs())?;
+            regs::setup_sregs(memory, &mut sregs, boot)?;
+            self.configure_step("KVM_SET_SREGS", self.fd.set_sregs(&sregs))?;
+            self.configure_step(
+                "KVM_SET_REGS",
+                self.fd.set_regs(&regs::boot_regs(boot, start_info)),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Starts the vCPU's thread. Events go to `events`, and `notify` is written after each.
+    pub fn start(
+        self,
+        buses: Arc<IoBuses>,
+        events: Sender<VcpuEvent>,
+        notify: EventFd,
+    ) -> Result<VcpuHandle, VcpuError> {
+        let index = self.index;
+        let (tx, rx) = channel();
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu{index}"))
+            .spawn(move || {
+                let reporter = Reporter { events, notify };
+                let mut runner = Runner {
+                    vcpu: self,
+                    buses,
+                    commands: rx,
+                };
+                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    runner.run(&reporter)
+                }));
+                if let Err(panic) = outcome {
+                    let msg = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "unknown panic".into());
+                    reporter.send(VcpuEvent::Stopped(index, VcpuStop::Panic(msg)));
+                    // Wait to be told to leave, as after any other stop.
+                    while let Ok(cmd) = runner.commands.recv() {
+                        if cmd == VcpuCommand::Exit {
+                            break;
+                        }
+                    }
+                    reporter.send(VcpuEvent::Exited(index));
+                }
+            })
+            .map_err(|source| VcpuError::Spawn { index, source })?;
+        Ok(VcpuHandle {
+            index,
+            commands: tx,
+            thread: Some(thread),
+        })
+    }
+}
+
+struct Reporter {
+    events: Sender<VcpuEvent>,
+    notify: EventFd,
+}
+
+impl Reporter {
+    fn send(&self, event: VcpuEvent) {
+        // The receiver is gone only when the VMM is exiting anyway.
+        if self.events.send(event).is_ok() {
+            let _ = self.notify.write(1);
+        }
+    }
+}
+
+enum Next {
+    Continue,
+    Stop(VcpuStop),
+}
+
+struct Runner {
+    vcpu: Vcpu,
+    buses: Arc<IoBuses>,
+    commands: Receiver<VcpuCommand>,
+}
+
+impl Runner {
+    fn run(&mut self, reporter: &Reporter) {
+        let index = self.vcpu.index;
+        let run_ptr: *mut kvm_run = self.vcpu.fd.get_kvm_run();
+        KVM_RUN.with(|r| r.set(run_ptr));
+        let mut paused = false;
+        loop {
+            // Commands first: a kick only makes KVM_RUN return, the command says why.
+            let cmd = if paused {
+                self.commands.recv().ok()
+            } else {
+                self.commands.try_recv().ok()
+            };
+            match cmd {
+                Some(VcpuCommand::Pause) => {
+                    paused = true;
+                    reporter.send(VcpuEvent::Paused(index));
+                    continue;
+                }
+                Some(VcpuCommand::Resume) => {
+                    paused = false;
+                    reporter.send(VcpuEvent::Resumed(index));
+                    continue;
+                }
+                Some(VcpuCommand::Exit) => break,
+                None if paused => break, // every handle is gone
+                None => {}
+            }
+            match self.run_once(run_ptr) {
+                Next::Continue => {}
+                Next::Stop(why) => {
+                    reporter.send(VcpuEvent::Stopped(index, why));
+                    // Stay out of the guest; only leave when told.
+                    while let Ok(cmd) = self.commands.recv() {
+                        if cmd == VcpuCommand::Exit {
+                            break;
+                        }
+                    }
+                    break;
+                }
+            }
+        }
+        KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
+        reporter.send(VcpuEvent::Exited(index));
+    }
+
+    fn run_once(&mut self, run_ptr: *mut kvm_run) -> Next {
+        let buses = &*self.buses;
+        let result = self.vcpu.fd.run();
+        match result {
+            Ok(VcpuExit::IoOut(port, data)) => {
+                // SAFETY: the exit is KVM_EXIT_IO, so the `io` member of the union is valid.
+                let size = usize::from(unsafe { (*run_ptr).__bindgen_anon_1.io.size }).max(1);
+                for chunk in data.chunks(size) {
+                    buses.pio.write(u64::from(port), chunk);
+                }
+                Next::Continue
+            }
+            Ok(VcpuExit::IoIn(port, data)) => {
+                // SAFETY: as above.
+                let size = usize::from(unsafe { (*run_ptr).__bindgen_anon_1.io.size }).max(1);
+                for chunk in data.chunks_mut(size) {
+                    buses.pio.read(u64::from(port), chunk);
+                }
+                Next::Continue
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                buses.mmio.read(addr, data);
+                Next::Continue
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                buses.mmio.write(addr, data);
+                Next::Continue
+            }
+            Ok(VcpuExit::Hlt | VcpuExit::Intr | VcpuExit::IrqWindowOpen) => Next::Continue,
+            Ok(VcpuExit::Shutdown) => Next::Stop(VcpuStop::TripleFault),
+            Ok(VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, _)) => {
+                Next::Stop(VcpuStop::PowerOff)
+            }
+            Ok(VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, _)) => Next::Stop(VcpuStop::Reset),
+            Ok(VcpuExit::SystemEvent(kind, _)) => {
+                Next::Stop(VcpuStop::KvmError(format!("system event {kind}")))
+            }
+            Ok(VcpuExit::InternalError) => {
+                // SAFETY: the exit is KVM_EXIT_INTERNAL_ERROR, so `internal` is valid.
+                let suberror = unsafe { (*run_ptr).__bindgen_anon_1.internal.suberror };
+                let what = match suberror {
+                    1 => "instruction emulation failed",
+                    2 => "simultaneous exceptions",
+                    3 => "delivery event failed",
+                    _ => "internal error",
+                };
+                Next::Stop(VcpuStop::KvmError(format!(
+                    "{what} (suberror {suberror}) at {}",
+                    self.where_()
+                )))
+            }
+            Ok(VcpuExit::FailEntry(reason, cpu)) => Next::Stop(VcpuStop::KvmError(format!(
+                "VM entry failed (hardware reason {reason:#x}, host cpu {cpu})"
+            ))),
+            Ok(other) => {
+                let what = format!("unexpected exit {other:?}");
+                Next::Stop(VcpuStop::KvmError(format!("{what} at {}", self.where_())))
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                self.vcpu.fd.set_kvm_immediate_exit(0);
+                Next::Continue
+            }
+            Err(e) => Next::Stop(VcpuStop::KvmError(format!("KVM_RUN failed: {e}"))),
+        }
+    }
+
+    /// The guest's instruction pointer, for error messages.
+    fn where_(&self) -> String {
+        match self.vcpu.fd.get_regs() {
+            Ok(r) => format!("rip {:#x}", r.rip),
+            Err(_) => "an unknown rip".into(),
+        }
+    }
+}
+
+/// What the VMM thread holds of a running vCPU.
+pub struct VcpuHandle {
+    pub index: u8,
+    commands: Sender<VcpuCommand>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl VcpuHandle {
+    /// Sends `cmd` and kicks the thread out of KVM_RUN. False when the thread is gone.
+    pub fn send(&self, cmd: VcpuCommand) -> bool {
+        if self.commands.send(cmd).is_err() {
+            return false;
+        }
+        match &self.thread {
+            Some(t) => t.kill(kick_signal()).is_ok(),
+            None => false,
+        }
+    }
+
+    pub fn join(&mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
