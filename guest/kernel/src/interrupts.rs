@@ -79,10 +79,14 @@ pub fn load_idt() {
 }
 
 /// Empties the IDT and raises an exception: the CPU cannot deliver it and shuts down.
+/// (A general-protection fault from a non-canonical read: this host's instruction emulator
+/// cannot emulate `int3`.)
 pub fn triple_fault() -> ! {
     load(0, 0);
     // SAFETY: deliberately faults; nothing after it runs.
-    unsafe { core::arch::asm!("int3", options(nomem, nostack)) };
+    unsafe {
+        core::arch::asm!("mov rax, [{}]", in(reg) 0x8000_0000_0000_0000u64, out("rax") _, options(nostack))
+    };
     crate::io::halt_forever()
 }
 
