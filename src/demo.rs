@@ -88,8 +88,18 @@ fn scenario(args: &DemoArgs, sock: &std::path::Path, f: &mut Findings) -> Result
         args.vcpus, args.mem, args.ws, args.rate
     ));
     let mut cmd = Command::new(exe);
-    cmd.args(["vm", "run", "--vcpus", &args.vcpus.to_string(), "--mem", &args.mem.to_string(), "--cmdline", &cmdline, "--api-sock"])
-        .arg(sock);
+    cmd.args([
+        "vm",
+        "run",
+        "--vcpus",
+        &args.vcpus.to_string(),
+        "--mem",
+        &args.mem.to_string(),
+        "--cmdline",
+        &cmdline,
+        "--api-sock",
+    ])
+    .arg(sock);
     let mut vm = Watched::spawn(cmd).map_err(|e| error_chain(&e))?;
 
     let boot = until(&mut vm, f, "the guest's first line", |l| l.parsed == GuestLine::Boot)?;
@@ -117,7 +127,9 @@ fn scenario(args: &DemoArgs, sock: &std::path::Path, f: &mut Findings) -> Result
     let next = until(&mut vm, f, "a heartbeat after resume", |l| matches!(l.parsed, GuestLine::Heartbeat(_)))?;
     let GuestLine::Heartbeat(next_seq) = next.parsed else { unreachable!() };
     f.pause = Some((next.at - paused_at, last, next_seq));
-    until(&mut vm, f, "a verification after resume", |l| matches!(l.parsed, GuestLine::VerifyOk { .. } | GuestLine::VerifyFail { .. }))?;
+    until(&mut vm, f, "a verification after resume", |l| {
+        matches!(l.parsed, GuestLine::VerifyOk { .. } | GuestLine::VerifyFail { .. })
+    })?;
 
     step("Shutting the VM down through its control socket");
     call(sock, Request::Shutdown, CALL_TIMEOUT).map_err(|e| error_chain(&e))?;
@@ -131,12 +143,25 @@ fn scenario(args: &DemoArgs, sock: &std::path::Path, f: &mut Findings) -> Result
 
 fn summary(args: &DemoArgs, f: &Findings) {
     println!("\n  NovaCron demo summary");
-    println!("  {:<28} {}", "first guest line", f.first_line.map(|d| format!("{:.1} ms after the VMM process was spawned", d.as_secs_f64() * 1e3)).unwrap_or("-".into()));
+    println!(
+        "  {:<28} {}",
+        "first guest line",
+        f.first_line
+            .map(|d| format!("{:.1} ms after the VMM process was spawned", d.as_secs_f64() * 1e3))
+            .unwrap_or("-".into())
+    );
     println!("  {:<28} {} of {}", "vCPUs online in the guest", f.cpus_online, args.vcpus);
     println!("  {:<28} {} MiB of {}", "memory seen by the guest", f.mem_seen, args.mem);
-    println!("  {:<28} {} OK, {} FAIL ({} pages each)", "memory verifications", f.verify_ok, f.verify_fail, f.pages_verified);
+    println!(
+        "  {:<28} {} OK, {} FAIL ({} pages each)",
+        "memory verifications", f.verify_ok, f.verify_fail, f.pages_verified
+    );
     if let Some((gap, before, after)) = f.pause {
-        println!("  {:<28} {:.2} s without a heartbeat; HB {before} -> HB {after}", "pause and resume", gap.as_secs_f64());
+        println!(
+            "  {:<28} {:.2} s without a heartbeat; HB {before} -> HB {after}",
+            "pause and resume",
+            gap.as_secs_f64()
+        );
     }
     println!("  {:<28} {}", "VMM process", f.exit);
 }

@@ -1,1 +1,163 @@
+//! Shared by the comparison benchmarks: finding (and building) our binaries, installing
+//! QEMU, timing a VM process to its first console line, its memory, and printing results.
+//!
+//! Figures are medians over repeated runs, with our VMM and QEMU alternating in one run of
+//! the harness, and reported as ratios: never as pass/fail timings in tests.
 
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub type Error = Box<dyn std::error::Error>;
+
+/// Builds `bin` of `package` in release mode (cargo does not hold its lock while a bench
+/// runs) and returns its path.
+pub fn release_binary(package: &str, bin: &str) -> Result<PathBuf, Error> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    eprintln!("building {bin} (release)...");
+    let status = Command::new(cargo).args(["build", "--release", "--quiet", "-p", package, "--bin", bin]).status()?;
+    if !status.success() {
+        return Err(format!("cargo build of {bin} failed").into());
+    }
+    // This harness runs from target/release/deps.
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().and_then(Path::parent).ok_or("cannot find target/release")?;
+    let path = dir.join(bin);
+    if !path.exists() {
+        return Err(format!("{} was not built", path.display()).into());
+    }
+    Ok(path)
+}
+
+/// Finds qemu-system-x86_64, installing Debian's qemu-system-x86 when it is missing.
+pub fn qemu() -> Result<PathBuf, Error> {
+    let find = || {
+        std::env::var_os("PATH")
+            .into_iter()
+            .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+            .map(|d| d.join("qemu-system-x86_64"))
+            .find(|p| p.exists())
+    };
+    if let Some(p) = find() {
+        return Ok(p);
+    }
+    eprintln!("qemu-system-x86_64 is missing: installing qemu-system-x86 with apt-get...");
+    let ok = Command::new("apt-get").args(["install", "-y", "-qq", "qemu-system-x86"]).env("DEBIAN_FRONTEND", "noninteractive").status()?.success()
+        || (Command::new("apt-get").args(["update", "-qq"]).status()?.success()
+            && Command::new("apt-get").args(["install", "-y", "-qq", "qemu-system-x86"]).env("DEBIAN_FRONTEND", "noninteractive").status()?.success());
+    if !ok {
+        return Err("apt-get could not install qemu-system-x86".into());
+    }
+    find().ok_or_else(|| "qemu-system-x86_64 is still not on PATH after installing qemu-system-x86".into())
+}
+
+/// Writes the test guest's ELF to `dir` so that both VMMs boot the very same file.
+pub fn test_guest_file(dir: &Path) -> Result<PathBuf, Error> {
+    let path = dir.join("novacron-test-guest.elf");
+    std::fs::write(&path, novacron_guest_image::ELF)?;
+    Ok(path)
+}
+
+/// A VM process started for measurement; killed when dropped.
+pub struct Run {
+    pub child: Child,
+    /// Spawn to the first complete line on stdout.
+    pub first_line: Duration,
+    pub line: String,
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Spawns `cmd` and waits for its first stdout line.
+pub fn spawn_to_first_line(mut cmd: Command, timeout: Duration) -> Result<Run, Error> {
+    cmd.stdout(Stdio::piped()).stderr(Stdio::null()).stdin(Stdio::null());
+    let start = Instant::now();
+    let mut child = cmd.spawn()?;
+    let out = child.stdout.take().ok_or("no stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(out).read_line(&mut line);
+        let _ = tx.send((Instant::now(), line));
+    });
+    match rx.recv_timeout(timeout) {
+        Ok((at, line)) if !line.is_empty() => Ok(Run { child, first_line: at - start, line: line.trim_end().to_string() }),
+        _ => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(format!("{cmd:?} printed no line within {timeout:?}").into())
+        }
+    }
+}
+
+/// Memory of a process: peak RSS, and what its guest-memory mapping has resident.
+#[derive(Debug, Clone, Copy)]
+pub struct Memory {
+    pub peak_rss_kib: u64,
+    pub guest_rss_kib: u64,
+}
+
+impl Memory {
+    /// The VMM's own memory: its peak resident set beyond the guest's pages.
+    pub fn overhead_kib(&self) -> u64 {
+        self.peak_rss_kib.saturating_sub(self.guest_rss_kib)
+    }
+}
+
+/// Reads VmHWM from /proc/PID/status, and the RSS of the largest anonymous mapping at least
+/// `guest_bytes` long from /proc/PID/smaps (guest RAM, in any VMM).
+pub fn memory_of(pid: u32, guest_bytes: u64) -> Result<Memory, Error> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib = |text: &str, key: &str| -> Option<u64> { text.lines().find(|l| l.starts_with(key))?.split_whitespace().nth(1)?.parse().ok() };
+    let peak_rss_kib = kib(&status, "VmHWM:").ok_or("no VmHWM")?;
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))?;
+    let mut guest_rss_kib = 0;
+    let mut size_bytes = 0u64;
+    for line in smaps.lines() {
+        let mut words = line.split_whitespace();
+        let first = words.next().unwrap_or("");
+        if first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            let (a, b) = first.split_once('-').unwrap_or(("0", "0"));
+            size_bytes = u64::from_str_radix(b, 16).unwrap_or(0).saturating_sub(u64::from_str_radix(a, 16).unwrap_or(0));
+        } else if first == "Rss:" && size_bytes >= guest_bytes {
+            guest_rss_kib = guest_rss_kib.max(words.next().and_then(|v| v.parse().ok()).unwrap_or(0));
+        }
+    }
+    Ok(Memory { peak_rss_kib, guest_rss_kib })
+}
+
+pub fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    let n = values.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 { values[n / 2] } else { (values[n / 2 - 1] + values[n / 2]) / 2.0 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_median_odd_even_and_empty() {
+        assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&mut [4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert!(median(&mut []).is_nan());
+    }
+
+    #[test]
+    fn test_memory_of_this_process_finds_a_large_mapping() {
+        let block = vec![1u8; 64 << 20];
+        let m = memory_of(std::process::id(), 32 << 20).unwrap();
+        assert!(m.guest_rss_kib >= 60 << 10, "{m:?}");
+        assert!(m.peak_rss_kib >= m.guest_rss_kib);
+        drop(block);
+    }
+}

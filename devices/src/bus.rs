@@ -37,26 +37,10 @@ impl Bus {
         Bus::default()
     }
 
-    pub fn insert(
-        &mut self,
-        device: Arc<Mutex<dyn BusDevice>>,
-        base: u64,
-        len: u64,
-    ) -> Result<(), BusError> {
-        let end = base
-            .checked_add(len)
-            .filter(|_| len > 0)
-            .ok_or(BusError::InvalidRange { base, len })?;
-        if let Some(e) = self
-            .entries
-            .iter()
-            .find(|e| base < e.base + e.len && e.base < end)
-        {
-            return Err(BusError::Overlap {
-                base,
-                len,
-                other: e.base,
-            });
+    pub fn insert(&mut self, device: Arc<Mutex<dyn BusDevice>>, base: u64, len: u64) -> Result<(), BusError> {
+        let end = base.checked_add(len).filter(|_| len > 0).ok_or(BusError::InvalidRange { base, len })?;
+        if let Some(e) = self.entries.iter().find(|e| base < e.base + e.len && e.base < end) {
+            return Err(BusError::Overlap { base, len, other: e.base });
         }
         let at = self.entries.partition_point(|e| e.base < base);
         self.entries.insert(at, Entry { base, len, device });
@@ -65,10 +49,7 @@ impl Bus {
 
     /// The device whose range holds the whole access, and the access's offset in it.
     fn find(&self, addr: u64, size: usize) -> Option<(&Entry, u64)> {
-        let i = self
-            .entries
-            .partition_point(|e| e.base <= addr)
-            .checked_sub(1)?;
+        let i = self.entries.partition_point(|e| e.base <= addr).checked_sub(1)?;
         let e = &self.entries[i];
         let offset = addr - e.base;
         (offset.checked_add(size as u64)? <= e.len).then_some((e, offset))
@@ -78,10 +59,7 @@ impl Bus {
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
         match self.find(addr, data.len()) {
             Some((e, offset)) => {
-                e.device
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .read(offset, data);
+                e.device.lock().unwrap_or_else(|p| p.into_inner()).read(offset, data);
                 true
             }
             None => {
@@ -95,10 +73,7 @@ impl Bus {
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.find(addr, data.len()) {
             Some((e, offset)) => {
-                e.device
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .write(offset, data);
+                e.device.lock().unwrap_or_else(|p| p.into_inner()).write(offset, data);
                 true
             }
             None => false,
@@ -142,8 +117,7 @@ mod tests {
     #[test]
     fn test_bus_access_outside_or_straddling_range_is_unclaimed() {
         let mut bus = Bus::new();
-        bus.insert(Arc::new(Mutex::new(Probe::default())), 0x60, 5)
-            .unwrap();
+        bus.insert(Arc::new(Mutex::new(Probe::default())), 0x60, 5).unwrap();
 
         let mut below = [0u8; 1];
         let mut straddle = [0u8; 4];
@@ -157,34 +131,14 @@ mod tests {
     #[test]
     fn test_bus_insert_overlapping_or_empty_range_is_refused() {
         let mut bus = Bus::new();
-        bus.insert(Arc::new(Mutex::new(Probe::default())), 0x100, 0x10)
-            .unwrap();
+        bus.insert(Arc::new(Mutex::new(Probe::default())), 0x100, 0x10).unwrap();
 
         let overlap = bus.insert(Arc::new(Mutex::new(Probe::default())), 0x10f, 2);
         let empty = bus.insert(Arc::new(Mutex::new(Probe::default())), 0x200, 0);
         let wraps = bus.insert(Arc::new(Mutex::new(Probe::default())), u64::MAX, 2);
 
-        assert_eq!(
-            overlap,
-            Err(BusError::Overlap {
-                base: 0x10f,
-                len: 2,
-                other: 0x100
-            })
-        );
-        assert_eq!(
-            empty,
-            Err(BusError::InvalidRange {
-                base: 0x200,
-                len: 0
-            })
-        );
-        assert_eq!(
-            wraps,
-            Err(BusError::InvalidRange {
-                base: u64::MAX,
-                len: 2
-            })
-        );
+        assert_eq!(overlap, Err(BusError::Overlap { base: 0x10f, len: 2, other: 0x100 }));
+        assert_eq!(empty, Err(BusError::InvalidRange { base: 0x200, len: 0 }));
+        assert_eq!(wraps, Err(BusError::InvalidRange { base: u64::MAX, len: 2 }));
     }
 }

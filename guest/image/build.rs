@@ -6,27 +6,17 @@ use std::path::PathBuf;
 use std::process::Command;
 
 fn main() {
-    let manifest_dir =
-        PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let kernel_dir = manifest_dir.join("../kernel");
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
-    for path in [
-        "src",
-        "link.ld",
-        "build.rs",
-        "Cargo.toml",
-        "Cargo.lock",
-        ".cargo/config.toml",
-    ] {
+    for path in ["src", "link.ld", "build.rs", "Cargo.toml", "Cargo.lock", ".cargo/config.toml"] {
         println!("cargo:rerun-if-changed={}", kernel_dir.join(path).display());
     }
 
     let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let target_dir = out_dir.join("guest-target");
     let mut cmd = Command::new(cargo);
-    cmd.current_dir(&kernel_dir)
-        .args(["build", "--release", "--offline", "--quiet", "--target-dir"])
-        .arg(&target_dir);
+    cmd.current_dir(&kernel_dir).args(["build", "--release", "--offline", "--quiet", "--target-dir"]).arg(&target_dir);
     // The outer build's flags (sanitizers under cargo fuzz, coverage, clippy's wrapper) are
     // for this workspace only.
     for (key, _) in env::vars_os() {
@@ -49,9 +39,7 @@ fn main() {
             cmd.env_remove(&key);
         }
     }
-    let output = cmd
-        .output()
-        .expect("could not run cargo to build the test guest");
+    let output = cmd.output().expect("could not run cargo to build the test guest");
     if !output.status.success() {
         panic!(
             "building the test guest (guest/kernel) failed:\n{}{}",
@@ -60,6 +48,5 @@ fn main() {
         );
     }
     let elf = target_dir.join("x86_64-unknown-linux-gnu/release/novacron-test-guest");
-    std::fs::copy(&elf, out_dir.join("test-guest.elf"))
-        .expect("the test guest build produced no ELF");
+    std::fs::copy(&elf, out_dir.join("test-guest.elf")).expect("the test guest build produced no ELF");
 }

@@ -70,11 +70,7 @@ pub enum ConfigError {
     #[error("{what} {path} is not a regular file")]
     NotAFile { what: &'static str, path: PathBuf },
     #[error("{what} {path} cannot be read: {reason}")]
-    Unreadable {
-        what: &'static str,
-        path: PathBuf,
-        reason: String,
-    },
+    Unreadable { what: &'static str, path: PathBuf, reason: String },
     #[error("--mem {0} is too small: a VM needs at least {MIN_MEM_MIB} MiB")]
     MemTooSmall(u64),
     #[error("--mem {wanted} MiB is more than this host can give ({host} MiB of RAM in all)")]
@@ -89,21 +85,11 @@ pub enum ConfigError {
 
 fn check_file(what: &'static str, path: &Path) -> Result<(), ConfigError> {
     let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => ConfigError::Missing {
-            what,
-            path: path.to_owned(),
-        },
-        _ => ConfigError::Unreadable {
-            what,
-            path: path.to_owned(),
-            reason: e.to_string(),
-        },
+        std::io::ErrorKind::NotFound => ConfigError::Missing { what, path: path.to_owned() },
+        _ => ConfigError::Unreadable { what, path: path.to_owned(), reason: e.to_string() },
     })?;
     if !meta.is_file() {
-        return Err(ConfigError::NotAFile {
-            what,
-            path: path.to_owned(),
-        });
+        return Err(ConfigError::NotAFile { what, path: path.to_owned() });
     }
     std::fs::File::open(path).map_err(|e| ConfigError::Unreadable {
         what,
@@ -123,10 +109,7 @@ impl VmConfig {
         }
         let host_mib = host_memory_bytes().map(|b| b >> 20).unwrap_or(u64::MAX);
         if args.mem > host_mib {
-            return Err(ConfigError::MemTooLarge {
-                wanted: args.mem,
-                host: host_mib,
-            });
+            return Err(ConfigError::MemTooLarge { wanted: args.mem, host: host_mib });
         }
         let kernel = match &args.kernel {
             Some(path) => {
@@ -166,34 +149,19 @@ mod tests {
     use super::*;
 
     fn args() -> VmArgs {
-        VmArgs {
-            kernel: None,
-            initrd: None,
-            cmdline: None,
-            mem: 64,
-            vcpus: 1,
-            api_sock: None,
-            serial_file: None,
-        }
+        VmArgs { kernel: None, initrd: None, cmdline: None, mem: 64, vcpus: 1, api_sock: None, serial_file: None }
     }
 
     #[test]
     fn test_config_defaults_boot_the_test_guest_with_empty_cmdline() {
         let c = VmConfig::from_args(&args()).unwrap();
-        assert_eq!(
-            (c.kernel, c.cmdline.as_str(), c.mem_mib, c.vcpus),
-            (KernelSource::TestGuest, "", 64, 1)
-        );
+        assert_eq!((c.kernel, c.cmdline.as_str(), c.mem_mib, c.vcpus), (KernelSource::TestGuest, "", 64, 1));
     }
 
     #[test]
     fn test_config_linux_kernel_gets_console_cmdline() {
         let f = tempfile::NamedTempFile::new().unwrap();
-        let c = VmConfig::from_args(&VmArgs {
-            kernel: Some(f.path().into()),
-            ..args()
-        })
-        .unwrap();
+        let c = VmConfig::from_args(&VmArgs { kernel: Some(f.path().into()), ..args() }).unwrap();
         assert_eq!(c.cmdline, DEFAULT_LINUX_CMDLINE);
     }
 
@@ -203,50 +171,23 @@ mod tests {
         let missing = dir.path().join("nope");
         let cases = [
             (
-                VmArgs {
-                    kernel: Some(missing.clone()),
-                    ..args()
-                },
-                ConfigError::Missing {
-                    what: "kernel",
-                    path: missing.clone(),
-                },
+                VmArgs { kernel: Some(missing.clone()), ..args() },
+                ConfigError::Missing { what: "kernel", path: missing.clone() },
             ),
             (
-                VmArgs {
-                    kernel: Some(dir.path().into()),
-                    ..args()
-                },
-                ConfigError::NotAFile {
-                    what: "kernel",
-                    path: dir.path().into(),
-                },
+                VmArgs { kernel: Some(dir.path().into()), ..args() },
+                ConfigError::NotAFile { what: "kernel", path: dir.path().into() },
             ),
             (
-                VmArgs {
-                    initrd: Some(missing.clone()),
-                    ..args()
-                },
-                ConfigError::Missing {
-                    what: "initrd",
-                    path: missing,
-                },
+                VmArgs { initrd: Some(missing.clone()), ..args() },
+                ConfigError::Missing { what: "initrd", path: missing },
             ),
             (VmArgs { mem: 4, ..args() }, ConfigError::MemTooSmall(4)),
             (VmArgs { vcpus: 9, ..args() }, ConfigError::Vcpus(9)),
             (VmArgs { vcpus: 0, ..args() }, ConfigError::Vcpus(0)),
+            (VmArgs { cmdline: Some("a\0b".into()), ..args() }, ConfigError::CmdlineNul),
             (
-                VmArgs {
-                    cmdline: Some("a\0b".into()),
-                    ..args()
-                },
-                ConfigError::CmdlineNul,
-            ),
-            (
-                VmArgs {
-                    cmdline: Some("x".repeat(CMDLINE_MAX_SIZE)),
-                    ..args()
-                },
+                VmArgs { cmdline: Some("x".repeat(CMDLINE_MAX_SIZE)), ..args() },
                 ConfigError::CmdlineTooLong(CMDLINE_MAX_SIZE),
             ),
         ];
@@ -257,11 +198,7 @@ mod tests {
 
     #[test]
     fn test_config_rejects_more_memory_than_the_host_has() {
-        let err = VmConfig::from_args(&VmArgs {
-            mem: u64::MAX >> 21,
-            ..args()
-        })
-        .unwrap_err();
+        let err = VmConfig::from_args(&VmArgs { mem: u64::MAX >> 21, ..args() }).unwrap_err();
         assert!(matches!(err, ConfigError::MemTooLarge { .. }), "{err}");
     }
 }

@@ -108,10 +108,7 @@ impl Machine {
     fn command_all(&mut self, cmd: VcpuCommand, want: fn(u8) -> VcpuEvent) -> Result<(), ApiError> {
         for v in &self.vcpus {
             if !v.send(cmd) {
-                return Err(ApiError::new(
-                    ErrorKind::Internal,
-                    format!("vCPU {} is gone", v.index),
-                ));
+                return Err(ApiError::new(ErrorKind::Internal, format!("vCPU {} is gone", v.index)));
             }
         }
         let deadline = Instant::now() + VCPU_ANSWER_TIMEOUT;
@@ -133,9 +130,7 @@ impl Machine {
                     let late: Vec<usize> = (0..answered.len()).filter(|&i| !answered[i]).collect();
                     return Err(ApiError::new(
                         ErrorKind::Internal,
-                        format!(
-                            "vCPUs {late:?} did not answer {cmd:?} within {VCPU_ANSWER_TIMEOUT:?}"
-                        ),
+                        format!("vCPUs {late:?} did not answer {cmd:?} within {VCPU_ANSWER_TIMEOUT:?}"),
                     ));
                 }
             }
@@ -146,10 +141,7 @@ impl Machine {
     /// Takes every vCPU out of the guest; they stay out until `resume`.
     pub fn pause(&mut self) -> Result<(), ApiError> {
         if self.state == VmState::Paused {
-            return Err(ApiError::new(
-                ErrorKind::InvalidState,
-                "the VM is already paused",
-            ));
+            return Err(ApiError::new(ErrorKind::InvalidState, "the VM is already paused"));
         }
         self.command_all(VcpuCommand::Pause, VcpuEvent::Paused)?;
         self.state = VmState::Paused;
@@ -160,10 +152,7 @@ impl Machine {
 
     pub fn resume(&mut self) -> Result<(), ApiError> {
         if self.state == VmState::Running {
-            return Err(ApiError::new(
-                ErrorKind::InvalidState,
-                "the VM is not paused",
-            ));
+            return Err(ApiError::new(ErrorKind::InvalidState, "the VM is not paused"));
         }
         self.command_all(VcpuCommand::Resume, VcpuEvent::Resumed)?;
         self.state = VmState::Running;
@@ -172,10 +161,7 @@ impl Machine {
     }
 
     pub fn flush_serial(&self) {
-        self.serial
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .flush();
+        self.serial.lock().unwrap_or_else(|p| p.into_inner()).flush();
     }
 
     /// Stops every vCPU thread and waits for it, then flushes the console.

@@ -10,7 +10,7 @@ use crate::builder;
 use crate::config::{VmArgs, VmConfig};
 use crate::runtime::{self, VmExit};
 use novacron_devices::legacy::SerialOutput;
-use std::io::{LineWriter, Write};
+use std::io::Write;
 
 pub const EXIT_BUILD_FAILED: i32 = 1;
 
@@ -28,20 +28,18 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 
 fn serial_output(config: &VmConfig) -> std::io::Result<SerialOutput> {
     Ok(match &config.serial_file {
-        Some(path) => Box::new(LineWriter::new(std::fs::File::create(path)?)),
-        None => Box::new(LineWriter::new(std::io::stdout())),
+        Some(path) => Box::new(std::fs::File::create(path)?),
+        None => Box::new(std::io::stdout()),
     })
 }
 
-/// Logs go to stderr, so that stdout carries only the guest's console.
+/// Logs go to stderr, so that stdout carries only the guest's console. The level comes
+/// from NOVACRON_LOG (error, warn, info, debug, trace; default warn). A plain level rather
+/// than an env-filter: the filter's regex engine would double the code this process pages
+/// in at start-up, and a VMM process logs little.
 pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("NOVACRON_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .try_init();
+    let level = std::env::var("NOVACRON_LOG").ok().and_then(|v| v.parse().ok()).unwrap_or(tracing::Level::WARN);
+    let _ = tracing_subscriber::fmt().with_max_level(level).with_writer(std::io::stderr).with_target(false).try_init();
 }
 
 /// Builds and runs one VM; returns the process exit status.
@@ -50,6 +48,7 @@ pub fn run_vm(args: &VmArgs) -> i32 {
         eprintln!("novacron: {what}: {}", error_chain(e));
         EXIT_BUILD_FAILED
     };
+    tracing::debug!("checking the configuration");
     let config = match VmConfig::from_args(args) {
         Ok(c) => c,
         Err(e) => return fail("invalid VM configuration", &e),
@@ -65,6 +64,7 @@ pub fn run_vm(args: &VmArgs) -> i32 {
         Ok(a) => a,
         Err(e) => return fail("cannot open the control socket", &e),
     };
+    tracing::debug!("building the VM");
     let mut machine = match builder::build(&config, serial) {
         Ok(m) => m,
         Err(e) => return fail("cannot start the VM", &e),

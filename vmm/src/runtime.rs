@@ -13,6 +13,8 @@ const TOKEN_POWER_OFF: u64 = 1;
 const TOKEN_RESET: u64 = 2;
 const TOKEN_SIGNAL: u64 = 3;
 const TOKEN_LISTENER: u64 = 4;
+/// When nothing happens for this long, a partial console line (a prompt) is handed on.
+const IDLE_FLUSH_MS: i32 = 50;
 /// Connection `id` polls as `TOKEN_CONN_BASE + id`.
 const TOKEN_CONN_BASE: u64 = 16;
 
@@ -37,14 +39,8 @@ impl VmExit {
         match self {
             VmExit::PowerOff | VmExit::Reset | VmExit::Shutdown => 0,
             VmExit::Signal(s) => 128 + s,
-            VmExit::Vcpu {
-                stop: VcpuStop::PowerOff | VcpuStop::Reset,
-                ..
-            } => 0,
-            VmExit::Vcpu {
-                stop: VcpuStop::TripleFault,
-                ..
-            } => 2,
+            VmExit::Vcpu { stop: VcpuStop::PowerOff | VcpuStop::Reset, .. } => 0,
+            VmExit::Vcpu { stop: VcpuStop::TripleFault, .. } => 2,
             VmExit::Vcpu { .. } => 3,
         }
     }
@@ -54,9 +50,9 @@ impl std::fmt::Display for VmExit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             VmExit::PowerOff => f.write_str("the guest powered off"),
-            VmExit::Reset => f.write_str(
-                "the guest reset the machine (the VM ends; restarting it is the supervisor's job)",
-            ),
+            VmExit::Reset => {
+                f.write_str("the guest reset the machine (the VM ends; restarting it is the supervisor's job)")
+            }
             VmExit::Shutdown => f.write_str("shut down through the control socket"),
             VmExit::Signal(s) => write!(f, "stopped by signal {s}"),
             VmExit::Vcpu { index, stop } => write!(f, "vCPU {index}: {stop}"),
@@ -111,13 +107,7 @@ fn read_signal(fd: &OwnedFd) -> Option<i32> {
     let mut info: libc::signalfd_siginfo = unsafe_zeroed_siginfo();
     let size = std::mem::size_of::<libc::signalfd_siginfo>();
     // SAFETY: reads at most `size` bytes into `info`, which is that large.
-    let n = unsafe {
-        libc::read(
-            fd.as_raw_fd(),
-            (&mut info as *mut libc::signalfd_siginfo).cast(),
-            size,
-        )
-    };
+    let n = unsafe { libc::read(fd.as_raw_fd(), (&mut info as *mut libc::signalfd_siginfo).cast(), size) };
     (n == size as isize).then_some(info.ssi_signo as i32)
 }
 
@@ -130,19 +120,11 @@ struct Poller(Epoll);
 
 impl Poller {
     fn add(&self, fd: RawFd, token: u64) -> Result<(), RuntimeError> {
-        self.0
-            .ctl(
-                ControlOperation::Add,
-                fd,
-                EpollEvent::new(EventSet::IN, token),
-            )
-            .map_err(RuntimeError::Setup)
+        self.0.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token)).map_err(RuntimeError::Setup)
     }
 
     fn remove(&self, fd: RawFd) {
-        let _ = self
-            .0
-            .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+        let _ = self.0.ctl(ControlOperation::Delete, fd, EpollEvent::default());
     }
 }
 
@@ -173,7 +155,11 @@ pub fn run(machine: &mut Machine, mut api: Option<ApiServer>) -> Result<VmExit, 
 
     let mut events = vec![EpollEvent::default(); 16];
     let exit = 'outer: loop {
-        let n = match poller.0.wait(-1, &mut events) {
+        let n = match poller.0.wait(IDLE_FLUSH_MS, &mut events) {
+            Ok(0) => {
+                machine.flush_serial();
+                continue;
+            }
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(RuntimeError::Setup(e)),

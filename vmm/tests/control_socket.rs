@@ -22,19 +22,11 @@ fn kvm_pause_stops_the_guest_and_resume_continues_the_sequence() {
     let sock = dir.path().join("vm.sock");
     let mut vm = test_guest(2, 64, "ws=8 rate=1000 verify=300 hb=100", Some(&sock));
     vm.wait_verified(1, TIMEOUT).unwrap();
-    vm.wait_for(
-        "HB 5",
-        TIMEOUT,
-        |l| matches!(l.parsed, GuestLine::Heartbeat(s) if s >= 5),
-    )
-    .unwrap();
+    vm.wait_for("HB 5", TIMEOUT, |l| matches!(l.parsed, GuestLine::Heartbeat(s) if s >= 5)).unwrap();
 
     call(&sock, Request::Pause, CALL_TIMEOUT).unwrap();
     let paused_at = Instant::now();
-    let status = call(&sock, Request::Status, CALL_TIMEOUT)
-        .unwrap()
-        .status
-        .unwrap();
+    let status = call(&sock, Request::Status, CALL_TIMEOUT).unwrap().status.unwrap();
     // Lines the guest wrote before the pause may still be in flight; then silence.
     let mut last_before = *vm.heartbeats().last().unwrap();
     let mut during_pause = Vec::new();
@@ -50,33 +42,15 @@ fn kvm_pause_stops_the_guest_and_resume_continues_the_sequence() {
         }
     }
     call(&sock, Request::Resume, CALL_TIMEOUT).unwrap();
-    let after = vm
-        .wait_for("a heartbeat after resume", TIMEOUT, |l| {
-            matches!(l.parsed, GuestLine::Heartbeat(_))
-        })
-        .unwrap();
-    let verdicts_before = vm
-        .seen
-        .iter()
-        .filter(|l| matches!(l.parsed, GuestLine::VerifyOk { .. }))
-        .count();
+    let after =
+        vm.wait_for("a heartbeat after resume", TIMEOUT, |l| matches!(l.parsed, GuestLine::Heartbeat(_))).unwrap();
+    let verdicts_before = vm.seen.iter().filter(|l| matches!(l.parsed, GuestLine::VerifyOk { .. })).count();
     vm.wait_verified(verdicts_before + 1, TIMEOUT).unwrap();
 
     assert_eq!(status.state, VmState::Paused);
-    assert!(
-        during_pause.is_empty(),
-        "the guest printed while paused: {during_pause:?}"
-    );
-    assert_eq!(
-        after.parsed,
-        GuestLine::Heartbeat(last_before + 1),
-        "the sequence continues where it stopped"
-    );
-    assert!(
-        !vm.seen
-            .iter()
-            .any(|l| matches!(l.parsed, GuestLine::VerifyFail { .. }))
-    );
+    assert!(during_pause.is_empty(), "the guest printed while paused: {during_pause:?}");
+    assert_eq!(after.parsed, GuestLine::Heartbeat(last_before + 1), "the sequence continues where it stopped");
+    assert!(!vm.seen.iter().any(|l| matches!(l.parsed, GuestLine::VerifyFail { .. })));
 }
 
 #[test]
@@ -87,23 +61,14 @@ fn kvm_status_reports_shape_and_wrong_state_requests_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("vm.sock");
     let mut vm = test_guest(2, 96, "ws=4 hb=100", Some(&sock));
-    vm.wait_for("HB 1", TIMEOUT, |l| {
-        matches!(l.parsed, GuestLine::Heartbeat(_))
-    })
-    .unwrap();
+    vm.wait_for("HB 1", TIMEOUT, |l| matches!(l.parsed, GuestLine::Heartbeat(_))).unwrap();
 
-    let status = call(&sock, Request::Status, CALL_TIMEOUT)
-        .unwrap()
-        .status
-        .unwrap();
+    let status = call(&sock, Request::Status, CALL_TIMEOUT).unwrap().status.unwrap();
     let resume_running = call(&sock, Request::Resume, CALL_TIMEOUT);
     call(&sock, Request::Pause, CALL_TIMEOUT).unwrap();
     let pause_paused = call(&sock, Request::Pause, CALL_TIMEOUT);
 
-    assert_eq!(
-        (status.state, status.vcpus, status.mem_mib),
-        (VmState::Running, 2, 96)
-    );
+    assert_eq!((status.state, status.vcpus, status.mem_mib), (VmState::Running, 2, 96));
     assert_eq!(status.pid, vm.child.id());
     assert_eq!(status.kernel, "test-guest");
     for r in [resume_running, pause_paused] {
@@ -122,14 +87,13 @@ fn kvm_malformed_requests_get_errors_and_the_vm_keeps_running() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("vm.sock");
     let mut vm = test_guest(1, 64, "ws=4 hb=100", Some(&sock));
-    vm.wait_for("HB 1", TIMEOUT, |l| {
-        matches!(l.parsed, GuestLine::Heartbeat(_))
-    })
-    .unwrap();
+    vm.wait_for("HB 1", TIMEOUT, |l| matches!(l.parsed, GuestLine::Heartbeat(_))).unwrap();
 
     let stream = UnixStream::connect(&sock).unwrap();
     stream.set_read_timeout(Some(CALL_TIMEOUT)).unwrap();
-    (&stream).write_all(b"\x00\xff garbage\n{\"version\":99,\"op\":\"pause\"}\n{\"version\":1,\"op\":\"fly\"}\n").unwrap();
+    (&stream)
+        .write_all(b"\x00\xff garbage\n{\"version\":99,\"op\":\"pause\"}\n{\"version\":1,\"op\":\"fly\"}\n")
+        .unwrap();
     let mut reader = BufReader::new(&stream);
     let kinds: Vec<String> = (0..3)
         .map(|_| {
@@ -147,10 +111,7 @@ fn kvm_malformed_requests_get_errors_and_the_vm_keeps_running() {
         |l| matches!(l.parsed, GuestLine::Heartbeat(s) if s > seq_before + 2),
     );
 
-    assert_eq!(
-        kinds,
-        vec!["bad_request", "unsupported_version", "bad_request"]
-    );
+    assert_eq!(kinds, vec!["bad_request", "unsupported_version", "bad_request"]);
     assert!(next.is_ok(), "the guest keeps running");
 }
 
@@ -162,10 +123,7 @@ fn kvm_shutdown_request_ends_the_vmm_with_status_0_and_removes_socket() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("vm.sock");
     let mut vm = test_guest(2, 64, "ws=4 hb=100", Some(&sock));
-    vm.wait_for("HB 1", TIMEOUT, |l| {
-        matches!(l.parsed, GuestLine::Heartbeat(_))
-    })
-    .unwrap();
+    vm.wait_for("HB 1", TIMEOUT, |l| matches!(l.parsed, GuestLine::Heartbeat(_))).unwrap();
 
     let reply = call(&sock, Request::Shutdown, CALL_TIMEOUT).unwrap();
     let (status, stderr) = vm.wait_exit(TIMEOUT).unwrap();

@@ -14,9 +14,7 @@ impl I8042 {
     pub const PORT_LEN: u64 = 5;
 
     pub fn new(reset: EventFd) -> Self {
-        I8042 {
-            inner: vm_superio::I8042Device::new(EventFdTrigger(reset)),
-        }
+        I8042 { inner: vm_superio::I8042Device::new(EventFdTrigger(reset)) }
     }
 }
 

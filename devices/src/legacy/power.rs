@@ -58,11 +58,7 @@ mod tests {
     fn device() -> (AcpiPower, EventFd, EventFd) {
         let off = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let reset = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        (
-            AcpiPower::new(off.try_clone().unwrap(), reset.try_clone().unwrap()),
-            off,
-            reset,
-        )
+        (AcpiPower::new(off.try_clone().unwrap(), reset.try_clone().unwrap()), off, reset)
     }
 
     #[test]

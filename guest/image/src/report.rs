@@ -27,8 +27,7 @@ pub enum GuestLine {
 
 /// The value of `key=` in a line of `key=value` words.
 pub fn field(line: &str, key: &str) -> Option<u64> {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
+    line.split_whitespace().find_map(|w| w.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
 }
 
 pub fn parse(line: &str) -> GuestLine {
@@ -37,10 +36,7 @@ pub fn parse(line: &str) -> GuestLine {
     if line == BOOT_LINE {
         GuestLine::Boot
     } else if line.starts_with("NOVACRON-GUEST v1 ") {
-        GuestLine::Banner {
-            cpus: f("cpus"),
-            mem_mib: f("mem"),
-        }
+        GuestLine::Banner { cpus: f("cpus"), mem_mib: f("mem") }
     } else if line.starts_with("SMP online=") {
         GuestLine::Online(f("online"))
     } else if line.starts_with("READY ") {
@@ -48,16 +44,9 @@ pub fn parse(line: &str) -> GuestLine {
     } else if let Some(seq) = line.strip_prefix("HB ").and_then(|s| s.parse().ok()) {
         GuestLine::Heartbeat(seq)
     } else if line.starts_with("VERIFY OK ") {
-        GuestLine::VerifyOk {
-            epoch: f("epoch"),
-            pages: f("pages"),
-            cpus: f("cpus"),
-        }
+        GuestLine::VerifyOk { epoch: f("epoch"), pages: f("pages"), cpus: f("cpus") }
     } else if line.starts_with("VERIFY FAIL ") {
-        GuestLine::VerifyFail {
-            epoch: f("epoch"),
-            bad: f("bad"),
-        }
+        GuestLine::VerifyFail { epoch: f("epoch"), bad: f("bad") }
     } else if line.starts_with("FAULT") || line.starts_with("PANIC") || line.ends_with("FAILED") {
         GuestLine::Trouble(line.to_string())
     } else {
@@ -73,39 +62,14 @@ mod tests {
     fn test_parse_each_kind_of_guest_line() {
         let cases = [
             ("NOVACRON-GUEST boot", GuestLine::Boot),
-            (
-                "NOVACRON-GUEST v1 cpus=4 mem=511 ws=16 rate=1000",
-                GuestLine::Banner {
-                    cpus: 4,
-                    mem_mib: 511,
-                },
-            ),
+            ("NOVACRON-GUEST v1 cpus=4 mem=511 ws=16 rate=1000", GuestLine::Banner { cpus: 4, mem_mib: 511 }),
             ("SMP online=4", GuestLine::Online(4)),
-            (
-                "READY pages=4096 base=0x200000",
-                GuestLine::Ready { pages: 4096 },
-            ),
+            ("READY pages=4096 base=0x200000", GuestLine::Ready { pages: 4096 }),
             ("HB 17\r", GuestLine::Heartbeat(17)),
-            (
-                "VERIFY OK epoch=3 pages=4096 cpus=4",
-                GuestLine::VerifyOk {
-                    epoch: 3,
-                    pages: 4096,
-                    cpus: 4,
-                },
-            ),
-            (
-                "VERIFY FAIL epoch=2 bad=1 first=0 cpus=4",
-                GuestLine::VerifyFail { epoch: 2, bad: 1 },
-            ),
-            (
-                "FAULT vector=13 rip=0x1000",
-                GuestLine::Trouble("FAULT vector=13 rip=0x1000".into()),
-            ),
-            (
-                "Linux version 6.1",
-                GuestLine::Other("Linux version 6.1".into()),
-            ),
+            ("VERIFY OK epoch=3 pages=4096 cpus=4", GuestLine::VerifyOk { epoch: 3, pages: 4096, cpus: 4 }),
+            ("VERIFY FAIL epoch=2 bad=1 first=0 cpus=4", GuestLine::VerifyFail { epoch: 2, bad: 1 }),
+            ("FAULT vector=13 rip=0x1000", GuestLine::Trouble("FAULT vector=13 rip=0x1000".into())),
+            ("Linux version 6.1", GuestLine::Other("Linux version 6.1".into())),
             ("HB x", GuestLine::Other("HB x".into())),
         ];
         for (line, want) in cases {

@@ -19,20 +19,9 @@ pub enum WatchError {
     #[error("cannot start {0}")]
     Spawn(String, #[source] std::io::Error),
     #[error("timed out after {timeout:?} waiting for {what}; the guest's last lines were:\n{tail}")]
-    Timeout {
-        what: String,
-        timeout: Duration,
-        tail: String,
-    },
-    #[error(
-        "the VM process ended ({status}) while waiting for {what}; its last lines were:\n{tail}\nstderr: {stderr}"
-    )]
-    Ended {
-        what: String,
-        status: String,
-        tail: String,
-        stderr: String,
-    },
+    Timeout { what: String, timeout: Duration, tail: String },
+    #[error("the VM process ended ({status}) while waiting for {what}; its last lines were:\n{tail}\nstderr: {stderr}")]
+    Ended { what: String, status: String, tail: String, stderr: String },
 }
 
 /// A VM process whose stdout is read line by line on a thread of its own.
@@ -48,22 +37,14 @@ pub struct Watched {
 impl Watched {
     /// Spawns `cmd` with stdout and stderr piped.
     pub fn spawn(mut cmd: Command) -> Result<Self, WatchError> {
-        cmd.stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .stdin(Stdio::null());
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(Stdio::null());
         let spawned_at = Instant::now();
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| WatchError::Spawn(format!("{cmd:?}"), e))?;
+        let mut child = cmd.spawn().map_err(|e| WatchError::Spawn(format!("{cmd:?}"), e))?;
         let (tx, lines) = channel();
         if let Some(out) = child.stdout.take() {
             std::thread::spawn(move || {
                 for text in BufReader::new(out).lines().map_while(Result::ok) {
-                    let line = Line {
-                        at: Instant::now(),
-                        parsed: parse(&text),
-                        text,
-                    };
+                    let line = Line { at: Instant::now(), parsed: parse(&text), text };
                     if tx.send(line).is_err() {
                         break;
                     }
@@ -78,22 +59,12 @@ impl Watched {
                 let _ = etx.send(text);
             });
         }
-        Ok(Watched {
-            child,
-            spawned_at,
-            lines,
-            stderr,
-            seen: Vec::new(),
-        })
+        Ok(Watched { child, spawned_at, lines, stderr, seen: Vec::new() })
     }
 
     fn tail(&self) -> String {
         let start = self.seen.len().saturating_sub(12);
-        self.seen[start..]
-            .iter()
-            .map(|l| format!("  {}", l.text))
-            .collect::<Vec<_>>()
-            .join("\n")
+        self.seen[start..].iter().map(|l| format!("  {}", l.text)).collect::<Vec<_>>().join("\n")
     }
 
     /// Waits for the next line, for at most `timeout`. None when the output has ended.
@@ -103,11 +74,9 @@ impl Watched {
                 self.seen.push(line.clone());
                 Ok(Some(line))
             }
-            Err(RecvTimeoutError::Timeout) => Err(WatchError::Timeout {
-                what: "a line".into(),
-                timeout,
-                tail: self.tail(),
-            }),
+            Err(RecvTimeoutError::Timeout) => {
+                Err(WatchError::Timeout { what: "a line".into(), timeout, tail: self.tail() })
+            }
             Err(RecvTimeoutError::Disconnected) => Ok(None),
         }
     }
@@ -126,28 +95,12 @@ impl Watched {
                 Ok(Some(line)) if want(&line) => return Ok(line),
                 Ok(Some(_)) => {}
                 Ok(None) => {
-                    let status = self
-                        .child
-                        .wait()
-                        .map(|s| s.to_string())
-                        .unwrap_or_else(|e| e.to_string());
-                    let stderr = self
-                        .stderr
-                        .recv_timeout(Duration::from_secs(2))
-                        .unwrap_or_default();
-                    return Err(WatchError::Ended {
-                        what: what.into(),
-                        status,
-                        tail: self.tail(),
-                        stderr,
-                    });
+                    let status = self.child.wait().map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
+                    let stderr = self.stderr.recv_timeout(Duration::from_secs(2)).unwrap_or_default();
+                    return Err(WatchError::Ended { what: what.into(), status, tail: self.tail(), stderr });
                 }
                 Err(_) => {
-                    return Err(WatchError::Timeout {
-                        what: what.into(),
-                        timeout,
-                        tail: self.tail(),
-                    });
+                    return Err(WatchError::Timeout { what: what.into(), timeout, tail: self.tail() });
                 }
             }
         }
@@ -155,19 +108,10 @@ impl Watched {
 
     /// Waits until the `n`-th `VERIFY OK` (counting all seen so far).
     pub fn wait_verified(&mut self, n: usize, timeout: Duration) -> Result<Line, WatchError> {
-        let already = self
-            .seen
-            .iter()
-            .filter(|l| matches!(l.parsed, GuestLine::VerifyOk { .. }))
-            .count();
+        let already = self.seen.iter().filter(|l| matches!(l.parsed, GuestLine::VerifyOk { .. })).count();
         let mut count = already;
         if count >= n {
-            if let Some(l) = self
-                .seen
-                .iter()
-                .rev()
-                .find(|l| matches!(l.parsed, GuestLine::VerifyOk { .. }))
-            {
+            if let Some(l) = self.seen.iter().rev().find(|l| matches!(l.parsed, GuestLine::VerifyOk { .. })) {
                 return Ok(l.clone());
             }
         }
@@ -185,34 +129,18 @@ impl Watched {
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
                 while let Ok(Some(_)) = self.next_line(Duration::from_millis(50)) {}
-                let stderr = self
-                    .stderr
-                    .recv_timeout(Duration::from_secs(2))
-                    .unwrap_or_default();
+                let stderr = self.stderr.recv_timeout(Duration::from_secs(2)).unwrap_or_default();
                 return Ok((status, stderr));
             }
             if Instant::now() > deadline {
-                return Err(WatchError::Timeout {
-                    what: "the VM process to end".into(),
-                    timeout,
-                    tail: self.tail(),
-                });
+                return Err(WatchError::Timeout { what: "the VM process to end".into(), timeout, tail: self.tail() });
             }
             std::thread::sleep(Duration::from_millis(10));
         }
     }
 
     pub fn heartbeats(&self) -> Vec<u64> {
-        self.seen
-            .iter()
-            .filter_map(|l| {
-                if let GuestLine::Heartbeat(s) = l.parsed {
-                    Some(s)
-                } else {
-                    None
-                }
-            })
-            .collect()
+        self.seen.iter().filter_map(|l| if let GuestLine::Heartbeat(s) = l.parsed { Some(s) } else { None }).collect()
     }
 }
 

@@ -39,35 +39,21 @@ fn find_rsdp(hint: u64) -> Option<u64> {
     if hint != 0 && read_u64(hint) == SIG {
         return Some(hint);
     }
-    (0xe0000u64..0x100000)
-        .step_by(16)
-        .find(|&a| read_u64(a) == SIG)
+    (0xe0000u64..0x100000).step_by(16).find(|&a| read_u64(a) == SIG)
 }
 
 /// The root table's entries: XSDT (64-bit pointers) when there is one, else RSDT.
 fn for_each_table(rsdp: u64, mut f: impl FnMut(u64)) {
     let revision = read_u8(rsdp + 15);
-    let xsdt = if revision >= 2 {
-        read_u64(rsdp + 24)
-    } else {
-        0
-    };
-    let (root, width) = if xsdt != 0 {
-        (xsdt, 8)
-    } else {
-        (u64::from(read_u32(rsdp + 16)), 4)
-    };
+    let xsdt = if revision >= 2 { read_u64(rsdp + 24) } else { 0 };
+    let (root, width) = if xsdt != 0 { (xsdt, 8) } else { (u64::from(read_u32(rsdp + 16)), 4) };
     if root == 0 {
         return;
     }
     let len = u64::from(read_u32(root + 4));
     let mut p = root + 36;
     while p + width <= root + len {
-        let table = if width == 8 {
-            read_u64(p)
-        } else {
-            u64::from(read_u32(p))
-        };
+        let table = if width == 8 { read_u64(p) } else { u64::from(read_u32(p)) };
         f(table);
         p += width;
     }
@@ -108,20 +94,12 @@ fn parse_fadt(fadt: u64, info: &mut AcpiInfo) {
     }
     let address = read_u64(fadt + 244 + 4);
     if address != 0 {
-        info.sleep_control = Some(Register {
-            space: read_u8(fadt + 244),
-            address,
-        });
+        info.sleep_control = Some(Register { space: read_u8(fadt + 244), address });
     }
 }
 
 pub fn read(rsdp_hint: u64) -> AcpiInfo {
-    let mut info = AcpiInfo {
-        apic_ids: [0; MAX_CPUS],
-        cpus: 0,
-        ignored_cpus: 0,
-        sleep_control: None,
-    };
+    let mut info = AcpiInfo { apic_ids: [0; MAX_CPUS], cpus: 0, ignored_cpus: 0, sleep_control: None };
     let Some(rsdp) = find_rsdp(rsdp_hint) else {
         return info;
     };

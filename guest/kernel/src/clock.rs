@@ -105,11 +105,7 @@ pub fn now_ns(cpu: usize) -> u64 {
             )
         };
         let mut delta = io::rdtsc().wrapping_sub(stamp);
-        delta = if shift < 0 {
-            delta >> -shift
-        } else {
-            delta << shift
-        };
+        delta = if shift < 0 { delta >> -shift } else { delta << shift };
         let ns = system.wrapping_add(((u128::from(delta) * u128::from(mul)) >> 32) as u64);
         fence(Ordering::Acquire);
         // SAFETY: as above.

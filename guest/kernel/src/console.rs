@@ -13,10 +13,7 @@ pub struct Line {
 
 impl Line {
     pub fn new() -> Self {
-        Line {
-            buf: [0; 192],
-            len: 0,
-        }
+        Line { buf: [0; 192], len: 0 }
     }
 
     pub fn bytes(&mut self, s: &[u8]) -> &mut Self {
@@ -58,11 +55,7 @@ impl Line {
             let nibble = ((v >> (shift * 4)) & 0xf) as u8;
             if nibble != 0 || started || shift == 0 {
                 started = true;
-                self.bytes(&[if nibble < 10 {
-                    b'0' + nibble
-                } else {
-                    b'a' + nibble - 10
-                }]);
+                self.bytes(&[if nibble < 10 { b'0' + nibble } else { b'a' + nibble - 10 }]);
             }
         }
         self

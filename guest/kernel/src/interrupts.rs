@@ -22,15 +22,7 @@ struct Gate {
 }
 
 const CODE64_SELECTOR: u16 = 0x18;
-const EMPTY: Gate = Gate {
-    offset_low: 0,
-    selector: 0,
-    ist: 0,
-    kind: 0,
-    offset_mid: 0,
-    offset_high: 0,
-    reserved: 0,
-};
+const EMPTY: Gate = Gate { offset_low: 0, selector: 0, ist: 0, kind: 0, offset_mid: 0, offset_high: 0, reserved: 0 };
 static mut IDT: [Gate; 256] = [EMPTY; 256];
 
 fn gate(handler: u64) -> Gate {
@@ -72,10 +64,7 @@ fn load(limit: u16, base: u64) {
 
 /// Loads the IDT on this CPU.
 pub fn load_idt() {
-    load(
-        (core::mem::size_of::<[Gate; 256]>() - 1) as u16,
-        &raw const IDT as u64,
-    );
+    load((core::mem::size_of::<[Gate; 256]>() - 1) as u16, &raw const IDT as u64);
 }
 
 /// Empties the IDT and raises an exception: the CPU cannot deliver it and shuts down.
@@ -84,9 +73,7 @@ pub fn load_idt() {
 pub fn triple_fault() -> ! {
     load(0, 0);
     // SAFETY: deliberately faults; nothing after it runs.
-    unsafe {
-        core::arch::asm!("mov rax, [{}]", in(reg) 0x8000_0000_0000_0000u64, out("rax") _, options(nostack))
-    };
+    unsafe { core::arch::asm!("mov rax, [{}]", in(reg) 0x8000_0000_0000_0000u64, out("rax") _, options(nostack)) };
     crate::io::halt_forever()
 }
 

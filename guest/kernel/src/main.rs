@@ -85,12 +85,7 @@ struct Report {
     pages: AtomicU64,
 }
 static REPORTS: [Report; MAX_CPUS] = [const {
-    Report {
-        epoch: AtomicU64::new(0),
-        bad: AtomicU64::new(0),
-        first_bad: AtomicU64::new(0),
-        pages: AtomicU64::new(0),
-    }
+    Report { epoch: AtomicU64::new(0), bad: AtomicU64::new(0), first_bad: AtomicU64::new(0), pages: AtomicU64::new(0) }
 }; MAX_CPUS];
 
 fn shared() -> &'static Shared {
@@ -184,11 +179,7 @@ fn start_aps(acpi: &AcpiInfo) {
         if started {
             index += 1;
         } else {
-            Line::new()
-                .str("SMP apic=")
-                .u64(u64::from(apic_id))
-                .str(" did not start")
-                .print();
+            Line::new().str("SMP apic=").u64(u64::from(apic_id)).str(" did not start").print();
         }
     }
 }
@@ -200,9 +191,7 @@ extern "C" fn kmain(start_info: u64) -> ! {
         io::halt_forever()
     };
     let acpi = acpi::read(info.rsdp);
-    let params = cmdline::parse(info.cmdline, |word| {
-        Line::new().str("CMDLINE bad word: ").bytes(word).print()
-    });
+    let params = cmdline::parse(info.cmdline, |word| Line::new().str("CMDLINE bad word: ").bytes(word).print());
     let cpus = acpi.cpus.max(1);
     let kvm_clock = clock::init(0);
     Line::new()
@@ -214,17 +203,10 @@ extern "C" fn kmain(start_info: u64) -> ! {
         .kv("verify", params.verify_ms)
         .kv("hb", params.hb_ms)
         .kv("exit", params.exit_after)
-        .str(if kvm_clock {
-            " clock=kvm"
-        } else {
-            " clock=tsc"
-        })
+        .str(if kvm_clock { " clock=kvm" } else { " clock=tsc" })
         .print();
     if acpi.ignored_cpus > 0 {
-        Line::new()
-            .str("SMP ignoring")
-            .kv("cpus", acpi.ignored_cpus as u64)
-            .print();
+        Line::new().str("SMP ignoring").kv("cpus", acpi.ignored_cpus as u64).print();
     }
 
     apic::mask_pic();
@@ -234,24 +216,13 @@ extern "C" fn kmain(start_info: u64) -> ! {
 
     let (ws_base, ws_pages) = place_working_set(&info, params.ws_mib << 20);
     // SAFETY: no other CPU runs yet.
-    unsafe {
-        SHARED = Some(Shared {
-            params,
-            ws_base,
-            ws_pages,
-        })
-    };
+    unsafe { SHARED = Some(Shared { params, ws_base, ws_pages }) };
     if cpus > 1 {
         start_aps(&acpi);
     }
     let online = ONLINE.load(Ordering::Acquire);
     Line::new().str("SMP").kv("online", online as u64).print();
-    Line::new()
-        .str("READY")
-        .kv("pages", ws_pages)
-        .str(" base=")
-        .hex(ws_base)
-        .print();
+    Line::new().str("READY").kv("pages", ws_pages).str(" base=").hex(ws_base).print();
     GO.store(true, Ordering::Release);
     run(0, online)
 }
@@ -301,18 +272,12 @@ impl Bsp {
 
     /// While a verdict is pending, poll for the other CPUs' reports every millisecond.
     fn next_event(&self, now: u64) -> u64 {
-        if self.pending_epoch != 0 {
-            now + MS
-        } else {
-            self.next_hb.min(self.next_verify)
-        }
+        if self.pending_epoch != 0 { now + MS } else { self.next_hb.min(self.next_verify) }
     }
 }
 
 fn verdict_ready(epoch: u64, online: usize) -> bool {
-    REPORTS[..online]
-        .iter()
-        .all(|r| r.epoch.load(Ordering::Acquire) >= epoch)
+    REPORTS[..online].iter().all(|r| r.epoch.load(Ordering::Acquire) >= epoch)
 }
 
 fn print_verdict(epoch: u64, online: usize) {
@@ -329,10 +294,7 @@ fn print_verdict(epoch: u64, online: usize) {
     if bad == 0 {
         line.str("VERIFY OK").kv("epoch", epoch).kv("pages", pages);
     } else {
-        line.str("VERIFY FAIL")
-            .kv("epoch", epoch)
-            .kv("bad", bad)
-            .kv("first", first);
+        line.str("VERIFY FAIL").kv("epoch", epoch).kv("bad", bad).kv("first", first);
     }
     line.kv("cpus", online as u64).print();
 }
@@ -350,8 +312,7 @@ fn exit(mode: ExitMode) -> ! {
 fn run(cpu: usize, online: usize) -> ! {
     let s = shared();
     let p = &s.params;
-    let share =
-        |total: u64| total * (cpu as u64 + 1) / online as u64 - total * cpu as u64 / online as u64;
+    let share = |total: u64| total * (cpu as u64 + 1) / online as u64 - total * cpu as u64 / online as u64;
     let first = s.ws_pages * cpu as u64 / online as u64;
     let mut slice = Slice::new(s.ws_base, first, share(s.ws_pages));
     let rate = share(p.rate);
@@ -362,12 +323,8 @@ fn run(cpu: usize, online: usize) -> ! {
     let mut done: u64 = 0;
     // At most 100 ms of pages at once: after a pause the guest does not burst.
     let max_backlog = rate / 10 + 1;
-    let mut bsp = (cpu == 0).then(|| Bsp {
-        next_hb: start,
-        hb_seq: 0,
-        next_verify: start + p.verify_ms * MS,
-        pending_epoch: 0,
-    });
+    let mut bsp =
+        (cpu == 0).then(|| Bsp { next_hb: start, hb_seq: 0, next_verify: start + p.verify_ms * MS, pending_epoch: 0 });
 
     loop {
         let now = clock::now_ns(cpu);
@@ -387,8 +344,7 @@ fn run(cpu: usize, online: usize) -> ! {
 
         let mut next_page = u64::MAX;
         if rate > 0 {
-            let due =
-                (u128::from(now.saturating_sub(start)) * u128::from(rate) / 1_000_000_000) as u64;
+            let due = (u128::from(now.saturating_sub(start)) * u128::from(rate) / 1_000_000_000) as u64;
             if due > done + max_backlog {
                 done = due - max_backlog;
             }

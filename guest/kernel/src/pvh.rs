@@ -49,12 +49,7 @@ pub fn read(paddr: u64) -> Option<BootInfo> {
     if si.magic != START_INFO_MAGIC {
         return None;
     }
-    let mut info = BootInfo {
-        cmdline: &[],
-        rsdp: si.rsdp_paddr,
-        ram: [(0, 0); MAX_RAM_RANGES],
-        ram_ranges: 0,
-    };
+    let mut info = BootInfo { cmdline: &[], rsdp: si.rsdp_paddr, ram: [(0, 0); MAX_RAM_RANGES], ram_ranges: 0 };
     if si.cmdline_paddr != 0 {
         let base = si.cmdline_paddr as *const u8;
         let mut len = 0;

@@ -7,9 +7,7 @@ pub const PAGE: u64 = 4096;
 const LAST_WORD: u64 = PAGE - 8;
 
 pub fn value(page: u64, generation: u64) -> u64 {
-    page.wrapping_mul(0x9e37_79b9_7f4a_7c15)
-        ^ generation.wrapping_mul(0xc2b2_ae3d_27d4_eb4f)
-        ^ 0x5eed
+    page.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ generation.wrapping_mul(0xc2b2_ae3d_27d4_eb4f) ^ 0x5eed
 }
 
 pub struct Slice {
@@ -30,13 +28,7 @@ pub struct Verdict {
 
 impl Slice {
     pub fn new(base: u64, first: u64, count: u64) -> Self {
-        Slice {
-            base,
-            first,
-            count,
-            cursor: 0,
-            pass: 0,
-        }
+        Slice { base, first, count, cursor: 0, pass: 0 }
     }
 
     pub fn pages(&self) -> u64 {
@@ -79,26 +71,15 @@ impl Slice {
     }
 
     pub fn verify(&self) -> Verdict {
-        let mut verdict = Verdict {
-            bad: 0,
-            first_bad: 0,
-        };
+        let mut verdict = Verdict { bad: 0, first_bad: 0 };
         for i in 0..self.count {
-            let generation = if i < self.cursor {
-                self.pass + 1
-            } else {
-                self.pass
-            };
+            let generation = if i < self.cursor { self.pass + 1 } else { self.pass };
             let page = self.first + i;
             let addr = self.base + page * PAGE;
             let v = value(page, generation);
             // SAFETY: as in `write`.
-            let (a, b) = unsafe {
-                (
-                    (addr as *const u64).read_volatile(),
-                    ((addr + LAST_WORD) as *const u64).read_volatile(),
-                )
-            };
+            let (a, b) =
+                unsafe { ((addr as *const u64).read_volatile(), ((addr + LAST_WORD) as *const u64).read_volatile()) };
             if a != v || b != v {
                 if verdict.bad == 0 {
                     verdict.first_bad = page;

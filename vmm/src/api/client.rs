@@ -8,9 +8,7 @@ use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error(
-        "cannot connect to the VMM's control socket {path} (is the VM running with --api-sock {path}?)"
-    )]
+    #[error("cannot connect to the VMM's control socket {path} (is the VM running with --api-sock {path}?)")]
     Connect {
         path: PathBuf,
         #[source]
@@ -28,17 +26,12 @@ pub enum ClientError {
 
 /// Sends one request and waits (up to `timeout`) for its response.
 pub fn call(socket: &Path, request: Request, timeout: Duration) -> Result<Response, ClientError> {
-    let stream = UnixStream::connect(socket).map_err(|source| ClientError::Connect {
-        path: socket.to_owned(),
-        source,
-    })?;
+    let stream =
+        UnixStream::connect(socket).map_err(|source| ClientError::Connect { path: socket.to_owned(), source })?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
-    let mut line = serde_json::to_vec(&RequestFrame {
-        version: API_VERSION,
-        request,
-    })
-    .map_err(|e| ClientError::BadResponse(e.to_string()))?;
+    let mut line = serde_json::to_vec(&RequestFrame { version: API_VERSION, request })
+        .map_err(|e| ClientError::BadResponse(e.to_string()))?;
     line.push(b'\n');
     (&stream).write_all(&line)?;
     let mut reply = String::new();
@@ -46,8 +39,7 @@ pub fn call(socket: &Path, request: Request, timeout: Duration) -> Result<Respon
     if reply.is_empty() {
         return Err(ClientError::NoAnswer);
     }
-    let response: Response =
-        serde_json::from_str(&reply).map_err(|e| ClientError::BadResponse(e.to_string()))?;
+    let response: Response = serde_json::from_str(&reply).map_err(|e| ClientError::BadResponse(e.to_string()))?;
     match response.error {
         Some(e) if !response.ok => Err(ClientError::Refused(e)),
         _ => Ok(response),

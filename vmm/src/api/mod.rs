@@ -91,10 +91,7 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        ApiError {
-            kind,
-            message: message.into(),
-        }
+        ApiError { kind, message: message.into() }
     }
 }
 
@@ -110,28 +107,15 @@ pub struct Response {
 
 impl Response {
     pub fn done() -> Self {
-        Response {
-            version: API_VERSION,
-            ok: true,
-            status: None,
-            error: None,
-        }
+        Response { version: API_VERSION, ok: true, status: None, error: None }
     }
 
     pub fn status(status: VmStatus) -> Self {
-        Response {
-            status: Some(status),
-            ..Response::done()
-        }
+        Response { status: Some(status), ..Response::done() }
     }
 
     pub fn error(e: ApiError) -> Self {
-        Response {
-            version: API_VERSION,
-            ok: false,
-            status: None,
-            error: Some(e),
-        }
+        Response { version: API_VERSION, ok: false, status: None, error: Some(e) }
     }
 }
 
@@ -143,10 +127,7 @@ pub fn parse_request(line: &[u8]) -> Result<Request, ApiError> {
         version: u32,
     }
     let v: Version = serde_json::from_slice(line).map_err(|e| {
-        ApiError::new(
-            ErrorKind::BadRequest,
-            format!("not a request (a JSON object with \"version\" and \"op\"): {e}"),
-        )
+        ApiError::new(ErrorKind::BadRequest, format!("not a request (a JSON object with \"version\" and \"op\"): {e}"))
     })?;
     if !(API_MIN_VERSION..=API_VERSION).contains(&v.version) {
         return Err(ApiError::new(
@@ -157,8 +138,8 @@ pub fn parse_request(line: &[u8]) -> Result<Request, ApiError> {
             ),
         ));
     }
-    let frame: RequestFrame = serde_json::from_slice(line)
-        .map_err(|e| ApiError::new(ErrorKind::BadRequest, format!("bad request: {e}")))?;
+    let frame: RequestFrame =
+        serde_json::from_slice(line).map_err(|e| ApiError::new(ErrorKind::BadRequest, format!("bad request: {e}")))?;
     Ok(frame.request)
 }
 

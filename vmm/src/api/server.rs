@@ -49,18 +49,10 @@ impl ApiServer {
             }
             let _ = std::fs::remove_file(path);
         }
-        let bind_err = |source| ServerError::Bind {
-            path: path.to_owned(),
-            source,
-        };
+        let bind_err = |source| ServerError::Bind { path: path.to_owned(), source };
         let listener = UnixListener::bind(path).map_err(bind_err)?;
         listener.set_nonblocking(true).map_err(bind_err)?;
-        Ok(ApiServer {
-            path: path.to_owned(),
-            listener,
-            conns: HashMap::new(),
-            next_id: 0,
-        })
+        Ok(ApiServer { path: path.to_owned(), listener, conns: HashMap::new(), next_id: 0 })
     }
 
     pub fn listener_fd(&self) -> RawFd {
@@ -79,13 +71,7 @@ impl ApiServer {
                     let id = self.next_id;
                     self.next_id += 1;
                     accepted.push((id, stream.as_raw_fd()));
-                    self.conns.insert(
-                        id,
-                        Conn {
-                            stream,
-                            buf: Vec::new(),
-                        },
-                    );
+                    self.conns.insert(id, Conn { stream, buf: Vec::new() });
                 }
                 Err(e) if e.kind() == IoErrorKind::WouldBlock => break,
                 Err(e) => {
@@ -99,10 +85,7 @@ impl ApiServer {
 
     /// Reads what connection `id` has sent and parses every complete line.
     pub fn read(&mut self, id: u64) -> Incoming {
-        let mut incoming = Incoming {
-            requests: Vec::new(),
-            closed: false,
-        };
+        let mut incoming = Incoming { requests: Vec::new(), closed: false };
         let Some(conn) = self.conns.get_mut(&id) else {
             incoming.closed = true;
             return incoming;
@@ -125,9 +108,7 @@ impl ApiServer {
         }
         while let Some(end) = conn.buf.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = conn.buf.drain(..=end).collect();
-            incoming
-                .requests
-                .push(parse_request(&line[..line.len() - 1]));
+            incoming.requests.push(parse_request(&line[..line.len() - 1]));
         }
         if conn.buf.len() > MAX_REQUEST_BYTES {
             incoming.requests.push(Err(ApiError::new(
@@ -190,16 +171,10 @@ mod tests {
         assert!(first.requests.is_empty() && !first.closed);
         assert_eq!(second.requests.len(), 2);
         assert_eq!(second.requests[0], Ok(Request::Status));
-        assert_eq!(
-            second.requests[1].as_ref().unwrap_err().kind,
-            ErrorKind::BadRequest
-        );
+        assert_eq!(second.requests[1].as_ref().unwrap_err().kind, ErrorKind::BadRequest);
         let mut answer = String::new();
         BufReader::new(&client).read_line(&mut answer).unwrap();
-        assert_eq!(
-            serde_json::from_str::<Response>(&answer).unwrap(),
-            Response::done()
-        );
+        assert_eq!(serde_json::from_str::<Response>(&answer).unwrap(), Response::done());
     }
 
     #[test]
@@ -222,10 +197,7 @@ mod tests {
         server.close(id);
         let _client = writer.join().unwrap();
 
-        assert_eq!(
-            incoming.requests.last().unwrap().as_ref().unwrap_err().kind,
-            ErrorKind::BadRequest
-        );
+        assert_eq!(incoming.requests.last().unwrap().as_ref().unwrap_err().kind, ErrorKind::BadRequest);
     }
 
     #[test]

@@ -25,19 +25,11 @@ pub enum Elf32Error {
     NotX86,
     #[error("program headers are malformed ({0})")]
     BadProgramHeaders(&'static str),
-    #[error(
-        "segment {index} (at {paddr:#x}, {memsz:#x} bytes) does not fit in guest RAM above 1 MiB"
-    )]
-    SegmentOutOfRange {
-        index: usize,
-        paddr: u64,
-        memsz: u64,
-    },
+    #[error("segment {index} (at {paddr:#x}, {memsz:#x} bytes) does not fit in guest RAM above 1 MiB")]
+    SegmentOutOfRange { index: usize, paddr: u64, memsz: u64 },
     #[error("segment {index} points outside the file")]
     SegmentOutsideFile { index: usize },
-    #[error(
-        "the 32-bit ELF has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY), so it cannot be booted"
-    )]
+    #[error("the 32-bit ELF has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY), so it cannot be booted")]
     NoPvhNote,
     #[error("the PVH entry {0:#x} is not inside a loaded segment")]
     EntryOutsideImage(u64),
@@ -71,20 +63,10 @@ fn phdrs(image: &[u8]) -> Result<Vec<Phdr>, Elf32Error> {
     }
     (0..phnum)
         .map(|i| {
-            let at = phoff
-                .checked_add(i * PHDR_SIZE)
-                .ok_or(Elf32Error::BadProgramHeaders("offset overflows"))?;
-            let h = image
-                .get(at..at + PHDR_SIZE)
-                .ok_or(Elf32Error::BadProgramHeaders("outside the file"))?;
+            let at = phoff.checked_add(i * PHDR_SIZE).ok_or(Elf32Error::BadProgramHeaders("offset overflows"))?;
+            let h = image.get(at..at + PHDR_SIZE).ok_or(Elf32Error::BadProgramHeaders("outside the file"))?;
             let f = |o| u64::from(u32_at(h, o).unwrap_or(0));
-            Ok(Phdr {
-                kind: f(0) as u32,
-                offset: f(4),
-                paddr: f(12),
-                filesz: f(16),
-                memsz: f(20),
-            })
+            Ok(Phdr { kind: f(0) as u32, offset: f(4), paddr: f(12), filesz: f(16), memsz: f(20) })
         })
         .collect()
 }
@@ -103,9 +85,7 @@ fn pvh_entry(notes: &[u8]) -> Option<u64> {
         if kind == XEN_ELFNOTE_PHYS32_ENTRY && name == b"Xen\0" {
             return match descsz {
                 4 => u32_at(notes, desc_at).map(u64::from),
-                8 => notes
-                    .get(desc_at..desc_at + 8)
-                    .map(|d| u64::from_le_bytes(d.try_into().unwrap_or_default())),
+                8 => notes.get(desc_at..desc_at + 8).map(|d| u64::from_le_bytes(d.try_into().unwrap_or_default())),
                 _ => None,
             };
         }
@@ -142,11 +122,7 @@ pub fn load(mem: &impl GuestMemoryBackend, image: &[u8]) -> Result<(u64, u64), E
             }
             PT_LOAD if h.memsz > 0 => {
                 let bytes = file_range().ok_or(Elf32Error::SegmentOutsideFile { index })?;
-                let out_of_range = Elf32Error::SegmentOutOfRange {
-                    index,
-                    paddr: h.paddr,
-                    memsz: h.memsz,
-                };
+                let out_of_range = Elf32Error::SegmentOutOfRange { index, paddr: h.paddr, memsz: h.memsz };
                 if h.filesz > h.memsz
                     || h.paddr < HIMEM_START
                     || !mem.check_range(GuestAddress(h.paddr), h.memsz as usize)
@@ -154,25 +130,17 @@ pub fn load(mem: &impl GuestMemoryBackend, image: &[u8]) -> Result<(u64, u64), E
                     return Err(out_of_range);
                 }
                 // The rest up to memsz is already zero: guest memory is freshly mapped.
-                mem.write_slice(bytes, GuestAddress(h.paddr))
-                    .map_err(|_| out_of_range)?;
+                mem.write_slice(bytes, GuestAddress(h.paddr)).map_err(|_| out_of_range)?;
                 loaded.push((h.paddr, h.paddr + h.memsz));
             }
             _ => {}
         }
     }
     let entry = entry.ok_or(Elf32Error::NoPvhNote)?;
-    if !loaded
-        .iter()
-        .any(|&(start, end)| (start..end).contains(&entry))
-    {
+    if !loaded.iter().any(|&(start, end)| (start..end).contains(&entry)) {
         return Err(Elf32Error::EntryOutsideImage(entry));
     }
-    let end = loaded
-        .iter()
-        .map(|&(_, end)| end)
-        .max()
-        .unwrap_or(HIMEM_START);
+    let end = loaded.iter().map(|&(_, end)| end).max().unwrap_or(HIMEM_START);
     Ok((entry, end))
 }
 
@@ -201,20 +169,10 @@ pub(crate) mod tests {
         f[28..32].copy_from_slice(&(phoff as u32).to_le_bytes());
         f[42..44].copy_from_slice(&(PHDR_SIZE as u16).to_le_bytes());
         f[44..46].copy_from_slice(&2u16.to_le_bytes());
-        for (kind, off, addr, size) in [
-            (PT_LOAD, code_off, 0x100000u32, code.len()),
-            (PT_NOTE, notes_off, 0, notes.len()),
-        ] {
-            for v in [
-                kind,
-                off as u32,
-                addr,
-                addr,
-                size as u32,
-                size as u32 + 0x1000,
-                7,
-                4,
-            ] {
+        for (kind, off, addr, size) in
+            [(PT_LOAD, code_off, 0x100000u32, code.len()), (PT_NOTE, notes_off, 0, notes.len())]
+        {
+            for v in [kind, off as u32, addr, addr, size as u32, size as u32 + 0x1000, 7, 4] {
                 f.extend_from_slice(&v.to_le_bytes());
             }
         }
@@ -258,33 +216,21 @@ pub(crate) mod tests {
         let mut high = tiny_elf32(&[0xf4], 0x100000);
         high[EHDR_SIZE + 20..EHDR_SIZE + 24].copy_from_slice(&0x1000_0000u32.to_le_bytes());
 
-        assert!(matches!(
-            load(&m, &low),
-            Err(Elf32Error::SegmentOutOfRange { index: 0, .. })
-        ));
-        assert!(matches!(
-            load(&m, &high),
-            Err(Elf32Error::SegmentOutOfRange { index: 0, .. })
-        ));
+        assert!(matches!(load(&m, &low), Err(Elf32Error::SegmentOutOfRange { index: 0, .. })));
+        assert!(matches!(load(&m, &high), Err(Elf32Error::SegmentOutOfRange { index: 0, .. })));
     }
 
     #[test]
     fn test_elf32_entry_outside_loaded_segments_is_refused() {
         let image = tiny_elf32(&[0xf4], 0x300000);
-        assert_eq!(
-            load(&mem(), &image),
-            Err(Elf32Error::EntryOutsideImage(0x300000))
-        );
+        assert_eq!(load(&mem(), &image), Err(Elf32Error::EntryOutsideImage(0x300000)));
     }
 
     #[test]
     fn test_elf32_truncated_files_are_refused_at_every_length() {
         let image = tiny_elf32(&[0xf4, 0xf4], 0x100000);
         for len in 0..image.len() {
-            assert!(
-                load(&mem(), &image[..len]).is_err(),
-                "a file cut at {len} bytes was accepted"
-            );
+            assert!(load(&mem(), &image[..len]).is_err(), "a file cut at {len} bytes was accepted");
         }
     }
 }

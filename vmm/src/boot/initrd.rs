@@ -7,14 +7,8 @@ const PAGE: u64 = 4096;
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum InitrdError {
-    #[error(
-        "the initrd ({size} bytes) does not fit between the kernel (ends at {kernel_end:#x}) and {limit:#x}"
-    )]
-    DoesNotFit {
-        size: u64,
-        kernel_end: u64,
-        limit: u64,
-    },
+    #[error("the initrd ({size} bytes) does not fit between the kernel (ends at {kernel_end:#x}) and {limit:#x}")]
+    DoesNotFit { size: u64, kernel_end: u64, limit: u64 },
     #[error("the initrd is empty")]
     Empty,
     #[error("could not write the initrd into guest memory")]
@@ -34,11 +28,7 @@ pub fn place(size: u64, kernel_end: u64, limit: u64) -> Result<InitrdPlacement, 
     if size == 0 {
         return Err(InitrdError::Empty);
     }
-    let err = InitrdError::DoesNotFit {
-        size,
-        kernel_end,
-        limit,
-    };
+    let err = InitrdError::DoesNotFit { size, kernel_end, limit };
     let addr = limit.checked_sub(size).ok_or(err.clone())? & !(PAGE - 1);
     if addr < kernel_end.next_multiple_of(PAGE) {
         return Err(err);
@@ -53,8 +43,7 @@ pub fn load(
     limit: u64,
 ) -> Result<InitrdPlacement, InitrdError> {
     let p = place(initrd.len() as u64, kernel_end, limit)?;
-    mem.write_slice(initrd, GuestAddress(p.addr))
-        .map_err(|_| InitrdError::Write)?;
+    mem.write_slice(initrd, GuestAddress(p.addr)).map_err(|_| InitrdError::Write)?;
     Ok(p)
 }
 
@@ -64,25 +53,13 @@ mod tests {
 
     #[test]
     fn test_place_initrd_at_top_page_aligned() {
-        assert_eq!(
-            place(5000, 0x200000, 0x1000_0000),
-            Ok(InitrdPlacement {
-                addr: 0x1000_0000 - 0x2000,
-                size: 5000
-            })
-        );
+        assert_eq!(place(5000, 0x200000, 0x1000_0000), Ok(InitrdPlacement { addr: 0x1000_0000 - 0x2000, size: 5000 }));
     }
 
     #[test]
     fn test_place_initrd_overlapping_kernel_is_refused() {
-        assert!(matches!(
-            place(0x0f00_0000, 0x0200_0000, 0x1000_0000),
-            Err(InitrdError::DoesNotFit { .. })
-        ));
-        assert!(matches!(
-            place(u64::MAX, 0, 0x1000),
-            Err(InitrdError::DoesNotFit { .. })
-        ));
+        assert!(matches!(place(0x0f00_0000, 0x0200_0000, 0x1000_0000), Err(InitrdError::DoesNotFit { .. })));
+        assert!(matches!(place(u64::MAX, 0, 0x1000), Err(InitrdError::DoesNotFit { .. })));
         assert_eq!(place(0, 0, 0x1000), Err(InitrdError::Empty));
     }
 }

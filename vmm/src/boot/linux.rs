@@ -25,9 +25,7 @@ pub enum LinuxBootError {
 /// The highest address (exclusive) the kernel accepts for an initrd.
 pub fn initrd_limit(header: Option<&setup_header>) -> u64 {
     match header {
-        Some(h) if h.version >= 0x0203 && h.initrd_addr_max != 0 => {
-            u64::from(h.initrd_addr_max) + 1
-        }
+        Some(h) if h.version >= 0x0203 && h.initrd_addr_max != 0 => u64::from(h.initrd_addr_max) + 1,
         _ => DEFAULT_INITRD_ADDR_MAX + 1,
     }
 }
@@ -50,10 +48,7 @@ pub fn write_zero_page(
     });
     let (cmdline_addr, cmdline_len) = cmdline;
     if params.hdr.cmdline_size != 0 && cmdline_len > params.hdr.cmdline_size as usize {
-        return Err(LinuxBootError::CmdlineTooLong {
-            len: cmdline_len,
-            max: params.hdr.cmdline_size as usize,
-        });
+        return Err(LinuxBootError::CmdlineTooLong { len: cmdline_len, max: params.hdr.cmdline_size as usize });
     }
     params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
     params.hdr.cmd_line_ptr = cmdline_addr as u32;
@@ -67,15 +62,10 @@ pub fn write_zero_page(
         return Err(LinuxBootError::TooManyE820Entries(e820.len()));
     }
     for (slot, e) in params.e820_table.iter_mut().zip(e820) {
-        *slot = boot_e820_entry {
-            addr: e.addr,
-            size: e.size,
-            r#type: e.kind,
-        };
+        *slot = boot_e820_entry { addr: e.addr, size: e.size, r#type: e.kind };
     }
     params.e820_entries = e820.len() as u8;
-    mem.write_obj(params, GuestAddress(ZERO_PAGE_START))
-        .map_err(LinuxBootError::Write)
+    mem.write_obj(params, GuestAddress(ZERO_PAGE_START)).map_err(LinuxBootError::Write)
 }
 
 #[cfg(test)]
@@ -86,8 +76,7 @@ mod tests {
 
     #[test]
     fn test_zero_page_carries_cmdline_initrd_rsdp_and_e820() {
-        let mem: GuestMemoryMmap =
-            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mem: GuestMemoryMmap = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let map = e820_map(1 << 30);
 
         write_zero_page(
@@ -96,10 +85,7 @@ mod tests {
             (0x20000, 12),
             0xe0000,
             &map,
-            Some(InitrdPlacement {
-                addr: 0x3000_0000,
-                size: 99,
-            }),
+            Some(InitrdPlacement { addr: 0x3000_0000, size: 99 }),
         )
         .unwrap();
 
@@ -114,33 +100,18 @@ mod tests {
 
     #[test]
     fn test_zero_page_refuses_cmdline_longer_than_kernel_allows() {
-        let mem: GuestMemoryMmap =
-            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        let header = setup_header {
-            cmdline_size: 10,
-            ..Default::default()
-        };
+        let mem: GuestMemoryMmap = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let header = setup_header { cmdline_size: 10, ..Default::default() };
 
         let err = write_zero_page(&mem, Some(header), (0x20000, 11), 0, &[], None).unwrap_err();
 
-        assert!(matches!(
-            err,
-            LinuxBootError::CmdlineTooLong { len: 11, max: 10 }
-        ));
+        assert!(matches!(err, LinuxBootError::CmdlineTooLong { len: 11, max: 10 }));
     }
 
     #[test]
     fn test_initrd_limit_uses_header_when_protocol_has_it() {
-        let new = setup_header {
-            version: 0x020f,
-            initrd_addr_max: 0x7fff_ffff,
-            ..Default::default()
-        };
-        let old = setup_header {
-            version: 0x0202,
-            initrd_addr_max: 0x7fff_ffff,
-            ..Default::default()
-        };
+        let new = setup_header { version: 0x020f, initrd_addr_max: 0x7fff_ffff, ..Default::default() };
+        let old = setup_header { version: 0x0202, initrd_addr_max: 0x7fff_ffff, ..Default::default() };
         assert_eq!(initrd_limit(Some(&new)), 0x8000_0000);
         assert_eq!(initrd_limit(Some(&old)), DEFAULT_INITRD_ADDR_MAX + 1);
         assert_eq!(initrd_limit(None), DEFAULT_INITRD_ADDR_MAX + 1);

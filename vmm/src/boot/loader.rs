@@ -86,44 +86,23 @@ fn is_elf64_le(image: &[u8]) -> bool {
 }
 
 /// Loads `image` into `mem`, choosing the loader by the file's format.
-pub fn load_kernel<M: GuestMemoryBackend>(
-    mem: &M,
-    image: &[u8],
-) -> Result<LoadedKernel, LoadError> {
+pub fn load_kernel<M: GuestMemoryBackend>(mem: &M, image: &[u8]) -> Result<LoadedKernel, LoadError> {
     if image.len() as u64 > MAX_KERNEL_SIZE {
         return Err(LoadError::TooLarge);
     }
     let highmem = Some(GuestAddress(HIMEM_START));
     let loaded = if elf32::is_elf32(image) {
         let (entry, end) = elf32::load(mem, image)?;
-        LoadedKernel {
-            format: KernelFormat::Elf32Pvh,
-            boot: BootEntry::Pvh { entry },
-            end,
-            setup_header: None,
-        }
+        LoadedKernel { format: KernelFormat::Elf32Pvh, boot: BootEntry::Pvh { entry }, end, setup_header: None }
     } else if is_elf64_le(image) {
         let r = Elf::load(mem, None, &mut Cursor::new(image), highmem).map_err(LoadError::Elf64)?;
         let (format, boot) = match r.pvh_boot_cap {
-            PvhBootCapability::PvhEntryPresent(entry) => {
-                (KernelFormat::Elf64Pvh, BootEntry::Pvh { entry: entry.0 })
-            }
-            _ => (
-                KernelFormat::Elf64,
-                BootEntry::Linux64 {
-                    entry: r.kernel_load.0,
-                },
-            ),
+            PvhBootCapability::PvhEntryPresent(entry) => (KernelFormat::Elf64Pvh, BootEntry::Pvh { entry: entry.0 }),
+            _ => (KernelFormat::Elf64, BootEntry::Linux64 { entry: r.kernel_load.0 }),
         };
-        LoadedKernel {
-            format,
-            boot,
-            end: r.kernel_end,
-            setup_header: None,
-        }
+        LoadedKernel { format, boot, end: r.kernel_end, setup_header: None }
     } else if is_bzimage(image) {
-        let r = BzImage::load(mem, None, &mut Cursor::new(image), highmem)
-            .map_err(LoadError::BzImage)?;
+        let r = BzImage::load(mem, None, &mut Cursor::new(image), highmem).map_err(LoadError::BzImage)?;
         let entry = r.kernel_load.0 + BZIMAGE_64BIT_ENTRY_OFFSET;
         LoadedKernel {
             format: KernelFormat::BzImage,
@@ -155,9 +134,7 @@ mod tests {
         let loaded = load_kernel(&m, novacron_guest_image::ELF).unwrap();
 
         assert_eq!(loaded.format, KernelFormat::Elf64Pvh);
-        let BootEntry::Pvh { entry } = loaded.boot else {
-            panic!("expected a PVH entry, got {:?}", loaded.boot)
-        };
+        let BootEntry::Pvh { entry } = loaded.boot else { panic!("expected a PVH entry, got {:?}", loaded.boot) };
         assert!((HIMEM_START..loaded.end).contains(&entry));
         let mut first = [0u8; 1];
         m.read_slice(&mut first, GuestAddress(entry)).unwrap();
@@ -168,10 +145,7 @@ mod tests {
     fn test_load_kernel_elf32_pvh_goes_through_own_loader() {
         let image = super::elf32::tests::tiny_elf32(&[0xf4], 0x100000);
         let loaded = load_kernel(&mem(), &image).unwrap();
-        assert_eq!(
-            (loaded.format, loaded.boot),
-            (KernelFormat::Elf32Pvh, BootEntry::Pvh { entry: 0x100000 })
-        );
+        assert_eq!((loaded.format, loaded.boot), (KernelFormat::Elf32Pvh, BootEntry::Pvh { entry: 0x100000 }));
     }
 
     #[test]
@@ -191,16 +165,12 @@ mod tests {
     fn test_load_kernel_bzimage_magic_with_garbage_is_an_error() {
         let mut image = vec![0u8; 0x1000];
         image[0x202..0x206].copy_from_slice(b"HdrS");
-        assert!(matches!(
-            load_kernel(&mem(), &image),
-            Err(LoadError::BzImage(_))
-        ));
+        assert!(matches!(load_kernel(&mem(), &image), Err(LoadError::BzImage(_))));
     }
 
     #[test]
     fn test_load_kernel_test_guest_into_too_little_memory_is_an_error() {
-        let tiny: GuestMemoryMmap =
-            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let tiny: GuestMemoryMmap = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         assert!(load_kernel(&tiny, novacron_guest_image::ELF).is_err());
     }
 }

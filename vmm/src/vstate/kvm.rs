@@ -24,9 +24,7 @@ const REQUIRED: &[(Cap, &str)] = &[
 
 #[derive(Debug, thiserror::Error)]
 pub enum KvmError {
-    #[error(
-        "cannot open /dev/kvm: {0} (is KVM enabled in the kernel, and may this user open /dev/kvm?)"
-    )]
+    #[error("cannot open /dev/kvm: {0} (is KVM enabled in the kernel, and may this user open /dev/kvm?)")]
     Open(#[source] kvm_ioctls::Error),
     #[error("KVM API version {0} is not the supported version 12")]
     ApiVersion(i32),
@@ -36,33 +34,43 @@ pub enum KvmError {
     TooManyVcpus { wanted: u8, max: usize },
     #[error("cannot read KVM's supported CPUID")]
     SupportedCpuid(#[source] kvm_ioctls::Error),
+    #[error("the KVM capability check did not finish")]
+    CheckPanicked,
 }
 
-pub struct KvmContext {
-    pub kvm: Kvm,
-    pub supported_cpuid: CpuId,
+/// Opens /dev/kvm and checks the API version.
+pub fn open() -> Result<Kvm, KvmError> {
+    let kvm = Kvm::new().map_err(KvmError::Open)?;
+    let version = kvm.get_api_version();
+    if version != 12 {
+        return Err(KvmError::ApiVersion(version));
+    }
+    Ok(kvm)
 }
 
-impl KvmContext {
-    pub fn new(vcpus: u8) -> Result<Self, KvmError> {
-        let kvm = Kvm::new().map_err(KvmError::Open)?;
-        let version = kvm.get_api_version();
-        if version != 12 {
-            return Err(KvmError::ApiVersion(version));
-        }
-        if let Some(&(cap, what)) = REQUIRED.iter().find(|(cap, _)| !kvm.check_extension(*cap)) {
-            return Err(KvmError::MissingCapability { cap, what });
-        }
-        let max = kvm.get_max_vcpus();
-        if usize::from(vcpus) > max {
-            return Err(KvmError::TooManyVcpus { wanted: vcpus, max });
-        }
-        let supported_cpuid = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(KvmError::SupportedCpuid)?;
-        Ok(KvmContext {
-            kvm,
-            supported_cpuid,
-        })
+/// Checks every capability a VM of `vcpus` needs; returns KVM's supported CPUID.
+pub fn check(kvm: &Kvm, vcpus: u8) -> Result<CpuId, KvmError> {
+    if let Some(&(cap, what)) = REQUIRED.iter().find(|(cap, _)| !kvm.check_extension(*cap)) {
+        return Err(KvmError::MissingCapability { cap, what });
+    }
+    let max = kvm.get_max_vcpus();
+    if usize::from(vcpus) > max {
+        return Err(KvmError::TooManyVcpus { wanted: vcpus, max });
+    }
+    kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(KvmError::SupportedCpuid)
+}
+
+/// The capability checks, run on a thread of their own while the VM is being created:
+/// they are some twenty ioctls, a few hundred microseconds of the boot path on this host.
+pub struct BackgroundCheck(std::thread::JoinHandle<Result<CpuId, KvmError>>);
+
+impl BackgroundCheck {
+    pub fn start(vcpus: u8) -> Self {
+        BackgroundCheck(std::thread::spawn(move || check(&open()?, vcpus)))
+    }
+
+    /// Waits for the checks; a panic in them (a bug) reads as a missing answer.
+    pub fn finish(self) -> Result<CpuId, KvmError> {
+        self.0.join().unwrap_or(Err(KvmError::CheckPanicked))
     }
 }

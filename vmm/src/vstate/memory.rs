@@ -29,12 +29,6 @@ pub fn host_memory_bytes() -> Option<u64> {
 /// memory up front (pages come on first touch); the configuration refuses a VM larger than
 /// the host beforehand, so that it is not killed by the OOM killer later.
 pub fn create(bytes: u64) -> Result<GuestMemory, MemoryError> {
-    let ranges: Vec<_> = ram_ranges(bytes)
-        .into_iter()
-        .map(|(a, s)| (a, s as usize))
-        .collect();
-    GuestMemoryMmap::from_ranges(&ranges).map_err(|source| MemoryError::Map {
-        mib: bytes >> 20,
-        source,
-    })
+    let ranges: Vec<_> = ram_ranges(bytes).into_iter().map(|(a, s)| (a, s as usize)).collect();
+    GuestMemoryMmap::from_ranges(&ranges).map_err(|source| MemoryError::Map { mib: bytes >> 20, source })
 }

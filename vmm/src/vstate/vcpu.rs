@@ -138,23 +138,12 @@ pub struct Vcpu {
 
 impl Vcpu {
     pub fn new(vm: &Vm, index: u8) -> Result<Self, VcpuError> {
-        let fd = vm
-            .fd
-            .create_vcpu(u64::from(index))
-            .map_err(|source| VcpuError::Create { index, source })?;
+        let fd = vm.fd.create_vcpu(u64::from(index)).map_err(|source| VcpuError::Create { index, source })?;
         Ok(Vcpu { index, fd })
     }
 
-    fn configure_step<T>(
-        &self,
-        what: &'static str,
-        r: Result<T, kvm_ioctls::Error>,
-    ) -> Result<T, VcpuError> {
-        r.map_err(|source| VcpuError::Configure {
-            index: self.index,
-            what,
-            source,
-        })
+    fn configure_step<T>(&self, what: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, VcpuError> {
+        r.map_err(|source| VcpuError::Configure { index: self.index, what, source })
     }
 
     /// CPUID, MSRs, FPU and LINT pins for every vCPU; boot registers for the first one only
@@ -172,11 +161,7 @@ impl Vcpu {
         let msrs = boot_msrs()?;
         let set = self.configure_step("KVM_SET_MSRS", self.fd.set_msrs(&msrs))?;
         if set != msrs.as_slice().len() {
-            return Err(VcpuError::PartialMsrs {
-                index: self.index,
-                set,
-                total: msrs.as_slice().len(),
-            });
+            return Err(VcpuError::PartialMsrs { index: self.index, set, total: msrs.as_slice().len() });
         }
         self.configure_step("KVM_SET_FPU", self.fd.set_fpu(&regs::boot_fpu()))?;
         let mut lapic = self.configure_step("KVM_GET_LAPIC", self.fd.get_lapic())?;
@@ -186,10 +171,7 @@ impl Vcpu {
             let mut sregs = self.configure_step("KVM_GET_SREGS", self.fd.get_sregs())?;
             regs::setup_sregs(memory, &mut sregs, boot)?;
             self.configure_step("KVM_SET_SREGS", self.fd.set_sregs(&sregs))?;
-            self.configure_step(
-                "KVM_SET_REGS",
-                self.fd.set_regs(&regs::boot_regs(boot, start_info)),
-            )?;
+            self.configure_step("KVM_SET_REGS", self.fd.set_regs(&regs::boot_regs(boot, start_info)))?;
         }
         Ok(())
     }
@@ -207,14 +189,8 @@ impl Vcpu {
             .name(format!("vcpu{index}"))
             .spawn(move || {
                 let reporter = Reporter { events, notify };
-                let mut runner = Runner {
-                    vcpu: self,
-                    buses,
-                    commands: rx,
-                };
-                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    runner.run(&reporter)
-                }));
+                let mut runner = Runner { vcpu: self, buses, commands: rx };
+                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runner.run(&reporter)));
                 if let Err(panic) = outcome {
                     let msg = panic
                         .downcast_ref::<&str>()
@@ -232,11 +208,7 @@ impl Vcpu {
                 }
             })
             .map_err(|source| VcpuError::Spawn { index, source })?;
-        Ok(VcpuHandle {
-            index,
-            commands: tx,
-            thread: Some(thread),
-        })
+        Ok(VcpuHandle { index, commands: tx, thread: Some(thread) })
     }
 }
 
@@ -273,11 +245,7 @@ impl Runner {
         let mut paused = false;
         loop {
             // Commands first: a kick only makes KVM_RUN return, the command says why.
-            let cmd = if paused {
-                self.commands.recv().ok()
-            } else {
-                self.commands.try_recv().ok()
-            };
+            let cmd = if paused { self.commands.recv().ok() } else { self.commands.try_recv().ok() };
             match cmd {
                 Some(VcpuCommand::Pause) => {
                     paused = true;
@@ -341,13 +309,9 @@ impl Runner {
             }
             Ok(VcpuExit::Hlt | VcpuExit::Intr | VcpuExit::IrqWindowOpen) => Next::Continue,
             Ok(VcpuExit::Shutdown) => Next::Stop(VcpuStop::TripleFault),
-            Ok(VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, _)) => {
-                Next::Stop(VcpuStop::PowerOff)
-            }
+            Ok(VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, _)) => Next::Stop(VcpuStop::PowerOff),
             Ok(VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, _)) => Next::Stop(VcpuStop::Reset),
-            Ok(VcpuExit::SystemEvent(kind, _)) => {
-                Next::Stop(VcpuStop::KvmError(format!("system event {kind}")))
-            }
+            Ok(VcpuExit::SystemEvent(kind, _)) => Next::Stop(VcpuStop::KvmError(format!("system event {kind}"))),
             Ok(VcpuExit::InternalError) => {
                 // SAFETY: the exit is KVM_EXIT_INTERNAL_ERROR, so `internal` is valid.
                 let suberror = unsafe { (*run_ptr).__bindgen_anon_1.internal.suberror };
@@ -357,14 +321,11 @@ impl Runner {
                     3 => "delivery event failed",
                     _ => "internal error",
                 };
-                Next::Stop(VcpuStop::KvmError(format!(
-                    "{what} (suberror {suberror}) at {}",
-                    self.where_()
-                )))
+                Next::Stop(VcpuStop::KvmError(format!("{what} (suberror {suberror}) at {}", self.where_())))
             }
-            Ok(VcpuExit::FailEntry(reason, cpu)) => Next::Stop(VcpuStop::KvmError(format!(
-                "VM entry failed (hardware reason {reason:#x}, host cpu {cpu})"
-            ))),
+            Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                Next::Stop(VcpuStop::KvmError(format!("VM entry failed (hardware reason {reason:#x}, host cpu {cpu})")))
+            }
             Ok(other) => {
                 let what = format!("unexpected exit {other:?}");
                 Next::Stop(VcpuStop::KvmError(format!("{what} at {}", self.where_())))

@@ -12,11 +12,7 @@ pub const TIMEOUT: Duration = Duration::from_secs(90);
 /// True when /dev/kvm can be used. Otherwise says loudly that the test is skipped, or fails
 /// it when NOVACRON_REQUIRE_KVM is set (CI sets it: there, KVM tests must really run).
 pub fn kvm_or_skip(test: &str) -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
+    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
         Ok(_) => true,
         Err(e) => {
             assert!(
@@ -36,14 +32,7 @@ pub fn vmm() -> Command {
 /// A VMM process running the test guest with `cmdline`.
 pub fn test_guest(vcpus: u8, mem_mib: u64, cmdline: &str, api_sock: Option<&Path>) -> Watched {
     let mut cmd = vmm();
-    cmd.args([
-        "--vcpus",
-        &vcpus.to_string(),
-        "--mem",
-        &mem_mib.to_string(),
-        "--cmdline",
-        cmdline,
-    ]);
+    cmd.args(["--vcpus", &vcpus.to_string(), "--mem", &mem_mib.to_string(), "--cmdline", cmdline]);
     if let Some(sock) = api_sock {
         cmd.arg("--api-sock").arg(sock);
     }

@@ -5,8 +5,7 @@
 
 use super::layout::{ACPI_END, ACPI_START, APIC_ADDR, IOAPIC_ADDR};
 use novacron_devices::legacy::{
-    POWER_PORT_BASE, RESET_PORT_OFFSET, RESET_VALUE, S5_SLEEP_TYPE, SLEEP_CONTROL_OFFSET,
-    SLEEP_STATUS_OFFSET,
+    POWER_PORT_BASE, RESET_PORT_OFFSET, RESET_VALUE, S5_SLEEP_TYPE, SLEEP_CONTROL_OFFSET, SLEEP_STATUS_OFFSET,
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryError};
 
@@ -78,27 +77,16 @@ fn gas_io_byte(port: u64) -> [u8; 12] {
 /// `Name (_S5_, Package (2) { S5, S5 })` in AML.
 fn dsdt() -> Vec<u8> {
     let mut t = Sdt::new(b"DSDT", 2);
-    t.put(&[0x08])
-        .put(b"_S5_")
-        .put(&[0x12, 0x06, 0x02, 0x0a, S5_SLEEP_TYPE, 0x0a, S5_SLEEP_TYPE]);
+    t.put(&[0x08]).put(b"_S5_").put(&[0x12, 0x06, 0x02, 0x0a, S5_SLEEP_TYPE, 0x0a, S5_SLEEP_TYPE]);
     t.finish()
 }
 
 fn fadt(dsdt_addr: u64) -> Vec<u8> {
     let mut body = [0u8; 276 - 36];
-    let mut at = |offset: usize, bytes: &[u8]| {
-        body[offset - 36..offset - 36 + bytes.len()].copy_from_slice(bytes)
-    };
+    let mut at = |offset: usize, bytes: &[u8]| body[offset - 36..offset - 36 + bytes.len()].copy_from_slice(bytes);
     at(40, &(dsdt_addr as u32).to_le_bytes());
-    at(
-        109,
-        &(IAPC_VGA_NOT_PRESENT | IAPC_CMOS_RTC_NOT_PRESENT).to_le_bytes(),
-    );
-    at(
-        112,
-        &(FADT_HW_REDUCED_ACPI | FADT_RESET_REG_SUP | FADT_PWR_BUTTON | FADT_SLP_BUTTON)
-            .to_le_bytes(),
-    );
+    at(109, &(IAPC_VGA_NOT_PRESENT | IAPC_CMOS_RTC_NOT_PRESENT).to_le_bytes());
+    at(112, &(FADT_HW_REDUCED_ACPI | FADT_RESET_REG_SUP | FADT_PWR_BUTTON | FADT_SLP_BUTTON).to_le_bytes());
     at(116, &gas_io_byte(POWER_PORT_BASE + RESET_PORT_OFFSET));
     at(128, &[RESET_VALUE]);
     at(131, &[0]); // FADT minor version
@@ -113,14 +101,11 @@ fn fadt(dsdt_addr: u64) -> Vec<u8> {
 
 fn madt(vcpus: u8) -> Vec<u8> {
     let mut t = Sdt::new(b"APIC", 5);
-    t.put(&(APIC_ADDR as u32).to_le_bytes())
-        .put(&1u32.to_le_bytes()); // PCAT_COMPAT: 8259s present
+    t.put(&(APIC_ADDR as u32).to_le_bytes()).put(&1u32.to_le_bytes()); // PCAT_COMPAT: 8259s present
     for cpu in 0..vcpus {
         t.put(&[0, 8, cpu, cpu]).put(&1u32.to_le_bytes());
     }
-    t.put(&[1, 12, vcpus + 1, 0])
-        .put(&(IOAPIC_ADDR as u32).to_le_bytes())
-        .put(&0u32.to_le_bytes());
+    t.put(&[1, 12, vcpus + 1, 0]).put(&(IOAPIC_ADDR as u32).to_le_bytes()).put(&0u32.to_le_bytes());
     t.put(&[4, 6, 0xff, 0, 0, 1]); // NMI on LINT1 of every processor
     t.finish()
 }
@@ -182,8 +167,7 @@ pub fn write(mem: &impl GuestMemoryBackend, vcpus: u8) -> Result<u64, AcpiError>
     if ACPI_START + image.len() as u64 > ACPI_END {
         return Err(AcpiError::TooLarge(image.len()));
     }
-    mem.write_slice(&image, GuestAddress(ACPI_START))
-        .map_err(AcpiError::Write)?;
+    mem.write_slice(&image, GuestAddress(ACPI_START)).map_err(AcpiError::Write)?;
     Ok(rsdp)
 }
 
@@ -228,10 +212,7 @@ mod tests {
         let flags = u32::from_le_bytes(f[112..116].try_into().unwrap());
         assert_ne!(flags & FADT_HW_REDUCED_ACPI, 0);
         assert_eq!(f[244], GAS_SYSTEM_IO);
-        assert_eq!(
-            u64::from_le_bytes(f[248..256].try_into().unwrap()),
-            POWER_PORT_BASE + SLEEP_CONTROL_OFFSET
-        );
+        assert_eq!(u64::from_le_bytes(f[248..256].try_into().unwrap()), POWER_PORT_BASE + SLEEP_CONTROL_OFFSET);
         assert_eq!(u64::from_le_bytes(f[140..148].try_into().unwrap()), 0x1234);
         assert_eq!(f.len(), 276);
     }

@@ -50,10 +50,7 @@ pub enum CpuidError {
 }
 
 fn vendor_of(entries: &[kvm_cpuid_entry2]) -> Result<Vendor, CpuidError> {
-    let e = entries
-        .iter()
-        .find(|e| e.function == LEAF_VENDOR)
-        .ok_or(CpuidError::NoVendorLeaf)?;
+    let e = entries.iter().find(|e| e.function == LEAF_VENDOR).ok_or(CpuidError::NoVendorLeaf)?;
     let mut name = [0u8; 12];
     name[..4].copy_from_slice(&e.ebx.to_le_bytes());
     name[4..8].copy_from_slice(&e.edx.to_le_bytes());
@@ -160,41 +157,17 @@ pub fn vcpu_cpuid(supported: &CpuId, cpu_index: u8, cpu_count: u8) -> Result<Cpu
 mod tests {
     use super::*;
 
-    fn entry(
-        function: u32,
-        index: u32,
-        eax: u32,
-        ebx: u32,
-        ecx: u32,
-        edx: u32,
-    ) -> kvm_cpuid_entry2 {
-        kvm_cpuid_entry2 {
-            function,
-            index,
-            eax,
-            ebx,
-            ecx,
-            edx,
-            ..Default::default()
-        }
+    fn entry(function: u32, index: u32, eax: u32, ebx: u32, ecx: u32, edx: u32) -> kvm_cpuid_entry2 {
+        kvm_cpuid_entry2 { function, index, eax, ebx, ecx, edx, ..Default::default() }
     }
 
     fn find(c: &CpuId, function: u32, index: u32) -> kvm_cpuid_entry2 {
-        *c.as_slice()
-            .iter()
-            .find(|e| e.function == function && e.index == index)
-            .unwrap()
+        *c.as_slice().iter().find(|e| e.function == function && e.index == index).unwrap()
     }
 
     fn amd_supported() -> CpuId {
-        let vendor = entry(
-            0,
-            0,
-            0x10,
-            u32::from_le_bytes(*b"Auth"),
-            u32::from_le_bytes(*b"cAMD"),
-            u32::from_le_bytes(*b"enti"),
-        );
+        let vendor =
+            entry(0, 0, 0x10, u32::from_le_bytes(*b"Auth"), u32::from_le_bytes(*b"cAMD"), u32::from_le_bytes(*b"enti"));
         CpuId::from_entries(&[
             vendor,
             entry(LEAF_FEATURES, 0, 0, 0x0000_0800, ECX_VMX, 0),
@@ -223,16 +196,9 @@ mod tests {
         let c = vcpu_cpuid(&amd_supported(), 0, 2).unwrap();
 
         assert_eq!(find(&c, LEAF_FEATURES, 0).ecx & ECX_VMX, 0);
-        assert_eq!(
-            find(&c, LEAF_EXT_FEATURES, 0).ecx & (ECX_SVM | ECX_TOPOEXT),
-            0
-        );
+        assert_eq!(find(&c, LEAF_EXT_FEATURES, 0).ecx & (ECX_SVM | ECX_TOPOEXT), 0);
         assert_eq!(find(&c, LEAF_PMU, 0).eax, 0);
-        assert!(
-            !c.as_slice()
-                .iter()
-                .any(|e| e.function == LEAF_AMD_EXT_APIC_ID)
-        );
+        assert!(!c.as_slice().iter().any(|e| e.function == LEAF_AMD_EXT_APIC_ID));
     }
 
     #[test]
@@ -252,9 +218,6 @@ mod tests {
     #[test]
     fn test_vcpu_cpuid_without_vendor_leaf_is_an_error() {
         let supported = CpuId::from_entries(&[entry(LEAF_FEATURES, 0, 0, 0, 0, 0)]).unwrap();
-        assert!(matches!(
-            vcpu_cpuid(&supported, 0, 1),
-            Err(CpuidError::NoVendorLeaf)
-        ));
+        assert!(matches!(vcpu_cpuid(&supported, 0, 1), Err(CpuidError::NoVendorLeaf)));
     }
 }

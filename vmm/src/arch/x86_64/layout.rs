@@ -67,30 +67,14 @@ pub struct E820Entry {
 /// 1 MiB to the MMIO hole, and RAM above 4 GiB.
 pub fn e820_map(mem_bytes: u64) -> Vec<E820Entry> {
     let mut map = vec![
-        E820Entry {
-            addr: 0,
-            size: RESERVED_LOW_START,
-            kind: E820_RAM,
-        },
-        E820Entry {
-            addr: RESERVED_LOW_START,
-            size: HIMEM_START - RESERVED_LOW_START,
-            kind: E820_RESERVED,
-        },
+        E820Entry { addr: 0, size: RESERVED_LOW_START, kind: E820_RAM },
+        E820Entry { addr: RESERVED_LOW_START, size: HIMEM_START - RESERVED_LOW_START, kind: E820_RESERVED },
     ];
     for (start, size) in ram_ranges(mem_bytes) {
         let start = start.0.max(HIMEM_START);
-        let end = if start >= FOUR_GIB {
-            start + size
-        } else {
-            size
-        };
+        let end = if start >= FOUR_GIB { start + size } else { size };
         if end > start {
-            map.push(E820Entry {
-                addr: start,
-                size: end - start,
-                kind: E820_RAM,
-            });
+            map.push(E820Entry { addr: start, size: end - start, kind: E820_RAM });
         }
     }
     map
@@ -110,28 +94,17 @@ mod tests {
         let ranges = ram_ranges(4 << 30);
         assert_eq!(
             ranges,
-            vec![
-                (GuestAddress(0), MMIO_HOLE_START),
-                (GuestAddress(FOUR_GIB), (4 << 30) - MMIO_HOLE_START)
-            ]
+            vec![(GuestAddress(0), MMIO_HOLE_START), (GuestAddress(FOUR_GIB), (4 << 30) - MMIO_HOLE_START)]
         );
     }
 
     #[test]
     fn test_e820_map_reserves_bios_area_and_covers_all_ram_above_it() {
         let map = e820_map(5 << 30);
-        let ram: u64 = map
-            .iter()
-            .filter(|e| e.kind == E820_RAM)
-            .map(|e| e.size)
-            .sum();
+        let ram: u64 = map.iter().filter(|e| e.kind == E820_RAM).map(|e| e.size).sum();
         assert_eq!(
             map[1],
-            E820Entry {
-                addr: RESERVED_LOW_START,
-                size: HIMEM_START - RESERVED_LOW_START,
-                kind: E820_RESERVED
-            }
+            E820Entry { addr: RESERVED_LOW_START, size: HIMEM_START - RESERVED_LOW_START, kind: E820_RESERVED }
         );
         assert_eq!(ram, (5 << 30) - (HIMEM_START - RESERVED_LOW_START));
         assert_eq!(map.last().unwrap().addr, FOUR_GIB);

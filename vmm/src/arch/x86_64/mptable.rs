@@ -85,8 +85,7 @@ pub fn write(mem: &impl GuestMemoryBackend, vcpus: u8) -> Result<(), MptableErro
     if MPTABLE_START + bytes.len() as u64 > RESERVED_LOW_START + 0x400 {
         return Err(MptableError::TooLarge(vcpus));
     }
-    mem.write_slice(&bytes, GuestAddress(MPTABLE_START))
-        .map_err(MptableError::Write)
+    mem.write_slice(&bytes, GuestAddress(MPTABLE_START)).map_err(MptableError::Write)
 }
 
 #[cfg(test)]
@@ -101,10 +100,7 @@ mod tests {
         assert_eq!(&fp[..4], b"_MP_");
         assert_eq!(fp.iter().fold(0u8, |a, b| a.wrapping_add(*b)), 0);
         assert_eq!(&table[..4], b"PCMP");
-        assert_eq!(
-            u16::from_le_bytes([table[4], table[5]]) as usize,
-            table.len()
-        );
+        assert_eq!(u16::from_le_bytes([table[4], table[5]]) as usize, table.len());
         assert_eq!(table.iter().fold(0u8, |a, b| a.wrapping_add(*b)), 0);
         // 4 CPUs + bus + IOAPIC + 24 interrupts + 2 local interrupts.
         assert_eq!(u16::from_le_bytes([table[34], table[35]]), 4 + 2 + 24 + 2);

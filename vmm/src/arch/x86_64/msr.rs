@@ -41,11 +41,7 @@ pub fn boot_msrs() -> Result<Msrs, MsrError> {
         (MSR_MTRR_DEF_TYPE, MTRR_ENABLE_WRITE_BACK),
     ]
     .into_iter()
-    .map(|(index, data)| kvm_msr_entry {
-        index,
-        data,
-        ..Default::default()
-    })
+    .map(|(index, data)| kvm_msr_entry { index, data, ..Default::default() })
     .collect();
     Msrs::from_entries(&entries).map_err(|e| MsrError::Build(format!("{e:?}")))
 }

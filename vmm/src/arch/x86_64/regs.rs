@@ -1,9 +1,7 @@
 //! The boot state of the first vCPU: general registers, segments, control registers,
 //! page tables and FPU, for each boot protocol; and the local APIC's LINT pins.
 
-use super::layout::{
-    BOOT_STACK_POINTER, GDT_START, IDT_START, PDE_START, PDPTE_START, PML4_START, ZERO_PAGE_START,
-};
+use super::layout::{BOOT_STACK_POINTER, GDT_START, IDT_START, PDE_START, PDPTE_START, PML4_START, ZERO_PAGE_START};
 use kvm_bindings::{kvm_fpu, kvm_lapic_state, kvm_regs, kvm_segment, kvm_sregs};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryError};
 
@@ -46,11 +44,7 @@ fn segment(entry: u64, index: u16) -> kvm_segment {
     let present = bit(47);
     kvm_segment {
         base,
-        limit: if g == 1 {
-            (raw_limit << 12) | 0xfff
-        } else {
-            raw_limit
-        },
+        limit: if g == 1 { (raw_limit << 12) | 0xfff } else { raw_limit },
         selector: index * 8,
         type_: ((entry >> 40) & 0xf) as u8,
         present,
@@ -67,48 +61,30 @@ fn segment(entry: u64, index: u16) -> kvm_segment {
 
 fn write_gdt_idt(mem: &impl GuestMemoryBackend, gdt: &[u64]) -> Result<(), RegsError> {
     let bytes: Vec<u8> = gdt.iter().flat_map(|e| e.to_le_bytes()).collect();
-    mem.write_slice(&bytes, GuestAddress(GDT_START))
-        .map_err(RegsError::WriteTables)?;
-    mem.write_obj(0u64, GuestAddress(IDT_START))
-        .map_err(RegsError::WriteTables)
+    mem.write_slice(&bytes, GuestAddress(GDT_START)).map_err(RegsError::WriteTables)?;
+    mem.write_obj(0u64, GuestAddress(IDT_START)).map_err(RegsError::WriteTables)
 }
 
 /// Identity-maps the first 4 GiB with 2 MiB pages for the Linux 64-bit entry.
 fn write_page_tables(mem: &impl GuestMemoryBackend) -> Result<(), RegsError> {
-    let w = |v: u64, at: u64| {
-        mem.write_obj(v, GuestAddress(at))
-            .map_err(RegsError::WriteTables)
-    };
+    let w = |v: u64, at: u64| mem.write_obj(v, GuestAddress(at)).map_err(RegsError::WriteTables);
     w(PDPTE_START | 0x03, PML4_START)?;
     for dir in 0..4u64 {
         w((PDE_START + dir * 0x1000) | 0x03, PDPTE_START + dir * 8)?;
     }
-    let pdes: Vec<u8> = (0..2048u64)
-        .flat_map(|i| ((i << 21) | 0x83).to_le_bytes())
-        .collect();
-    mem.write_slice(&pdes, GuestAddress(PDE_START))
-        .map_err(RegsError::WriteTables)
+    let pdes: Vec<u8> = (0..2048u64).flat_map(|i| ((i << 21) | 0x83).to_le_bytes()).collect();
+    mem.write_slice(&pdes, GuestAddress(PDE_START)).map_err(RegsError::WriteTables)
 }
 
 /// Sets segments, control registers and (for Linux) page tables for `boot`.
-pub fn setup_sregs(
-    mem: &impl GuestMemoryBackend,
-    sregs: &mut kvm_sregs,
-    boot: BootEntry,
-) -> Result<(), RegsError> {
+pub fn setup_sregs(mem: &impl GuestMemoryBackend, sregs: &mut kvm_sregs, boot: BootEntry) -> Result<(), RegsError> {
     let gdt: [u64; 4] = match boot {
-        BootEntry::Pvh { .. } => [
-            0,
-            gdt_entry(0xc09b, 0, 0xffff_ffff),
-            gdt_entry(0xc093, 0, 0xffff_ffff),
-            gdt_entry(0x008b, 0, 0x67),
-        ],
-        BootEntry::Linux64 { .. } => [
-            0,
-            gdt_entry(0xa09b, 0, 0xfffff),
-            gdt_entry(0xc093, 0, 0xfffff),
-            gdt_entry(0x808b, 0, 0xfffff),
-        ],
+        BootEntry::Pvh { .. } => {
+            [0, gdt_entry(0xc09b, 0, 0xffff_ffff), gdt_entry(0xc093, 0, 0xffff_ffff), gdt_entry(0x008b, 0, 0x67)]
+        }
+        BootEntry::Linux64 { .. } => {
+            [0, gdt_entry(0xa09b, 0, 0xfffff), gdt_entry(0xc093, 0, 0xfffff), gdt_entry(0x808b, 0, 0xfffff)]
+        }
     };
     write_gdt_idt(mem, &gdt)?;
     let (code, data, tss) = (segment(gdt[1], 1), segment(gdt[2], 2), segment(gdt[3], 3));
@@ -142,10 +118,7 @@ pub fn setup_sregs(
 
 /// General registers at the kernel's entry; `start_info` is the PVH start_info address.
 pub fn boot_regs(boot: BootEntry, start_info: u64) -> kvm_regs {
-    let mut regs = kvm_regs {
-        rflags: 0x2,
-        ..Default::default()
-    };
+    let mut regs = kvm_regs { rflags: 0x2, ..Default::default() };
     match boot {
         BootEntry::Pvh { entry } => {
             regs.rip = entry;
@@ -163,11 +136,7 @@ pub fn boot_regs(boot: BootEntry, start_info: u64) -> kvm_regs {
 
 /// x87 control word and MXCSR at their reset values.
 pub fn boot_fpu() -> kvm_fpu {
-    kvm_fpu {
-        fcw: 0x37f,
-        mxcsr: 0x1f80,
-        ..Default::default()
-    }
+    kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() }
 }
 
 const APIC_LVT_LINT0: usize = 0x350;
@@ -198,25 +167,18 @@ mod tests {
     fn test_segment_decodes_flat_64bit_code_descriptor() {
         let s = segment(gdt_entry(0xa09b, 0, 0xfffff), 1);
         assert_eq!((s.base, s.limit, s.selector), (0, 0xffff_ffff, 8));
-        assert_eq!(
-            (s.type_, s.present, s.s, s.l, s.db, s.g, s.unusable),
-            (0xb, 1, 1, 1, 0, 1, 0)
-        );
+        assert_eq!((s.type_, s.present, s.s, s.l, s.db, s.g, s.unusable), (0xb, 1, 1, 1, 0, 1, 0));
     }
 
     #[test]
     fn test_segment_decodes_pvh_tss_descriptor_byte_granular() {
         let s = segment(gdt_entry(0x008b, 0, 0x67), 3);
-        assert_eq!(
-            (s.limit, s.selector, s.type_, s.g, s.s),
-            (0x67, 24, 0xb, 0, 0)
-        );
+        assert_eq!((s.limit, s.selector, s.type_, s.g, s.s), (0x67, 24, 0xb, 0, 0));
     }
 
     #[test]
     fn test_setup_sregs_linux64_maps_4gib_and_enables_long_mode() {
-        let mem: GuestMemoryMmap =
-            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mem: GuestMemoryMmap = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let mut sregs = kvm_sregs::default();
 
         setup_sregs(&mem, &mut sregs, BootEntry::Linux64 { entry: 0x100200 }).unwrap();
