@@ -2,21 +2,21 @@
 //! devices, vCPUs. Each step's error says which step failed.
 
 use crate::arch::x86_64::layout::{self, CMDLINE_START, HIMEM_START, MMIO_HOLE_START};
-use crate::arch::x86_64::regs::BootEntry;
+use crate::arch::x86_64::regs::{self, BootEntry};
 use crate::arch::x86_64::{acpi, mptable};
 use crate::boot::{self, initrd, linux, pvh};
 use crate::config::{KernelSource, VmConfig};
 use crate::machine::{Machine, MachineInfo, StopEvents};
 use crate::vstate::kvm::{self, KvmError};
 use crate::vstate::memory::{self, GuestMemory, MemoryError};
-use crate::vstate::vcpu::{self, IoBuses, Vcpu, VcpuError};
+use crate::vstate::vcpu::{self, IoBuses, SetupReport, VcpuError, VcpuStart};
 use crate::vstate::vm::{Vm, VmError};
 use novacron_devices::legacy::{
     AcpiPower, COM1_IRQ, COM1_PORT, I8042, POWER_PORT_BASE, POWER_PORT_LEN, Serial, SerialOutput,
 };
 use novacron_devices::{Bus, BusError};
 use std::path::PathBuf;
-use std::sync::mpsc::channel;
+use std::sync::mpsc::{Receiver, channel};
 use std::sync::{Arc, Mutex};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
@@ -56,6 +56,12 @@ pub enum BuildError {
     Linux(#[from] linux::LinuxBootError),
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    #[error("vCPU {0}'s thread ended during set-up")]
+    VcpuGone(u8),
+    #[error("the vCPU threads ended during set-up without a word (a bug: see the log)")]
+    VcpuSetupLost,
+    #[error(transparent)]
+    Regs(#[from] regs::RegsError),
     #[error("cannot place a device on the I/O bus")]
     Bus(#[from] BusError),
     #[error("cannot create an event fd")]
@@ -131,34 +137,42 @@ impl PhaseTimer {
     }
 }
 
-/// Everything built before the first vCPU is configured.
-struct Prepared {
-    vm: Vm,
-    memory: GuestMemory,
-    boot_entry: BootEntry,
-    start_info: u64,
-    format: boot::KernelFormat,
-    stop_events: StopEvents,
-    serial: Arc<Mutex<Serial>>,
-    buses: Arc<IoBuses>,
-    vcpus: Vec<Vcpu>,
-}
-
-/// The VM with its memory, the guest, the devices and the vCPUs: all that needs no
-/// capability check (those run meanwhile on another thread).
-fn prepare(config: &VmConfig, serial_out: SerialOutput, timer: &mut PhaseTimer) -> Result<Prepared, BuildError> {
+/// Builds the VM and starts its vCPUs. Console output goes to `serial_out`.
+///
+/// Guest memory goes in before anything else (see `Vm::create_irqchip`). Then the vCPU
+/// threads start: one of them reads KVM's supported CPUID while this thread creates the
+/// interrupt controllers; each then creates and configures its own vCPU while this thread
+/// loads the guest and wires the devices. Then every vCPU is told to start.
+pub fn build(config: &VmConfig, serial_out: SerialOutput) -> Result<Machine, BuildError> {
+    let mut timer = PhaseTimer(std::time::Instant::now());
+    vcpu::install_kick_handler()?;
     let kvm = kvm::open()?;
-    timer.mark("open KVM");
-    let vm = Vm::new(&kvm)?;
-    timer.mark("create VM");
+    kvm::check_capabilities(&kvm, config.vcpus)?;
+    let vm = Arc::new(Vm::new(&kvm)?);
     let memory = memory::create(config.mem_mib << 20)?;
     vm.register_memory(&memory)?;
-    vm.create_irqchip()?;
-    timer.mark("memory, irqchip");
-    let (boot_entry, start_info, format) = load_guest(config, &memory)?;
-    timer.mark("load guest");
-
+    timer.mark("create VM, memory");
     let stop_events = StopEvents { vcpu: event_fd()?, power_off: event_fd()?, reset: event_fd()? };
+    let cpuid = vcpu::SupportedCpuid::new(kvm);
+    let (setup_tx, setup_rx) = channel();
+    let (events_tx, events_rx) = channel();
+    let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
+    for index in 0..config.vcpus {
+        let notify = clone_fd(&stop_events.vcpu)?;
+        vcpus.push(vcpu::spawn((index, config.vcpus), cpuid.clone(), setup_tx.clone(), events_tx.clone(), notify)?);
+    }
+    timer.mark("spawn vCPU threads");
+    vm.create_irqchip()?;
+    for v in &vcpus {
+        if !v.create(vm.clone()) {
+            return Err(BuildError::VcpuGone(v.index));
+        }
+    }
+    timer.mark("irqchip");
+
+    let (boot_entry, start_info, format) = load_guest(config, &memory)?;
+    regs::write_boot_tables(&memory, boot_entry)?;
+    timer.mark("load guest");
     let serial_irq = event_fd()?;
     vm.register_irqfd(&serial_irq, COM1_IRQ)?;
     let serial = Arc::new(Mutex::new(Serial::new(serial_irq, serial_out)));
@@ -168,31 +182,19 @@ fn prepare(config: &VmConfig, serial_out: SerialOutput, timer: &mut PhaseTimer) 
     let power = AcpiPower::new(clone_fd(&stop_events.power_off)?, clone_fd(&stop_events.reset)?);
     pio.insert(Arc::new(Mutex::new(power)), POWER_PORT_BASE, POWER_PORT_LEN)?;
     let buses = Arc::new(IoBuses { pio, mmio: Bus::new() });
-    let vcpus = (0..config.vcpus).map(|i| Vcpu::new(&vm, i)).collect::<Result<_, _>>()?;
-    timer.mark("devices, create vCPUs");
-    Ok(Prepared { vm, memory, boot_entry, start_info, format, stop_events, serial, buses, vcpus })
-}
+    timer.mark("devices");
 
-/// Builds the VM and starts its vCPUs. Console output goes to `serial_out`.
-pub fn build(config: &VmConfig, serial_out: SerialOutput) -> Result<Machine, BuildError> {
-    let mut timer = PhaseTimer(std::time::Instant::now());
-    vcpu::install_kick_handler()?;
-    let checks = kvm::BackgroundCheck::start(config.vcpus);
-    let prepared = prepare(config, serial_out, &mut timer);
-    // A missing capability explains a failure better than the step that tripped on it.
-    let supported_cpuid = checks.finish()?;
-    let Prepared { vm, memory, boot_entry, start_info, format, stop_events, serial, buses, vcpus } = prepared?;
-    timer.mark("capability checks");
+    wait_for_setup(&setup_rx, config.vcpus)?;
+    timer.mark("vCPUs configured");
     for v in &vcpus {
-        v.configure(&supported_cpuid, config.vcpus, &memory, boot_entry, start_info)?;
+        let boot = (v.index == 0).then_some((boot_entry, start_info));
+        if !v.start(VcpuStart { buses: buses.clone(), boot }) {
+            return Err(BuildError::VcpuGone(v.index));
+        }
     }
-    timer.mark("configure vCPUs");
-    let (events_tx, events_rx) = channel();
-    let mut handles = Vec::with_capacity(vcpus.len());
-    for v in vcpus {
-        handles.push(v.start(buses.clone(), events_tx.clone(), clone_fd(&stop_events.vcpu)?)?);
-    }
-    timer.mark("start vCPU threads");
+    wait_for_setup(&setup_rx, config.vcpus)?;
+    timer.mark("vCPUs started");
+
     let info = MachineInfo {
         vcpus: config.vcpus,
         mem_mib: config.mem_mib,
@@ -200,5 +202,17 @@ pub fn build(config: &VmConfig, serial_out: SerialOutput) -> Result<Machine, Bui
         boot_format: format.to_string(),
     };
     tracing::info!(vcpus = config.vcpus, mem_mib = config.mem_mib, kernel = %info.kernel, format = %info.boot_format, "VM started");
-    Ok(Machine::new(info, stop_events, handles, events_rx, serial, buses, vm, memory))
+    Ok(Machine::new(info, stop_events, vcpus, events_rx, serial, buses, vm, memory))
+}
+
+/// Waits until each of `count` vCPUs has reported one set-up step; the first error wins.
+fn wait_for_setup(reports: &Receiver<SetupReport>, count: u8) -> Result<(), BuildError> {
+    for _ in 0..count {
+        match reports.recv() {
+            Ok((_, Ok(()))) => {}
+            Ok((_, Err(e))) => return Err(e.into()),
+            Err(_) => return Err(BuildError::VcpuSetupLost),
+        }
+    }
+    Ok(())
 }

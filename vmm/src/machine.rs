@@ -46,7 +46,7 @@ pub struct Machine {
     pending_stops: Vec<(u8, VcpuStop)>,
     // Dropped last, in this order: the buses (devices), the VM fd, then guest memory.
     _buses: Arc<IoBuses>,
-    _vm: Vm,
+    _vm: Arc<Vm>,
     _memory: GuestMemory,
 }
 
@@ -59,7 +59,7 @@ impl Machine {
         vcpu_events: Receiver<VcpuEvent>,
         serial: Arc<Mutex<Serial>>,
         buses: Arc<IoBuses>,
-        vm: Vm,
+        vm: Arc<Vm>,
         memory: GuestMemory,
     ) -> Self {
         Machine {

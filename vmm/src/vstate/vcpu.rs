@@ -6,16 +6,15 @@
 //! sets `kvm_run.immediate_exit`: if the signal lands before `KVM_RUN` is entered, the next
 //! `KVM_RUN` returns at once, so no command is ever missed (Firecracker's scheme).
 
-use super::memory::GuestMemory;
 use super::vm::Vm;
 use crate::arch::x86_64::cpuid::{CpuidError, vcpu_cpuid};
 use crate::arch::x86_64::msr::{MsrError, boot_msrs};
-use crate::arch::x86_64::regs::{self, BootEntry, RegsError};
-use kvm_bindings::{CpuId, kvm_run};
-use kvm_ioctls::{VcpuExit, VcpuFd};
+use crate::arch::x86_64::regs::{self, BootEntry};
+use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES, kvm_run};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
 use novacron_devices::Bus;
 use std::cell::Cell;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::thread::JoinHandle;
 use vmm_sys_util::eventfd::EventFd;
@@ -41,12 +40,12 @@ pub enum VcpuError {
     },
     #[error("vCPU {index}: KVM took {set} of {total} boot MSRs")]
     PartialMsrs { index: u8, set: usize, total: usize },
+    #[error("cannot read KVM's supported CPUID")]
+    SupportedCpuid(#[source] kvm_ioctls::Error),
     #[error(transparent)]
     Cpuid(#[from] CpuidError),
     #[error(transparent)]
     Msrs(#[from] MsrError),
-    #[error(transparent)]
-    Regs(#[from] RegsError),
     #[error("cannot install the vCPU kick signal handler")]
     SignalHandler(#[source] vmm_sys_util::errno::Error),
     #[error("cannot start the thread of vCPU {index}")]
@@ -131,85 +130,141 @@ pub fn install_kick_handler() -> Result<(), VcpuError> {
     register_signal_handler(kick_signal(), kick_handler).map_err(VcpuError::SignalHandler)
 }
 
-pub struct Vcpu {
+/// KVM's supported CPUID, fetched once for all vCPUs by the first thread that needs it.
+/// KVM_GET_SUPPORTED_CPUID costs ~0.4 ms on this host (the kernel runs the host's CPUID
+/// for every leaf, and each is a trap in a nested VM), so it overlaps with other set-up.
+pub struct SupportedCpuid {
+    kvm: Kvm,
+    cell: OnceLock<Result<CpuId, kvm_ioctls::Error>>,
+}
+
+impl SupportedCpuid {
+    pub fn new(kvm: Kvm) -> Arc<Self> {
+        Arc::new(SupportedCpuid { kvm, cell: OnceLock::new() })
+    }
+
+    fn get(&self) -> Result<CpuId, VcpuError> {
+        self.cell.get_or_init(|| self.kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)).clone().map_err(VcpuError::SupportedCpuid)
+    }
+}
+
+/// What a set-up vCPU needs to enter the guest; the first vCPU also gets its boot entry
+/// and the PVH start_info address.
+pub struct VcpuStart {
+    pub buses: Arc<IoBuses>,
+    pub boot: Option<(BootEntry, u64)>,
+}
+
+/// A vCPU's answer to its set-up steps: created and configured, then boot registers set.
+pub type SetupReport = (u8, Result<(), VcpuError>);
+
+struct Vcpu {
     index: u8,
     fd: VcpuFd,
 }
 
 impl Vcpu {
-    pub fn new(vm: &Vm, index: u8) -> Result<Self, VcpuError> {
-        let fd = vm.fd.create_vcpu(u64::from(index)).map_err(|source| VcpuError::Create { index, source })?;
-        Ok(Vcpu { index, fd })
-    }
-
-    fn configure_step<T>(&self, what: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, VcpuError> {
+    fn step<T>(&self, what: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, VcpuError> {
         r.map_err(|source| VcpuError::Configure { index: self.index, what, source })
     }
 
-    /// CPUID, MSRs, FPU and LINT pins for every vCPU; boot registers for the first one only
-    /// (the others wait for INIT/SIPI from the guest).
-    pub fn configure(
-        &self,
-        supported: &CpuId,
-        count: u8,
-        memory: &GuestMemory,
-        boot: BootEntry,
-        start_info: u64,
-    ) -> Result<(), VcpuError> {
-        let cpuid = vcpu_cpuid(supported, self.index, count)?;
-        self.configure_step("KVM_SET_CPUID2", self.fd.set_cpuid2(&cpuid))?;
+    /// Creates the vCPU with CPUID, MSRs, FPU and LINT pins; the boot registers come later
+    /// and only for the first vCPU (the others wait for INIT/SIPI from the guest).
+    fn create(vm: &Vm, index: u8, count: u8, cpuid: &SupportedCpuid) -> Result<Self, VcpuError> {
+        let fd = vm.fd.create_vcpu(u64::from(index)).map_err(|source| VcpuError::Create { index, source })?;
+        let vcpu = Vcpu { index, fd };
+        let table = vcpu_cpuid(&cpuid.get()?, index, count)?;
+        vcpu.step("KVM_SET_CPUID2", vcpu.fd.set_cpuid2(&table))?;
         let msrs = boot_msrs()?;
-        let set = self.configure_step("KVM_SET_MSRS", self.fd.set_msrs(&msrs))?;
+        let set = vcpu.step("KVM_SET_MSRS", vcpu.fd.set_msrs(&msrs))?;
         if set != msrs.as_slice().len() {
-            return Err(VcpuError::PartialMsrs { index: self.index, set, total: msrs.as_slice().len() });
+            return Err(VcpuError::PartialMsrs { index, set, total: msrs.as_slice().len() });
         }
-        self.configure_step("KVM_SET_FPU", self.fd.set_fpu(&regs::boot_fpu()))?;
-        let mut lapic = self.configure_step("KVM_GET_LAPIC", self.fd.get_lapic())?;
+        vcpu.step("KVM_SET_FPU", vcpu.fd.set_fpu(&regs::boot_fpu()))?;
+        let mut lapic = vcpu.step("KVM_GET_LAPIC", vcpu.fd.get_lapic())?;
         regs::set_lint(&mut lapic);
-        self.configure_step("KVM_SET_LAPIC", self.fd.set_lapic(&lapic))?;
-        if self.index == 0 {
-            let mut sregs = self.configure_step("KVM_GET_SREGS", self.fd.get_sregs())?;
-            regs::setup_sregs(memory, &mut sregs, boot)?;
-            self.configure_step("KVM_SET_SREGS", self.fd.set_sregs(&sregs))?;
-            self.configure_step("KVM_SET_REGS", self.fd.set_regs(&regs::boot_regs(boot, start_info)))?;
-        }
-        Ok(())
+        vcpu.step("KVM_SET_LAPIC", vcpu.fd.set_lapic(&lapic))?;
+        Ok(vcpu)
     }
 
-    /// Starts the vCPU's thread. Events go to `events`, and `notify` is written after each.
-    pub fn start(
-        self,
-        buses: Arc<IoBuses>,
-        events: Sender<VcpuEvent>,
-        notify: EventFd,
-    ) -> Result<VcpuHandle, VcpuError> {
-        let index = self.index;
-        let (tx, rx) = channel();
-        let thread = std::thread::Builder::new()
-            .name(format!("vcpu{index}"))
-            .spawn(move || {
-                let reporter = Reporter { events, notify };
-                let mut runner = Runner { vcpu: self, buses, commands: rx };
-                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runner.run(&reporter)));
-                if let Err(panic) = outcome {
-                    let msg = panic
-                        .downcast_ref::<&str>()
-                        .map(|s| s.to_string())
-                        .or_else(|| panic.downcast_ref::<String>().cloned())
-                        .unwrap_or_else(|| "unknown panic".into());
-                    reporter.send(VcpuEvent::Stopped(index, VcpuStop::Panic(msg)));
-                    // Wait to be told to leave, as after any other stop.
-                    while let Ok(cmd) = runner.commands.recv() {
-                        if cmd == VcpuCommand::Exit {
-                            break;
-                        }
-                    }
-                    reporter.send(VcpuEvent::Exited(index));
-                }
-            })
-            .map_err(|source| VcpuError::Spawn { index, source })?;
-        Ok(VcpuHandle { index, commands: tx, thread: Some(thread) })
+    /// Registers at the kernel's entry (the tables they point to are already in memory).
+    fn set_boot_registers(&self, boot: BootEntry, start_info: u64) -> Result<(), VcpuError> {
+        let mut sregs = self.step("KVM_GET_SREGS", self.fd.get_sregs())?;
+        regs::setup_sregs(&mut sregs, boot);
+        self.step("KVM_SET_SREGS", self.fd.set_sregs(&sregs))?;
+        self.step("KVM_SET_REGS", self.fd.set_regs(&regs::boot_regs(boot, start_info)))
     }
+}
+
+/// What the VMM thread hands a vCPU thread during set-up, in this order.
+enum Handover {
+    /// The VM exists with its interrupt controller: the vCPU can be created.
+    Vm(Arc<Vm>),
+    /// Everything is ready: enter the guest.
+    Start(VcpuStart),
+}
+
+/// Starts the thread of vCPU `index` of `count`, before the VM exists: it reads KVM's
+/// supported CPUID meanwhile. Given the VM (`VcpuHandle::create`), it creates and
+/// configures its vCPU and reports on `setup`; given its start (`VcpuHandle::start`), it
+/// sets its boot registers if it has any, reports again, and runs. Runtime events go to
+/// `events`, with `notify` written after each.
+pub fn spawn(
+    (index, count): (u8, u8),
+    cpuid: Arc<SupportedCpuid>,
+    setup: Sender<SetupReport>,
+    events: Sender<VcpuEvent>,
+    notify: EventFd,
+) -> Result<VcpuHandle, VcpuError> {
+    let (commands_tx, commands) = channel();
+    let (handover_tx, handover) = channel::<Handover>();
+    let thread = std::thread::Builder::new()
+        .name(format!("vcpu{index}"))
+        .spawn(move || {
+            // Fetch it now, while the VMM thread creates the VM; errors are reported below.
+            let _ = cpuid.get();
+            let Ok(Handover::Vm(vm)) = handover.recv() else { return };
+            let vcpu = match Vcpu::create(&vm, index, count, &cpuid) {
+                Ok(v) => v,
+                Err(e) => {
+                    let _ = setup.send((index, Err(e)));
+                    return;
+                }
+            };
+            drop((vm, cpuid));
+            let _ = setup.send((index, Ok(())));
+            // No start means the VM is not going to run after all.
+            let Ok(Handover::Start(start)) = handover.recv() else { return };
+            let registers = match start.boot {
+                Some((boot, start_info)) => vcpu.set_boot_registers(boot, start_info),
+                None => Ok(()),
+            };
+            let failed = registers.is_err();
+            let _ = setup.send((index, registers));
+            if failed {
+                return;
+            }
+            let reporter = Reporter { events, notify };
+            let mut runner = Runner { vcpu, buses: start.buses, commands };
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runner.run(&reporter)));
+            if let Err(panic) = outcome {
+                let msg = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                reporter.send(VcpuEvent::Stopped(index, VcpuStop::Panic(msg)));
+                // Wait to be told to leave, as after any other stop.
+                while let Ok(cmd) = runner.commands.recv() {
+                    if cmd == VcpuCommand::Exit {
+                        break;
+                    }
+                }
+                reporter.send(VcpuEvent::Exited(index));
+            }
+        })
+        .map_err(|source| VcpuError::Spawn { index, source })?;
+    Ok(VcpuHandle { index, commands: commands_tx, handover: handover_tx, thread: Some(thread) })
 }
 
 struct Reporter {
@@ -351,10 +406,21 @@ impl Runner {
 pub struct VcpuHandle {
     pub index: u8,
     commands: Sender<VcpuCommand>,
+    handover: Sender<Handover>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl VcpuHandle {
+    /// Lets the thread create its vCPU in `vm`. False when the thread is gone.
+    pub fn create(&self, vm: Arc<Vm>) -> bool {
+        self.handover.send(Handover::Vm(vm)).is_ok()
+    }
+
+    /// Lets a created vCPU enter the guest. False when its thread is gone.
+    pub fn start(&self, start: VcpuStart) -> bool {
+        self.handover.send(Handover::Start(start)).is_ok()
+    }
+
     /// Sends `cmd` and kicks the thread out of KVM_RUN. False when the thread is gone.
     pub fn send(&self, cmd: VcpuCommand) -> bool {
         if self.commands.send(cmd).is_err() {

@@ -76,17 +76,30 @@ fn write_page_tables(mem: &impl GuestMemoryBackend) -> Result<(), RegsError> {
     mem.write_slice(&pdes, GuestAddress(PDE_START)).map_err(RegsError::WriteTables)
 }
 
-/// Sets segments, control registers and (for Linux) page tables for `boot`.
-pub fn setup_sregs(mem: &impl GuestMemoryBackend, sregs: &mut kvm_sregs, boot: BootEntry) -> Result<(), RegsError> {
-    let gdt: [u64; 4] = match boot {
+fn boot_gdt(boot: BootEntry) -> [u64; 4] {
+    match boot {
         BootEntry::Pvh { .. } => {
             [0, gdt_entry(0xc09b, 0, 0xffff_ffff), gdt_entry(0xc093, 0, 0xffff_ffff), gdt_entry(0x008b, 0, 0x67)]
         }
         BootEntry::Linux64 { .. } => {
             [0, gdt_entry(0xa09b, 0, 0xfffff), gdt_entry(0xc093, 0, 0xfffff), gdt_entry(0x808b, 0, 0xfffff)]
         }
-    };
-    write_gdt_idt(mem, &gdt)?;
+    }
+}
+
+/// Writes what the boot state points into guest memory: the GDT, an empty IDT, and for
+/// Linux the identity-mapping page tables. Done once, before the first vCPU starts.
+pub fn write_boot_tables(mem: &impl GuestMemoryBackend, boot: BootEntry) -> Result<(), RegsError> {
+    write_gdt_idt(mem, &boot_gdt(boot))?;
+    match boot {
+        BootEntry::Pvh { .. } => Ok(()),
+        BootEntry::Linux64 { .. } => write_page_tables(mem),
+    }
+}
+
+/// Sets segments and control registers for `boot` (the tables are `write_boot_tables`').
+pub fn setup_sregs(sregs: &mut kvm_sregs, boot: BootEntry) {
+    let gdt = boot_gdt(boot);
     let (code, data, tss) = (segment(gdt[1], 1), segment(gdt[2], 2), segment(gdt[3], 3));
     sregs.gdt.base = GDT_START;
     sregs.gdt.limit = (std::mem::size_of_val(&gdt) - 1) as u16;
@@ -106,14 +119,12 @@ pub fn setup_sregs(mem: &impl GuestMemoryBackend, sregs: &mut kvm_sregs, boot: B
             sregs.efer = 0;
         }
         BootEntry::Linux64 { .. } => {
-            write_page_tables(mem)?;
             sregs.cr3 = PML4_START;
             sregs.cr4 |= X86_CR4_PAE;
             sregs.cr0 |= X86_CR0_PE | X86_CR0_PG;
             sregs.efer |= EFER_LME | EFER_LMA;
         }
     }
-    Ok(())
 }
 
 /// General registers at the kernel's entry; `start_info` is the PVH start_info address.
@@ -181,7 +192,8 @@ mod tests {
         let mem: GuestMemoryMmap = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let mut sregs = kvm_sregs::default();
 
-        setup_sregs(&mem, &mut sregs, BootEntry::Linux64 { entry: 0x100200 }).unwrap();
+        write_boot_tables(&mem, BootEntry::Linux64 { entry: 0x100200 }).unwrap();
+        setup_sregs(&mut sregs, BootEntry::Linux64 { entry: 0x100200 });
 
         assert_eq!(sregs.efer & (EFER_LME | EFER_LMA), EFER_LME | EFER_LMA);
         assert_eq!(sregs.cr3, PML4_START);
