@@ -43,9 +43,19 @@ fn main() -> Result<(), Error> {
     };
     let theirs = || {
         let mut c = Command::new(&qemu);
-        c.args(["-M", "microvm", "-enable-kvm", "-cpu", "host,-arch-capabilities", "-m", &MEM_MIB.to_string(), "-smp", "1"])
-            .args(["-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio", "-kernel"])
-            .arg(&guest);
+        c.args([
+            "-M",
+            "microvm",
+            "-enable-kvm",
+            "-cpu",
+            "host,-arch-capabilities",
+            "-m",
+            &MEM_MIB.to_string(),
+            "-smp",
+            "1",
+        ])
+        .args(["-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio", "-kernel"])
+        .arg(&guest);
         c
     };
 
@@ -64,7 +74,9 @@ fn main() -> Result<(), Error> {
     let med = |v: &[Sample], f: fn(&Sample) -> f64| median(&mut v.iter().map(f).collect::<Vec<_>>());
     let (our_ms, qemu_ms) = (med(&a, |s| s.first_line_ms), med(&b, |s| s.first_line_ms));
     let (our_mib, qemu_mib) = (med(&a, |s| s.overhead_mib), med(&b, |s| s.overhead_mib));
-    println!("\nBoot: spawn to the guest's first serial line, {MEM_MIB} MiB, 1 vCPU, test guest, median of {runs} runs");
+    println!(
+        "\nBoot: spawn to the guest's first serial line, {MEM_MIB} MiB, 1 vCPU, test guest, median of {runs} runs"
+    );
     println!("{:<28} {:>12} {:>12} {:>10}", "", "NovaCron", "QEMU microvm", "ratio");
     println!("{:<28} {:>12.2} {:>12.2} {:>9.2}x", "first line (ms)", our_ms, qemu_ms, our_ms / qemu_ms);
     println!("{:<28} {:>12.2} {:>12.2} {:>9.2}x", "VMM overhead RSS (MiB)", our_mib, qemu_mib, our_mib / qemu_mib);

@@ -43,9 +43,17 @@ pub fn qemu() -> Result<PathBuf, Error> {
         return Ok(p);
     }
     eprintln!("qemu-system-x86_64 is missing: installing qemu-system-x86 with apt-get...");
-    let ok = Command::new("apt-get").args(["install", "-y", "-qq", "qemu-system-x86"]).env("DEBIAN_FRONTEND", "noninteractive").status()?.success()
+    let ok = Command::new("apt-get")
+        .args(["install", "-y", "-qq", "qemu-system-x86"])
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()?
+        .success()
         || (Command::new("apt-get").args(["update", "-qq"]).status()?.success()
-            && Command::new("apt-get").args(["install", "-y", "-qq", "qemu-system-x86"]).env("DEBIAN_FRONTEND", "noninteractive").status()?.success());
+            && Command::new("apt-get")
+                .args(["install", "-y", "-qq", "qemu-system-x86"])
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .status()?
+                .success());
     if !ok {
         return Err("apt-get could not install qemu-system-x86".into());
     }
@@ -87,7 +95,9 @@ pub fn spawn_to_first_line(mut cmd: Command, timeout: Duration) -> Result<Run, E
         let _ = tx.send((Instant::now(), line));
     });
     match rx.recv_timeout(timeout) {
-        Ok((at, line)) if !line.is_empty() => Ok(Run { child, first_line: at - start, line: line.trim_end().to_string() }),
+        Ok((at, line)) if !line.is_empty() => {
+            Ok(Run { child, first_line: at - start, line: line.trim_end().to_string() })
+        }
         _ => {
             let _ = child.kill();
             let _ = child.wait();
@@ -114,7 +124,9 @@ impl Memory {
 /// `guest_bytes` long from /proc/PID/smaps (guest RAM, in any VMM).
 pub fn memory_of(pid: u32, guest_bytes: u64) -> Result<Memory, Error> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kib = |text: &str, key: &str| -> Option<u64> { text.lines().find(|l| l.starts_with(key))?.split_whitespace().nth(1)?.parse().ok() };
+    let kib = |text: &str, key: &str| -> Option<u64> {
+        text.lines().find(|l| l.starts_with(key))?.split_whitespace().nth(1)?.parse().ok()
+    };
     let peak_rss_kib = kib(&status, "VmHWM:").ok_or("no VmHWM")?;
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))?;
     let mut guest_rss_kib = 0;
@@ -124,7 +136,8 @@ pub fn memory_of(pid: u32, guest_bytes: u64) -> Result<Memory, Error> {
         let first = words.next().unwrap_or("");
         if first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
             let (a, b) = first.split_once('-').unwrap_or(("0", "0"));
-            size_bytes = u64::from_str_radix(b, 16).unwrap_or(0).saturating_sub(u64::from_str_radix(a, 16).unwrap_or(0));
+            size_bytes =
+                u64::from_str_radix(b, 16).unwrap_or(0).saturating_sub(u64::from_str_radix(a, 16).unwrap_or(0));
         } else if first == "Rss:" && size_bytes >= guest_bytes {
             guest_rss_kib = guest_rss_kib.max(words.next().and_then(|v| v.parse().ok()).unwrap_or(0));
         }

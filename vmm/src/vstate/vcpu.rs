@@ -14,8 +14,8 @@ use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES, kvm_run};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
 use novacron_devices::Bus;
 use std::cell::Cell;
-use std::sync::{Arc, OnceLock};
 use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
@@ -144,7 +144,10 @@ impl SupportedCpuid {
     }
 
     fn get(&self) -> Result<CpuId, VcpuError> {
-        self.cell.get_or_init(|| self.kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)).clone().map_err(VcpuError::SupportedCpuid)
+        self.cell
+            .get_or_init(|| self.kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES))
+            .clone()
+            .map_err(VcpuError::SupportedCpuid)
     }
 }
 

@@ -1,0 +1,108 @@
+//! The `novacron` command line: bad input gets one line and a non-zero status; `vm run`
+//! boots the bundled test guest; the control commands talk to a running VM.
+
+use novacron_guest_image::report::GuestLine;
+use novacron_guest_image::watch::Watched;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+const TIMEOUT: Duration = Duration::from_secs(90);
+
+fn novacron(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_novacron")).args(args).output().expect("novacron runs")
+}
+
+fn kvm_or_skip(test: &str) -> bool {
+    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+        Ok(_) => true,
+        Err(e) => {
+            assert!(
+                std::env::var_os("NOVACRON_REQUIRE_KVM").is_none(),
+                "{test}: /dev/kvm is required but cannot be opened: {e}"
+            );
+            eprintln!("\n*** SKIPPED {test}: /dev/kvm is not usable here ({e}) ***\n");
+            false
+        }
+    }
+}
+
+/// The status is non-zero and stderr is exactly one line that contains `needle`.
+fn assert_one_line_error(out: &Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "expected failure, got {:?}", out.status);
+    assert_ne!(out.status.code(), Some(101), "a panic is not an error message: {stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "one line expected: {stderr}");
+    assert!(stderr.contains(needle), "{needle:?} not in {stderr:?}");
+}
+
+#[test]
+fn test_vm_run_bad_arguments_get_one_line_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-kernel");
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (vec!["--vcpus".into(), "9".into()], "--vcpus"),
+        (vec!["--vcpus".into(), "zero".into()], "--vcpus"),
+        (vec!["--mem".into(), "-5".into()], "-5"),
+        (vec!["--mem".into(), "lots".into()], "--mem"),
+        (vec!["--mem".into(), "4".into()], "too small"),
+        (vec!["--mem".into(), "999999999".into()], "more than this host"),
+        (vec!["--kernel".into(), missing.display().to_string()], "does not exist"),
+        (vec!["--kernel".into(), dir.path().display().to_string()], "not a regular file"),
+        (vec!["--initrd".into(), missing.display().to_string()], "initrd"),
+        (vec!["--bogus".into()], "--bogus"),
+    ];
+    for (args, needle) in cases {
+        let mut full = vec!["vm", "run"];
+        full.extend(args.iter().map(String::as_str));
+        assert_one_line_error(&novacron(&full), needle);
+    }
+}
+
+#[test]
+fn test_control_commands_without_a_vm_say_what_to_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("nobody.sock");
+    for verb in ["pause", "resume", "status", "shutdown"] {
+        let out = novacron(&["vm", verb, "--api-sock", sock.to_str().unwrap()]);
+        assert_one_line_error(&out, "is the VM running");
+    }
+}
+
+#[test]
+fn test_unknown_command_is_one_line() {
+    assert_one_line_error(&novacron(&["vm", "teleport"]), "teleport");
+}
+
+#[test]
+fn kvm_cli_vm_run_boots_test_guest_and_controls_it() {
+    if !kvm_or_skip("kvm_cli_vm_run_boots_test_guest_and_controls_it") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("vm.sock");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_novacron"));
+    cmd.args(["vm", "run", "--vcpus", "2", "--mem", "128", "--cmdline", "ws=8 hb=100 verify=300", "--api-sock"])
+        .arg(&sock);
+    let mut vm = Watched::spawn(cmd).unwrap();
+    vm.wait_verified(1, TIMEOUT).unwrap();
+
+    let status = novacron(&["vm", "status", "--api-sock", sock.to_str().unwrap(), "--output", "json"]);
+    let paused = novacron(&["vm", "pause", "--api-sock", sock.to_str().unwrap()]);
+    let table = novacron(&["vm", "status", "--api-sock", sock.to_str().unwrap()]);
+    let resumed = novacron(&["vm", "resume", "--api-sock", sock.to_str().unwrap()]);
+    let seq = *vm.heartbeats().last().unwrap();
+    vm.wait_for("a heartbeat after resume", TIMEOUT, |l| matches!(l.parsed, GuestLine::Heartbeat(s) if s > seq))
+        .unwrap();
+    let shut = novacron(&["vm", "shutdown", "--api-sock", sock.to_str().unwrap()]);
+    let (exit, _) = vm.wait_exit(TIMEOUT).unwrap();
+
+    let json: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(
+        (json["state"].as_str(), json["vcpus"].as_u64(), json["mem_mib"].as_u64()),
+        (Some("running"), Some(2), Some(128))
+    );
+    assert!(paused.status.success() && resumed.status.success() && shut.status.success());
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(table.lines().nth(1).is_some_and(|l| l.starts_with("paused")), "{table}");
+    assert_eq!(exit.code(), Some(0));
+}
