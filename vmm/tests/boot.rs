@@ -137,3 +137,139 @@ fn kvm_file_that_is_not_a_kernel_is_refused_with_one_line() {
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     assert!(out.stdout.is_empty());
 }
+
+/// The test guest's FNV-1a over 64-bit little-endian words, zero-padded.
+fn word_hash(bytes: &[u8]) -> u64 {
+    bytes.chunks(8).fold(0xcbf2_9ce4_8422_2325u64, |h, chunk| {
+        let mut word = [0u8; 8];
+        word[..chunk.len()].copy_from_slice(chunk);
+        (h ^ u64::from_le_bytes(word)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+#[test]
+fn kvm_initrd_reaches_the_pvh_guest_intact() {
+    if !kvm_or_skip("kvm_initrd_reaches_the_pvh_guest_intact") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let initrd = dir.path().join("initrd.img");
+    // 100 003 bytes: not a multiple of the page or word size.
+    let bytes: Vec<u8> = (0..100_003u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    std::fs::write(&initrd, &bytes).unwrap();
+    let mut cmd = vmm();
+    cmd.args(["--mem", "64", "--cmdline", "ws=4 hb=100 exit=1"]).arg("--initrd").arg(&initrd);
+    let mut vm = Watched::spawn(cmd).unwrap();
+
+    let line = vm.wait_for("the INITRD line", TIMEOUT, |l| l.text.starts_with("INITRD ")).unwrap();
+
+    let expected = format!("INITRD bytes={} hash={:#x}", bytes.len(), word_hash(&bytes));
+    assert_eq!(line.text, expected);
+    assert_eq!(vm.wait_exit(TIMEOUT).unwrap().0.code(), Some(0));
+}
+
+#[test]
+fn kvm_serial_file_receives_the_console() {
+    if !kvm_or_skip("kvm_serial_file_receives_the_console") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let console = dir.path().join("console.log");
+    let mut cmd = vmm();
+    cmd.args(["--mem", "64", "--cmdline", "ws=4 hb=50 exit=2"]).arg("--serial-file").arg(&console);
+    let mut vm = Watched::spawn(cmd).unwrap();
+
+    let (status, stderr) = vm.wait_exit(TIMEOUT).unwrap();
+
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert!(vm.seen.is_empty(), "nothing on stdout: {:?}", vm.seen);
+    let text = std::fs::read_to_string(&console).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.first(), Some(&"NOVACRON-GUEST boot"));
+    assert!(lines.contains(&"HB 2"), "{text}");
+}
+
+#[test]
+fn kvm_sigint_stops_the_vmm_with_status_130() {
+    if !kvm_or_skip("kvm_sigint_stops_the_vmm_with_status_130") {
+        return;
+    }
+    let mut vm = test_guest(2, 64, "ws=4 hb=50", None);
+    vm.wait_for("HB 1", TIMEOUT, |l| matches!(l.parsed, GuestLine::Heartbeat(_))).unwrap();
+
+    // SAFETY: sends a signal to the child we spawned and still own.
+    let rc = unsafe { libc::kill(vm.child.id() as i32, libc::SIGINT) };
+    let (status, stderr) = vm.wait_exit(TIMEOUT).unwrap();
+
+    assert_eq!(rc, 0);
+    assert_eq!(status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("signal 2"), "{stderr}");
+}
+
+/// A 32-bit PVH kernel by hand: prints a line in 32-bit protected mode, then powers off
+/// through the FADT's sleep control port.
+fn elf32_pvh_kernel(message: &[u8]) -> Vec<u8> {
+    const LOAD: u32 = 0x10_0000;
+    const EHDR: usize = 52;
+    const PHDR: usize = 32;
+    let mut code: Vec<u8> = Vec::new();
+    let code_len = 4 + 5 + 5 + 2 + 4 + 2 + 1 + 1 + 2;
+    code.extend_from_slice(&[0x66, 0xba, 0xf8, 0x03]); // mov dx, 0x3f8
+    code.push(0xbe); // mov esi, message
+    code.extend_from_slice(&(LOAD + code_len).to_le_bytes());
+    code.push(0xb9); // mov ecx, len
+    code.extend_from_slice(&(message.len() as u32).to_le_bytes());
+    code.extend_from_slice(&[0xf3, 0x6e]); // rep outsb
+    code.extend_from_slice(&[0x66, 0xba, 0x00, 0x06]); // mov dx, 0x600
+    code.extend_from_slice(&[0xb0, 0x34]); // mov al, S5 | SLP_EN
+    code.push(0xee); // out dx, al
+    code.push(0xf4); // hlt
+    code.extend_from_slice(&[0xeb, 0xfd]); // jmp hlt
+    assert_eq!(code.len() as u32, code_len);
+    code.extend_from_slice(message);
+
+    let mut notes = Vec::new();
+    for v in [4u32, 4, 18] {
+        notes.extend_from_slice(&v.to_le_bytes());
+    }
+    notes.extend_from_slice(b"Xen\0");
+    notes.extend_from_slice(&LOAD.to_le_bytes());
+    let notes_off = EHDR + 2 * PHDR;
+    let code_off = 0x1000;
+    let mut f = vec![0u8; EHDR];
+    f[..7].copy_from_slice(b"\x7fELF\x01\x01\x01");
+    f[16..18].copy_from_slice(&2u16.to_le_bytes());
+    f[18..20].copy_from_slice(&3u16.to_le_bytes()); // EM_386
+    f[24..28].copy_from_slice(&LOAD.to_le_bytes());
+    f[28..32].copy_from_slice(&(EHDR as u32).to_le_bytes());
+    f[42..44].copy_from_slice(&(PHDR as u16).to_le_bytes());
+    f[44..46].copy_from_slice(&2u16.to_le_bytes());
+    for (kind, off, addr, size) in [(1u32, code_off, LOAD, code.len()), (4, notes_off, 0, notes.len())] {
+        for v in [kind, off as u32, addr, addr, size as u32, size as u32, 7, 4] {
+            f.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+    f.extend_from_slice(&notes);
+    f.resize(code_off, 0);
+    f.extend_from_slice(&code);
+    f
+}
+
+#[test]
+fn kvm_32_bit_pvh_elf_boots() {
+    if !kvm_or_skip("kvm_32_bit_pvh_elf_boots") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = dir.path().join("pvh32.elf");
+    std::fs::write(&kernel, elf32_pvh_kernel(b"hello from a 32-bit PVH kernel\n")).unwrap();
+    let mut cmd = vmm();
+    cmd.arg("--kernel").arg(&kernel).args(["--mem", "32"]);
+    let mut vm = Watched::spawn(cmd).unwrap();
+
+    let (status, stderr) = vm.wait_exit(TIMEOUT).unwrap();
+
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    let text: Vec<&str> = vm.seen.iter().map(|l| l.text.as_str()).collect();
+    assert_eq!(text, vec!["hello from a 32-bit PVH kernel"]);
+}

@@ -7,6 +7,7 @@
 //! ```text
 //! NOVACRON-GUEST boot                                  (first instruction, before anything)
 //! NOVACRON-GUEST v1 cpus=4 mem=512 ws=64 rate=1000 verify=1000 hb=500 exit=0 clock=kvm
+//! INITRD bytes=65536 hash=0x5b1d...                    (only with an initrd)
 //! SMP online=4
 //! READY pages=16384 base=0x1000000
 //! HB 1                                                 (every hb ms, sequence from 1)
@@ -205,6 +206,9 @@ extern "C" fn kmain(start_info: u64) -> ! {
         .kv("exit", params.exit_after)
         .str(if kvm_clock { " clock=kvm" } else { " clock=tsc" })
         .print();
+    if let Some((addr, size)) = info.module {
+        Line::new().str("INITRD").kv("bytes", size).str(" hash=").hex(hash_bytes(addr, size)).print();
+    }
     if acpi.ignored_cpus > 0 {
         Line::new().str("SMP ignoring").kv("cpus", acpi.ignored_cpus as u64).print();
     }
@@ -225,6 +229,22 @@ extern "C" fn kmain(start_info: u64) -> ! {
     Line::new().str("READY").kv("pages", ws_pages).str(" base=").hex(ws_base).print();
     GO.store(true, Ordering::Release);
     run(0, online)
+}
+
+/// FNV-1a over 64-bit little-endian words (a last partial word is zero-padded), so that
+/// the host can check the initrd arrived intact at a few instructions per 8 bytes.
+fn hash_bytes(addr: u64, size: u64) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut at = 0;
+    while at < size {
+        let mut word = [0u8; 8];
+        let n = (size - at).min(8) as usize;
+        // SAFETY: the module lies in guest RAM the loader gave us; we read inside it.
+        unsafe { core::ptr::copy_nonoverlapping((addr + at) as *const u8, word.as_mut_ptr(), n) };
+        h = (h ^ u64::from_le_bytes(word)).wrapping_mul(0x0000_0100_0000_01b3);
+        at += 8;
+    }
+    h
 }
 
 #[unsafe(no_mangle)]

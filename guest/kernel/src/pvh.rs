@@ -31,6 +31,8 @@ pub struct BootInfo {
     pub rsdp: u64,
     pub ram: [(u64, u64); MAX_RAM_RANGES],
     pub ram_ranges: usize,
+    /// The first module (the initrd): its address and size.
+    pub module: Option<(u64, u64)>,
 }
 
 impl BootInfo {
@@ -49,7 +51,13 @@ pub fn read(paddr: u64) -> Option<BootInfo> {
     if si.magic != START_INFO_MAGIC {
         return None;
     }
-    let mut info = BootInfo { cmdline: &[], rsdp: si.rsdp_paddr, ram: [(0, 0); MAX_RAM_RANGES], ram_ranges: 0 };
+    let mut info =
+        BootInfo { cmdline: &[], rsdp: si.rsdp_paddr, ram: [(0, 0); MAX_RAM_RANGES], ram_ranges: 0, module: None };
+    if si.nr_modules > 0 && si.modlist_paddr != 0 {
+        // SAFETY: the loader describes `nr_modules` entries of (paddr, size, cmdline, reserved).
+        let entry = unsafe { core::slice::from_raw_parts(si.modlist_paddr as *const u64, 2) };
+        info.module = Some((entry[0], entry[1]));
+    }
     if si.cmdline_paddr != 0 {
         let base = si.cmdline_paddr as *const u8;
         let mut len = 0;
