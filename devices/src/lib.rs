@@ -9,5 +9,10 @@
 
 pub mod bus;
 pub mod legacy;
+pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};
+
+/// Guest memory as devices see it: writes through it mark vm-memory's dirty bitmap, so that
+/// migration also sends the pages devices wrote (which KVM's dirty log does not see).
+pub type GuestMemory = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;

@@ -1,0 +1,262 @@
+//! virtio-net over a tap device: one receive and one transmit queue, a MAC address, no
+//! offloads. Every frame carries the 12-byte virtio_net_hdr_v1 in front (spec 5.1.6),
+//! all zero here: no checksum offload, no segmentation, one buffer per frame.
+
+pub mod tap;
+
+use super::chain;
+use super::{DeviceCommon, EventSource, INT_USED_RING, Served, TYPE_NET, VirtioDevice, serve_queue};
+use crate::GuestMemory;
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use tap::{Tap, TapError};
+use virtio_queue::{QueueOwnedT, QueueT};
+use vmm_sys_util::eventfd::EventFd;
+
+pub const QUEUE_SIZE: u16 = 256;
+pub const RX_QUEUE: usize = 0;
+pub const TX_QUEUE: usize = 1;
+pub const VIRTIO_NET_F_MAC: u64 = 1 << 5;
+pub const HEADER_BYTES: usize = 12;
+/// The largest frame we move: a 1500-byte MTU Ethernet frame with a VLAN tag, rounded up.
+pub const MAX_FRAME: usize = 1522;
+/// Event source id of the tap.
+const EVENT_TAP: u32 = 0;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    pub tap: String,
+    /// A locally administered address derived from the tap's name when absent.
+    pub mac: Option<[u8; 6]>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error(transparent)]
+    Tap(#[from] TapError),
+    #[error("cannot set up the device's queues and event fds")]
+    Setup(#[source] std::io::Error),
+}
+
+/// Parses `52:54:00:12:34:56`.
+pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        let part = parts.next()?;
+        if part.len() != 2 {
+            return None;
+        }
+        *byte = u8::from_str_radix(part, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+/// A stable, locally administered, unicast MAC for a tap that was given none.
+fn mac_for(name: &str) -> [u8; 6] {
+    let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+    let b = h.to_le_bytes();
+    [0x52, 0x54, b[0], b[1], b[2], b[3]]
+}
+
+pub struct Net {
+    common: DeviceCommon,
+    tap: Tap,
+    mac: [u8; 6],
+    /// A frame read from the tap that no receive buffer has taken yet (empty: none).
+    pending_rx: Vec<u8>,
+    frame: Vec<u8>,
+}
+
+impl Net {
+    pub fn new(name: &str, config: &NetConfig, irq: EventFd) -> Result<Self, NetError> {
+        let tap = Tap::open(&config.tap)?;
+        let common =
+            DeviceCommon::new(name, VIRTIO_NET_F_MAC, &[QUEUE_SIZE, QUEUE_SIZE], irq).map_err(NetError::Setup)?;
+        let mac = config.mac.unwrap_or_else(|| mac_for(&config.tap));
+        Ok(Net { common, tap, mac, pending_rx: Vec::new(), frame: vec![0; MAX_FRAME] })
+    }
+
+    pub fn mac(&self) -> [u8; 6] {
+        self.mac
+    }
+
+    pub fn tap_name(&self) -> &str {
+        self.tap.name()
+    }
+
+    /// One transmit chain: header, then the frame, all device-readable.
+    fn transmit(
+        tap: &Tap,
+        frame: &mut Vec<u8>,
+        id: &str,
+        chain: virtio_queue::DescriptorChain<&GuestMemory>,
+        mem: &GuestMemory,
+    ) -> Served {
+        let shape = match chain::check(&chain, mem) {
+            Ok(shape) => shape,
+            Err(e) => {
+                tracing::debug!(device = %id, "virtio-net: dropped a malformed transmit chain: {e}");
+                return Served::Used(0);
+            }
+        };
+        let len = shape.readable_bytes as usize;
+        if !(HEADER_BYTES + 14..=HEADER_BYTES + MAX_FRAME).contains(&len) {
+            tracing::debug!(device = %id, "virtio-net: dropped a {len}-byte transmit buffer");
+            return Served::Used(0);
+        }
+        let Ok(mut reader) = chain.reader(mem) else { return Served::Used(0) };
+        frame.resize(len - HEADER_BYTES, 0);
+        let mut header = [0u8; HEADER_BYTES];
+        if reader.read_exact(&mut header).and_then(|_| reader.read_exact(frame)).is_err() {
+            return Served::Used(0);
+        }
+        // A full tap drops the frame, as a full switch port would.
+        if let Err(e) = tap.write_frame(frame) {
+            tracing::debug!(device = %id, "virtio-net: tap write failed, frame dropped: {e}");
+        }
+        Served::Used(0)
+    }
+
+    /// Moves frames from the tap into receive buffers until either runs out.
+    fn receive(&mut self) {
+        let Some(mem) = self.common.mem.clone() else { return };
+        if self.common.broken {
+            return;
+        }
+        let mut delivered = false;
+        loop {
+            if self.pending_rx.is_empty() {
+                self.frame.resize(MAX_FRAME, 0);
+                match self.tap.read_frame(&mut self.frame) {
+                    Ok(0) => break,
+                    Ok(n) => self.pending_rx.extend_from_slice(&self.frame[..n]),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) => {
+                        tracing::warn!(device = %self.common.id, "virtio-net: tap read failed: {e}");
+                        break;
+                    }
+                }
+            }
+            let queue = &mut self.common.queues[RX_QUEUE];
+            let chain = match queue.iter(&mem) {
+                Ok(mut avail) => avail.next(),
+                Err(e) => return self.common.mark_broken(&format!("the receive ring is invalid ({e})")),
+            };
+            // No buffer: keep the frame; the driver's next notification brings us back.
+            let Some(chain) = chain else { break };
+            let head = chain.head_index();
+            let used = Self::fill_receive_buffer(&self.pending_rx, &self.common.id, chain, &mem);
+            self.pending_rx.clear();
+            if let Err(e) = self.common.queues[RX_QUEUE].add_used(&mem, head, used) {
+                return self.common.mark_broken(&format!("the receive used ring cannot be written ({e})"));
+            }
+            delivered = true;
+        }
+        if delivered {
+            match self.common.queues[RX_QUEUE].needs_notification(&mem) {
+                Ok(true) => self.common.interrupt.raise(INT_USED_RING),
+                Ok(false) => {}
+                Err(e) => self.common.mark_broken(&format!("the receive used event cannot be read ({e})")),
+            }
+        }
+    }
+
+    /// Writes header and frame into one receive chain; returns the used length (0 when the
+    /// buffer cannot hold the frame, which is then dropped).
+    fn fill_receive_buffer(
+        frame: &[u8],
+        id: &str,
+        chain: virtio_queue::DescriptorChain<&GuestMemory>,
+        mem: &GuestMemory,
+    ) -> u32 {
+        let fits = match chain::check(&chain, mem) {
+            Ok(shape) => shape.writable_bytes >= (HEADER_BYTES + frame.len()) as u64,
+            Err(e) => {
+                tracing::debug!(device = %id, "virtio-net: malformed receive chain: {e}");
+                false
+            }
+        };
+        let Some(mut writer) = fits.then(|| chain.writer(mem).ok()).flatten() else {
+            tracing::debug!(device = %id, "virtio-net: a {}-byte frame did not fit a receive buffer; dropped", frame.len());
+            return 0;
+        };
+        let mut header = [0u8; HEADER_BYTES];
+        header[10] = 1; // num_buffers
+        match writer.write_all(&header).and_then(|_| writer.write_all(frame)) {
+            Ok(()) => (HEADER_BYTES + frame.len()) as u32,
+            Err(_) => 0,
+        }
+    }
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        TYPE_NET
+    }
+
+    fn common(&self) -> &DeviceCommon {
+        &self.common
+    }
+
+    fn common_mut(&mut self) -> &mut DeviceCommon {
+        &mut self.common
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        super::block::read_config_bytes(&self.mac, offset, data);
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+
+    fn activated(&mut self) {
+        // Frames may already be waiting.
+        self.receive();
+    }
+
+    fn reset_device(&mut self) {
+        self.pending_rx.clear();
+    }
+
+    fn process_queue(&mut self, index: usize) {
+        match index {
+            RX_QUEUE => self.receive(),
+            TX_QUEUE => {
+                let (tap, frame, id) = (&self.tap, &mut self.frame, self.common.id.clone());
+                serve_queue(&mut self.common, TX_QUEUE, |chain, mem| Self::transmit(tap, frame, &id, chain, mem));
+            }
+            _ => {}
+        }
+    }
+
+    fn event_sources(&self) -> Vec<EventSource> {
+        vec![EventSource { fd: self.tap.as_raw_fd(), id: EVENT_TAP, edge: true }]
+    }
+
+    fn handle_event(&mut self, id: u32) {
+        if id == EVENT_TAP {
+            self.receive();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_parse_mac_accepts_six_hex_pairs_only() {
+        assert_eq!(parse_mac("52:54:00:ab:CD:01"), Some([0x52, 0x54, 0, 0xab, 0xcd, 1]));
+        for bad in ["", "52:54:00:ab:cd", "52:54:00:ab:cd:01:02", "5:54:00:ab:cd:01", "zz:54:00:ab:cd:01"] {
+            assert_eq!(parse_mac(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn test_default_mac_is_local_unicast_and_stable() {
+        let a = mac_for("tap0");
+        assert_eq!(a[0] & 0x03, 0x02, "locally administered, unicast");
+        assert_eq!(a, mac_for("tap0"));
+        assert_ne!(a, mac_for("tap1"));
+    }
+}

@@ -1,0 +1,99 @@
+//! virtio-rng: fills the driver's buffers with bytes from the host's getrandom(2).
+
+use super::chain;
+use super::{DeviceCommon, EventSource, Served, TYPE_RNG, VirtioDevice, serve_queue};
+use vmm_sys_util::eventfd::EventFd;
+
+pub const QUEUE_SIZE: u16 = 64;
+/// At most this much entropy per request: a driver cannot make the VMM allocate more.
+const MAX_REQUEST_BYTES: u64 = 64 * 1024;
+
+pub struct Rng {
+    common: DeviceCommon,
+    buffer: Vec<u8>,
+}
+
+fn fill_random(buf: &mut [u8]) -> std::io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let rest = &mut buf[done..];
+        // SAFETY: getrandom writes at most `rest.len()` bytes into the live slice `rest`.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        } else {
+            done += n as usize;
+        }
+    }
+    Ok(())
+}
+
+impl Rng {
+    pub fn new(name: &str, irq: EventFd) -> std::io::Result<Self> {
+        Ok(Rng { common: DeviceCommon::new(name, 0, &[QUEUE_SIZE], irq)?, buffer: Vec::new() })
+    }
+
+    fn handle_chain(
+        buffer: &mut Vec<u8>,
+        id: &str,
+        chain: virtio_queue::DescriptorChain<&crate::GuestMemory>,
+        mem: &crate::GuestMemory,
+    ) -> u32 {
+        let shape = match chain::check(&chain, mem) {
+            Ok(shape) => shape,
+            Err(e) => {
+                tracing::debug!(device = %id, "virtio-rng: dropped a malformed chain: {e}");
+                return 0;
+            }
+        };
+        let len = shape.writable_bytes.min(MAX_REQUEST_BYTES) as usize;
+        let Ok(mut writer) = chain.writer(mem) else { return 0 };
+        buffer.resize(len, 0);
+        if let Err(e) = fill_random(buffer) {
+            tracing::warn!(device = %id, "virtio-rng: getrandom failed: {e}");
+            return 0;
+        }
+        match std::io::Write::write_all(&mut writer, buffer) {
+            Ok(()) => len as u32,
+            Err(_) => writer.bytes_written() as u32,
+        }
+    }
+}
+
+impl VirtioDevice for Rng {
+    fn device_type(&self) -> u32 {
+        TYPE_RNG
+    }
+
+    fn common(&self) -> &DeviceCommon {
+        &self.common
+    }
+
+    fn common_mut(&mut self) -> &mut DeviceCommon {
+        &mut self.common
+    }
+
+    fn read_config(&self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+
+    fn activated(&mut self) {}
+
+    fn reset_device(&mut self) {}
+
+    fn process_queue(&mut self, index: usize) {
+        let (buffer, id) = (&mut self.buffer, &self.common.id.clone());
+        serve_queue(&mut self.common, index, |chain, mem| Served::Used(Self::handle_chain(buffer, id, chain, mem)));
+    }
+
+    fn event_sources(&self) -> Vec<EventSource> {
+        Vec::new()
+    }
+
+    fn handle_event(&mut self, _id: u32) {}
+}
