@@ -7,6 +7,7 @@ use crate::arch::x86_64::{acpi, mptable};
 use crate::boot::{self, initrd, linux, pvh};
 use crate::config::{KernelSource, VmConfig};
 use crate::machine::{Machine, MachineInfo, StopEvents};
+use crate::virtio;
 use crate::vstate::kvm::{self, KvmError};
 use crate::vstate::memory::{self, GuestMemory, MemoryError};
 use crate::vstate::vcpu::{self, IoBuses, SetupReport, VcpuError, VcpuStart};
@@ -62,6 +63,8 @@ pub enum BuildError {
     VcpuSetupLost,
     #[error(transparent)]
     Regs(#[from] regs::RegsError),
+    #[error(transparent)]
+    Virtio(#[from] virtio::VirtioError),
     #[error("cannot place a device on the I/O bus")]
     Bus(#[from] BusError),
     #[error("cannot create an event fd")]
@@ -83,7 +86,11 @@ fn read_file(what: &'static str, path: &std::path::Path) -> Result<Vec<u8>, Buil
 /// Loads the kernel (and initrd), and writes the command line, firmware tables and the
 /// boot protocol's structure. Returns how the first vCPU enters, the PVH start_info address
 /// (0 for Linux), and the kernel's format.
-fn load_guest(config: &VmConfig, memory: &GuestMemory) -> Result<(BootEntry, u64, boot::KernelFormat), BuildError> {
+fn load_guest(
+    config: &VmConfig,
+    memory: &GuestMemory,
+    devices: &[acpi::MmioDevice],
+) -> Result<(BootEntry, u64, boot::KernelFormat), BuildError> {
     let file;
     let image: &[u8] = match &config.kernel {
         KernelSource::TestGuest => novacron_guest_image::ELF,
@@ -113,7 +120,7 @@ fn load_guest(config: &VmConfig, memory: &GuestMemory) -> Result<(BootEntry, u64
     cmdline.push(0);
     memory.write_slice(&cmdline, GuestAddress(CMDLINE_START)).map_err(|_| BuildError::Cmdline)?;
 
-    let rsdp = acpi::write(memory, config.vcpus)?;
+    let rsdp = acpi::write(memory, config.vcpus, devices)?;
     mptable::write(memory, config.vcpus)?;
     let e820 = layout::e820_map(mem_bytes);
     let start_info = match kernel.boot {
@@ -170,7 +177,11 @@ pub fn build(config: &VmConfig, serial_out: SerialOutput) -> Result<Machine, Bui
     }
     timer.mark("irqchip");
 
-    let (boot_entry, start_info, format) = load_guest(config, &memory)?;
+    let mut mmio = Bus::new();
+    let virtio = virtio::attach(config, &vm, &memory, &mut mmio)?;
+    timer.mark("virtio devices");
+    let mmio_devices: Vec<acpi::MmioDevice> = virtio.iter().map(|v| v.mmio).collect();
+    let (boot_entry, start_info, format) = load_guest(config, &memory, &mmio_devices)?;
     regs::write_boot_tables(&memory, boot_entry)?;
     timer.mark("load guest");
     let serial_irq = event_fd()?;
@@ -181,7 +192,7 @@ pub fn build(config: &VmConfig, serial_out: SerialOutput) -> Result<Machine, Bui
     pio.insert(Arc::new(Mutex::new(I8042::new(clone_fd(&stop_events.reset)?))), I8042::PORT_BASE, I8042::PORT_LEN)?;
     let power = AcpiPower::new(clone_fd(&stop_events.power_off)?, clone_fd(&stop_events.reset)?);
     pio.insert(Arc::new(Mutex::new(power)), POWER_PORT_BASE, POWER_PORT_LEN)?;
-    let buses = Arc::new(IoBuses { pio, mmio: Bus::new() });
+    let buses = Arc::new(IoBuses { pio, mmio });
     timer.mark("devices");
 
     wait_for_setup(&setup_rx, config.vcpus)?;
@@ -202,7 +213,7 @@ pub fn build(config: &VmConfig, serial_out: SerialOutput) -> Result<Machine, Bui
         boot_format: format.to_string(),
     };
     tracing::info!(vcpus = config.vcpus, mem_mib = config.mem_mib, kernel = %info.kernel, format = %info.boot_format, "VM started");
-    Ok(Machine::new(info, stop_events, vcpus, events_rx, serial, buses, vm, memory))
+    Ok(Machine::new(info, stop_events, vcpus, events_rx, serial, virtio, buses, vm, memory))
 }
 
 /// Waits until each of `count` vCPUs has reported one set-up step; the first error wins.

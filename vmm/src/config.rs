@@ -1,7 +1,11 @@
 //! What a VM is made of, from the command line, checked before anything is created.
 
-use crate::arch::x86_64::layout::CMDLINE_MAX_SIZE;
+use crate::arch::x86_64::layout::{CMDLINE_MAX_SIZE, VIRTIO_MMIO_SLOTS};
 use crate::vstate::memory::host_memory_bytes;
+use novacron_devices::virtio::block::BlockConfig;
+use novacron_devices::virtio::block::disk::ID_BYTES;
+use novacron_devices::virtio::net::tap::MAX_NAME as TAP_NAME_MAX;
+use novacron_devices::virtio::net::{NetConfig, parse_mac};
 use std::path::{Path, PathBuf};
 
 pub const MIN_MEM_MIB: u64 = 8;
@@ -35,6 +39,62 @@ pub struct VmArgs {
     /// Write the serial console to this file instead of stdout.
     #[arg(long, value_name = "PATH")]
     pub serial_file: Option<PathBuf>,
+    /// A virtio disk on a raw image: path=FILE[,ro][,id=ID]. Repeat for more disks.
+    #[arg(long = "disk", value_name = "SPEC", value_parser = parse_disk)]
+    pub disks: Vec<BlockConfig>,
+    /// A virtio network interface on a tap device: tap=NAME[,mac=52:54:00:12:34:56].
+    /// Repeat for more interfaces.
+    #[arg(long = "net", value_name = "SPEC", value_parser = parse_net)]
+    pub nets: Vec<NetConfig>,
+    /// A virtio entropy device.
+    #[arg(long)]
+    pub rng: bool,
+}
+
+/// `key=value` and bare words of a device spec, in order.
+fn spec_words(spec: &str) -> impl Iterator<Item = (&str, Option<&str>)> {
+    spec.split(',').filter(|w| !w.is_empty()).map(|w| match w.split_once('=') {
+        Some((k, v)) => (k, Some(v)),
+        None => (w, None),
+    })
+}
+
+/// Parses `path=FILE[,ro][,id=ID]`.
+pub fn parse_disk(spec: &str) -> Result<BlockConfig, String> {
+    let mut disk = BlockConfig { path: PathBuf::new(), read_only: false, id: None };
+    for (key, value) in spec_words(spec) {
+        match (key, value) {
+            ("path", Some(p)) => disk.path = PathBuf::from(p),
+            ("ro", None) => disk.read_only = true,
+            ("id", Some(id)) if id.len() <= ID_BYTES => disk.id = Some(id.to_string()),
+            ("id", Some(_)) => return Err(format!("a disk id is at most {ID_BYTES} bytes")),
+            _ => return Err(format!("unknown disk setting {key:?}; expected path=FILE[,ro][,id=ID]")),
+        }
+    }
+    if disk.path.as_os_str().is_empty() {
+        return Err("a disk needs path=FILE".into());
+    }
+    Ok(disk)
+}
+
+/// Parses `tap=NAME[,mac=MAC]`.
+pub fn parse_net(spec: &str) -> Result<NetConfig, String> {
+    let mut net = NetConfig { tap: String::new(), mac: None };
+    for (key, value) in spec_words(spec) {
+        match (key, value) {
+            ("tap", Some(t)) if !t.is_empty() && t.len() <= TAP_NAME_MAX => net.tap = t.to_string(),
+            ("tap", Some(_)) => return Err(format!("a tap name is 1 to {TAP_NAME_MAX} bytes")),
+            ("mac", Some(m)) => {
+                net.mac =
+                    Some(parse_mac(m).ok_or_else(|| format!("{m:?} is not a MAC address like 52:54:00:12:34:56"))?)
+            }
+            _ => return Err(format!("unknown net setting {key:?}; expected tap=NAME[,mac=MAC]")),
+        }
+    }
+    if net.tap.is_empty() {
+        return Err("a network interface needs tap=NAME".into());
+    }
+    Ok(net)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,6 +121,9 @@ pub struct VmConfig {
     pub vcpus: u8,
     pub api_sock: Option<PathBuf>,
     pub serial_file: Option<PathBuf>,
+    pub disks: Vec<BlockConfig>,
+    pub nets: Vec<NetConfig>,
+    pub rng: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -81,6 +144,8 @@ pub enum ConfigError {
     CmdlineTooLong(usize),
     #[error("--cmdline contains a NUL byte")]
     CmdlineNul,
+    #[error("{0} virtio devices are more than the {VIRTIO_MMIO_SLOTS} this VM has slots for")]
+    TooManyDevices(usize),
 }
 
 fn check_file(what: &'static str, path: &Path) -> Result<(), ConfigError> {
@@ -121,6 +186,13 @@ impl VmConfig {
         if let Some(path) = &args.initrd {
             check_file("initrd", path)?;
         }
+        for disk in &args.disks {
+            check_file("disk image", &disk.path)?;
+        }
+        let devices = args.disks.len() + args.nets.len() + usize::from(args.rng);
+        if devices > VIRTIO_MMIO_SLOTS {
+            return Err(ConfigError::TooManyDevices(devices));
+        }
         let cmdline = match (&args.cmdline, &kernel) {
             (Some(c), _) => c.clone(),
             (None, KernelSource::TestGuest) => String::new(),
@@ -140,6 +212,9 @@ impl VmConfig {
             vcpus: args.vcpus,
             api_sock: args.api_sock.clone(),
             serial_file: args.serial_file.clone(),
+            disks: args.disks.clone(),
+            nets: args.nets.clone(),
+            rng: args.rng,
         })
     }
 }
@@ -149,7 +224,18 @@ mod tests {
     use super::*;
 
     fn args() -> VmArgs {
-        VmArgs { kernel: None, initrd: None, cmdline: None, mem: 64, vcpus: 1, api_sock: None, serial_file: None }
+        VmArgs {
+            kernel: None,
+            initrd: None,
+            cmdline: None,
+            mem: 64,
+            vcpus: 1,
+            api_sock: None,
+            serial_file: None,
+            disks: vec![],
+            nets: vec![],
+            rng: false,
+        }
     }
 
     #[test]
@@ -193,6 +279,26 @@ mod tests {
         ];
         for (a, want) in cases {
             assert_eq!(VmConfig::from_args(&a).unwrap_err(), want);
+        }
+    }
+
+    #[test]
+    fn test_parse_disk_and_net_specs() {
+        assert_eq!(
+            parse_disk("path=/d.img,ro,id=root"),
+            Ok(BlockConfig { path: "/d.img".into(), read_only: true, id: Some("root".into()) })
+        );
+        assert_eq!(
+            parse_net("tap=tap0,mac=52:54:00:00:00:01"),
+            Ok(NetConfig { tap: "tap0".into(), mac: Some([0x52, 0x54, 0, 0, 0, 1]) })
+        );
+        for bad in ["", "ro", "path=/d,id=123456789012345678901", "path=/d,rw", "file=/d"] {
+            assert!(parse_disk(bad).is_err(), "{bad}");
+        }
+        for bad in
+            ["", "mac=52:54:00:00:00:01", "tap=", "tap=a-much-too-long-tap-name", "tap=t,mac=xyz", "tap=t,queues=2"]
+        {
+            assert!(parse_net(bad).is_err(), "{bad}");
         }
     }
 

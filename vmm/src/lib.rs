@@ -14,4 +14,5 @@ pub mod config;
 pub mod machine;
 pub mod process;
 pub mod runtime;
+pub mod virtio;
 pub mod vstate;

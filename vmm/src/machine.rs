@@ -2,6 +2,7 @@
 //! event fds through which the guest asks to stop, and pause/resume across all vCPUs.
 
 use crate::api::{ApiError, ErrorKind, VmState, VmStatus};
+use crate::virtio::VirtioSlot;
 use crate::vstate::memory::GuestMemory;
 use crate::vstate::vcpu::{IoBuses, VcpuCommand, VcpuEvent, VcpuHandle, VcpuStop};
 use crate::vstate::vm::Vm;
@@ -40,6 +41,7 @@ pub struct Machine {
     vcpus: Vec<VcpuHandle>,
     vcpu_events: Receiver<VcpuEvent>,
     serial: Arc<Mutex<Serial>>,
+    pub virtio: Vec<VirtioSlot>,
     state: VmState,
     started: Instant,
     /// A vCPU stop seen while waiting for pause/resume answers, for the event loop.
@@ -58,6 +60,7 @@ impl Machine {
         vcpus: Vec<VcpuHandle>,
         vcpu_events: Receiver<VcpuEvent>,
         serial: Arc<Mutex<Serial>>,
+        virtio: Vec<VirtioSlot>,
         buses: Arc<IoBuses>,
         vm: Arc<Vm>,
         memory: GuestMemory,
@@ -68,6 +71,7 @@ impl Machine {
             vcpus,
             vcpu_events,
             serial,
+            virtio,
             state: VmState::Running,
             started: Instant::now(),
             pending_stops: Vec::new(),

@@ -17,6 +17,10 @@ const TOKEN_LISTENER: u64 = 4;
 const IDLE_FLUSH_MS: i32 = 50;
 /// Connection `id` polls as `TOKEN_CONN_BASE + id`.
 const TOKEN_CONN_BASE: u64 = 16;
+/// Virtio slot `s` polls as `TOKEN_VIRTIO_BASE + (s << 16) + queue` for its queues and
+/// `... + SOURCE_FLAG + id` for its own event sources.
+const TOKEN_VIRTIO_BASE: u64 = 1 << 32;
+const SOURCE_FLAG: u64 = 0x8000;
 
 /// How the VM ended. `code` is the process exit status.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -120,7 +124,11 @@ struct Poller(Epoll);
 
 impl Poller {
     fn add(&self, fd: RawFd, token: u64) -> Result<(), RuntimeError> {
-        self.0.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token)).map_err(RuntimeError::Setup)
+        self.add_with(fd, token, EventSet::IN)
+    }
+
+    fn add_with(&self, fd: RawFd, token: u64, events: EventSet) -> Result<(), RuntimeError> {
+        self.0.ctl(ControlOperation::Add, fd, EpollEvent::new(events, token)).map_err(RuntimeError::Setup)
     }
 
     fn remove(&self, fd: RawFd) {
@@ -151,6 +159,16 @@ pub fn run(machine: &mut Machine, mut api: Option<ApiServer>) -> Result<VmExit, 
     poller.add(signals.as_raw_fd(), TOKEN_SIGNAL)?;
     if let Some(server) = &api {
         poller.add(server.listener_fd(), TOKEN_LISTENER)?;
+    }
+    for (slot, device) in machine.virtio.iter().enumerate() {
+        let base = TOKEN_VIRTIO_BASE + ((slot as u64) << 16);
+        for (queue, fd) in device.queue_fds().into_iter().enumerate() {
+            poller.add(fd, base + queue as u64)?;
+        }
+        for source in device.event_sources() {
+            let events = if source.edge { EventSet::IN | EventSet::EDGE_TRIGGERED } else { EventSet::IN };
+            poller.add_with(source.fd, base + SOURCE_FLAG + u64::from(source.id), events)?;
+        }
     }
 
     let mut events = vec![EpollEvent::default(); 16];
@@ -183,6 +201,17 @@ pub fn run(machine: &mut Machine, mut api: Option<ApiServer>) -> Result<VmExit, 
                     if let Some(server) = api.as_mut() {
                         for (id, fd) in server.accept() {
                             poller.add(fd, TOKEN_CONN_BASE + id)?;
+                        }
+                    }
+                }
+                token if token >= TOKEN_VIRTIO_BASE => {
+                    let slot = ((token - TOKEN_VIRTIO_BASE) >> 16) as usize;
+                    let what = (token - TOKEN_VIRTIO_BASE) & 0xffff;
+                    if let Some(device) = machine.virtio.get(slot) {
+                        if what >= SOURCE_FLAG {
+                            device.device_event((what - SOURCE_FLAG) as u32);
+                        } else {
+                            device.queue_event(what as usize);
                         }
                     }
                 }

@@ -4,6 +4,7 @@
 //! access that is not 32 bits wide, a write out of the order the spec sets, a queue index
 //! that does not exist are ignored (and logged once), never acted on.
 
+use super::persist::{PersistError, TransportState, VIRTIO_STATE_VERSION, check_registers, check_version};
 use super::{ActivateError, VirtioDevice, status};
 use crate::GuestMemory;
 use crate::bus::BusDevice;
@@ -72,13 +73,20 @@ impl MmioTransport {
         self.device.as_mut()
     }
 
-    pub fn registers(&self) -> MmioRegisters {
-        self.regs
+    pub fn save_state(&self) -> TransportState {
+        TransportState { version: VIRTIO_STATE_VERSION, registers: self.regs, device: self.device.save_state() }
     }
 
-    /// Puts back saved registers (the device's own state is restored separately).
-    pub fn set_registers(&mut self, regs: MmioRegisters) {
-        self.regs = regs;
+    /// Restores a saved transport and device, all or nothing (see `persist`).
+    pub fn restore_state(&mut self, state: &TransportState) -> Result<(), PersistError> {
+        check_version("virtio transport", state.version, VIRTIO_STATE_VERSION)?;
+        check_registers(&state.registers, state.device.common())?;
+        self.device.restore_state(&state.device, &self.mem)?;
+        self.regs = state.registers;
+        if self.is_running() {
+            self.device.activated();
+        }
+        Ok(())
     }
 
     /// True once the driver set DRIVER_OK and the device took its queues.

@@ -14,6 +14,7 @@ pub mod chain;
 pub mod driver;
 pub mod mmio;
 pub mod net;
+pub mod persist;
 pub mod rng;
 
 use crate::GuestMemory;
@@ -186,6 +187,11 @@ pub trait VirtioDevice: Send {
     fn event_sources(&self) -> Vec<EventSource>;
     /// An event source of `event_sources` fired.
     fn handle_event(&mut self, id: u32);
+    /// The device's whole state (see `persist`).
+    fn save_state(&self) -> persist::DeviceState;
+    /// Checks `state` completely against this device, then applies it; on an error the
+    /// device is unchanged.
+    fn restore_state(&mut self, state: &persist::DeviceState, mem: &GuestMemory) -> Result<(), persist::PersistError>;
 }
 
 /// What a device's chain handler decided.

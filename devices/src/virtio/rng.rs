@@ -1,6 +1,7 @@
 //! virtio-rng: fills the driver's buffers with bytes from the host's getrandom(2).
 
 use super::chain;
+use super::persist::{CommonState, DeviceState, PersistError, check_version, wrong_device};
 use super::{DeviceCommon, EventSource, Served, TYPE_RNG, VirtioDevice, serve_queue};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -96,4 +97,25 @@ impl VirtioDevice for Rng {
     }
 
     fn handle_event(&mut self, _id: u32) {}
+
+    fn save_state(&self) -> DeviceState {
+        DeviceState::Rng(RngState { version: RNG_STATE_VERSION, common: self.common.save() })
+    }
+
+    fn restore_state(&mut self, state: &DeviceState, mem: &crate::GuestMemory) -> Result<(), PersistError> {
+        let DeviceState::Rng(s) = state else { return Err(wrong_device(state, "rng")) };
+        check_version("virtio-rng", s.version, RNG_STATE_VERSION)?;
+        let checked = self.common.check_restore(&s.common, mem)?;
+        self.common.apply_restore(checked, mem);
+        Ok(())
+    }
+}
+
+pub const RNG_STATE_VERSION: u16 = 1;
+
+/// virtio-rng keeps nothing of its own: the common virtio state is all.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RngState {
+    pub version: u16,
+    pub common: CommonState,
 }

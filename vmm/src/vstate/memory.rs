@@ -2,10 +2,8 @@
 //! that migration can combine KVM's dirty log with the VMM's own writes into the guest.
 
 use crate::arch::x86_64::layout::ram_ranges;
+pub use novacron_devices::GuestMemory;
 use vm_memory::GuestMemoryMmap;
-use vm_memory::bitmap::AtomicBitmap;
-
-pub type GuestMemory = GuestMemoryMmap<AtomicBitmap>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {

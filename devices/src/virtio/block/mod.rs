@@ -2,9 +2,13 @@
 //! disks. One request queue, processed on the VMM's event-loop thread.
 
 pub mod disk;
+mod persist;
 pub mod request;
 
+pub use persist::{BLOCK_STATE_VERSION, BlockState};
+
 use super::chain;
+use super::persist::{DeviceState, PersistError};
 use super::{DeviceCommon, EventSource, Served, TYPE_BLOCK, VirtioDevice, serve_queue};
 use disk::Disk;
 use request::{VIRTIO_BLK_S_OK, execute, read_header};
@@ -138,6 +142,14 @@ impl VirtioDevice for Block {
     }
 
     fn handle_event(&mut self, _id: u32) {}
+
+    fn save_state(&self) -> DeviceState {
+        self.save()
+    }
+
+    fn restore_state(&mut self, state: &DeviceState, mem: &crate::GuestMemory) -> Result<(), PersistError> {
+        self.restore(state, mem)
+    }
 }
 
 /// Copies the part of `space` at `offset` into `data`; bytes beyond it read as zero.
@@ -326,5 +338,123 @@ mod tests {
         assert_ne!(broken & status::DEVICE_NEEDS_RESET, 0);
         assert_eq!(interrupt & crate::virtio::INT_CONFIG, crate::virtio::INT_CONFIG);
         assert_eq!(after_reset, 0);
+    }
+}
+
+#[cfg(test)]
+mod persist_tests {
+    use super::*;
+    use crate::GuestMemory;
+    use crate::virtio::driver::{QueueDriver, initialize, notify};
+    use crate::virtio::mmio::MmioTransport;
+    use crate::virtio::persist::{DeviceState, PersistError, TransportState};
+    use vm_memory::{Bytes, GuestAddress};
+
+    fn transport(mem: &GuestMemory, image: &std::path::Path, read_only: bool) -> MmioTransport {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let config = BlockConfig { path: image.into(), read_only, id: None };
+        MmioTransport::new(Box::new(Block::new("disk0", &config, irq).unwrap()), mem.clone())
+    }
+
+    /// A running device that has completed one flush, and its saved state.
+    fn saved() -> (GuestMemory, tempfile::NamedTempFile, QueueDriver, TransportState) {
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let image = tempfile::NamedTempFile::new().unwrap();
+        image.as_file().set_len(8192).unwrap();
+        let mut t = transport(&mem, image.path(), false);
+        let mut q = QueueDriver::new(GuestAddress(0x10000), 16);
+        initialize(&mut t, VIRTIO_BLK_F_FLUSH, &[&q]);
+        mem.write_slice(&request::VIRTIO_BLK_T_FLUSH.to_le_bytes(), GuestAddress(0x20000)).unwrap();
+        q.add_chain(&mem, &[(0x20000, 16, false), (0x30000, 1, true)]);
+        notify(&mut t, 0);
+        t.device_mut().process_queue(0);
+        assert_eq!(q.next_used(&mem), Some((0, 1)));
+        let state = t.save_state();
+        (mem, image, q, state)
+    }
+
+    #[test]
+    fn test_block_state_round_trips_and_the_restored_device_goes_on() {
+        let (mem, image, mut q, state) = saved();
+        let text = serde_json::to_string(&state).unwrap();
+        let decoded: TransportState = serde_json::from_str(&text).unwrap();
+        let mut fresh = transport(&mem, image.path(), false);
+
+        fresh.restore_state(&decoded).unwrap();
+        q.add_chain(&mem, &[(0x20000, 16, false), (0x30000, 1, true)]);
+        fresh.device_mut().process_queue(0);
+
+        assert_eq!(decoded, state);
+        assert_eq!(fresh.save_state().registers, state.registers);
+        assert!(fresh.is_running());
+        assert_eq!(q.next_used(&mem).map(|(_, len)| len), Some(1), "the second request completes after restore");
+    }
+
+    #[test]
+    fn test_block_restore_refuses_mismatched_or_corrupt_states_and_changes_nothing() {
+        let (mem, image, _q, state) = saved();
+        let other = tempfile::NamedTempFile::new().unwrap();
+        other.as_file().set_len(4096).unwrap();
+        let DeviceState::Block(block) = &state.device else { panic!("a block state") };
+        let with = |f: &dyn Fn(&mut TransportState)| {
+            let mut s = state.clone();
+            f(&mut s);
+            s
+        };
+        let corrupt = [
+            with(&|s| s.version = 9),
+            with(&|s| {
+                s.device = DeviceState::Rng(crate::virtio::rng::RngState { version: 1, common: block.common.clone() })
+            }),
+            with(&|s| s.registers.status = 0xff00),
+            with(&|s| s.registers.status = 0),
+            with(&|s| {
+                if let DeviceState::Block(b) = &mut s.device {
+                    b.version = 2
+                }
+            }),
+            with(&|s| {
+                if let DeviceState::Block(b) = &mut s.device {
+                    b.read_only = true
+                }
+            }),
+            with(&|s| {
+                if let DeviceState::Block(b) = &mut s.device {
+                    b.common.acked_features |= 1 << 60
+                }
+            }),
+            with(&|s| {
+                if let DeviceState::Block(b) = &mut s.device {
+                    b.common.queues.push(b.common.queues[0])
+                }
+            }),
+            with(&|s| {
+                if let DeviceState::Block(b) = &mut s.device {
+                    b.common.queues[0].size = 3
+                }
+            }),
+            with(&|s| {
+                if let DeviceState::Block(b) = &mut s.device {
+                    b.common.queues[0].used_ring = 1 << 40
+                }
+            }),
+            with(&|s| {
+                if let DeviceState::Block(b) = &mut s.device {
+                    b.common.interrupt_status = 0x80
+                }
+            }),
+        ];
+        for (i, bad) in corrupt.iter().enumerate() {
+            let mut fresh = transport(&mem, image.path(), false);
+            let before = fresh.save_state();
+            let result = fresh.restore_state(bad);
+            assert!(result.is_err(), "corrupt state {i} was accepted");
+            assert_eq!(fresh.save_state(), before, "corrupt state {i} changed the device");
+        }
+        let mut smaller = transport(&mem, other.path(), false);
+        assert!(matches!(
+            smaller.restore_state(&state),
+            Err(PersistError::Mismatch { what: "disk size in sectors", .. })
+        ));
     }
 }

@@ -2,9 +2,13 @@
 //! offloads. Every frame carries the 12-byte virtio_net_hdr_v1 in front (spec 5.1.6),
 //! all zero here: no checksum offload, no segmentation, one buffer per frame.
 
+mod persist;
 pub mod tap;
 
+pub use persist::{NET_STATE_VERSION, NetState};
+
 use super::chain;
+use super::persist::{DeviceState, PersistError};
 use super::{DeviceCommon, EventSource, INT_USED_RING, Served, TYPE_NET, VirtioDevice, serve_queue};
 use crate::GuestMemory;
 use std::io::{Read, Write};
@@ -237,6 +241,14 @@ impl VirtioDevice for Net {
         if id == EVENT_TAP {
             self.receive();
         }
+    }
+
+    fn save_state(&self) -> DeviceState {
+        self.save()
+    }
+
+    fn restore_state(&mut self, state: &DeviceState, mem: &GuestMemory) -> Result<(), PersistError> {
+        self.restore(state, mem)
     }
 }
 

@@ -4,6 +4,7 @@
 //! Devices that need describing (virtio-mmio) add themselves to the DSDT.
 
 use super::layout::{ACPI_END, ACPI_START, APIC_ADDR, IOAPIC_ADDR};
+use acpi_tables::{Aml, aml};
 use novacron_devices::legacy::{
     POWER_PORT_BASE, RESET_PORT_OFFSET, RESET_VALUE, S5_SLEEP_TYPE, SLEEP_CONTROL_OFFSET, SLEEP_STATUS_OFFSET,
 };
@@ -74,10 +75,39 @@ fn gas_io_byte(port: u64) -> [u8; 12] {
     g
 }
 
-/// `Name (_S5_, Package (2) { S5, S5 })` in AML.
-fn dsdt() -> Vec<u8> {
+/// A virtio-mmio transport as the DSDT describes it to the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MmioDevice {
+    pub base: u64,
+    pub size: u64,
+    pub gsi: u32,
+}
+
+/// `\_S5_` for power-off, and one `LNRO0005` device per virtio-mmio transport (the ID
+/// Linux's virtio_mmio driver matches in ACPI, as with QEMU and Firecracker), each with
+/// its register window and its edge-triggered interrupt.
+fn dsdt(devices: &[MmioDevice]) -> Vec<u8> {
+    let mut body = Vec::new();
+    let s5 = aml::Package::new(vec![&S5_SLEEP_TYPE, &S5_SLEEP_TYPE]);
+    aml::Name::new("_S5_".into(), &s5).to_aml_bytes(&mut body);
+    let mut children: Vec<aml::Device> = Vec::new();
+    let names: Vec<String> = (0..devices.len()).map(|i| format!("V{i:03X}")).collect();
+    let hid = aml::Name::new("_HID".into(), &"LNRO0005");
+    let uids: Vec<aml::Name> = (0..devices.len()).map(|i| aml::Name::new("_UID".into(), &(i as u32))).collect();
+    let mems: Vec<aml::Memory32Fixed> =
+        devices.iter().map(|d| aml::Memory32Fixed::new(true, d.base as u32, d.size as u32)).collect();
+    let irqs: Vec<aml::Interrupt> =
+        devices.iter().map(|d| aml::Interrupt::new(true, true, false, false, d.gsi)).collect();
+    let crs: Vec<aml::ResourceTemplate> =
+        (0..devices.len()).map(|i| aml::ResourceTemplate::new(vec![&mems[i], &irqs[i]])).collect();
+    let crs_names: Vec<aml::Name> = crs.iter().map(|c| aml::Name::new("_CRS".into(), c)).collect();
+    for i in 0..devices.len() {
+        children.push(aml::Device::new(names[i].as_str().into(), vec![&hid, &uids[i], &crs_names[i]]));
+    }
+    let refs: Vec<&dyn Aml> = children.iter().map(|d| d as &dyn Aml).collect();
+    aml::Scope::new("\\_SB_".into(), refs).to_aml_bytes(&mut body);
     let mut t = Sdt::new(b"DSDT", 2);
-    t.put(&[0x08]).put(b"_S5_").put(&[0x12, 0x06, 0x02, 0x0a, S5_SLEEP_TYPE, 0x0a, S5_SLEEP_TYPE]);
+    t.put(&body);
     t.finish()
 }
 
@@ -134,11 +164,11 @@ fn rsdp(xsdt_addr: u64) -> Vec<u8> {
 }
 
 /// Lays out all tables from `ACPI_START`, each 16-byte aligned. Returns (image, RSDP address).
-pub fn build(vcpus: u8) -> (Vec<u8>, u64) {
+pub fn build(vcpus: u8, devices: &[MmioDevice]) -> (Vec<u8>, u64) {
     let align = |n: usize| n.next_multiple_of(16);
     let rsdp_at = ACPI_START;
     let xsdt_at = rsdp_at + 48;
-    let dsdt_bytes = dsdt();
+    let dsdt_bytes = dsdt(devices);
     let madt_bytes = madt(vcpus);
     let xsdt_len = 36 + 2 * 8;
     let dsdt_at = xsdt_at + align(xsdt_len) as u64;
@@ -162,8 +192,8 @@ pub fn build(vcpus: u8) -> (Vec<u8>, u64) {
 }
 
 /// Writes the tables; returns the RSDP's address for the boot protocol to pass on.
-pub fn write(mem: &impl GuestMemoryBackend, vcpus: u8) -> Result<u64, AcpiError> {
-    let (image, rsdp) = build(vcpus);
+pub fn write(mem: &impl GuestMemoryBackend, vcpus: u8, devices: &[MmioDevice]) -> Result<u64, AcpiError> {
+    let (image, rsdp) = build(vcpus, devices);
     if ACPI_START + image.len() as u64 > ACPI_END {
         return Err(AcpiError::TooLarge(image.len()));
     }
@@ -187,7 +217,7 @@ mod tests {
 
     #[test]
     fn test_acpi_tables_chain_from_rsdp_with_valid_checksums() {
-        let (image, rsdp_at) = build(2);
+        let (image, rsdp_at) = build(2, &[]);
         let rsdp = &image[..36];
         assert_eq!(&rsdp[..8], b"RSD PTR ");
         assert!(sums_to_zero(&rsdp[..20]) && sums_to_zero(rsdp));
@@ -204,6 +234,24 @@ mod tests {
             .collect();
         assert_eq!(sigs, vec![b"FACP".as_slice(), b"APIC".as_slice()]);
         assert_eq!(rsdp_at, ACPI_START);
+    }
+
+    #[test]
+    fn test_dsdt_describes_each_virtio_device_with_window_and_interrupt() {
+        let devices = [
+            MmioDevice { base: 0xfeb0_0000, size: 0x200, gsi: 5 },
+            MmioDevice { base: 0xfeb0_0200, size: 0x200, gsi: 6 },
+        ];
+        let d = dsdt(&devices);
+        let count = |needle: &[u8]| d.windows(needle.len()).filter(|w| *w == needle).count();
+
+        assert_eq!(&d[..4], b"DSDT");
+        assert!(sums_to_zero(&d));
+        assert_eq!(count(b"LNRO0005"), 2);
+        assert_eq!(count(b"V000") + count(b"V001"), 2);
+        // Memory32Fixed descriptors carry the base addresses.
+        assert_eq!(count(&0xfeb0_0200u32.to_le_bytes()), 1);
+        assert_eq!(count(b"_S5_"), 1);
     }
 
     #[test]

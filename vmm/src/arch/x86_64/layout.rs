@@ -7,7 +7,7 @@
 //! 0x0000_7000  Linux zero page (boot_params)             0x0002_0000  kernel command line
 //! 0x0000_8ff0  Linux boot stack                          0x0009_fc00  MP table (reserved to 1 MiB)
 //! 0x000e_0000  ACPI tables (RSDP first)                  0x0010_0000  kernel (HIMEM_START)
-//! 0xc000_0000  MMIO hole: devices, IOAPIC 0xfec0_0000, LAPIC 0xfee0_0000, KVM TSS
+//! 0xc000_0000  MMIO hole: virtio-mmio 0xfeb0_0000, IOAPIC 0xfec0_0000, LAPIC 0xfee0_0000, KVM TSS
 //! 0x1_0000_0000  RAM above 4 GiB, when the VM has more than 3 GiB
 //! ```
 
@@ -35,6 +35,14 @@ pub const ACPI_END: u64 = 0x100000;
 pub const HIMEM_START: u64 = 0x100000;
 
 pub const MMIO_HOLE_START: u64 = 0xc000_0000;
+/// virtio-mmio transports: slot i at VIRTIO_MMIO_BASE + i * VIRTIO_MMIO_SLOT_SIZE, with
+/// interrupt VIRTIO_GSI_BASE + i. The same window as QEMU's microvm, so the test guest
+/// finds devices the same way on both.
+pub const VIRTIO_MMIO_BASE: u64 = 0xfeb0_0000;
+pub const VIRTIO_MMIO_SLOT_SIZE: u64 = 0x200;
+pub const VIRTIO_MMIO_SLOTS: usize = 18;
+/// GSIs 5..=22 (below 5: timer, keyboard, cascade, COM2, COM1; 23 is left free).
+pub const VIRTIO_GSI_BASE: u32 = 5;
 pub const FOUR_GIB: u64 = 1 << 32;
 pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
 pub const APIC_ADDR: u64 = 0xfee0_0000;

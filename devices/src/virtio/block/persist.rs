@@ -1,0 +1,43 @@
+//! virtio-blk state: the common virtio state and what identifies the disk. The image's
+//! contents are not part of it (they are the file, or the destination's copy of it); its
+//! size, read-only flag and ID must match, or the guest would see its disk change.
+
+use super::Block;
+use super::disk::ID_BYTES;
+use crate::GuestMemory;
+use crate::virtio::persist::{CommonState, DeviceState, PersistError, check_same, check_version, wrong_device};
+use serde::{Deserialize, Serialize};
+
+pub const BLOCK_STATE_VERSION: u16 = 1;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockState {
+    pub version: u16,
+    pub common: CommonState,
+    pub sectors: u64,
+    pub read_only: bool,
+    pub id: [u8; ID_BYTES],
+}
+
+impl Block {
+    pub(super) fn save(&self) -> DeviceState {
+        DeviceState::Block(BlockState {
+            version: BLOCK_STATE_VERSION,
+            common: self.common.save(),
+            sectors: self.disk.sectors(),
+            read_only: self.disk.read_only(),
+            id: *self.disk.id(),
+        })
+    }
+
+    pub(super) fn restore(&mut self, state: &DeviceState, mem: &GuestMemory) -> Result<(), PersistError> {
+        let DeviceState::Block(s) = state else { return Err(wrong_device(state, "block")) };
+        check_version("virtio-blk", s.version, BLOCK_STATE_VERSION)?;
+        check_same("disk size in sectors", &s.sectors, &self.disk.sectors())?;
+        check_same("read-only flag", &s.read_only, &self.disk.read_only())?;
+        check_same("disk id", &s.id, self.disk.id())?;
+        let checked = self.common.check_restore(&s.common, mem)?;
+        self.common.apply_restore(checked, mem);
+        Ok(())
+    }
+}
