@@ -5,12 +5,10 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use novacron_vmm::api::client::{ClientError, call};
 use novacron_vmm::api::{Request, VmStatus};
 use novacron_vmm::config::VmArgs;
-use novacron_vmm::process::{error_chain, init_logging, run_vm};
+use novacron_vmm::process::{error_chain, init_logging, parse_args, run_vm};
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// Exit status for a bad command line (as clap uses).
-const EXIT_USAGE: i32 = 2;
 const EXIT_FAILED: i32 = 1;
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -67,24 +65,6 @@ struct StatusArgs {
     /// Human table or JSON for scripts.
     #[arg(long, value_enum, default_value = "table")]
     output: OutputFormat,
-}
-
-/// Parses the command line; a usage error becomes one line (clap's first).
-fn parse() -> Result<Cli, i32> {
-    Cli::try_parse().map_err(|e| {
-        use clap::error::ErrorKind;
-        if matches!(
-            e.kind(),
-            ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
-        ) {
-            let _ = e.print();
-            return if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand { EXIT_USAGE } else { 0 };
-        }
-        let text = e.render().to_string();
-        let first = text.lines().next().unwrap_or("invalid arguments").trim_start_matches("error: ");
-        eprintln!("novacron: {first} (see --help)");
-        EXIT_USAGE
-    })
 }
 
 fn control(verb: &str, socket: &SocketArgs, request: Request) -> Result<Option<VmStatus>, i32> {
@@ -149,7 +129,7 @@ fn vm_command(cmd: VmCommand) -> i32 {
 
 pub fn main() -> i32 {
     init_logging();
-    let cli = match parse() {
+    let cli = match parse_args::<Cli>() {
         Ok(c) => c,
         Err(code) => return code,
     };

@@ -1,9 +1,7 @@
 //! `novacron-vmm`: the VMM process on its own (`novacron vm run` runs the same code).
 
-use clap::Parser;
-
 /// Run one KVM virtual machine.
-#[derive(Parser)]
+#[derive(clap::Parser)]
 #[command(name = "novacron-vmm", version)]
 struct Cli {
     #[command(flatten)]
@@ -12,6 +10,9 @@ struct Cli {
 
 fn main() {
     novacron_vmm::process::init_logging();
-    let cli = Cli::parse();
-    std::process::exit(novacron_vmm::process::run_vm(&cli.vm));
+    let code = match novacron_vmm::process::parse_args::<Cli>() {
+        Ok(cli) => novacron_vmm::process::run_vm(&cli.vm),
+        Err(code) => code,
+    };
+    std::process::exit(code);
 }

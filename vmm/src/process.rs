@@ -14,6 +14,26 @@ use std::io::Write;
 
 pub const EXIT_BUILD_FAILED: i32 = 1;
 
+/// Exit status for a bad command line (as clap uses).
+pub const EXIT_USAGE: i32 = 2;
+
+/// Parses the command line. A usage error becomes one line on stderr (clap's first) and
+/// the exit status to use; help and version print as clap prints them.
+pub fn parse_args<T: clap::Parser>() -> Result<T, i32> {
+    T::try_parse().map_err(|e| {
+        use clap::error::ErrorKind;
+        let shown = [ErrorKind::DisplayHelp, ErrorKind::DisplayVersion, ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand];
+        if shown.contains(&e.kind()) {
+            let _ = e.print();
+            return if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand { EXIT_USAGE } else { 0 };
+        }
+        let text = e.render().to_string();
+        let first = text.lines().next().unwrap_or("invalid arguments").trim_start_matches("error: ");
+        eprintln!("novacron: {first} (see --help)");
+        EXIT_USAGE
+    })
+}
+
 /// Prints an error and its causes on one line: "what failed: because: because".
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut line = e.to_string();
