@@ -2,8 +2,10 @@
 //! says what failed and what to do, with a non-zero status.
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use novacron_devices::rate_limiter::parse_rate_limiter;
+use novacron_devices::virtio::LimitTarget;
 use novacron_vmm::api::client::{ClientError, call};
-use novacron_vmm::api::{Request, VmStatus};
+use novacron_vmm::api::{LimitChange, Request, VmStatus};
 use novacron_vmm::config::VmArgs;
 use novacron_vmm::process::{error_chain, init_logging, parse_args, run_vm};
 use std::path::PathBuf;
@@ -43,6 +45,83 @@ enum VmCommand {
     Status(StatusArgs),
     /// End a running VM (its VMM process exits with status 0).
     Shutdown(SocketArgs),
+    /// Change a device's rate limits while the VM runs.
+    SetLimit(SetLimitArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Direction {
+    Rx,
+    Tx,
+}
+
+#[derive(Args)]
+struct SetLimitArgs {
+    #[command(flatten)]
+    socket: SocketArgs,
+    /// The device, by name: disk0, net0, rng0... (`vm status` lists them).
+    #[arg(long)]
+    device: String,
+    /// For a network interface: which direction's limiter.
+    #[arg(long, value_enum)]
+    direction: Option<Direction>,
+    /// Bandwidth: BYTES per second, BYTES/MS per MS milliseconds, or "off".
+    #[arg(long, value_name = "BYTES[/MS]|off")]
+    bw: Option<String>,
+    /// Requests: N per second, N/MS per MS milliseconds, or "off".
+    #[arg(long, value_name = "N[/MS]|off")]
+    ops: Option<String>,
+    /// A one-time burst of bytes on top of the bandwidth.
+    #[arg(long, value_name = "BYTES")]
+    bw_burst: Option<u64>,
+    /// A one-time burst of requests on top of the rate.
+    #[arg(long, value_name = "N")]
+    ops_burst: Option<u64>,
+}
+
+/// One bucket's change from the command line: absent keeps it, "off" removes it.
+fn bucket_change(key: &str, value: Option<&str>, burst: Option<u64>) -> Result<LimitChange, String> {
+    let Some(value) = value else {
+        return match burst {
+            Some(_) => Err(format!("--{key}-burst needs --{key}")),
+            None => Ok(LimitChange::Keep),
+        };
+    };
+    if value == "off" {
+        return Ok(LimitChange::Off);
+    }
+    let mut spec = format!("{key}={value}");
+    if let Some(b) = burst {
+        spec.push_str(&format!(",{key}_burst={b}"));
+    }
+    let config = parse_rate_limiter(&spec).map_err(|e| e.to_string())?;
+    let bucket = if key == "bw" { config.bandwidth } else { config.ops };
+    bucket.map(LimitChange::Set).ok_or_else(|| format!("--{key} {value} sets no limit"))
+}
+
+fn set_limit(a: SetLimitArgs) -> i32 {
+    let changes = bucket_change("bw", a.bw.as_deref(), a.bw_burst)
+        .and_then(|bw| Ok((bw, bucket_change("ops", a.ops.as_deref(), a.ops_burst)?)));
+    let (bandwidth, ops) = match changes {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("novacron: {e}");
+            return 2;
+        }
+    };
+    let target = match a.direction {
+        None => LimitTarget::Device,
+        Some(Direction::Rx) => LimitTarget::Rx,
+        Some(Direction::Tx) => LimitTarget::Tx,
+    };
+    let request = Request::SetLimit { device: a.device.clone(), target, bandwidth, ops };
+    match control("change the limits of", &a.socket, request) {
+        Ok(_) => {
+            println!("limits of {} changed", a.device);
+            0
+        }
+        Err(code) => code,
+    }
 }
 
 #[derive(Args)]
@@ -96,6 +175,9 @@ fn print_status(s: &VmStatus, output: OutputFormat) {
                 s.kernel,
                 s.boot_format
             );
+            if !s.devices.is_empty() {
+                println!("devices: {}", s.devices.join(", "));
+            }
         }
     }
 }
@@ -113,6 +195,7 @@ fn vm_command(cmd: VmCommand) -> i32 {
         VmCommand::Pause(s) => done(control("pause", &s, Request::Pause), "paused"),
         VmCommand::Resume(s) => done(control("resume", &s, Request::Resume), "resumed"),
         VmCommand::Shutdown(s) => done(control("shut down", &s, Request::Shutdown), "shut down"),
+        VmCommand::SetLimit(a) => set_limit(a),
         VmCommand::Status(a) => match control("query", &a.socket, Request::Status) {
             Ok(Some(status)) => {
                 print_status(&status, a.output);

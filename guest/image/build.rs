@@ -10,7 +10,8 @@ fn main() {
     // NOVACRON_TEST_GUEST_SRC builds the guest from another checkout of guest/kernel (to
     // keep working on the VMM while the guest's tree is mid-change).
     println!("cargo:rerun-if-env-changed=NOVACRON_TEST_GUEST_SRC");
-    let kernel_dir = env::var_os("NOVACRON_TEST_GUEST_SRC").map(PathBuf::from).unwrap_or_else(|| manifest_dir.join("../kernel"));
+    let kernel_dir =
+        env::var_os("NOVACRON_TEST_GUEST_SRC").map(PathBuf::from).unwrap_or_else(|| manifest_dir.join("../kernel"));
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     for path in ["src", "link.ld", "build.rs", "Cargo.toml", "Cargo.lock", ".cargo/config.toml"] {
         println!("cargo:rerun-if-changed={}", kernel_dir.join(path).display());

@@ -2,6 +2,7 @@
 
 use crate::arch::x86_64::layout::{CMDLINE_MAX_SIZE, VIRTIO_MMIO_SLOTS};
 use crate::vstate::memory::host_memory_bytes;
+use novacron_devices::rate_limiter::{RateLimiterConfig, parse_rate_limiter};
 use novacron_devices::virtio::block::BlockConfig;
 use novacron_devices::virtio::block::disk::ID_BYTES;
 use novacron_devices::virtio::net::tap::MAX_NAME as TAP_NAME_MAX;
@@ -39,16 +40,17 @@ pub struct VmArgs {
     /// Write the serial console to this file instead of stdout.
     #[arg(long, value_name = "PATH")]
     pub serial_file: Option<PathBuf>,
-    /// A virtio disk on a raw image: path=FILE[,ro][,id=ID]. Repeat for more disks.
+    /// A virtio disk on a raw image: path=FILE[,ro][,id=ID][,bw=BYTES[/MS]][,ops=N[/MS]]
+    /// [,bw_burst=N][,ops_burst=N] (rates per second unless /MS). Repeat for more disks.
     #[arg(long = "disk", value_name = "SPEC", value_parser = parse_disk)]
     pub disks: Vec<BlockConfig>,
-    /// A virtio network interface on a tap device: tap=NAME[,mac=52:54:00:12:34:56].
-    /// Repeat for more interfaces.
+    /// A virtio network interface on a tap device: tap=NAME[,mac=52:54:00:12:34:56] with
+    /// optional rx_bw=, rx_ops=, tx_bw=, tx_ops= (and _burst) limits. Repeat for more.
     #[arg(long = "net", value_name = "SPEC", value_parser = parse_net)]
     pub nets: Vec<NetConfig>,
-    /// A virtio entropy device.
-    #[arg(long)]
-    pub rng: bool,
+    /// A virtio entropy device, optionally limited: --rng or --rng bw=BYTES[/MS].
+    #[arg(long, value_name = "LIMITS", num_args = 0..=1, default_missing_value = "", value_parser = parse_rng)]
+    pub rng: Option<RateLimiterConfig>,
 }
 
 /// `key=value` and bare words of a device spec, in order.
@@ -59,11 +61,39 @@ fn spec_words(spec: &str) -> impl Iterator<Item = (&str, Option<&str>)> {
     })
 }
 
-/// Parses `path=FILE[,ro][,id=ID]`.
+/// Limits of a device spec: the words with `prefix` (`bw=...` for a disk, `rx_bw=...` for
+/// a network interface), without it, as the rate limiter's syntax.
+fn limits(spec: &str, prefix: &str) -> Result<RateLimiterConfig, String> {
+    let words: Vec<String> = spec_words(spec)
+        .filter_map(|(key, value)| Some(format!("{}={}", key.strip_prefix(prefix)?, value?)))
+        .filter(|w| LIMIT_KEYS.iter().any(|k| w.starts_with(&format!("{k}="))))
+        .collect();
+    if words.is_empty() {
+        return Ok(RateLimiterConfig::default());
+    }
+    parse_rate_limiter(&words.join(",")).map_err(|e| e.to_string())
+}
+
+const LIMIT_KEYS: [&str; 4] = ["bw", "ops", "bw_burst", "ops_burst"];
+
+fn is_limit_key(key: &str, prefixes: &[&str]) -> bool {
+    prefixes.iter().any(|p| key.strip_prefix(p).is_some_and(|k| LIMIT_KEYS.contains(&k)))
+}
+
+/// Parses the `--rng` limits (empty: no limits).
+pub fn parse_rng(spec: &str) -> Result<RateLimiterConfig, String> {
+    if let Some((key, _)) = spec_words(spec).find(|(key, _)| !is_limit_key(key, &[""])) {
+        return Err(format!("unknown rng setting {key:?}; expected bw=, ops=, bw_burst=, ops_burst="));
+    }
+    limits(spec, "")
+}
+
+/// Parses `path=FILE[,ro][,id=ID]` and limits.
 pub fn parse_disk(spec: &str) -> Result<BlockConfig, String> {
-    let mut disk = BlockConfig { path: PathBuf::new(), read_only: false, id: None };
+    let mut disk = BlockConfig { path: PathBuf::new(), read_only: false, id: None, limits: limits(spec, "")? };
     for (key, value) in spec_words(spec) {
         match (key, value) {
+            (key, Some(_)) if is_limit_key(key, &[""]) => {}
             ("path", Some(p)) => disk.path = PathBuf::from(p),
             ("ro", None) => disk.read_only = true,
             ("id", Some(id)) if id.len() <= ID_BYTES => disk.id = Some(id.to_string()),
@@ -77,11 +107,13 @@ pub fn parse_disk(spec: &str) -> Result<BlockConfig, String> {
     Ok(disk)
 }
 
-/// Parses `tap=NAME[,mac=MAC]`.
+/// Parses `tap=NAME[,mac=MAC]` and rx_/tx_ limits.
 pub fn parse_net(spec: &str) -> Result<NetConfig, String> {
-    let mut net = NetConfig { tap: String::new(), mac: None };
+    let mut net =
+        NetConfig { tap: String::new(), mac: None, rx_limits: limits(spec, "rx_")?, tx_limits: limits(spec, "tx_")? };
     for (key, value) in spec_words(spec) {
         match (key, value) {
+            (key, Some(_)) if is_limit_key(key, &["rx_", "tx_"]) => {}
             ("tap", Some(t)) if !t.is_empty() && t.len() <= TAP_NAME_MAX => net.tap = t.to_string(),
             ("tap", Some(_)) => return Err(format!("a tap name is 1 to {TAP_NAME_MAX} bytes")),
             ("mac", Some(m)) => {
@@ -123,7 +155,8 @@ pub struct VmConfig {
     pub serial_file: Option<PathBuf>,
     pub disks: Vec<BlockConfig>,
     pub nets: Vec<NetConfig>,
-    pub rng: bool,
+    /// The entropy device and its limits, if there is one.
+    pub rng: Option<RateLimiterConfig>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -189,7 +222,7 @@ impl VmConfig {
         for disk in &args.disks {
             check_file("disk image", &disk.path)?;
         }
-        let devices = args.disks.len() + args.nets.len() + usize::from(args.rng);
+        let devices = args.disks.len() + args.nets.len() + usize::from(args.rng.is_some());
         if devices > VIRTIO_MMIO_SLOTS {
             return Err(ConfigError::TooManyDevices(devices));
         }
@@ -234,7 +267,7 @@ mod tests {
             serial_file: None,
             disks: vec![],
             nets: vec![],
-            rng: false,
+            rng: None,
         }
     }
 
@@ -284,14 +317,24 @@ mod tests {
 
     #[test]
     fn test_parse_disk_and_net_specs() {
+        let limited = parse_rate_limiter("bw=1048576,ops=100").unwrap();
         assert_eq!(
-            parse_disk("path=/d.img,ro,id=root"),
-            Ok(BlockConfig { path: "/d.img".into(), read_only: true, id: Some("root".into()) })
+            parse_disk("path=/d.img,ro,id=root,bw=1048576,ops=100"),
+            Ok(BlockConfig { path: "/d.img".into(), read_only: true, id: Some("root".into()), limits: limited })
         );
         assert_eq!(
-            parse_net("tap=tap0,mac=52:54:00:00:00:01"),
-            Ok(NetConfig { tap: "tap0".into(), mac: Some([0x52, 0x54, 0, 0, 0, 1]) })
+            parse_net("tap=tap0,mac=52:54:00:00:00:01,tx_bw=1048576,tx_ops=100"),
+            Ok(NetConfig {
+                tap: "tap0".into(),
+                mac: Some([0x52, 0x54, 0, 0, 0, 1]),
+                rx_limits: RateLimiterConfig::default(),
+                tx_limits: limited
+            })
         );
+        assert_eq!(parse_rng(""), Ok(RateLimiterConfig::default()));
+        assert_eq!(parse_rng("bw=1048576,ops=100"), Ok(limited));
+        assert!(parse_rng("tap=x").is_err());
+        assert!(parse_disk("path=/d,bw=fast").is_err());
         for bad in ["", "ro", "path=/d,id=123456789012345678901", "path=/d,rw", "file=/d"] {
             assert!(parse_disk(bad).is_err(), "{bad}");
         }

@@ -7,6 +7,8 @@ use crate::vstate::memory::GuestMemory;
 use crate::vstate::vcpu::{IoBuses, VcpuCommand, VcpuEvent, VcpuHandle, VcpuStop};
 use crate::vstate::vm::Vm;
 use novacron_devices::legacy::Serial;
+use novacron_devices::rate_limiter::BucketUpdate;
+use novacron_devices::virtio::LimitTarget;
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -94,6 +96,7 @@ impl Machine {
             uptime_ms: self.started.elapsed().as_millis() as u64,
             kernel: self.info.kernel.clone(),
             boot_format: self.info.boot_format.clone(),
+            devices: self.virtio.iter().map(|v| v.name.clone()).collect(),
         }
     }
 
@@ -139,6 +142,25 @@ impl Machine {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Changes a rate limiter of device `name` (`set-limit`).
+    pub fn set_limit(
+        &mut self,
+        name: &str,
+        target: LimitTarget,
+        bandwidth: BucketUpdate,
+        ops: BucketUpdate,
+    ) -> Result<(), ApiError> {
+        let slot = self.virtio.iter().find(|v| v.name == name).ok_or_else(|| {
+            let known: Vec<&str> = self.virtio.iter().map(|v| v.name.as_str()).collect();
+            ApiError::new(ErrorKind::BadRequest, format!("no device {name:?}; this VM has {known:?}"))
+        })?;
+        slot.lock().device_mut().set_rate_limits(target, bandwidth, ops).map_err(|e| {
+            ApiError::new(ErrorKind::BadRequest, format!("{name}: {}", crate::process::error_chain(&e)))
+        })?;
+        tracing::info!(device = name, ?target, "rate limit changed");
         Ok(())
     }
 

@@ -22,7 +22,8 @@ pub const EXIT_USAGE: i32 = 2;
 pub fn parse_args<T: clap::Parser>() -> Result<T, i32> {
     T::try_parse().map_err(|e| {
         use clap::error::ErrorKind;
-        let shown = [ErrorKind::DisplayHelp, ErrorKind::DisplayVersion, ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand];
+        let shown =
+            [ErrorKind::DisplayHelp, ErrorKind::DisplayVersion, ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand];
         if shown.contains(&e.kind()) {
             let _ = e.print();
             return if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand { EXIT_USAGE } else { 0 };

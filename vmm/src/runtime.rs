@@ -142,6 +142,9 @@ fn handle_request(machine: &mut Machine, request: Request) -> (Response, bool) {
         Request::Pause => machine.pause(),
         Request::Resume => machine.resume(),
         Request::Shutdown => return (Response::done(), true),
+        Request::SetLimit { device, target, bandwidth, ops } => {
+            machine.set_limit(&device, target, bandwidth.into(), ops.into())
+        }
     };
     match result {
         Ok(()) => (Response::done(), false),

@@ -35,7 +35,7 @@ pub enum VirtioError {
         source: NetError,
     },
     #[error("cannot create the entropy device")]
-    Rng(#[source] std::io::Error),
+    Rng(#[source] novacron_devices::virtio::rng::RngError),
     #[error("cannot create {name}'s interrupt event fd")]
     EventFd {
         name: String,
@@ -110,7 +110,8 @@ fn new_device(config: &VmConfig, index: usize, irq: EventFd) -> Result<(String, 
             .map_err(|source| VirtioError::Net { name: name.clone(), source })?;
         return Ok((name, Box::new(dev)));
     }
-    Ok(("rng0".to_string(), Box::new(Rng::new("rng0", irq).map_err(VirtioError::Rng)?)))
+    let limits = config.rng.unwrap_or_default();
+    Ok(("rng0".to_string(), Box::new(Rng::new("rng0", limits, irq).map_err(VirtioError::Rng)?)))
 }
 
 /// Creates every virtio device of `config` in slot order (disks, network interfaces, the
@@ -121,7 +122,7 @@ pub fn attach(
     memory: &GuestMemory,
     mmio: &mut Bus,
 ) -> Result<Vec<VirtioSlot>, VirtioError> {
-    let count = config.disks.len() + config.nets.len() + usize::from(config.rng);
+    let count = config.disks.len() + config.nets.len() + usize::from(config.rng.is_some());
     let mut slots = Vec::with_capacity(count);
     for index in 0..count {
         let base = VIRTIO_MMIO_BASE + index as u64 * VIRTIO_MMIO_SLOT_SIZE;

@@ -132,3 +132,48 @@ fn kvm_shutdown_request_ends_the_vmm_with_status_0_and_removes_socket() {
     assert_eq!(status.code(), Some(0), "stderr: {stderr}");
     assert!(!sock.exists(), "the socket file is removed");
 }
+
+#[test]
+fn kvm_set_limit_changes_a_running_devices_limiter_and_refuses_bad_ones() {
+    if !kvm_or_skip("kvm_set_limit_changes_a_running_devices_limiter_and_refuses_bad_ones") {
+        return;
+    }
+    use novacron_devices::rate_limiter::TokenBucketConfig;
+    use novacron_devices::virtio::LimitTarget;
+    use novacron_vmm::api::LimitChange;
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("vm.sock");
+    let disk = dir.path().join("disk.img");
+    std::fs::File::create(&disk).unwrap().set_len(1 << 20).unwrap();
+    let mut cmd = common::vmm();
+    cmd.args(["--mem", "64", "--rng", "--cmdline", "ws=2 hb=100"])
+        .arg("--disk")
+        .arg(format!("path={}", disk.display()));
+    cmd.arg("--api-sock").arg(&sock);
+    let mut vm = novacron_guest_image::watch::Watched::spawn(cmd).unwrap();
+    vm.wait_for("HB 1", TIMEOUT, |l| matches!(l.parsed, GuestLine::Heartbeat(_))).unwrap();
+    let set = |device: &str, target, bandwidth, ops| {
+        call(&sock, Request::SetLimit { device: device.into(), target, bandwidth, ops }, CALL_TIMEOUT)
+    };
+    let bucket = |size| LimitChange::Set(TokenBucketConfig { size, one_time_burst: 0, refill_time_ms: 1000 });
+
+    let status = call(&sock, Request::Status, CALL_TIMEOUT).unwrap().status.unwrap();
+    let ok_disk = set("disk0", LimitTarget::Device, bucket(1 << 20), bucket(100));
+    let ok_off = set("rng0", LimitTarget::Device, LimitChange::Off, LimitChange::Keep);
+    let wrong_target = set("disk0", LimitTarget::Rx, bucket(1), LimitChange::Keep);
+    let unknown = set("disk9", LimitTarget::Device, bucket(1), LimitChange::Keep);
+    let zero = set("disk0", LimitTarget::Device, bucket(0), LimitChange::Keep);
+    let seq = *vm.heartbeats().last().unwrap();
+    let alive =
+        vm.wait_for("a later heartbeat", TIMEOUT, |l| matches!(l.parsed, GuestLine::Heartbeat(s) if s > seq + 2));
+
+    assert_eq!(status.devices, vec!["disk0".to_string(), "rng0".to_string()]);
+    assert!(ok_disk.is_ok() && ok_off.is_ok(), "{ok_disk:?} {ok_off:?}");
+    for (what, r) in [("wrong target", wrong_target), ("unknown device", unknown), ("zero-size bucket", zero)] {
+        match r {
+            Err(ClientError::Refused(e)) => assert_eq!(e.kind, ErrorKind::BadRequest, "{what}: {e}"),
+            other => panic!("{what}: expected a refusal, got {other:?}"),
+        }
+    }
+    assert!(alive.is_ok(), "the VM keeps running");
+}

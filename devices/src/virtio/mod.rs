@@ -18,6 +18,7 @@ pub mod persist;
 pub mod rng;
 
 use crate::GuestMemory;
+use crate::rate_limiter::{BucketUpdate, RateLimiter, RateLimiterError, TokenType};
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU32, Ordering};
 use virtio_queue::{Queue, QueueT};
@@ -187,11 +188,57 @@ pub trait VirtioDevice: Send {
     fn event_sources(&self) -> Vec<EventSource>;
     /// An event source of `event_sources` fired.
     fn handle_event(&mut self, id: u32);
+    /// Changes a rate limiter of the running device (`set-limit`).
+    fn set_rate_limits(
+        &mut self,
+        target: LimitTarget,
+        bandwidth: BucketUpdate,
+        ops: BucketUpdate,
+    ) -> Result<(), LimitError>;
     /// The device's whole state (see `persist`).
     fn save_state(&self) -> persist::DeviceState;
     /// Checks `state` completely against this device, then applies it; on an error the
     /// device is unchanged.
     fn restore_state(&mut self, state: &persist::DeviceState, mem: &GuestMemory) -> Result<(), persist::PersistError>;
+}
+
+/// Which of a device's rate limiters a `set-limit` is for: block and entropy devices have
+/// one, network devices one per direction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LimitTarget {
+    Device,
+    Rx,
+    Tx,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LimitError {
+    #[error("{device} has no {target:?} rate limiter (use {expected})")]
+    NoSuchLimiter { device: String, target: LimitTarget, expected: &'static str },
+    #[error(transparent)]
+    Limiter(#[from] RateLimiterError),
+}
+
+/// Asks `limiter` for one request of `bytes`: an operation and its bytes, or neither.
+pub fn admit(limiter: &mut RateLimiter, bytes: u64) -> bool {
+    if !limiter.consume(1, TokenType::Ops) {
+        return false;
+    }
+    if bytes > 0 && !limiter.consume(bytes, TokenType::Bytes) {
+        limiter.manual_replenish(1, TokenType::Ops);
+        return false;
+    }
+    true
+}
+
+/// The limiter's timer fired: unblock it. A spurious wake-up (an update unblocked it in
+/// between) is harmless.
+pub fn limiter_fired(limiter: &mut RateLimiter, device: &str) {
+    match limiter.event_handler() {
+        Ok(()) | Err(RateLimiterError::SpuriousEvent) => {}
+        Err(e) => tracing::warn!(device, "rate limiter timer: {e}"),
+    }
 }
 
 /// What a device's chain handler decided.

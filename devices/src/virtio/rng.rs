@@ -2,15 +2,24 @@
 
 use super::chain;
 use super::persist::{CommonState, DeviceState, PersistError, check_version, wrong_device};
-use super::{DeviceCommon, EventSource, Served, TYPE_RNG, VirtioDevice, serve_queue};
+use super::{
+    DeviceCommon, EventSource, LimitError, LimitTarget, Served, TYPE_RNG, VirtioDevice, admit, limiter_fired,
+    serve_queue,
+};
+use crate::rate_limiter::{BucketUpdate, RateLimiter, RateLimiterConfig, RateLimiterError, RateLimiterState};
+use std::os::fd::AsRawFd;
 use vmm_sys_util::eventfd::EventFd;
 
 pub const QUEUE_SIZE: u16 = 64;
 /// At most this much entropy per request: a driver cannot make the VMM allocate more.
 const MAX_REQUEST_BYTES: u64 = 64 * 1024;
 
+/// Event source id of the rate limiter's timer.
+const EVENT_LIMITER: u32 = 0;
+
 pub struct Rng {
     common: DeviceCommon,
+    limiter: RateLimiter,
     buffer: Vec<u8>,
 }
 
@@ -33,8 +42,10 @@ fn fill_random(buf: &mut [u8]) -> std::io::Result<()> {
 }
 
 impl Rng {
-    pub fn new(name: &str, irq: EventFd) -> std::io::Result<Self> {
-        Ok(Rng { common: DeviceCommon::new(name, 0, &[QUEUE_SIZE], irq)?, buffer: Vec::new() })
+    pub fn new(name: &str, limits: RateLimiterConfig, irq: EventFd) -> Result<Self, RngError> {
+        let common = DeviceCommon::new(name, 0, &[QUEUE_SIZE], irq).map_err(RngError::Setup)?;
+        let limiter = RateLimiter::new(limits).map_err(RngError::Limiter)?;
+        Ok(Rng { common, limiter, buffer: Vec::new() })
     }
 
     fn handle_chain(
@@ -64,6 +75,14 @@ impl Rng {
     }
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum RngError {
+    #[error("cannot set up the device's queue and event fds")]
+    Setup(#[source] std::io::Error),
+    #[error("invalid rate limit")]
+    Limiter(#[source] RateLimiterError),
+}
+
 impl VirtioDevice for Rng {
     fn device_type(&self) -> u32 {
         TYPE_RNG
@@ -88,34 +107,68 @@ impl VirtioDevice for Rng {
     fn reset_device(&mut self) {}
 
     fn process_queue(&mut self, index: usize) {
-        let (buffer, id) = (&mut self.buffer, &self.common.id.clone());
-        serve_queue(&mut self.common, index, |chain, mem| Served::Used(Self::handle_chain(buffer, id, chain, mem)));
+        let (limiter, buffer, id) = (&mut self.limiter, &mut self.buffer, self.common.id.clone());
+        serve_queue(&mut self.common, index, |chain, mem| {
+            let bytes = chain::check(&chain, mem).map_or(0, |s| s.writable_bytes.min(MAX_REQUEST_BYTES));
+            if !admit(limiter, bytes) {
+                return Served::Later;
+            }
+            Served::Used(Self::handle_chain(buffer, &id, chain, mem))
+        });
     }
 
     fn event_sources(&self) -> Vec<EventSource> {
-        Vec::new()
+        vec![EventSource { fd: self.limiter.as_raw_fd(), id: EVENT_LIMITER, edge: false }]
     }
 
-    fn handle_event(&mut self, _id: u32) {}
+    fn handle_event(&mut self, id: u32) {
+        if id == EVENT_LIMITER {
+            limiter_fired(&mut self.limiter, &self.common.id);
+            self.process_queue(0);
+        }
+    }
+
+    fn set_rate_limits(
+        &mut self,
+        target: LimitTarget,
+        bandwidth: BucketUpdate,
+        ops: BucketUpdate,
+    ) -> Result<(), LimitError> {
+        if target != LimitTarget::Device {
+            return Err(LimitError::NoSuchLimiter { device: self.common.id.clone(), target, expected: "device" });
+        }
+        self.limiter.update_buckets(bandwidth, ops)?;
+        if !self.limiter.is_blocked() {
+            self.process_queue(0);
+        }
+        Ok(())
+    }
 
     fn save_state(&self) -> DeviceState {
-        DeviceState::Rng(RngState { version: RNG_STATE_VERSION, common: self.common.save() })
+        DeviceState::Rng(RngState {
+            version: RNG_STATE_VERSION,
+            common: self.common.save(),
+            limiter: self.limiter.save(),
+        })
     }
 
     fn restore_state(&mut self, state: &DeviceState, mem: &crate::GuestMemory) -> Result<(), PersistError> {
         let DeviceState::Rng(s) = state else { return Err(wrong_device(state, "rng")) };
         check_version("virtio-rng", s.version, RNG_STATE_VERSION)?;
         let checked = self.common.check_restore(&s.common, mem)?;
+        let limiter = RateLimiter::restore(&s.limiter).map_err(|e| PersistError::Limiter(e.to_string()))?;
         self.common.apply_restore(checked, mem);
+        self.limiter = limiter;
         Ok(())
     }
 }
 
 pub const RNG_STATE_VERSION: u16 = 1;
 
-/// virtio-rng keeps nothing of its own: the common virtio state is all.
+/// virtio-rng keeps only its rate limiter besides the common virtio state.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RngState {
     pub version: u16,
     pub common: CommonState,
+    pub limiter: RateLimiterState,
 }

@@ -1,10 +1,23 @@
 //! The workload's parameters, from the kernel command line: `key=value` words.
 
+/// Block test: at most this many sectors.
+pub const MAX_BLK_SECTORS: u64 = 256;
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum ExitMode {
     PowerOff,
     Reset,
     TripleFault,
+}
+
+/// The virtio-net test (`net=`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum NetTest {
+    Off,
+    /// Send this many frames and wait for their echoes.
+    Send(u64),
+    /// Echo every frame received, for as long as the guest runs.
+    Echo,
 }
 
 pub struct Params {
@@ -21,6 +34,11 @@ pub struct Params {
     pub exit_mode: ExitMode,
     /// Corrupt one page before this verification epoch (0: never), to show a FAIL verdict.
     pub corrupt_epoch: u64,
+    /// Sectors each block device's test writes and reads back (0: no block test).
+    pub blk_sectors: u64,
+    pub net: NetTest,
+    /// Bytes asked of the entropy device (0: no entropy test).
+    pub rng_bytes: u64,
 }
 
 fn parse_u64(s: &[u8]) -> Option<u64> {
@@ -48,6 +66,9 @@ pub fn parse(cmdline: &[u8], mut bad: impl FnMut(&[u8])) -> Params {
         exit_after: 0,
         exit_mode: ExitMode::PowerOff,
         corrupt_epoch: 0,
+        blk_sectors: 0,
+        net: NetTest::Off,
+        rng_bytes: 0,
     };
     for word in cmdline.split(|&c| c == b' ') {
         let Some(eq) = word.iter().position(|&c| c == b'=') else {
@@ -63,6 +84,14 @@ pub fn parse(cmdline: &[u8], mut bad: impl FnMut(&[u8])) -> Params {
             }
             continue;
         }
+        if key == b"net" {
+            match (value, value.strip_prefix(b"send:").and_then(parse_u64)) {
+                (b"echo", _) => p.net = NetTest::Echo,
+                (_, Some(n)) if n > 0 => p.net = NetTest::Send(n),
+                _ => bad(word),
+            }
+            continue;
+        }
         let slot = match key {
             b"ws" => &mut p.ws_mib,
             b"rate" => &mut p.rate,
@@ -70,6 +99,8 @@ pub fn parse(cmdline: &[u8], mut bad: impl FnMut(&[u8])) -> Params {
             b"hb" => &mut p.hb_ms,
             b"exit" => &mut p.exit_after,
             b"corrupt" => &mut p.corrupt_epoch,
+            b"blk" => &mut p.blk_sectors,
+            b"rng" => &mut p.rng_bytes,
             _ => continue,
         };
         match parse_u64(value) {
@@ -79,5 +110,7 @@ pub fn parse(cmdline: &[u8], mut bad: impl FnMut(&[u8])) -> Params {
     }
     p.verify_ms = p.verify_ms.max(1);
     p.hb_ms = p.hb_ms.max(1);
+    p.blk_sectors = p.blk_sectors.min(MAX_BLK_SECTORS);
+    p.rng_bytes = p.rng_bytes.min(crate::rng::MAX_BYTES);
     p
 }

@@ -3,11 +3,16 @@
 
 use core::arch::asm;
 
+// Each step of a `rep` string instruction costs the emulator about as much as a whole
+// instruction (1.5 us), so the bulk moves in 8-byte steps and only the tail byte-wise.
+
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn memcpy(dest: *mut u8, src: *const u8, n: usize) -> *mut u8 {
-    // SAFETY: the caller promises valid, non-overlapping ranges.
+    // SAFETY: the caller promises valid, non-overlapping ranges of n bytes; movsq moves the
+    // first n & !7 bytes, movsb the rest, with the pointers advancing across both.
     unsafe {
-        asm!("rep movsb", inout("rcx") n => _, inout("rdi") dest => _, inout("rsi") src => _,
+        asm!("rep movsq", "mov rcx, {tail}", "rep movsb", tail = in(reg) n & 7,
+             inout("rcx") n >> 3 => _, inout("rdi") dest => _, inout("rsi") src => _,
              options(nostack, preserves_flags));
     }
     dest
@@ -29,9 +34,12 @@ pub unsafe extern "C" fn memmove(dest: *mut u8, src: *const u8, n: usize) -> *mu
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn memset(dest: *mut u8, c: i32, n: usize) -> *mut u8 {
-    // SAFETY: the caller promises a valid range.
+    let byte = u64::from(c as u8);
+    // SAFETY: the caller promises a valid range of n bytes: stosq fills the first n & !7,
+    // stosb the rest; rax holds the byte repeated in all eight lanes.
     unsafe {
-        asm!("rep stosb", inout("rcx") n => _, inout("rdi") dest => _, in("al") c as u8,
+        asm!("rep stosq", "mov rcx, {tail}", "rep stosb", tail = in(reg) n & 7,
+             inout("rcx") n >> 3 => _, inout("rdi") dest => _, in("rax") byte * 0x0101_0101_0101_0101,
              options(nostack, preserves_flags));
     }
     dest

@@ -9,7 +9,7 @@
 //! <- {"version":1,"ok":false,"error":{"kind":"unsupported_version","message":"..."}}
 //! ```
 //!
-//! Operations: `status`, `pause`, `resume`, `shutdown`. Version policy: the VMM answers
+//! Operations: `status`, `pause`, `resume`, `shutdown`, `set_limit`. Version policy: the VMM answers
 //! requests of its own version and of the one before it; a request it cannot read gets an
 //! error reply, never a closed connection without a word. The full description, with every
 //! error kind, is `docs/control-socket.md`.
@@ -17,6 +17,8 @@
 pub mod client;
 pub mod server;
 
+use novacron_devices::rate_limiter::{BucketUpdate, TokenBucketConfig};
+use novacron_devices::virtio::LimitTarget;
 use serde::{Deserialize, Serialize};
 
 /// The protocol version this VMM speaks.
@@ -26,13 +28,47 @@ pub const API_MIN_VERSION: u32 = 1;
 /// Longest request line accepted.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 
-#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
     Status,
     Pause,
     Resume,
     Shutdown,
+    /// Changes a device's rate limiter while the VM runs.
+    SetLimit {
+        device: String,
+        #[serde(default = "default_target")]
+        target: LimitTarget,
+        #[serde(default)]
+        bandwidth: LimitChange,
+        #[serde(default)]
+        ops: LimitChange,
+    },
+}
+
+fn default_target() -> LimitTarget {
+    LimitTarget::Device
+}
+
+/// What to do with one bucket of a rate limiter.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LimitChange {
+    #[default]
+    Keep,
+    Off,
+    Set(TokenBucketConfig),
+}
+
+impl From<LimitChange> for BucketUpdate {
+    fn from(c: LimitChange) -> Self {
+        match c {
+            LimitChange::Keep => BucketUpdate::None,
+            LimitChange::Off => BucketUpdate::Disabled,
+            LimitChange::Set(config) => BucketUpdate::Update(config),
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -68,6 +104,9 @@ pub struct VmStatus {
     /// The kernel's path, or "test-guest" for the bundled one.
     pub kernel: String,
     pub boot_format: String,
+    /// The virtio devices by name ("disk0", "net0", "rng0"), in slot order.
+    #[serde(default)]
+    pub devices: Vec<String>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
@@ -189,5 +228,32 @@ mod tests {
         let text = serde_json::to_string(&r).unwrap();
         assert_eq!(serde_json::from_str::<Response>(&text).unwrap(), r);
         assert!(!text.contains("status"));
+    }
+
+    #[test]
+    fn test_parse_request_set_limit_with_defaults_and_explicit_changes() {
+        let minimal = parse_request(br#"{"version":1,"op":"set_limit","device":"disk0"}"#);
+        let full = parse_request(
+            br#"{"version":1,"op":"set_limit","device":"net0","target":"tx","bandwidth":{"set":{"size":1000,"refill_time_ms":100}},"ops":"off"}"#,
+        );
+        let bad_bucket =
+            parse_request(br#"{"version":1,"op":"set_limit","device":"d","bandwidth":{"set":{"size":1}}}"#);
+
+        assert_eq!(
+            minimal,
+            Ok(Request::SetLimit {
+                device: "disk0".into(),
+                target: LimitTarget::Device,
+                bandwidth: LimitChange::Keep,
+                ops: LimitChange::Keep
+            })
+        );
+        let Ok(Request::SetLimit { target, bandwidth, ops, .. }) = full else { panic!("{full:?}") };
+        assert_eq!((target, ops), (LimitTarget::Tx, LimitChange::Off));
+        assert_eq!(
+            bandwidth,
+            LimitChange::Set(TokenBucketConfig { size: 1000, one_time_burst: 0, refill_time_ms: 100 })
+        );
+        assert_eq!(bad_bucket.unwrap_err().kind, ErrorKind::BadRequest);
     }
 }

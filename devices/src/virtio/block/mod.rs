@@ -9,9 +9,14 @@ pub use persist::{BLOCK_STATE_VERSION, BlockState};
 
 use super::chain;
 use super::persist::{DeviceState, PersistError};
-use super::{DeviceCommon, EventSource, Served, TYPE_BLOCK, VirtioDevice, serve_queue};
+use super::{
+    DeviceCommon, EventSource, LimitError, LimitTarget, Served, TYPE_BLOCK, VirtioDevice, admit, limiter_fired,
+    serve_queue,
+};
+use crate::rate_limiter::{BucketUpdate, RateLimiter, RateLimiterConfig, RateLimiterError};
 use disk::Disk;
 use request::{VIRTIO_BLK_S_OK, execute, read_header};
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -30,11 +35,17 @@ pub struct BlockConfig {
     pub read_only: bool,
     /// GET_ID's answer, at most 20 bytes; the file name when absent.
     pub id: Option<String>,
+    /// Bandwidth (bytes) and request limits; none by default.
+    pub limits: RateLimiterConfig,
 }
+
+/// Event source id of the rate limiter's timer.
+const EVENT_LIMITER: u32 = 0;
 
 pub struct Block {
     common: DeviceCommon,
     disk: Disk,
+    limiter: RateLimiter,
     config_space: [u8; 24],
     buffer: Vec<u8>,
 }
@@ -52,7 +63,8 @@ impl Block {
         config_space[..8].copy_from_slice(&disk.sectors().to_le_bytes());
         config_space[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
         config_space[20..24].copy_from_slice(&(disk::SECTOR_SIZE as u32).to_le_bytes());
-        Ok(Block { common, disk, config_space, buffer: Vec::new() })
+        let limiter = RateLimiter::new(config.limits).map_err(BlockError::Limiter)?;
+        Ok(Block { common, disk, limiter, config_space, buffer: Vec::new() })
     }
 
     pub fn disk(&self) -> &Disk {
@@ -103,6 +115,8 @@ pub enum BlockError {
     Disk(#[from] disk::DiskError),
     #[error("cannot set up the device's queues and event fds")]
     Setup(#[source] std::io::Error),
+    #[error("invalid rate limit")]
+    Limiter(#[source] RateLimiterError),
 }
 
 impl VirtioDevice for Block {
@@ -131,17 +145,43 @@ impl VirtioDevice for Block {
     fn reset_device(&mut self) {}
 
     fn process_queue(&mut self, index: usize) {
-        let (buffer, id) = (&mut self.buffer, &self.common.id.clone());
+        let (disk, limiter, buffer, id) = (&self.disk, &mut self.limiter, &mut self.buffer, self.common.id.clone());
         serve_queue(&mut self.common, index, |chain, mem| {
-            Served::Used(Self::handle_chain(&self.disk, buffer, id, chain, mem))
+            // The request's cost: its data, in whichever direction it moves.
+            let bytes = chain::check(&chain, mem).map_or(0, |s| s.readable_bytes.max(s.writable_bytes));
+            if !admit(limiter, bytes) {
+                return Served::Later;
+            }
+            Served::Used(Self::handle_chain(disk, buffer, &id, chain, mem))
         });
     }
 
     fn event_sources(&self) -> Vec<EventSource> {
-        Vec::new()
+        vec![EventSource { fd: self.limiter.as_raw_fd(), id: EVENT_LIMITER, edge: false }]
     }
 
-    fn handle_event(&mut self, _id: u32) {}
+    fn handle_event(&mut self, id: u32) {
+        if id == EVENT_LIMITER {
+            limiter_fired(&mut self.limiter, &self.common.id);
+            self.process_queue(0);
+        }
+    }
+
+    fn set_rate_limits(
+        &mut self,
+        target: LimitTarget,
+        bandwidth: BucketUpdate,
+        ops: BucketUpdate,
+    ) -> Result<(), LimitError> {
+        if target != LimitTarget::Device {
+            return Err(LimitError::NoSuchLimiter { device: self.common.id.clone(), target, expected: "device" });
+        }
+        self.limiter.update_buckets(bandwidth, ops)?;
+        if !self.limiter.is_blocked() {
+            self.process_queue(0);
+        }
+        Ok(())
+    }
 
     fn save_state(&self) -> DeviceState {
         self.save()
@@ -192,7 +232,12 @@ mod tests {
         let image = tempfile::NamedTempFile::new().unwrap();
         image.as_file().set_len(64 * 1024).unwrap();
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let config = BlockConfig { path: image.path().into(), read_only, id: Some("disk-under-test".into()) };
+        let config = BlockConfig {
+            path: image.path().into(),
+            read_only,
+            id: Some("disk-under-test".into()),
+            limits: Default::default(),
+        };
         let block = Block::new("disk0", &config, irq.try_clone().unwrap()).unwrap();
         let mut t = MmioTransport::new(Box::new(block), mem.clone());
         let q = QueueDriver::new(GuestAddress(0x10000), 16);
@@ -352,7 +397,7 @@ mod persist_tests {
 
     fn transport(mem: &GuestMemory, image: &std::path::Path, read_only: bool) -> MmioTransport {
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let config = BlockConfig { path: image.into(), read_only, id: None };
+        let config = BlockConfig { path: image.into(), read_only, id: None, limits: Default::default() };
         MmioTransport::new(Box::new(Block::new("disk0", &config, irq).unwrap()), mem.clone())
     }
 
@@ -404,7 +449,11 @@ mod persist_tests {
         let corrupt = [
             with(&|s| s.version = 9),
             with(&|s| {
-                s.device = DeviceState::Rng(crate::virtio::rng::RngState { version: 1, common: block.common.clone() })
+                s.device = DeviceState::Rng(crate::virtio::rng::RngState {
+                    version: 1,
+                    common: block.common.clone(),
+                    limiter: block.limiter.clone(),
+                })
             }),
             with(&|s| s.registers.status = 0xff00),
             with(&|s| s.registers.status = 0),

@@ -1,10 +1,12 @@
 //! virtio-blk state: the common virtio state and what identifies the disk. The image's
 //! contents are not part of it (they are the file, or the destination's copy of it); its
-//! size, read-only flag and ID must match, or the guest would see its disk change.
+//! size, read-only flag and ID must match, or the guest would see its disk change. The rate limiter's buckets are
+//! carried over, so a throttled guest stays throttled.
 
 use super::Block;
 use super::disk::ID_BYTES;
 use crate::GuestMemory;
+use crate::rate_limiter::{RateLimiter, RateLimiterState};
 use crate::virtio::persist::{CommonState, DeviceState, PersistError, check_same, check_version, wrong_device};
 use serde::{Deserialize, Serialize};
 
@@ -17,6 +19,7 @@ pub struct BlockState {
     pub sectors: u64,
     pub read_only: bool,
     pub id: [u8; ID_BYTES],
+    pub limiter: RateLimiterState,
 }
 
 impl Block {
@@ -27,6 +30,7 @@ impl Block {
             sectors: self.disk.sectors(),
             read_only: self.disk.read_only(),
             id: *self.disk.id(),
+            limiter: self.limiter.save(),
         })
     }
 
@@ -37,7 +41,9 @@ impl Block {
         check_same("read-only flag", &s.read_only, &self.disk.read_only())?;
         check_same("disk id", &s.id, self.disk.id())?;
         let checked = self.common.check_restore(&s.common, mem)?;
+        let limiter = RateLimiter::restore(&s.limiter).map_err(|e| PersistError::Limiter(e.to_string()))?;
         self.common.apply_restore(checked, mem);
+        self.limiter = limiter;
         Ok(())
     }
 }

@@ -9,8 +9,12 @@ pub use persist::{NET_STATE_VERSION, NetState};
 
 use super::chain;
 use super::persist::{DeviceState, PersistError};
-use super::{DeviceCommon, EventSource, INT_USED_RING, Served, TYPE_NET, VirtioDevice, serve_queue};
+use super::{
+    DeviceCommon, EventSource, INT_USED_RING, LimitError, LimitTarget, Served, TYPE_NET, VirtioDevice, admit,
+    limiter_fired, serve_queue,
+};
 use crate::GuestMemory;
+use crate::rate_limiter::{BucketUpdate, RateLimiter, RateLimiterConfig, RateLimiterError, TokenType};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use tap::{Tap, TapError};
@@ -24,14 +28,19 @@ pub const VIRTIO_NET_F_MAC: u64 = 1 << 5;
 pub const HEADER_BYTES: usize = 12;
 /// The largest frame we move: a 1500-byte MTU Ethernet frame with a VLAN tag, rounded up.
 pub const MAX_FRAME: usize = 1522;
-/// Event source id of the tap.
+/// Event source ids: the tap, and the two rate limiters' timers.
 const EVENT_TAP: u32 = 0;
+const EVENT_RX_LIMITER: u32 = 1;
+const EVENT_TX_LIMITER: u32 = 2;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetConfig {
     pub tap: String,
     /// A locally administered address derived from the tap's name when absent.
     pub mac: Option<[u8; 6]>,
+    /// Limits on frames the guest receives, and on frames it sends.
+    pub rx_limits: RateLimiterConfig,
+    pub tx_limits: RateLimiterConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +49,8 @@ pub enum NetError {
     Tap(#[from] TapError),
     #[error("cannot set up the device's queues and event fds")]
     Setup(#[source] std::io::Error),
+    #[error("invalid rate limit")]
+    Limiter(#[source] RateLimiterError),
 }
 
 /// Parses `52:54:00:12:34:56`.
@@ -67,6 +78,8 @@ pub struct Net {
     common: DeviceCommon,
     tap: Tap,
     mac: [u8; 6],
+    rx_limiter: RateLimiter,
+    tx_limiter: RateLimiter,
     /// A frame read from the tap that no receive buffer has taken yet (empty: none).
     pending_rx: Vec<u8>,
     frame: Vec<u8>,
@@ -78,7 +91,9 @@ impl Net {
         let common =
             DeviceCommon::new(name, VIRTIO_NET_F_MAC, &[QUEUE_SIZE, QUEUE_SIZE], irq).map_err(NetError::Setup)?;
         let mac = config.mac.unwrap_or_else(|| mac_for(&config.tap));
-        Ok(Net { common, tap, mac, pending_rx: Vec::new(), frame: vec![0; MAX_FRAME] })
+        let rx_limiter = RateLimiter::new(config.rx_limits).map_err(NetError::Limiter)?;
+        let tx_limiter = RateLimiter::new(config.tx_limits).map_err(NetError::Limiter)?;
+        Ok(Net { common, tap, mac, rx_limiter, tx_limiter, pending_rx: Vec::new(), frame: vec![0; MAX_FRAME] })
     }
 
     pub fn mac(&self) -> [u8; 6] {
@@ -92,6 +107,7 @@ impl Net {
     /// One transmit chain: header, then the frame, all device-readable.
     fn transmit(
         tap: &Tap,
+        limiter: &mut RateLimiter,
         frame: &mut Vec<u8>,
         id: &str,
         chain: virtio_queue::DescriptorChain<&GuestMemory>,
@@ -105,6 +121,9 @@ impl Net {
             }
         };
         let len = shape.readable_bytes as usize;
+        if !admit(limiter, len.saturating_sub(HEADER_BYTES) as u64) {
+            return Served::Later;
+        }
         if !(HEADER_BYTES + 14..=HEADER_BYTES + MAX_FRAME).contains(&len) {
             tracing::debug!(device = %id, "virtio-net: dropped a {len}-byte transmit buffer");
             return Served::Used(0);
@@ -143,12 +162,20 @@ impl Net {
                 }
             }
             let queue = &mut self.common.queues[RX_QUEUE];
+            // Limited: the frame waits in `pending_rx` until the limiter's timer fires.
+            if !admit(&mut self.rx_limiter, self.pending_rx.len() as u64) {
+                break;
+            }
             let chain = match queue.iter(&mem) {
                 Ok(mut avail) => avail.next(),
                 Err(e) => return self.common.mark_broken(&format!("the receive ring is invalid ({e})")),
             };
             // No buffer: keep the frame; the driver's next notification brings us back.
-            let Some(chain) = chain else { break };
+            let Some(chain) = chain else {
+                self.rx_limiter.manual_replenish(1, TokenType::Ops);
+                self.rx_limiter.manual_replenish(self.pending_rx.len() as u64, TokenType::Bytes);
+                break;
+            };
             let head = chain.head_index();
             let used = Self::fill_receive_buffer(&self.pending_rx, &self.common.id, chain, &mem);
             self.pending_rx.clear();
@@ -226,21 +253,61 @@ impl VirtioDevice for Net {
         match index {
             RX_QUEUE => self.receive(),
             TX_QUEUE => {
-                let (tap, frame, id) = (&self.tap, &mut self.frame, self.common.id.clone());
-                serve_queue(&mut self.common, TX_QUEUE, |chain, mem| Self::transmit(tap, frame, &id, chain, mem));
+                let (tap, limiter, frame, id) =
+                    (&self.tap, &mut self.tx_limiter, &mut self.frame, self.common.id.clone());
+                serve_queue(&mut self.common, TX_QUEUE, |chain, mem| {
+                    Self::transmit(tap, limiter, frame, &id, chain, mem)
+                });
             }
             _ => {}
         }
     }
 
     fn event_sources(&self) -> Vec<EventSource> {
-        vec![EventSource { fd: self.tap.as_raw_fd(), id: EVENT_TAP, edge: true }]
+        vec![
+            EventSource { fd: self.tap.as_raw_fd(), id: EVENT_TAP, edge: true },
+            EventSource { fd: self.rx_limiter.as_raw_fd(), id: EVENT_RX_LIMITER, edge: false },
+            EventSource { fd: self.tx_limiter.as_raw_fd(), id: EVENT_TX_LIMITER, edge: false },
+        ]
     }
 
     fn handle_event(&mut self, id: u32) {
-        if id == EVENT_TAP {
-            self.receive();
+        match id {
+            EVENT_TAP => self.receive(),
+            EVENT_RX_LIMITER => {
+                limiter_fired(&mut self.rx_limiter, &self.common.id);
+                self.receive();
+            }
+            EVENT_TX_LIMITER => {
+                limiter_fired(&mut self.tx_limiter, &self.common.id);
+                self.process_queue(TX_QUEUE);
+            }
+            _ => {}
         }
+    }
+
+    fn set_rate_limits(
+        &mut self,
+        target: LimitTarget,
+        bandwidth: BucketUpdate,
+        ops: BucketUpdate,
+    ) -> Result<(), LimitError> {
+        let limiter = match target {
+            LimitTarget::Rx => &mut self.rx_limiter,
+            LimitTarget::Tx => &mut self.tx_limiter,
+            LimitTarget::Device => {
+                return Err(LimitError::NoSuchLimiter { device: self.common.id.clone(), target, expected: "rx or tx" });
+            }
+        };
+        limiter.update_buckets(bandwidth, ops)?;
+        let unblocked = !limiter.is_blocked();
+        if unblocked {
+            match target {
+                LimitTarget::Rx => self.receive(),
+                _ => self.process_queue(TX_QUEUE),
+            }
+        }
+        Ok(())
     }
 
     fn save_state(&self) -> DeviceState {
