@@ -5,6 +5,34 @@
 mod persist;
 pub mod tap;
 
+/// Where a network device's frames go and come from: a tap in the VMM, a Unix datagram
+/// socket in benchmarks and fuzzing (a real socket, with the same non-blocking semantics).
+pub trait FrameBackend: AsRawFd + Send {
+    /// One frame, or WouldBlock when none is waiting.
+    fn read_frame(&self, buf: &mut [u8]) -> std::io::Result<usize>;
+    fn write_frame(&self, frame: &[u8]) -> std::io::Result<usize>;
+}
+
+impl FrameBackend for Tap {
+    fn read_frame(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+        Tap::read_frame(self, buf)
+    }
+
+    fn write_frame(&self, frame: &[u8]) -> std::io::Result<usize> {
+        Tap::write_frame(self, frame)
+    }
+}
+
+impl FrameBackend for std::os::unix::net::UnixDatagram {
+    fn read_frame(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.recv(buf)
+    }
+
+    fn write_frame(&self, frame: &[u8]) -> std::io::Result<usize> {
+        self.send(frame)
+    }
+}
+
 pub use persist::{NET_STATE_VERSION, NetState};
 
 use super::chain;
@@ -76,7 +104,7 @@ fn mac_for(name: &str) -> [u8; 6] {
 
 pub struct Net {
     common: DeviceCommon,
-    tap: Tap,
+    backend: Box<dyn FrameBackend>,
     mac: [u8; 6],
     rx_limiter: RateLimiter,
     tx_limiter: RateLimiter,
@@ -88,25 +116,32 @@ pub struct Net {
 impl Net {
     pub fn new(name: &str, config: &NetConfig, irq: EventFd) -> Result<Self, NetError> {
         let tap = Tap::open(&config.tap)?;
+        let mac = config.mac.unwrap_or_else(|| mac_for(&config.tap));
+        Self::with_backend(name, mac, config, Box::new(tap), irq)
+    }
+
+    /// A device on any frame backend (the tap named in `config` is not opened).
+    pub fn with_backend(
+        name: &str,
+        mac: [u8; 6],
+        config: &NetConfig,
+        backend: Box<dyn FrameBackend>,
+        irq: EventFd,
+    ) -> Result<Self, NetError> {
         let common =
             DeviceCommon::new(name, VIRTIO_NET_F_MAC, &[QUEUE_SIZE, QUEUE_SIZE], irq).map_err(NetError::Setup)?;
-        let mac = config.mac.unwrap_or_else(|| mac_for(&config.tap));
         let rx_limiter = RateLimiter::new(config.rx_limits).map_err(NetError::Limiter)?;
         let tx_limiter = RateLimiter::new(config.tx_limits).map_err(NetError::Limiter)?;
-        Ok(Net { common, tap, mac, rx_limiter, tx_limiter, pending_rx: Vec::new(), frame: vec![0; MAX_FRAME] })
+        Ok(Net { common, backend, mac, rx_limiter, tx_limiter, pending_rx: Vec::new(), frame: vec![0; MAX_FRAME] })
     }
 
     pub fn mac(&self) -> [u8; 6] {
         self.mac
     }
 
-    pub fn tap_name(&self) -> &str {
-        self.tap.name()
-    }
-
     /// One transmit chain: header, then the frame, all device-readable.
     fn transmit(
-        tap: &Tap,
+        backend: &dyn FrameBackend,
         limiter: &mut RateLimiter,
         frame: &mut Vec<u8>,
         id: &str,
@@ -135,7 +170,7 @@ impl Net {
             return Served::Used(0);
         }
         // A full tap drops the frame, as a full switch port would.
-        if let Err(e) = tap.write_frame(frame) {
+        if let Err(e) = backend.write_frame(frame) {
             tracing::debug!(device = %id, "virtio-net: tap write failed, frame dropped: {e}");
         }
         Served::Used(0)
@@ -151,7 +186,7 @@ impl Net {
         loop {
             if self.pending_rx.is_empty() {
                 self.frame.resize(MAX_FRAME, 0);
-                match self.tap.read_frame(&mut self.frame) {
+                match self.backend.read_frame(&mut self.frame) {
                     Ok(0) => break,
                     Ok(n) => self.pending_rx.extend_from_slice(&self.frame[..n]),
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
@@ -253,10 +288,10 @@ impl VirtioDevice for Net {
         match index {
             RX_QUEUE => self.receive(),
             TX_QUEUE => {
-                let (tap, limiter, frame, id) =
-                    (&self.tap, &mut self.tx_limiter, &mut self.frame, self.common.id.clone());
+                let (backend, limiter, frame, id) =
+                    (self.backend.as_ref(), &mut self.tx_limiter, &mut self.frame, self.common.id.clone());
                 serve_queue(&mut self.common, TX_QUEUE, |chain, mem| {
-                    Self::transmit(tap, limiter, frame, &id, chain, mem)
+                    Self::transmit(backend, limiter, frame, &id, chain, mem)
                 });
             }
             _ => {}
@@ -265,7 +300,7 @@ impl VirtioDevice for Net {
 
     fn event_sources(&self) -> Vec<EventSource> {
         vec![
-            EventSource { fd: self.tap.as_raw_fd(), id: EVENT_TAP, edge: true },
+            EventSource { fd: self.backend.as_raw_fd(), id: EVENT_TAP, edge: true },
             EventSource { fd: self.rx_limiter.as_raw_fd(), id: EVENT_RX_LIMITER, edge: false },
             EventSource { fd: self.tx_limiter.as_raw_fd(), id: EVENT_TX_LIMITER, edge: false },
         ]
@@ -337,5 +372,94 @@ mod tests {
         assert_eq!(a[0] & 0x03, 0x02, "locally administered, unicast");
         assert_eq!(a, mac_for("tap0"));
         assert_ne!(a, mac_for("tap1"));
+    }
+}
+
+#[cfg(test)]
+mod device_tests {
+    use super::*;
+    use crate::virtio::driver::{QueueDriver, initialize, notify};
+    use crate::virtio::mmio::MmioTransport;
+    use std::os::unix::net::UnixDatagram;
+    use vm_memory::{Bytes, GuestAddress};
+
+    struct Rig {
+        t: MmioTransport,
+        rx: QueueDriver,
+        tx: QueueDriver,
+        mem: GuestMemory,
+        peer: UnixDatagram,
+    }
+
+    fn rig() -> Rig {
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let (ours, peer) = UnixDatagram::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let config =
+            NetConfig { tap: "unused".into(), mac: None, rx_limits: Default::default(), tx_limits: Default::default() };
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let net = Net::with_backend("net0", [0x52, 0x54, 0, 0, 0, 1], &config, Box::new(ours), irq).unwrap();
+        let mut t = MmioTransport::new(Box::new(net), mem.clone());
+        let (rx, tx) = (QueueDriver::new(GuestAddress(0x10000), 16), QueueDriver::new(GuestAddress(0x11000), 16));
+        initialize(&mut t, VIRTIO_NET_F_MAC, &[&rx, &tx]);
+        Rig { t, rx, tx, mem, peer }
+    }
+
+    #[test]
+    fn test_net_transmit_strips_the_header_and_sends_the_frame() {
+        let mut r = rig();
+        let frame: Vec<u8> = (0..100u8).collect();
+        r.mem.write_slice(&[0u8; HEADER_BYTES], GuestAddress(0x20000)).unwrap();
+        r.mem.write_slice(&frame, GuestAddress(0x20000 + HEADER_BYTES as u64)).unwrap();
+        r.tx.add_chain(&r.mem, &[(0x20000, (HEADER_BYTES + frame.len()) as u32, false)]);
+        // Too short to be a frame: dropped, but still given back.
+        r.tx.add_chain(&r.mem, &[(0x20000, 8, false)]);
+
+        notify(&mut r.t, 1);
+        r.t.device_mut().process_queue(TX_QUEUE);
+
+        let mut got = [0u8; 256];
+        let n = r.peer.recv(&mut got).unwrap();
+        assert_eq!(&got[..n], frame.as_slice());
+        assert_eq!(r.tx.next_used(&r.mem), Some((0, 0)));
+        assert_eq!(r.tx.next_used(&r.mem), Some((1, 0)));
+        r.peer.set_nonblocking(true).unwrap();
+        assert!(r.peer.recv(&mut got).is_err(), "the short buffer sent nothing");
+    }
+
+    #[test]
+    fn test_net_receive_fills_a_buffer_with_header_and_frame_and_waits_for_buffers() {
+        let mut r = rig();
+        let frame: Vec<u8> = (0..200u32).map(|i| i as u8).collect();
+        r.peer.send(&frame).unwrap();
+        // No receive buffer yet: the frame waits in the device.
+        r.t.device_mut().handle_event(EVENT_TAP);
+        let before = r.rx.next_used(&r.mem);
+
+        r.rx.add_chain(&r.mem, &[(0x30000, 1526, true)]);
+        notify(&mut r.t, 0);
+        r.t.device_mut().process_queue(RX_QUEUE);
+
+        assert_eq!(before, None);
+        let (_, len) = r.rx.next_used(&r.mem).unwrap();
+        assert_eq!(len as usize, HEADER_BYTES + frame.len());
+        let mut got = vec![0u8; len as usize];
+        r.mem.read_slice(&mut got, GuestAddress(0x30000)).unwrap();
+        assert_eq!(got[10], 1, "num_buffers");
+        assert_eq!(&got[HEADER_BYTES..], frame.as_slice());
+    }
+
+    #[test]
+    fn test_net_receive_buffer_too_small_drops_the_frame_only() {
+        let mut r = rig();
+        r.rx.add_chain(&r.mem, &[(0x30000, 64, true)]);
+        r.rx.add_chain(&r.mem, &[(0x31000, 1526, true)]);
+        r.peer.send(&[7u8; 500]).unwrap();
+        r.peer.send(&[8u8; 20]).unwrap();
+
+        r.t.device_mut().handle_event(EVENT_TAP);
+
+        assert_eq!(r.rx.next_used(&r.mem), Some((0, 0)), "500 bytes do not fit 64");
+        assert_eq!(r.rx.next_used(&r.mem), Some((1, (HEADER_BYTES + 20) as u32)));
     }
 }
