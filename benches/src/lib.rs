@@ -174,3 +174,45 @@ mod tests {
         drop(block);
     }
 }
+
+/// Device models without KVM: a device on its transport with the host-side driver, in
+/// guest memory of its own, for the device benchmarks.
+pub mod rig {
+    use novacron_devices::GuestMemory;
+    use novacron_devices::virtio::VirtioDevice;
+    use novacron_devices::virtio::driver::{QueueDriver, initialize};
+    use novacron_devices::virtio::mmio::MmioTransport;
+    use vm_memory::GuestAddress;
+
+    pub const MEM_BYTES: usize = 64 << 20;
+
+    pub fn event_fd() -> vmm_sys_util::eventfd::EventFd {
+        vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).expect("eventfd")
+    }
+
+    pub struct Rig {
+        pub t: MmioTransport,
+        pub mem: GuestMemory,
+        pub queues: Vec<QueueDriver>,
+    }
+
+    /// Brings `device` up with `queues` queues of `size` entries.
+    pub fn rig(device: Box<dyn VirtioDevice>, features: u64, queues: usize, size: u16) -> Rig {
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), MEM_BYTES)]).expect("guest memory");
+        let mut t = MmioTransport::new(device, mem.clone());
+        let drivers: Vec<QueueDriver> =
+            (0..queues).map(|i| QueueDriver::new(GuestAddress(0x10000 + i as u64 * 0x10000), size)).collect();
+        initialize(&mut t, features, &drivers.iter().collect::<Vec<_>>());
+        Rig { t, mem, queues: drivers }
+    }
+
+    /// A scratch file of `bytes` on tmpfs, so that device benchmarks measure the device
+    /// model, not a disk.
+    pub fn tmpfs_image(name: &str, bytes: u64) -> std::path::PathBuf {
+        let dir = if std::path::Path::new("/dev/shm").is_dir() { "/dev/shm".into() } else { std::env::temp_dir() };
+        let path = dir.join(format!("novacron-bench-{name}-{}.img", std::process::id()));
+        let f = std::fs::File::create(&path).expect("bench image");
+        f.set_len(bytes).expect("bench image size");
+        path
+    }
+}
