@@ -86,7 +86,7 @@ pub struct MmioDevice {
 /// `\_S5_` for power-off, and one `LNRO0005` device per virtio-mmio transport (the ID
 /// Linux's virtio_mmio driver matches in ACPI, as with QEMU and Firecracker), each with
 /// its register window and its edge-triggered interrupt.
-fn dsdt(devices: &[MmioDevice]) -> Vec<u8> {
+pub fn dsdt(devices: &[MmioDevice]) -> Vec<u8> {
     let mut body = Vec::new();
     let s5 = aml::Package::new(vec![&S5_SLEEP_TYPE, &S5_SLEEP_TYPE]);
     aml::Name::new("_S5_".into(), &s5).to_aml_bytes(&mut body);
