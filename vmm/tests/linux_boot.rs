@@ -9,9 +9,9 @@
 mod common;
 
 use common::{kvm_or_skip, vmm};
+use novacron_guest_image::watch::Watched;
 use novacron_vmm::arch::x86_64::acpi::{MmioDevice, dsdt};
 use novacron_vmm::arch::x86_64::layout::{VIRTIO_GSI_BASE, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SLOT_SIZE};
-use novacron_guest_image::watch::Watched;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
@@ -43,7 +43,11 @@ fn kvm_linux_bzimage_boots_to_early_kernel_messages() {
     cmd.arg("--disk").arg(format!("path={}", disk.display()));
     // The DSDT the kernel must find: two virtio-mmio devices, in slots 0 and 1.
     let devices: Vec<MmioDevice> = (0..2u32)
-        .map(|i| MmioDevice { base: VIRTIO_MMIO_BASE + u64::from(i) * VIRTIO_MMIO_SLOT_SIZE, size: VIRTIO_MMIO_SLOT_SIZE, gsi: VIRTIO_GSI_BASE + i })
+        .map(|i| MmioDevice {
+            base: VIRTIO_MMIO_BASE + u64::from(i) * VIRTIO_MMIO_SLOT_SIZE,
+            size: VIRTIO_MMIO_SLOT_SIZE,
+            gsi: VIRTIO_GSI_BASE + i,
+        })
         .collect();
     let dsdt_line = format!("ACPI: DSDT 0x00000000000E0070 {:06X}", dsdt(&devices).len());
     let mut vm = Watched::spawn(cmd).unwrap();

@@ -463,3 +463,43 @@ mod device_tests {
         assert_eq!(r.rx.next_used(&r.mem), Some((1, (HEADER_BYTES + 20) as u32)));
     }
 }
+
+#[cfg(test)]
+mod persist_tests {
+    use super::*;
+    use crate::virtio::driver::{QueueDriver, initialize};
+    use crate::virtio::mmio::MmioTransport;
+    use crate::virtio::persist::PersistError;
+    use std::os::unix::net::UnixDatagram;
+    use vm_memory::GuestAddress;
+
+    fn transport(mem: &GuestMemory, mac: [u8; 6]) -> (MmioTransport, UnixDatagram) {
+        let (ours, peer) = UnixDatagram::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let config =
+            NetConfig { tap: "t".into(), mac: None, rx_limits: Default::default(), tx_limits: Default::default() };
+        let net =
+            Net::with_backend("net0", mac, &config, Box::new(ours), EventFd::new(libc::EFD_NONBLOCK).unwrap()).unwrap();
+        (MmioTransport::new(Box::new(net), mem.clone()), peer)
+    }
+
+    #[test]
+    fn test_net_state_round_trips_and_a_different_mac_is_refused() {
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mac = [0x52, 0x54, 0, 0, 0, 7];
+        let (mut t, _peer) = transport(&mem, mac);
+        let (rx, tx) = (QueueDriver::new(GuestAddress(0x10000), 16), QueueDriver::new(GuestAddress(0x11000), 16));
+        initialize(&mut t, VIRTIO_NET_F_MAC, &[&rx, &tx]);
+        let state = t.save_state();
+        let (mut same, _p1) = transport(&mem, mac);
+        let (mut other, _p2) = transport(&mem, [0x52, 0x54, 0, 0, 0, 8]);
+
+        same.restore_state(&state).unwrap();
+        let refused = other.restore_state(&state);
+
+        assert_eq!(same.save_state(), state);
+        assert!(same.is_running());
+        assert!(matches!(refused, Err(PersistError::Mismatch { what: "MAC address", .. })), "{refused:?}");
+        assert!(!other.is_running());
+    }
+}
