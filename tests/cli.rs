@@ -2,7 +2,7 @@
 //! boots the bundled test guest; the control commands talk to a running VM.
 
 use novacron_guest_image::report::GuestLine;
-use novacron_guest_image::watch::Watched;
+use novacron_guest_image::watch::{Watched, kvm_or_skip};
 use std::process::{Command, Output};
 use std::time::Duration;
 
@@ -10,20 +10,6 @@ const TIMEOUT: Duration = Duration::from_secs(90);
 
 fn novacron(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_novacron")).args(args).output().expect("novacron runs")
-}
-
-fn kvm_or_skip(test: &str) -> bool {
-    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
-        Ok(_) => true,
-        Err(e) => {
-            assert!(
-                std::env::var_os("NOVACRON_REQUIRE_KVM").is_none(),
-                "{test}: /dev/kvm is required but cannot be opened: {e}"
-            );
-            eprintln!("\n*** SKIPPED {test}: /dev/kvm is not usable here ({e}) ***\n");
-            false
-        }
-    }
 }
 
 /// The status is non-zero and stderr is exactly one line that contains `needle`.

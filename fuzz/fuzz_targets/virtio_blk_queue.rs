@@ -5,21 +5,13 @@
 
 use libfuzzer_sys::fuzz_target;
 use novacron_devices::GuestMemory;
-use novacron_devices::virtio::block::{Block, BlockConfig};
 use novacron_devices::virtio::mmio::MmioTransport;
-use novacron_fuzz::{bring_up, event_fd, guest_memory, run_queue, settle};
+use novacron_fuzz::{block_transport, bring_up, run_queue, settle};
 use std::sync::{Mutex, OnceLock};
 
 fn rig() -> &'static Mutex<(MmioTransport, GuestMemory)> {
     static RIG: OnceLock<Mutex<(MmioTransport, GuestMemory)>> = OnceLock::new();
-    RIG.get_or_init(|| {
-        let path = std::env::temp_dir().join(format!("novacron-fuzz-blk-{}.img", std::process::id()));
-        std::fs::File::create(&path).and_then(|f| f.set_len(64 * 1024)).expect("fuzz disk image");
-        let config = BlockConfig { path, read_only: false, id: None, limits: Default::default() };
-        let mem = guest_memory();
-        let block = Block::new("disk0", &config, event_fd()).expect("block device");
-        Mutex::new((MmioTransport::new(Box::new(block), mem.clone()), mem))
-    })
+    RIG.get_or_init(|| Mutex::new(block_transport("blk", 64 * 1024)))
 }
 
 fuzz_target!(|data: &[u8]| {

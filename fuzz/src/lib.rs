@@ -47,3 +47,14 @@ pub fn settle(t: &mut MmioTransport) -> u64 {
     let common = t.device().common();
     common.acked_features ^ u64::from(common.broken) ^ u64::from(common.interrupt.status())
 }
+
+/// A block device on a scratch image of `bytes`, on its transport, for a fuzz target.
+pub fn block_transport(tag: &str, bytes: u64) -> (MmioTransport, GuestMemory) {
+    use novacron_devices::virtio::block::{Block, BlockConfig};
+    let path = std::env::temp_dir().join(format!("novacron-fuzz-{tag}-{}.img", std::process::id()));
+    std::fs::File::create(&path).and_then(|f| f.set_len(bytes)).expect("fuzz disk image");
+    let config = BlockConfig { path, read_only: false, id: None, limits: Default::default() };
+    let mem = guest_memory();
+    let block = Block::new("disk0", &config, event_fd()).expect("block device");
+    (MmioTransport::new(Box::new(block), mem.clone()), mem)
+}

@@ -232,6 +232,22 @@ pub fn admit(limiter: &mut RateLimiter, bytes: u64) -> bool {
     true
 }
 
+/// `set_rate_limits` of a device with a single limiter: only `LimitTarget::Device` names it.
+/// Returns whether the limiter now lets requests through, so that the device resumes.
+pub fn update_limiter(
+    limiter: &mut RateLimiter,
+    device: &str,
+    target: LimitTarget,
+    bandwidth: BucketUpdate,
+    ops: BucketUpdate,
+) -> Result<bool, LimitError> {
+    if target != LimitTarget::Device {
+        return Err(LimitError::NoSuchLimiter { device: device.to_string(), target, expected: "device" });
+    }
+    limiter.update_buckets(bandwidth, ops)?;
+    Ok(!limiter.is_blocked())
+}
+
 /// The limiter's timer fired: unblock it. A spurious wake-up (an update unblocked it in
 /// between) is harmless.
 pub fn limiter_fired(limiter: &mut RateLimiter, device: &str) {

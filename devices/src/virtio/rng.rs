@@ -2,6 +2,7 @@
 
 use super::chain;
 use super::persist::{CommonState, DeviceState, PersistError, check_version, wrong_device};
+use super::update_limiter;
 use super::{
     DeviceCommon, EventSource, LimitError, LimitTarget, Served, TYPE_RNG, VirtioDevice, admit, limiter_fired,
     serve_queue,
@@ -134,11 +135,7 @@ impl VirtioDevice for Rng {
         bandwidth: BucketUpdate,
         ops: BucketUpdate,
     ) -> Result<(), LimitError> {
-        if target != LimitTarget::Device {
-            return Err(LimitError::NoSuchLimiter { device: self.common.id.clone(), target, expected: "device" });
-        }
-        self.limiter.update_buckets(bandwidth, ops)?;
-        if !self.limiter.is_blocked() {
+        if update_limiter(&mut self.limiter, &self.common.id, target, bandwidth, ops)? {
             self.process_queue(0);
         }
         Ok(())

@@ -152,3 +152,20 @@ impl Drop for Watched {
         }
     }
 }
+
+/// True when /dev/kvm can be used for a test that boots the guest. Otherwise says loudly
+/// that `test` is skipped, or fails it when NOVACRON_REQUIRE_KVM is set (CI sets it: there,
+/// KVM tests must really run).
+pub fn kvm_or_skip(test: &str) -> bool {
+    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+        Ok(_) => true,
+        Err(e) => {
+            assert!(
+                std::env::var_os("NOVACRON_REQUIRE_KVM").is_none(),
+                "{test}: /dev/kvm is required but cannot be opened: {e}"
+            );
+            eprintln!("\n*** SKIPPED {test}: /dev/kvm is not usable here ({e}) ***\n");
+            false
+        }
+    }
+}

@@ -9,6 +9,7 @@ pub use persist::{BLOCK_STATE_VERSION, BlockState};
 
 use super::chain;
 use super::persist::{DeviceState, PersistError};
+use super::update_limiter;
 use super::{
     DeviceCommon, EventSource, LimitError, LimitTarget, Served, TYPE_BLOCK, VirtioDevice, admit, limiter_fired,
     serve_queue,
@@ -173,11 +174,7 @@ impl VirtioDevice for Block {
         bandwidth: BucketUpdate,
         ops: BucketUpdate,
     ) -> Result<(), LimitError> {
-        if target != LimitTarget::Device {
-            return Err(LimitError::NoSuchLimiter { device: self.common.id.clone(), target, expected: "device" });
-        }
-        self.limiter.update_buckets(bandwidth, ops)?;
-        if !self.limiter.is_blocked() {
+        if update_limiter(&mut self.limiter, &self.common.id, target, bandwidth, ops)? {
             self.process_queue(0);
         }
         Ok(())
