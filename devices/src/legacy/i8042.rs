@@ -27,10 +27,10 @@ impl BusDevice for I8042 {
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        if let [byte] = data {
-            if let Err(e) = self.inner.write(offset as u8, *byte) {
-                tracing::error!("i8042: could not signal the reset: {e}");
-            }
+        if let [byte] = data
+            && let Err(e) = self.inner.write(offset as u8, *byte)
+        {
+            tracing::error!("i8042: could not signal the reset: {e}");
         }
     }
 }

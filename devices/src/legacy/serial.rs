@@ -175,11 +175,11 @@ impl BusDevice for Serial {
             return;
         }
         // A console nobody reads (a closed pipe) must not stop the guest; say it once.
-        if let Err(e) = self.uart.write(offset as u8, *byte) {
-            if !self.write_failed {
-                tracing::warn!("serial console output failed, further output is dropped: {e}");
-                self.write_failed = true;
-            }
+        if let Err(e) = self.uart.write(offset as u8, *byte)
+            && !self.write_failed
+        {
+            tracing::warn!("serial console output failed, further output is dropped: {e}");
+            self.write_failed = true;
         }
     }
 }

@@ -231,7 +231,7 @@ impl BusDevice for MmioTransport {
         if offset >= CONFIG_SPACE {
             return self.device.read_config(offset - CONFIG_SPACE, data);
         }
-        if data.len() == 4 && offset % 4 == 0 {
+        if data.len() == 4 && offset.is_multiple_of(4) {
             data.copy_from_slice(&self.read_register(offset).to_le_bytes());
         } else {
             data.fill(0);
@@ -244,7 +244,7 @@ impl BusDevice for MmioTransport {
             return self.device.write_config(offset - CONFIG_SPACE, data);
         }
         match <[u8; 4]>::try_from(data) {
-            Ok(word) if offset % 4 == 0 => self.write_register(offset, u32::from_le_bytes(word)),
+            Ok(word) if offset.is_multiple_of(4) => self.write_register(offset, u32::from_le_bytes(word)),
             _ => self.complain(&format!("a {}-byte register write at {offset:#x}", data.len())),
         }
     }

@@ -110,10 +110,10 @@ impl Watched {
     pub fn wait_verified(&mut self, n: usize, timeout: Duration) -> Result<Line, WatchError> {
         let already = self.seen.iter().filter(|l| matches!(l.parsed, GuestLine::VerifyOk { .. })).count();
         let mut count = already;
-        if count >= n {
-            if let Some(l) = self.seen.iter().rev().find(|l| matches!(l.parsed, GuestLine::VerifyOk { .. })) {
-                return Ok(l.clone());
-            }
+        if count >= n
+            && let Some(l) = self.seen.iter().rev().find(|l| matches!(l.parsed, GuestLine::VerifyOk { .. }))
+        {
+            return Ok(l.clone());
         }
         self.wait_for(&format!("VERIFY OK number {n}"), timeout, |l| {
             if matches!(l.parsed, GuestLine::VerifyOk { .. }) {

@@ -39,13 +39,13 @@ pub fn write_zero_page(
     e820: &[E820Entry],
     initrd: Option<InitrdPlacement>,
 ) -> Result<(), LinuxBootError> {
-    let mut params = boot_params::default();
-    params.hdr = header.unwrap_or(setup_header {
+    let hdr = header.unwrap_or(setup_header {
         boot_flag: KERNEL_BOOT_FLAG_MAGIC,
         header: KERNEL_HDR_MAGIC,
         kernel_alignment: KERNEL_MIN_ALIGNMENT_BYTES,
         ..Default::default()
     });
+    let mut params = boot_params { hdr, ..Default::default() };
     let (cmdline_addr, cmdline_len) = cmdline;
     if params.hdr.cmdline_size != 0 && cmdline_len > params.hdr.cmdline_size as usize {
         return Err(LinuxBootError::CmdlineTooLong { len: cmdline_len, max: params.hdr.cmdline_size as usize });

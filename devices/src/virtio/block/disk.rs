@@ -69,7 +69,7 @@ impl Disk {
 
     /// True when `len` bytes from `sector` lie inside the disk.
     pub fn in_range(&self, sector: u64, len: u64) -> bool {
-        len % SECTOR_SIZE == 0 && sector.checked_add(len / SECTOR_SIZE).is_some_and(|end| end <= self.sectors)
+        len.is_multiple_of(SECTOR_SIZE) && sector.checked_add(len / SECTOR_SIZE).is_some_and(|end| end <= self.sectors)
     }
 
     pub fn read(&self, sector: u64, buf: &mut [u8]) -> std::io::Result<()> {
