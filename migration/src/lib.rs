@@ -1,4 +1,9 @@
-//! Snapshots and pre-copy live migration over QUIC (the snapshot/migration issue).
+//! Snapshots and live migration.
 //!
-//! This crate's place in the layout is fixed by `docs/ARCHITECTURE.md`; its first code
-//! (the state stream format, the pre-copy engine, the QUIC transport) lands with that issue.
+//! - [`stream`]: the state stream format: a header and checksummed, versioned sections.
+//!   A snapshot's `state.bin` is one; a migration will send the same sections after memory.
+//!
+//! The VMM (`novacron-vmm`) captures and restores the state that goes into sections; this
+//! crate owns the formats and (next) the pre-copy engine and its QUIC transport.
+
+pub mod stream;
