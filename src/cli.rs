@@ -7,12 +7,14 @@ use novacron_devices::virtio::LimitTarget;
 use novacron_vmm::api::client::{ClientError, call};
 use novacron_vmm::api::{LimitChange, Request, VmStatus};
 use novacron_vmm::config::VmArgs;
-use novacron_vmm::process::{error_chain, init_logging, parse_args, run_vm};
+use novacron_vmm::process::{RestoreArgs, error_chain, init_logging, parse_args, restore_vm, run_vm};
 use std::path::PathBuf;
 use std::time::Duration;
 
 const EXIT_FAILED: i32 = 1;
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Writing a large VM's memory takes a while.
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// NovaCron: run and manage KVM virtual machines.
 #[derive(Parser)]
@@ -49,6 +51,52 @@ enum VmCommand {
     Shutdown(SocketArgs),
     /// Change a device's rate limits while the VM runs.
     SetLimit(SetLimitArgs),
+    /// Write a snapshot of a running VM (it pauses for the writing, then goes on).
+    Snapshot(SnapshotArgs),
+    /// Continue a VM from a snapshot in this process, as `vm run` does.
+    Restore(RestoreArgs),
+}
+
+#[derive(Args)]
+struct SnapshotArgs {
+    #[command(flatten)]
+    socket: SocketArgs,
+    /// Directory to write state.bin and memory.bin into (created if needed).
+    #[arg(long, value_name = "DIR")]
+    to: PathBuf,
+    /// Leave the VM paused after the snapshot.
+    #[arg(long)]
+    paused: bool,
+}
+
+fn snapshot(a: SnapshotArgs) -> i32 {
+    let dir = match std::path::absolute(&a.to) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("novacron: cannot use {} as a directory: {e}", a.to.display());
+            return 2;
+        }
+    };
+    let request = Request::Snapshot { dir: dir.to_string_lossy().into_owned(), paused: a.paused };
+    match call(&a.socket.api_sock, request, SNAPSHOT_TIMEOUT) {
+        Ok(response) => {
+            if let Some(r) = response.snapshot {
+                println!(
+                    "snapshot written to {} in {} ms: {} MiB of memory ({} pages not zero), {} KiB of state",
+                    dir.display(),
+                    r.millis,
+                    r.memory_bytes >> 20,
+                    r.pages_written,
+                    r.state_bytes >> 10
+                );
+            }
+            0
+        }
+        Err(e) => {
+            eprintln!("novacron: cannot snapshot the VM: {}", error_chain(&e));
+            1
+        }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -198,6 +246,8 @@ fn vm_command(cmd: VmCommand) -> i32 {
         VmCommand::Resume(s) => done(control("resume", &s, Request::Resume), "resumed"),
         VmCommand::Shutdown(s) => done(control("shut down", &s, Request::Shutdown), "shut down"),
         VmCommand::SetLimit(a) => set_limit(a),
+        VmCommand::Snapshot(a) => snapshot(a),
+        VmCommand::Restore(a) => restore_vm(&a),
         VmCommand::Status(a) => match control("query", &a.socket, Request::Status) {
             Ok(Some(status)) => {
                 print_status(&status, a.output);

@@ -6,11 +6,13 @@ use crate::arch::x86_64::regs::{self, BootEntry};
 use crate::arch::x86_64::{acpi, mptable};
 use crate::boot::{self, initrd, linux, pvh};
 use crate::config::{KernelSource, VmConfig};
-use crate::machine::{Machine, MachineInfo, StopEvents};
+use crate::machine::{Machine, StopEvents};
+use crate::snapshot::{self, MachineSpec, Snapshot};
 use crate::virtio;
 use crate::vstate::kvm::{self, KvmError};
 use crate::vstate::memory::{self, GuestMemory, MemoryError};
-use crate::vstate::vcpu::{self, IoBuses, SetupReport, VcpuError, VcpuStart};
+use crate::vstate::persist::StateError;
+use crate::vstate::vcpu::{self, IoBuses, SetupReport, VcpuError, VcpuInit, VcpuStart};
 use crate::vstate::vm::{Vm, VmError};
 use novacron_devices::legacy::{
     AcpiPower, COM1_IRQ, COM1_PORT, I8042, POWER_PORT_BASE, POWER_PORT_LEN, Serial, SerialOutput,
@@ -65,6 +67,12 @@ pub enum BuildError {
     Regs(#[from] regs::RegsError),
     #[error(transparent)]
     Virtio(#[from] virtio::VirtioError),
+    #[error(transparent)]
+    Snapshot(#[from] snapshot::SnapshotError),
+    #[error("cannot restore the VM's interrupt controllers and clock")]
+    State(#[source] StateError),
+    #[error("cannot restore the snapshot: {0}")]
+    Restore(String),
     #[error("cannot place a device on the I/O bus")]
     Bus(#[from] BusError),
     #[error("cannot create an event fd")]
@@ -150,17 +158,28 @@ impl PhaseTimer {
 /// threads start: one of them reads KVM's supported CPUID while this thread creates the
 /// interrupt controllers; each then creates and configures its own vCPU while this thread
 /// loads the guest and wires the devices. Then every vCPU is told to start.
-pub fn build(config: &VmConfig, serial_out: SerialOutput) -> Result<Machine, BuildError> {
+/// Where the VM's contents come from.
+pub enum Source {
+    /// Boot the configured kernel.
+    Boot,
+    /// Continue a snapshot; the configuration was made from its machine spec.
+    Restore(Box<Snapshot>),
+}
+
+pub fn build(config: &VmConfig, serial_out: SerialOutput, source: Source) -> Result<Machine, BuildError> {
     let mut timer = PhaseTimer(std::time::Instant::now());
     vcpu::install_kick_handler()?;
     let kvm = kvm::open()?;
     kvm::check_capabilities(&kvm, config.vcpus)?;
     let vm = Arc::new(Vm::new(&kvm)?);
-    let memory = memory::create(config.mem_mib << 20)?;
+    let memory = match &source {
+        Source::Boot => memory::create(config.mem_mib << 20)?,
+        Source::Restore(s) => snapshot::map_memory(s)?,
+    };
     vm.register_memory(&memory)?;
     timer.mark("create VM, memory");
     let stop_events = StopEvents { vcpu: event_fd()?, power_off: event_fd()?, reset: event_fd()? };
-    let cpuid = vcpu::SupportedCpuid::new(kvm);
+    let cpuid = vcpu::HostQueries::new(kvm);
     let (setup_tx, setup_rx) = channel();
     let (events_tx, events_rx) = channel();
     let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
@@ -180,13 +199,26 @@ pub fn build(config: &VmConfig, serial_out: SerialOutput) -> Result<Machine, Bui
     let mut mmio = Bus::new();
     let virtio = virtio::attach(config, &vm, &memory, &mut mmio)?;
     timer.mark("virtio devices");
-    let mmio_devices: Vec<acpi::MmioDevice> = virtio.iter().map(|v| v.mmio).collect();
-    let (boot_entry, start_info, format) = load_guest(config, &memory, &mmio_devices)?;
-    regs::write_boot_tables(&memory, boot_entry)?;
-    timer.mark("load guest");
     let serial_irq = event_fd()?;
     vm.register_irqfd(&serial_irq, COM1_IRQ)?;
     let serial = Arc::new(Mutex::new(Serial::new(serial_irq, serial_out)));
+    let (mut inits, format): (Vec<VcpuInit>, String) = match source {
+        Source::Boot => {
+            let mmio_devices: Vec<acpi::MmioDevice> = virtio.iter().map(|v| v.mmio).collect();
+            let (boot_entry, start_info, format) = load_guest(config, &memory, &mmio_devices)?;
+            regs::write_boot_tables(&memory, boot_entry)?;
+            let inits = (0..config.vcpus)
+                .map(|i| if i == 0 { VcpuInit::Boot(boot_entry, start_info) } else { VcpuInit::WaitForSipi })
+                .collect();
+            (inits, format.to_string())
+        }
+        Source::Restore(snapshot) => {
+            restore_state(&snapshot, &vm, &virtio, &serial)?;
+            let inits = snapshot.vcpus.into_iter().map(|s| VcpuInit::Restore(Box::new(s))).collect();
+            (inits, snapshot.spec.boot_format)
+        }
+    };
+    timer.mark("load guest");
     let mut pio = Bus::new();
     pio.insert(serial.clone(), COM1_PORT, 8)?;
     pio.insert(Arc::new(Mutex::new(I8042::new(clone_fd(&stop_events.reset)?))), I8042::PORT_BASE, I8042::PORT_LEN)?;
@@ -197,23 +229,55 @@ pub fn build(config: &VmConfig, serial_out: SerialOutput) -> Result<Machine, Bui
 
     wait_for_setup(&setup_rx, config.vcpus)?;
     timer.mark("vCPUs configured");
-    for v in &vcpus {
-        let boot = (v.index == 0).then_some((boot_entry, start_info));
-        if !v.start(VcpuStart { buses: buses.clone(), boot }) {
+    for (v, init) in vcpus.iter().zip(inits.drain(..)) {
+        if !v.start(VcpuStart { buses: buses.clone(), init }) {
             return Err(BuildError::VcpuGone(v.index));
         }
     }
     wait_for_setup(&setup_rx, config.vcpus)?;
     timer.mark("vCPUs started");
 
-    let info = MachineInfo {
+    let spec = MachineSpec {
         vcpus: config.vcpus,
         mem_mib: config.mem_mib,
         kernel: config.kernel.to_string(),
-        boot_format: format.to_string(),
+        boot_format: format,
+        disks: config.disks.clone(),
+        nets: config.nets.clone(),
+        rng: config.rng,
     };
-    tracing::info!(vcpus = config.vcpus, mem_mib = config.mem_mib, kernel = %info.kernel, format = %info.boot_format, "VM started");
-    Ok(Machine::new(info, stop_events, vcpus, events_rx, serial, virtio, buses, vm, memory))
+    tracing::info!(vcpus = spec.vcpus, mem_mib = spec.mem_mib, kernel = %spec.kernel, format = %spec.boot_format, "VM started");
+    Ok(Machine::new(spec, stop_events, vcpus, events_rx, serial, virtio, buses, vm, memory))
+}
+
+/// Puts a snapshot's VM, device and serial state into a freshly built VM whose vCPUs
+/// have not run. Each part checks its state before it changes anything.
+fn restore_state(
+    snapshot: &Snapshot,
+    vm: &Vm,
+    virtio: &[virtio::VirtioSlot],
+    serial: &Mutex<Serial>,
+) -> Result<(), BuildError> {
+    crate::vstate::persist::check_xsave_size(&vm.fd).map_err(BuildError::State)?;
+    snapshot.vm.restore(&vm.fd).map_err(BuildError::State)?;
+    if snapshot.devices.len() != virtio.len() {
+        return Err(BuildError::Restore(format!(
+            "{} saved devices for {} attached",
+            snapshot.devices.len(),
+            virtio.len()
+        )));
+    }
+    for ((name, state), slot) in snapshot.devices.iter().zip(virtio) {
+        if *name != slot.name {
+            return Err(BuildError::Restore(format!("saved device {name} where {} is attached", slot.name)));
+        }
+        slot.lock().restore_state(state).map_err(|e| BuildError::Restore(format!("device {name}: {e}")))?;
+    }
+    serial
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .restore_state(&snapshot.serial)
+        .map_err(|e| BuildError::Restore(format!("serial port: {e}")))
 }
 
 /// Waits until each of `count` vCPUs has reported one set-up step; the first error wins.

@@ -1,6 +1,7 @@
 //! What a VM is made of, from the command line, checked before anything is created.
 
 use crate::arch::x86_64::layout::{CMDLINE_MAX_SIZE, VIRTIO_MMIO_SLOTS};
+use crate::snapshot::MachineSpec;
 use crate::vstate::memory::host_memory_bytes;
 use novacron_devices::rate_limiter::{RateLimiterConfig, parse_rate_limiter};
 use novacron_devices::virtio::block::BlockConfig;
@@ -198,6 +199,22 @@ fn check_file(what: &'static str, path: &Path) -> Result<(), ConfigError> {
 }
 
 impl VmConfig {
+    /// The configuration of a VM restored from a snapshot: its saved shape and devices.
+    pub fn from_spec(spec: &MachineSpec, api_sock: Option<PathBuf>, serial_file: Option<PathBuf>) -> Self {
+        VmConfig {
+            kernel: KernelSource::File(PathBuf::from(&spec.kernel)),
+            initrd: None,
+            cmdline: String::new(),
+            mem_mib: spec.mem_mib,
+            vcpus: spec.vcpus,
+            api_sock,
+            serial_file,
+            disks: spec.disks.clone(),
+            nets: spec.nets.clone(),
+            rng: spec.rng,
+        }
+    }
+
     pub fn from_args(args: &VmArgs) -> Result<Self, ConfigError> {
         if args.vcpus == 0 || args.vcpus > MAX_VCPUS {
             return Err(ConfigError::Vcpus(args.vcpus));

@@ -14,5 +14,6 @@ pub mod config;
 pub mod machine;
 pub mod process;
 pub mod runtime;
+pub mod snapshot;
 pub mod virtio;
 pub mod vstate;

@@ -2,13 +2,16 @@
 //! event fds through which the guest asks to stop, and pause/resume across all vCPUs.
 
 use crate::api::{ApiError, ErrorKind, VmState, VmStatus};
+use crate::snapshot::{self, MachineSpec, SnapshotStats};
 use crate::virtio::VirtioSlot;
 use crate::vstate::memory::GuestMemory;
+use crate::vstate::persist::{VcpuState, VmState as VmStateKvm};
 use crate::vstate::vcpu::{IoBuses, VcpuCommand, VcpuEvent, VcpuHandle, VcpuStop};
 use crate::vstate::vm::Vm;
 use novacron_devices::legacy::Serial;
 use novacron_devices::rate_limiter::BucketUpdate;
 use novacron_devices::virtio::LimitTarget;
+use novacron_devices::virtio::persist::TransportState;
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -17,15 +20,6 @@ use vmm_sys_util::eventfd::EventFd;
 /// How long vCPUs get to answer pause/resume. They answer in microseconds; this only bounds
 /// the wait on a wedged host.
 const VCPU_ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// What the VM is, for status replies.
-#[derive(Debug, Clone)]
-pub struct MachineInfo {
-    pub vcpus: u8,
-    pub mem_mib: u64,
-    pub kernel: String,
-    pub boot_format: String,
-}
 
 /// The event fds the guest or the vCPUs use to end the VM.
 pub struct StopEvents {
@@ -38,7 +32,8 @@ pub struct StopEvents {
 }
 
 pub struct Machine {
-    pub info: MachineInfo,
+    /// What the VM is made of: for status replies, and saved in snapshots.
+    pub spec: MachineSpec,
     pub stop_events: StopEvents,
     vcpus: Vec<VcpuHandle>,
     vcpu_events: Receiver<VcpuEvent>,
@@ -50,14 +45,14 @@ pub struct Machine {
     pending_stops: Vec<(u8, VcpuStop)>,
     // Dropped last, in this order: the buses (devices), the VM fd, then guest memory.
     _buses: Arc<IoBuses>,
-    _vm: Arc<Vm>,
-    _memory: GuestMemory,
+    vm: Arc<Vm>,
+    memory: GuestMemory,
 }
 
 impl Machine {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
-        info: MachineInfo,
+        spec: MachineSpec,
         stop_events: StopEvents,
         vcpus: Vec<VcpuHandle>,
         vcpu_events: Receiver<VcpuEvent>,
@@ -68,7 +63,7 @@ impl Machine {
         memory: GuestMemory,
     ) -> Self {
         Machine {
-            info,
+            spec,
             stop_events,
             vcpus,
             vcpu_events,
@@ -78,8 +73,8 @@ impl Machine {
             started: Instant::now(),
             pending_stops: Vec::new(),
             _buses: buses,
-            _vm: vm,
-            _memory: memory,
+            vm,
+            memory,
         }
     }
 
@@ -90,12 +85,12 @@ impl Machine {
     pub fn status(&self) -> VmStatus {
         VmStatus {
             state: self.state,
-            vcpus: self.info.vcpus,
-            mem_mib: self.info.mem_mib,
+            vcpus: self.spec.vcpus,
+            mem_mib: self.spec.mem_mib,
             pid: std::process::id(),
             uptime_ms: self.started.elapsed().as_millis() as u64,
-            kernel: self.info.kernel.clone(),
-            boot_format: self.info.boot_format.clone(),
+            kernel: self.spec.kernel.clone(),
+            boot_format: self.spec.boot_format.clone(),
             devices: self.virtio.iter().map(|v| v.name.clone()).collect(),
         }
     }
@@ -111,16 +106,21 @@ impl Machine {
         stops
     }
 
-    /// Sends `cmd` to every vCPU and waits until each answers with `want(index)`.
-    fn command_all(&mut self, cmd: VcpuCommand, want: fn(u8) -> VcpuEvent) -> Result<(), ApiError> {
+    /// Sends `cmd` to every vCPU and collects, per vCPU, the first answer `answer` accepts
+    /// (it returns the event back when the event is not the awaited kind).
+    fn command_all<T>(
+        &mut self,
+        cmd: VcpuCommand,
+        answer: impl Fn(VcpuEvent) -> Result<T, VcpuEvent>,
+    ) -> Result<Vec<T>, ApiError> {
         for v in &self.vcpus {
             if !v.send(cmd) {
                 return Err(ApiError::new(ErrorKind::Internal, format!("vCPU {} is gone", v.index)));
             }
         }
         let deadline = Instant::now() + VCPU_ANSWER_TIMEOUT;
-        let mut answered = vec![false; self.vcpus.len()];
-        while answered.iter().any(|a| !a) {
+        let mut answers: Vec<Option<T>> = (0..self.vcpus.len()).map(|_| None).collect();
+        while answers.iter().any(Option::is_none) {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.vcpu_events.recv_timeout(left) {
                 Ok(VcpuEvent::Stopped(index, why)) => {
@@ -129,12 +129,13 @@ impl Machine {
                     return Err(ApiError::new(ErrorKind::Internal, msg));
                 }
                 Ok(event) => {
-                    if let Some(i) = (0..self.vcpus.len()).find(|&i| event == want(i as u8)) {
-                        answered[i] = true;
+                    let index = usize::from(event.index());
+                    if let (Ok(value), Some(slot)) = (answer(event), answers.get_mut(index)) {
+                        *slot = Some(value);
                     }
                 }
                 Err(_) => {
-                    let late: Vec<usize> = (0..answered.len()).filter(|&i| !answered[i]).collect();
+                    let late: Vec<usize> = (0..answers.len()).filter(|&i| answers[i].is_none()).collect();
                     return Err(ApiError::new(
                         ErrorKind::Internal,
                         format!("vCPUs {late:?} did not answer {cmd:?} within {VCPU_ANSWER_TIMEOUT:?}"),
@@ -142,7 +143,7 @@ impl Machine {
                 }
             }
         }
-        Ok(())
+        Ok(answers.into_iter().flatten().collect())
     }
 
     /// Changes a rate limiter of device `name` (`set-limit`).
@@ -169,7 +170,7 @@ impl Machine {
         if self.state == VmState::Paused {
             return Err(ApiError::new(ErrorKind::InvalidState, "the VM is already paused"));
         }
-        self.command_all(VcpuCommand::Pause, VcpuEvent::Paused)?;
+        self.command_all(VcpuCommand::Pause, |e| if let VcpuEvent::Paused(_) = e { Ok(()) } else { Err(e) })?;
         self.state = VmState::Paused;
         self.flush_serial();
         tracing::info!("VM paused");
@@ -180,10 +181,57 @@ impl Machine {
         if self.state == VmState::Running {
             return Err(ApiError::new(ErrorKind::InvalidState, "the VM is not paused"));
         }
-        self.command_all(VcpuCommand::Resume, VcpuEvent::Resumed)?;
+        self.command_all(VcpuCommand::Resume, |e| if let VcpuEvent::Resumed(_) = e { Ok(()) } else { Err(e) })?;
         self.state = VmState::Running;
         tracing::info!("VM resumed");
         Ok(())
+    }
+
+    /// Writes a snapshot into `dir`: pauses the VM (if it runs), saves everything, and
+    /// resumes it unless `stay_paused`. A failure leaves the VM running as it was.
+    pub fn snapshot(&mut self, dir: &std::path::Path, stay_paused: bool) -> Result<SnapshotStats, ApiError> {
+        let was_running = self.state == VmState::Running;
+        if was_running {
+            self.pause()?;
+        }
+        let result = self.write_snapshot(dir);
+        if was_running && (!stay_paused || result.is_err()) {
+            self.resume()?;
+        }
+        result
+    }
+
+    fn write_snapshot(&mut self, dir: &std::path::Path) -> Result<SnapshotStats, ApiError> {
+        let internal = |what: &str, e: &dyn std::error::Error| {
+            ApiError::new(ErrorKind::Internal, format!("{what}: {}", crate::process::error_chain(e)))
+        };
+        crate::vstate::persist::check_xsave_size(&self.vm.fd).map_err(|e| internal("checking the XSAVE area", &e))?;
+        let vcpus = self.capture_vcpus()?;
+        let vm = VmStateKvm::capture(&self.vm.fd)
+            .map_err(|e| internal("saving the VM's interrupt controllers and clock", &e))?;
+        let devices: Vec<(String, TransportState)> =
+            self.virtio.iter().map(|v| (v.name.clone(), v.lock().save_state())).collect();
+        let serial = self.serial.lock().unwrap_or_else(|p| p.into_inner()).save_state();
+        let stats = snapshot::write(dir, &self.spec, &vcpus, &vm, &devices, &serial, &self.memory)
+            .map_err(|e| internal("writing the snapshot", &e))?;
+        tracing::info!(dir = %dir.display(), memory_pages = stats.pages_written, state_bytes = stats.state_bytes, "snapshot written");
+        Ok(stats)
+    }
+
+    /// Every vCPU's state, in index order. The VM must be paused.
+    pub fn capture_vcpus(&mut self) -> Result<Vec<VcpuState>, ApiError> {
+        if self.state != VmState::Paused {
+            return Err(ApiError::new(ErrorKind::InvalidState, "the VM must be paused to capture its vCPUs"));
+        }
+        let states = self.command_all(VcpuCommand::SaveState, |e| match e {
+            VcpuEvent::Saved(_, state) => Ok(state),
+            other => Err(other),
+        })?;
+        states
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| s.map(|b| *b).map_err(|e| ApiError::new(ErrorKind::Internal, format!("vCPU {i}: {e}"))))
+            .collect()
     }
 
     pub fn flush_serial(&self) {

@@ -6,11 +6,19 @@
 struct Cli {
     #[command(flatten)]
     vm: novacron_vmm::config::VmArgs,
+    /// Continue the VM of this snapshot directory instead of booting (the VM's shape and
+    /// devices come from the snapshot; --api-sock and --serial-file apply).
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "cmdline", "disks", "nets", "rng"])]
+    restore_from: Option<std::path::PathBuf>,
 }
 
 fn main() {
     novacron_vmm::process::init_logging();
     let code = match novacron_vmm::process::parse_args::<Cli>() {
+        Ok(Cli { vm, restore_from: Some(from) }) => {
+            let args = novacron_vmm::process::RestoreArgs { from, api_sock: vm.api_sock, serial_file: vm.serial_file };
+            novacron_vmm::process::restore_vm(&args)
+        }
         Ok(cli) => novacron_vmm::process::run_vm(&cli.vm),
         Err(code) => code,
     };

@@ -6,11 +6,13 @@
 //! not a kernel); 2 when the guest crashes (triple fault); 3 on a KVM or VMM fault.
 
 use crate::api::server::ApiServer;
-use crate::builder;
+use crate::builder::{self, Source};
 use crate::config::{VmArgs, VmConfig};
 use crate::runtime::{self, VmExit};
+use crate::snapshot;
 use novacron_devices::legacy::SerialOutput;
 use std::io::Write;
+use std::path::PathBuf;
 
 pub const EXIT_BUILD_FAILED: i32 = 1;
 
@@ -64,17 +66,45 @@ pub fn init_logging() {
 }
 
 /// Builds and runs one VM; returns the process exit status.
+fn fail(what: &str, e: &dyn std::error::Error) -> i32 {
+    eprintln!("novacron: {what}: {}", error_chain(e));
+    EXIT_BUILD_FAILED
+}
+
+/// Builds and runs one VM; returns the process exit status.
 pub fn run_vm(args: &VmArgs) -> i32 {
-    let fail = |what: &str, e: &dyn std::error::Error| {
-        eprintln!("novacron: {what}: {}", error_chain(e));
-        EXIT_BUILD_FAILED
+    match VmConfig::from_args(args) {
+        Ok(config) => run(&config, Source::Boot),
+        Err(e) => fail("invalid VM configuration", &e),
+    }
+}
+
+/// Where a restored VM's console and control socket go (the rest is in the snapshot).
+#[derive(clap::Args, Debug, Clone)]
+pub struct RestoreArgs {
+    /// The snapshot directory (`vm snapshot --to DIR`).
+    #[arg(long, value_name = "DIR")]
+    pub from: PathBuf,
+    /// Control socket of the restored VM.
+    #[arg(long, value_name = "PATH")]
+    pub api_sock: Option<PathBuf>,
+    /// Write the serial console to this file instead of stdout.
+    #[arg(long, value_name = "PATH")]
+    pub serial_file: Option<PathBuf>,
+}
+
+/// Restores a snapshot in this process and runs it; returns the process exit status.
+pub fn restore_vm(args: &RestoreArgs) -> i32 {
+    let snapshot = match snapshot::read(&args.from) {
+        Ok(s) => s,
+        Err(e) => return fail("cannot restore", &e),
     };
-    tracing::debug!("checking the configuration");
-    let config = match VmConfig::from_args(args) {
-        Ok(c) => c,
-        Err(e) => return fail("invalid VM configuration", &e),
-    };
-    let serial = match serial_output(&config) {
+    let config = VmConfig::from_spec(&snapshot.spec, args.api_sock.clone(), args.serial_file.clone());
+    run(&config, Source::Restore(Box::new(snapshot)))
+}
+
+fn run(config: &VmConfig, source: Source) -> i32 {
+    let serial = match serial_output(config) {
         Ok(s) => s,
         Err(e) => return fail("cannot open the serial console file", &e),
     };
@@ -85,8 +115,7 @@ pub fn run_vm(args: &VmArgs) -> i32 {
         Ok(a) => a,
         Err(e) => return fail("cannot open the control socket", &e),
     };
-    tracing::debug!("building the VM");
-    let mut machine = match builder::build(&config, serial) {
+    let mut machine = match builder::build(config, serial, source) {
         Ok(m) => m,
         Err(e) => return fail("cannot start the VM", &e),
     };

@@ -2,7 +2,7 @@
 //! termination signals and the control socket, until the VM ends.
 
 use crate::api::server::ApiServer;
-use crate::api::{Request, Response};
+use crate::api::{Request, Response, SnapshotReport};
 use crate::machine::Machine;
 use crate::vstate::vcpu::VcpuStop;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -142,6 +142,21 @@ fn handle_request(machine: &mut Machine, request: Request) -> (Response, bool) {
         Request::Pause => machine.pause(),
         Request::Resume => machine.resume(),
         Request::Shutdown => return (Response::done(), true),
+        Request::Snapshot { dir, paused } => {
+            let started = std::time::Instant::now();
+            return match machine.snapshot(std::path::Path::new(&dir), paused) {
+                Ok(stats) => {
+                    let report = SnapshotReport {
+                        state_bytes: stats.state_bytes,
+                        memory_bytes: stats.memory_bytes,
+                        pages_written: stats.pages_written,
+                        millis: started.elapsed().as_millis() as u64,
+                    };
+                    (Response { snapshot: Some(report), ..Response::done() }, false)
+                }
+                Err(e) => (Response::error(e), false),
+            };
+        }
         Request::SetLimit { device, target, bandwidth, ops } => {
             machine.set_limit(&device, target, bandwidth.into(), ops.into())
         }

@@ -9,7 +9,7 @@
 //! <- {"version":1,"ok":false,"error":{"kind":"unsupported_version","message":"..."}}
 //! ```
 //!
-//! Operations: `status`, `pause`, `resume`, `shutdown`, `set_limit`. Version policy: the VMM answers
+//! Operations: `status`, `pause`, `resume`, `shutdown`, `snapshot`, `set_limit`. Version policy: the VMM answers
 //! requests of its own version and of the one before it; a request it cannot read gets an
 //! error reply, never a closed connection without a word. The full description, with every
 //! error kind, is `docs/control-socket.md`.
@@ -35,6 +35,13 @@ pub enum Request {
     Pause,
     Resume,
     Shutdown,
+    /// Writes a snapshot into `dir` on the VMM's host; the VM resumes afterwards unless
+    /// `paused`.
+    Snapshot {
+        dir: String,
+        #[serde(default)]
+        paused: bool,
+    },
     /// Changes a device's rate limiter while the VM runs.
     SetLimit {
         device: String,
@@ -134,6 +141,16 @@ impl ApiError {
     }
 }
 
+/// What a snapshot wrote.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SnapshotReport {
+    pub state_bytes: u64,
+    pub memory_bytes: u64,
+    /// Pages written to memory.bin; the others were zero and left as holes.
+    pub pages_written: u64,
+    pub millis: u64,
+}
+
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct Response {
     pub version: u32,
@@ -141,12 +158,14 @@ pub struct Response {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<VmStatus>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<SnapshotReport>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<ApiError>,
 }
 
 impl Response {
     pub fn done() -> Self {
-        Response { version: API_VERSION, ok: true, status: None, error: None }
+        Response { version: API_VERSION, ok: true, status: None, snapshot: None, error: None }
     }
 
     pub fn status(status: VmStatus) -> Self {
@@ -154,7 +173,7 @@ impl Response {
     }
 
     pub fn error(e: ApiError) -> Self {
-        Response { version: API_VERSION, ok: false, status: None, error: Some(e) }
+        Response { version: API_VERSION, ok: false, status: None, snapshot: None, error: Some(e) }
     }
 }
 

@@ -6,6 +6,7 @@
 //! sets `kvm_run.immediate_exit`: if the signal lands before `KVM_RUN` is entered, the next
 //! `KVM_RUN` returns at once, so no command is ever missed (Firecracker's scheme).
 
+use super::persist::{StateError, VcpuState, msr_list};
 use super::vm::Vm;
 use crate::arch::x86_64::cpuid::{CpuidError, vcpu_cpuid};
 use crate::arch::x86_64::msr::{MsrError, boot_msrs};
@@ -41,13 +42,19 @@ pub enum VcpuError {
     #[error("vCPU {index}: KVM took {set} of {total} boot MSRs")]
     PartialMsrs { index: u8, set: usize, total: usize },
     #[error("cannot read KVM's supported CPUID")]
-    SupportedCpuid(#[source] kvm_ioctls::Error),
+    HostQueries(#[source] kvm_ioctls::Error),
     #[error(transparent)]
     Cpuid(#[from] CpuidError),
     #[error(transparent)]
     Msrs(#[from] MsrError),
     #[error("cannot install the vCPU kick signal handler")]
     SignalHandler(#[source] vmm_sys_util::errno::Error),
+    #[error("cannot restore vCPU {index}")]
+    Restore {
+        index: u8,
+        #[source]
+        source: StateError,
+    },
     #[error("cannot start the thread of vCPU {index}")]
     Spawn {
         index: u8,
@@ -87,16 +94,29 @@ impl std::fmt::Display for VcpuStop {
 pub enum VcpuCommand {
     Pause,
     Resume,
+    /// Capture the vCPU's state (only while paused).
+    SaveState,
     /// Leave the thread.
     Exit,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum VcpuEvent {
     Paused(u8),
     Resumed(u8),
     Exited(u8),
     Stopped(u8, VcpuStop),
+    /// The answer to SaveState.
+    Saved(u8, Result<Box<VcpuState>, String>),
+}
+
+impl VcpuEvent {
+    pub fn index(&self) -> u8 {
+        match self {
+            VcpuEvent::Paused(i) | VcpuEvent::Resumed(i) | VcpuEvent::Exited(i) => *i,
+            VcpuEvent::Stopped(i, _) | VcpuEvent::Saved(i, _) => *i,
+        }
+    }
 }
 
 /// Port I/O and MMIO buses shared by all vCPUs.
@@ -130,32 +150,46 @@ pub fn install_kick_handler() -> Result<(), VcpuError> {
     register_signal_handler(kick_signal(), kick_handler).map_err(VcpuError::SignalHandler)
 }
 
-/// KVM's supported CPUID, fetched once for all vCPUs by the first thread that needs it.
-/// KVM_GET_SUPPORTED_CPUID costs ~0.4 ms on this host (the kernel runs the host's CPUID
-/// for every leaf, and each is a trap in a nested VM), so it overlaps with other set-up.
-pub struct SupportedCpuid {
+/// What every vCPU asks /dev/kvm, asked once: the supported CPUID, fetched by the first
+/// thread that needs it (KVM_GET_SUPPORTED_CPUID costs ~0.4 ms on this host: the kernel
+/// runs the host's CPUID for every leaf, each a trap in a nested VM, so it overlaps with
+/// other set-up), and the MSRs worth saving.
+pub struct HostQueries {
     kvm: Kvm,
     cell: OnceLock<Result<CpuId, kvm_ioctls::Error>>,
+    /// The MSRs KVM can save, asked for at the first snapshot.
+    msrs: OnceLock<Result<Vec<u32>, String>>,
 }
 
-impl SupportedCpuid {
+impl HostQueries {
     pub fn new(kvm: Kvm) -> Arc<Self> {
-        Arc::new(SupportedCpuid { kvm, cell: OnceLock::new() })
+        Arc::new(HostQueries { kvm, cell: OnceLock::new(), msrs: OnceLock::new() })
+    }
+
+    fn msr_indices(&self) -> Result<Vec<u32>, String> {
+        self.msrs.get_or_init(|| msr_list(&self.kvm).map_err(|e| crate::process::error_chain(&e))).clone()
     }
 
     fn get(&self) -> Result<CpuId, VcpuError> {
         self.cell
             .get_or_init(|| self.kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES))
             .clone()
-            .map_err(VcpuError::SupportedCpuid)
+            .map_err(VcpuError::HostQueries)
     }
 }
 
-/// What a set-up vCPU needs to enter the guest; the first vCPU also gets its boot entry
-/// and the PVH start_info address.
+/// What a set-up vCPU needs to enter the guest.
 pub struct VcpuStart {
     pub buses: Arc<IoBuses>,
-    pub boot: Option<(BootEntry, u64)>,
+    pub init: VcpuInit,
+}
+
+/// How a vCPU begins: at the kernel's entry (the first vCPU of a booting VM), from a saved
+/// state (every vCPU of a restored VM), or waiting for INIT/SIPI from the guest.
+pub enum VcpuInit {
+    Boot(BootEntry, u64),
+    Restore(Box<VcpuState>),
+    WaitForSipi,
 }
 
 /// A vCPU's answer to its set-up steps: created and configured, then boot registers set.
@@ -173,7 +207,7 @@ impl Vcpu {
 
     /// Creates the vCPU with CPUID, MSRs, FPU and LINT pins; the boot registers come later
     /// and only for the first vCPU (the others wait for INIT/SIPI from the guest).
-    fn create(vm: &Vm, index: u8, count: u8, cpuid: &SupportedCpuid) -> Result<Self, VcpuError> {
+    fn create(vm: &Vm, index: u8, count: u8, cpuid: &HostQueries) -> Result<Self, VcpuError> {
         let fd = vm.fd.create_vcpu(u64::from(index)).map_err(|source| VcpuError::Create { index, source })?;
         let vcpu = Vcpu { index, fd };
         let table = vcpu_cpuid(&cpuid.get()?, index, count)?;
@@ -214,7 +248,7 @@ enum Handover {
 /// `events`, with `notify` written after each.
 pub fn spawn(
     (index, count): (u8, u8),
-    cpuid: Arc<SupportedCpuid>,
+    cpuid: Arc<HostQueries>,
     setup: Sender<SetupReport>,
     events: Sender<VcpuEvent>,
     notify: EventFd,
@@ -234,13 +268,16 @@ pub fn spawn(
                     return;
                 }
             };
-            drop((vm, cpuid));
+            drop(vm);
             let _ = setup.send((index, Ok(())));
             // No start means the VM is not going to run after all.
             let Ok(Handover::Start(start)) = handover.recv() else { return };
-            let registers = match start.boot {
-                Some((boot, start_info)) => vcpu.set_boot_registers(boot, start_info),
-                None => Ok(()),
+            let registers = match start.init {
+                VcpuInit::Boot(boot, start_info) => vcpu.set_boot_registers(boot, start_info),
+                VcpuInit::Restore(state) => {
+                    state.restore(&vcpu.fd).map_err(|e| VcpuError::Restore { index, source: e })
+                }
+                VcpuInit::WaitForSipi => Ok(()),
             };
             let failed = registers.is_err();
             let _ = setup.send((index, registers));
@@ -248,7 +285,7 @@ pub fn spawn(
                 return;
             }
             let reporter = Reporter { events, notify };
-            let mut runner = Runner { vcpu, buses: start.buses, commands };
+            let mut runner = Runner { vcpu, buses: start.buses, commands, host: cpuid };
             let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runner.run(&reporter)));
             if let Err(panic) = outcome {
                 let msg = panic
@@ -293,6 +330,7 @@ struct Runner {
     vcpu: Vcpu,
     buses: Arc<IoBuses>,
     commands: Receiver<VcpuCommand>,
+    host: Arc<HostQueries>,
 }
 
 impl Runner {
@@ -313,6 +351,11 @@ impl Runner {
                 Some(VcpuCommand::Resume) => {
                     paused = false;
                     reporter.send(VcpuEvent::Resumed(index));
+                    continue;
+                }
+                Some(VcpuCommand::SaveState) => {
+                    let state = if paused { self.save_state(run_ptr) } else { Err("the vCPU is not paused".into()) };
+                    reporter.send(VcpuEvent::Saved(index, state));
                     continue;
                 }
                 Some(VcpuCommand::Exit) => break,
@@ -394,6 +437,19 @@ impl Runner {
             }
             Err(e) => Next::Stop(VcpuStop::KvmError(format!("KVM_RUN failed: {e}"))),
         }
+    }
+
+    /// Finishes any I/O the vCPU was in (a KVM_RUN that returns at once), then captures.
+    fn save_state(&mut self, run_ptr: *mut kvm_run) -> Result<Box<VcpuState>, String> {
+        self.vcpu.fd.set_kvm_immediate_exit(1);
+        let completed =
+            self.vcpu.fd.run().map(|_| ()).or_else(|e| if e.errno() == libc::EINTR { Ok(()) } else { Err(e) });
+        self.vcpu.fd.set_kvm_immediate_exit(0);
+        // SAFETY: reading a plain field of this thread's own kvm_run mapping.
+        let _ = unsafe { (*run_ptr).exit_reason };
+        completed.map_err(|e| format!("completing pending I/O: {e}"))?;
+        let msrs = self.host.msr_indices().map_err(|e| e.to_string())?;
+        VcpuState::capture(&self.vcpu.fd, &msrs).map(Box::new).map_err(|e| crate::process::error_chain(&e))
     }
 
     /// The guest's instruction pointer, for error messages.

@@ -30,7 +30,7 @@ pub const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
 const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
 
 /// How a disk is attached, as given on the command line.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BlockConfig {
     pub path: PathBuf,
     pub read_only: bool,

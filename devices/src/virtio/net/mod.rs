@@ -61,7 +61,7 @@ const EVENT_TAP: u32 = 0;
 const EVENT_RX_LIMITER: u32 = 1;
 const EVENT_TX_LIMITER: u32 = 2;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NetConfig {
     pub tap: String,
     /// A locally administered address derived from the tap's name when absent.

@@ -1,0 +1,166 @@
+//! Snapshots on real KVM: a VM continues from its snapshot in a new VMM process (the
+//! heartbeat sequence goes on, memory verifies), and damaged or mismatched snapshots are
+//! refused with a clear error.
+
+mod common;
+
+use common::{TIMEOUT, kvm_or_skip, test_guest, vmm};
+use novacron_guest_image::report::GuestLine;
+use novacron_guest_image::watch::Watched;
+use novacron_vmm::api::Request;
+use novacron_vmm::api::client::call;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::time::Duration;
+
+const CALL_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Runs the test guest, snapshots it paused after a few heartbeats and verdicts, and
+/// returns the last heartbeat it printed before the snapshot.
+fn snapshot_of(vcpus: u8, cmdline: &str, dir: &Path, extra: &[String]) -> u64 {
+    let sock = dir.join("src.sock");
+    let mut cmd = vmm();
+    cmd.args(["--vcpus", &vcpus.to_string(), "--mem", "128", "--cmdline", cmdline]).arg("--api-sock").arg(&sock);
+    cmd.args(extra);
+    let mut vm = Watched::spawn(cmd).unwrap();
+    vm.wait_verified(2, TIMEOUT).unwrap();
+    let reply =
+        call(&sock, Request::Snapshot { dir: dir.join("snap").to_string_lossy().into(), paused: true }, CALL_TIMEOUT);
+    let report = reply.unwrap().snapshot.unwrap();
+    assert!(report.pages_written > 0 && report.memory_bytes == 128 << 20, "{report:?}");
+    // Lines already on their way are read; a paused VM prints nothing more.
+    while let Ok(Some(_)) = vm.next_line(Duration::from_millis(300)) {}
+    let last = *vm.heartbeats().last().unwrap();
+    call(&sock, Request::Shutdown, CALL_TIMEOUT).unwrap();
+    vm.wait_exit(TIMEOUT).unwrap();
+    last
+}
+
+fn restore(dir: &Path) -> Watched {
+    let mut cmd = vmm();
+    cmd.arg("--restore-from").arg(dir.join("snap"));
+    Watched::spawn(cmd).unwrap()
+}
+
+fn continues_where_it_stopped(vcpus: u8) {
+    let dir = tempfile::tempdir().unwrap();
+    let last = snapshot_of(vcpus, "ws=8 rate=2000 verify=300 hb=100", dir.path(), &[]);
+
+    let mut restored = restore(dir.path());
+    let first = restored
+        .wait_for("a heartbeat after restore", TIMEOUT, |l| matches!(l.parsed, GuestLine::Heartbeat(_)))
+        .unwrap();
+    let verdict = restored
+        .wait_for("a verdict after restore", TIMEOUT, |l| {
+            matches!(l.parsed, GuestLine::VerifyOk { .. } | GuestLine::VerifyFail { .. })
+        })
+        .unwrap();
+
+    assert_eq!(first.parsed, GuestLine::Heartbeat(last + 1), "the sequence goes on");
+    assert!(matches!(verdict.parsed, GuestLine::VerifyOk { cpus, .. } if cpus == u64::from(vcpus)), "{}", verdict.text);
+    assert!(
+        !restored.seen.iter().any(|l| matches!(l.parsed, GuestLine::Boot | GuestLine::Banner { .. })),
+        "no new boot"
+    );
+}
+
+#[test]
+fn kvm_snapshot_restore_1_vcpu_continues_and_verifies() {
+    if kvm_or_skip("kvm_snapshot_restore_1_vcpu_continues_and_verifies") {
+        continues_where_it_stopped(1);
+    }
+}
+
+#[test]
+fn kvm_snapshot_restore_4_vcpus_continues_and_verifies() {
+    if kvm_or_skip("kvm_snapshot_restore_4_vcpus_continues_and_verifies") {
+        continues_where_it_stopped(4);
+    }
+}
+
+#[test]
+fn kvm_snapshot_with_devices_restores_them_and_refuses_a_changed_disk() {
+    if !kvm_or_skip("kvm_snapshot_with_devices_restores_them_and_refuses_a_changed_disk") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.img");
+    std::fs::File::create(&disk).unwrap().set_len(1 << 20).unwrap();
+    let extra = vec!["--rng".to_string(), "--disk".to_string(), format!("path={}", disk.display())];
+    let last = snapshot_of(1, "ws=4 verify=300 hb=100 blk=8 rng=64", dir.path(), &extra);
+
+    let mut restored = restore(dir.path());
+    let first = restored.wait_for("a heartbeat", TIMEOUT, |l| matches!(l.parsed, GuestLine::Heartbeat(_))).unwrap();
+    drop(restored);
+    std::fs::File::options().write(true).open(&disk).unwrap().set_len(2 << 20).unwrap();
+    let out = vmm().arg("--restore-from").arg(dir.path().join("snap")).output().unwrap();
+
+    assert_eq!(first.parsed, GuestLine::Heartbeat(last + 1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr.contains("disk size in sectors"), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+}
+
+#[test]
+fn kvm_damaged_snapshots_are_refused_with_one_line() {
+    if !kvm_or_skip("kvm_damaged_snapshots_are_refused_with_one_line") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    snapshot_of(1, "ws=4 verify=300 hb=100", dir.path(), &[]);
+    let snap = dir.path().join("snap");
+    let state = std::fs::read(snap.join("state.bin")).unwrap();
+    let memory_len = std::fs::metadata(snap.join("memory.bin")).unwrap().len();
+    let flip = |file: &str, at: u64| {
+        let f = std::fs::File::options().read(true).write(true).open(snap.join(file)).unwrap();
+        let mut b = [0u8];
+        f.read_exact_at(&mut b, at).unwrap();
+        f.write_all_at(&[b[0] ^ 0x40], at).unwrap();
+    };
+    let attempt = || {
+        let out = vmm().arg("--restore-from").arg(&snap).output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+
+    flip("state.bin", state.len() as u64 / 2);
+    let state_flipped = attempt();
+    std::fs::write(snap.join("state.bin"), &state[..state.len() - 7]).unwrap();
+    let state_truncated = attempt();
+    std::fs::write(snap.join("state.bin"), &state).unwrap();
+    flip("memory.bin", memory_len / 3);
+    let memory_flipped = attempt();
+
+    for ((code, stderr), needle) in
+        [(state_flipped, "checksum"), (state_truncated, "truncated"), (memory_flipped, "memory.bin chunk")]
+    {
+        assert_eq!(code, Some(1), "{stderr}");
+        assert!(stderr.contains(needle), "{needle:?} not in {stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    }
+}
+
+#[test]
+fn kvm_snapshot_of_a_running_vm_resumes_it() {
+    if !kvm_or_skip("kvm_snapshot_of_a_running_vm_resumes_it") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("vm.sock");
+    let mut vm = test_guest(2, 64, "ws=4 hb=100 verify=300", Some(&sock));
+    vm.wait_for("HB 2", TIMEOUT, |l| matches!(l.parsed, GuestLine::Heartbeat(s) if s >= 2)).unwrap();
+
+    let reply = call(
+        &sock,
+        Request::Snapshot { dir: dir.path().join("s").to_string_lossy().into(), paused: false },
+        CALL_TIMEOUT,
+    );
+    let seq = *vm.heartbeats().last().unwrap();
+    let later =
+        vm.wait_for("a later heartbeat", TIMEOUT, |l| matches!(l.parsed, GuestLine::Heartbeat(s) if s > seq + 2));
+    let status = call(&sock, Request::Status, CALL_TIMEOUT).unwrap().status.unwrap();
+
+    assert!(reply.is_ok(), "{reply:?}");
+    assert!(later.is_ok(), "the VM goes on after the snapshot");
+    assert_eq!(status.state, novacron_vmm::api::VmState::Running);
+}
