@@ -7,7 +7,7 @@ use crate::arch::x86_64::{acpi, mptable};
 use crate::boot::{self, initrd, linux, pvh};
 use crate::config::{KernelSource, VmConfig};
 use crate::machine::{Machine, StopEvents};
-use crate::snapshot::{self, MachineSpec, Snapshot};
+use crate::snapshot::{self, MachineSpec, SavedState};
 use crate::virtio;
 use crate::vstate::kvm::{self, KvmError};
 use crate::vstate::memory::{self, GuestMemory, MemoryError};
@@ -162,8 +162,9 @@ impl PhaseTimer {
 pub enum Source {
     /// Boot the configured kernel.
     Boot,
-    /// Continue a snapshot; the configuration was made from its machine spec.
-    Restore(Box<Snapshot>),
+    /// Continue a saved state (a snapshot's or a migration's) in `memory`, which holds the
+    /// guest's RAM; the configuration was made from the state's machine spec.
+    Restore { state: Box<SavedState>, memory: GuestMemory },
 }
 
 pub fn build(config: &VmConfig, serial_out: SerialOutput, source: Source) -> Result<Machine, BuildError> {
@@ -172,9 +173,9 @@ pub fn build(config: &VmConfig, serial_out: SerialOutput, source: Source) -> Res
     let kvm = kvm::open()?;
     kvm::check_capabilities(&kvm, config.vcpus)?;
     let vm = Arc::new(Vm::new(&kvm)?);
-    let memory = match &source {
-        Source::Boot => memory::create(config.mem_mib << 20)?,
-        Source::Restore(s) => snapshot::map_memory(s)?,
+    let (memory, restore) = match source {
+        Source::Boot => (memory::create(config.mem_mib << 20)?, None),
+        Source::Restore { state, memory } => (memory, Some(state)),
     };
     vm.register_memory(&memory)?;
     timer.mark("create VM, memory");
@@ -202,8 +203,8 @@ pub fn build(config: &VmConfig, serial_out: SerialOutput, source: Source) -> Res
     let serial_irq = event_fd()?;
     vm.register_irqfd(&serial_irq, COM1_IRQ)?;
     let serial = Arc::new(Mutex::new(Serial::new(serial_irq, serial_out)));
-    let (mut inits, format): (Vec<VcpuInit>, String) = match source {
-        Source::Boot => {
+    let (mut inits, format): (Vec<VcpuInit>, String) = match restore {
+        None => {
             let mmio_devices: Vec<acpi::MmioDevice> = virtio.iter().map(|v| v.mmio).collect();
             let (boot_entry, start_info, format) = load_guest(config, &memory, &mmio_devices)?;
             regs::write_boot_tables(&memory, boot_entry)?;
@@ -212,10 +213,10 @@ pub fn build(config: &VmConfig, serial_out: SerialOutput, source: Source) -> Res
                 .collect();
             (inits, format.to_string())
         }
-        Source::Restore(snapshot) => {
-            restore_state(&snapshot, &vm, &virtio, &serial)?;
-            let inits = snapshot.vcpus.into_iter().map(|s| VcpuInit::Restore(Box::new(s))).collect();
-            (inits, snapshot.spec.boot_format)
+        Some(state) => {
+            restore_state(&state, &vm, &virtio, &serial)?;
+            let inits = state.vcpus.into_iter().map(|s| VcpuInit::Restore(Box::new(s))).collect();
+            (inits, state.spec.boot_format)
         }
     };
     timer.mark("load guest");
@@ -253,7 +254,7 @@ pub fn build(config: &VmConfig, serial_out: SerialOutput, source: Source) -> Res
 /// Puts a snapshot's VM, device and serial state into a freshly built VM whose vCPUs
 /// have not run. Each part checks its state before it changes anything.
 fn restore_state(
-    snapshot: &Snapshot,
+    snapshot: &SavedState,
     vm: &Vm,
     virtio: &[virtio::VirtioSlot],
     serial: &Mutex<Serial>,

@@ -2,7 +2,7 @@
 //! event fds through which the guest asks to stop, and pause/resume across all vCPUs.
 
 use crate::api::{ApiError, ErrorKind, VmState, VmStatus};
-use crate::snapshot::{self, MachineSpec, SnapshotStats};
+use crate::snapshot::{self, MachineSpec, SavedState, SnapshotStats};
 use crate::virtio::VirtioSlot;
 use crate::vstate::memory::GuestMemory;
 use crate::vstate::persist::{VcpuState, VmState as VmStateKvm};
@@ -47,6 +47,10 @@ pub struct Machine {
     _buses: Arc<IoBuses>,
     vm: Arc<Vm>,
     memory: GuestMemory,
+}
+
+fn internal(what: &str, e: &dyn std::error::Error) -> ApiError {
+    ApiError::new(ErrorKind::Internal, format!("{what}: {}", crate::process::error_chain(e)))
 }
 
 impl Machine {
@@ -202,9 +206,14 @@ impl Machine {
     }
 
     fn write_snapshot(&mut self, dir: &std::path::Path) -> Result<SnapshotStats, ApiError> {
-        let internal = |what: &str, e: &dyn std::error::Error| {
-            ApiError::new(ErrorKind::Internal, format!("{what}: {}", crate::process::error_chain(e)))
-        };
+        let state = self.save_state()?;
+        let stats = snapshot::write(dir, &state, &self.memory).map_err(|e| internal("writing the snapshot", &e))?;
+        tracing::info!(dir = %dir.display(), memory_pages = stats.pages_written, state_bytes = stats.state_bytes, "snapshot written");
+        Ok(stats)
+    }
+
+    /// Everything but memory, from a paused VM.
+    pub fn save_state(&mut self) -> Result<SavedState, ApiError> {
         crate::vstate::persist::check_xsave_size(&self.vm.fd).map_err(|e| internal("checking the XSAVE area", &e))?;
         let vcpus = self.capture_vcpus()?;
         let vm = VmStateKvm::capture(&self.vm.fd)
@@ -212,10 +221,7 @@ impl Machine {
         let devices: Vec<(String, TransportState)> =
             self.virtio.iter().map(|v| (v.name.clone(), v.lock().save_state())).collect();
         let serial = self.serial.lock().unwrap_or_else(|p| p.into_inner()).save_state();
-        let stats = snapshot::write(dir, &self.spec, &vcpus, &vm, &devices, &serial, &self.memory)
-            .map_err(|e| internal("writing the snapshot", &e))?;
-        tracing::info!(dir = %dir.display(), memory_pages = stats.pages_written, state_bytes = stats.state_bytes, "snapshot written");
-        Ok(stats)
+        Ok(SavedState { spec: self.spec.clone(), vcpus, vm, devices, serial })
     }
 
     /// Every vCPU's state, in index order. The VM must be paused.

@@ -99,8 +99,12 @@ pub fn restore_vm(args: &RestoreArgs) -> i32 {
         Ok(s) => s,
         Err(e) => return fail("cannot restore", &e),
     };
-    let config = VmConfig::from_spec(&snapshot.spec, args.api_sock.clone(), args.serial_file.clone());
-    run(&config, Source::Restore(Box::new(snapshot)))
+    let memory = match snapshot::map_memory(&snapshot) {
+        Ok(m) => m,
+        Err(e) => return fail("cannot restore", &e),
+    };
+    let config = VmConfig::from_spec(&snapshot.state.spec, args.api_sock.clone(), args.serial_file.clone());
+    run(&config, Source::Restore { state: Box::new(snapshot.state), memory })
 }
 
 fn run(config: &VmConfig, source: Source) -> i32 {

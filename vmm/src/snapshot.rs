@@ -67,6 +67,8 @@ pub enum SnapshotError {
         #[source]
         source: StreamError,
     },
+    #[error("bad state section")]
+    Section(#[source] StreamError),
     #[error("the snapshot has no {0} section")]
     Missing(&'static str),
     #[error("section {what} has version {found}; this VMM reads {expected}")]
@@ -103,14 +105,56 @@ pub struct MemoryInfo {
     pub chunk_crcs: Vec<u32>,
 }
 
-/// Everything but memory, read and checked.
-pub struct Snapshot {
-    pub dir: PathBuf,
+/// A paused VM's state without its memory: what a snapshot's state.bin and a migration's
+/// state message carry.
+pub struct SavedState {
     pub spec: MachineSpec,
     pub vcpus: Vec<VcpuState>,
     pub vm: VmState,
     pub devices: Vec<(String, TransportState)>,
     pub serial: SerialState,
+}
+
+impl SavedState {
+    /// The state as sections of a state stream (memory's section is added by the caller).
+    pub fn to_sections(&self) -> Result<Vec<Section>, StreamError> {
+        let mut sections = vec![Section::new(SECTION_MACHINE, MACHINE_VERSION, "machine", &self.spec)?];
+        for v in &self.vcpus {
+            sections.push(Section::new(SECTION_VCPU, STATE_VERSION, "vcpu", v)?);
+        }
+        sections.push(Section::new(SECTION_VM, STATE_VERSION, "vm", &self.vm)?);
+        sections.push(Section::new(SECTION_DEVICES, DEVICES_VERSION, "devices", &self.devices)?);
+        sections.push(Section::new(SECTION_SERIAL, STATE_VERSION, "serial", &self.serial)?);
+        Ok(sections)
+    }
+
+    /// Reads the state back from sections, checking versions and that the parts agree.
+    pub fn from_sections(sections: &[Section]) -> Result<Self, SnapshotError> {
+        let spec: MachineSpec = one(sections, SECTION_MACHINE, MACHINE_VERSION, "machine")?;
+        let mut vcpus = Vec::new();
+        for s in sections.iter().filter(|s| s.kind == SECTION_VCPU) {
+            if s.version != STATE_VERSION {
+                return Err(SnapshotError::SectionVersion { what: "vcpu", found: s.version, expected: STATE_VERSION });
+            }
+            vcpus.push(s.decode("vcpu").map_err(SnapshotError::Section)?);
+        }
+        if vcpus.len() != usize::from(spec.vcpus) || vcpus.is_empty() {
+            return Err(SnapshotError::Inconsistent(format!("{} vCPU sections for {} vCPUs", vcpus.len(), spec.vcpus)));
+        }
+        Ok(SavedState {
+            spec,
+            vcpus,
+            vm: one(sections, SECTION_VM, STATE_VERSION, "vm")?,
+            devices: one(sections, SECTION_DEVICES, DEVICES_VERSION, "devices")?,
+            serial: one(sections, SECTION_SERIAL, STATE_VERSION, "serial")?,
+        })
+    }
+}
+
+/// A snapshot's state, read and checked; its memory is checked when it is mapped.
+pub struct Snapshot {
+    pub dir: PathBuf,
+    pub state: SavedState,
     pub memory: MemoryInfo,
 }
 
@@ -161,26 +205,12 @@ fn write_memory(memory: &GuestMemory, path: &Path) -> Result<(MemoryInfo, u64), 
 }
 
 /// Writes a snapshot of a paused VM into `dir` (created if needed).
-pub fn write(
-    dir: &Path,
-    spec: &MachineSpec,
-    vcpus: &[VcpuState],
-    vm: &VmState,
-    devices: &[(String, TransportState)],
-    serial: &SerialState,
-    memory: &GuestMemory,
-) -> Result<SnapshotStats, SnapshotError> {
+pub fn write(dir: &Path, state: &SavedState, memory: &GuestMemory) -> Result<SnapshotStats, SnapshotError> {
     std::fs::create_dir_all(dir).map_err(io("create", dir))?;
     let memory_path = dir.join(MEMORY_FILE);
     let (memory_info, pages_written) = write_memory(memory, &memory_path)?;
     let enc = |e: StreamError| SnapshotError::Stream { path: dir.join(STATE_FILE), source: e };
-    let mut sections = vec![Section::new(SECTION_MACHINE, MACHINE_VERSION, "machine", spec).map_err(enc)?];
-    for v in vcpus {
-        sections.push(Section::new(SECTION_VCPU, STATE_VERSION, "vcpu", v).map_err(enc)?);
-    }
-    sections.push(Section::new(SECTION_VM, STATE_VERSION, "vm", vm).map_err(enc)?);
-    sections.push(Section::new(SECTION_DEVICES, DEVICES_VERSION, "devices", &devices).map_err(enc)?);
-    sections.push(Section::new(SECTION_SERIAL, STATE_VERSION, "serial", serial).map_err(enc)?);
+    let mut sections = state.to_sections().map_err(enc)?;
     sections.push(Section::new(SECTION_MEMORY, MEMORY_VERSION, "memory", &memory_info).map_err(enc)?);
     let bytes = stream::encode(&sections);
     // Written aside and renamed: a crash never leaves a half-written state file.
@@ -203,32 +233,20 @@ fn one<T: serde::de::DeserializeOwned>(
     if s.version != version {
         return Err(SnapshotError::SectionVersion { what, found: s.version, expected: version });
     }
-    s.decode(what).map_err(|e| SnapshotError::Stream { path: PathBuf::from(STATE_FILE), source: e })
+    s.decode(what).map_err(SnapshotError::Section)
 }
 
-/// Reads and checks a snapshot's state (memory is checked when it is mapped).
-pub fn read(dir: &Path) -> Result<Snapshot, SnapshotError> {
-    let state_path = dir.join(STATE_FILE);
-    let bytes = std::fs::read(&state_path).map_err(io("read", &state_path))?;
-    let sections =
-        stream::decode(&bytes).map_err(|source| SnapshotError::Stream { path: state_path.clone(), source })?;
-    let spec: MachineSpec = one(&sections, SECTION_MACHINE, MACHINE_VERSION, "machine")?;
-    let mut vcpus = Vec::new();
-    for s in sections.iter().filter(|s| s.kind == SECTION_VCPU) {
-        if s.version != STATE_VERSION {
-            return Err(SnapshotError::SectionVersion { what: "vcpu", found: s.version, expected: STATE_VERSION });
-        }
-        vcpus.push(s.decode("vcpu").map_err(|source| SnapshotError::Stream { path: state_path.clone(), source })?);
-    }
-    if vcpus.len() != usize::from(spec.vcpus) || vcpus.is_empty() {
-        return Err(SnapshotError::Inconsistent(format!("{} vCPU sections for {} vCPUs", vcpus.len(), spec.vcpus)));
-    }
+/// Parses and checks the bytes of a state.bin: the VM's state and the memory image's shape.
+pub fn parse_state(bytes: &[u8]) -> Result<(SavedState, MemoryInfo), SnapshotError> {
+    let sections = stream::decode(bytes).map_err(SnapshotError::Section)?;
+    let state = SavedState::from_sections(&sections)?;
     let memory: MemoryInfo = one(&sections, SECTION_MEMORY, MEMORY_VERSION, "memory")?;
-    let expected: Vec<u64> = crate::arch::x86_64::layout::ram_ranges(spec.mem_mib << 20).iter().map(|r| r.1).collect();
+    let expected: Vec<u64> =
+        crate::arch::x86_64::layout::ram_ranges(state.spec.mem_mib << 20).iter().map(|r| r.1).collect();
     if memory.region_sizes != expected {
         return Err(SnapshotError::Inconsistent(format!(
             "memory regions {:?} for {} MiB",
-            memory.region_sizes, spec.mem_mib
+            memory.region_sizes, state.spec.mem_mib
         )));
     }
     let total: u64 = memory.region_sizes.iter().sum();
@@ -238,15 +256,18 @@ pub fn read(dir: &Path) -> Result<Snapshot, SnapshotError> {
             memory.chunk_crcs.len()
         )));
     }
-    Ok(Snapshot {
-        dir: dir.to_owned(),
-        spec,
-        vcpus,
-        vm: one(&sections, SECTION_VM, STATE_VERSION, "vm")?,
-        devices: one(&sections, SECTION_DEVICES, DEVICES_VERSION, "devices")?,
-        serial: one(&sections, SECTION_SERIAL, STATE_VERSION, "serial")?,
-        memory,
-    })
+    Ok((state, memory))
+}
+
+/// Reads and checks a snapshot's state (memory is checked when it is mapped).
+pub fn read(dir: &Path) -> Result<Snapshot, SnapshotError> {
+    let state_path = dir.join(STATE_FILE);
+    let bytes = std::fs::read(&state_path).map_err(io("read", &state_path))?;
+    let (state, memory) = parse_state(&bytes).map_err(|e| match e {
+        SnapshotError::Section(source) => SnapshotError::Stream { path: state_path.clone(), source },
+        other => other,
+    })?;
+    Ok(Snapshot { dir: dir.to_owned(), state, memory })
 }
 
 /// Maps memory.bin as the guest's RAM, privately: the guest's writes never reach the file.
