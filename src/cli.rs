@@ -7,6 +7,7 @@ use novacron_devices::virtio::LimitTarget;
 use novacron_vmm::api::client::{ClientError, call};
 use novacron_vmm::api::{LimitChange, Request, VmStatus};
 use novacron_vmm::config::VmArgs;
+use novacron_vmm::migrate::destination::{ReceiveArgs, receive_vm};
 use novacron_vmm::process::{RestoreArgs, error_chain, init_logging, parse_args, restore_vm, run_vm};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -34,6 +35,9 @@ enum Command {
     /// Run and control virtual machines.
     #[command(subcommand)]
     Vm(VmCommand),
+    /// The cluster's TLS certificates (migration peers authenticate each other with them).
+    #[command(subcommand)]
+    Certs(crate::migrate::CertsCommand),
 }
 
 #[derive(Subcommand)]
@@ -55,6 +59,14 @@ enum VmCommand {
     Snapshot(SnapshotArgs),
     /// Continue a VM from a snapshot in this process, as `vm run` does.
     Restore(RestoreArgs),
+    /// Move a running VM to another host's `vm receive`, live (pre-copy over QUIC).
+    Migrate(crate::migrate::MigrateArgs),
+    /// Stop a running migration; the VM stays (or becomes again) the one running here.
+    MigrateCancel(SocketArgs),
+    /// Change a running migration's bandwidth limit.
+    MigrateSet(crate::migrate::MigrateSetArgs),
+    /// Receive a VM from a migration and run it in this process (console on stdout).
+    Receive(ReceiveArgs),
 }
 
 #[derive(Args)]
@@ -175,10 +187,10 @@ fn set_limit(a: SetLimitArgs) -> i32 {
 }
 
 #[derive(Args)]
-struct SocketArgs {
+pub struct SocketArgs {
     /// The VM's control socket (the --api-sock it was started with).
     #[arg(long, value_name = "PATH")]
-    api_sock: PathBuf,
+    pub api_sock: PathBuf,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -248,6 +260,10 @@ fn vm_command(cmd: VmCommand) -> i32 {
         VmCommand::SetLimit(a) => set_limit(a),
         VmCommand::Snapshot(a) => snapshot(a),
         VmCommand::Restore(a) => restore_vm(&a),
+        VmCommand::Migrate(a) => crate::migrate::migrate(a),
+        VmCommand::MigrateCancel(s) => crate::migrate::migrate_cancel(s.api_sock),
+        VmCommand::MigrateSet(a) => crate::migrate::migrate_set(a),
+        VmCommand::Receive(a) => receive_vm(&a),
         VmCommand::Status(a) => match control("query", &a.socket, Request::Status) {
             Ok(Some(status)) => {
                 print_status(&status, a.output);
@@ -271,5 +287,6 @@ pub fn main() -> i32 {
     match cli.command {
         Command::Demo(args) => crate::demo::run(&args),
         Command::Vm(cmd) => vm_command(cmd),
+        Command::Certs(cmd) => crate::migrate::certs(cmd),
     }
 }

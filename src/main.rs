@@ -2,6 +2,7 @@
 
 mod cli;
 mod demo;
+mod migrate;
 
 fn main() {
     std::process::exit(cli::main());

@@ -1,9 +1,39 @@
-//! Snapshots and live migration.
+//! Snapshots and live migration: the formats, the codecs, the engines and the transport.
 //!
-//! - [`stream`]: the state stream format: a header and checksummed, versioned sections.
-//!   A snapshot's `state.bin` is one; a migration will send the same sections after memory.
+//! - [`stream`]: the state stream: a header and checksummed, versioned sections. A
+//!   snapshot's `state.bin` is one, and a migration sends one after memory.
+//! - [`page`]: zero detection, content hashes, word-level deltas, the delta cache.
+//! - [`digest`]: the incremental memory digest both ends of a migration keep.
+//! - [`dirty`]: page sets (a round's dirty pages).
+//! - [`protocol`]: the migration's messages and frames.
+//! - [`throttle`]: the bandwidth limit.
+//! - [`tls`]: the cluster CA, node certificates, mutual-TLS configurations.
+//! - [`transport`]: the QUIC link the engines talk over.
+//! - [`source`] and [`destination`]: the pre-copy engine's two ends, over traits the VMM
+//!   implements for a real VM.
 //!
-//! The VMM (`novacron-vmm`) captures and restores the state that goes into sections; this
-//! crate owns the formats and (next) the pre-copy engine and its QUIC transport.
+//! The VMM (`novacron-vmm`) captures and restores the state that goes into sections and
+//! owns the VM; this crate decides what to send when and checks what arrives.
 
+pub mod destination;
+pub mod digest;
+pub mod dirty;
+pub mod page;
+pub mod protocol;
+pub mod source;
 pub mod stream;
+pub mod throttle;
+pub mod tls;
+pub mod transport;
+
+/// An error and its causes on one line: "what failed: because: because".
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut line = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        line.push_str(": ");
+        line.push_str(&s.to_string());
+        source = s.source();
+    }
+    line
+}

@@ -1,6 +1,7 @@
 //! From a checked `VmConfig` to a running `Machine`: KVM, memory, kernel, firmware tables,
 //! devices, vCPUs. Each step's error says which step failed.
 
+use crate::api::VmState;
 use crate::arch::x86_64::layout::{self, CMDLINE_START, HIMEM_START, MMIO_HOLE_START};
 use crate::arch::x86_64::regs::{self, BootEntry};
 use crate::arch::x86_64::{acpi, mptable};
@@ -12,7 +13,7 @@ use crate::virtio;
 use crate::vstate::kvm::{self, KvmError};
 use crate::vstate::memory::{self, GuestMemory, MemoryError};
 use crate::vstate::persist::StateError;
-use crate::vstate::vcpu::{self, IoBuses, SetupReport, VcpuError, VcpuInit, VcpuStart};
+use crate::vstate::vcpu::{self, IoBuses, SetupReport, Throttle, VcpuCommand, VcpuError, VcpuInit, VcpuStart};
 use crate::vstate::vm::{Vm, VmError};
 use novacron_devices::legacy::{
     AcpiPower, COM1_IRQ, COM1_PORT, I8042, POWER_PORT_BASE, POWER_PORT_LEN, Serial, SerialOutput,
@@ -163,8 +164,10 @@ pub enum Source {
     /// Boot the configured kernel.
     Boot,
     /// Continue a saved state (a snapshot's or a migration's) in `memory`, which holds the
-    /// guest's RAM; the configuration was made from the state's machine spec.
-    Restore { state: Box<SavedState>, memory: GuestMemory },
+    /// guest's RAM; the configuration was made from the state's machine spec. With
+    /// `paused`, the vCPUs are set up but wait for `Machine::resume` (a migration's
+    /// destination runs the VM only once the source commits).
+    Restore { state: Box<SavedState>, memory: GuestMemory, paused: bool },
 }
 
 pub fn build(config: &VmConfig, serial_out: SerialOutput, source: Source) -> Result<Machine, BuildError> {
@@ -173,9 +176,9 @@ pub fn build(config: &VmConfig, serial_out: SerialOutput, source: Source) -> Res
     let kvm = kvm::open()?;
     kvm::check_capabilities(&kvm, config.vcpus)?;
     let vm = Arc::new(Vm::new(&kvm)?);
-    let (memory, restore) = match source {
-        Source::Boot => (memory::create(config.mem_mib << 20)?, None),
-        Source::Restore { state, memory } => (memory, Some(state)),
+    let (memory, restore, paused) = match source {
+        Source::Boot => (memory::create(config.mem_mib << 20)?, None, false),
+        Source::Restore { state, memory, paused } => (memory, Some(state), paused),
     };
     vm.register_memory(&memory)?;
     timer.mark("create VM, memory");
@@ -230,8 +233,13 @@ pub fn build(config: &VmConfig, serial_out: SerialOutput, source: Source) -> Res
 
     wait_for_setup(&setup_rx, config.vcpus)?;
     timer.mark("vCPUs configured");
+    let throttle = Arc::new(Throttle::default());
     for (v, init) in vcpus.iter().zip(inits.drain(..)) {
-        if !v.start(VcpuStart { buses: buses.clone(), init }) {
+        // A command queued before the start is the first thing the thread does.
+        if paused && !v.send(VcpuCommand::Pause) {
+            return Err(BuildError::VcpuGone(v.index));
+        }
+        if !v.start(VcpuStart { buses: buses.clone(), init, throttle: throttle.clone() }) {
             return Err(BuildError::VcpuGone(v.index));
         }
     }
@@ -248,7 +256,8 @@ pub fn build(config: &VmConfig, serial_out: SerialOutput, source: Source) -> Res
         rng: config.rng,
     };
     tracing::info!(vcpus = spec.vcpus, mem_mib = spec.mem_mib, kernel = %spec.kernel, format = %spec.boot_format, "VM started");
-    Ok(Machine::new(spec, stop_events, vcpus, events_rx, serial, virtio, buses, vm, memory))
+    let state = if paused { VmState::Paused } else { VmState::Running };
+    Ok(Machine::new(spec, stop_events, vcpus, events_rx, serial, virtio, buses, vm, memory, (throttle, state)))
 }
 
 /// Puts a snapshot's VM, device and serial state into a freshly built VM whose vCPUs

@@ -198,6 +198,20 @@ fn check_file(what: &'static str, path: &Path) -> Result<(), ConfigError> {
     Ok(())
 }
 
+fn check_shape(vcpus: u8, mem_mib: u64) -> Result<(), ConfigError> {
+    if vcpus == 0 || vcpus > MAX_VCPUS {
+        return Err(ConfigError::Vcpus(vcpus));
+    }
+    if mem_mib < MIN_MEM_MIB {
+        return Err(ConfigError::MemTooSmall(mem_mib));
+    }
+    let host_mib = host_memory_bytes().map(|b| b >> 20).unwrap_or(u64::MAX);
+    if mem_mib > host_mib {
+        return Err(ConfigError::MemTooLarge { wanted: mem_mib, host: host_mib });
+    }
+    Ok(())
+}
+
 impl VmConfig {
     /// The configuration of a VM restored from a snapshot: its saved shape and devices.
     pub fn from_spec(spec: &MachineSpec, api_sock: Option<PathBuf>, serial_file: Option<PathBuf>) -> Self {
@@ -215,17 +229,22 @@ impl VmConfig {
         }
     }
 
+    /// Checks a saved machine (from a snapshot file or a migration: untrusted bytes) as
+    /// the command line's values are checked: shape, host memory, disk images here.
+    pub fn check_spec(spec: &MachineSpec) -> Result<(), ConfigError> {
+        check_shape(spec.vcpus, spec.mem_mib)?;
+        for disk in &spec.disks {
+            check_file("disk image", &disk.path)?;
+        }
+        let devices = spec.disks.len() + spec.nets.len() + usize::from(spec.rng.is_some());
+        if devices > VIRTIO_MMIO_SLOTS {
+            return Err(ConfigError::TooManyDevices(devices));
+        }
+        Ok(())
+    }
+
     pub fn from_args(args: &VmArgs) -> Result<Self, ConfigError> {
-        if args.vcpus == 0 || args.vcpus > MAX_VCPUS {
-            return Err(ConfigError::Vcpus(args.vcpus));
-        }
-        if args.mem < MIN_MEM_MIB {
-            return Err(ConfigError::MemTooSmall(args.mem));
-        }
-        let host_mib = host_memory_bytes().map(|b| b >> 20).unwrap_or(u64::MAX);
-        if args.mem > host_mib {
-            return Err(ConfigError::MemTooLarge { wanted: args.mem, host: host_mib });
-        }
+        check_shape(args.vcpus, args.mem)?;
         let kernel = match &args.kernel {
             Some(path) => {
                 check_file("kernel", path)?;

@@ -12,6 +12,7 @@ pub mod boot;
 pub mod builder;
 pub mod config;
 pub mod machine;
+pub mod migrate;
 pub mod process;
 pub mod runtime;
 pub mod snapshot;

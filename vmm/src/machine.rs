@@ -6,7 +6,7 @@ use crate::snapshot::{self, MachineSpec, SavedState, SnapshotStats};
 use crate::virtio::VirtioSlot;
 use crate::vstate::memory::GuestMemory;
 use crate::vstate::persist::{VcpuState, VmState as VmStateKvm};
-use crate::vstate::vcpu::{IoBuses, VcpuCommand, VcpuEvent, VcpuHandle, VcpuStop};
+use crate::vstate::vcpu::{IoBuses, Throttle, ThrottleTicker, VcpuCommand, VcpuEvent, VcpuHandle, VcpuStop};
 use crate::vstate::vm::Vm;
 use novacron_devices::legacy::Serial;
 use novacron_devices::rate_limiter::BucketUpdate;
@@ -43,6 +43,8 @@ pub struct Machine {
     started: Instant,
     /// A vCPU stop seen while waiting for pause/resume answers, for the event loop.
     pending_stops: Vec<(u8, VcpuStop)>,
+    throttle: Arc<Throttle>,
+    ticker: Option<ThrottleTicker>,
     // Dropped last, in this order: the buses (devices), the VM fd, then guest memory.
     _buses: Arc<IoBuses>,
     vm: Arc<Vm>,
@@ -65,6 +67,7 @@ impl Machine {
         buses: Arc<IoBuses>,
         vm: Arc<Vm>,
         memory: GuestMemory,
+        (throttle, state): (Arc<Throttle>, VmState),
     ) -> Self {
         Machine {
             spec,
@@ -73,9 +76,11 @@ impl Machine {
             vcpu_events,
             serial,
             virtio,
-            state: VmState::Running,
+            state,
             started: Instant::now(),
             pending_stops: Vec::new(),
+            throttle,
+            ticker: None,
             _buses: buses,
             vm,
             memory,
@@ -244,8 +249,30 @@ impl Machine {
         self.serial.lock().unwrap_or_else(|p| p.into_inner()).flush();
     }
 
+    /// Keeps the vCPUs out of the guest `percent`% of the time (0: off), for auto-converge.
+    pub fn set_throttle(&mut self, percent: u8) {
+        self.throttle.set(percent);
+        if percent == 0 {
+            self.ticker = None;
+        } else if self.ticker.is_none() {
+            let threads = self.vcpus.iter().filter_map(VcpuHandle::pthread).collect();
+            match ThrottleTicker::start(threads) {
+                Ok(t) => self.ticker = Some(t),
+                Err(e) => tracing::warn!("cannot start the vCPU throttle: {e}"),
+            }
+        }
+        tracing::info!(percent, "vCPU throttle set");
+    }
+
+    /// Guest memory and the KVM VM, for the migration engine (which reads pages and the
+    /// dirty log from its own thread).
+    pub fn memory_and_vm(&self) -> (GuestMemory, Arc<Vm>) {
+        (self.memory.clone(), self.vm.clone())
+    }
+
     /// Stops every vCPU thread and waits for it, then flushes the console.
     pub fn shut_down(&mut self) {
+        self.ticker = None;
         for v in &self.vcpus {
             v.send(VcpuCommand::Exit);
         }

@@ -49,7 +49,7 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     line
 }
 
-fn serial_output(config: &VmConfig) -> std::io::Result<SerialOutput> {
+pub(crate) fn serial_output(config: &VmConfig) -> std::io::Result<SerialOutput> {
     Ok(match &config.serial_file {
         Some(path) => Box::new(std::fs::File::create(path)?),
         None => Box::new(std::io::stdout()),
@@ -99,12 +99,15 @@ pub fn restore_vm(args: &RestoreArgs) -> i32 {
         Ok(s) => s,
         Err(e) => return fail("cannot restore", &e),
     };
+    if let Err(e) = VmConfig::check_spec(&snapshot.state.spec) {
+        return fail("cannot restore this snapshot here", &e);
+    }
     let memory = match snapshot::map_memory(&snapshot) {
         Ok(m) => m,
         Err(e) => return fail("cannot restore", &e),
     };
     let config = VmConfig::from_spec(&snapshot.state.spec, args.api_sock.clone(), args.serial_file.clone());
-    run(&config, Source::Restore { state: Box::new(snapshot.state), memory })
+    run(&config, Source::Restore { state: Box::new(snapshot.state), memory, paused: false })
 }
 
 fn run(config: &VmConfig, source: Source) -> i32 {
@@ -123,14 +126,20 @@ fn run(config: &VmConfig, source: Source) -> i32 {
         Ok(m) => m,
         Err(e) => return fail("cannot start the VM", &e),
     };
-    let exit = match runtime::run(&mut machine, api) {
+    run_machine(&mut machine, api)
+}
+
+/// Runs a built VM's event loop until the VM ends; returns the process exit status.
+pub(crate) fn run_machine(machine: &mut crate::machine::Machine, api: Option<ApiServer>) -> i32 {
+    let exit = match runtime::run(machine, api) {
         Ok(exit) => exit,
         Err(e) => return fail("the VMM's event loop failed", &e),
     };
-    drop(machine);
+    machine.shut_down();
     let _ = std::io::stdout().flush();
     match &exit {
         VmExit::PowerOff | VmExit::Reset | VmExit::Shutdown => tracing::info!("{exit}"),
+        VmExit::Migrated(_) => eprintln!("novacron: {exit}"),
         _ => eprintln!("novacron: VM stopped: {exit}"),
     }
     exit.code()

@@ -2,9 +2,11 @@
 //! termination signals and the control socket, until the VM ends.
 
 use crate::api::server::ApiServer;
-use crate::api::{Request, Response, SnapshotReport};
+use crate::api::{ApiError, ErrorKind, MigrationStatus, Request, Response, SnapshotReport, VmState};
 use crate::machine::Machine;
+use crate::migrate::source::{self, EngineRequest, Migration};
 use crate::vstate::vcpu::VcpuStop;
+use novacron_migration::source::{MigrateError, Report};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
@@ -13,6 +15,7 @@ const TOKEN_POWER_OFF: u64 = 1;
 const TOKEN_RESET: u64 = 2;
 const TOKEN_SIGNAL: u64 = 3;
 const TOKEN_LISTENER: u64 = 4;
+const TOKEN_MIGRATION: u64 = 5;
 /// When nothing happens for this long, a partial console line (a prompt) is handed on.
 const IDLE_FLUSH_MS: i32 = 50;
 /// Connection `id` polls as `TOKEN_CONN_BASE + id`.
@@ -35,13 +38,15 @@ pub enum VmExit {
         index: u8,
         stop: VcpuStop,
     },
+    /// The VM moved away by live migration and runs at this address now.
+    Migrated(String),
 }
 
 impl VmExit {
     /// 0 for an orderly end; 128+n for signal n; 2 for a guest crash; 3 for a KVM or VMM fault.
     pub fn code(&self) -> i32 {
         match self {
-            VmExit::PowerOff | VmExit::Reset | VmExit::Shutdown => 0,
+            VmExit::PowerOff | VmExit::Reset | VmExit::Shutdown | VmExit::Migrated(_) => 0,
             VmExit::Signal(s) => 128 + s,
             VmExit::Vcpu { stop: VcpuStop::PowerOff | VcpuStop::Reset, .. } => 0,
             VmExit::Vcpu { stop: VcpuStop::TripleFault, .. } => 2,
@@ -60,6 +65,7 @@ impl std::fmt::Display for VmExit {
             VmExit::Shutdown => f.write_str("shut down through the control socket"),
             VmExit::Signal(s) => write!(f, "stopped by signal {s}"),
             VmExit::Vcpu { index, stop } => write!(f, "vCPU {index}: {stop}"),
+            VmExit::Migrated(to) => write!(f, "the VM moved to {to} and runs there now"),
         }
     }
 }
@@ -136,34 +142,224 @@ impl Poller {
     }
 }
 
-fn handle_request(machine: &mut Machine, request: Request) -> (Response, bool) {
-    let result = match request {
-        Request::Status => return (Response::status(machine.status()), false),
-        Request::Pause => machine.pause(),
-        Request::Resume => machine.resume(),
-        Request::Shutdown => return (Response::done(), true),
-        Request::Snapshot { dir, paused } => {
-            let started = std::time::Instant::now();
-            return match machine.snapshot(std::path::Path::new(&dir), paused) {
-                Ok(stats) => {
-                    let report = SnapshotReport {
-                        state_bytes: stats.state_bytes,
-                        memory_bytes: stats.memory_bytes,
-                        pages_written: stats.pages_written,
-                        millis: started.elapsed().as_millis() as u64,
-                    };
-                    (Response { snapshot: Some(report), ..Response::done() }, false)
+/// What the event loop keeps besides the machine.
+struct Loop {
+    poller: Poller,
+    migration: Option<Migration>,
+    /// The last migration's outcome, for `migrate_status` after it ended.
+    last_migration: Option<MigrationStatus>,
+    /// Device event sources are off the poller while a migration's switchover has the VM.
+    devices_frozen: bool,
+}
+
+/// How to answer a request.
+enum Answer {
+    Now(Response),
+    /// The answer comes later (a migration's outcome).
+    Later,
+    /// Answer, then end the VM.
+    Stop(Response),
+}
+
+fn no_migration() -> ApiError {
+    ApiError::new(ErrorKind::InvalidState, "no migration is running")
+}
+
+fn result(r: Result<(), ApiError>) -> Answer {
+    Answer::Now(match r {
+        Ok(()) => Response::done(),
+        Err(e) => Response::error(e),
+    })
+}
+
+impl Loop {
+    fn handle_request(&mut self, machine: &mut Machine, request: Request, conn: u64) -> Result<Answer, RuntimeError> {
+        let frozen = || {
+            Answer::Now(Response::error(ApiError::new(
+                ErrorKind::InvalidState,
+                "the VM is paused for a migration's switchover",
+            )))
+        };
+        Ok(match request {
+            Request::Status => Answer::Now(Response::status(machine.status())),
+            Request::Pause | Request::Resume | Request::Snapshot { .. } if self.devices_frozen => frozen(),
+            Request::Pause => result(machine.pause()),
+            Request::Resume => result(machine.resume()),
+            Request::Shutdown => Answer::Stop(Response::done()),
+            Request::Snapshot { dir, paused } => {
+                let started = std::time::Instant::now();
+                Answer::Now(match machine.snapshot(std::path::Path::new(&dir), paused) {
+                    Ok(stats) => {
+                        let report = SnapshotReport {
+                            state_bytes: stats.state_bytes,
+                            memory_bytes: stats.memory_bytes,
+                            pages_written: stats.pages_written,
+                            millis: started.elapsed().as_millis() as u64,
+                        };
+                        Response { snapshot: Some(report), ..Response::done() }
+                    }
+                    Err(e) => Response::error(e),
+                })
+            }
+            Request::SetLimit { device, target, bandwidth, ops } => {
+                result(machine.set_limit(&device, target, bandwidth.into(), ops.into()))
+            }
+            Request::Migrate(request) => {
+                if let Some(m) = &self.migration {
+                    let msg = format!("a migration to {} is running already", m.to);
+                    return Ok(Answer::Now(Response::error(ApiError::new(ErrorKind::InvalidState, msg))));
                 }
-                Err(e) => (Response::error(e), false),
-            };
+                match source::start(machine, &request) {
+                    Ok(mut m) => {
+                        self.poller.add(m.notify.as_raw_fd(), TOKEN_MIGRATION)?;
+                        m.waiting = Some(conn);
+                        self.migration = Some(m);
+                        Answer::Later
+                    }
+                    Err(e) => Answer::Now(Response::error(e)),
+                }
+            }
+            Request::MigrateStatus => Answer::Now(match (&self.migration, &self.last_migration) {
+                (Some(m), _) => Response {
+                    migration: Some(MigrationStatus {
+                        to: m.to.clone(),
+                        progress: m.control.snapshot(),
+                        report: None,
+                        error: None,
+                    }),
+                    ..Response::done()
+                },
+                (None, Some(last)) => Response { migration: Some(last.clone()), ..Response::done() },
+                (None, None) => Response::error(no_migration()),
+            }),
+            Request::MigrateCancel => result(match &self.migration {
+                Some(m) => {
+                    m.control.cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+                    tracing::info!(to = %m.to, "migration cancel requested");
+                    Ok(())
+                }
+                None => Err(no_migration()),
+            }),
+            Request::MigrateSet { max_bandwidth } => result(match &self.migration {
+                Some(m) => {
+                    m.bandwidth.set(max_bandwidth);
+                    tracing::info!(max_bandwidth, "migration bandwidth limit changed");
+                    Ok(())
+                }
+                None => Err(no_migration()),
+            }),
+        })
+    }
+
+    /// Puts the virtio devices' queue and event fds on the poller, or takes them off (while
+    /// a switchover has the VM paused, no device may touch guest memory).
+    fn watch_devices(&mut self, machine: &Machine, on: bool) -> Result<(), RuntimeError> {
+        if on != self.devices_frozen {
+            return Ok(());
         }
-        Request::SetLimit { device, target, bandwidth, ops } => {
-            machine.set_limit(&device, target, bandwidth.into(), ops.into())
+        for (slot, device) in machine.virtio.iter().enumerate() {
+            let base = TOKEN_VIRTIO_BASE + ((slot as u64) << 16);
+            for (queue, fd) in device.queue_fds().into_iter().enumerate() {
+                if on { self.poller.add(fd, base + queue as u64)? } else { self.poller.remove(fd) }
+            }
+            for source in device.event_sources() {
+                if on {
+                    let events = if source.edge { EventSet::IN | EventSet::EDGE_TRIGGERED } else { EventSet::IN };
+                    self.poller.add_with(source.fd, base + SOURCE_FLAG + u64::from(source.id), events)?;
+                } else {
+                    self.poller.remove(source.fd);
+                }
+            }
         }
-    };
-    match result {
-        Ok(()) => (Response::done(), false),
-        Err(e) => (Response::error(e), false),
+        self.devices_frozen = !on;
+        Ok(())
+    }
+
+    /// Serves the migration engine's requests; returns its outcome once it has finished.
+    fn serve_engine(&mut self, machine: &mut Machine) -> Result<Option<Result<Report, MigrateError>>, RuntimeError> {
+        let Some(m) = self.migration.as_mut() else { return Ok(None) };
+        let _ = m.notify.read();
+        let requests: Vec<EngineRequest> = m.requests.try_iter().collect();
+        for request in requests {
+            match request {
+                EngineRequest::PauseAndSave(reply) => {
+                    let was_running = machine.state() == VmState::Running;
+                    if let Some(m) = self.migration.as_mut() {
+                        m.was_running = was_running;
+                    }
+                    if was_running && let Err(e) = machine.pause() {
+                        let _ = reply.send(Err(e.to_string()));
+                        continue;
+                    }
+                    self.watch_devices(machine, false)?;
+                    let state = machine.save_state().and_then(|s| {
+                        s.to_sections()
+                            .map(|sections| novacron_migration::stream::encode(&sections))
+                            .map_err(|e| ApiError::new(ErrorKind::Internal, format!("encoding the state: {e}")))
+                    });
+                    if state.is_err() {
+                        self.watch_devices(machine, true)?;
+                        if was_running {
+                            let _ = machine.resume();
+                        }
+                    }
+                    let _ = reply.send(state.map_err(|e| e.to_string()));
+                }
+                EngineRequest::Resume(reply) => {
+                    self.watch_devices(machine, true)?;
+                    let was_running = self.migration.as_ref().is_some_and(|m| m.was_running);
+                    let r = if was_running && machine.state() == VmState::Paused { machine.resume() } else { Ok(()) };
+                    let _ = reply.send(r.map_err(|e| e.to_string()));
+                }
+                EngineRequest::Throttle(percent) => machine.set_throttle(percent),
+                EngineRequest::Finished(outcome) => return Ok(Some(outcome)),
+            }
+        }
+        Ok(None)
+    }
+
+    /// Ends the migration: answers the waiting connection, and says whether the VM left.
+    fn finish_migration(
+        &mut self,
+        machine: &mut Machine,
+        api: Option<&mut ApiServer>,
+        outcome: Result<Report, MigrateError>,
+    ) -> Option<VmExit> {
+        let mut m = self.migration.take()?;
+        m.join();
+        self.poller.remove(m.notify.as_raw_fd());
+        machine.set_throttle(0);
+        let mut status =
+            MigrationStatus { to: m.to.clone(), progress: m.control.snapshot(), report: None, error: None };
+        let (response, exit) = match outcome {
+            Ok(report) => {
+                if let Some(dir) = &m.keep_snapshot {
+                    // The VM is paused and frozen: the snapshot is its final state.
+                    match machine.snapshot(dir, true) {
+                        Ok(_) => tracing::info!(dir = %dir.display(), "kept a snapshot of the migrated VM"),
+                        Err(e) => tracing::warn!(dir = %dir.display(), "cannot keep a snapshot: {e}"),
+                    }
+                }
+                status.report = Some(report);
+                (Response { migration: Some(status.clone()), ..Response::done() }, Some(VmExit::Migrated(m.to)))
+            }
+            Err(e) => {
+                let what = if e.committed() { "the migration's end is unknown" } else { "the migration failed" };
+                let message = format!("{what}: {e}");
+                if !e.committed() {
+                    tracing::info!("migration failed; the VM goes on here: {e}");
+                }
+                status.error = Some(message.clone());
+                let mut r = Response::error(ApiError::new(ErrorKind::Internal, message));
+                r.migration = Some(status.clone());
+                (r, None)
+            }
+        };
+        if let (Some(server), Some(conn)) = (api, m.waiting) {
+            server.reply(conn, &response);
+        }
+        self.last_migration = Some(status);
+        exit
     }
 }
 
@@ -178,20 +374,12 @@ pub fn run(machine: &mut Machine, mut api: Option<ApiServer>) -> Result<VmExit, 
     if let Some(server) = &api {
         poller.add(server.listener_fd(), TOKEN_LISTENER)?;
     }
-    for (slot, device) in machine.virtio.iter().enumerate() {
-        let base = TOKEN_VIRTIO_BASE + ((slot as u64) << 16);
-        for (queue, fd) in device.queue_fds().into_iter().enumerate() {
-            poller.add(fd, base + queue as u64)?;
-        }
-        for source in device.event_sources() {
-            let events = if source.edge { EventSet::IN | EventSet::EDGE_TRIGGERED } else { EventSet::IN };
-            poller.add_with(source.fd, base + SOURCE_FLAG + u64::from(source.id), events)?;
-        }
-    }
+    let mut lp = Loop { poller, migration: None, last_migration: None, devices_frozen: true };
+    lp.watch_devices(machine, true)?;
 
     let mut events = vec![EpollEvent::default(); 16];
     let exit = 'outer: loop {
-        let n = match poller.0.wait(IDLE_FLUSH_MS, &mut events) {
+        let n = match lp.poller.0.wait(IDLE_FLUSH_MS, &mut events) {
             Ok(0) => {
                 machine.flush_serial();
                 continue;
@@ -218,8 +406,15 @@ pub fn run(machine: &mut Machine, mut api: Option<ApiServer>) -> Result<VmExit, 
                 TOKEN_LISTENER => {
                     if let Some(server) = api.as_mut() {
                         for (id, fd) in server.accept() {
-                            poller.add(fd, TOKEN_CONN_BASE + id)?;
+                            lp.poller.add(fd, TOKEN_CONN_BASE + id)?;
                         }
+                    }
+                }
+                TOKEN_MIGRATION => {
+                    if let Some(outcome) = lp.serve_engine(machine)?
+                        && let Some(exit) = lp.finish_migration(machine, api.as_mut(), outcome)
+                    {
+                        break 'outer exit;
                     }
                 }
                 token if token >= TOKEN_VIRTIO_BASE => {
@@ -234,21 +429,35 @@ pub fn run(machine: &mut Machine, mut api: Option<ApiServer>) -> Result<VmExit, 
                     }
                 }
                 token => {
-                    let Some(server) = api.as_mut() else { continue };
+                    if api.is_none() {
+                        continue;
+                    }
                     let id = token - TOKEN_CONN_BASE;
-                    let incoming = server.read(id);
+                    let incoming = api.as_mut().map(|s| s.read(id));
+                    let Some(incoming) = incoming else { continue };
                     let mut shutdown = false;
                     for request in incoming.requests {
-                        let (response, stop) = match request {
-                            Ok(r) => handle_request(machine, r),
-                            Err(e) => (Response::error(e), false),
+                        let answer = match request {
+                            Ok(r) => lp.handle_request(machine, r, id)?,
+                            Err(e) => Answer::Now(Response::error(e)),
                         };
-                        server.reply(id, &response);
-                        shutdown |= stop;
+                        let response = match answer {
+                            Answer::Now(r) => r,
+                            Answer::Stop(r) => {
+                                shutdown = true;
+                                r
+                            }
+                            Answer::Later => continue,
+                        };
+                        if let Some(server) = api.as_mut() {
+                            server.reply(id, &response);
+                        }
                     }
-                    if incoming.closed {
+                    if incoming.closed
+                        && let Some(server) = api.as_mut()
+                    {
                         if let Some(fd) = server.conn_fd(id) {
-                            poller.remove(fd);
+                            lp.poller.remove(fd);
                         }
                         server.close(id);
                     }
@@ -263,6 +472,10 @@ pub fn run(machine: &mut Machine, mut api: Option<ApiServer>) -> Result<VmExit, 
             break VmExit::Vcpu { index, stop };
         }
     };
+    if let Some(m) = lp.migration.as_ref() {
+        // The VM ends during a migration: stop the engine (it fails on its next step).
+        m.control.cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
     machine.shut_down();
     Ok(exit)
 }

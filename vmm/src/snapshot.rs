@@ -49,6 +49,9 @@ const MEMORY_VERSION: u16 = 1;
 const STATE_VERSION: u16 = 1;
 
 const PAGE: usize = 4096;
+/// No snapshot describes more memory than this (16 TiB): the bound keeps size arithmetic
+/// on a damaged file from overflowing.
+const MAX_MEM_MIB: u64 = 16 << 20;
 /// Memory is checksummed in chunks of this size.
 pub const CHUNK_BYTES: u64 = 2 << 20;
 
@@ -240,6 +243,9 @@ fn one<T: serde::de::DeserializeOwned>(
 pub fn parse_state(bytes: &[u8]) -> Result<(SavedState, MemoryInfo), SnapshotError> {
     let sections = stream::decode(bytes).map_err(SnapshotError::Section)?;
     let state = SavedState::from_sections(&sections)?;
+    if state.spec.mem_mib > MAX_MEM_MIB {
+        return Err(SnapshotError::Inconsistent(format!("{} MiB of memory", state.spec.mem_mib)));
+    }
     let memory: MemoryInfo = one(&sections, SECTION_MEMORY, MEMORY_VERSION, "memory")?;
     let expected: Vec<u64> =
         crate::arch::x86_64::layout::ram_ranges(state.spec.mem_mib << 20).iter().map(|r| r.1).collect();

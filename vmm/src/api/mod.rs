@@ -9,7 +9,8 @@
 //! <- {"version":1,"ok":false,"error":{"kind":"unsupported_version","message":"..."}}
 //! ```
 //!
-//! Operations: `status`, `pause`, `resume`, `shutdown`, `snapshot`, `set_limit`. Version policy: the VMM answers
+//! Operations: `status`, `pause`, `resume`, `shutdown`, `snapshot`, `set_limit`, `migrate`,
+//! `migrate_status`, `migrate_set`, `migrate_cancel`. Version policy: the VMM answers
 //! requests of its own version and of the one before it; a request it cannot read gets an
 //! error reply, never a closed connection without a word. The full description, with every
 //! error kind, is `docs/control-socket.md`.
@@ -19,6 +20,7 @@ pub mod server;
 
 use novacron_devices::rate_limiter::{BucketUpdate, TokenBucketConfig};
 use novacron_devices::virtio::LimitTarget;
+use novacron_migration::source::{Fault, Progress, Report};
 use serde::{Deserialize, Serialize};
 
 /// The protocol version this VMM speaks.
@@ -42,6 +44,16 @@ pub enum Request {
         #[serde(default)]
         paused: bool,
     },
+    /// Starts a live migration to the VMM receiving at `to` (host:port). The answer comes
+    /// when it ends, with the report or the error; meanwhile other connections can ask
+    /// `migrate_status`, `migrate_set` and `migrate_cancel`.
+    Migrate(MigrateRequest),
+    MigrateStatus,
+    MigrateCancel,
+    /// Changes the running migration's bandwidth limit (bytes/s, 0: none).
+    MigrateSet {
+        max_bandwidth: u64,
+    },
     /// Changes a device's rate limiter while the VM runs.
     SetLimit {
         device: String,
@@ -52,6 +64,57 @@ pub enum Request {
         #[serde(default)]
         ops: LimitChange,
     },
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct MigrateRequest {
+    pub to: String,
+    /// The TLS directory (ca.pem, node.pem, node.key), on the VMM's host.
+    pub tls_dir: String,
+    /// Bytes per second; 0 is no limit.
+    #[serde(default)]
+    pub max_bandwidth: u64,
+    #[serde(default = "default_downtime_ms")]
+    pub downtime_ms: u64,
+    #[serde(default = "yes")]
+    pub auto_converge: bool,
+    #[serde(default = "yes")]
+    pub compress: bool,
+    /// MiB of last-sent pages kept for deltas.
+    #[serde(default = "default_delta_cache_mib")]
+    pub delta_cache_mib: u64,
+    /// After the VM has moved, write a snapshot of it here (the base for a later
+    /// migration back: `vm receive --base DIR`).
+    #[serde(default)]
+    pub keep_snapshot: Option<String>,
+    /// Tests only: a fault to inject.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault: Option<Fault>,
+}
+
+fn default_downtime_ms() -> u64 {
+    50
+}
+
+fn default_delta_cache_mib() -> u64 {
+    64
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A migration as the control socket shows it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct MigrationStatus {
+    pub to: String,
+    pub progress: Progress,
+    /// Set when it ended well.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report: Option<Report>,
+    /// Set when it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 fn default_target() -> LimitTarget {
@@ -160,12 +223,14 @@ pub struct Response {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<SnapshotReport>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<MigrationStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<ApiError>,
 }
 
 impl Response {
     pub fn done() -> Self {
-        Response { version: API_VERSION, ok: true, status: None, snapshot: None, error: None }
+        Response { version: API_VERSION, ok: true, status: None, snapshot: None, migration: None, error: None }
     }
 
     pub fn status(status: VmStatus) -> Self {
@@ -173,7 +238,7 @@ impl Response {
     }
 
     pub fn error(e: ApiError) -> Self {
-        Response { version: API_VERSION, ok: false, status: None, snapshot: None, error: Some(e) }
+        Response { ok: false, error: Some(e), ..Response::done() }
     }
 }
 

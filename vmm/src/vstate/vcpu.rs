@@ -15,9 +15,11 @@ use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES, kvm_run};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
 use novacron_devices::Bus;
 use std::cell::Cell;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
 
@@ -141,7 +143,7 @@ extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc
     });
 }
 
-fn kick_signal() -> i32 {
+pub fn kick_signal() -> i32 {
     SIGRTMIN()
 }
 
@@ -182,6 +184,35 @@ impl HostQueries {
 pub struct VcpuStart {
     pub buses: Arc<IoBuses>,
     pub init: VcpuInit,
+    pub throttle: Arc<Throttle>,
+}
+
+/// How long a throttled vCPU runs the guest before it naps.
+pub const THROTTLE_SLICE: Duration = Duration::from_millis(10);
+
+/// Auto-converge's brake: while `percent` is above 0, every vCPU runs the guest for a
+/// THROTTLE_SLICE, then stays out of it for `percent / (100 - percent)` of a slice (so
+/// the guest gets `100 - percent`% of the time). The VMM kicks the vCPU threads once per
+/// slice meanwhile (`Machine::set_throttle`), so a vCPU that never exits notices too.
+#[derive(Debug, Default)]
+pub struct Throttle {
+    percent: AtomicU8,
+}
+
+impl Throttle {
+    pub fn set(&self, percent: u8) {
+        self.percent.store(percent.min(99), Ordering::Relaxed);
+    }
+
+    pub fn percent(&self) -> u8 {
+        self.percent.load(Ordering::Relaxed)
+    }
+
+    /// How long to nap after a slice in the guest.
+    fn nap(&self) -> Option<Duration> {
+        let p = u32::from(self.percent());
+        (p > 0).then(|| THROTTLE_SLICE * p / (100 - p))
+    }
 }
 
 /// How a vCPU begins: at the kernel's entry (the first vCPU of a booting VM), from a saved
@@ -285,7 +316,7 @@ pub fn spawn(
                 return;
             }
             let reporter = Reporter { events, notify };
-            let mut runner = Runner { vcpu, buses: start.buses, commands, host: cpuid };
+            let mut runner = Runner { vcpu, buses: start.buses, commands, host: cpuid, throttle: start.throttle };
             let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runner.run(&reporter)));
             if let Err(panic) = outcome {
                 let msg = panic
@@ -331,6 +362,7 @@ struct Runner {
     buses: Arc<IoBuses>,
     commands: Receiver<VcpuCommand>,
     host: Arc<HostQueries>,
+    throttle: Arc<Throttle>,
 }
 
 impl Runner {
@@ -339,9 +371,15 @@ impl Runner {
         let run_ptr: *mut kvm_run = self.vcpu.fd.get_kvm_run();
         KVM_RUN.with(|r| r.set(run_ptr));
         let mut paused = false;
+        let mut slice_start = Instant::now();
+        let mut pending = None;
         loop {
             // Commands first: a kick only makes KVM_RUN return, the command says why.
-            let cmd = if paused { self.commands.recv().ok() } else { self.commands.try_recv().ok() };
+            let cmd = match pending.take() {
+                Some(cmd) => Some(cmd),
+                None if paused => self.commands.recv().ok(),
+                None => self.commands.try_recv().ok(),
+            };
             match cmd {
                 Some(VcpuCommand::Pause) => {
                     paused = true;
@@ -363,7 +401,15 @@ impl Runner {
                 None => {}
             }
             match self.run_once(run_ptr) {
-                Next::Continue => {}
+                Next::Continue => {
+                    if let Some(nap) = self.throttle.nap()
+                        && slice_start.elapsed() >= THROTTLE_SLICE
+                    {
+                        // Nap, but wake for any command.
+                        pending = self.commands.recv_timeout(nap).ok();
+                        slice_start = Instant::now();
+                    }
+                }
                 Next::Stop(why) => {
                     reporter.send(VcpuEvent::Stopped(index, why));
                     // Stay out of the guest; only leave when told.
@@ -491,9 +537,54 @@ impl VcpuHandle {
         }
     }
 
+    /// The thread, for kicks from the throttle ticker.
+    pub fn pthread(&self) -> Option<libc::pthread_t> {
+        use std::os::unix::thread::JoinHandleExt;
+        self.thread.as_ref().map(|t| t.as_pthread_t())
+    }
+
     pub fn join(&mut self) {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+/// Kicks the vCPU threads out of the guest once per THROTTLE_SLICE while a throttle is
+/// on, so that each checks whether its slice is up. Stop it before the threads end.
+pub struct ThrottleTicker {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ThrottleTicker {
+    pub fn start(threads: Vec<libc::pthread_t>) -> std::io::Result<Self> {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new().name("vcpu-throttle".into()).spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                std::thread::sleep(THROTTLE_SLICE);
+                for &t in &threads {
+                    // SAFETY: the threads are joinable vCPU threads that outlive the ticker:
+                    // `Machine` stops the ticker before it joins them. The signal only sets
+                    // `immediate_exit` (see `kick_handler`).
+                    unsafe { libc::pthread_kill(t, kick_signal()) };
+                }
+            }
+        })?;
+        Ok(ThrottleTicker { stop, thread: Some(thread) })
+    }
+
+    pub fn stop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for ThrottleTicker {
+    fn drop(&mut self) {
+        self.stop();
     }
 }

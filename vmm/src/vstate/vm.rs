@@ -2,7 +2,7 @@
 
 use super::memory::GuestMemory;
 use crate::arch::x86_64::layout::{KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR};
-use kvm_bindings::{KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region};
+use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region};
 use kvm_ioctls::VmFd;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
@@ -54,11 +54,26 @@ impl Vm {
 
     /// One KVM slot per guest memory region, in order.
     pub fn register_memory(&self, memory: &GuestMemory) -> Result<(), VmError> {
+        self.set_memory_slots(memory, 0)
+    }
+
+    /// Turns KVM's dirty page log of every memory slot on or off (for migration).
+    pub fn set_dirty_logging(&self, memory: &GuestMemory, on: bool) -> Result<(), VmError> {
+        self.set_memory_slots(memory, if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 })
+    }
+
+    /// The pages of slot `slot` (`bytes` long) written since the last call, one bit per
+    /// page; KVM clears its log as it answers.
+    pub fn dirty_log(&self, slot: u32, bytes: u64) -> Result<Vec<u64>, VmError> {
+        self.fd.get_dirty_log(slot, bytes as usize).map_err(step("get dirty log"))
+    }
+
+    fn set_memory_slots(&self, memory: &GuestMemory, flags: u32) -> Result<(), VmError> {
         for (slot, region) in memory.iter().enumerate() {
             let slot = slot as u32;
             let mr = kvm_userspace_memory_region {
                 slot,
-                flags: 0,
+                flags,
                 guest_phys_addr: region.start_addr().0,
                 memory_size: region.len(),
                 userspace_addr: region.as_ptr() as u64,

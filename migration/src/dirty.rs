@@ -1,0 +1,94 @@
+//! A set of guest pages, one bit each: the pages to send in a round.
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DirtySet {
+    words: Vec<u64>,
+    pages: u64,
+}
+
+impl DirtySet {
+    pub fn new(pages: u64) -> Self {
+        DirtySet { words: vec![0; pages.div_ceil(64) as usize], pages }
+    }
+
+    pub fn all(pages: u64) -> Self {
+        let mut s = Self::new(pages);
+        for p in 0..pages {
+            s.set(p);
+        }
+        s
+    }
+
+    pub fn pages(&self) -> u64 {
+        self.pages
+    }
+
+    pub fn set(&mut self, page: u64) {
+        if page < self.pages {
+            self.words[(page / 64) as usize] |= 1 << (page % 64);
+        }
+    }
+
+    pub fn contains(&self, page: u64) -> bool {
+        page < self.pages && self.words[(page / 64) as usize] & (1 << (page % 64)) != 0
+    }
+
+    /// ORs in a bitmap of `bits` pages that starts at page `first` (a KVM dirty log or a
+    /// VMM bitmap of one memory region; `first` is the region's first page). Bits past
+    /// the set's end are ignored.
+    pub fn or_bitmap(&mut self, first: u64, bitmap: &[u64], bits: u64) {
+        for (i, &w) in bitmap.iter().enumerate() {
+            let mut w = w;
+            while w != 0 {
+                let bit = w.trailing_zeros() as u64;
+                w &= w - 1;
+                let offset = i as u64 * 64 + bit;
+                if offset < bits {
+                    self.set(first + offset);
+                }
+            }
+        }
+    }
+
+    pub fn count(&self) -> u64 {
+        self.words.iter().map(|w| u64::from(w.count_ones())).sum()
+    }
+
+    pub fn clear(&mut self) {
+        self.words.iter_mut().for_each(|w| *w = 0);
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = u64> + '_ {
+        self.words.iter().enumerate().flat_map(|(i, &w)| {
+            let mut w = w;
+            std::iter::from_fn(move || {
+                if w == 0 {
+                    return None;
+                }
+                let bit = w.trailing_zeros() as u64;
+                w &= w - 1;
+                Some(i as u64 * 64 + bit)
+            })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bitmaps_merge_at_their_region_offset() {
+        let mut s = DirtySet::new(200);
+        s.or_bitmap(100, &[0b101, 1 << 63], 70);
+        // Bit 127 of the region is past its 70 pages: ignored.
+        assert_eq!(s.iter().collect::<Vec<_>>(), vec![100, 102]);
+        s.set(199);
+        s.set(200); // out of range: ignored
+        assert_eq!(s.count(), 3);
+        assert!(s.contains(199) && !s.contains(200));
+        s.clear();
+        assert_eq!(s.count(), 0);
+        assert_eq!(DirtySet::all(130).count(), 130);
+    }
+}

@@ -1,0 +1,606 @@
+//! The sending end of a pre-copy migration.
+//!
+//! 1. Hello/Welcome: the destination learns the machine, the source learns which pages
+//!    the destination already holds (an earlier snapshot: WAN delta sync).
+//! 2. Dirty logging on; round 0 sends every page that is not zero; each later round sends
+//!    the pages written during the one before. Each page goes the cheapest way: skipped
+//!    when its content is what was sent last, a reference to a base page or to another page
+//!    with the same content, a word-level delta against the last sent copy, or whole; each
+//!    batch's data is compressed.
+//! 3. After each round: measure the bandwidth and the dirty rate, estimate the downtime;
+//!    stop when it fits the limit. When rounds stop shrinking, throttle the vCPUs
+//!    (auto-converge) in steps, or give up with a message that says what would help.
+//! 4. Switchover: pause, save the state, send the last pages, the state and both digests;
+//!    the destination builds the VM and answers with its digests; if they match, Commit;
+//!    the destination answers Running and this side is done.
+//!
+//! Any failure or cancel before Commit resumes the VM here as if nothing happened. A
+//! failure after Commit (the destination's answer is lost) leaves it paused: it may be
+//! running there, and two running copies are worse than a paused one.
+
+use crate::digest::{MemoryDigest, hex};
+use crate::dirty::DirtySet;
+use crate::page::{self, DeltaCache, PAGE_SIZE, PageHash, ZERO_HASH};
+use crate::protocol::{BATCH_PAGES, BatchBuilder, Digests, Hello, MAX_FRAME, Message, PROTOCOL_VERSION};
+use crate::transport::{Link, LinkError};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// What the engine needs from the VM it moves. The VMM implements it for a real VM.
+pub trait SourceVm {
+    /// The VM's shape, encoded by the VMM for the destination.
+    fn machine(&self) -> Vec<u8>;
+    /// RAM region sizes in bytes; pages are numbered across them in order.
+    fn regions(&self) -> Vec<u64>;
+    /// Copies page `page` into `buf` (PAGE_SIZE bytes).
+    fn read_page(&self, page: u64, buf: &mut [u8]) -> Result<(), String>;
+    fn start_dirty_log(&mut self) -> Result<(), String>;
+    /// Adds the pages written since the last call (by the guest and by the VMM's devices)
+    /// to `dirty`, and clears the logs.
+    fn harvest_dirty(&mut self, dirty: &mut DirtySet) -> Result<(), String>;
+    fn stop_dirty_log(&mut self);
+    /// Pauses the VM and returns its state as a state stream. On error the VM runs on.
+    fn pause_and_save(&mut self) -> Result<Vec<u8>, String>;
+    fn resume(&mut self) -> Result<(), String>;
+    /// Keeps the vCPUs out of the guest for this share of the time (0 = off).
+    fn set_throttle(&mut self, percent: u8);
+}
+
+/// Faults a test can inject to see the destination refuse bad data. Never set otherwise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Fault {
+    /// Flip a byte of the first page sent whole, after it was hashed.
+    FlipPageByte,
+    /// Flip a byte of the state stream after its digest was taken.
+    FlipStateByte,
+    /// Cut the stream after this many bytes.
+    TruncateAfter(u64),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceOptions {
+    /// The longest pause allowed for the switchover.
+    pub downtime: Duration,
+    pub auto_converge: bool,
+    /// zstd level 1 on page data.
+    pub compress: bool,
+    /// Bytes of last-sent pages kept for deltas (0: no deltas).
+    pub delta_cache: usize,
+    /// Give up (without auto-converge) after this many rounds that do not shrink.
+    pub max_stuck_rounds: u32,
+    pub fault: Option<Fault>,
+}
+
+impl Default for SourceOptions {
+    fn default() -> Self {
+        SourceOptions {
+            downtime: Duration::from_millis(50),
+            auto_converge: true,
+            compress: true,
+            delta_cache: 64 << 20,
+            max_stuck_rounds: 5,
+            fault: None,
+        }
+    }
+}
+
+/// Throttle steps, as QEMU's auto-converge: start at 20%, add 10% per step, up to 99%.
+pub const THROTTLE_FIRST: u8 = 20;
+pub const THROTTLE_STEP: u8 = 10;
+pub const THROTTLE_MAX: u8 = 99;
+/// Rounds at the highest throttle without convergence before giving up anyway.
+const STUCK_AT_MAX: u32 = 5;
+/// A round "shrinks" when it has at most this share of the previous round's dirty pages.
+const SHRINK: f64 = 0.9;
+const WELCOME_TIMEOUT: Duration = Duration::from_secs(120);
+/// The destination builds the VM before it answers Ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+const RUNNING_TIMEOUT: Duration = Duration::from_secs(10);
+/// A delta is used when it is at most this large; otherwise the page goes whole.
+const DELTA_BUDGET: usize = PAGE_SIZE / 4;
+/// State, vCPU restore and handshakes cost this much beyond the last pages (an estimate
+/// for the downtime decision; measured on this host).
+const SWITCHOVER_OVERHEAD: Duration = Duration::from_millis(5);
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    #[default]
+    Connecting,
+    Precopy,
+    Switchover,
+    Done,
+    Failed,
+}
+
+/// Live figures for the progress display.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    pub phase: Phase,
+    pub round: u32,
+    pub total_pages: u64,
+    /// Pages of the current round still to go.
+    pub remaining_pages: u64,
+    pub pages_sent: u64,
+    /// Frame bytes handed to the link so far.
+    pub bytes_sent: u64,
+    /// Pages written per second during the last round.
+    pub dirty_rate: u64,
+    /// Bytes per second over the last round.
+    pub bandwidth: u64,
+    pub estimated_downtime_ms: u64,
+    pub throttle_percent: u8,
+    pub elapsed_ms: u64,
+}
+
+/// How pages travelled.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PageCounts {
+    /// Sent whole.
+    pub full: u64,
+    pub delta: u64,
+    pub zero: u64,
+    /// Found in the destination's base image.
+    pub base: u64,
+    /// Same content as another page already there.
+    pub copy: u64,
+    /// Dirty but unchanged since last sent.
+    pub unchanged: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Report {
+    pub total_ms: u64,
+    /// From pause to the destination's Running, as this side saw it, in microseconds.
+    pub downtime_us: u64,
+    pub rounds: u32,
+    /// Frame bytes sent, and UDP bytes (with all QUIC and TLS overheads).
+    pub bytes_sent: u64,
+    pub wire_bytes: u64,
+    pub pages: PageCounts,
+    /// Page bytes that base and copy references kept off the wire.
+    pub bytes_saved: u64,
+    pub throttle_max: u8,
+    pub memory_digest: String,
+    pub state_digest: String,
+    /// Both sides computed the same digests (a report is only made when they did).
+    pub digests_matched: bool,
+    pub last_dirty_pages: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MigrateError {
+    #[error(transparent)]
+    Link(LinkError),
+    #[error("the destination refused: {0}")]
+    DestinationAborted(String),
+    #[error("the destination answered {got} where {expected} was due")]
+    Unexpected { expected: &'static str, got: &'static str },
+    #[error("the VM: {0}")]
+    Vm(String),
+    #[error("cancelled")]
+    Cancelled,
+    #[error(
+        "the migration does not converge: the guest dirties {dirty_rate} pages/s, which at {bandwidth} bytes/s \
+         needs about {estimate_ms} ms of downtime, more than the {limit_ms} ms allowed; allow more downtime \
+         (--downtime-ms), more bandwidth (--max-bandwidth), or turn on --auto-converge"
+    )]
+    NotConverging { dirty_rate: u64, bandwidth: u64, estimate_ms: u64, limit_ms: u64 },
+    #[error("the migration does not converge even with the vCPUs throttled to {0}%")]
+    NotConvergingThrottled(u8),
+    #[error(
+        "memory digest mismatch: the destination holds {theirs}, this side sent {ours}; the data was altered on \
+         the way"
+    )]
+    MemoryDigest { ours: String, theirs: String },
+    #[error("state digest mismatch: the destination received {theirs}, this side sent {ours}")]
+    StateDigest { ours: String, theirs: String },
+    #[error(
+        "the destination did not confirm that it runs the VM ({0}); it may be running there. This VM stays \
+         paused here: check the destination, then resume or shut down this one"
+    )]
+    CommitUnconfirmed(LinkError),
+}
+
+impl From<LinkError> for MigrateError {
+    fn from(e: LinkError) -> Self {
+        match e {
+            LinkError::PeerAborted(reason) => MigrateError::DestinationAborted(reason),
+            other => MigrateError::Link(other),
+        }
+    }
+}
+
+impl MigrateError {
+    /// Whether the VM was handed over (or may have been), so that it must not resume here.
+    pub fn committed(&self) -> bool {
+        matches!(self, MigrateError::CommitUnconfirmed(_))
+    }
+}
+
+/// What controls a running migration from outside: cancel, and the figures to show.
+#[derive(Clone, Default)]
+pub struct Control {
+    pub cancel: Arc<AtomicBool>,
+    pub progress: Arc<Mutex<Progress>>,
+}
+
+impl Control {
+    fn update(&self, f: impl FnOnce(&mut Progress)) {
+        f(&mut self.progress.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    pub fn snapshot(&self) -> Progress {
+        self.progress.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// What sending a page costs, learnt from the rounds: the time per page that went out
+/// (reading, hashing, encoding and the link's pace, whichever bounds it) and the bytes it
+/// took. A round of a few pages says little, so only rounds of at least LEARN_PAGES
+/// teach (round 0 always does).
+#[derive(Debug, Default)]
+struct PageCost {
+    per_page: Option<Duration>,
+    bytes_per_page: f64,
+}
+
+const LEARN_PAGES: u64 = 256;
+
+impl PageCost {
+    fn learn(&mut self, round: Duration, pages: u64, bytes: u64) {
+        if pages == 0 || (pages < LEARN_PAGES && self.per_page.is_some()) {
+            return;
+        }
+        self.per_page = Some(round / pages.min(u64::from(u32::MAX)) as u32);
+        self.bytes_per_page = bytes as f64 / pages as f64;
+    }
+
+    /// How long sending `pages` would take, at most `limit` bytes/s (0: no limit).
+    fn estimate(&self, pages: u64, limit: u64) -> Duration {
+        let Some(per_page) = self.per_page else { return Duration::MAX };
+        let work = per_page.saturating_mul(pages.min(u64::from(u32::MAX)) as u32);
+        if limit == 0 {
+            return work;
+        }
+        work.max(Duration::from_secs_f64(pages as f64 * self.bytes_per_page / limit as f64))
+    }
+}
+
+struct Engine<'a, V: SourceVm> {
+    vm: &'a mut V,
+    link: &'a mut Link,
+    options: SourceOptions,
+    control: Control,
+    started: Instant,
+    pages: u64,
+    /// What the destination holds of each page (ZERO_HASH: zeroes).
+    sent: Vec<PageHash>,
+    digest: MemoryDigest,
+    cache: DeltaCache,
+    /// A page known to hold each content at the destination (checked against `sent`).
+    seen: HashMap<PageHash, u64>,
+    base: HashMap<PageHash, u32>,
+    batch: BatchBuilder,
+    compressor: Option<zstd::bulk::Compressor<'static>>,
+    buf: Vec<u8>,
+    counts: PageCounts,
+    pages_sent: u64,
+    fault: Option<Fault>,
+}
+
+/// Migrates the VM over `link`. On success the VM is paused here and runs there; on a
+/// failure that is not `committed()`, it runs here as before.
+pub fn migrate<V: SourceVm>(
+    vm: &mut V,
+    link: &mut Link,
+    options: SourceOptions,
+    control: Control,
+) -> Result<Report, MigrateError> {
+    let regions = vm.regions();
+    let pages = regions.iter().map(|r| r / PAGE_SIZE as u64).sum();
+    control.update(|p| {
+        p.total_pages = pages;
+        p.phase = Phase::Connecting;
+    });
+    let compressor = if options.compress {
+        Some(zstd::bulk::Compressor::new(1).map_err(|e| MigrateError::Vm(format!("zstd: {e}")))?)
+    } else {
+        None
+    };
+    let mut engine = Engine {
+        cache: DeltaCache::new(options.delta_cache),
+        fault: options.fault,
+        vm,
+        link,
+        options,
+        control: control.clone(),
+        started: Instant::now(),
+        pages,
+        sent: vec![ZERO_HASH; pages as usize],
+        digest: MemoryDigest::default(),
+        seen: HashMap::new(),
+        base: HashMap::new(),
+        batch: BatchBuilder::default(),
+        compressor,
+        buf: vec![0; PAGE_SIZE],
+        counts: PageCounts::default(),
+        pages_sent: 0,
+    };
+    let mut paused = false;
+    let result = engine.run(regions, &mut paused);
+    engine.vm.set_throttle(0);
+    match &result {
+        Ok(_) => control.update(|p| p.phase = Phase::Done),
+        Err(e) => {
+            control.update(|p| p.phase = Phase::Failed);
+            if !e.committed() {
+                // Tell the destination (it may already know), then give the VM back.
+                engine.link.abort(&e.to_string());
+                engine.vm.stop_dirty_log();
+                if paused && let Err(r) = engine.vm.resume() {
+                    tracing::error!("cannot resume the VM after a failed migration: {r}");
+                }
+            }
+        }
+    }
+    result
+}
+
+impl<V: SourceVm> Engine<'_, V> {
+    fn run(&mut self, regions: Vec<u64>, paused: &mut bool) -> Result<Report, MigrateError> {
+        self.link.send(&Message::Hello(Hello { version: PROTOCOL_VERSION, machine: self.vm.machine(), regions }))?;
+        match self.link.recv(WELCOME_TIMEOUT)? {
+            Message::Welcome(w) => {
+                self.base = w.base.iter().enumerate().map(|(i, h)| (*h, i as u32)).collect();
+                if !self.base.is_empty() {
+                    tracing::info!(pages = self.base.len(), "the destination holds a base image");
+                }
+            }
+            other => return Err(MigrateError::Unexpected { expected: "Welcome", got: other.name() }),
+        }
+        self.vm.start_dirty_log().map_err(MigrateError::Vm)?;
+        self.control.update(|p| p.phase = Phase::Precopy);
+
+        let mut dirty = DirtySet::all(self.pages);
+        let mut round = 0u32;
+        let mut previous_dirty = u64::MAX;
+        let mut stuck = 0u32;
+        let mut throttle = 0u8;
+        let mut throttle_max = 0u8;
+        let mut cost = PageCost::default();
+        loop {
+            let round_start = Instant::now();
+            let bytes_before = self.link.stats.sent.load(Ordering::Relaxed);
+            let entries_before = self.pages_sent;
+            let to_send = dirty.count();
+            self.control.update(|p| {
+                p.round = round;
+                p.remaining_pages = to_send;
+            });
+            self.send_pages(&dirty)?;
+            let round_time = round_start.elapsed();
+            let round_bytes = self.link.stats.sent.load(Ordering::Relaxed) - bytes_before;
+            cost.learn(round_time, self.pages_sent - entries_before, round_bytes);
+            let bandwidth = (round_bytes as f64 / round_time.as_secs_f64().max(1e-6)) as u64;
+
+            dirty.clear();
+            self.vm.harvest_dirty(&mut dirty).map_err(MigrateError::Vm)?;
+            let dirty_pages = dirty.count();
+            let dirty_rate = (dirty_pages as f64 / round_time.as_secs_f64().max(1e-6)) as u64;
+            let estimate = cost.estimate(dirty_pages, self.link.bandwidth_limit()) + SWITCHOVER_OVERHEAD;
+            tracing::info!(
+                round,
+                sent = to_send,
+                dirty = dirty_pages,
+                dirty_rate,
+                bandwidth,
+                estimate_ms = estimate.as_millis() as u64,
+                throttle,
+                "round done"
+            );
+            self.control.update(|p| {
+                p.dirty_rate = dirty_rate;
+                p.bandwidth = bandwidth;
+                p.estimated_downtime_ms = estimate.as_millis().min(u128::from(u64::MAX)) as u64;
+                p.remaining_pages = dirty_pages;
+            });
+            round += 1;
+            if estimate <= self.options.downtime {
+                break;
+            }
+            if round >= 2 && dirty_pages as f64 > previous_dirty as f64 * SHRINK {
+                stuck += 1;
+            } else {
+                stuck = 0;
+            }
+            previous_dirty = dirty_pages;
+            if self.options.auto_converge {
+                if stuck >= 2 && throttle < THROTTLE_MAX {
+                    throttle =
+                        if throttle == 0 { THROTTLE_FIRST } else { (throttle + THROTTLE_STEP).min(THROTTLE_MAX) };
+                    throttle_max = throttle_max.max(throttle);
+                    tracing::info!(percent = throttle, "auto-converge: throttling the vCPUs");
+                    self.vm.set_throttle(throttle);
+                    self.control.update(|p| p.throttle_percent = throttle);
+                    stuck = 0;
+                } else if throttle == THROTTLE_MAX && stuck >= STUCK_AT_MAX {
+                    return Err(MigrateError::NotConvergingThrottled(throttle));
+                }
+            } else if stuck >= self.options.max_stuck_rounds {
+                return Err(MigrateError::NotConverging {
+                    dirty_rate,
+                    bandwidth,
+                    estimate_ms: estimate.as_millis() as u64,
+                    limit_ms: self.options.downtime.as_millis() as u64,
+                });
+            }
+        }
+        self.switchover(dirty, round, throttle_max, paused)
+    }
+
+    fn check_peer_and_cancel(&mut self) -> Result<(), MigrateError> {
+        if self.control.cancel.load(Ordering::Relaxed) {
+            return Err(MigrateError::Cancelled);
+        }
+        match self.link.try_recv() {
+            None => Ok(()),
+            Some(Ok(other)) => Err(MigrateError::Unexpected { expected: "nothing", got: other.name() }),
+            Some(Err(e)) => Err(e.into()),
+        }
+    }
+
+    fn send_pages(&mut self, dirty: &DirtySet) -> Result<(), MigrateError> {
+        let mut left = dirty.count();
+        for page in dirty.iter() {
+            self.send_page(page)?;
+            left -= 1;
+            if self.batch.len() >= BATCH_PAGES || self.batch.data_len() >= MAX_FRAME / 2 {
+                self.flush(left)?;
+            }
+        }
+        self.flush(0)
+    }
+
+    fn flush(&mut self, left: u64) -> Result<(), MigrateError> {
+        self.check_peer_and_cancel()?;
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let count = self.batch.len() as u64;
+        let batch = self.batch.finish(self.compressor.as_mut());
+        self.link.send(&Message::Pages(batch))?;
+        self.pages_sent += count;
+        let (pages_sent, bytes, elapsed) =
+            (self.pages_sent, self.link.stats.sent.load(Ordering::Relaxed), self.started.elapsed());
+        self.control.update(|p| {
+            p.pages_sent = pages_sent;
+            p.bytes_sent = bytes;
+            p.remaining_pages = left;
+            p.elapsed_ms = elapsed.as_millis() as u64;
+        });
+        Ok(())
+    }
+
+    /// Adds page `page` to the batch the cheapest way (or not at all when the destination
+    /// already holds its content).
+    fn send_page(&mut self, page: u64) -> Result<(), MigrateError> {
+        self.vm.read_page(page, &mut self.buf).map_err(MigrateError::Vm)?;
+        let old = self.sent[page as usize];
+        let new = page::hash(&self.buf);
+        if new == old {
+            self.counts.unchanged += 1;
+            return Ok(());
+        }
+        if new == ZERO_HASH {
+            self.batch.zero(page);
+            self.counts.zero += 1;
+            self.cache.forget(page);
+        } else if let Some(&base) = self.base.get(&new) {
+            self.batch.base(page, base);
+            self.counts.base += 1;
+            self.cache.put(page, &self.buf);
+        } else if let Some(&from) = self.seen.get(&new)
+            && from != page
+            && self.sent[from as usize] == new
+        {
+            self.batch.copy(page, from);
+            self.counts.copy += 1;
+            self.cache.put(page, &self.buf);
+        } else {
+            let delta = match self.cache.get(page) {
+                Some(previous) => self.batch.delta(page, previous, &self.buf, DELTA_BUDGET),
+                None => false,
+            };
+            if delta {
+                self.counts.delta += 1;
+            } else {
+                self.counts.full += 1;
+                if self.fault == Some(Fault::FlipPageByte) {
+                    self.fault = None;
+                    let mut flipped = self.buf.clone();
+                    flipped[100] ^= 0x40;
+                    tracing::warn!(page, "test fault: flipping a byte of a page on the way");
+                    self.batch.full(page, &flipped);
+                } else {
+                    self.batch.full(page, &self.buf);
+                }
+            }
+            self.cache.put(page, &self.buf);
+            self.seen.insert(new, page);
+        }
+        self.digest.replace(page, &old, &new);
+        self.sent[page as usize] = new;
+        Ok(())
+    }
+
+    fn switchover(
+        &mut self,
+        mut dirty: DirtySet,
+        rounds: u32,
+        throttle_max: u8,
+        paused: &mut bool,
+    ) -> Result<Report, MigrateError> {
+        self.check_peer_and_cancel()?;
+        self.control.update(|p| p.phase = Phase::Switchover);
+        let pause_start = Instant::now();
+        let mut state = self.vm.pause_and_save().map_err(MigrateError::Vm)?;
+        *paused = true;
+        // Pages written since the last harvest, up to the pause (saving the vCPUs may have
+        // completed an I/O that wrote memory, so harvest after it).
+        self.vm.harvest_dirty(&mut dirty).map_err(MigrateError::Vm)?;
+        let last_dirty = dirty.count();
+        self.send_pages(&dirty)?;
+        let ours = Digests { memory: self.digest.bytes(), state: *blake3::hash(&state).as_bytes() };
+        if self.fault == Some(Fault::FlipStateByte) {
+            let at = state.len() / 2;
+            state[at] ^= 0x01;
+            tracing::warn!("test fault: flipping a byte of the state on the way");
+        }
+        self.link.send(&Message::State(state))?;
+        self.link.send(&Message::Verify(ours))?;
+        let theirs = match self.link.recv(READY_TIMEOUT)? {
+            Message::Ready(d) => d,
+            other => return Err(MigrateError::Unexpected { expected: "Ready", got: other.name() }),
+        };
+        if theirs.memory != ours.memory {
+            return Err(MigrateError::MemoryDigest { ours: hex(&ours.memory), theirs: hex(&theirs.memory) });
+        }
+        if theirs.state != ours.state {
+            return Err(MigrateError::StateDigest { ours: hex(&ours.state), theirs: hex(&theirs.state) });
+        }
+        // The last moment a cancel can win.
+        if self.control.cancel.load(Ordering::Relaxed) {
+            return Err(MigrateError::Cancelled);
+        }
+        self.link.send(&Message::Commit).map_err(MigrateError::CommitUnconfirmed)?;
+        match self.link.recv(RUNNING_TIMEOUT) {
+            Ok(Message::Running) => {}
+            Ok(other) => {
+                let e = LinkError::Lost(format!("it answered {} to Commit", other.name()));
+                return Err(MigrateError::CommitUnconfirmed(e));
+            }
+            Err(e) => return Err(MigrateError::CommitUnconfirmed(e)),
+        }
+        let downtime = pause_start.elapsed();
+        let stats = &self.link.stats;
+        Ok(Report {
+            total_ms: self.started.elapsed().as_millis() as u64,
+            downtime_us: downtime.as_micros() as u64,
+            rounds,
+            bytes_sent: stats.sent.load(Ordering::Relaxed),
+            wire_bytes: self.link.wire_bytes(),
+            pages: self.counts,
+            bytes_saved: (self.counts.base + self.counts.copy) * PAGE_SIZE as u64,
+            throttle_max,
+            memory_digest: hex(&ours.memory),
+            state_digest: hex(&ours.state),
+            digests_matched: true,
+            last_dirty_pages: last_dirty,
+        })
+    }
+}

@@ -1,0 +1,355 @@
+//! The migration commands: `vm migrate` (with its progress display and report),
+//! `vm migrate-cancel`, `vm migrate-set`, and `certs init` / `certs issue`.
+
+use clap::{Args, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use novacron_migration::source::{Fault, Phase, Progress, Report};
+use novacron_vmm::api::client::{ClientError, call};
+use novacron_vmm::api::{MigrateRequest, Request};
+use novacron_vmm::migrate::default_tls_dir;
+use novacron_vmm::process::error_chain;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+const EXIT_FAILED: i32 = 1;
+const EXIT_USAGE: i32 = 2;
+/// The migrate call waits for the whole migration.
+const MIGRATE_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+const POLL: Duration = Duration::from_millis(200);
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Compress {
+    Zstd,
+    None,
+}
+
+/// Test-only faults, hidden from --help.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FaultArg {
+    FlipPage,
+    FlipState,
+}
+
+#[derive(Args)]
+pub struct MigrateArgs {
+    /// The VM's control socket.
+    #[arg(long, value_name = "PATH")]
+    api_sock: PathBuf,
+    /// The receiving VMM (`vm receive --listen`): HOST:PORT.
+    #[arg(long, value_name = "ADDR")]
+    to: String,
+    /// TLS directory (ca.pem, node.pem, node.key). Default: $NOVACRON_TLS_DIR or
+    /// ~/.novacron/tls.
+    #[arg(long, value_name = "DIR")]
+    tls_dir: Option<PathBuf>,
+    /// Bandwidth limit: bytes/s with an optional k, M or G (powers of 1000), or bits/s as
+    /// e.g. 200Mbit. Default: none. Change it during the migration with `vm migrate-set`.
+    #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+    max_bandwidth: Option<u64>,
+    /// Longest pause of the guest allowed for the switchover.
+    #[arg(long, value_name = "N", default_value_t = 50)]
+    downtime_ms: u64,
+    /// Throttle the vCPUs when the migration does not converge (else give up).
+    #[arg(long, value_enum, default_value = "on")]
+    auto_converge: OnOff,
+    #[arg(long, value_enum, default_value = "zstd")]
+    compress: Compress,
+    /// MiB of sent pages kept to send changes as deltas.
+    #[arg(long, value_name = "MIB", default_value_t = 64)]
+    delta_cache: u64,
+    /// After the VM has moved, keep a snapshot of it in DIR: a later migration back to
+    /// this host (`vm receive --base DIR`) sends only what changed.
+    #[arg(long, value_name = "DIR")]
+    keep_snapshot: Option<PathBuf>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+    #[arg(long, value_enum, hide = true)]
+    fault: Option<FaultArg>,
+    #[arg(long, value_name = "BYTES", hide = true)]
+    fault_truncate_after: Option<u64>,
+}
+
+#[derive(Args)]
+pub struct MigrateSetArgs {
+    #[arg(long, value_name = "PATH")]
+    api_sock: PathBuf,
+    /// New bandwidth limit (as for `vm migrate`), or "off".
+    #[arg(long, value_name = "RATE")]
+    max_bandwidth: String,
+}
+
+#[derive(Subcommand)]
+pub enum CertsCommand {
+    /// Make a TLS directory with a new cluster CA and this node's certificate.
+    Init {
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+        /// The node's name (goes into its certificate).
+        #[arg(long, default_value = "node")]
+        name: String,
+    },
+    /// Make another node's TLS directory, signed by the CA of an existing one.
+    Issue {
+        /// A directory made by `certs init` (it holds ca.key).
+        #[arg(long, value_name = "DIR")]
+        ca_dir: PathBuf,
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        #[arg(long)]
+        name: String,
+    },
+}
+
+/// "25M" → 25_000_000 bytes/s; "200Mbit" → 25_000_000; "1G" → 10^9; "off"/"0" → none.
+pub fn parse_rate(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    if t.eq_ignore_ascii_case("off") {
+        return Ok(0);
+    }
+    let (t, bits) = match t.strip_suffix("bit").or_else(|| t.strip_suffix("bps")) {
+        Some(rest) => (rest, true),
+        None => (t.trim_end_matches("B/s").trim_end_matches('B'), false),
+    };
+    let (digits, scale) = match t.chars().last() {
+        Some('k' | 'K') => (&t[..t.len() - 1], 1_000f64),
+        Some('m' | 'M') => (&t[..t.len() - 1], 1e6),
+        Some('g' | 'G') => (&t[..t.len() - 1], 1e9),
+        _ => (t, 1f64),
+    };
+    let value: f64 =
+        digits.trim().parse().map_err(|_| format!("{text:?} is not a rate (examples: 50M, 1.5G, 200Mbit, off)"))?;
+    if !value.is_finite() || value < 0.0 {
+        return Err(format!("{text:?} is not a rate"));
+    }
+    let bytes = value * scale / if bits { 8.0 } else { 1.0 };
+    Ok(bytes.round() as u64)
+}
+
+fn absolute(path: &std::path::Path) -> Result<String, i32> {
+    std::path::absolute(path).map(|p| p.to_string_lossy().into_owned()).map_err(|e| {
+        eprintln!("novacron: cannot use {}: {e}", path.display());
+        EXIT_USAGE
+    })
+}
+
+fn human_bytes(b: u64) -> String {
+    match b {
+        b if b >= 1 << 30 => format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64),
+        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
+        b if b >= 1 << 10 => format!("{:.1} KiB", b as f64 / 1024.0),
+        b => format!("{b} B"),
+    }
+}
+
+fn progress_line(p: &Progress) -> String {
+    format!(
+        "round {} | sent {} | {} pages left | dirty {} pages/s | {}/s | est. downtime {} ms{}",
+        p.round,
+        human_bytes(p.bytes_sent),
+        p.remaining_pages,
+        p.dirty_rate,
+        human_bytes(p.bandwidth),
+        p.estimated_downtime_ms,
+        if p.throttle_percent > 0 { format!(" | throttle {}%", p.throttle_percent) } else { String::new() }
+    )
+}
+
+/// Polls the migration's progress on a second connection and draws it on stderr: a bar
+/// on a terminal, a line per round otherwise.
+fn watch_progress(socket: PathBuf, done: Arc<AtomicBool>) {
+    let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{bar:30}] {pos}/{len} pages  {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let on_terminal = !bar.is_hidden();
+    let mut last_round = u32::MAX;
+    while !done.load(Ordering::Relaxed) {
+        std::thread::sleep(POLL);
+        let Ok(response) = call(&socket, Request::MigrateStatus, Duration::from_secs(5)) else { continue };
+        let Some(status) = response.migration else { continue };
+        let p = status.progress;
+        if p.phase == Phase::Precopy || p.phase == Phase::Switchover {
+            let round_pages = p.remaining_pages.max(1) + p.pages_sent;
+            bar.set_length(round_pages);
+            bar.set_position(p.pages_sent);
+            bar.set_message(progress_line(&p));
+            if !on_terminal && p.round != last_round {
+                eprintln!("novacron: migrating: {}", progress_line(&p));
+                last_round = p.round;
+            }
+        }
+    }
+    bar.finish_and_clear();
+}
+
+fn print_report(r: &Report, to: &str) {
+    let pause = r.downtime_us as f64 / 1000.0;
+    println!("migrated to {to} in {} ms", r.total_ms);
+    println!("  downtime        {pause:.2} ms (pause to destination running, measured here)");
+    println!("  rounds          {}", r.rounds);
+    println!(
+        "  on the stream   {} ({} on the wire with QUIC/TLS)",
+        human_bytes(r.bytes_sent),
+        human_bytes(r.wire_bytes)
+    );
+    println!(
+        "  pages           {} whole, {} delta, {} zero, {} unchanged, {} from the base, {} duplicates",
+        r.pages.full, r.pages.delta, r.pages.zero, r.pages.unchanged, r.pages.base, r.pages.copy
+    );
+    if r.bytes_saved > 0 {
+        println!("  saved           {} not sent (the destination had those pages)", human_bytes(r.bytes_saved));
+    }
+    if r.throttle_max > 0 {
+        println!("  throttle        vCPUs throttled up to {}% (auto-converge)", r.throttle_max);
+    }
+    println!(
+        "  verified        memory digest {} {}",
+        &r.memory_digest[..16],
+        if r.digests_matched { "matched on both sides" } else { "NOT CHECKED" }
+    );
+}
+
+pub fn migrate(a: MigrateArgs) -> i32 {
+    let tls_dir = match absolute(&a.tls_dir.clone().unwrap_or_else(default_tls_dir)) {
+        Ok(d) => d,
+        Err(code) => return code,
+    };
+    let keep_snapshot = match a.keep_snapshot.as_deref().map(absolute).transpose() {
+        Ok(k) => k,
+        Err(code) => return code,
+    };
+    let fault = match (a.fault, a.fault_truncate_after) {
+        (Some(FaultArg::FlipPage), _) => Some(Fault::FlipPageByte),
+        (Some(FaultArg::FlipState), _) => Some(Fault::FlipStateByte),
+        (None, Some(n)) => Some(Fault::TruncateAfter(n)),
+        (None, None) => None,
+    };
+    let request = Request::Migrate(MigrateRequest {
+        to: a.to.clone(),
+        tls_dir,
+        max_bandwidth: a.max_bandwidth.unwrap_or(0),
+        downtime_ms: a.downtime_ms,
+        auto_converge: a.auto_converge == OnOff::On,
+        compress: a.compress == Compress::Zstd,
+        delta_cache_mib: a.delta_cache,
+        keep_snapshot,
+        fault,
+    });
+    let done = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let (socket, done) = (a.api_sock.clone(), done.clone());
+        std::thread::spawn(move || watch_progress(socket, done))
+    };
+    let result = call(&a.api_sock, request, MIGRATE_TIMEOUT);
+    done.store(true, Ordering::Relaxed);
+    let _ = watcher.join();
+    match result {
+        Ok(response) => match response.migration.and_then(|m| m.report) {
+            Some(report) => {
+                if a.json {
+                    println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+                } else {
+                    print_report(&report, &a.to);
+                }
+                0
+            }
+            None => {
+                eprintln!("novacron: the VMM answered without a migration report");
+                EXIT_FAILED
+            }
+        },
+        Err(ClientError::Refused(e)) => {
+            eprintln!("novacron: {}", e.message);
+            EXIT_FAILED
+        }
+        Err(e) => {
+            eprintln!("novacron: cannot migrate the VM: {}", error_chain(&e));
+            EXIT_FAILED
+        }
+    }
+}
+
+pub fn migrate_cancel(socket: PathBuf) -> i32 {
+    match call(&socket, Request::MigrateCancel, Duration::from_secs(30)) {
+        Ok(_) => {
+            println!("cancel requested: the VM stays here");
+            0
+        }
+        Err(e) => {
+            eprintln!("novacron: cannot cancel the migration: {}", error_chain(&e));
+            EXIT_FAILED
+        }
+    }
+}
+
+pub fn migrate_set(a: MigrateSetArgs) -> i32 {
+    let rate = match parse_rate(&a.max_bandwidth) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("novacron: --max-bandwidth: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    match call(&a.api_sock, Request::MigrateSet { max_bandwidth: rate }, Duration::from_secs(30)) {
+        Ok(_) => {
+            println!(
+                "migration bandwidth limit set to {}",
+                if rate == 0 { "none".into() } else { format!("{rate} bytes/s") }
+            );
+            0
+        }
+        Err(e) => {
+            eprintln!("novacron: cannot change the migration: {}", error_chain(&e));
+            EXIT_FAILED
+        }
+    }
+}
+
+pub fn certs(cmd: CertsCommand) -> i32 {
+    let (result, dir) = match cmd {
+        CertsCommand::Init { dir, name } => {
+            let dir = dir.unwrap_or_else(default_tls_dir);
+            (novacron_migration::tls::init(&dir, &name), dir)
+        }
+        CertsCommand::Issue { ca_dir, out, name } => (novacron_migration::tls::issue(&ca_dir, &out, &name), out),
+    };
+    match result {
+        Ok(()) => {
+            println!("TLS directory ready: {}", dir.display());
+            0
+        }
+        Err(e) => {
+            eprintln!("novacron: {}", error_chain(&e));
+            EXIT_FAILED
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_parse_in_bytes_and_bits() {
+        assert_eq!(parse_rate("25M"), Ok(25_000_000));
+        assert_eq!(parse_rate("200Mbit"), Ok(25_000_000));
+        assert_eq!(parse_rate("1.5G"), Ok(1_500_000_000));
+        assert_eq!(parse_rate("64k"), Ok(64_000));
+        assert_eq!(parse_rate("1000"), Ok(1000));
+        assert_eq!(parse_rate("10MB/s"), Ok(10_000_000));
+        assert_eq!(parse_rate("off"), Ok(0));
+        for bad in ["", "fast", "-5M", "M", "NaN"] {
+            assert!(parse_rate(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,326 @@
+//! Live migration between two real VMM processes over real QUIC on loopback, with the
+//! test guest running its memory workload: the destination's guest goes on where the
+//! source's stopped and verifies its memory; cancels, crashes, bad certificates and bad
+//! bytes leave the source running; the bandwidth limit holds; a workload that outruns the
+//! link either makes the migration give up or gets throttled until it converges.
+
+use novacron_guest_image::report::GuestLine;
+use novacron_guest_image::watch::{Watched, kvm_or_skip};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const TIMEOUT: Duration = Duration::from_secs(90);
+
+fn novacron() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_novacron"))
+}
+
+/// A fresh cluster CA and node certificate in `dir/name`.
+fn certs(dir: &Path, name: &str) -> PathBuf {
+    let tls = dir.join(name);
+    let out = novacron().args(["certs", "init", "--dir"]).arg(&tls).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    tls
+}
+
+/// A free UDP port on loopback (the receiver binds it right after).
+fn free_addr() -> String {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.local_addr().unwrap().to_string()
+}
+
+struct Host {
+    vm: Watched,
+    sock: PathBuf,
+}
+
+/// `novacron vm run` with the test guest and a control socket; waits for two verdicts.
+fn source(dir: &Path, vcpus: u8, mem: u64, cmdline: &str) -> Host {
+    let sock = dir.join("src.sock");
+    let mut cmd = novacron();
+    cmd.args(["vm", "run", "--vcpus", &vcpus.to_string(), "--mem", &mem.to_string(), "--cmdline", cmdline]);
+    cmd.arg("--api-sock").arg(&sock);
+    let mut vm = Watched::spawn(cmd).unwrap();
+    vm.wait_verified(2, TIMEOUT).unwrap();
+    Host { vm, sock }
+}
+
+/// `novacron vm receive` on a free port; returns once it listens (its control socket is
+/// bound right after the listener).
+fn receiver(dir: &Path, tls: &Path, extra: &[&str]) -> (Host, String) {
+    let addr = free_addr();
+    let sock = dir.join("dst.sock");
+    let mut cmd = novacron();
+    cmd.args(["vm", "receive", "--listen", &addr]).arg("--tls-dir").arg(tls).arg("--api-sock").arg(&sock);
+    cmd.args(extra);
+    let vm = Watched::spawn(cmd).unwrap();
+    let deadline = Instant::now() + TIMEOUT;
+    while !sock.exists() {
+        assert!(Instant::now() < deadline, "the receiver never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (Host { vm, sock }, addr)
+}
+
+fn migrate_cmd(src: &Host, addr: &str, tls: &Path, extra: &[&str]) -> Command {
+    let mut cmd = novacron();
+    cmd.args(["vm", "migrate", "--to", addr, "--json"]).arg("--api-sock").arg(&src.sock).arg("--tls-dir").arg(tls);
+    cmd.args(extra);
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd
+}
+
+fn migrate(src: &Host, addr: &str, tls: &Path, extra: &[&str]) -> Output {
+    migrate_cmd(src, addr, tls, extra).output().unwrap()
+}
+
+fn report(out: &Output) -> serde_json::Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "migrate failed: {}\n{stdout}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("not a JSON report ({e}): {stdout}"))
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The migration moved the VM: the source ended on its own with status 0, the
+/// destination's guest went on with the next heartbeat and verified its memory again.
+fn assert_moved(mut src: Host, dst: &mut Host) {
+    let (status, err) = src.vm.wait_exit(TIMEOUT).unwrap();
+    assert!(status.success(), "source ended with {status}: {err}");
+    assert!(err.contains("moved to"), "{err}");
+    let last = *src.vm.heartbeats().last().unwrap();
+    let first = dst.vm.wait_for("a heartbeat", TIMEOUT, |l| matches!(l.parsed, GuestLine::Heartbeat(_))).unwrap();
+    assert_eq!(first.parsed, GuestLine::Heartbeat(last + 1), "the heartbeat sequence goes on");
+    let verdict = dst
+        .vm
+        .wait_for("a verdict", TIMEOUT, |l| {
+            matches!(l.parsed, GuestLine::VerifyOk { .. } | GuestLine::VerifyFail { .. })
+        })
+        .unwrap();
+    assert!(matches!(verdict.parsed, GuestLine::VerifyOk { .. }), "{}", verdict.text);
+    assert!(!dst.vm.seen.iter().any(|l| matches!(l.parsed, GuestLine::Boot | GuestLine::Banner { .. })), "no reboot");
+}
+
+/// The source kept its VM: it is running, beats on and verifies its memory again.
+fn assert_source_runs(src: &mut Host) {
+    let status = novacron().args(["vm", "status", "--output", "json"]).arg("--api-sock").arg(&src.sock).output();
+    let status = status.unwrap();
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(text.contains("\"running\""), "{text} {}", String::from_utf8_lossy(&status.stderr));
+    let before = src.vm.seen.iter().filter(|l| matches!(l.parsed, GuestLine::VerifyOk { .. })).count();
+    src.vm.wait_verified(before + 1, TIMEOUT).unwrap();
+    let beats = src.vm.heartbeats();
+    assert!(beats.windows(2).all(|w| w[1] == w[0] + 1), "heartbeats skip: {beats:?}");
+}
+
+/// The destination discarded everything: it ended with status 1 and its guest never ran.
+fn assert_discarded(dst: &mut Host, needle: &str) {
+    let (status, err) = dst.vm.wait_exit(TIMEOUT).unwrap();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains(needle), "{needle:?} not in {err}");
+    assert!(dst.vm.seen.is_empty(), "the guest ran at the destination: {:?}", dst.vm.seen);
+}
+
+fn moves_and_verifies(vcpus: u8, cmdline: &str) -> serde_json::Value {
+    let dir = tempfile::tempdir().unwrap();
+    let tls = certs(dir.path(), "tls");
+    let src = source(dir.path(), vcpus, 256, cmdline);
+    let (mut dst, addr) = receiver(dir.path(), &tls, &[]);
+    let out = migrate(&src, &addr, &tls, &[]);
+    let r = report(&out);
+    assert_moved(src, &mut dst);
+    assert_eq!(r["digests_matched"], true, "{r}");
+    assert!(r["downtime_us"].as_u64().unwrap() > 0, "{r}");
+    // Only the working set and the guest's own pages travel, never untouched memory.
+    assert!(r["bytes_sent"].as_u64().unwrap() < 64 << 20, "{r}");
+    r
+}
+
+#[test]
+fn kvm_migrate_1_vcpu_idle_continues_and_verifies() {
+    if kvm_or_skip("kvm_migrate_1_vcpu_idle_continues_and_verifies") {
+        moves_and_verifies(1, "ws=16 rate=50 verify=300 hb=100");
+    }
+}
+
+#[test]
+fn kvm_migrate_4_vcpus_high_dirty_rate_continues_and_verifies() {
+    if kvm_or_skip("kvm_migrate_4_vcpus_high_dirty_rate_continues_and_verifies") {
+        let r = moves_and_verifies(4, "ws=64 rate=20000 verify=300 hb=100");
+        let p = &r["pages"];
+        assert!(p["delta"].as_u64().unwrap() + p["unchanged"].as_u64().unwrap() > 0, "re-sent pages: {r}");
+    }
+}
+
+/// A migration slow enough to interrupt: 1 MB/s for a few MiB of pages sent whole.
+const SLOW: [&str; 4] = ["--max-bandwidth", "1M", "--compress", "none"];
+
+/// Starts a slow migration and waits until it has sent something.
+fn slow_migration(src: &Host, addr: &str, tls: &Path) -> Child {
+    let mut child = migrate_cmd(src, addr, tls, &SLOW).spawn().unwrap();
+    let deadline = Instant::now() + TIMEOUT;
+    while migration_bytes_sent(&src.sock).is_none_or(|bytes| bytes <= 256 << 10) {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the migration never got going");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child
+}
+
+/// Bytes the running migration has sent, from the control socket.
+fn migration_bytes_sent(sock: &Path) -> Option<u64> {
+    use novacron_vmm::api::Request;
+    let r = novacron_vmm::api::client::call(sock, Request::MigrateStatus, Duration::from_secs(5)).ok()?;
+    Some(r.migration?.progress.bytes_sent)
+}
+
+#[test]
+fn kvm_migrate_cancel_midway_keeps_the_source() {
+    if !kvm_or_skip("kvm_migrate_cancel_midway_keeps_the_source") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let tls = certs(dir.path(), "tls");
+    let mut src = source(dir.path(), 2, 256, "ws=16 rate=500 verify=300 hb=100");
+    let (mut dst, addr) = receiver(dir.path(), &tls, &[]);
+    let child = slow_migration(&src, &addr, &tls);
+    let cancel = novacron().args(["vm", "migrate-cancel"]).arg("--api-sock").arg(&src.sock).output().unwrap();
+    let out = child.wait_with_output().unwrap();
+
+    assert!(cancel.status.success(), "{}", stderr(&cancel));
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("cancelled"), "{}", stderr(&out));
+    assert_source_runs(&mut src);
+    assert_discarded(&mut dst, "aborted");
+}
+
+#[test]
+fn kvm_migrate_destination_killed_midway_keeps_the_source() {
+    if !kvm_or_skip("kvm_migrate_destination_killed_midway_keeps_the_source") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let tls = certs(dir.path(), "tls");
+    let mut src = source(dir.path(), 2, 256, "ws=16 rate=500 verify=300 hb=100");
+    let (mut dst, addr) = receiver(dir.path(), &tls, &[]);
+    let child = slow_migration(&src, &addr, &tls);
+    dst.vm.child.kill().unwrap();
+    let out = child.wait_with_output().unwrap();
+
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("the migration failed"), "{}", stderr(&out));
+    assert_source_runs(&mut src);
+}
+
+#[test]
+fn kvm_migrate_source_killed_midway_leaves_no_half_vm() {
+    if !kvm_or_skip("kvm_migrate_source_killed_midway_leaves_no_half_vm") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let tls = certs(dir.path(), "tls");
+    let mut src = source(dir.path(), 2, 256, "ws=16 rate=500 verify=300 hb=100");
+    let (mut dst, addr) = receiver(dir.path(), &tls, &[]);
+    let child = slow_migration(&src, &addr, &tls);
+    src.vm.child.kill().unwrap();
+    let out = child.wait_with_output().unwrap();
+
+    assert!(!out.status.success());
+    assert_discarded(&mut dst, "nothing runs here");
+}
+
+#[test]
+fn kvm_migrate_refuses_a_peer_from_another_cluster_then_takes_the_right_one() {
+    if !kvm_or_skip("kvm_migrate_refuses_a_peer_from_another_cluster_then_takes_the_right_one") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let tls = certs(dir.path(), "tls");
+    let other = certs(dir.path(), "other");
+    let mut src = source(dir.path(), 1, 128, "ws=8 rate=200 verify=300 hb=100");
+    let (mut dst, addr) = receiver(dir.path(), &tls, &[]);
+    let refused = migrate(&src, &addr, &other, &[]);
+
+    assert!(!refused.status.success());
+    assert!(stderr(&refused).contains("certificate"), "{}", stderr(&refused));
+    assert_source_runs(&mut src);
+    assert!(dst.vm.seen.is_empty());
+    let r = report(&migrate(&src, &addr, &tls, &[]));
+    assert_eq!(r["digests_matched"], true);
+    assert_moved(src, &mut dst);
+}
+
+fn refused_with_fault(fault: &[&str], source_says: &str, destination_says: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let tls = certs(dir.path(), "tls");
+    let mut src = source(dir.path(), 1, 128, "ws=8 rate=500 verify=300 hb=100");
+    let (mut dst, addr) = receiver(dir.path(), &tls, &[]);
+    let out = migrate(&src, &addr, &tls, fault);
+
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains(source_says), "{source_says:?} not in {}", stderr(&out));
+    assert_source_runs(&mut src);
+    assert_discarded(&mut dst, destination_says);
+}
+
+#[test]
+fn kvm_migrate_flipped_page_byte_is_caught_by_the_digest() {
+    if kvm_or_skip("kvm_migrate_flipped_page_byte_is_caught_by_the_digest") {
+        refused_with_fault(&["--fault", "flip-page"], "memory digest mismatch", "memory digest mismatch");
+    }
+}
+
+#[test]
+fn kvm_migrate_flipped_state_byte_is_refused() {
+    if kvm_or_skip("kvm_migrate_flipped_state_byte_is_refused") {
+        refused_with_fault(&["--fault", "flip-state"], "state digest mismatch", "state digest mismatch");
+    }
+}
+
+#[test]
+fn kvm_migrate_truncated_stream_is_refused() {
+    if kvm_or_skip("kvm_migrate_truncated_stream_is_refused") {
+        refused_with_fault(&["--fault-truncate-after", "20000"], "the migration failed", "truncated");
+    }
+}
+
+#[test]
+fn kvm_migrate_bandwidth_limit_holds_and_can_change() {
+    if !kvm_or_skip("kvm_migrate_bandwidth_limit_holds_and_can_change") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let tls = certs(dir.path(), "tls");
+    // 8 MiB of working set, sent whole: about 4 s at 2 MB/s.
+    let src = source(dir.path(), 1, 128, "ws=8 rate=100 verify=300 hb=100");
+    let (mut dst, addr) = receiver(dir.path(), &tls, &[]);
+    let r = report(&migrate(&src, &addr, &tls, &["--max-bandwidth", "2M", "--compress", "none"]));
+    let rate = r["bytes_sent"].as_f64().unwrap() / (r["total_ms"].as_f64().unwrap() / 1000.0);
+    assert!((rate / 2e6 - 1.0).abs() < 0.10, "average {rate:.0} bytes/s for a 2 MB/s limit: {r}");
+    assert_moved(src, &mut dst);
+
+    // Back the other way, starting at 1 MB/s (8 s) and raised to 50 MB/s after a second.
+    let dir2 = tempfile::tempdir().unwrap();
+    let src = Host { vm: dst.vm, sock: dst.sock };
+    let (mut back, addr) = receiver(dir2.path(), &tls, &[]);
+    let started = Instant::now();
+    let child = migrate_cmd(&src, &addr, &tls, &["--max-bandwidth", "1M", "--compress", "none"]).spawn().unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let set = novacron()
+        .args(["vm", "migrate-set", "--max-bandwidth", "50M"])
+        .arg("--api-sock")
+        .arg(&src.sock)
+        .output()
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(set.status.success(), "{}", stderr(&set));
+    report(&out);
+    assert!(started.elapsed() < Duration::from_secs(5), "the raised limit did not apply: {:?}", started.elapsed());
+    assert_moved(src, &mut back);
+}

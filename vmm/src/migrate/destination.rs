@@ -1,0 +1,184 @@
+//! `vm receive`: the destination of a live migration, as a process.
+//!
+//! It listens (QUIC, mutual TLS), takes the VM's memory into fresh guest memory, builds the
+//! VM paused from the state, and lets it run when the source commits; from then on it is an
+//! ordinary VMM process (console on stdout, control socket, exit status). If the migration
+//! fails before the commit, nothing of the VM has run here and the process exits with 1.
+
+use crate::api::server::ApiServer;
+use crate::builder::{self, Source};
+use crate::config::VmConfig;
+use crate::machine::Machine;
+use crate::snapshot::{MachineSpec, SavedState};
+use crate::vstate::memory::{self, GuestMemory};
+use novacron_migration::destination::{self, BaseImage, DestinationVm};
+use novacron_migration::page::PAGE_SIZE;
+use novacron_migration::protocol::Hello;
+use novacron_migration::stream;
+use novacron_migration::tls::Identity;
+use novacron_migration::transport::Listener;
+use std::path::PathBuf;
+use std::time::Duration;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+/// Where to listen and what to run the received VM with.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ReceiveArgs {
+    /// Address to listen on for the source (QUIC over UDP), e.g. 0.0.0.0:4700.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: String,
+    /// Control socket of the received VM.
+    #[arg(long, value_name = "PATH")]
+    pub api_sock: Option<PathBuf>,
+    /// TLS directory: ca.pem, node.pem, node.key (`novacron certs init`). Default:
+    /// $NOVACRON_TLS_DIR or ~/.novacron/tls.
+    #[arg(long, value_name = "DIR")]
+    pub tls_dir: Option<PathBuf>,
+    /// A snapshot directory of an earlier state of this VM: pages it already holds are not
+    /// sent again (WAN delta sync).
+    #[arg(long, value_name = "DIR")]
+    pub base: Option<PathBuf>,
+    /// Write the serial console to this file instead of stdout.
+    #[arg(long, value_name = "PATH")]
+    pub serial_file: Option<PathBuf>,
+}
+
+/// The VM being received.
+struct Incoming {
+    api_sock: Option<PathBuf>,
+    serial_file: Option<PathBuf>,
+    spec: Option<MachineSpec>,
+    memory: Option<GuestMemory>,
+    /// Host address and length of each RAM region, for writing pages.
+    ram: Vec<(*mut u8, usize)>,
+    machine: Option<Machine>,
+}
+
+impl DestinationVm for Incoming {
+    fn prepare(&mut self, hello: &Hello) -> Result<(), String> {
+        let spec: MachineSpec =
+            postcard::from_bytes(&hello.machine).map_err(|e| format!("the machine description is not valid: {e}"))?;
+        VmConfig::check_spec(&spec).map_err(|e| e.to_string())?;
+        let expected: Vec<u64> =
+            crate::arch::x86_64::layout::ram_ranges(spec.mem_mib << 20).iter().map(|r| r.1).collect();
+        if hello.regions != expected {
+            return Err(format!("RAM regions {:?} do not fit {} MiB", hello.regions, spec.mem_mib));
+        }
+        let memory = memory::create(spec.mem_mib << 20).map_err(|e| crate::process::error_chain(&e))?;
+        self.ram = memory.iter().map(|r| (r.as_ptr(), r.len() as usize)).collect();
+        self.memory = Some(memory);
+        tracing::info!(vcpus = spec.vcpus, mem_mib = spec.mem_mib, "receiving a VM");
+        self.spec = Some(spec);
+        Ok(())
+    }
+
+    fn page(&mut self, page: u64) -> Option<&mut [u8]> {
+        if self.machine.is_some() {
+            return None; // the VM exists: its memory is no longer ours to write
+        }
+        let mut offset = page.checked_mul(PAGE_SIZE as u64)? as usize;
+        for &(ptr, len) in &self.ram {
+            if offset < len {
+                // SAFETY: `ptr..ptr+len` is a live mapping owned by `self.memory` (it is
+                // unmapped only when that is dropped, which needs `&mut self`), the page lies
+                // inside it, and no vCPU or device uses the memory before `build`, after which
+                // this returns None. The `&mut self` borrow makes the slice the only access.
+                return Some(unsafe { std::slice::from_raw_parts_mut(ptr.add(offset), PAGE_SIZE) });
+            }
+            offset -= len;
+        }
+        None
+    }
+
+    fn build(&mut self, state: &[u8]) -> Result<(), String> {
+        let sections = stream::decode(state).map_err(|e| format!("the VM state: {e}"))?;
+        let saved = SavedState::from_sections(&sections).map_err(|e| crate::process::error_chain(&e))?;
+        if Some(&saved.spec) != self.spec.as_ref() {
+            return Err("the VM state describes another machine than the Hello did".into());
+        }
+        let memory = self.memory.clone().ok_or("no memory was prepared")?;
+        let config = VmConfig::from_spec(&saved.spec, self.api_sock.clone(), self.serial_file.clone());
+        let serial = crate::process::serial_output(&config).map_err(|e| format!("the serial console file: {e}"))?;
+        // From here on threads inherit the mask: stop signals reach the event loop only.
+        crate::runtime::block_stop_signals().map_err(|e| e.to_string())?;
+        let machine = builder::build(&config, serial, Source::Restore { state: Box::new(saved), memory, paused: true })
+            .map_err(|e| crate::process::error_chain(&e))?;
+        self.machine = Some(machine);
+        Ok(())
+    }
+
+    fn start(&mut self) -> Result<(), String> {
+        self.machine.as_mut().ok_or("the VM was not built")?.resume().map_err(|e| e.to_string())
+    }
+}
+
+/// Receives one VM and runs it; returns the process exit status.
+pub fn receive_vm(args: &ReceiveArgs) -> i32 {
+    let fail = |what: &str, e: &dyn std::fmt::Display| {
+        eprintln!("novacron: {what}: {e}");
+        crate::process::EXIT_BUILD_FAILED
+    };
+    let addr = match super::resolve(&args.listen) {
+        Ok(a) => a,
+        Err(e) => return fail("cannot listen", &e),
+    };
+    let tls_dir = args.tls_dir.clone().unwrap_or_else(super::default_tls_dir);
+    let identity = match Identity::load(&tls_dir) {
+        Ok(i) => i,
+        Err(e) => return fail("TLS", &crate::process::error_chain(&e)),
+    };
+    let base = match &args.base {
+        Some(dir) => match BaseImage::open(&dir.join(crate::snapshot::MEMORY_FILE)) {
+            Ok(b) => {
+                eprintln!("novacron: base image {} holds {} pages", dir.display(), b.pages());
+                Some(b)
+            }
+            Err(e) => return fail("cannot use the base snapshot", &e),
+        },
+        None => None,
+    };
+    let listener = match Listener::bind(addr, &identity) {
+        Ok(l) => l,
+        Err(e) => return fail("cannot listen", &e),
+    };
+    // Bound after the listener: once the socket exists, the source can connect.
+    let api = match args.api_sock.as_deref().map(ApiServer::bind).transpose() {
+        Ok(a) => a,
+        Err(e) => return fail("cannot open the control socket", &crate::process::error_chain(&e)),
+    };
+    let shown = listener.local_addr().map(|a| a.to_string()).unwrap_or_else(|| args.listen.clone());
+    eprintln!("novacron: waiting for a migration on {shown}");
+    let mut link = match listener.accept() {
+        Ok(l) => l,
+        Err(e) => return fail("no migration arrived", &e),
+    };
+    let peer = link.peer();
+    eprintln!("novacron: receiving a VM from {peer}");
+    let mut incoming = Incoming {
+        api_sock: args.api_sock.clone(),
+        serial_file: args.serial_file.clone(),
+        spec: None,
+        memory: None,
+        ram: Vec::new(),
+        machine: None,
+    };
+    let report = match destination::receive(&mut incoming, &mut link, base.as_ref()) {
+        Ok(r) => r,
+        Err(e) => {
+            link.close(Duration::from_millis(300));
+            return fail("the migration failed; nothing runs here", &e);
+        }
+    };
+    eprintln!(
+        "novacron: VM received from {peer} ({} pages, {} KiB on the stream, memory digest {}); running",
+        report.pages_received,
+        report.bytes_received >> 10,
+        &report.memory_digest[..16]
+    );
+    // The source closes the connection once it has read Running.
+    std::thread::spawn(move || link.wait_closed(Duration::from_secs(2)));
+    let Some(mut machine) = incoming.machine.take() else {
+        return fail("the migration ended without a VM", &"internal error");
+    };
+    crate::process::run_machine(&mut machine, api)
+}

@@ -1,0 +1,259 @@
+//! The source of a live migration inside the VMM process.
+//!
+//! `start` checks the request, then runs the engine on a thread of its own: it connects,
+//! reads pages and the dirty log itself (guest memory and the VM fd are shared), and sends
+//! `EngineRequest`s to the VMM thread for what only that thread may do (pause and save the
+//! state, resume, throttle). The VMM thread answers them in its event loop
+//! (`runtime::run`), and learns the outcome from `EngineRequest::Finished`.
+
+use crate::api::{ApiError, ErrorKind, MigrateRequest};
+use crate::machine::Machine;
+use crate::vstate::memory::GuestMemory;
+use crate::vstate::vm::Vm;
+use novacron_migration::dirty::DirtySet;
+use novacron_migration::page::PAGE_SIZE;
+use novacron_migration::source::{self, Control, Fault, MigrateError, Report, SourceOptions, SourceVm};
+use novacron_migration::throttle::Bandwidth;
+use novacron_migration::tls::Identity;
+use novacron_migration::transport::{self, TruncateAfter};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::thread::JoinHandle;
+use std::time::Duration;
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+/// How long the engine waits for the VMM thread to pause and save, or to resume.
+const VMM_ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What the engine asks of the VMM thread.
+pub enum EngineRequest {
+    /// Pause the VM (if it runs), stop device work, and answer with the state stream.
+    PauseAndSave(Sender<Result<Vec<u8>, String>>),
+    /// Undo PauseAndSave: the migration failed before its commit.
+    Resume(Sender<Result<(), String>>),
+    Throttle(u8),
+    /// The engine is done; the link is closed.
+    Finished(Result<Report, MigrateError>),
+}
+
+/// A running migration, as the VMM thread holds it.
+pub struct Migration {
+    pub to: String,
+    pub control: Control,
+    pub bandwidth: Bandwidth,
+    pub requests: Receiver<EngineRequest>,
+    pub notify: EventFd,
+    pub keep_snapshot: Option<PathBuf>,
+    /// The control connection waiting for the final answer.
+    pub waiting: Option<u64>,
+    /// Whether the VM ran when the engine paused it (so that a rollback resumes it).
+    pub was_running: bool,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Migration {
+    pub fn join(&mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn bad(msg: impl Into<String>) -> ApiError {
+    ApiError::new(ErrorKind::BadRequest, msg)
+}
+
+/// Checks the request and starts the migration thread.
+pub fn start(machine: &Machine, request: &MigrateRequest) -> Result<Migration, ApiError> {
+    let addr = super::resolve(&request.to).map_err(bad)?;
+    let identity = Identity::load(std::path::Path::new(&request.tls_dir))
+        .map_err(|e| bad(format!("TLS: {}", crate::process::error_chain(&e))))?;
+    if request.downtime_ms == 0 {
+        return Err(bad("downtime_ms must be at least 1"));
+    }
+    let machine_bytes = postcard::to_stdvec(&machine.spec).map_err(|e| bad(format!("machine spec: {e}")))?;
+    let (memory, vm) = machine.memory_and_vm();
+    let notify = EventFd::new(EFD_NONBLOCK).map_err(|e| bad(format!("event fd: {e}")))?;
+    let engine_notify = notify.try_clone().map_err(|e| bad(format!("event fd: {e}")))?;
+    let (tx, requests) = channel();
+    let control = Control::default();
+    let bandwidth = Bandwidth::new(request.max_bandwidth);
+    let options = SourceOptions {
+        downtime: Duration::from_millis(request.downtime_ms),
+        auto_converge: request.auto_converge,
+        compress: request.compress,
+        delta_cache: (request.delta_cache_mib << 20) as usize,
+        fault: request.fault,
+        ..SourceOptions::default()
+    };
+    let truncate = match request.fault {
+        Some(Fault::TruncateAfter(n)) => Some(TruncateAfter(n)),
+        _ => None,
+    };
+    let side = VmSide::new(memory, vm, machine_bytes, tx, engine_notify);
+    let (engine_control, engine_bandwidth) = (control.clone(), bandwidth.clone());
+    let thread = std::thread::Builder::new()
+        .name("migration".into())
+        .spawn(move || run_engine(side, addr, identity, engine_bandwidth, truncate, options, engine_control))
+        .map_err(|e| ApiError::new(ErrorKind::Internal, format!("cannot start the migration thread: {e}")))?;
+    tracing::info!(to = %request.to, "migration started");
+    Ok(Migration {
+        to: request.to.clone(),
+        control,
+        bandwidth,
+        requests,
+        notify,
+        keep_snapshot: request.keep_snapshot.as_ref().map(PathBuf::from),
+        waiting: None,
+        was_running: false,
+        thread: Some(thread),
+    })
+}
+
+fn run_engine(
+    mut side: VmSide,
+    addr: std::net::SocketAddr,
+    identity: Identity,
+    bandwidth: Bandwidth,
+    truncate: Option<TruncateAfter>,
+    options: SourceOptions,
+    control: Control,
+) {
+    let result = match transport::connect(addr, &identity, bandwidth, truncate) {
+        Ok(mut link) => {
+            let result = source::migrate(&mut side, &mut link, options, control);
+            // After success the destination closes; after a failure give the Abort a moment.
+            let grace = if result.is_ok() { Duration::from_secs(1) } else { Duration::from_millis(300) };
+            link.close(grace);
+            result
+        }
+        Err(e) => Err(MigrateError::Link(e)),
+    };
+    match &result {
+        Ok(r) => tracing::info!(downtime_us = r.downtime_us, total_ms = r.total_ms, "migration done"),
+        Err(e) => tracing::warn!("migration failed: {e}"),
+    }
+    side.ask(EngineRequest::Finished(result));
+}
+
+/// The pages of a region that the VMM itself wrote (vm-memory marks them).
+fn vmm_writes(region: &GuestRegionMmap<AtomicBitmap>) -> &AtomicBitmap {
+    std::ops::Deref::deref(region).bitmap()
+}
+
+/// One RAM region as the engine numbers pages.
+struct Region {
+    start: GuestAddress,
+    bytes: u64,
+    first_page: u64,
+}
+
+/// The VM as the engine sees it.
+struct VmSide {
+    memory: GuestMemory,
+    vm: Arc<Vm>,
+    regions: Vec<Region>,
+    machine: Vec<u8>,
+    requests: Sender<EngineRequest>,
+    notify: EventFd,
+}
+
+impl VmSide {
+    fn new(
+        memory: GuestMemory,
+        vm: Arc<Vm>,
+        machine: Vec<u8>,
+        requests: Sender<EngineRequest>,
+        notify: EventFd,
+    ) -> Self {
+        let mut regions = Vec::new();
+        let mut first_page = 0;
+        for r in memory.iter() {
+            regions.push(Region { start: r.start_addr(), bytes: r.len(), first_page });
+            first_page += r.len() / PAGE_SIZE as u64;
+        }
+        VmSide { memory, vm, regions, machine, requests, notify }
+    }
+
+    fn ask(&self, request: EngineRequest) -> bool {
+        let sent = self.requests.send(request).is_ok();
+        let _ = self.notify.write(1);
+        sent
+    }
+
+    fn ask_and_wait<T>(
+        &self,
+        make: impl FnOnce(Sender<Result<T, String>>) -> EngineRequest,
+        what: &str,
+    ) -> Result<T, String> {
+        let (tx, rx) = channel();
+        if !self.ask(make(tx)) {
+            return Err("the VM has ended".into());
+        }
+        rx.recv_timeout(VMM_ANSWER_TIMEOUT)
+            .map_err(|_| format!("the VMM did not {what} within {VMM_ANSWER_TIMEOUT:?}"))?
+    }
+}
+
+impl SourceVm for VmSide {
+    fn machine(&self) -> Vec<u8> {
+        self.machine.clone()
+    }
+
+    fn regions(&self) -> Vec<u64> {
+        self.regions.iter().map(|r| r.bytes).collect()
+    }
+
+    fn read_page(&self, page: u64, buf: &mut [u8]) -> Result<(), String> {
+        let region = self
+            .regions
+            .iter()
+            .rev()
+            .find(|r| r.first_page <= page)
+            .filter(|r| (page - r.first_page) * (PAGE_SIZE as u64) < r.bytes)
+            .ok_or_else(|| format!("page {page} is not in guest RAM"))?;
+        let addr = region.start.0 + (page - region.first_page) * PAGE_SIZE as u64;
+        self.memory.read_slice(buf, GuestAddress(addr)).map_err(|e| format!("reading page {page}: {e}"))
+    }
+
+    fn start_dirty_log(&mut self) -> Result<(), String> {
+        self.vm.set_dirty_logging(&self.memory, true).map_err(|e| crate::process::error_chain(&e))?;
+        // Round 0 sends everything: what the VMM wrote before now does not matter.
+        for r in self.memory.iter() {
+            let _ = vmm_writes(r).get_and_reset();
+        }
+        Ok(())
+    }
+
+    fn harvest_dirty(&mut self, dirty: &mut DirtySet) -> Result<(), String> {
+        for (slot, (region, mem)) in self.regions.iter().zip(self.memory.iter()).enumerate() {
+            let pages = region.bytes / PAGE_SIZE as u64;
+            let log = self.vm.dirty_log(slot as u32, region.bytes).map_err(|e| crate::process::error_chain(&e))?;
+            dirty.or_bitmap(region.first_page, &log, pages);
+            // The devices' own writes (virtio rings, disk reads, received frames).
+            dirty.or_bitmap(region.first_page, &vmm_writes(mem).get_and_reset(), pages);
+        }
+        Ok(())
+    }
+
+    fn stop_dirty_log(&mut self) {
+        if let Err(e) = self.vm.set_dirty_logging(&self.memory, false) {
+            tracing::warn!("cannot turn KVM's dirty log off: {}", crate::process::error_chain(&e));
+        }
+    }
+
+    fn pause_and_save(&mut self) -> Result<Vec<u8>, String> {
+        self.ask_and_wait(EngineRequest::PauseAndSave, "pause and save the VM")
+    }
+
+    fn resume(&mut self) -> Result<(), String> {
+        self.ask_and_wait(EngineRequest::Resume, "resume the VM")
+    }
+
+    fn set_throttle(&mut self, percent: u8) {
+        self.ask(EngineRequest::Throttle(percent));
+    }
+}
