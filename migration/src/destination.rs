@@ -124,9 +124,10 @@ pub struct ReceiveReport {
     pub total_ms: u64,
 }
 
-struct Receiver<'a, V: DestinationVm> {
-    vm: &'a mut V,
-    base: Option<&'a BaseImage>,
+/// Applies page batches to guest memory and keeps the digest of what it wrote. Every
+/// entry is checked before the memory it names is written; an error leaves the pages of
+/// earlier entries written (the receive is then abandoned as a whole).
+pub struct PageWriter {
     pages: u64,
     hashes: Vec<PageHash>,
     digest: MemoryDigest,
@@ -166,21 +167,12 @@ fn receive_inner<V: DestinationVm>(
     vm.prepare(&hello).map_err(ReceiveError::Build)?;
     let pages = hello.regions.iter().map(|r| r / PAGE_SIZE as u64).sum::<u64>();
     link.send(&Message::Welcome(Welcome { base: base.map(|b| b.hashes.clone()).unwrap_or_default() }))?;
-    let mut r = Receiver {
-        vm,
-        base,
-        pages,
-        hashes: vec![ZERO_HASH; pages as usize],
-        digest: MemoryDigest::default(),
-        decompressor: zstd::bulk::Decompressor::new().map_err(|e| ReceiveError::Build(format!("zstd: {e}")))?,
-        scratch: vec![0; PAGE_SIZE],
-        received: 0,
-    };
+    let mut r = PageWriter::new(pages)?;
     let mut state: Option<Vec<u8>> = None;
     let mut ready = false;
     loop {
         match link.recv(MESSAGE_TIMEOUT)? {
-            Message::Pages(batch) if !ready => r.apply(&batch)?,
+            Message::Pages(batch) if !ready => r.apply(vm, base, &batch)?,
             Message::State(s) if !ready => state = Some(s),
             Message::Verify(theirs) if !ready => {
                 let Some(s) = state.as_deref() else {
@@ -193,12 +185,12 @@ fn receive_inner<V: DestinationVm>(
                 if ours.state != theirs.state {
                     return Err(ReceiveError::StateDigest { ours: hex(&ours.state), theirs: hex(&theirs.state) });
                 }
-                r.vm.build(s).map_err(ReceiveError::Build)?;
+                vm.build(s).map_err(ReceiveError::Build)?;
                 link.send(&Message::Ready(ours))?;
                 ready = true;
             }
             Message::Commit if ready => {
-                r.vm.start().map_err(ReceiveError::Start)?;
+                vm.start().map_err(ReceiveError::Start)?;
                 link.send(&Message::Running)?;
                 return Ok(ReceiveReport {
                     pages_received: r.received,
@@ -215,64 +207,81 @@ fn receive_inner<V: DestinationVm>(
     }
 }
 
-impl<V: DestinationVm> Receiver<'_, V> {
-    fn page(&mut self, page: u64) -> Result<&mut [u8], ReceiveError> {
-        let pages = self.pages;
-        match self.vm.page(page) {
-            Some(p) if p.len() == PAGE_SIZE && page < pages => Ok(p),
-            _ => Err(ReceiveError::BadBatch(format!("page {page} is outside the VM's {pages} pages"))),
-        }
+fn page<V: DestinationVm>(vm: &mut V, pages: u64, page: u64) -> Result<&mut [u8], ReceiveError> {
+    match vm.page(page) {
+        Some(p) if p.len() == PAGE_SIZE && page < pages => Ok(p),
+        _ => Err(ReceiveError::BadBatch(format!("page {page} is outside the VM's {pages} pages"))),
+    }
+}
+
+impl PageWriter {
+    /// A writer for a VM of `pages` pages whose memory is all zeroes.
+    pub fn new(pages: u64) -> Result<Self, ReceiveError> {
+        Ok(PageWriter {
+            pages,
+            hashes: vec![ZERO_HASH; pages as usize],
+            digest: MemoryDigest::default(),
+            decompressor: zstd::bulk::Decompressor::new().map_err(|e| ReceiveError::Build(format!("zstd: {e}")))?,
+            scratch: vec![0; PAGE_SIZE],
+            received: 0,
+        })
     }
 
-    /// Applies a batch. Every entry is checked before the memory it names is written.
-    fn apply(&mut self, batch: &PageBatch) -> Result<(), ReceiveError> {
+    /// The digest of everything written so far.
+    pub fn digest(&self) -> MemoryDigest {
+        self.digest
+    }
+
+    /// Applies a batch to `vm`'s memory (`base`: the base image offered in Welcome).
+    pub fn apply<V: DestinationVm>(
+        &mut self,
+        vm: &mut V,
+        base: Option<&BaseImage>,
+        batch: &PageBatch,
+    ) -> Result<(), ReceiveError> {
         let data = batch.raw_data(&mut self.decompressor).map_err(|e| ReceiveError::BadBatch(e.to_string()))?;
+        let pages = self.pages;
         let mut at = 0usize;
         for entry in &batch.entries {
-            let page = entry.page();
+            let page_no = entry.page();
             let hash = match *entry {
                 PageEntry::Zero { .. } => {
-                    self.page(page)?.fill(0);
+                    page(vm, pages, page_no)?.fill(0);
                     ZERO_HASH
                 }
                 PageEntry::Full { .. } => {
                     let bytes = &data[at..at + PAGE_SIZE];
                     at += PAGE_SIZE;
-                    self.page(page)?.copy_from_slice(bytes);
+                    page(vm, pages, page_no)?.copy_from_slice(bytes);
                     page::hash(bytes)
                 }
                 PageEntry::Delta { len, .. } => {
                     let delta = &data[at..at + len as usize];
                     at += len as usize;
-                    let target = self.page(page)?;
+                    let target = page(vm, pages, page_no)?;
                     page::apply_delta(target, delta)
-                        .map_err(|e| ReceiveError::BadBatch(format!("page {page}: {e}")))?;
+                        .map_err(|e| ReceiveError::BadBatch(format!("page {page_no}: {e}")))?;
                     page::hash(target)
                 }
-                PageEntry::Base { base, .. } => {
-                    let image = self
-                        .base
-                        .ok_or_else(|| ReceiveError::BadBatch("a base page, but this side offered none".into()))?;
-                    let hash = image.read(base, &mut self.scratch)?;
-                    let scratch = std::mem::take(&mut self.scratch);
-                    self.page(page)?.copy_from_slice(&scratch);
-                    self.scratch = scratch;
+                PageEntry::Base { base: index, .. } => {
+                    let image =
+                        base.ok_or_else(|| ReceiveError::BadBatch("a base page, but this side offered none".into()))?;
+                    let hash = image.read(index, &mut self.scratch)?;
+                    page(vm, pages, page_no)?.copy_from_slice(&self.scratch);
                     hash
                 }
                 PageEntry::Copy { from, .. } => {
-                    if from >= self.pages || from == page {
-                        return Err(ReceiveError::BadBatch(format!("page {page} copies from page {from}")));
+                    if from >= pages || from == page_no {
+                        return Err(ReceiveError::BadBatch(format!("page {page_no} copies from page {from}")));
                     }
-                    let mut scratch = std::mem::take(&mut self.scratch);
-                    scratch.copy_from_slice(self.page(from)?);
-                    self.page(page)?.copy_from_slice(&scratch);
-                    self.scratch = scratch;
+                    self.scratch.copy_from_slice(page(vm, pages, from)?);
+                    page(vm, pages, page_no)?.copy_from_slice(&self.scratch);
                     self.hashes[from as usize]
                 }
             };
-            let old = self.hashes[page as usize];
-            self.digest.replace(page, &old, &hash);
-            self.hashes[page as usize] = hash;
+            let old = self.hashes[page_no as usize];
+            self.digest.replace(page_no, &old, &hash);
+            self.hashes[page_no as usize] = hash;
             self.received += 1;
         }
         Ok(())
