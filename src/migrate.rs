@@ -195,7 +195,17 @@ fn watch_progress(socket: PathBuf, done: Arc<AtomicBool>) {
 fn print_report(r: &Report, to: &str) {
     let pause = r.downtime_us as f64 / 1000.0;
     println!("migrated to {to} in {} ms", r.total_ms);
+    let t = &r.switchover;
+    let ms = |us: u64| us as f64 / 1000.0;
     println!("  downtime        {pause:.2} ms (pause to destination running, measured here)");
+    println!(
+        "                  pause+save {:.2}, last {} pages {:.2}, destination ready {:.2}, commit {:.2} ms",
+        ms(t.pause_and_save_us),
+        t.last_pages,
+        ms(t.last_pages_us),
+        ms(t.destination_ready_us),
+        ms(t.commit_us)
+    );
     println!("  rounds          {}", r.rounds);
     println!(
         "  on the stream   {} ({} on the wire with QUIC/TLS)",

@@ -324,3 +324,54 @@ fn kvm_migrate_bandwidth_limit_holds_and_can_change() {
     assert!(started.elapsed() < Duration::from_secs(5), "the raised limit did not apply: {:?}", started.elapsed());
     assert_moved(src, &mut back);
 }
+
+/// A link too slow for the guest's writes: pages go whole (no compression, no deltas) at
+/// 2 MB/s, about 500 pages/s, while the guest writes 2000 pages/s of a 1024-page working
+/// set; no round can shrink below the whole working set.
+const OUTRUN: [&str; 10] = [
+    "--max-bandwidth",
+    "2M",
+    "--downtime-ms",
+    "20",
+    "--compress",
+    "none",
+    "--delta-cache",
+    "0",
+    "--auto-converge",
+    "off",
+];
+
+#[test]
+fn kvm_migrate_that_cannot_converge_gives_up_and_the_source_runs_on() {
+    if !kvm_or_skip("kvm_migrate_that_cannot_converge_gives_up_and_the_source_runs_on") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let tls = certs(dir.path(), "tls");
+    let mut src = source(dir.path(), 2, 128, "ws=4 rate=2000 verify=300 hb=100");
+    let (mut dst, addr) = receiver(dir.path(), &tls, &[]);
+    let out = migrate(&src, &addr, &tls, &OUTRUN);
+
+    assert!(!out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(stderr(&out).contains("does not converge"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--auto-converge"), "the message says what would help: {}", stderr(&out));
+    assert_source_runs(&mut src);
+    assert_discarded(&mut dst, "does not converge");
+}
+
+#[test]
+fn kvm_migrate_auto_converge_throttles_a_busy_guest_until_it_converges() {
+    if !kvm_or_skip("kvm_migrate_auto_converge_throttles_a_busy_guest_until_it_converges") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let tls = certs(dir.path(), "tls");
+    // Dirties pages as fast as its vCPUs can: far more than 100 kB/s carries, even as deltas.
+    let src = source(dir.path(), 2, 128, "ws=16 rate=1000000 verify=1000 hb=200");
+    let (mut dst, addr) = receiver(dir.path(), &tls, &[]);
+    let r = report(&migrate(&src, &addr, &tls, &["--max-bandwidth", "100k", "--downtime-ms", "20"]));
+
+    assert!(r["throttle_max"].as_u64().unwrap() >= 20, "auto-converge throttled the vCPUs: {r}");
+    assert_eq!(r["digests_matched"], true);
+    assert_moved(src, &mut dst);
+}

@@ -152,11 +152,28 @@ pub struct PageCounts {
     pub unchanged: u64,
 }
 
+/// The switchover's steps, in microseconds, as the source saw them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SwitchoverTimes {
+    /// Pausing the vCPUs and saving the state (the VMM thread).
+    pub pause_and_save_us: u64,
+    /// Harvesting the dirty logs and sending the last pages, the state and the digests.
+    pub last_pages_us: u64,
+    /// Until Ready: the destination applied everything, checked the digests, built the VM.
+    pub destination_ready_us: u64,
+    /// From Commit to Running.
+    pub commit_us: u64,
+    /// Pages sent while paused.
+    pub last_pages: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Report {
     pub total_ms: u64,
     /// From pause to the destination's Running, as this side saw it, in microseconds.
     pub downtime_us: u64,
+    /// Where the downtime went.
+    pub switchover: SwitchoverTimes,
     pub rounds: u32,
     /// Frame bytes sent, and UDP bytes (with all QUIC and TLS overheads).
     pub bytes_sent: u64,
@@ -169,7 +186,6 @@ pub struct Report {
     pub state_digest: String,
     /// Both sides computed the same digests (a report is only made when they did).
     pub digests_matched: bool,
-    pub last_dirty_pages: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -550,10 +566,11 @@ impl<V: SourceVm> Engine<'_, V> {
         let pause_start = Instant::now();
         let mut state = self.vm.pause_and_save().map_err(MigrateError::Vm)?;
         *paused = true;
+        let saved = Instant::now();
         // Pages written since the last harvest, up to the pause (saving the vCPUs may have
         // completed an I/O that wrote memory, so harvest after it).
         self.vm.harvest_dirty(&mut dirty).map_err(MigrateError::Vm)?;
-        let last_dirty = dirty.count();
+        let last_pages = dirty.count();
         self.send_pages(&dirty)?;
         let ours = Digests { memory: self.digest.bytes(), state: *blake3::hash(&state).as_bytes() };
         if self.fault == Some(Fault::FlipStateByte) {
@@ -563,10 +580,12 @@ impl<V: SourceVm> Engine<'_, V> {
         }
         self.link.send(&Message::State(state))?;
         self.link.send(&Message::Verify(ours))?;
+        let sent = Instant::now();
         let theirs = match self.link.recv(READY_TIMEOUT)? {
             Message::Ready(d) => d,
             other => return Err(MigrateError::Unexpected { expected: "Ready", got: other.name() }),
         };
+        let ready = Instant::now();
         if theirs.memory != ours.memory {
             return Err(MigrateError::MemoryDigest { ours: hex(&ours.memory), theirs: hex(&theirs.memory) });
         }
@@ -577,6 +596,7 @@ impl<V: SourceVm> Engine<'_, V> {
         if self.control.cancel.load(Ordering::Relaxed) {
             return Err(MigrateError::Cancelled);
         }
+        let commit = Instant::now();
         self.link.send(&Message::Commit).map_err(MigrateError::CommitUnconfirmed)?;
         match self.link.recv(RUNNING_TIMEOUT) {
             Ok(Message::Running) => {}
@@ -586,11 +606,20 @@ impl<V: SourceVm> Engine<'_, V> {
             }
             Err(e) => return Err(MigrateError::CommitUnconfirmed(e)),
         }
+        let us = |d: Duration| d.as_micros() as u64;
+        let switchover = SwitchoverTimes {
+            pause_and_save_us: us(saved - pause_start),
+            last_pages_us: us(sent - saved),
+            destination_ready_us: us(ready - sent),
+            commit_us: us(commit.elapsed()),
+            last_pages,
+        };
         let downtime = pause_start.elapsed();
         let stats = &self.link.stats;
         Ok(Report {
             total_ms: self.started.elapsed().as_millis() as u64,
             downtime_us: downtime.as_micros() as u64,
+            switchover,
             rounds,
             bytes_sent: stats.sent.load(Ordering::Relaxed),
             wire_bytes: self.link.wire_bytes(),
@@ -600,7 +629,6 @@ impl<V: SourceVm> Engine<'_, V> {
             memory_digest: hex(&ours.memory),
             state_digest: hex(&ours.state),
             digests_matched: true,
-            last_dirty_pages: last_dirty,
         })
     }
 }

@@ -10,12 +10,32 @@ struct Cli {
     /// devices come from the snapshot; --api-sock and --serial-file apply).
     #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "cmdline", "disks", "nets", "rng"])]
     restore_from: Option<std::path::PathBuf>,
+    /// Receive the VM from a live migration on ADDR (QUIC) instead of booting; the VM's
+    /// shape comes from the source; --api-sock and --serial-file apply.
+    #[arg(long, value_name = "ADDR", conflicts_with_all = ["kernel", "initrd", "cmdline", "disks", "nets", "rng", "restore_from"])]
+    receive_on: Option<String>,
+    /// With --receive-on: the TLS directory (ca.pem, node.pem, node.key).
+    #[arg(long, value_name = "DIR", requires = "receive_on")]
+    tls_dir: Option<std::path::PathBuf>,
+    /// With --receive-on: a snapshot of an earlier state of this VM (pages it holds are not sent).
+    #[arg(long, value_name = "DIR", requires = "receive_on")]
+    base: Option<std::path::PathBuf>,
 }
 
 fn main() {
     novacron_vmm::process::init_logging();
     let code = match novacron_vmm::process::parse_args::<Cli>() {
-        Ok(Cli { vm, restore_from: Some(from) }) => {
+        Ok(Cli { vm, receive_on: Some(listen), tls_dir, base, .. }) => {
+            let args = novacron_vmm::migrate::destination::ReceiveArgs {
+                listen,
+                api_sock: vm.api_sock,
+                tls_dir,
+                base,
+                serial_file: vm.serial_file,
+            };
+            novacron_vmm::migrate::destination::receive_vm(&args)
+        }
+        Ok(Cli { vm, restore_from: Some(from), .. }) => {
             let args = novacron_vmm::process::RestoreArgs { from, api_sock: vm.api_sock, serial_file: vm.serial_file };
             novacron_vmm::process::restore_vm(&args)
         }
