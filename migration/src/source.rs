@@ -329,7 +329,8 @@ pub fn migrate<V: SourceVm>(
         None
     };
     let mut engine = Engine {
-        cache: DeltaCache::new(options.delta_cache),
+        // No larger than the VM: the cache is host memory taken for the migration.
+        cache: DeltaCache::new(options.delta_cache.min((pages as usize).saturating_mul(PAGE_SIZE))),
         fault: options.fault,
         vm,
         link,

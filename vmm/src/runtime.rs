@@ -346,7 +346,13 @@ impl Loop {
             Err(e) => {
                 let what = if e.committed() { "the migration's end is unknown" } else { "the migration failed" };
                 let message = format!("{what}: {e}");
-                if !e.committed() {
+                if e.committed() {
+                    // The VM stays paused, but the operator may resume it here once they
+                    // know it does not run at the destination: give the devices back.
+                    if let Err(err) = self.watch_devices(machine, true) {
+                        tracing::error!("cannot poll the devices again: {err}");
+                    }
+                } else {
                     tracing::info!("migration failed; the VM goes on here: {e}");
                 }
                 status.error = Some(message.clone());
