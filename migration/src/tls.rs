@@ -71,11 +71,15 @@ fn write_new(path: &Path, contents: &str, private: bool) -> Result<(), TlsError>
 
 /// The CA's parameters. The CA certificate is made from them once; issuing rebuilds them
 /// (the name, key usages and key identifier method are all an issuer needs), so no
-/// certificate parser is needed to sign with an existing CA.
-fn ca_params() -> Result<CertificateParams, TlsError> {
+/// certificate parser is needed to sign with an existing CA. The name carries a hash of
+/// the CA's public key, so that every cluster's CA has its own name and a certificate
+/// from another cluster is reported as "unknown issuer".
+fn ca_params(key: &KeyPair) -> Result<CertificateParams, TlsError> {
     let mut p = CertificateParams::new(Vec::<String>::new())?;
     let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, CA_NAME);
+    let id = blake3::hash(key.public_key_raw());
+    let id: String = id.as_bytes()[..6].iter().map(|b| format!("{b:02x}")).collect();
+    dn.push(DnType::CommonName, format!("{CA_NAME} {id}"));
     p.distinguished_name = dn;
     p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
@@ -92,7 +96,7 @@ fn validity(p: &mut CertificateParams) {
 pub fn init(dir: &Path, name: &str) -> Result<(), TlsError> {
     std::fs::create_dir_all(dir).map_err(io("create", dir))?;
     let key = KeyPair::generate()?;
-    let cert = ca_params()?.self_signed(&key)?;
+    let cert = ca_params(&key)?.self_signed(&key)?;
     write_new(&dir.join(CA_KEY), &key.serialize_pem(), true)?;
     write_new(&dir.join(CA_CERT), &cert.pem(), false)?;
     issue(dir, dir, name)
@@ -104,7 +108,7 @@ pub fn issue(ca_dir: &Path, out: &Path, name: &str) -> Result<(), TlsError> {
     let pem = std::fs::read_to_string(&ca_key_path).map_err(io("read", &ca_key_path))?;
     let ca_key =
         KeyPair::from_pem(&pem).map_err(|e| TlsError::Pem { path: ca_key_path.clone(), reason: e.to_string() })?;
-    let issuer = Issuer::new(ca_params()?, ca_key);
+    let issuer = Issuer::new(ca_params(&ca_key)?, ca_key);
     let mut p = CertificateParams::new(vec![SERVER_NAME.to_string(), name.to_string()])?;
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, name);

@@ -143,15 +143,24 @@ pub fn connect(
     Ok(Link::start(runtime, endpoint, connection, streams, bandwidth, fault))
 }
 
+/// TLS alerts travel as QUIC transport error codes 0x100 + alert.
+fn is_tls_alert(code: quinn::TransportErrorCode) -> bool {
+    (0x100..0x200).contains(&u64::from(code))
+}
+
 fn handshake_reason(e: &quinn::ConnectionError) -> String {
-    match e {
-        quinn::ConnectionError::TransportError(t) if t.code.to_string().contains("CRYPTO") => {
-            format!("{e} (the peer's certificate is not from this cluster's CA, or ours is not from its)")
-        }
-        quinn::ConnectionError::ConnectionClosed(c) if c.error_code.to_string().contains("CRYPTO") => {
-            format!("{e} (the peer refused our certificate: is it from the same cluster CA?)")
-        }
-        _ => e.to_string(),
+    use quinn::ConnectionError as C;
+    let tls = match e {
+        C::TransportError(t) => is_tls_alert(t.code),
+        C::ConnectionClosed(c) => is_tls_alert(c.error_code),
+        _ => false,
+    };
+    if tls {
+        format!("{e} (the two sides' certificates are not from the same cluster CA: check --tls-dir on both)")
+    } else if matches!(e, C::TimedOut) {
+        "no answer (is `novacron vm receive` listening there, and can UDP pass?)".to_string()
+    } else {
+        e.to_string()
     }
 }
 
@@ -395,5 +404,81 @@ impl Link {
             let _ = tokio::time::timeout(limit, connection.closed()).await;
         });
         self.close(limit);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::Digests;
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+
+    fn identity(dir: &std::path::Path, name: &str) -> Identity {
+        crate::tls::init(&dir.join(name), name).unwrap();
+        Identity::load(&dir.join(name)).unwrap()
+    }
+
+    #[test]
+    fn messages_cross_both_ways_and_an_abort_carries_its_reason() {
+        let tmp = tempfile::tempdir().unwrap();
+        let id = identity(tmp.path(), "a");
+        let listener = Listener::bind("127.0.0.1:0".parse().unwrap(), &id).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            let mut link = listener.accept().unwrap();
+            let got = link.recv(Duration::from_secs(10)).unwrap();
+            link.send(&Message::Ready(Digests { memory: [1; 32], state: [2; 32] })).unwrap();
+            let err = link.recv(Duration::from_secs(10)).unwrap_err();
+            (got, err)
+        });
+        let mut link = connect(addr, &id, Bandwidth::default(), None).unwrap();
+        link.send(&Message::State(vec![7; 100_000])).unwrap();
+        assert_eq!(
+            link.recv(Duration::from_secs(10)).unwrap(),
+            Message::Ready(Digests { memory: [1; 32], state: [2; 32] })
+        );
+        link.abort("the operator cancelled");
+        let (got, err) = server.join().unwrap();
+
+        assert_eq!(got, Message::State(vec![7; 100_000]));
+        assert_eq!(err, LinkError::PeerAborted("the operator cancelled".into()));
+        assert!(link.stats.sent.load(Ordering::Relaxed) > 100_000);
+    }
+
+    #[test]
+    fn a_client_without_a_certificate_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let id = identity(tmp.path(), "a");
+        let listener = Listener::bind("127.0.0.1:0".parse().unwrap(), &id).unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || listener.accept());
+        // A client that trusts the cluster CA but presents no certificate of its own.
+        let mut roots = rustls::RootCertStore::empty();
+        let ca = CertificateDer::from_pem_file(tmp.path().join("a").join(crate::tls::CA_CERT)).unwrap();
+        roots.add(ca).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        tls.alpn_protocols = vec![crate::protocol::ALPN.to_vec()];
+        let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+        let rt = runtime().unwrap();
+        let refused = rt.block_on(async {
+            let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+            endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
+            let conn = endpoint.connect(addr, SERVER_NAME).unwrap().await.map_err(|e| e.to_string())?;
+            // TLS 1.3: the server's verdict on the client certificate may come after the
+            // client's handshake completes; the stream then fails.
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+            send.write_all(b"hello").await.map_err(|e| e.to_string())?;
+            let mut b = [0u8; 1];
+            recv.read_exact(&mut b).await.map_err(|e| e.to_string())?;
+            Ok::<_, String>(())
+        });
+        let err = refused.expect_err("a client without a certificate got through");
+        assert!(err.contains("certificate"), "refused for another reason: {err}");
     }
 }
