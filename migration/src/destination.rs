@@ -31,6 +31,8 @@ pub trait DestinationVm {
 /// after (a dead source is noticed sooner, by the link's idle timeout).
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 const MESSAGE_TIMEOUT: Duration = Duration::from_secs(600);
+/// 16 TiB of guest memory, as snapshots allow.
+const MAX_PAGES: u64 = 1 << 32;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ReceiveError {
@@ -164,8 +166,14 @@ fn receive_inner<V: DestinationVm>(
     if hello.version != PROTOCOL_VERSION {
         return Err(ReceiveError::Version(hello.version));
     }
+    // Checked here as well as by the VM: the page tables below are sized from it.
+    let pages = hello
+        .regions
+        .iter()
+        .try_fold(0u64, |sum, r| sum.checked_add(r / PAGE_SIZE as u64))
+        .filter(|&p| p <= MAX_PAGES)
+        .ok_or_else(|| ReceiveError::Build(format!("RAM regions {:?} are too large", hello.regions)))?;
     vm.prepare(&hello).map_err(ReceiveError::Build)?;
-    let pages = hello.regions.iter().map(|r| r / PAGE_SIZE as u64).sum::<u64>();
     link.send(&Message::Welcome(Welcome { base: base.map(|b| b.hashes.clone()).unwrap_or_default() }))?;
     let mut r = PageWriter::new(pages)?;
     let mut state: Option<Vec<u8>> = None;
