@@ -213,8 +213,8 @@ fn print_report(r: &Report, to: &str) {
         human_bytes(r.wire_bytes)
     );
     println!(
-        "  pages           {} whole, {} delta, {} zero, {} unchanged, {} from the base, {} duplicates",
-        r.pages.full, r.pages.delta, r.pages.zero, r.pages.unchanged, r.pages.base, r.pages.copy
+        "  pages           {} whole, {} delta, {} zeroed, {} from the base, {} duplicates; {} unchanged, {} never used",
+        r.pages.full, r.pages.delta, r.pages.zero, r.pages.base, r.pages.copy, r.pages.unchanged, r.pages.empty
     );
     if r.bytes_saved > 0 {
         println!("  saved           {} not sent (the destination had those pages)", human_bytes(r.bytes_saved));

@@ -180,7 +180,10 @@ fn receive_inner<V: DestinationVm>(
     let mut ready = false;
     loop {
         match link.recv(MESSAGE_TIMEOUT)? {
-            Message::Pages(batch) if !ready => r.apply(vm, base, &batch)?,
+            Message::Pages(batch) if !ready => {
+                r.apply(vm, base, &batch)?;
+                link.send(&Message::Received(link.stats.received.load(std::sync::atomic::Ordering::Relaxed)))?;
+            }
             Message::State(s) if !ready => state = Some(s),
             Message::Verify(theirs) if !ready => {
                 let Some(s) = state.as_deref() else {

@@ -7,6 +7,7 @@
 //!   Hello (machine, RAM layout)    ──▶
 //!                                  ◀──  Welcome (hashes of pages it already holds)
 //!   Pages … (round 0: all memory; rounds 1..: dirty pages)
+//!                                  ◀──  Received (after each batch: bytes so far)
 //!   — pause —
 //!   Pages … (the last dirty pages)
 //!   State (a state stream)
@@ -57,6 +58,10 @@ pub enum Message {
     Ready(Digests),
     Commit,
     Running,
+    /// Destination to source, after each batch: frame bytes received so far. The source
+    /// measures the link by what arrived, not by what it queued, and lets no round end
+    /// (nor the switchover begin) with a backlog still on its way.
+    Received(u64),
 }
 
 impl Message {
@@ -70,6 +75,7 @@ impl Message {
             Message::Ready(_) => "Ready",
             Message::Commit => "Commit",
             Message::Running => "Running",
+            Message::Received(_) => "Received",
         }
     }
 }

@@ -105,6 +105,14 @@ const DELTA_BUDGET: usize = PAGE_SIZE / 4;
 /// State, vCPU restore and handshakes cost this much beyond the last pages (an estimate
 /// for the downtime decision; measured on this host).
 const SWITCHOVER_OVERHEAD: Duration = Duration::from_millis(5);
+/// Rounds in a row in which only the round trips keep the downtime over its limit before
+/// the migration gives up.
+const FLOOR_ROUNDS: u32 = 3;
+/// A round may end with this much still on its way to the destination.
+const DRAIN_ALLOWANCE: u64 = 64 << 10;
+/// How long one wait for a receipt may take before the link is considered stuck (the
+/// link's own idle timeout notices a dead peer sooner).
+const DRAIN_STEP: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -150,6 +158,8 @@ pub struct PageCounts {
     pub copy: u64,
     /// Dirty but unchanged since last sent.
     pub unchanged: u64,
+    /// All zeroes and never sent: memory the guest has not used costs nothing.
+    pub empty: u64,
 }
 
 /// The switchover's steps, in microseconds, as the source saw them.
@@ -206,6 +216,11 @@ pub enum MigrateError {
          (--downtime-ms), more bandwidth (--max-bandwidth), or turn on --auto-converge"
     )]
     NotConverging { dirty_rate: u64, bandwidth: u64, estimate_ms: u64, limit_ms: u64 },
+    #[error(
+        "the round trip to the destination takes {rtt_us} µs, so a switchover (two round trips and the state) \
+         pauses the guest for at least {floor_ms} ms, more than --downtime-ms allows; allow at least that much"
+    )]
+    DowntimeBelowFloor { rtt_us: u64, floor_ms: u64 },
     #[error("the migration does not converge even with the vCPUs throttled to {0}%")]
     NotConvergingThrottled(u8),
     #[error(
@@ -306,6 +321,8 @@ struct Engine<'a, V: SourceVm> {
     buf: Vec<u8>,
     counts: PageCounts,
     pages_sent: u64,
+    /// Frame bytes the destination said it has received.
+    acked: u64,
     fault: Option<Fault>,
 }
 
@@ -347,6 +364,7 @@ pub fn migrate<V: SourceVm>(
         buf: vec![0; PAGE_SIZE],
         counts: PageCounts::default(),
         pages_sent: 0,
+        acked: 0,
     };
     let mut paused = false;
     let result = engine.run(regions, &mut paused);
@@ -390,6 +408,7 @@ impl<V: SourceVm> Engine<'_, V> {
         let mut throttle = 0u8;
         let mut throttle_max = 0u8;
         let mut cost = PageCost::default();
+        let mut floor_rounds = 0u32;
         loop {
             let round_start = Instant::now();
             let bytes_before = self.link.stats.sent.load(Ordering::Relaxed);
@@ -400,6 +419,8 @@ impl<V: SourceVm> Engine<'_, V> {
                 p.remaining_pages = to_send;
             });
             self.send_pages(&dirty)?;
+            // The round ends when its pages have arrived, not when they were queued.
+            self.drain(DRAIN_ALLOWANCE)?;
             let round_time = round_start.elapsed();
             let round_bytes = self.link.stats.sent.load(Ordering::Relaxed) - bytes_before;
             cost.learn(round_time, self.pages_sent - entries_before, round_bytes);
@@ -409,7 +430,9 @@ impl<V: SourceVm> Engine<'_, V> {
             self.vm.harvest_dirty(&mut dirty).map_err(MigrateError::Vm)?;
             let dirty_pages = dirty.count();
             let dirty_rate = (dirty_pages as f64 / round_time.as_secs_f64().max(1e-6)) as u64;
-            let estimate = cost.estimate(dirty_pages, self.link.bandwidth_limit()) + SWITCHOVER_OVERHEAD;
+            let transfer = cost.estimate(dirty_pages, self.link.bandwidth_limit());
+            let floor = self.switchover_floor();
+            let estimate = transfer.saturating_add(floor);
             tracing::info!(
                 round,
                 sent = to_send,
@@ -430,6 +453,19 @@ impl<V: SourceVm> Engine<'_, V> {
             if estimate <= self.options.downtime {
                 break;
             }
+            // The pages would fit, the round trips do not: no throttle helps with that.
+            // (Round trips measured over a few rounds, so that one slow sample does not count.)
+            if transfer.saturating_add(SWITCHOVER_OVERHEAD) <= self.options.downtime {
+                floor_rounds += 1;
+                if floor_rounds >= FLOOR_ROUNDS {
+                    return Err(MigrateError::DowntimeBelowFloor {
+                        rtt_us: self.link.rtt().as_micros() as u64,
+                        floor_ms: floor.as_millis() as u64 + 1,
+                    });
+                }
+                continue;
+            }
+            floor_rounds = 0;
             if round >= 2 && dirty_pages as f64 > previous_dirty as f64 * SHRINK {
                 stuck += 1;
             } else {
@@ -464,11 +500,50 @@ impl<V: SourceVm> Engine<'_, V> {
         if self.control.cancel.load(Ordering::Relaxed) {
             return Err(MigrateError::Cancelled);
         }
-        match self.link.try_recv() {
-            None => Ok(()),
-            Some(Ok(other)) => Err(MigrateError::Unexpected { expected: "nothing", got: other.name() }),
-            Some(Err(e)) => Err(e.into()),
+        while let Some(message) = self.link.try_recv() {
+            self.take(message?, "nothing")?;
         }
+        Ok(())
+    }
+
+    /// Takes a message that may arrive at any time (a receipt); anything else is an error.
+    fn take(&mut self, message: Message, expected: &'static str) -> Result<(), MigrateError> {
+        match message {
+            Message::Received(bytes) => {
+                self.acked = self.acked.max(bytes);
+                Ok(())
+            }
+            other => Err(MigrateError::Unexpected { expected, got: other.name() }),
+        }
+    }
+
+    /// The next message that is not a receipt.
+    fn recv(&mut self, timeout: Duration) -> Result<Message, LinkError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.link.recv(left)? {
+                Message::Received(bytes) => self.acked = self.acked.max(bytes),
+                other => return Ok(other),
+            }
+            if left.is_zero() {
+                return Err(LinkError::Timeout(timeout));
+            }
+        }
+    }
+
+    /// Waits until the destination has received all but `allowance` bytes of what was
+    /// sent: what sits in buffers along the way has not arrived yet.
+    fn drain(&mut self, allowance: u64) -> Result<(), MigrateError> {
+        self.check_peer_and_cancel()?;
+        while self.link.stats.sent.load(Ordering::Relaxed) > self.acked + allowance {
+            let message = self.link.recv(DRAIN_STEP)?;
+            self.take(message, "Received")?;
+            if self.control.cancel.load(Ordering::Relaxed) {
+                return Err(MigrateError::Cancelled);
+            }
+        }
+        Ok(())
     }
 
     fn send_pages(&mut self, dirty: &DirtySet) -> Result<(), MigrateError> {
@@ -503,6 +578,12 @@ impl<V: SourceVm> Engine<'_, V> {
         Ok(())
     }
 
+    /// What a switchover costs beyond sending pages: two round trips (Verify/Ready,
+    /// Commit/Running) and the state and build work.
+    fn switchover_floor(&self) -> Duration {
+        self.link.rtt() * 2 + SWITCHOVER_OVERHEAD
+    }
+
     /// Adds page `page` to the batch the cheapest way (or not at all when the destination
     /// already holds its content).
     fn send_page(&mut self, page: u64) -> Result<(), MigrateError> {
@@ -510,7 +591,11 @@ impl<V: SourceVm> Engine<'_, V> {
         let old = self.sent[page as usize];
         let new = page::hash(&self.buf);
         if new == old {
-            self.counts.unchanged += 1;
+            if new == ZERO_HASH {
+                self.counts.empty += 1;
+            } else {
+                self.counts.unchanged += 1;
+            }
             return Ok(());
         }
         if new == ZERO_HASH {
@@ -582,7 +667,7 @@ impl<V: SourceVm> Engine<'_, V> {
         self.link.send(&Message::State(state))?;
         self.link.send(&Message::Verify(ours))?;
         let sent = Instant::now();
-        let theirs = match self.link.recv(READY_TIMEOUT)? {
+        let theirs = match self.recv(READY_TIMEOUT)? {
             Message::Ready(d) => d,
             other => return Err(MigrateError::Unexpected { expected: "Ready", got: other.name() }),
         };
@@ -599,7 +684,7 @@ impl<V: SourceVm> Engine<'_, V> {
         }
         let commit = Instant::now();
         self.link.send(&Message::Commit).map_err(MigrateError::CommitUnconfirmed)?;
-        match self.link.recv(RUNNING_TIMEOUT) {
+        match self.recv(RUNNING_TIMEOUT) {
             Ok(Message::Running) => {}
             Ok(other) => {
                 let e = LinkError::Lost(format!("it answered {} to Commit", other.name()));

@@ -306,6 +306,11 @@ impl Link {
         self.peer
     }
 
+    /// The connection's smoothed round-trip time.
+    pub fn rtt(&self) -> Duration {
+        self.connection.rtt()
+    }
+
     /// The bandwidth limit in bytes per second (0: none).
     pub fn bandwidth_limit(&self) -> u64 {
         self.bandwidth.get()
@@ -469,13 +474,13 @@ mod tests {
         let refused = rt.block_on(async {
             let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
             endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
-            let conn = endpoint.connect(addr, SERVER_NAME).unwrap().await.map_err(|e| e.to_string())?;
+            let conn = endpoint.connect(addr, SERVER_NAME).unwrap().await.map_err(|e| crate::error_chain(&e))?;
             // TLS 1.3: the server's verdict on the client certificate may come after the
             // client's handshake completes; the stream then fails.
-            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-            send.write_all(b"hello").await.map_err(|e| e.to_string())?;
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| crate::error_chain(&e))?;
+            send.write_all(b"hello").await.map_err(|e| crate::error_chain(&e))?;
             let mut b = [0u8; 1];
-            recv.read_exact(&mut b).await.map_err(|e| e.to_string())?;
+            recv.read_exact(&mut b).await.map_err(|e| crate::error_chain(&e))?;
             Ok::<_, String>(())
         });
         let err = refused.expect_err("a client without a certificate got through");
