@@ -302,6 +302,107 @@ impl PageCost {
     }
 }
 
+/// What a round showed, for the decision after it.
+#[derive(Debug, Clone, Copy)]
+struct RoundFigures {
+    /// Pages written during the round: the next round's work.
+    dirty_pages: u64,
+    dirty_rate: u64,
+    bandwidth: u64,
+    /// How long sending the dirty pages would take.
+    transfer: Duration,
+    /// What a switchover costs beyond the pages (round trips, state, build).
+    floor: Duration,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Next {
+    Switchover,
+    Another,
+    /// Another round, with the vCPUs throttled to this percentage.
+    Throttle(u8),
+}
+
+/// The decision after each round: switch over, go on, throttle, or give up.
+struct Convergence {
+    limit: Duration,
+    auto_converge: bool,
+    max_stuck_rounds: u32,
+    rounds: u32,
+    previous_dirty: u64,
+    /// Rounds in a row that did not shrink.
+    stuck: u32,
+    /// Rounds in a row in which only the switchover's floor kept the estimate over.
+    floor_rounds: u32,
+    throttle: u8,
+    throttle_max: u8,
+}
+
+impl Convergence {
+    fn new(options: &SourceOptions) -> Self {
+        Convergence {
+            limit: options.downtime,
+            auto_converge: options.auto_converge,
+            max_stuck_rounds: options.max_stuck_rounds,
+            rounds: 0,
+            previous_dirty: u64::MAX,
+            stuck: 0,
+            floor_rounds: 0,
+            throttle: 0,
+            throttle_max: 0,
+        }
+    }
+
+    fn after_round(&mut self, f: &RoundFigures, rtt: impl FnOnce() -> Duration) -> Result<Next, MigrateError> {
+        self.rounds += 1;
+        let estimate = f.transfer.saturating_add(f.floor);
+        if estimate <= self.limit {
+            return Ok(Next::Switchover);
+        }
+        // The pages would fit, the round trips do not: no throttle helps with that. (Over
+        // a few rounds, so that one slow round-trip sample does not decide.)
+        if f.transfer.saturating_add(SWITCHOVER_OVERHEAD) <= self.limit {
+            self.floor_rounds += 1;
+            if self.floor_rounds >= FLOOR_ROUNDS {
+                return Err(MigrateError::DowntimeBelowFloor {
+                    rtt_us: rtt().as_micros() as u64,
+                    floor_ms: f.floor.as_millis() as u64 + 1,
+                });
+            }
+            return Ok(Next::Another);
+        }
+        self.floor_rounds = 0;
+        if self.rounds >= 2 && f.dirty_pages as f64 > self.previous_dirty as f64 * SHRINK {
+            self.stuck += 1;
+        } else {
+            self.stuck = 0;
+        }
+        self.previous_dirty = f.dirty_pages;
+        if !self.auto_converge {
+            if self.stuck >= self.max_stuck_rounds {
+                return Err(MigrateError::NotConverging {
+                    dirty_rate: f.dirty_rate,
+                    bandwidth: f.bandwidth,
+                    estimate_ms: estimate.as_millis().min(u128::from(u64::MAX)) as u64,
+                    limit_ms: self.limit.as_millis() as u64,
+                });
+            }
+            return Ok(Next::Another);
+        }
+        if self.stuck >= 2 && self.throttle < THROTTLE_MAX {
+            self.throttle =
+                if self.throttle == 0 { THROTTLE_FIRST } else { (self.throttle + THROTTLE_STEP).min(THROTTLE_MAX) };
+            self.throttle_max = self.throttle_max.max(self.throttle);
+            self.stuck = 0;
+            return Ok(Next::Throttle(self.throttle));
+        }
+        if self.throttle == THROTTLE_MAX && self.stuck >= STUCK_AT_MAX {
+            return Err(MigrateError::NotConvergingThrottled(self.throttle));
+        }
+        Ok(Next::Another)
+    }
+}
+
 struct Engine<'a, V: SourceVm> {
     vm: &'a mut V,
     link: &'a mut Link,
@@ -403,12 +504,8 @@ impl<V: SourceVm> Engine<'_, V> {
 
         let mut dirty = DirtySet::all(self.pages);
         let mut round = 0u32;
-        let mut previous_dirty = u64::MAX;
-        let mut stuck = 0u32;
-        let mut throttle = 0u8;
-        let mut throttle_max = 0u8;
         let mut cost = PageCost::default();
-        let mut floor_rounds = 0u32;
+        let mut convergence = Convergence::new(&self.options);
         loop {
             let round_start = Instant::now();
             let bytes_before = self.link.stats.sent.load(Ordering::Relaxed);
@@ -424,75 +521,45 @@ impl<V: SourceVm> Engine<'_, V> {
             let round_time = round_start.elapsed();
             let round_bytes = self.link.stats.sent.load(Ordering::Relaxed) - bytes_before;
             cost.learn(round_time, self.pages_sent - entries_before, round_bytes);
-            let bandwidth = (round_bytes as f64 / round_time.as_secs_f64().max(1e-6)) as u64;
 
             dirty.clear();
             self.vm.harvest_dirty(&mut dirty).map_err(MigrateError::Vm)?;
-            let dirty_pages = dirty.count();
-            let dirty_rate = (dirty_pages as f64 / round_time.as_secs_f64().max(1e-6)) as u64;
-            let transfer = cost.estimate(dirty_pages, self.link.bandwidth_limit());
-            let floor = self.switchover_floor();
-            let estimate = transfer.saturating_add(floor);
+            let figures = RoundFigures {
+                dirty_pages: dirty.count(),
+                dirty_rate: (dirty.count() as f64 / round_time.as_secs_f64().max(1e-6)) as u64,
+                bandwidth: (round_bytes as f64 / round_time.as_secs_f64().max(1e-6)) as u64,
+                transfer: cost.estimate(dirty.count(), self.link.bandwidth_limit()),
+                floor: self.switchover_floor(),
+            };
+            let estimate = figures.transfer.saturating_add(figures.floor);
             tracing::info!(
                 round,
                 sent = to_send,
-                dirty = dirty_pages,
-                dirty_rate,
-                bandwidth,
+                dirty = figures.dirty_pages,
+                dirty_rate = figures.dirty_rate,
+                bandwidth = figures.bandwidth,
                 estimate_ms = estimate.as_millis() as u64,
-                throttle,
+                throttle = convergence.throttle,
                 "round done"
             );
             self.control.update(|p| {
-                p.dirty_rate = dirty_rate;
-                p.bandwidth = bandwidth;
+                p.dirty_rate = figures.dirty_rate;
+                p.bandwidth = figures.bandwidth;
                 p.estimated_downtime_ms = estimate.as_millis().min(u128::from(u64::MAX)) as u64;
-                p.remaining_pages = dirty_pages;
+                p.remaining_pages = figures.dirty_pages;
             });
             round += 1;
-            if estimate <= self.options.downtime {
-                break;
-            }
-            // The pages would fit, the round trips do not: no throttle helps with that.
-            // (Round trips measured over a few rounds, so that one slow sample does not count.)
-            if transfer.saturating_add(SWITCHOVER_OVERHEAD) <= self.options.downtime {
-                floor_rounds += 1;
-                if floor_rounds >= FLOOR_ROUNDS {
-                    return Err(MigrateError::DowntimeBelowFloor {
-                        rtt_us: self.link.rtt().as_micros() as u64,
-                        floor_ms: floor.as_millis() as u64 + 1,
-                    });
+            match convergence.after_round(&figures, || self.link.rtt())? {
+                Next::Switchover => break,
+                Next::Another => {}
+                Next::Throttle(percent) => {
+                    tracing::info!(percent, "auto-converge: throttling the vCPUs");
+                    self.vm.set_throttle(percent);
+                    self.control.update(|p| p.throttle_percent = percent);
                 }
-                continue;
-            }
-            floor_rounds = 0;
-            if round >= 2 && dirty_pages as f64 > previous_dirty as f64 * SHRINK {
-                stuck += 1;
-            } else {
-                stuck = 0;
-            }
-            previous_dirty = dirty_pages;
-            if self.options.auto_converge {
-                if stuck >= 2 && throttle < THROTTLE_MAX {
-                    throttle =
-                        if throttle == 0 { THROTTLE_FIRST } else { (throttle + THROTTLE_STEP).min(THROTTLE_MAX) };
-                    throttle_max = throttle_max.max(throttle);
-                    tracing::info!(percent = throttle, "auto-converge: throttling the vCPUs");
-                    self.vm.set_throttle(throttle);
-                    self.control.update(|p| p.throttle_percent = throttle);
-                    stuck = 0;
-                } else if throttle == THROTTLE_MAX && stuck >= STUCK_AT_MAX {
-                    return Err(MigrateError::NotConvergingThrottled(throttle));
-                }
-            } else if stuck >= self.options.max_stuck_rounds {
-                return Err(MigrateError::NotConverging {
-                    dirty_rate,
-                    bandwidth,
-                    estimate_ms: estimate.as_millis() as u64,
-                    limit_ms: self.options.downtime.as_millis() as u64,
-                });
             }
         }
+        let throttle_max = convergence.throttle_max;
         self.switchover(dirty, round, throttle_max, paused)
     }
 
@@ -716,5 +783,87 @@ impl<V: SourceVm> Engine<'_, V> {
             state_digest: hex(&ours.state),
             digests_matched: true,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round(dirty_pages: u64, transfer_ms: u64, floor_ms: u64) -> RoundFigures {
+        RoundFigures {
+            dirty_pages,
+            dirty_rate: dirty_pages * 10,
+            bandwidth: 1_000_000,
+            transfer: Duration::from_millis(transfer_ms),
+            floor: Duration::from_millis(floor_ms),
+        }
+    }
+
+    fn options(auto_converge: bool) -> SourceOptions {
+        SourceOptions { downtime: Duration::from_millis(50), auto_converge, ..SourceOptions::default() }
+    }
+
+    const RTT: fn() -> Duration = || Duration::from_millis(40);
+
+    #[test]
+    fn a_round_that_fits_switches_over() {
+        let mut c = Convergence::new(&options(false));
+        assert_eq!(c.after_round(&round(10, 40, 6), RTT), Ok(Next::Switchover));
+    }
+
+    #[test]
+    fn shrinking_rounds_go_on_and_rounds_that_do_not_shrink_give_up_without_auto_converge() {
+        let mut c = Convergence::new(&options(false));
+        for dirty in [10_000, 5_000, 2_500] {
+            assert_eq!(c.after_round(&round(dirty, 500, 6), RTT), Ok(Next::Another));
+        }
+        for _ in 0..4 {
+            assert_eq!(c.after_round(&round(2_500, 500, 6), RTT), Ok(Next::Another));
+        }
+        let err = c.after_round(&round(2_500, 500, 6), RTT).unwrap_err();
+        assert!(matches!(err, MigrateError::NotConverging { limit_ms: 50, .. }), "{err}");
+    }
+
+    #[test]
+    fn auto_converge_steps_the_throttle_up_to_its_bound_then_gives_up() {
+        let mut c = Convergence::new(&options(true));
+        let mut throttles = Vec::new();
+        let err = loop {
+            match c.after_round(&round(2_500, 500, 6), RTT) {
+                Ok(Next::Throttle(p)) => throttles.push(p),
+                Ok(Next::Another) => {}
+                Ok(Next::Switchover) => panic!("it cannot fit"),
+                Err(e) => break e,
+            }
+            assert!(c.rounds < 100, "it never gives up");
+        };
+        assert_eq!(throttles, vec![20, 30, 40, 50, 60, 70, 80, 90, 99]);
+        assert_eq!(err, MigrateError::NotConvergingThrottled(99));
+        assert_eq!(c.throttle_max, 99);
+    }
+
+    #[test]
+    fn round_trips_longer_than_the_limit_stop_the_migration_with_the_figure() {
+        let mut c = Convergence::new(&options(true));
+        // The pages would take 10 ms; two 40 ms round trips do not fit 50 ms.
+        assert_eq!(c.after_round(&round(100, 10, 85), RTT), Ok(Next::Another));
+        assert_eq!(c.after_round(&round(100, 10, 85), RTT), Ok(Next::Another));
+        let err = c.after_round(&round(100, 10, 85), RTT).unwrap_err();
+        assert_eq!(err, MigrateError::DowntimeBelowFloor { rtt_us: 40_000, floor_ms: 86 });
+        assert!(err.to_string().contains("at least 86 ms"), "{err}");
+    }
+
+    #[test]
+    fn page_costs_come_from_rounds_large_enough_to_tell() {
+        let mut cost = PageCost::default();
+        assert_eq!(cost.estimate(10, 0), Duration::MAX);
+        cost.learn(Duration::from_millis(100), 1000, 4_000_000);
+        assert_eq!(cost.estimate(500, 0), Duration::from_millis(50));
+        // A round of three pages does not overrule a thousand.
+        cost.learn(Duration::from_millis(100), 3, 12_000);
+        assert_eq!(cost.estimate(500, 0), Duration::from_millis(50));
+        // A bandwidth limit slower than the measured pace wins: 500 pages × 4000 B at 1 MB/s.
+        assert_eq!(cost.estimate(500, 1_000_000), Duration::from_secs(2));
     }
 }
