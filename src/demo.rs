@@ -1,14 +1,20 @@
 //! `novacron demo`: the story in one command, with nothing to set up. It boots the bundled
 //! test guest in its own VMM process, streams what the guest reports, pauses and resumes it
-//! through the control socket, shuts it down, and prints a summary with the guest's verdicts.
+//! through the control socket, live-migrates it to a second VMM process (QUIC with mutual
+//! TLS on loopback, certificates made on the spot) while it keeps verifying its memory,
+//! shuts it down, and prints a summary with the guest's verdicts.
 
 use clap::Args;
 use novacron_guest_image::report::GuestLine;
 use novacron_guest_image::watch::{Line, Watched};
+use novacron_migration::source::Report;
 use novacron_vmm::api::client::call;
-use novacron_vmm::api::{Request, VmState};
+use novacron_vmm::api::{MigrateRequest, Request, VmState};
 use novacron_vmm::process::error_chain;
+use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
@@ -40,7 +46,17 @@ struct Findings {
     verify_fail: u64,
     pages_verified: u64,
     pause: Option<(Duration, u64, u64)>,
+    migration: Option<Migrated>,
     exit: String,
+}
+
+/// What the live migration showed.
+struct Migrated {
+    report: Report,
+    /// From the last heartbeat at the source to the first at the destination.
+    guest_gap: Duration,
+    last_before: u64,
+    first_after: u64,
 }
 
 fn step(text: &str) {
@@ -80,7 +96,7 @@ fn until(vm: &mut Watched, f: &mut Findings, what: &str, mut done: impl FnMut(&L
     .map_err(|e| error_chain(&e))
 }
 
-fn scenario(args: &DemoArgs, sock: &std::path::Path, f: &mut Findings) -> Result<(), String> {
+fn scenario(args: &DemoArgs, sock: &Path, f: &mut Findings) -> Result<(), String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find the novacron binary: {e}"))?;
     let cmdline = format!("ws={} rate={} verify=1000 hb=250", args.ws, args.rate);
     step(&format!(
@@ -131,14 +147,86 @@ fn scenario(args: &DemoArgs, sock: &std::path::Path, f: &mut Findings) -> Result
         matches!(l.parsed, GuestLine::VerifyOk { .. } | GuestLine::VerifyFail { .. })
     })?;
 
+    let (mut vm, sock) = migrate(vm, sock, f)?;
+
     step("Shutting the VM down through its control socket");
-    call(sock, Request::Shutdown, CALL_TIMEOUT).map_err(|e| error_chain(&e))?;
+    call(&sock, Request::Shutdown, CALL_TIMEOUT).map_err(|e| error_chain(&e))?;
     let (status, _) = vm.wait_exit(TIMEOUT).map_err(|e| error_chain(&e))?;
     f.exit = status.to_string();
     if !status.success() {
         return Err(format!("the VMM ended with {status}"));
     }
     Ok(())
+}
+
+/// Moves the VM to a second VMM process by live migration; returns that process and its
+/// control socket.
+fn migrate(mut vm: Watched, sock: &Path, f: &mut Findings) -> Result<(Watched, PathBuf), String> {
+    let dir = sock.parent().ok_or("no directory for the sockets")?;
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find the novacron binary: {e}"))?;
+    let tls = dir.join("tls");
+    novacron_migration::tls::init(&tls, "demo").map_err(|e| error_chain(&e))?;
+    let addr = std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map_err(|e| format!("no free port on loopback: {e}"))?;
+    let dst_sock = dir.join("demo-dst.sock");
+    step(&format!("Live-migrating the running VM to a second VMM process on {addr} (QUIC, mutual TLS)"));
+    let mut cmd = Command::new(exe);
+    cmd.args(["vm", "receive", "--listen", &addr.to_string()]).arg("--api-sock").arg(&dst_sock);
+    cmd.arg("--tls-dir").arg(&tls);
+    let mut dst = Watched::spawn(cmd).map_err(|e| error_chain(&e))?;
+    let deadline = Instant::now() + TIMEOUT;
+    while !dst_sock.exists() {
+        if Instant::now() > deadline {
+            return Err("the receiving VMM never listened".into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let request = Request::Migrate(MigrateRequest {
+        to: addr.to_string(),
+        tls_dir: tls.to_string_lossy().into_owned(),
+        max_bandwidth: 0,
+        downtime_ms: 50,
+        auto_converge: true,
+        compress: true,
+        delta_cache_mib: 64,
+        keep_snapshot: None,
+        fault: None,
+    });
+    let done = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let (sock, done) = (sock.to_owned(), done.clone());
+        std::thread::spawn(move || crate::migrate::watch_progress(sock, done))
+    };
+    let answer = call(sock, request, TIMEOUT);
+    done.store(true, Ordering::Relaxed);
+    let _ = watcher.join();
+    let report = answer
+        .map_err(|e| error_chain(&e))?
+        .migration
+        .and_then(|m| m.report)
+        .ok_or("the migration ended without a report")?;
+    // The source VMM ends by itself once the VM runs at the destination.
+    let already = vm.seen.len();
+    let (status, _) = vm.wait_exit(TIMEOUT).map_err(|e| error_chain(&e))?;
+    for line in &vm.seen[already..] {
+        note(f, line);
+        echo(line, 4);
+    }
+    let last = vm.seen.iter().rev().find(|l| matches!(l.parsed, GuestLine::Heartbeat(_))).cloned();
+    let (Some(last), true) = (last, status.success()) else {
+        return Err(format!("the source VMM ended with {status}"));
+    };
+    step("The source VMM has exited; the guest goes on in the destination process");
+    let first = until(&mut dst, f, "a heartbeat at the destination", |l| matches!(l.parsed, GuestLine::Heartbeat(_)))?;
+    until(&mut dst, f, "a verification at the destination", |l| {
+        matches!(l.parsed, GuestLine::VerifyOk { .. } | GuestLine::VerifyFail { .. })
+    })?;
+    let (GuestLine::Heartbeat(before), GuestLine::Heartbeat(after)) = (last.parsed, first.parsed) else {
+        return Err("no heartbeats around the migration".into());
+    };
+    f.migration = Some(Migrated { report, guest_gap: first.at - last.at, last_before: before, first_after: after });
+    Ok((dst, dst_sock))
 }
 
 fn summary(args: &DemoArgs, f: &Findings) {
@@ -163,6 +251,30 @@ fn summary(args: &DemoArgs, f: &Findings) {
             gap.as_secs_f64()
         );
     }
+    if let Some(m) = &f.migration {
+        let r = &m.report;
+        println!(
+            "  {:<28} {} ms in all, {} rounds, {} KiB sent; VMM downtime {:.1} ms",
+            "live migration",
+            r.total_ms,
+            r.rounds,
+            r.bytes_sent >> 10,
+            r.downtime_us as f64 / 1000.0
+        );
+        println!(
+            "  {:<28} {:.0} ms between heartbeats (period 250 ms); HB {} -> HB {}",
+            "  as the guest saw it",
+            m.guest_gap.as_secs_f64() * 1e3,
+            m.last_before,
+            m.first_after
+        );
+        println!(
+            "  {:<28} {} ({})",
+            "  memory digest",
+            &r.memory_digest[..16],
+            if r.digests_matched { "the same on both sides" } else { "NOT compared" }
+        );
+    }
     println!("  {:<28} {}", "VMM process", f.exit);
 }
 
@@ -177,10 +289,13 @@ pub fn run(args: &DemoArgs) -> i32 {
     let mut findings = Findings::default();
     let outcome = scenario(args, &dir.path().join("demo-vm.sock"), &mut findings);
     summary(args, &findings);
-    let sequence_kept = findings.pause.is_some_and(|(_, before, after)| after == before + 1);
+    let sequence_kept = findings.pause.is_some_and(|(_, before, after)| after == before + 1)
+        && findings.migration.as_ref().is_some_and(|m| m.first_after == m.last_before + 1);
     match outcome {
         Ok(()) if findings.verify_fail == 0 && findings.verify_ok >= 3 && sequence_kept => {
-            println!("\n  The guest verified its memory throughout and continued after the pause where it stopped.");
+            println!(
+                "\n  The guest verified its memory throughout and continued where it stopped, after the pause and after moving to another process."
+            );
             0
         }
         Ok(()) => {

@@ -165,7 +165,7 @@ fn progress_line(p: &Progress) -> String {
 
 /// Polls the migration's progress on a second connection and draws it on stderr: a bar
 /// on a terminal, a line per round otherwise.
-fn watch_progress(socket: PathBuf, done: Arc<AtomicBool>) {
+pub fn watch_progress(socket: PathBuf, done: Arc<AtomicBool>) {
     let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
     bar.set_style(
         ProgressStyle::with_template("{spinner} [{bar:30}] {pos}/{len} pages  {msg}")
