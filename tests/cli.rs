@@ -92,3 +92,16 @@ fn kvm_cli_vm_run_boots_test_guest_and_controls_it() {
     assert!(table.lines().nth(1).is_some_and(|l| l.starts_with("paused")), "{table}");
     assert_eq!(exit.code(), Some(0));
 }
+
+#[test]
+fn kvm_demo_tells_the_whole_story_and_succeeds() {
+    if !kvm_or_skip("kvm_demo_tells_the_whole_story_and_succeeds") {
+        return;
+    }
+    let out = novacron(&["demo", "--mem", "128", "--ws", "8"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    for needle in ["pause and resume", "live migration", "the same on both sides", "0 FAIL", "exit status: 0"] {
+        assert!(stdout.contains(needle), "{needle:?} not in the summary:\n{stdout}");
+    }
+}
