@@ -216,3 +216,191 @@ pub mod rig {
         path
     }
 }
+
+/// A client for QEMU's machine protocol (QMP): JSON commands over a Unix socket.
+pub mod qmp {
+    use super::Error;
+    use serde_json::Value;
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixStream;
+    use std::path::Path;
+    use std::time::{Duration, Instant};
+
+    pub struct Qmp {
+        reader: BufReader<UnixStream>,
+        writer: UnixStream,
+    }
+
+    impl Qmp {
+        /// Connects to the socket QEMU creates with `-qmp unix:PATH,server=on,wait=off`
+        /// (retrying until it exists, at most `timeout`), reads the greeting and leaves
+        /// capabilities negotiation mode.
+        pub fn connect(path: &Path, timeout: Duration) -> Result<Self, Error> {
+            let deadline = Instant::now() + timeout;
+            let stream = loop {
+                match UnixStream::connect(path) {
+                    Ok(s) => break s,
+                    Err(e) if Instant::now() >= deadline => {
+                        return Err(format!("cannot connect to QMP at {}: {e}", path.display()).into());
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            };
+            stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+            let mut qmp = Qmp { reader: BufReader::new(stream.try_clone()?), writer: stream };
+            let greeting = qmp.read()?;
+            if greeting.get("QMP").is_none() {
+                return Err(format!("not a QMP greeting: {greeting}").into());
+            }
+            qmp.execute("qmp_capabilities", Value::Null)?;
+            Ok(qmp)
+        }
+
+        fn read(&mut self) -> Result<Value, Error> {
+            let mut line = String::new();
+            if self.reader.read_line(&mut line)? == 0 {
+                return Err("QMP connection closed".into());
+            }
+            Ok(serde_json::from_str(&line)?)
+        }
+
+        /// Runs `command` (with `arguments` unless they are null) and returns its
+        /// "return" value; an "error" answer is an error. Events in between are skipped.
+        pub fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, Error> {
+            let mut request = serde_json::json!({ "execute": command });
+            if !arguments.is_null() {
+                request["arguments"] = arguments;
+            }
+            writeln!(self.writer, "{request}")?;
+            loop {
+                let mut answer = self.read()?;
+                if let Some(r) = answer.get_mut("return") {
+                    return Ok(r.take());
+                }
+                if let Some(e) = answer.get("error") {
+                    return Err(format!("QMP {command}: {}", e["desc"].as_str().unwrap_or("error")).into());
+                }
+            }
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use std::os::unix::net::UnixListener;
+
+        #[test]
+        fn test_qmp_negotiates_skips_events_and_reports_errors() {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("qmp.sock");
+            let listener = UnixListener::bind(&path).unwrap();
+            let server = std::thread::spawn(move || {
+                let (s, _) = listener.accept().unwrap();
+                let mut w = s.try_clone().unwrap();
+                let mut r = BufReader::new(s);
+                writeln!(w, r#"{{"QMP": {{"version": {{}}, "capabilities": []}}}}"#).unwrap();
+                let mut requests = Vec::new();
+                for answer in [
+                    r#"{"return": {}}"#,
+                    "{\"event\": \"STOP\"}\n{\"return\": {\"status\": \"completed\"}}",
+                    r#"{"error": {"class": "GenericError", "desc": "no such capability"}}"#,
+                ] {
+                    let mut line = String::new();
+                    r.read_line(&mut line).unwrap();
+                    requests.push(line);
+                    writeln!(w, "{answer}").unwrap();
+                }
+                requests
+            });
+            let mut q = Qmp::connect(&path, Duration::from_secs(5)).unwrap();
+            let r = q.execute("query-migrate", Value::Null).unwrap();
+            assert_eq!(r["status"], "completed");
+            let e = q.execute("migrate-set-capabilities", serde_json::json!({"capabilities": []})).unwrap_err();
+            assert!(e.to_string().contains("no such capability"), "{e}");
+            let requests = server.join().unwrap();
+            assert!(requests[0].contains("qmp_capabilities") && !requests[0].contains("arguments"));
+            assert!(requests[2].contains(r#""arguments":{"capabilities":[]}"#), "{}", requests[2]);
+        }
+    }
+}
+
+/// A network namespace of the benchmark's own, so that the loopback traffic of one
+/// migration can be counted on its `lo` (IP packets both ways, headers included) whatever
+/// else runs on the machine.
+pub mod netns {
+    use super::Error;
+    use std::fs::File;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    use std::process::Command;
+
+    pub struct NetNs {
+        name: String,
+        file: File,
+    }
+
+    impl NetNs {
+        /// `ip netns add NAME` with its loopback up (needs root and iproute2).
+        pub fn new(name: &str) -> Result<Self, Error> {
+            let ip = |args: &[&str]| -> Result<(), Error> {
+                let out = Command::new("ip").args(args).output()?;
+                if !out.status.success() {
+                    return Err(
+                        format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()).into()
+                    );
+                }
+                Ok(())
+            };
+            ip(&["netns", "add", name])?;
+            let made = NetNs { name: name.to_string(), file: File::open(format!("/run/netns/{name}"))? };
+            ip(&["-n", name, "link", "set", "lo", "up"])?;
+            Ok(made)
+        }
+
+        /// Makes `cmd` start inside this namespace.
+        pub fn enter(&self, cmd: &mut Command) {
+            let fd = self.file.as_raw_fd();
+            // SAFETY: the closure runs in the forked child before exec and only makes the
+            // setns system call (async-signal-safe) on a descriptor the child inherited
+            // open from `self.file`, which outlives the spawn.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+    }
+
+    impl Drop for NetNs {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+        }
+    }
+
+    /// Bytes sent on `lo` in the network namespace of process `pid`.
+    pub fn lo_bytes(pid: u32) -> Option<u64> {
+        parse_lo_tx_bytes(&std::fs::read_to_string(format!("/proc/{pid}/net/dev")).ok()?)
+    }
+
+    /// The transmit byte count of `lo` in a /proc/net/dev table.
+    pub fn parse_lo_tx_bytes(table: &str) -> Option<u64> {
+        let line = table.lines().find(|l| l.trim_start().starts_with("lo:"))?;
+        line.split_once(':')?.1.split_whitespace().nth(8)?.parse().ok()
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn test_parse_lo_tx_bytes_reads_the_ninth_number() {
+            let table = "Inter-|   Receive                                                |  Transmit\n \
+                 face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed\n    \
+                 lo: 1000      10    0    0    0     0          0         0     2000      20    0    0    0     0       0          0\n  \
+                 eth0: 5 1 0 0 0 0 0 0 6 1 0 0 0 0 0 0\n";
+            assert_eq!(super::parse_lo_tx_bytes(table), Some(2000));
+            assert_eq!(super::parse_lo_tx_bytes("nothing"), None);
+        }
+    }
+}

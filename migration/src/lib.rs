@@ -5,6 +5,7 @@
 //! - [`page`]: zero detection, content hashes, word-level deltas, the delta cache.
 //! - [`digest`]: the incremental memory digest both ends of a migration keep.
 //! - [`dirty`]: page sets (a round's dirty pages).
+//! - [`encoder`]: the source's per-page work: the cheapest way to send each page.
 //! - [`protocol`]: the migration's messages and frames.
 //! - [`throttle`]: the bandwidth limit.
 //! - [`tls`]: the cluster CA, node certificates, mutual-TLS configurations.
@@ -18,6 +19,7 @@
 pub mod destination;
 pub mod digest;
 pub mod dirty;
+pub mod encoder;
 pub mod page;
 pub mod protocol;
 pub mod source;

@@ -18,13 +18,13 @@
 //! failure after Commit (the destination's answer is lost) leaves it paused: it may be
 //! running there, and two running copies are worse than a paused one.
 
-use crate::digest::{MemoryDigest, hex};
+use crate::digest::hex;
 use crate::dirty::DirtySet;
-use crate::page::{self, DeltaCache, PAGE_SIZE, PageHash, ZERO_HASH};
-use crate::protocol::{BATCH_PAGES, BatchBuilder, Digests, Hello, MAX_FRAME, Message, PROTOCOL_VERSION};
+use crate::encoder::PageEncoder;
+use crate::page::PAGE_SIZE;
+use crate::protocol::{Digests, Hello, Message, PROTOCOL_VERSION};
 use crate::transport::{Link, LinkError};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -100,8 +100,6 @@ const WELCOME_TIMEOUT: Duration = Duration::from_secs(120);
 /// The destination builds the VM before it answers Ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 const RUNNING_TIMEOUT: Duration = Duration::from_secs(10);
-/// A delta is used when it is at most this large; otherwise the page goes whole.
-const DELTA_BUDGET: usize = PAGE_SIZE / 4;
 /// State, vCPU restore and handshakes cost this much beyond the last pages (an estimate
 /// for the downtime decision; measured on this host).
 const SWITCHOVER_OVERHEAD: Duration = Duration::from_millis(5);
@@ -410,17 +408,8 @@ struct Engine<'a, V: SourceVm> {
     control: Control,
     started: Instant,
     pages: u64,
-    /// What the destination holds of each page (ZERO_HASH: zeroes).
-    sent: Vec<PageHash>,
-    digest: MemoryDigest,
-    cache: DeltaCache,
-    /// A page known to hold each content at the destination (checked against `sent`).
-    seen: HashMap<PageHash, u64>,
-    base: HashMap<PageHash, u32>,
-    batch: BatchBuilder,
-    compressor: Option<zstd::bulk::Compressor<'static>>,
+    encoder: PageEncoder,
     buf: Vec<u8>,
-    counts: PageCounts,
     pages_sent: u64,
     /// Frame bytes the destination said it has received.
     acked: u64,
@@ -441,14 +430,13 @@ pub fn migrate<V: SourceVm>(
         p.total_pages = pages;
         p.phase = Phase::Connecting;
     });
-    let compressor = if options.compress {
-        Some(zstd::bulk::Compressor::new(1).map_err(|e| MigrateError::Vm(format!("zstd: {e}")))?)
-    } else {
-        None
-    };
+    let mut encoder = PageEncoder::new(pages, options.delta_cache, options.compress)
+        .map_err(|e| MigrateError::Vm(format!("zstd: {e}")))?;
+    if options.fault == Some(Fault::FlipPageByte) {
+        encoder.flip_next_full_page();
+    }
     let mut engine = Engine {
-        // No larger than the VM: the cache is host memory taken for the migration.
-        cache: DeltaCache::new(options.delta_cache.min((pages as usize).saturating_mul(PAGE_SIZE))),
+        encoder,
         fault: options.fault,
         vm,
         link,
@@ -456,14 +444,7 @@ pub fn migrate<V: SourceVm>(
         control: control.clone(),
         started: Instant::now(),
         pages,
-        sent: vec![ZERO_HASH; pages as usize],
-        digest: MemoryDigest::default(),
-        seen: HashMap::new(),
-        base: HashMap::new(),
-        batch: BatchBuilder::default(),
-        compressor,
         buf: vec![0; PAGE_SIZE],
-        counts: PageCounts::default(),
         pages_sent: 0,
         acked: 0,
     };
@@ -492,9 +473,9 @@ impl<V: SourceVm> Engine<'_, V> {
         self.link.send(&Message::Hello(Hello { version: PROTOCOL_VERSION, machine: self.vm.machine(), regions }))?;
         match self.link.recv(WELCOME_TIMEOUT)? {
             Message::Welcome(w) => {
-                self.base = w.base.iter().enumerate().map(|(i, h)| (*h, i as u32)).collect();
-                if !self.base.is_empty() {
-                    tracing::info!(pages = self.base.len(), "the destination holds a base image");
+                self.encoder.set_base(&w.base);
+                if !w.base.is_empty() {
+                    tracing::info!(pages = w.base.len(), "the destination holds a base image");
                 }
             }
             other => return Err(MigrateError::Unexpected { expected: "Welcome", got: other.name() }),
@@ -616,9 +597,10 @@ impl<V: SourceVm> Engine<'_, V> {
     fn send_pages(&mut self, dirty: &DirtySet) -> Result<(), MigrateError> {
         let mut left = dirty.count();
         for page in dirty.iter() {
-            self.send_page(page)?;
+            self.vm.read_page(page, &mut self.buf).map_err(MigrateError::Vm)?;
+            self.encoder.add(page, &self.buf);
             left -= 1;
-            if self.batch.len() >= BATCH_PAGES || self.batch.data_len() >= MAX_FRAME / 2 {
+            if self.encoder.batch_full() {
                 self.flush(left)?;
             }
         }
@@ -627,11 +609,7 @@ impl<V: SourceVm> Engine<'_, V> {
 
     fn flush(&mut self, left: u64) -> Result<(), MigrateError> {
         self.check_peer_and_cancel()?;
-        if self.batch.is_empty() {
-            return Ok(());
-        }
-        let count = self.batch.len() as u64;
-        let batch = self.batch.finish(self.compressor.as_mut());
+        let Some((batch, count)) = self.encoder.take_batch() else { return Ok(()) };
         self.link.send(&Message::Pages(batch))?;
         self.pages_sent += count;
         let (pages_sent, bytes, elapsed) =
@@ -649,62 +627,6 @@ impl<V: SourceVm> Engine<'_, V> {
     /// Commit/Running) and the state and build work.
     fn switchover_floor(&self) -> Duration {
         self.link.rtt() * 2 + SWITCHOVER_OVERHEAD
-    }
-
-    /// Adds page `page` to the batch the cheapest way (or not at all when the destination
-    /// already holds its content).
-    fn send_page(&mut self, page: u64) -> Result<(), MigrateError> {
-        self.vm.read_page(page, &mut self.buf).map_err(MigrateError::Vm)?;
-        let old = self.sent[page as usize];
-        let new = page::hash(&self.buf);
-        if new == old {
-            if new == ZERO_HASH {
-                self.counts.empty += 1;
-            } else {
-                self.counts.unchanged += 1;
-            }
-            return Ok(());
-        }
-        if new == ZERO_HASH {
-            self.batch.zero(page);
-            self.counts.zero += 1;
-            self.cache.forget(page);
-        } else if let Some(&base) = self.base.get(&new) {
-            self.batch.base(page, base);
-            self.counts.base += 1;
-            self.cache.put(page, &self.buf);
-        } else if let Some(&from) = self.seen.get(&new)
-            && from != page
-            && self.sent[from as usize] == new
-        {
-            self.batch.copy(page, from);
-            self.counts.copy += 1;
-            self.cache.put(page, &self.buf);
-        } else {
-            let delta = match self.cache.get(page) {
-                Some(previous) => self.batch.delta(page, previous, &self.buf, DELTA_BUDGET),
-                None => false,
-            };
-            if delta {
-                self.counts.delta += 1;
-            } else {
-                self.counts.full += 1;
-                if self.fault == Some(Fault::FlipPageByte) {
-                    self.fault = None;
-                    let mut flipped = self.buf.clone();
-                    flipped[100] ^= 0x40;
-                    tracing::warn!(page, "test fault: flipping a byte of a page on the way");
-                    self.batch.full(page, &flipped);
-                } else {
-                    self.batch.full(page, &self.buf);
-                }
-            }
-            self.cache.put(page, &self.buf);
-            self.seen.insert(new, page);
-        }
-        self.digest.replace(page, &old, &new);
-        self.sent[page as usize] = new;
-        Ok(())
     }
 
     fn switchover(
@@ -725,7 +647,7 @@ impl<V: SourceVm> Engine<'_, V> {
         self.vm.harvest_dirty(&mut dirty).map_err(MigrateError::Vm)?;
         let last_pages = dirty.count();
         self.send_pages(&dirty)?;
-        let ours = Digests { memory: self.digest.bytes(), state: *blake3::hash(&state).as_bytes() };
+        let ours = Digests { memory: self.encoder.digest(), state: *blake3::hash(&state).as_bytes() };
         if self.fault == Some(Fault::FlipStateByte) {
             let at = state.len() / 2;
             state[at] ^= 0x01;
@@ -776,8 +698,8 @@ impl<V: SourceVm> Engine<'_, V> {
             rounds,
             bytes_sent: stats.sent.load(Ordering::Relaxed),
             wire_bytes: self.link.wire_bytes(),
-            pages: self.counts,
-            bytes_saved: (self.counts.base + self.counts.copy) * PAGE_SIZE as u64,
+            pages: self.encoder.counts(),
+            bytes_saved: (self.encoder.counts().base + self.encoder.counts().copy) * PAGE_SIZE as u64,
             throttle_max,
             memory_digest: hex(&ours.memory),
             state_digest: hex(&ours.state),

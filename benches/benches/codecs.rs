@@ -1,0 +1,586 @@
+//! The migration source's per-page work and what carries it, one core each:
+//!
+//! - page codecs: zero detection, the page hash, zstd levels 1 and 3 on batches of 256
+//!   pages, word-level deltas (encode and apply);
+//! - the whole per-page pipeline the source runs in a round (read the page out of guest
+//!   memory, hash, zero check, duplicate lookup, delta against the cache or whole, the
+//!   memory digest, batch, zstd-1 per batch, frame), in GB/s of guest memory;
+//! - harvesting dirty pages for 1 GiB of guest memory: KVM's dirty log (a real KVM VM, no
+//!   vCPU) and the VMM's own bitmap;
+//! - the QUIC link (quinn, mutual TLS 1.3) on loopback against plain TCP with the same
+//!   frames, in the same run.
+//!
+//!     cargo bench -p novacron-benches --bench codecs [-- FILTER]
+//!
+//! After criterion's own lines, a summary prints the pipeline against its target and the
+//! QUIC/TCP ratio (means over every timed iteration, warm-up included).
+
+use criterion::{BatchSize, BenchmarkId, Criterion, Throughput};
+use novacron_migration::dirty::DirtySet;
+use novacron_migration::encoder::PageEncoder;
+use novacron_migration::page::{self, PAGE_SIZE};
+use novacron_migration::protocol::{self, BATCH_PAGES, BatchBuilder, Message};
+use novacron_vmm::vstate::memory::{self, GuestMemory};
+use std::collections::BTreeMap;
+use std::hint::black_box;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
+
+const GIB: u64 = 1 << 30;
+
+/// Bytes and time of every timed iteration of the benchmarks that feed the summary.
+static TALLY: Mutex<BTreeMap<&'static str, (u64, Duration)>> = Mutex::new(BTreeMap::new());
+
+fn tally(name: &'static str, bytes: u64, time: Duration) {
+    let mut t = TALLY.lock().unwrap_or_else(|p| p.into_inner());
+    let e = t.entry(name).or_default();
+    e.0 += bytes;
+    e.1 += time;
+}
+
+fn tallied(name: &str) -> Option<f64> {
+    let t = TALLY.lock().unwrap_or_else(|p| p.into_inner());
+    t.get(name).filter(|(_, d)| !d.is_zero()).map(|(b, d)| *b as f64 / d.as_secs_f64())
+}
+
+// ---------------------------------------------------------------------------------------
+// Page contents
+
+fn splitmix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// A page as the test guest's workload leaves it: zeroes, but for a value derived from
+/// the page number and its generation in the first and last word.
+fn guest_page(page: u64, generation: u64) -> Vec<u8> {
+    let mut p = vec![0u8; PAGE_SIZE];
+    let v = splitmix(page ^ (generation << 40)).to_le_bytes();
+    p[..8].copy_from_slice(&v);
+    p[PAGE_SIZE - 8..].copy_from_slice(&v);
+    p
+}
+
+/// A page of random-ish text: words from a small vocabulary (zstd-1 makes it about a
+/// third of its size, like logs, configuration and source in a real guest's page cache).
+fn text_page(page: u64) -> Vec<u8> {
+    const WORDS: [&str; 24] = [
+        "the",
+        "migration",
+        "page",
+        "of",
+        "memory",
+        "kernel",
+        "and",
+        "a",
+        "dirty",
+        "vcpu",
+        "round",
+        "to",
+        "send",
+        "guest",
+        "host",
+        "in",
+        "zero",
+        "delta",
+        "batch",
+        "stream",
+        "quic",
+        "state",
+        "ok",
+        "error:",
+    ];
+    let mut p = Vec::with_capacity(PAGE_SIZE + 16);
+    let mut x = page.wrapping_mul(0x2545_f491_4f6c_dd1d) | 1;
+    while p.len() < PAGE_SIZE {
+        x = splitmix(x);
+        p.extend_from_slice(WORDS[(x % WORDS.len() as u64) as usize].as_bytes());
+        p.push(if x >> 60 == 0 { b'\n' } else { b' ' });
+        if x >> 56 == 1 {
+            p.extend_from_slice(format!("{}", x >> 40).as_bytes());
+        }
+    }
+    p.truncate(PAGE_SIZE);
+    p
+}
+
+fn random_page(page: u64) -> Vec<u8> {
+    (0..PAGE_SIZE / 8).flat_map(|i| splitmix(page * 512 + i as u64).to_le_bytes()).collect()
+}
+
+/// `page` with `words` of its 512 words changed, spread over the page.
+fn changed(page: &[u8], words: usize, salt: u64) -> Vec<u8> {
+    let mut p = page.to_vec();
+    for k in 0..words {
+        let w = (k * 509 / words.max(1) + 3) % (PAGE_SIZE / 8);
+        let v = splitmix(salt + k as u64).to_le_bytes();
+        p[w * 8..w * 8 + 8].copy_from_slice(&v);
+    }
+    p
+}
+
+// ---------------------------------------------------------------------------------------
+// Codecs
+
+fn codecs(c: &mut Criterion) {
+    let zero = vec![0u8; PAGE_SIZE];
+    let mut last_byte = vec![0u8; PAGE_SIZE];
+    last_byte[PAGE_SIZE - 1] = 1;
+    let guest = guest_page(7, 3);
+    let text = text_page(7);
+
+    let mut g = c.benchmark_group("page");
+    g.throughput(Throughput::Bytes(PAGE_SIZE as u64));
+    g.bench_function("is_zero, zero page", |b| b.iter(|| page::is_zero(black_box(&zero))));
+    g.bench_function("is_zero, only the last byte set", |b| b.iter(|| page::is_zero(black_box(&last_byte))));
+    g.bench_function("is_zero, test-guest page (first word set)", |b| b.iter(|| page::is_zero(black_box(&guest))));
+    g.bench_function("hash (BLAKE3-128), text page", |b| b.iter(|| page::hash(black_box(&text))));
+    for words in [2usize, 16] {
+        let new = changed(&text, words, 99);
+        let mut out = Vec::with_capacity(PAGE_SIZE);
+        g.bench_function(BenchmarkId::new("encode_delta, words changed", words), |b| {
+            b.iter(|| {
+                out.clear();
+                page::encode_delta(black_box(&text), black_box(&new), PAGE_SIZE / 4, &mut out)
+            })
+        });
+        let mut delta = Vec::new();
+        assert!(page::encode_delta(&text, &new, PAGE_SIZE / 4, &mut delta));
+        let mut target = text.clone();
+        g.bench_function(BenchmarkId::new("apply_delta, words changed", words), |b| {
+            b.iter(|| page::apply_delta(black_box(&mut target), black_box(&delta)))
+        });
+    }
+    g.finish();
+
+    // A batch as the source compresses it: BATCH_PAGES whole pages.
+    let batches: [(&str, Vec<u8>); 3] = [
+        ("test-guest pages", (0..BATCH_PAGES as u64).flat_map(|i| guest_page(i, 1)).collect()),
+        ("text pages", (0..BATCH_PAGES as u64).flat_map(text_page).collect()),
+        ("random pages", (0..BATCH_PAGES as u64).flat_map(random_page).collect()),
+    ];
+    let mut g = c.benchmark_group("zstd batch of 256 pages");
+    g.throughput(Throughput::Bytes((BATCH_PAGES * PAGE_SIZE) as u64));
+    for level in [1, 3] {
+        let mut z = zstd::bulk::Compressor::new(level).expect("zstd");
+        for (name, data) in &batches {
+            let ratio = data.len() as f64 / z.compress(data).expect("zstd").len() as f64;
+            g.bench_function(format!("compress level {level}, {name} (ratio {ratio:.1})"), |b| {
+                b.iter(|| z.compress(black_box(data)).expect("zstd"))
+            });
+        }
+    }
+    let mut z = zstd::bulk::Compressor::new(1).expect("zstd");
+    let mut d = zstd::bulk::Decompressor::new().expect("zstd");
+    for (name, data) in &batches {
+        let packed = z.compress(data).expect("zstd");
+        g.bench_function(format!("decompress level 1, {name}"), |b| {
+            b.iter(|| d.decompress(black_box(&packed), data.len()).expect("zstd"))
+        });
+    }
+    g.finish();
+
+    // Frames: a message's encoding (postcard) and decoding, which the link does for every
+    // batch on the engine's thread and on the receiver's.
+    let mut g = c.benchmark_group("frame of a batch of 256 pages");
+    let mut text_batch = BatchBuilder::default();
+    for p in 0..BATCH_PAGES as u64 {
+        text_batch.full(p, &text_page(p));
+    }
+    let whole = Message::Pages(text_batch.finish(None));
+    for p in 0..BATCH_PAGES as u64 {
+        text_batch.full(p, &text_page(p));
+    }
+    let packed = Message::Pages(text_batch.finish(Some(&mut z)));
+    for (name, message) in [("text pages, not compressed", &whole), ("text pages, zstd-1", &packed)] {
+        let frame = protocol::encode_frame(message).expect("frame");
+        g.throughput(Throughput::Bytes(frame.len() as u64));
+        g.bench_function(format!("encode_frame, {name} ({} KiB)", frame.len() >> 10), |b| {
+            b.iter(|| protocol::encode_frame(black_box(message)).expect("frame"))
+        });
+        g.bench_function(format!("decode_message, {name} ({} KiB)", frame.len() >> 10), |b| {
+            b.iter(|| protocol::decode_message(black_box(&frame[4..])).expect("message"))
+        });
+    }
+    g.finish();
+}
+
+// ---------------------------------------------------------------------------------------
+// The source's per-page pipeline
+
+/// A round of the source engine's page work: read each page out of guest memory, the
+/// engine's own encoder (hash, zero check, base/copy lookup, delta or whole, digest,
+/// zstd-1 per batch), and the frame the link sends.
+struct Pipeline {
+    encoder: PageEncoder,
+    buf: Vec<u8>,
+    frame_bytes: u64,
+}
+
+impl Pipeline {
+    fn new(pages: u64) -> Self {
+        // The engine's default delta cache: 64 MiB.
+        let encoder = PageEncoder::new(pages, 64 << 20, true).expect("zstd");
+        Pipeline { encoder, buf: vec![0; PAGE_SIZE], frame_bytes: 0 }
+    }
+
+    /// One round over every page of `mem` (a single region from address 0).
+    fn round(&mut self, mem: &GuestMemory, pages: u64) {
+        for page in 0..pages {
+            mem.read_slice(&mut self.buf, GuestAddress(page * PAGE_SIZE as u64)).expect("read page");
+            self.encoder.add(page, &self.buf);
+            if self.encoder.batch_full() {
+                self.flush();
+            }
+        }
+        self.flush();
+    }
+
+    fn flush(&mut self) {
+        if let Some((batch, _)) = self.encoder.take_batch() {
+            // The link encodes the frame on the engine's thread too.
+            let frame = protocol::encode_frame(&Message::Pages(batch)).expect("frame");
+            self.frame_bytes += frame.len() as u64;
+            black_box(frame);
+        }
+    }
+}
+
+/// Guest memory of `pages` pages (fresh, untouched anonymous memory) with `fill(page)`
+/// written into the pages it returns something for.
+fn memory_with(pages: u64, fill: &dyn Fn(u64) -> Option<Vec<u8>>) -> GuestMemory {
+    let mem = memory::create(pages * PAGE_SIZE as u64).expect("guest memory");
+    for p in 0..pages {
+        if let Some(content) = fill(p) {
+            mem.write_slice(&content, GuestAddress(p * PAGE_SIZE as u64)).expect("write page");
+        }
+    }
+    mem
+}
+
+fn pipeline(c: &mut Criterion) {
+    // 64 MiB: larger than any cache here, and as large as the delta cache.
+    const PAGES: u64 = 16384;
+    const BYTES: u64 = PAGES * PAGE_SIZE as u64;
+    let mut g = c.benchmark_group("source pipeline, 64 MiB");
+    g.throughput(Throughput::Bytes(BYTES));
+    g.sample_size(10);
+    g.warm_up_time(Duration::from_secs(1));
+    g.measurement_time(Duration::from_secs(6));
+
+    // Reading pages out of guest memory alone (vm-memory's read_slice, as the VMM does).
+    let text_mem = memory_with(PAGES, &|p| Some(text_page(p)));
+    g.bench_function("read_slice only, written memory", |b| {
+        let mut buf = vec![0u8; PAGE_SIZE];
+        b.iter(|| {
+            for p in 0..PAGES {
+                text_mem.read_slice(&mut buf, GuestAddress(p * PAGE_SIZE as u64)).expect("read");
+                black_box(&buf);
+            }
+        })
+    });
+
+    // The same from memory never touched: each page's first read faults in the zero page.
+    g.bench_function("read_slice only, untouched memory (page faults)", |b| {
+        let mut buf = vec![0u8; PAGE_SIZE];
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let mem = memory_with(PAGES, &|_| None);
+                let start = Instant::now();
+                for p in 0..PAGES {
+                    mem.read_slice(&mut buf, GuestAddress(p * PAGE_SIZE as u64)).expect("read");
+                    black_box(&buf);
+                }
+                total += start.elapsed();
+            }
+            total
+        })
+    });
+
+    // Round 0 as in the migration benchmark: the guest's working set (two words a page)
+    // in the first half, never-touched memory in the second; new memory each time, so that
+    // reading the untouched half pays its page faults as the real round 0 does.
+    let name = "round 0, test-guest memory (half working set, half untouched)";
+    g.bench_function(name, |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let mem = memory_with(PAGES, &|p| (p < PAGES / 2).then(|| guest_page(p, 1)));
+                let mut pipe = Pipeline::new(PAGES);
+                let start = Instant::now();
+                pipe.round(&mem, PAGES);
+                total += start.elapsed();
+            }
+            tally(name, iters * BYTES, total);
+            total
+        })
+    });
+
+    let name = "round 0, text pages (all sent whole)";
+    g.bench_function(name, |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let mut pipe = Pipeline::new(PAGES);
+                let start = Instant::now();
+                pipe.round(&text_mem, PAGES);
+                total += start.elapsed();
+            }
+            tally(name, iters * BYTES, total);
+            total
+        })
+    });
+
+    // A later round: every page changed in two words since it was sent (deltas).
+    let name = "later round, text pages with 2 words changed (deltas)";
+    g.bench_function(name, |b| {
+        let mut generation = 0u64;
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let mut pipe = Pipeline::new(PAGES);
+                pipe.round(&text_mem, PAGES);
+                generation += 1;
+                let mem = memory_with(PAGES, &|p| Some(changed(&text_page(p), 2, generation * PAGES + p)));
+                let start = Instant::now();
+                pipe.round(&mem, PAGES);
+                total += start.elapsed();
+            }
+            tally(name, iters * BYTES, total);
+            total
+        })
+    });
+    g.finish();
+}
+
+// ---------------------------------------------------------------------------------------
+// Dirty page harvest
+
+fn vmm_bitmap(region: &GuestRegionMmap<AtomicBitmap>) -> &AtomicBitmap {
+    std::ops::Deref::deref(region).bitmap()
+}
+
+fn dirty_log(c: &mut Criterion) {
+    let kvm = match kvm_ioctls::Kvm::new() {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("\n*** dirty-log benchmarks skipped: /dev/kvm is not usable here ({e}) ***\n");
+            return;
+        }
+    };
+    let vm = novacron_vmm::vstate::vm::Vm::new(&kvm).expect("KVM VM");
+    let mem = memory::create(GIB).expect("1 GiB of guest memory");
+    let region = mem.iter().next().expect("a region");
+    assert_eq!(region.len(), GIB, "1 GiB is one region");
+    vm.register_memory(&mem).expect("memory slot");
+    vm.set_dirty_logging(&mem, true).expect("dirty logging on");
+    let pages = GIB / PAGE_SIZE as u64;
+
+    let mut g = c.benchmark_group("dirty harvest, 1 GiB");
+    g.throughput(Throughput::Bytes(GIB));
+    g.bench_function("KVM_GET_DIRTY_LOG (no vCPU: no page dirty)", |b| {
+        b.iter(|| vm.dirty_log(0, GIB).expect("dirty log"))
+    });
+    g.bench_function("VMM bitmap get_and_reset, clean", |b| b.iter(|| vmm_bitmap(region).get_and_reset()));
+    // The host writes 1% of the pages through vm-memory, which marks them in the VMM's
+    // bitmap (KVM's log does not see host writes).
+    g.bench_function("VMM bitmap get_and_reset, 1% of pages written", |b| {
+        b.iter_batched(
+            || {
+                for p in (0..pages).step_by(100) {
+                    mem.write_obj(p, GuestAddress(p * PAGE_SIZE as u64)).expect("write");
+                }
+            },
+            |()| vmm_bitmap(region).get_and_reset(),
+            BatchSize::PerIteration,
+        )
+    });
+    // What the source's harvest_dirty does per region: both logs, merged into the set.
+    let mut set = DirtySet::new(pages);
+    g.bench_function("harvest as the VMM does it (both logs into a DirtySet), clean", |b| {
+        b.iter(|| {
+            set.clear();
+            let log = vm.dirty_log(0, GIB).expect("dirty log");
+            set.or_bitmap(0, &log, pages);
+            set.or_bitmap(0, &vmm_bitmap(region).get_and_reset(), pages);
+            set.count()
+        })
+    });
+    g.finish();
+    vm.set_dirty_logging(&mem, false).expect("dirty logging off");
+}
+
+// ---------------------------------------------------------------------------------------
+// QUIC against TCP on loopback
+
+const FRAME_PAYLOAD: usize = 1 << 20;
+
+fn payload() -> Vec<u8> {
+    (0..FRAME_PAYLOAD / 8).flat_map(|i| splitmix(i as u64).to_le_bytes()).collect()
+}
+
+fn transport(c: &mut Criterion) {
+    use novacron_migration::throttle::Bandwidth;
+    use novacron_migration::tls::{Identity, init};
+    use novacron_migration::transport::{Listener, connect};
+    use std::io::{Read, Write};
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    init(dir.path(), "bench").expect("certificates");
+    let message = Message::State(payload());
+    let frame_len = protocol::encode_frame(&message).expect("frame").len() as u64;
+
+    let mut g = c.benchmark_group("loopback, 1 MiB frames");
+    g.throughput(Throughput::Bytes(frame_len));
+
+    // QUIC: the migration's own link, both ends in this process (two runtimes, one
+    // worker each, as in the two VMMs).
+    let listener = Listener::bind("127.0.0.1:0".parse().expect("addr"), &Identity::load(dir.path()).expect("id"))
+        .expect("QUIC listener");
+    let addr = listener.local_addr().expect("local addr");
+    let (ack, acks) = std::sync::mpsc::channel::<()>();
+    let receiver = std::thread::spawn(move || {
+        let mut link = listener.accept().expect("accept");
+        while let Ok(m) = link.recv(Duration::from_secs(30)) {
+            black_box(m);
+            if ack.send(()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut link = connect(addr, &Identity::load(dir.path()).expect("id"), Bandwidth::new(0), None).expect("connect");
+    let name = "QUIC (quinn, TLS 1.3), one stream";
+    g.bench_function(name, |b| {
+        b.iter_custom(|iters| {
+            let start = Instant::now();
+            for _ in 0..iters {
+                link.send(&message).expect("send");
+            }
+            for _ in 0..iters {
+                acks.recv().expect("ack");
+            }
+            let t = start.elapsed();
+            tally(name, iters * frame_len, t);
+            t
+        })
+    });
+    link.close(Duration::from_secs(2));
+    let _ = receiver.join();
+
+    // TCP: the same frames, encoded and decoded the same way.
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0").expect("TCP listener");
+    let addr = tcp.local_addr().expect("local addr");
+    let (ack, acks) = std::sync::mpsc::channel::<()>();
+    let receiver = std::thread::spawn(move || {
+        let (mut s, _) = tcp.accept().expect("accept");
+        let mut header = [0u8; 4];
+        while s.read_exact(&mut header).is_ok() {
+            let len = protocol::frame_len(header).expect("frame length");
+            let mut body = vec![0u8; len];
+            s.read_exact(&mut body).expect("frame body");
+            black_box(protocol::decode_message(&body).expect("message"));
+            if ack.send(()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    let name = "TCP (std::net), same frames";
+    g.bench_function(name, |b| {
+        b.iter_custom(|iters| {
+            let start = Instant::now();
+            for _ in 0..iters {
+                let frame = protocol::encode_frame(&message).expect("frame");
+                s.write_all(&frame).expect("write");
+            }
+            for _ in 0..iters {
+                acks.recv().expect("ack");
+            }
+            let t = start.elapsed();
+            tally(name, iters * frame_len, t);
+            t
+        })
+    });
+    drop(s);
+    let _ = receiver.join();
+
+    // TCP carrying the bytes only: frames encoded once, read into one buffer, no decoding.
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0").expect("TCP listener");
+    let addr = tcp.local_addr().expect("local addr");
+    let frame = protocol::encode_frame(&message).expect("frame");
+    let (ack, acks) = std::sync::mpsc::channel::<()>();
+    let receiver = std::thread::spawn(move || {
+        let (mut s, _) = tcp.accept().expect("accept");
+        let mut body = vec![0u8; frame_len as usize];
+        while s.read_exact(&mut body).is_ok() {
+            if ack.send(()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    let name = "TCP (std::net), bytes only (no encoding)";
+    g.bench_function(name, |b| {
+        b.iter_custom(|iters| {
+            let start = Instant::now();
+            for _ in 0..iters {
+                s.write_all(&frame).expect("write");
+            }
+            for _ in 0..iters {
+                acks.recv().expect("ack");
+            }
+            let t = start.elapsed();
+            tally(name, iters * frame_len, t);
+            t
+        })
+    });
+    drop(s);
+    let _ = receiver.join();
+    g.finish();
+}
+
+fn summary() {
+    let gbs = |v: f64| format!("{:.2} GB/s ({:.2} GiB/s)", v / 1e9, v / GIB as f64);
+    let rows: Vec<(String, f64)> = TALLY
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .map(|(k, (b, d))| (k.to_string(), *b as f64 / d.as_secs_f64()))
+        .collect();
+    if rows.is_empty() {
+        return;
+    }
+    println!("\nSummary (means over every timed iteration, one core):");
+    for (name, rate) in &rows {
+        println!("  {name:<58} {}", gbs(*rate));
+    }
+    if let Some(r) = tallied("round 0, test-guest memory (half working set, half untouched)") {
+        println!(
+            "  target: the whole page pipeline >= 2 GB/s per core (round 0 of the migration benchmark's memory): {}",
+            if r >= 2e9 { "met" } else { "NOT met" }
+        );
+    }
+    if let (Some(q), Some(t)) = (tallied("QUIC (quinn, TLS 1.3), one stream"), tallied("TCP (std::net), same frames")) {
+        println!("  QUIC / TCP on loopback, the same frames: {:.2}x", q / t);
+    }
+    if let (Some(q), Some(t)) =
+        (tallied("QUIC (quinn, TLS 1.3), one stream"), tallied("TCP (std::net), bytes only (no encoding)"))
+    {
+        println!("  QUIC / TCP carrying the bytes only: {:.2}x", q / t);
+    }
+}
+
+fn main() {
+    let mut c = Criterion::default().configure_from_args();
+    codecs(&mut c);
+    pipeline(&mut c);
+    dirty_log(&mut c);
+    transport(&mut c);
+    c.final_summary();
+    summary();
+}
