@@ -114,6 +114,12 @@ impl PageEncoder {
         self.sent[page as usize] = new;
     }
 
+    /// Counts pages never touched, known to be zeroes without reading them: like the pages
+    /// found empty, they cost nothing.
+    pub fn skip_untouched(&mut self, pages: u64) {
+        self.counts.empty += pages;
+    }
+
     /// Whether the batch should go now (BATCH_PAGES entries or half a frame of data).
     pub fn batch_full(&self) -> bool {
         self.batch.len() >= BATCH_PAGES || self.batch.data_len() >= MAX_FRAME / 2

@@ -42,6 +42,12 @@ pub trait SourceVm {
     /// to `dirty`, and clears the logs.
     fn harvest_dirty(&mut self, dirty: &mut DirtySet) -> Result<(), String>;
     fn stop_dirty_log(&mut self);
+    /// Pages that may hold something other than zeroes, when the VM knows (memory the
+    /// guest never touched is zeroes and need not even be read). Called after
+    /// `start_dirty_log`, so that a page touched after the answer is in the next harvest.
+    fn touched_pages(&self) -> Option<DirtySet> {
+        None
+    }
     /// Pauses the VM and returns its state as a state stream. On error the VM runs on.
     fn pause_and_save(&mut self) -> Result<Vec<u8>, String>;
     fn resume(&mut self) -> Result<(), String>;
@@ -483,13 +489,19 @@ impl<V: SourceVm> Engine<'_, V> {
         self.vm.start_dirty_log().map_err(MigrateError::Vm)?;
         self.control.update(|p| p.phase = Phase::Precopy);
 
-        let mut dirty = DirtySet::all(self.pages);
+        let mut dirty = match self.vm.touched_pages() {
+            Some(touched) => {
+                self.encoder.skip_untouched(self.pages.saturating_sub(touched.count()));
+                touched
+            }
+            None => DirtySet::all(self.pages),
+        };
         let mut round = 0u32;
         let mut cost = PageCost::default();
         let mut convergence = Convergence::new(&self.options);
         loop {
             let round_start = Instant::now();
-            let bytes_before = self.link.stats.sent.load(Ordering::Relaxed);
+            let bytes_before = self.link.queued();
             let entries_before = self.pages_sent;
             let to_send = dirty.count();
             self.control.update(|p| {
@@ -500,7 +512,7 @@ impl<V: SourceVm> Engine<'_, V> {
             // The round ends when its pages have arrived, not when they were queued.
             self.drain(DRAIN_ALLOWANCE)?;
             let round_time = round_start.elapsed();
-            let round_bytes = self.link.stats.sent.load(Ordering::Relaxed) - bytes_before;
+            let round_bytes = self.link.queued() - bytes_before;
             cost.learn(round_time, self.pages_sent - entries_before, round_bytes);
 
             dirty.clear();
@@ -584,7 +596,7 @@ impl<V: SourceVm> Engine<'_, V> {
     /// sent: what sits in buffers along the way has not arrived yet.
     fn drain(&mut self, allowance: u64) -> Result<(), MigrateError> {
         self.check_peer_and_cancel()?;
-        while self.link.stats.sent.load(Ordering::Relaxed) > self.acked + allowance {
+        while self.link.queued() > self.acked + allowance {
             let message = self.link.recv(DRAIN_STEP)?;
             self.take(message, "Received")?;
             if self.control.cancel.load(Ordering::Relaxed) {

@@ -75,6 +75,8 @@ pub struct Link {
     endpoint: quinn::Endpoint,
     peer: SocketAddr,
     bandwidth: Bandwidth,
+    /// Frame bytes handed to `send`, written or still queued for the writer.
+    queued: u64,
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, LinkError> {
@@ -299,7 +301,18 @@ impl Link {
         let writer = runtime.spawn(write_frames(send, frames, bandwidth.clone(), stats.clone(), fault));
         runtime.spawn(read_frames(recv, messages, stats.clone()));
         let peer = connection.remote_address();
-        Link { runtime, out: Some(out), incoming, writer: Some(writer), stats, connection, endpoint, peer, bandwidth }
+        Link {
+            runtime,
+            out: Some(out),
+            incoming,
+            writer: Some(writer),
+            stats,
+            connection,
+            endpoint,
+            peer,
+            bandwidth,
+            queued: 0,
+        }
     }
 
     pub fn peer(&self) -> SocketAddr {
@@ -328,7 +341,14 @@ impl Link {
         if !sent {
             return Err(self.writer_error());
         }
+        self.queued += len as u64;
         Ok(len)
+    }
+
+    /// Frame bytes handed to `send` so far; `stats.sent` counts those the writer has
+    /// written (behind the bandwidth limit, a queue of frames may wait between the two).
+    pub fn queued(&self) -> u64 {
+        self.queued
     }
 
     /// Why the writer stopped.

@@ -239,6 +239,19 @@ impl SourceVm for VmSide {
         Ok(())
     }
 
+    fn touched_pages(&self) -> Option<DirtySet> {
+        let total = self.regions.iter().map(|r| r.bytes / PAGE_SIZE as u64).sum();
+        let mut touched = DirtySet::new(total);
+        for (region, mem) in self.regions.iter().zip(self.memory.iter()) {
+            let pages = region.bytes / PAGE_SIZE as u64;
+            match crate::vstate::memory::touched_pages(mem) {
+                Some(bitmap) => touched.or_bitmap(region.first_page, &bitmap, pages),
+                None => (region.first_page..region.first_page + pages).for_each(|p| touched.set(p)),
+            }
+        }
+        Some(touched)
+    }
+
     fn stop_dirty_log(&mut self) {
         if let Err(e) = self.vm.set_dirty_logging(&self.memory, false) {
             tracing::warn!("cannot turn KVM's dirty log off: {}", crate::process::error_chain(&e));
