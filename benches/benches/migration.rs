@@ -285,6 +285,11 @@ impl Bench {
             ..Sample::default()
         };
         rounds_from_log(&log, &mut s);
+        let sw = &report["switchover"];
+        s.round_log.push(format!(
+            "switchover (µs): pause and save {}, last {} pages {}, destination ready {}, commit {}",
+            sw["pause_and_save_us"], sw["last_pages"], sw["last_pages_us"], sw["destination_ready_us"], sw["commit_us"]
+        ));
         finish(&mut s, &src, &mut dst, t0, wire_before, verify_ms)
     }
 

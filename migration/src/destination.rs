@@ -182,7 +182,9 @@ fn receive_inner<V: DestinationVm>(
         match link.recv(MESSAGE_TIMEOUT)? {
             Message::Pages(batch) if !ready => {
                 r.apply(vm, base, &batch)?;
-                link.send(&Message::Received(link.stats.received.load(std::sync::atomic::Ordering::Relaxed)))?;
+                // What is applied, not what was read: batches queued here are a backlog
+                // the switchover would wait for.
+                link.send(&Message::Received(link.consumed()))?;
             }
             Message::State(s) if !ready => state = Some(s),
             Message::Verify(theirs) if !ready => {

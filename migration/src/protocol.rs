@@ -7,7 +7,7 @@
 //!   Hello (machine, RAM layout)    ──▶
 //!                                  ◀──  Welcome (hashes of pages it already holds)
 //!   Pages … (round 0: all memory; rounds 1..: dirty pages)
-//!                                  ◀──  Received (after each batch: bytes so far)
+//!                                  ◀──  Received (after each batch: bytes applied so far)
 //!   — pause —
 //!   Pages … (the last dirty pages)
 //!   State (a state stream)
@@ -58,7 +58,7 @@ pub enum Message {
     Ready(Digests),
     Commit,
     Running,
-    /// Destination to source, after each batch: frame bytes received so far. The source
+    /// Destination to source, after each batch: frame bytes applied so far. The source
     /// measures the link by what arrived, not by what it queued, and lets no round end
     /// (nor the switchover begin) with a backlog still on its way.
     Received(u64),

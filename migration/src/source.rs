@@ -102,6 +102,12 @@ pub const THROTTLE_MAX: u8 = 99;
 const STUCK_AT_MAX: u32 = 5;
 /// A round "shrinks" when it has at most this share of the previous round's dirty pages.
 const SHRINK: f64 = 0.9;
+/// Once the downtime fits, rounds go on while each leaves less than this share of its
+/// own work and the pages left would take longer than ROUND_WORTH to send (at most
+/// MAX_ROUNDS rounds in all).
+const HALVING: f64 = 0.5;
+const ROUND_WORTH: Duration = Duration::from_millis(1);
+const MAX_ROUNDS: u32 = 30;
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(120);
 /// The destination builds the VM before it answers Ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -309,6 +315,8 @@ impl PageCost {
 /// What a round showed, for the decision after it.
 #[derive(Debug, Clone, Copy)]
 struct RoundFigures {
+    /// Pages the round sent.
+    sent_pages: u64,
     /// Pages written during the round: the next round's work.
     dirty_pages: u64,
     dirty_rate: u64,
@@ -361,6 +369,12 @@ impl Convergence {
         self.rounds += 1;
         let estimate = f.transfer.saturating_add(f.floor);
         if estimate <= self.limit {
+            // It fits; but while each round leaves less than half the work of the one
+            // before, another round is short and makes the pause shorter still.
+            let halving = (f.dirty_pages as f64) < f.sent_pages as f64 * HALVING;
+            if halving && f.transfer > ROUND_WORTH && self.rounds < MAX_ROUNDS {
+                return Ok(Next::Another);
+            }
             return Ok(Next::Switchover);
         }
         // The pages would fit, the round trips do not: no throttle helps with that. (Over
@@ -518,6 +532,7 @@ impl<V: SourceVm> Engine<'_, V> {
             dirty.clear();
             self.vm.harvest_dirty(&mut dirty).map_err(MigrateError::Vm)?;
             let figures = RoundFigures {
+                sent_pages: to_send,
                 dirty_pages: dirty.count(),
                 dirty_rate: (dirty.count() as f64 / round_time.as_secs_f64().max(1e-6)) as u64,
                 bandwidth: (round_bytes as f64 / round_time.as_secs_f64().max(1e-6)) as u64,
@@ -648,7 +663,9 @@ impl<V: SourceVm> Engine<'_, V> {
         throttle_max: u8,
         paused: &mut bool,
     ) -> Result<Report, MigrateError> {
-        self.check_peer_and_cancel()?;
+        // Nothing of the rounds may still wait at the destination: applying it would add
+        // to the pause (64 KiB of well-compressed batches are thousands of pages).
+        self.drain(0)?;
         self.control.update(|p| p.phase = Phase::Switchover);
         let pause_start = Instant::now();
         let mut state = self.vm.pause_and_save().map_err(MigrateError::Vm)?;
@@ -726,6 +743,7 @@ mod tests {
 
     fn round(dirty_pages: u64, transfer_ms: u64, floor_ms: u64) -> RoundFigures {
         RoundFigures {
+            sent_pages: dirty_pages,
             dirty_pages,
             dirty_rate: dirty_pages * 10,
             bandwidth: 1_000_000,
@@ -744,6 +762,18 @@ mod tests {
     fn a_round_that_fits_switches_over() {
         let mut c = Convergence::new(&options(false));
         assert_eq!(c.after_round(&round(10, 40, 6), RTT), Ok(Next::Switchover));
+    }
+
+    #[test]
+    fn rounds_that_fit_go_on_while_they_halve_and_are_worth_a_round() {
+        let mut c = Convergence::new(&options(false));
+        let halving = |sent, dirty, transfer_ms| RoundFigures { sent_pages: sent, ..round(dirty, transfer_ms, 6) };
+        assert_eq!(c.after_round(&halving(8000, 700, 12), RTT), Ok(Next::Another));
+        // Under a millisecond of pages left: not worth another round.
+        assert_eq!(c.after_round(&halving(700, 60, 0), RTT), Ok(Next::Switchover));
+        // Not halving: switch over now.
+        let mut c = Convergence::new(&options(false));
+        assert_eq!(c.after_round(&halving(700, 400, 12), RTT), Ok(Next::Switchover));
     }
 
     #[test]

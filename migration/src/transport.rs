@@ -68,7 +68,8 @@ pub struct TruncateAfter(pub u64);
 pub struct Link {
     runtime: tokio::runtime::Runtime,
     out: Option<mpsc::Sender<Vec<u8>>>,
-    incoming: mpsc::Receiver<Result<Message, LinkError>>,
+    /// Messages read by the reader task, with their frame sizes.
+    incoming: mpsc::Receiver<Result<(Message, u64), LinkError>>,
     writer: Option<tokio::task::JoinHandle<Result<(), LinkError>>>,
     pub stats: Arc<LinkStats>,
     connection: quinn::Connection,
@@ -77,6 +78,7 @@ pub struct Link {
     bandwidth: Bandwidth,
     /// Frame bytes handed to `send`, written or still queued for the writer.
     queued: u64,
+    consumed: u64,
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, LinkError> {
@@ -249,7 +251,7 @@ async fn write_frames(
 
 async fn read_frames(
     mut recv: quinn::RecvStream,
-    messages: mpsc::Sender<Result<Message, LinkError>>,
+    messages: mpsc::Sender<Result<(Message, u64), LinkError>>,
     stats: Arc<LinkStats>,
 ) {
     loop {
@@ -261,7 +263,7 @@ async fn read_frames(
                     match recv.read_exact(&mut body).await {
                         Ok(()) => {
                             stats.received.fetch_add(4 + len as u64, Ordering::Relaxed);
-                            protocol::decode_message(&body).map_err(LinkError::from)
+                            protocol::decode_message(&body).map(|m| (m, 4 + len as u64)).map_err(LinkError::from)
                         }
                         Err(e) => Err(read_error(e, "inside a frame")),
                     }
@@ -312,6 +314,7 @@ impl Link {
             peer,
             bandwidth,
             queued: 0,
+            consumed: 0,
         }
     }
 
@@ -368,16 +371,28 @@ impl Link {
     pub fn recv(&mut self, timeout: Duration) -> Result<Message, LinkError> {
         let incoming = &mut self.incoming;
         match self.runtime.block_on(async { tokio::time::timeout(timeout, incoming.recv()).await }) {
-            Ok(Some(result)) => result,
+            Ok(Some(result)) => self.consume(result),
             Ok(None) => Err(LinkError::Closed),
             Err(_) => Err(LinkError::Timeout(timeout)),
         }
     }
 
+    fn consume(&mut self, read: Result<(Message, u64), LinkError>) -> Result<Message, LinkError> {
+        let (message, frame) = read?;
+        self.consumed += frame;
+        Ok(message)
+    }
+
+    /// Frame bytes of the messages taken with `recv`/`try_recv`; the reader task may have
+    /// read (and `stats.received` counted) more, still waiting in its queue.
+    pub fn consumed(&self) -> u64 {
+        self.consumed
+    }
+
     /// A message from the peer if one is waiting.
     pub fn try_recv(&mut self) -> Option<Result<Message, LinkError>> {
         match self.incoming.try_recv() {
-            Ok(m) => Some(m),
+            Ok(m) => Some(self.consume(m)),
             Err(mpsc::error::TryRecvError::Empty) => None,
             Err(mpsc::error::TryRecvError::Disconnected) => Some(Err(LinkError::Closed)),
         }
