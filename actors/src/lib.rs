@@ -1,3 +1,23 @@
-//! Supervisor actors (ractor): VmSupervisor, HostSupervisor, ClusterSupervisor, and the
-//! gRPC control port (the supervision issue). Empty until that issue: the VMM process and
-//! its control socket (`novacron-vmm`) are what these actors will own.
+//! Supervisor actors (ractor on tokio) for NovaCron's VMM processes.
+//!
+//! - [`VmSupervisor`]: one per VM; owns its `novacron-vmm` process and control socket,
+//!   restarts it by its [`RestartPolicy`], and can re-adopt a process that is already
+//!   running.
+//! - [`HostSupervisor`]: one per host; owns the VmSupervisors, the host's capacity and the
+//!   admission of VMs, and restarts a failed VmSupervisor in re-adopt mode.
+//!
+//! Every message, its reply and its errors, and what restarts what: `docs/actors.md`.
+
+pub mod host;
+pub mod process;
+pub mod spec;
+pub mod supervisor;
+pub mod vm;
+
+pub use host::{Capacity, HostConfig, HostError, HostInfo, HostMsg, HostSupervisor};
+pub use spec::{SpecError, VmSpec};
+pub use supervisor::policy::{Decision, ProcessExit, RestartPolicy, RestartTracker};
+pub use vm::{VmError, VmInfo, VmMsg, VmPhase, VmSupervisor};
+
+/// An error and its causes on one line: "what failed: because: because".
+pub use novacron_vmm::process::error_chain;

@@ -275,6 +275,18 @@ fn memory_with(pages: u64, fill: &dyn Fn(u64) -> Option<Vec<u8>>) -> GuestMemory
     mem
 }
 
+/// Runs `work` on what `setup` made, `iters` times, and times only `work`.
+fn timed<S>(iters: u64, mut setup: impl FnMut() -> S, mut work: impl FnMut(&mut S)) -> Duration {
+    let mut total = Duration::ZERO;
+    for _ in 0..iters {
+        let mut made = setup();
+        let start = Instant::now();
+        work(&mut made);
+        total += start.elapsed();
+    }
+    total
+}
+
 fn pipeline(c: &mut Criterion) {
     // 64 MiB: larger than any cache here, and as large as the delta cache.
     const PAGES: u64 = 16384;
@@ -301,17 +313,16 @@ fn pipeline(c: &mut Criterion) {
     g.bench_function("read_slice only, untouched memory (page faults)", |b| {
         let mut buf = vec![0u8; PAGE_SIZE];
         b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                let mem = memory_with(PAGES, &|_| None);
-                let start = Instant::now();
-                for p in 0..PAGES {
-                    mem.read_slice(&mut buf, GuestAddress(p * PAGE_SIZE as u64)).expect("read");
-                    black_box(&buf);
-                }
-                total += start.elapsed();
-            }
-            total
+            timed(
+                iters,
+                || memory_with(PAGES, &|_| None),
+                |mem| {
+                    for p in 0..PAGES {
+                        mem.read_slice(&mut buf, GuestAddress(p * PAGE_SIZE as u64)).expect("read");
+                        black_box(&buf);
+                    }
+                },
+            )
         })
     });
 
@@ -321,14 +332,8 @@ fn pipeline(c: &mut Criterion) {
     let name = "round 0, test-guest memory (half working set, half untouched)";
     g.bench_function(name, |b| {
         b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                let mem = memory_with(PAGES, &|p| (p < PAGES / 2).then(|| guest_page(p, 1)));
-                let mut pipe = Pipeline::new(PAGES);
-                let start = Instant::now();
-                pipe.round_zero(&mem, PAGES);
-                total += start.elapsed();
-            }
+            let setup = || (memory_with(PAGES, &|p| (p < PAGES / 2).then(|| guest_page(p, 1))), Pipeline::new(PAGES));
+            let total = timed(iters, setup, |(mem, pipe)| pipe.round_zero(mem, PAGES));
             tally(name, iters * BYTES, total);
             total
         })
@@ -337,13 +342,7 @@ fn pipeline(c: &mut Criterion) {
     let name = "round 0, text pages (all sent whole)";
     g.bench_function(name, |b| {
         b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                let mut pipe = Pipeline::new(PAGES);
-                let start = Instant::now();
-                pipe.round(&text_mem, PAGES);
-                total += start.elapsed();
-            }
+            let total = timed(iters, || Pipeline::new(PAGES), |pipe| pipe.round(&text_mem, PAGES));
             tally(name, iters * BYTES, total);
             total
         })
@@ -354,16 +353,14 @@ fn pipeline(c: &mut Criterion) {
     g.bench_function(name, |b| {
         let mut generation = 0u64;
         b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
+            let setup = || {
                 let mut pipe = Pipeline::new(PAGES);
                 pipe.round(&text_mem, PAGES);
                 generation += 1;
                 let mem = memory_with(PAGES, &|p| Some(changed(&text_page(p), 2, generation * PAGES + p)));
-                let start = Instant::now();
-                pipe.round(&mem, PAGES);
-                total += start.elapsed();
-            }
+                (mem, pipe)
+            };
+            let total = timed(iters, setup, |(mem, pipe)| pipe.round(mem, PAGES));
             tally(name, iters * BYTES, total);
             total
         })

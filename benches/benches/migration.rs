@@ -702,7 +702,12 @@ fn print_table(
         if let Some(o) = ours {
             for &t in &theirs {
                 let r = meds[o] / meds[t];
-                row.push_str(&format!(" {:>14} |", if r.is_finite() { format!("{r:.2}x") } else { "n/a".into() }));
+                let ratio = match r {
+                    r if !r.is_finite() => "n/a".into(),
+                    r if r < 0.01 => format!("{r:.4}x"),
+                    r => format!("{r:.2}x"),
+                };
+                row.push_str(&format!(" {ratio:>14} |"));
             }
         }
         println!("{row}");

@@ -2,14 +2,13 @@
 //!
 //! 1. Hello/Welcome: the destination learns the machine, the source learns which pages
 //!    the destination already holds (an earlier snapshot: WAN delta sync).
-//! 2. Dirty logging on; round 0 sends every page that is not zero; each later round sends
-//!    the pages written during the one before. Each page goes the cheapest way: skipped
-//!    when its content is what was sent last, a reference to a base page or to another page
-//!    with the same content, a word-level delta against the last sent copy, or whole; each
-//!    batch's data is compressed.
+//! 2. Dirty logging on; round 0 sends every page that is not zero (memory the guest never
+//!    touched is not even read); each later round sends the pages written during the one
+//!    before. Each page goes the cheapest way (`crate::encoder`).
 //! 3. After each round: measure the bandwidth and the dirty rate, estimate the downtime;
-//!    stop when it fits the limit. When rounds stop shrinking, throttle the vCPUs
-//!    (auto-converge) in steps, or give up with a message that says what would help.
+//!    stop when it fits the limit (or go on while rounds halve). When rounds stop
+//!    shrinking, throttle the vCPUs (auto-converge) in steps, or give up with a message
+//!    that says what would help.
 //! 4. Switchover: pause, save the state, send the last pages, the state and both digests;
 //!    the destination builds the VM and answers with its digests; if they match, Commit;
 //!    the destination answers Running and this side is done.

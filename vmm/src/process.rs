@@ -37,17 +37,8 @@ pub fn parse_args<T: clap::Parser>() -> Result<T, i32> {
     })
 }
 
-/// Prints an error and its causes on one line: "what failed: because: because".
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut line = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        line.push_str(": ");
-        line.push_str(&s.to_string());
-        source = s.source();
-    }
-    line
-}
+/// An error and its causes on one line: "what failed: because: because".
+pub use novacron_migration::error_chain;
 
 pub(crate) fn serial_output(config: &VmConfig) -> std::io::Result<SerialOutput> {
     Ok(match &config.serial_file {

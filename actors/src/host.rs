@@ -1,0 +1,440 @@
+//! `HostSupervisor`: one per host. It owns the host's VmSupervisors (spawned linked to it),
+//! the host's capacity and the admission of new VMs, and restarts a VmSupervisor that
+//! fails: the new one re-adopts the still-running VMM process, so the guest never notices.
+//! Restarts of one VM's supervisor are bounded (`HostConfig::actor_restarts` within
+//! `HostConfig::actor_restart_window`); past that the host gives that VM up.
+
+use crate::process::VmmProcess;
+use crate::spec::{SpecError, VmSpec};
+use crate::supervisor::policy::{Decision, ProcessExit, RestartPolicy, RestartTracker};
+use crate::vm::{Adopt, VmError, VmInfo, VmMsg, VmPaths, VmPhase, VmReport, VmSupervisor, VmSupervisorArgs};
+use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// Longest Unix socket path (`sun_path` is 108 bytes with its terminating NUL).
+const MAX_SOCKET_PATH: usize = 107;
+/// How long a VmSupervisor may take to answer the host.
+const CHILD_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What a host can give to VMs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capacity {
+    pub vcpus: u32,
+    pub mem_mib: u64,
+}
+
+impl Capacity {
+    /// The host's online CPUs (`/proc/cpuinfo`) and total memory (`/proc/meminfo`). No
+    /// overcommit: a VM's vCPUs and memory are reserved for it as a whole.
+    pub fn from_proc() -> Result<Self, HostError> {
+        let read = |path: &str| {
+            std::fs::read_to_string(path).map_err(|source| HostError::Capacity { what: path.into(), source })
+        };
+        let vcpus = read("/proc/cpuinfo")?.lines().filter(|l| l.starts_with("processor")).count() as u32;
+        let mem_kib = read("/proc/meminfo")?
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:")?.trim().strip_suffix("kB")?.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        if vcpus == 0 || mem_kib == 0 {
+            let source = std::io::Error::other("no processor lines or no MemTotal");
+            return Err(HostError::Capacity { what: "/proc/cpuinfo and /proc/meminfo".into(), source });
+        }
+        Ok(Capacity { vcpus, mem_mib: mem_kib / 1024 })
+    }
+}
+
+/// How a HostSupervisor is set up.
+#[derive(Debug, Clone)]
+pub struct HostConfig {
+    /// Control sockets, serial logs and VMM logs go here (`<name>.sock`, ...).
+    pub runtime_dir: PathBuf,
+    /// The `novacron-vmm` binary.
+    pub vmm_binary: PathBuf,
+    /// `None`: measured from /proc.
+    pub capacity: Option<Capacity>,
+    /// Restarts of one VM's supervisor allowed within `actor_restart_window`.
+    pub actor_restarts: u32,
+    pub actor_restart_window: Duration,
+    /// How long `StopVm` waits for a guest to shut down before it kills the VMM.
+    pub stop_timeout: Duration,
+}
+
+impl HostConfig {
+    /// Defaults: capacity from /proc, 3 supervisor restarts per 10 s, 10 s stop timeout.
+    pub fn new(runtime_dir: impl Into<PathBuf>, vmm_binary: impl Into<PathBuf>) -> Self {
+        HostConfig {
+            runtime_dir: runtime_dir.into(),
+            vmm_binary: vmm_binary.into(),
+            capacity: None,
+            actor_restarts: 3,
+            actor_restart_window: Duration::from_secs(10),
+            stop_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What `HostInfo` answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostInfo {
+    pub capacity: Capacity,
+    /// Reserved by the VMs on this host (every VM it holds, whatever its phase).
+    pub used: Capacity,
+    pub vms: usize,
+    pub runtime_dir: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    #[error(transparent)]
+    InvalidSpec(#[from] SpecError),
+    #[error("a VM named {0:?} already exists on this host; choose another name or stop that VM first")]
+    AlreadyExists(String),
+    #[error(
+        "VM {name} does not fit on this host: it needs {need_vcpus} vCPUs and {need_mem_mib} MiB, \
+         {free_vcpus} vCPUs and {free_mem_mib} MiB are free (of {total_vcpus} and {total_mem_mib} MiB)"
+    )]
+    NoCapacity {
+        name: String,
+        need_vcpus: u8,
+        need_mem_mib: u64,
+        free_vcpus: u32,
+        free_mem_mib: u64,
+        total_vcpus: u32,
+        total_mem_mib: u64,
+    },
+    #[error("no VM named {0:?} on this host")]
+    NotFound(String),
+    #[error("the control socket path {0} is too long for a Unix socket; use a shorter runtime directory or VM name")]
+    SocketPath(PathBuf),
+    #[error(
+        "VM {name}: its supervisor gave up after {restarts} restarts within {window:?}; stop the VM and create it again"
+    )]
+    GaveUp { name: String, restarts: u32, window: Duration },
+    #[error("cannot start the supervisor of VM {name}: {reason}")]
+    Spawn { name: String, reason: String },
+    #[error("the supervisor of VM {name} did not answer: {reason}")]
+    Unresponsive { name: String, reason: String },
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error("cannot read the host's capacity from {what}")]
+    Capacity {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot use the runtime directory {path}")]
+    RuntimeDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the VMM binary {0} does not exist; build it with `cargo build -p novacron-vmm --bin novacron-vmm`")]
+    VmmBinary(PathBuf),
+}
+
+pub enum HostMsg {
+    /// Admits and starts a VM; answers once its supervisor runs (the guest may still boot).
+    CreateVm(VmSpec, RpcReplyPort<Result<VmInfo, HostError>>),
+    /// Shuts a VM down (SIGKILL after `HostConfig::stop_timeout`), stops its supervisor
+    /// and frees its capacity. Answers the VM's last info.
+    StopVm(String, RpcReplyPort<Result<VmInfo, HostError>>),
+    /// Every VM, by name, as last reported by its supervisor.
+    ListVms(RpcReplyPort<Vec<VmInfo>>),
+    /// One VM, fresh from its supervisor.
+    GetVm(String, RpcReplyPort<Result<VmInfo, HostError>>),
+    /// The VM's supervisor, for messages the host does not relay (`Pause`, `Resume`).
+    VmActor(String, RpcReplyPort<Result<ActorRef<VmMsg>, HostError>>),
+    HostInfo(RpcReplyPort<HostInfo>),
+    /// Sent by a VmSupervisor after every change of its VM.
+    #[doc(hidden)]
+    VmChanged(VmReport),
+}
+
+struct VmEntry {
+    spec: VmSpec,
+    paths: VmPaths,
+    /// `None` once the host gave up restarting its supervisor.
+    actor: Option<ActorRef<VmMsg>>,
+    last: VmReport,
+    /// Restart intensity of this VM's supervisor.
+    actor_restarts: RestartTracker,
+    supervisor_restarts: u32,
+}
+
+pub struct HostState {
+    config: HostConfig,
+    capacity: Capacity,
+    vms: BTreeMap<String, VmEntry>,
+}
+
+impl HostState {
+    fn used(&self) -> Capacity {
+        self.vms.values().fold(Capacity { vcpus: 0, mem_mib: 0 }, |acc, e| Capacity {
+            vcpus: acc.vcpus + u32::from(e.spec.vcpus),
+            mem_mib: acc.mem_mib + e.spec.mem_mib,
+        })
+    }
+
+    fn info(&self) -> HostInfo {
+        HostInfo {
+            capacity: self.capacity,
+            used: self.used(),
+            vms: self.vms.len(),
+            runtime_dir: self.config.runtime_dir.clone(),
+        }
+    }
+
+    fn admit(&self, spec: &VmSpec) -> Result<VmPaths, HostError> {
+        spec.validate()?;
+        if self.vms.contains_key(&spec.name) {
+            return Err(HostError::AlreadyExists(spec.name.clone()));
+        }
+        let used = self.used();
+        let free_vcpus = self.capacity.vcpus.saturating_sub(used.vcpus);
+        let free_mem_mib = self.capacity.mem_mib.saturating_sub(used.mem_mib);
+        if u32::from(spec.vcpus) > free_vcpus || spec.mem_mib > free_mem_mib {
+            return Err(HostError::NoCapacity {
+                name: spec.name.clone(),
+                need_vcpus: spec.vcpus,
+                need_mem_mib: spec.mem_mib,
+                free_vcpus,
+                free_mem_mib,
+                total_vcpus: self.capacity.vcpus,
+                total_mem_mib: self.capacity.mem_mib,
+            });
+        }
+        let paths = VmPaths::new(&self.config.runtime_dir, spec);
+        if paths.socket.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(HostError::SocketPath(paths.socket));
+        }
+        Ok(paths)
+    }
+
+    fn name_of(&self, id: ActorId) -> Option<String> {
+        self.vms.iter().find(|(_, e)| e.actor.as_ref().is_some_and(|a| a.get_id() == id)).map(|(n, _)| n.clone())
+    }
+
+    fn actor(&self, name: &str) -> Result<ActorRef<VmMsg>, HostError> {
+        let entry = self.vms.get(name).ok_or_else(|| HostError::NotFound(name.to_string()))?;
+        entry.actor.clone().ok_or_else(|| HostError::GaveUp {
+            name: name.to_string(),
+            restarts: self.config.actor_restarts,
+            window: self.config.actor_restart_window,
+        })
+    }
+}
+
+fn unanswered(name: &str, e: impl std::fmt::Display) -> HostError {
+    HostError::Unresponsive { name: name.to_string(), reason: e.to_string() }
+}
+
+pub struct HostSupervisor;
+
+impl HostSupervisor {
+    async fn spawn_vm(
+        myself: &ActorRef<HostMsg>,
+        config: &HostConfig,
+        spec: &VmSpec,
+        paths: &VmPaths,
+        adopt: Option<Adopt>,
+    ) -> Result<ActorRef<VmMsg>, HostError> {
+        let args = VmSupervisorArgs {
+            spec: spec.clone(),
+            paths: paths.clone(),
+            vmm_binary: config.vmm_binary.clone(),
+            adopt,
+            host: Some(myself.clone()),
+        };
+        // Unnamed: actor names are process-global, and several hosts may share a process.
+        let (actor, _) = Actor::spawn_linked(None, VmSupervisor, args, myself.get_cell())
+            .await
+            .map_err(|e| HostError::Spawn { name: spec.name.clone(), reason: crate::error_chain(&e) })?;
+        Ok(actor)
+    }
+
+    async fn create(myself: &ActorRef<HostMsg>, state: &mut HostState, spec: VmSpec) -> Result<VmInfo, HostError> {
+        let paths = state.admit(&spec)?;
+        let actor = Self::spawn_vm(myself, &state.config, &spec, &paths, None).await?;
+        let info = ractor::call_t!(actor, VmMsg::GetInfo, CHILD_CALL_TIMEOUT.as_millis() as u64)
+            .map_err(|e| unanswered(&spec.name, e))?;
+        let intensity = RestartPolicy::OnFailure {
+            max_restarts: state.config.actor_restarts,
+            window: state.config.actor_restart_window,
+            backoff_initial: Duration::ZERO,
+            backoff_max: Duration::ZERO,
+        };
+        let last = VmReport { info: info.clone(), tracker: RestartTracker::new(spec.restart) };
+        tracing::info!(vm = %spec.name, "VM created");
+        state.vms.insert(
+            spec.name.clone(),
+            VmEntry {
+                spec,
+                paths,
+                actor: Some(actor),
+                last,
+                actor_restarts: RestartTracker::new(intensity),
+                supervisor_restarts: 0,
+            },
+        );
+        Ok(info)
+    }
+
+    async fn stop(state: &mut HostState, name: &str) -> Result<VmInfo, HostError> {
+        let entry = state.vms.get(name).ok_or_else(|| HostError::NotFound(name.to_string()))?;
+        let info = match &entry.actor {
+            Some(actor) => {
+                let timeout = state.config.stop_timeout;
+                let wait = timeout + Duration::from_secs(10);
+                let info = ractor::call_t!(actor, |reply| VmMsg::Stop { timeout, reply }, wait.as_millis() as u64)
+                    .map_err(|e| unanswered(name, e))??;
+                // Removed from the map first, so its termination event is not taken for a
+                // failure.
+                actor.stop(Some("VM stopped".into()));
+                info
+            }
+            None => entry.last.info.clone(),
+        };
+        state.vms.remove(name);
+        tracing::info!(vm = %name, "VM stopped and removed");
+        Ok(info)
+    }
+
+    /// A VmSupervisor died (`why`): restart it in adopt mode, within the restart intensity.
+    async fn child_died(myself: &ActorRef<HostMsg>, state: &mut HostState, cell: &ActorCell, why: &str) {
+        let Some(name) = state.name_of(cell.get_id()) else {
+            return; // a VM that was stopped and removed on purpose
+        };
+        let config = state.config.clone();
+        let Some(entry) = state.vms.get_mut(&name) else { return };
+        entry.actor = None;
+        // The intensity tracker sees every supervisor death as a failure.
+        if entry.actor_restarts.on_exit(ProcessExit::Unknown, Instant::now()) == Decision::GiveUp {
+            tracing::error!(
+                vm = %name,
+                "its supervisor failed {} times within {:?} ({why}); giving up on this VM",
+                config.actor_restarts + 1,
+                config.actor_restart_window
+            );
+            Self::give_up(entry);
+            return;
+        }
+        entry.supervisor_restarts += 1;
+        let adopt = entry.last.adopt();
+        tracing::warn!(vm = %name, pid = ?adopt.pid, "its supervisor failed ({why}); restarting it to re-adopt the VM");
+        match Self::spawn_vm(myself, &config, &entry.spec, &entry.paths, Some(adopt)).await {
+            Ok(actor) => entry.actor = Some(actor),
+            Err(e) => {
+                tracing::error!(vm = %name, "cannot restart its supervisor: {e}; giving up on this VM");
+                Self::give_up(entry);
+            }
+        }
+    }
+
+    /// No supervisor any more: kill its VMM (an unsupervised guest would hold capacity
+    /// nobody can manage) and keep the entry, `Failed`, until `StopVm` removes it.
+    fn give_up(entry: &mut VmEntry) {
+        if let Some(pid) = entry.last.info.pid
+            && VmmProcess::is_vmm_of(pid, &entry.paths.socket)
+            && let Ok(process) = VmmProcess::adopt(pid)
+        {
+            let _ = process.signal(libc::SIGKILL);
+        }
+        entry.last.info.pid = None;
+        entry.last.info.phase = VmPhase::Failed;
+        entry.last.info.error = Some("its supervisor kept failing; the host gave up on it".into());
+    }
+}
+
+impl Actor for HostSupervisor {
+    type Msg = HostMsg;
+    type State = HostState;
+    type Arguments = HostConfig;
+
+    async fn pre_start(&self, _myself: ActorRef<HostMsg>, config: HostConfig) -> Result<HostState, ActorProcessingErr> {
+        std::fs::create_dir_all(&config.runtime_dir)
+            .map_err(|source| HostError::RuntimeDir { path: config.runtime_dir.clone(), source })?;
+        if !config.vmm_binary.is_file() {
+            return Err(HostError::VmmBinary(config.vmm_binary.clone()).into());
+        }
+        let capacity = match config.capacity {
+            Some(c) => c,
+            None => Capacity::from_proc()?,
+        };
+        tracing::info!(vcpus = capacity.vcpus, mem_mib = capacity.mem_mib, "host supervisor started");
+        Ok(HostState { config, capacity, vms: BTreeMap::new() })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<HostMsg>,
+        msg: HostMsg,
+        state: &mut HostState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            HostMsg::CreateVm(spec, reply) => {
+                let result = Self::create(&myself, state, spec).await;
+                let _ = reply.send(result);
+            }
+            HostMsg::StopVm(name, reply) => {
+                let result = Self::stop(state, &name).await;
+                let _ = reply.send(result);
+            }
+            HostMsg::ListVms(reply) => {
+                let _ = reply.send(state.vms.values().map(|e| e.last.info.clone()).collect());
+            }
+            HostMsg::GetVm(name, reply) => {
+                let result = match state.actor(&name) {
+                    // A supervisor that just died answers nothing until it is restarted:
+                    // its last report stands in.
+                    Ok(actor) => match ractor::call_t!(actor, VmMsg::GetInfo, CHILD_CALL_TIMEOUT.as_millis() as u64) {
+                        Ok(info) => Ok(info),
+                        Err(e) => state
+                            .vms
+                            .get(&name)
+                            .map(|entry| entry.last.info.clone())
+                            .ok_or_else(|| unanswered(&name, e)),
+                    },
+                    Err(HostError::GaveUp { .. }) => {
+                        state.vms.get(&name).map(|e| e.last.info.clone()).ok_or(HostError::NotFound(name))
+                    }
+                    Err(e) => Err(e),
+                };
+                let _ = reply.send(result);
+            }
+            HostMsg::VmActor(name, reply) => {
+                let _ = reply.send(state.actor(&name));
+            }
+            HostMsg::HostInfo(reply) => {
+                let _ = reply.send(state.info());
+            }
+            HostMsg::VmChanged(report) => {
+                if let Some(entry) = state.vms.get_mut(&report.info.name) {
+                    entry.last = report;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<HostMsg>,
+        event: SupervisionEvent,
+        state: &mut HostState,
+    ) -> Result<(), ActorProcessingErr> {
+        // Overridden on purpose: ractor's default stops the supervisor when a child fails.
+        match event {
+            SupervisionEvent::ActorFailed(cell, err) => {
+                Self::child_died(&myself, state, &cell, &format!("failed: {err}")).await;
+            }
+            SupervisionEvent::ActorTerminated(cell, _, reason) => {
+                let why = format!("terminated: {}", reason.as_deref().unwrap_or("no reason"));
+                Self::child_died(&myself, state, &cell, &why).await;
+            }
+            SupervisionEvent::ActorStarted(_) | SupervisionEvent::ProcessGroupChanged(_) => {}
+        }
+        Ok(())
+    }
+}

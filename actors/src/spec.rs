@@ -1,0 +1,139 @@
+//! What a VM is, as the actors take it: checked before anything is started.
+
+use crate::supervisor::policy::RestartPolicy;
+use novacron_vmm::arch::x86_64::layout::CMDLINE_MAX_SIZE;
+use novacron_vmm::config::{MAX_VCPUS, MIN_MEM_MIB};
+use std::path::PathBuf;
+
+/// Longest VM name: a DNS label, so names can become host names and file names as they are.
+pub const MAX_NAME_LEN: usize = 63;
+/// Largest guest memory accepted (1 TiB); the host's own capacity is checked on admission.
+pub const MAX_MEM_MIB: u64 = 1 << 20;
+
+/// One VM as its supervisor runs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmSpec {
+    /// 1 to 63 characters of `a-z`, `0-9` and `-`, not starting or ending with `-`.
+    pub name: String,
+    pub vcpus: u8,
+    pub mem_mib: u64,
+    /// A kernel to boot; `None` boots the bundled test guest.
+    pub kernel: Option<PathBuf>,
+    /// The kernel command line (for the test guest: its workload); empty for none.
+    pub cmdline: String,
+    /// Where the serial console goes; `None`: `<runtime dir>/<name>.serial`.
+    pub serial_log: Option<PathBuf>,
+    pub restart: RestartPolicy,
+}
+
+impl VmSpec {
+    /// A test-guest VM with the on-failure defaults and no command line.
+    pub fn new(name: impl Into<String>, vcpus: u8, mem_mib: u64) -> Self {
+        VmSpec {
+            name: name.into(),
+            vcpus,
+            mem_mib,
+            kernel: None,
+            cmdline: String::new(),
+            serial_log: None,
+            restart: RestartPolicy::on_failure(),
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), SpecError> {
+        validate_name(&self.name)?;
+        if !(1..=MAX_VCPUS).contains(&self.vcpus) {
+            return Err(SpecError::Vcpus { vcpus: self.vcpus, max: MAX_VCPUS });
+        }
+        if !(MIN_MEM_MIB..=MAX_MEM_MIB).contains(&self.mem_mib) {
+            return Err(SpecError::Memory { mem_mib: self.mem_mib, min: MIN_MEM_MIB, max: MAX_MEM_MIB });
+        }
+        if self.cmdline.len() >= CMDLINE_MAX_SIZE {
+            return Err(SpecError::Cmdline { len: self.cmdline.len(), max: CMDLINE_MAX_SIZE - 1 });
+        }
+        if let Some(kernel) = &self.kernel
+            && !kernel.is_file()
+        {
+            return Err(SpecError::Kernel(kernel.clone()));
+        }
+        if let RestartPolicy::OnFailure { max_restarts, window, .. } = self.restart
+            && (max_restarts == 0 || window.is_zero())
+        {
+            return Err(SpecError::Policy);
+        }
+        Ok(())
+    }
+}
+
+/// Checks a VM name (see [`VmSpec::name`]).
+pub fn validate_name(name: &str) -> Result<(), SpecError> {
+    let bad = |why: &'static str| SpecError::Name { name: name.to_string(), why };
+    if name.is_empty() || name.len() > MAX_NAME_LEN {
+        return Err(bad("it must be 1 to 63 characters long"));
+    }
+    if !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
+        return Err(bad("only a-z, 0-9 and '-' are allowed"));
+    }
+    if name.starts_with('-') || name.ends_with('-') {
+        return Err(bad("it must not start or end with '-'"));
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpecError {
+    #[error("invalid VM name {name:?}: {why}")]
+    Name { name: String, why: &'static str },
+    #[error("a VM has 1 to {max} vCPUs, not {vcpus}")]
+    Vcpus { vcpus: u8, max: u8 },
+    #[error("a VM has {min} to {max} MiB of memory, not {mem_mib}")]
+    Memory { mem_mib: u64, min: u64, max: u64 },
+    #[error("the kernel command line is {len} bytes; at most {max} fit")]
+    Cmdline { len: usize, max: usize },
+    #[error("kernel {0} is not a file; give an existing kernel path or none for the test guest")]
+    Kernel(PathBuf),
+    #[error(
+        "an on-failure restart policy needs max_restarts of at least 1 and a window longer than 0 (use `never` for no restarts)"
+    )]
+    Policy,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_validate_good_spec_passes() {
+        assert_eq!(VmSpec::new("web-1", 2, 128).validate(), Ok(()));
+        assert_eq!(VmSpec::new("a".repeat(63), 1, MIN_MEM_MIB).validate(), Ok(()));
+    }
+
+    #[test]
+    fn test_validate_bad_names_are_refused() {
+        for name in ["", "Web", "web_1", "-web", "web-", "wéb", "a b", &"a".repeat(64)] {
+            let err = VmSpec::new(name, 1, 64).validate();
+            assert!(matches!(err, Err(SpecError::Name { .. })), "{name:?}: {err:?}");
+        }
+    }
+
+    #[test]
+    fn test_validate_sizes_out_of_range_are_refused() {
+        assert!(matches!(VmSpec::new("vm", 0, 64).validate(), Err(SpecError::Vcpus { .. })));
+        assert!(matches!(VmSpec::new("vm", MAX_VCPUS + 1, 64).validate(), Err(SpecError::Vcpus { .. })));
+        assert!(matches!(VmSpec::new("vm", 1, MIN_MEM_MIB - 1).validate(), Err(SpecError::Memory { .. })));
+        assert!(matches!(VmSpec::new("vm", 1, MAX_MEM_MIB + 1).validate(), Err(SpecError::Memory { .. })));
+    }
+
+    #[test]
+    fn test_validate_missing_kernel_and_long_cmdline_are_refused() {
+        let mut spec = VmSpec::new("vm", 1, 64);
+        spec.kernel = Some(PathBuf::from("/nonexistent/vmlinux"));
+        let missing = spec.validate();
+        let mut spec = VmSpec::new("vm", 1, 64);
+        spec.cmdline = "x".repeat(CMDLINE_MAX_SIZE);
+        let long = spec.validate();
+
+        assert!(matches!(missing, Err(SpecError::Kernel(_))));
+        assert!(matches!(long, Err(SpecError::Cmdline { .. })));
+    }
+}

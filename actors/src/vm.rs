@@ -1,0 +1,621 @@
+//! `VmSupervisor`: one actor per VM. It owns the VM's `novacron-vmm` process (started in a
+//! session of its own), talks to it over its control socket, watches it through a pidfd and
+//! restarts it by the VM's [`RestartPolicy`](crate::RestartPolicy). Started with
+//! [`Adopt`], it takes over a VMM process that is already running (after this actor
+//! crashed and its HostSupervisor restarted it) without touching the guest.
+
+use crate::host::HostMsg;
+use crate::process::{Launch, ProcessError, VmmProcess, api_call};
+use crate::spec::VmSpec;
+use crate::supervisor::policy::{Decision, ProcessExit, RestartTracker};
+use novacron_vmm::api::client::ClientError;
+use novacron_vmm::api::{ApiError, Request, VmState};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// How long a new VMM process may take to answer `status` on its control socket.
+pub const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a re-adoption waits for the control socket of the running process.
+pub const ADOPT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Timeout of one control socket request.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// After `Stop`'s own timeout ran out and SIGKILL was sent: how long to wait for the end.
+const KILL_WAIT: Duration = Duration::from_secs(5);
+
+/// Where a VM's files live: `<runtime dir>/<name>.sock`, `.serial` and `.vmm.log`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmPaths {
+    pub socket: PathBuf,
+    pub serial: PathBuf,
+    /// The VMM process's stderr, appended to across restarts.
+    pub log: PathBuf,
+}
+
+impl VmPaths {
+    pub fn new(runtime_dir: &Path, spec: &VmSpec) -> Self {
+        VmPaths {
+            socket: runtime_dir.join(format!("{}.sock", spec.name)),
+            serial: spec.serial_log.clone().unwrap_or_else(|| runtime_dir.join(format!("{}.serial", spec.name))),
+            log: runtime_dir.join(format!("{}.vmm.log", spec.name)),
+        }
+    }
+}
+
+/// The life of a VM as its supervisor sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmPhase {
+    /// A VMM process is starting (or will start after the restart backoff).
+    Starting,
+    Running,
+    Paused,
+    /// No process: it was stopped or powered off, and the policy does not restart it.
+    Stopped,
+    /// No process: it failed and the policy gave up (or it could not be started).
+    Failed,
+}
+
+impl std::fmt::Display for VmPhase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            VmPhase::Starting => "starting",
+            VmPhase::Running => "running",
+            VmPhase::Paused => "paused",
+            VmPhase::Stopped => "stopped",
+            VmPhase::Failed => "failed",
+        })
+    }
+}
+
+/// What `GetInfo` answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmInfo {
+    pub name: String,
+    pub phase: VmPhase,
+    /// The VMM process, while there is one.
+    pub pid: Option<u32>,
+    /// Process restarts made by the restart policy since the VM was created.
+    pub restarts: u32,
+    pub last_exit: Option<ProcessExit>,
+    /// Why the VM is `Failed`, when it is not only its exit.
+    pub error: Option<String>,
+    pub socket: PathBuf,
+    pub serial_log: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("VM {name} is {phase}, so it has no VMM process to ask")]
+    NotRunning { name: String, phase: VmPhase },
+    #[error("the VMM of VM {name} refused the request")]
+    Refused {
+        name: String,
+        #[source]
+        source: ApiError,
+    },
+    #[error("cannot reach the VMM of VM {name}")]
+    Control {
+        name: String,
+        #[source]
+        source: ClientError,
+    },
+    #[error("cannot start VM {name}: {reason}")]
+    Start { name: String, reason: String },
+    #[error(
+        "cannot re-adopt the VMM process {pid} of VM {name}: {reason}; stop that process by hand if it is still running"
+    )]
+    Adopt { name: String, pid: u32, reason: String },
+    #[error("VMM process of VM {name}")]
+    Process {
+        name: String,
+        #[source]
+        source: ProcessError,
+    },
+}
+
+/// The running process the HostSupervisor hands to a restarted VmSupervisor, with the
+/// history that must survive the restart.
+#[derive(Debug, Clone)]
+pub struct Adopt {
+    /// The VMM process to adopt; `None` when there was none (stopped, failed, or waiting
+    /// for a restart).
+    pub pid: Option<u32>,
+    pub phase: VmPhase,
+    pub restarts: u32,
+    pub last_exit: Option<ProcessExit>,
+    pub tracker: RestartTracker,
+}
+
+/// What a VmSupervisor tells its HostSupervisor after every change: enough to restart it
+/// in adopt mode.
+#[derive(Debug, Clone)]
+pub struct VmReport {
+    pub info: VmInfo,
+    pub tracker: RestartTracker,
+}
+
+impl VmReport {
+    pub fn adopt(&self) -> Adopt {
+        Adopt {
+            pid: self.info.pid,
+            phase: self.info.phase,
+            restarts: self.info.restarts,
+            last_exit: self.info.last_exit,
+            tracker: self.tracker.clone(),
+        }
+    }
+}
+
+pub struct VmSupervisorArgs {
+    pub spec: VmSpec,
+    pub paths: VmPaths,
+    pub vmm_binary: PathBuf,
+    pub adopt: Option<Adopt>,
+    /// Gets a [`VmReport`] after every change.
+    pub host: Option<ActorRef<HostMsg>>,
+}
+
+// The hidden variants are internal messages and a test hook, not a non-exhaustive marker.
+#[allow(clippy::manual_non_exhaustive)]
+pub enum VmMsg {
+    GetInfo(RpcReplyPort<VmInfo>),
+    Pause(RpcReplyPort<Result<VmInfo, VmError>>),
+    Resume(RpcReplyPort<Result<VmInfo, VmError>>),
+    /// Starts a `Stopped` or `Failed` VM again (a fresh boot); a VM that has a process
+    /// already is left as it is.
+    Start(RpcReplyPort<Result<VmInfo, VmError>>),
+    /// Shuts the guest down through the control socket; SIGKILL if it has not ended after
+    /// `timeout`. The VM stays `Stopped` (the policy does not restart it).
+    Stop {
+        timeout: Duration,
+        reply: RpcReplyPort<Result<VmInfo, VmError>>,
+    },
+    /// Tests only: panics inside the actor.
+    #[doc(hidden)]
+    Crash,
+    /// The process of `generation` has ended.
+    #[doc(hidden)]
+    Exited {
+        generation: u64,
+    },
+    /// The process of `generation` answered its control socket.
+    #[doc(hidden)]
+    Ready {
+        generation: u64,
+        state: VmState,
+    },
+    #[doc(hidden)]
+    StartTimedOut {
+        generation: u64,
+    },
+    /// The restart backoff of `generation` is over.
+    #[doc(hidden)]
+    RestartNow {
+        generation: u64,
+    },
+}
+
+/// A task that is cancelled with its owner.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+struct Running {
+    process: VmmProcess,
+    /// The exit watcher and the start probe; they die with the process record, so a
+    /// crashed supervisor leaves nothing behind that could race its successor.
+    _tasks: Vec<AbortOnDrop>,
+}
+
+pub struct VmSupervisorState {
+    spec: VmSpec,
+    paths: VmPaths,
+    launch: Launch,
+    phase: VmPhase,
+    restarts: u32,
+    tracker: RestartTracker,
+    last_exit: Option<ProcessExit>,
+    error: Option<String>,
+    /// Counts process starts and ends; messages of an older generation are stale.
+    generation: u64,
+    process: Option<Running>,
+    /// Adopt found the process gone, with this exit: the policy decides in `post_start`.
+    ended_while_away: Option<ProcessExit>,
+    host: Option<ActorRef<HostMsg>>,
+    reported: Option<VmInfo>,
+}
+
+impl VmSupervisorState {
+    fn info(&self) -> VmInfo {
+        VmInfo {
+            name: self.spec.name.clone(),
+            phase: self.phase,
+            pid: self.process.as_ref().map(|r| r.process.pid()),
+            restarts: self.restarts,
+            last_exit: self.last_exit,
+            error: self.error.clone(),
+            socket: self.paths.socket.clone(),
+            serial_log: self.paths.serial.clone(),
+        }
+    }
+
+    /// Tells the host what changed (nothing when nothing did).
+    fn report(&mut self) {
+        let info = self.info();
+        if self.reported.as_ref() == Some(&info) {
+            return;
+        }
+        if let Some(host) = &self.host {
+            let _ = host.cast(HostMsg::VmChanged(VmReport { info: info.clone(), tracker: self.tracker.clone() }));
+        }
+        self.reported = Some(info);
+    }
+
+    fn not_running(&self) -> VmError {
+        VmError::NotRunning { name: self.spec.name.clone(), phase: self.phase }
+    }
+
+    fn control_error(&self, e: ClientError) -> VmError {
+        match e {
+            ClientError::Refused(source) => VmError::Refused { name: self.spec.name.clone(), source },
+            source => VmError::Control { name: self.spec.name.clone(), source },
+        }
+    }
+}
+
+fn launch(spec: &VmSpec, paths: &VmPaths, binary: &Path) -> Launch {
+    let mut args: Vec<std::ffi::OsString> = vec![
+        "--vcpus".into(),
+        spec.vcpus.to_string().into(),
+        "--mem".into(),
+        spec.mem_mib.to_string().into(),
+        "--api-sock".into(),
+        paths.socket.clone().into(),
+        "--serial-file".into(),
+        paths.serial.clone().into(),
+    ];
+    if let Some(kernel) = &spec.kernel {
+        args.extend(["--kernel".into(), kernel.clone().into()]);
+    }
+    if !spec.cmdline.is_empty() {
+        args.extend(["--cmdline".into(), spec.cmdline.clone().into()]);
+    }
+    Launch { binary: binary.to_owned(), args, log: paths.log.clone() }
+}
+
+/// The VMM truncates its serial file when it starts: keep the previous boot's console as
+/// `<serial>.prev` so a crash's last words survive the restart.
+fn rotate_serial(serial: &Path) {
+    if serial.exists() {
+        let mut prev = serial.as_os_str().to_owned();
+        prev.push(".prev");
+        if let Err(e) = std::fs::rename(serial, &prev) {
+            tracing::warn!("cannot keep the previous serial log {}: {e}", serial.display());
+        }
+    }
+}
+
+/// Watches `process` for its end and tells the actor.
+fn watch_exit(myself: &ActorRef<VmMsg>, process: &VmmProcess, generation: u64) -> Result<AbortOnDrop, ProcessError> {
+    let exited = process.exited().map_err(|source| ProcessError::Pidfd { pid: process.pid(), source })?;
+    let me = myself.clone();
+    Ok(AbortOnDrop(tokio::spawn(async move {
+        if let Err(e) = exited.await {
+            tracing::warn!("cannot watch the VMM process: {e}; treating it as ended");
+        }
+        let _ = me.cast(VmMsg::Exited { generation });
+    })))
+}
+
+/// Asks the new process's control socket for its state until it answers.
+fn probe_start(myself: &ActorRef<VmMsg>, socket: PathBuf, generation: u64) -> AbortOnDrop {
+    let me = myself.clone();
+    AbortOnDrop(tokio::spawn(async move {
+        let deadline = Instant::now() + START_TIMEOUT;
+        while Instant::now() < deadline {
+            if let Ok(resp) = api_call(&socket, Request::Status, CALL_TIMEOUT).await
+                && let Some(status) = resp.status
+            {
+                let _ = me.cast(VmMsg::Ready { generation, state: status.state });
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = me.cast(VmMsg::StartTimedOut { generation });
+    }))
+}
+
+/// The exit status of `pid` if it is a zombie child of ours (its supervisor died before
+/// reaping it); otherwise unknown.
+fn reap_zombie(pid: u32) -> ProcessExit {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The state is the field after the parenthesised command name.
+    let zombie = stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
+    match VmmProcess::adopt(pid) {
+        Ok(process) if zombie => process.reap().unwrap_or(ProcessExit::Unknown),
+        _ => ProcessExit::Unknown,
+    }
+}
+
+fn phase_of(state: VmState) -> VmPhase {
+    match state {
+        VmState::Running => VmPhase::Running,
+        VmState::Paused => VmPhase::Paused,
+    }
+}
+
+pub struct VmSupervisor;
+
+impl VmSupervisor {
+    fn start_process(myself: &ActorRef<VmMsg>, state: &mut VmSupervisorState) {
+        state.generation += 1;
+        rotate_serial(&state.paths.serial);
+        let started = VmmProcess::spawn(&state.launch).and_then(|process| {
+            let watcher = watch_exit(myself, &process, state.generation)?;
+            let probe = probe_start(myself, state.paths.socket.clone(), state.generation);
+            Ok(Running { process, _tasks: vec![watcher, probe] })
+        });
+        match started {
+            Ok(running) => {
+                tracing::info!(vm = %state.spec.name, pid = running.process.pid(), "VMM process started");
+                state.phase = VmPhase::Starting;
+                state.error = None;
+                state.process = Some(running);
+            }
+            Err(e) => {
+                tracing::error!(vm = %state.spec.name, "cannot start the VMM process: {e}");
+                state.phase = VmPhase::Failed;
+                state.error = Some(crate::error_chain(&e));
+            }
+        }
+    }
+
+    /// The process is gone with `exit`: the policy decides what follows.
+    fn after_exit(myself: &ActorRef<VmMsg>, state: &mut VmSupervisorState, exit: ProcessExit) {
+        state.process = None;
+        state.generation += 1;
+        state.last_exit = Some(exit);
+        match state.tracker.on_exit(exit, Instant::now()) {
+            Decision::Restart { after } => {
+                state.restarts += 1;
+                state.phase = VmPhase::Starting;
+                tracing::warn!(vm = %state.spec.name, "VMM process {exit}; restart {} in {after:?}", state.restarts);
+                let generation = state.generation;
+                myself.send_after(after, move || VmMsg::RestartNow { generation });
+            }
+            Decision::Done => {
+                tracing::info!(vm = %state.spec.name, "VMM process {exit}; not restarted (clean exit)");
+                state.phase = VmPhase::Stopped;
+            }
+            Decision::GiveUp => {
+                tracing::error!(vm = %state.spec.name, "VMM process {exit}; the restart policy gives up");
+                state.phase = if exit.is_failure() { VmPhase::Failed } else { VmPhase::Stopped };
+            }
+        }
+    }
+
+    async fn stop(state: &mut VmSupervisorState, timeout: Duration) -> VmInfo {
+        state.generation += 1; // cancels a pending restart and the watcher's message
+        let Some(running) = state.process.take() else {
+            if state.phase == VmPhase::Starting {
+                state.phase = VmPhase::Stopped;
+            }
+            return state.info();
+        };
+        let process = running.process;
+        if let Err(e) = api_call(&state.paths.socket, Request::Shutdown, CALL_TIMEOUT).await {
+            tracing::warn!(vm = %state.spec.name, "shutdown request failed ({e}); will kill the process");
+        }
+        if !process.wait_exited(timeout).await {
+            tracing::warn!(vm = %state.spec.name, "VMM still running {timeout:?} after shutdown; sending SIGKILL");
+            if let Err(e) = process.signal(libc::SIGKILL) {
+                tracing::error!(vm = %state.spec.name, "{e}");
+            }
+            process.wait_exited(KILL_WAIT).await;
+        }
+        state.last_exit = process.reap().or(state.last_exit);
+        state.phase = VmPhase::Stopped;
+        state.info()
+    }
+
+    async fn control(state: &mut VmSupervisorState, request: Request) -> Result<VmInfo, VmError> {
+        if state.process.is_none() || !matches!(state.phase, VmPhase::Running | VmPhase::Paused) {
+            return Err(state.not_running());
+        }
+        let paused = request == Request::Pause;
+        api_call(&state.paths.socket, request, CALL_TIMEOUT).await.map_err(|e| state.control_error(e))?;
+        state.phase = if paused { VmPhase::Paused } else { VmPhase::Running };
+        Ok(state.info())
+    }
+
+    /// Takes over the VMM process that serves the VM's control socket. The socket is the
+    /// truth: `hint` (the pid last reported to the host) may be stale if the supervisor
+    /// died just after a restart. The process must be alive and answer `status` with its
+    /// own pid. No answer from a live VMM of this VM is an error (the host gives up rather
+    /// than start a second VMM); no process at all is an exit the policy decides on.
+    async fn adopt(state: &mut VmSupervisorState, hint: Option<u32>) -> Result<(), VmError> {
+        let name = state.spec.name.clone();
+        let socket = state.paths.socket.clone();
+        let hint_alive = hint.filter(|pid| VmmProcess::is_vmm_of(*pid, &socket));
+        // A live VMM may still be binding its socket; a dead one will never answer.
+        let deadline = Instant::now() + if hint_alive.is_some() { ADOPT_TIMEOUT } else { Duration::ZERO };
+        let status = loop {
+            match api_call(&socket, Request::Status, CALL_TIMEOUT).await {
+                Ok(resp) if resp.status.is_some() => break resp.status,
+                _ if Instant::now() >= deadline => break None,
+                _ => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        };
+        let pid = match (status, hint_alive) {
+            (Some(status), _) => status.pid,
+            (None, Some(pid)) => {
+                let reason = format!("it runs but its control socket {} does not answer", socket.display());
+                return Err(VmError::Adopt { name, pid, reason });
+            }
+            (None, None) if hint.is_none() => {
+                // It was waiting out a restart backoff (already counted): start afresh.
+                return Ok(());
+            }
+            (None, None) => {
+                tracing::warn!(vm = %name, "the VMM process ended while it had no supervisor");
+                state.ended_while_away = Some(hint.map_or(ProcessExit::Unknown, reap_zombie));
+                return Ok(());
+            }
+        };
+        if hint.is_some_and(|h| h != pid) {
+            tracing::warn!(vm = %name, pid, ?hint, "the control socket is served by another process than reported");
+        }
+        let process = match VmmProcess::adopt(pid) {
+            Ok(p) => p,
+            Err(ProcessError::Gone { .. }) => {
+                state.ended_while_away = Some(ProcessExit::Unknown);
+                return Ok(());
+            }
+            Err(source) => return Err(VmError::Process { name, source }),
+        };
+        let status = api_call(&socket, Request::Status, CALL_TIMEOUT)
+            .await
+            .ok()
+            .and_then(|r| r.status)
+            .filter(|s| s.pid == pid)
+            .ok_or_else(|| VmError::Adopt { name: name.clone(), pid, reason: "it stopped answering".into() })?;
+        state.phase = phase_of(status.state);
+        state.process = Some(Running { process, _tasks: Vec::new() });
+        tracing::info!(vm = %name, pid, "re-adopted the running VMM process");
+        Ok(())
+    }
+}
+
+impl Actor for VmSupervisor {
+    type Msg = VmMsg;
+    type State = VmSupervisorState;
+    type Arguments = VmSupervisorArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<VmMsg>,
+        args: VmSupervisorArgs,
+    ) -> Result<VmSupervisorState, ActorProcessingErr> {
+        let launch = launch(&args.spec, &args.paths, &args.vmm_binary);
+        let mut state = VmSupervisorState {
+            tracker: RestartTracker::new(args.spec.restart),
+            spec: args.spec,
+            paths: args.paths,
+            launch,
+            phase: VmPhase::Starting,
+            restarts: 0,
+            last_exit: None,
+            error: None,
+            generation: 0,
+            process: None,
+            ended_while_away: None,
+            host: args.host,
+            reported: None,
+        };
+        if let Some(adopt) = args.adopt {
+            state.phase = adopt.phase;
+            state.restarts = adopt.restarts;
+            state.last_exit = adopt.last_exit;
+            state.tracker = adopt.tracker;
+            // Whatever the host last heard, a VMM may be serving the socket.
+            if adopt.pid.is_some() || adopt.phase == VmPhase::Starting {
+                Self::adopt(&mut state, adopt.pid).await?;
+            }
+        }
+        Ok(state)
+    }
+
+    async fn post_start(
+        &self,
+        myself: ActorRef<VmMsg>,
+        state: &mut VmSupervisorState,
+    ) -> Result<(), ActorProcessingErr> {
+        if let Some(exit) = state.ended_while_away {
+            Self::after_exit(&myself, state, exit);
+        } else if let Some(running) = &mut state.process {
+            // Adopted: only the exit watcher is needed, the process already answered.
+            state.generation += 1;
+            let watcher = watch_exit(&myself, &running.process, state.generation)
+                .map_err(|source| VmError::Process { name: state.spec.name.clone(), source })?;
+            running._tasks.push(watcher);
+        } else if state.phase == VmPhase::Starting {
+            Self::start_process(&myself, state);
+        }
+        state.report();
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<VmMsg>,
+        msg: VmMsg,
+        state: &mut VmSupervisorState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            VmMsg::GetInfo(reply) => {
+                let _ = reply.send(state.info());
+            }
+            VmMsg::Pause(reply) => {
+                let _ = reply.send(Self::control(state, Request::Pause).await);
+            }
+            VmMsg::Resume(reply) => {
+                let _ = reply.send(Self::control(state, Request::Resume).await);
+            }
+            VmMsg::Start(reply) => {
+                if state.process.is_none() {
+                    Self::start_process(&myself, state);
+                }
+                let result = match (state.phase, &state.error) {
+                    (VmPhase::Failed, Some(reason)) => {
+                        Err(VmError::Start { name: state.spec.name.clone(), reason: reason.clone() })
+                    }
+                    _ => Ok(state.info()),
+                };
+                let _ = reply.send(result);
+            }
+            VmMsg::Stop { timeout, reply } => {
+                let _ = reply.send(Ok(Self::stop(state, timeout).await));
+            }
+            VmMsg::Crash => panic!("VmSupervisor {}: crash injected by a test", state.spec.name),
+            VmMsg::Exited { generation } if generation == state.generation => {
+                let exit = match state.process.as_ref().map(|r| r.process.reap()) {
+                    Some(Some(exit)) => exit,
+                    // The pidfd said it ended; if waitid disagrees, trust the pidfd.
+                    _ => ProcessExit::Unknown,
+                };
+                Self::after_exit(&myself, state, exit);
+            }
+            VmMsg::Ready { generation, state: vm_state } if generation == state.generation => {
+                if state.phase == VmPhase::Starting {
+                    state.phase = phase_of(vm_state);
+                    tracing::info!(vm = %state.spec.name, "VMM answers on its control socket");
+                }
+            }
+            VmMsg::StartTimedOut { generation } if generation == state.generation => {
+                if let Some(running) = &state.process {
+                    tracing::error!(vm = %state.spec.name, "VMM did not answer within {START_TIMEOUT:?}; killing it");
+                    state.error = Some(format!(
+                        "the VMM did not answer on {} within {START_TIMEOUT:?}; see {}",
+                        state.paths.socket.display(),
+                        state.paths.log.display()
+                    ));
+                    if let Err(e) = running.process.signal(libc::SIGKILL) {
+                        tracing::error!(vm = %state.spec.name, "{e}");
+                    }
+                }
+            }
+            VmMsg::RestartNow { generation } if generation == state.generation && state.process.is_none() => {
+                Self::start_process(&myself, state);
+            }
+            VmMsg::Exited { .. } | VmMsg::Ready { .. } | VmMsg::StartTimedOut { .. } | VmMsg::RestartNow { .. } => {
+                tracing::debug!(vm = %state.spec.name, "stale message of an earlier VMM process ignored");
+            }
+        }
+        state.report();
+        Ok(())
+    }
+}

@@ -1,0 +1,273 @@
+//! Shared by the actors' integration tests: the VMM binary, a host with its runtime
+//! directory, a follower of a VM's serial log, and a guard that kills every VMM process a
+//! test left behind (also when it fails).
+#![allow(dead_code)]
+
+use novacron_actors::{HostConfig, HostInfo, HostMsg, HostSupervisor, VmInfo, VmMsg, VmPhase, VmSpec};
+use novacron_guest_image::report::{GuestLine, parse};
+use novacron_vmm::api::Request;
+use novacron_vmm::api::client::call;
+use ractor::ActorRef;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+pub use novacron_guest_image::watch::kvm_or_skip;
+
+/// Generous: the guest runs emulated at ~1.3 MIPS on this kind of host.
+pub const TIMEOUT: Duration = Duration::from_secs(60);
+/// A tiny workload: 1 MiB working set, heartbeat every 100 ms.
+pub const WORKLOAD: &str = "ws=1 rate=50 verify=1000 hb=100";
+pub const HB_PERIOD: Duration = Duration::from_millis(100);
+
+/// The `novacron-vmm` binary: `$NOVACRON_VMM` if set, else the one of this build profile
+/// (`target/<profile>/novacron-vmm`, which `cargo test --workspace` builds). When it is
+/// missing, or older than a source file of the crates it is made of, it is built once per
+/// test binary with `cargo build -p novacron-vmm --bin novacron-vmm`. (A package's tests
+/// only get `CARGO_BIN_EXE_*` for their own binaries, hence this. Building it every time
+/// would not be free: `-p novacron-vmm` unifies features differently from a workspace
+/// build, so its dependencies would be compiled a second time.)
+pub fn vmm_binary() -> PathBuf {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY
+        .get_or_init(|| {
+            if let Some(path) = std::env::var_os("NOVACRON_VMM") {
+                return PathBuf::from(path);
+            }
+            // target/<profile>/deps/<test>-<hash> -> target/<profile>
+            let exe = std::env::current_exe().unwrap();
+            let profile_dir = exe.parent().and_then(Path::parent).unwrap().to_owned();
+            let binary = profile_dir.join("novacron-vmm");
+            if is_fresh(&binary) {
+                return binary;
+            }
+            let mut cmd = Command::new(env!("CARGO"));
+            cmd.args(["build", "-p", "novacron-vmm", "--bin", "novacron-vmm"]);
+            if profile_dir.file_name().is_some_and(|n| n == "release") {
+                cmd.arg("--release");
+            }
+            let out = cmd.output().unwrap();
+            assert!(out.status.success(), "building novacron-vmm failed:\n{}", String::from_utf8_lossy(&out.stderr));
+            assert!(binary.is_file(), "{} is missing after the build", binary.display());
+            binary
+        })
+        .clone()
+}
+
+/// True when `binary` exists and is newer than every source of the VMM.
+fn is_fresh(binary: &Path) -> bool {
+    let Ok(built) = std::fs::metadata(binary).and_then(|m| m.modified()) else { return false };
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let sources = ["vmm", "devices", "migration", "guest/image", "guest/kernel/src", "Cargo.lock"];
+    !sources.iter().any(|s| newer_than(&root.join(s), built))
+}
+
+fn newer_than(path: &Path, time: std::time::SystemTime) -> bool {
+    let Ok(meta) = std::fs::symlink_metadata(path) else { return false };
+    if meta.is_dir() {
+        let skip = path.file_name().is_some_and(|n| n == "target" || n == "tests" || n == "benches");
+        !skip
+            && std::fs::read_dir(path)
+                .map(|entries| entries.flatten().any(|e| newer_than(&e.path(), time)))
+                .unwrap_or(false)
+    } else {
+        meta.modified().is_ok_and(|m| m > time)
+    }
+}
+
+/// A HostSupervisor with its own runtime directory. Dropping it kills every VMM process
+/// started under that directory and removes it.
+pub struct Host {
+    pub actor: ActorRef<HostMsg>,
+    pub dir: tempfile::TempDir,
+}
+
+impl Host {
+    pub async fn start(tweak: impl FnOnce(&mut HostConfig)) -> Host {
+        // Short path: a control socket path must fit in 107 bytes.
+        let dir = tempfile::Builder::new().prefix("nca").tempdir_in("/tmp").unwrap();
+        let mut config = HostConfig::new(dir.path(), vmm_binary());
+        config.stop_timeout = Duration::from_secs(3);
+        tweak(&mut config);
+        let (actor, _) = ractor::Actor::spawn(None, HostSupervisor, config).await.unwrap();
+        Host { actor, dir }
+    }
+
+    pub async fn create(&self, spec: VmSpec) -> Result<VmInfo, novacron_actors::HostError> {
+        ractor::call!(self.actor, HostMsg::CreateVm, spec).unwrap()
+    }
+
+    pub async fn get(&self, name: &str) -> VmInfo {
+        ractor::call!(self.actor, HostMsg::GetVm, name.to_string()).unwrap().unwrap()
+    }
+
+    pub async fn list(&self) -> Vec<VmInfo> {
+        ractor::call!(self.actor, HostMsg::ListVms).unwrap()
+    }
+
+    pub async fn info(&self) -> HostInfo {
+        ractor::call!(self.actor, HostMsg::HostInfo).unwrap()
+    }
+
+    pub async fn vm_actor(&self, name: &str) -> ActorRef<VmMsg> {
+        ractor::call!(self.actor, HostMsg::VmActor, name.to_string()).unwrap().unwrap()
+    }
+
+    /// Polls `GetVm` until `want` holds; panics with the last info after `timeout`.
+    pub async fn wait_vm(&self, name: &str, what: &str, want: impl Fn(&VmInfo) -> bool) -> VmInfo {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let info = self.get(name).await;
+            if want(&info) {
+                return info;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {name} to be {what}; it is {info:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn wait_running(&self, name: &str) -> VmInfo {
+        self.wait_vm(name, "running", |i| i.phase == VmPhase::Running && i.pid.is_some()).await
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        self.actor.stop(None);
+        kill_vmms_under(self.dir.path());
+    }
+}
+
+/// SIGKILLs every VMM process whose control socket is in `dir` (its pid from `status`,
+/// checked against its command line so that nothing else is ever hit).
+pub fn kill_vmms_under(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().is_none_or(|e| e != "sock") {
+            continue;
+        }
+        let Ok(resp) = call(&path, Request::Status, Duration::from_secs(1)) else { continue };
+        let Some(status) = resp.status else { continue };
+        let cmdline = std::fs::read(format!("/proc/{}/cmdline", status.pid)).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains(&*path.to_string_lossy()) {
+            // SAFETY: kill has no memory effects; the pid is a VMM this test started.
+            unsafe { libc::kill(status.pid as i32, libc::SIGKILL) };
+        }
+    }
+}
+
+/// SIGKILLs a VMM process by pid (the test's own fault injection).
+pub fn sigkill(pid: u32) {
+    // SAFETY: kill has no memory effects; the pid is a VMM process of this test, alive
+    // (its supervisor holds a pidfd and has not reaped it).
+    let rc = unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    assert_eq!(rc, 0, "kill {pid}: {}", std::io::Error::last_os_error());
+}
+
+/// A test-guest VM with the heartbeat workload.
+pub fn spec(name: &str) -> VmSpec {
+    let mut spec = VmSpec::new(name, 1, 64);
+    spec.cmdline = WORKLOAD.to_string();
+    spec
+}
+
+/// Follows a serial log file as it grows; starts over when the file is replaced (a
+/// restarted VMM rotates the old one away).
+pub struct SerialTail {
+    path: PathBuf,
+    inode: u64,
+    offset: u64,
+    partial: String,
+    /// Every complete line so far with the instant it was seen, since the last replacement.
+    pub lines: Vec<(Instant, GuestLine)>,
+    pub replaced: u32,
+}
+
+impl SerialTail {
+    pub fn new(path: &Path) -> Self {
+        SerialTail {
+            path: path.to_owned(),
+            inode: 0,
+            offset: 0,
+            partial: String::new(),
+            lines: Vec::new(),
+            replaced: 0,
+        }
+    }
+
+    /// Reads what was appended since the last poll.
+    pub fn poll(&mut self) {
+        let Ok(mut file) = std::fs::File::open(&self.path) else { return };
+        let Ok(meta) = file.metadata() else { return };
+        if meta.ino() != self.inode || meta.len() < self.offset {
+            if self.inode != 0 {
+                self.replaced += 1;
+            }
+            self.inode = meta.ino();
+            self.offset = 0;
+            self.partial.clear();
+            self.lines.clear();
+        }
+        let mut buf = Vec::new();
+        if file.seek(SeekFrom::Start(self.offset)).is_err() || file.read_to_end(&mut buf).is_err() {
+            return;
+        }
+        self.offset += buf.len() as u64;
+        self.partial.push_str(&String::from_utf8_lossy(&buf));
+        let now = Instant::now();
+        while let Some(end) = self.partial.find('\n') {
+            let line: String = self.partial.drain(..=end).collect();
+            self.lines.push((now, parse(&line)));
+        }
+    }
+
+    pub fn heartbeats(&self) -> Vec<(Instant, u64)> {
+        self.lines
+            .iter()
+            .filter_map(|(at, l)| if let GuestLine::Heartbeat(s) = l { Some((*at, *s)) } else { None })
+            .collect()
+    }
+
+    pub fn last_heartbeat(&self) -> Option<u64> {
+        self.heartbeats().last().map(|h| h.1)
+    }
+
+    pub fn boots(&self) -> usize {
+        self.lines.iter().filter(|(_, l)| *l == GuestLine::Boot).count()
+    }
+
+    /// Polls until a heartbeat of at least `seq` is seen.
+    pub async fn wait_heartbeat(&mut self, seq: u64) -> u64 {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            self.poll();
+            if let Some(last) = self.last_heartbeat().filter(|s| *s >= seq) {
+                return last;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no heartbeat {seq} in {} after {TIMEOUT:?}; its lines: {:?}",
+                self.path.display(),
+                self.lines.iter().rev().take(10).collect::<Vec<_>>()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// The longest time between two heartbeats in a row, and whether the sequence has holes.
+pub fn gaps(heartbeats: &[(Instant, u64)]) -> (Duration, Vec<(u64, u64)>) {
+    let mut longest = Duration::ZERO;
+    let mut holes = Vec::new();
+    for pair in heartbeats.windows(2) {
+        longest = longest.max(pair[1].0 - pair[0].0);
+        if pair[1].1 != pair[0].1 + 1 {
+            holes.push((pair[0].1, pair[1].1));
+        }
+    }
+    (longest, holes)
+}
