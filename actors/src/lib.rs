@@ -5,12 +5,14 @@
 //!   running.
 //! - [`HostSupervisor`]: one per host; owns the VmSupervisors, the host's capacity and the
 //!   admission of VMs, and restarts a failed VmSupervisor in re-adopt mode.
+//! - [`store`]: the daemon's state store (redb): VM records, desired state, events.
 //!
 //! Every message, its reply and its errors, and what restarts what: `docs/actors.md`.
 
 pub mod host;
 pub mod process;
 pub mod spec;
+pub mod store;
 pub mod supervisor;
 pub mod vm;
 

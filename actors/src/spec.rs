@@ -11,7 +11,7 @@ pub const MAX_NAME_LEN: usize = 63;
 pub const MAX_MEM_MIB: u64 = 1 << 20;
 
 /// One VM as its supervisor runs it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VmSpec {
     /// 1 to 63 characters of `a-z`, `0-9` and `-`, not starting or ending with `-`.
     pub name: String,
