@@ -6,6 +6,7 @@
 
 use crate::process::VmmProcess;
 use crate::spec::{SpecError, VmSpec};
+use crate::store::{DesiredState, Event, EventKind, Store, StoreError, VmRecord};
 use crate::supervisor::policy::{Decision, ProcessExit, RestartPolicy, RestartTracker};
 use crate::vm::{Adopt, VmError, VmInfo, VmMsg, VmPaths, VmPhase, VmReport, VmSupervisor, VmSupervisorArgs};
 use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
@@ -59,6 +60,9 @@ pub struct HostConfig {
     pub actor_restart_window: Duration,
     /// How long `StopVm` waits for a guest to shut down before it kills the VMM.
     pub stop_timeout: Duration,
+    /// Where the state store lives (`state.redb`): with one, the VMs survive a restart of
+    /// the host (their VMM processes are re-adopted). `None`: nothing is kept.
+    pub data_dir: Option<PathBuf>,
 }
 
 impl HostConfig {
@@ -71,6 +75,7 @@ impl HostConfig {
             actor_restarts: 3,
             actor_restart_window: Duration::from_secs(10),
             stop_timeout: Duration::from_secs(10),
+            data_dir: None,
         }
     }
 }
@@ -132,6 +137,8 @@ pub enum HostError {
     },
     #[error("the VMM binary {0} does not exist; build it with `cargo build -p novacron-vmm --bin novacron-vmm`")]
     VmmBinary(PathBuf),
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 pub enum HostMsg {
@@ -167,9 +174,30 @@ pub struct HostState {
     config: HostConfig,
     capacity: Capacity,
     vms: BTreeMap<String, VmEntry>,
+    store: Option<Store>,
 }
 
 impl HostState {
+    /// Writes a VM's record (when there is a store). A failure is logged: the VM runs on,
+    /// and the next change writes the record again.
+    fn persist(&self, spec: &VmSpec, info: &VmInfo) {
+        let Some(store) = &self.store else { return };
+        let record =
+            VmRecord { spec: spec.clone(), desired: DesiredState::Running, pid: info.pid, restarts: info.restarts };
+        if let Err(e) = store.put_vm(&record) {
+            tracing::error!(vm = %spec.name, "cannot save the VM's record: {e}");
+        }
+    }
+
+    fn event(&self, vm: &str, kind: EventKind, message: String) {
+        let Some(store) = &self.store else { return };
+        let at_ms =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        if let Err(e) = store.append_event(&Event { at_ms, vm: Some(vm.to_string()), kind, message }) {
+            tracing::error!(vm, "cannot record an event: {e}");
+        }
+    }
+
     fn used(&self) -> Capacity {
         self.vms.values().fold(Capacity { vcpus: 0, mem_mib: 0 }, |acc, e| Capacity {
             vcpus: acc.vcpus + u32::from(e.spec.vcpus),
@@ -256,7 +284,35 @@ impl HostSupervisor {
 
     async fn create(myself: &ActorRef<HostMsg>, state: &mut HostState, spec: VmSpec) -> Result<VmInfo, HostError> {
         let paths = state.admit(&spec)?;
-        let actor = Self::spawn_vm(myself, &state.config, &spec, &paths, None).await?;
+        // Recorded before it starts: a host that dies right after the start finds the VM.
+        if let Some(store) = &state.store {
+            store.put_vm(&VmRecord { spec: spec.clone(), desired: DesiredState::Running, pid: None, restarts: 0 })?;
+        }
+        let info = match Self::start_entry(myself, state, spec.clone(), paths, None).await {
+            Ok(info) => info,
+            Err(e) => {
+                if let Some(store) = &state.store {
+                    let _ = store.delete_vm(&spec.name);
+                }
+                return Err(e);
+            }
+        };
+        state.persist(&spec, &info);
+        state.event(&spec.name, EventKind::Created, format!("created ({} vCPUs, {} MiB)", spec.vcpus, spec.mem_mib));
+        tracing::info!(vm = %spec.name, "VM created");
+        Ok(info)
+    }
+
+    /// Starts a VM's supervisor (fresh, or adopting a running VMM) and takes it in.
+    async fn start_entry(
+        myself: &ActorRef<HostMsg>,
+        state: &mut HostState,
+        spec: VmSpec,
+        paths: VmPaths,
+        adopt: Option<Adopt>,
+    ) -> Result<VmInfo, HostError> {
+        let tracker = adopt.as_ref().map_or_else(|| RestartTracker::new(spec.restart), |a| a.tracker.clone());
+        let actor = Self::spawn_vm(myself, &state.config, &spec, &paths, adopt).await?;
         let info = ractor::call_t!(actor, VmMsg::GetInfo, CHILD_CALL_TIMEOUT.as_millis() as u64)
             .map_err(|e| unanswered(&spec.name, e))?;
         let intensity = RestartPolicy::OnFailure {
@@ -265,8 +321,7 @@ impl HostSupervisor {
             backoff_initial: Duration::ZERO,
             backoff_max: Duration::ZERO,
         };
-        let last = VmReport { info: info.clone(), tracker: RestartTracker::new(spec.restart) };
-        tracing::info!(vm = %spec.name, "VM created");
+        let last = VmReport { info: info.clone(), tracker };
         state.vms.insert(
             spec.name.clone(),
             VmEntry {
@@ -297,6 +352,10 @@ impl HostSupervisor {
             None => entry.last.info.clone(),
         };
         state.vms.remove(name);
+        if let Some(store) = &state.store {
+            store.delete_vm(name)?;
+        }
+        state.event(name, EventKind::Deleted, "stopped and removed".into());
         tracing::info!(vm = %name, "VM stopped and removed");
         Ok(info)
     }
@@ -332,6 +391,39 @@ impl HostSupervisor {
         }
     }
 
+    /// Takes back every VM of the store: a VMM process still running it is adopted (the
+    /// guest never notices the host's restart); a VM whose process ended meanwhile goes to
+    /// its restart policy as an exit while nobody watched.
+    async fn readopt(myself: &ActorRef<HostMsg>, state: &mut HostState) -> Result<(), HostError> {
+        let Some(store) = &state.store else { return Ok(()) };
+        let records = store.list_vms()?;
+        for record in records {
+            let name = record.spec.name.clone();
+            let paths = VmPaths::new(&state.config.runtime_dir, &record.spec);
+            let adopt = Adopt {
+                pid: record.pid,
+                phase: if record.pid.is_some() { VmPhase::Running } else { VmPhase::Starting },
+                restarts: record.restarts,
+                last_exit: None,
+                tracker: RestartTracker::new(record.spec.restart),
+            };
+            match Self::start_entry(myself, state, record.spec.clone(), paths, Some(adopt)).await {
+                Ok(info) => {
+                    let same = info.pid.is_some() && info.pid == record.pid;
+                    let what = if same { "re-adopted its running VMM process" } else { "its VMM process was gone" };
+                    tracing::info!(vm = %name, pid = ?info.pid, "{what}");
+                    state.persist(&record.spec, &info);
+                    state.event(&name, EventKind::Adopted, what.into());
+                }
+                Err(e) => {
+                    tracing::error!(vm = %name, "cannot take the VM back: {e}");
+                    state.event(&name, EventKind::Failed, format!("cannot take it back: {e}"));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// No supervisor any more: kill its VMM (an unsupervised guest would hold capacity
     /// nobody can manage) and keep the entry, `Failed`, until `StopVm` removes it.
     fn give_up(entry: &mut VmEntry) {
@@ -352,7 +444,7 @@ impl Actor for HostSupervisor {
     type State = HostState;
     type Arguments = HostConfig;
 
-    async fn pre_start(&self, _myself: ActorRef<HostMsg>, config: HostConfig) -> Result<HostState, ActorProcessingErr> {
+    async fn pre_start(&self, myself: ActorRef<HostMsg>, config: HostConfig) -> Result<HostState, ActorProcessingErr> {
         std::fs::create_dir_all(&config.runtime_dir)
             .map_err(|source| HostError::RuntimeDir { path: config.runtime_dir.clone(), source })?;
         if !config.vmm_binary.is_file() {
@@ -363,7 +455,10 @@ impl Actor for HostSupervisor {
             None => Capacity::from_proc()?,
         };
         tracing::info!(vcpus = capacity.vcpus, mem_mib = capacity.mem_mib, "host supervisor started");
-        Ok(HostState { config, capacity, vms: BTreeMap::new() })
+        let store = config.data_dir.as_deref().map(Store::open).transpose()?;
+        let mut state = HostState { config, capacity, vms: BTreeMap::new(), store };
+        Self::readopt(&myself, &mut state).await?;
+        Ok(state)
     }
 
     async fn handle(
@@ -410,8 +505,22 @@ impl Actor for HostSupervisor {
                 let _ = reply.send(state.info());
             }
             HostMsg::VmChanged(report) => {
-                if let Some(entry) = state.vms.get_mut(&report.info.name) {
-                    entry.last = report;
+                let Some(entry) = state.vms.get_mut(&report.info.name) else { return Ok(()) };
+                let before = std::mem::replace(&mut entry.last, report);
+                let (spec, now) = (entry.spec.clone(), entry.last.info.clone());
+                if now.pid != before.info.pid || now.restarts != before.info.restarts {
+                    state.persist(&spec, &now);
+                }
+                if now.restarts > before.info.restarts {
+                    state.event(
+                        &spec.name,
+                        EventKind::Restarted,
+                        format!("restart {} after {:?}", now.restarts, now.last_exit),
+                    );
+                }
+                if now.phase != before.info.phase && matches!(now.phase, VmPhase::Failed | VmPhase::Stopped) {
+                    let kind = if now.phase == VmPhase::Failed { EventKind::Failed } else { EventKind::Stopped };
+                    state.event(&spec.name, kind, format!("{} ({:?})", now.phase, now.last_exit));
                 }
             }
         }

@@ -10,6 +10,7 @@
 //! Every message, its reply and its errors, and what restarts what: `docs/actors.md`.
 
 pub mod host;
+pub mod placement;
 pub mod process;
 pub mod spec;
 pub mod store;

@@ -2,12 +2,15 @@
 //! VMM is restarted by its VmSupervisor while a neighbour runs on undisturbed; a panicked
 //! VmSupervisor is restarted by the HostSupervisor and re-adopts the running guest; the
 //! `never` and bounded `on-failure` policies give up when they should; admission refuses
-//! what does not fit or is malformed, and changes nothing.
+//! what does not fit or is malformed, and changes nothing; a host restarted on the same
+//! state store re-adopts its running VMs and restarts the one that died meanwhile.
 
 mod common;
 
 use common::{HB_PERIOD, Host, SerialTail, gaps, kvm_or_skip, sigkill, spec};
-use novacron_actors::{Capacity, HostError, HostMsg, ProcessExit, RestartPolicy, SpecError, VmMsg, VmPhase};
+use novacron_actors::{
+    Capacity, HostConfig, HostError, HostMsg, HostSupervisor, ProcessExit, RestartPolicy, SpecError, VmMsg, VmPhase,
+};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -223,4 +226,78 @@ fn files(dir: &std::path::Path) -> Vec<String> {
         std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     names.sort();
     names
+}
+
+/// VMM processes whose command line names `dir` (the test's runtime directory).
+fn vmms_under(dir: &std::path::Path) -> Vec<u32> {
+    let needle = dir.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            cmdline.contains("novacron-vmm") && cmdline.contains(&needle)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kvm_a_restarted_host_readopts_its_vms_from_the_store_without_rebooting_them() {
+    if !kvm_or_skip("kvm_a_restarted_host_readopts_its_vms_from_the_store_without_rebooting_them") {
+        return;
+    }
+    let first = Host::start(|c| c.data_dir = Some(c.runtime_dir.clone())).await;
+    let keeps = first.create(spec("keeps")).await.unwrap();
+    first.create(spec("dies")).await.unwrap();
+    let keeps_before = first.wait_running("keeps").await;
+    let dies_before = first.wait_running("dies").await;
+    let mut log = SerialTail::new(&keeps.serial_log);
+    let last_before = log.wait_heartbeat(3).await;
+
+    // The host goes away as a crashed daemon would: its actors end, its VMMs do not. While
+    // nobody watches, one of them is killed.
+    first.actor.stop_and_wait(None, Some(Duration::from_secs(10))).await.unwrap();
+    sigkill(dies_before.pid.unwrap());
+    let alone = log.wait_heartbeat(last_before + 3).await;
+
+    let mut config = HostConfig::new(first.dir.path(), common::vmm_binary());
+    config.data_dir = Some(first.dir.path().to_owned());
+    config.stop_timeout = Duration::from_secs(3);
+    let (second, _) = ractor::Actor::spawn(None, HostSupervisor, config).await.unwrap();
+    let get = |name: &'static str| {
+        let second = second.clone();
+        async move { ractor::call!(second, HostMsg::GetVm, name.to_string()).unwrap().unwrap() }
+    };
+    let keeps_after = get("keeps").await;
+    let deadline = Instant::now() + common::TIMEOUT;
+    let dies_after = loop {
+        let info = get("dies").await;
+        if info.phase == VmPhase::Running && info.pid.is_some() {
+            break info;
+        }
+        assert!(Instant::now() < deadline, "the VM killed while no host ran was not restarted: {info:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let later = log.wait_heartbeat(alone + 5).await;
+    let listed = ractor::call!(second, HostMsg::ListVms).unwrap();
+    let processes = vmms_under(first.dir.path());
+    second.stop_and_wait(None, Some(Duration::from_secs(10))).await.unwrap();
+
+    assert_eq!(listed.len(), 2, "both VMs came back from the store: {listed:?}");
+    assert_eq!(keeps_after.pid, keeps_before.pid, "the running VMM was adopted, not restarted");
+    assert_eq!(keeps_after.phase, VmPhase::Running);
+    assert_eq!(keeps_after.restarts, 0);
+    assert!(later > alone, "the adopted guest keeps beating");
+    assert_eq!(log.boots(), 1, "no reboot: one boot in the serial log");
+    assert_eq!(log.replaced, 0);
+    assert!(gaps(&log.heartbeats()).1.is_empty(), "the heartbeat sequence has no holes");
+    assert_ne!(dies_after.pid, dies_before.pid, "the killed VM runs in a new VMM process");
+    assert_eq!(dies_after.restarts, 1, "its restart policy counted the exit nobody watched");
+    let mut expected = vec![keeps_before.pid.unwrap(), dies_after.pid.unwrap()];
+    expected.sort_unstable();
+    let mut processes = processes;
+    processes.sort_unstable();
+    assert_eq!(processes, expected, "exactly one VMM per VM: no duplicates");
 }
