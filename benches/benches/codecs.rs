@@ -16,34 +16,18 @@
 //! QUIC/TCP ratio (means over every timed iteration, warm-up included).
 
 use criterion::{BatchSize, BenchmarkId, Criterion, Throughput};
+use novacron_benches::tally;
 use novacron_migration::dirty::DirtySet;
 use novacron_migration::encoder::PageEncoder;
 use novacron_migration::page::{self, PAGE_SIZE};
 use novacron_migration::protocol::{self, BATCH_PAGES, BatchBuilder, Message};
 use novacron_vmm::vstate::memory::{self, GuestMemory};
-use std::collections::BTreeMap;
 use std::hint::black_box;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
 
 const GIB: u64 = 1 << 30;
-
-/// Bytes and time of every timed iteration of the benchmarks that feed the summary.
-static TALLY: Mutex<BTreeMap<&'static str, (u64, Duration)>> = Mutex::new(BTreeMap::new());
-
-fn tally(name: &'static str, bytes: u64, time: Duration) {
-    let mut t = TALLY.lock().unwrap_or_else(|p| p.into_inner());
-    let e = t.entry(name).or_default();
-    e.0 += bytes;
-    e.1 += time;
-}
-
-fn tallied(name: &str) -> Option<f64> {
-    let t = TALLY.lock().unwrap_or_else(|p| p.into_inner());
-    t.get(name).filter(|(_, d)| !d.is_zero()).map(|(b, d)| *b as f64 / d.as_secs_f64())
-}
 
 // ---------------------------------------------------------------------------------------
 // Page contents
@@ -334,7 +318,7 @@ fn pipeline(c: &mut Criterion) {
         b.iter_custom(|iters| {
             let setup = || (memory_with(PAGES, &|p| (p < PAGES / 2).then(|| guest_page(p, 1))), Pipeline::new(PAGES));
             let total = timed(iters, setup, |(mem, pipe)| pipe.round_zero(mem, PAGES));
-            tally(name, iters * BYTES, total);
+            tally::record(name, iters * BYTES, total);
             total
         })
     });
@@ -343,7 +327,7 @@ fn pipeline(c: &mut Criterion) {
     g.bench_function(name, |b| {
         b.iter_custom(|iters| {
             let total = timed(iters, || Pipeline::new(PAGES), |pipe| pipe.round(&text_mem, PAGES));
-            tally(name, iters * BYTES, total);
+            tally::record(name, iters * BYTES, total);
             total
         })
     });
@@ -361,7 +345,7 @@ fn pipeline(c: &mut Criterion) {
                 (mem, pipe)
             };
             let total = timed(iters, setup, |(mem, pipe)| pipe.round(mem, PAGES));
-            tally(name, iters * BYTES, total);
+            tally::record(name, iters * BYTES, total);
             total
         })
     });
@@ -475,7 +459,7 @@ fn transport(c: &mut Criterion) {
                 acks.recv().expect("ack");
             }
             let t = start.elapsed();
-            tally(name, iters * frame_len, t);
+            tally::record(name, iters * frame_len, t);
             t
         })
     });
@@ -512,7 +496,7 @@ fn transport(c: &mut Criterion) {
                 acks.recv().expect("ack");
             }
             let t = start.elapsed();
-            tally(name, iters * frame_len, t);
+            tally::record(name, iters * frame_len, t);
             t
         })
     });
@@ -545,7 +529,7 @@ fn transport(c: &mut Criterion) {
                 acks.recv().expect("ack");
             }
             let t = start.elapsed();
-            tally(name, iters * frame_len, t);
+            tally::record(name, iters * frame_len, t);
             t
         })
     });
@@ -556,12 +540,7 @@ fn transport(c: &mut Criterion) {
 
 fn summary() {
     let gbs = |v: f64| format!("{:.2} GB/s ({:.2} GiB/s)", v / 1e9, v / GIB as f64);
-    let rows: Vec<(String, f64)> = TALLY
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .iter()
-        .map(|(k, (b, d))| (k.to_string(), *b as f64 / d.as_secs_f64()))
-        .collect();
+    let rows = tally::rates();
     if rows.is_empty() {
         return;
     }
@@ -569,17 +548,19 @@ fn summary() {
     for (name, rate) in &rows {
         println!("  {name:<58} {}", gbs(*rate));
     }
-    if let Some(r) = tallied("round 0, test-guest memory (half working set, half untouched)") {
+    if let Some(r) = tally::rate("round 0, test-guest memory (half working set, half untouched)") {
         println!(
             "  target: the whole page pipeline >= 2 GB/s per core (round 0 of the migration benchmark's memory): {}",
             if r >= 2e9 { "met" } else { "NOT met" }
         );
     }
-    if let (Some(q), Some(t)) = (tallied("QUIC (quinn, TLS 1.3), one stream"), tallied("TCP (std::net), same frames")) {
+    if let (Some(q), Some(t)) =
+        (tally::rate("QUIC (quinn, TLS 1.3), one stream"), tally::rate("TCP (std::net), same frames"))
+    {
         println!("  QUIC / TCP on loopback, the same frames: {:.2}x", q / t);
     }
     if let (Some(q), Some(t)) =
-        (tallied("QUIC (quinn, TLS 1.3), one stream"), tallied("TCP (std::net), bytes only (no encoding)"))
+        (tally::rate("QUIC (quinn, TLS 1.3), one stream"), tally::rate("TCP (std::net), bytes only (no encoding)"))
     {
         println!("  QUIC / TCP carrying the bytes only: {:.2}x", q / t);
     }

@@ -404,3 +404,32 @@ pub mod netns {
         }
     }
 }
+
+/// Work and time of every timed iteration, by benchmark name, for the summary a criterion
+/// bench prints after its own lines (criterion keeps its estimates to itself).
+pub mod tally {
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    static TALLY: Mutex<BTreeMap<&'static str, (u64, Duration)>> = Mutex::new(BTreeMap::new());
+
+    /// Adds `amount` units of work (bytes, decisions) done in `time` to `name`.
+    pub fn record(name: &'static str, amount: u64, time: Duration) {
+        let mut t = TALLY.lock().unwrap_or_else(|p| p.into_inner());
+        let e = t.entry(name).or_default();
+        e.0 += amount;
+        e.1 += time;
+    }
+
+    /// Units per second of every benchmark recorded, by name.
+    pub fn rates() -> Vec<(&'static str, f64)> {
+        let t = TALLY.lock().unwrap_or_else(|p| p.into_inner());
+        t.iter().filter(|(_, (_, d))| !d.is_zero()).map(|(k, (n, d))| (*k, *n as f64 / d.as_secs_f64())).collect()
+    }
+
+    /// Units per second of `name`, if it was recorded.
+    pub fn rate(name: &str) -> Option<f64> {
+        rates().into_iter().find(|(k, _)| *k == name).map(|(_, r)| r)
+    }
+}
