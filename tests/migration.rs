@@ -4,35 +4,18 @@
 //! bytes leave the source running; the bandwidth limit holds; a workload that outruns the
 //! link either makes the migration give up or gets throttled until it converges.
 
-use novacron_guest_image::report::GuestLine;
+mod common;
+
+use common::{Host, SLOW, TIMEOUT, assert_moved, assert_source_runs, certs, novacron, stderr, wait_until_going};
 use novacron_guest_image::watch::{Watched, kvm_or_skip};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
-
-const TIMEOUT: Duration = Duration::from_secs(90);
-
-fn novacron() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_novacron"))
-}
-
-/// A fresh cluster CA and node certificate in `dir/name`.
-fn certs(dir: &Path, name: &str) -> PathBuf {
-    let tls = dir.join(name);
-    let out = novacron().args(["certs", "init", "--dir"]).arg(&tls).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    tls
-}
 
 /// A free UDP port on loopback (the receiver binds it right after).
 fn free_addr() -> String {
     let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     s.local_addr().unwrap().to_string()
-}
-
-struct Host {
-    vm: Watched,
-    sock: PathBuf,
 }
 
 /// `novacron vm run` with the test guest and a control socket; waits for two verdicts.
@@ -81,41 +64,6 @@ fn report(out: &Output) -> serde_json::Value {
     serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("not a JSON report ({e}): {stdout}"))
 }
 
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// The migration moved the VM: the source ended on its own with status 0, the
-/// destination's guest went on with the next heartbeat and verified its memory again.
-fn assert_moved(mut src: Host, dst: &mut Host) {
-    let (status, err) = src.vm.wait_exit(TIMEOUT).unwrap();
-    assert!(status.success(), "source ended with {status}: {err}");
-    assert!(err.contains("moved to"), "{err}");
-    let last = *src.vm.heartbeats().last().unwrap();
-    let first = dst.vm.wait_for("a heartbeat", TIMEOUT, |l| matches!(l.parsed, GuestLine::Heartbeat(_))).unwrap();
-    assert_eq!(first.parsed, GuestLine::Heartbeat(last + 1), "the heartbeat sequence goes on");
-    let verdict = dst
-        .vm
-        .wait_for("a verdict", TIMEOUT, |l| {
-            matches!(l.parsed, GuestLine::VerifyOk { .. } | GuestLine::VerifyFail { .. })
-        })
-        .unwrap();
-    assert!(matches!(verdict.parsed, GuestLine::VerifyOk { .. }), "{}", verdict.text);
-    assert!(!dst.vm.seen.iter().any(|l| matches!(l.parsed, GuestLine::Boot | GuestLine::Banner { .. })), "no reboot");
-}
-
-/// The source kept its VM: it is running, beats on and verifies its memory again.
-fn assert_source_runs(src: &mut Host) {
-    let status = novacron().args(["vm", "status", "--output", "json"]).arg("--api-sock").arg(&src.sock).output();
-    let status = status.unwrap();
-    let text = String::from_utf8_lossy(&status.stdout);
-    assert!(text.contains("\"running\""), "{text} {}", String::from_utf8_lossy(&status.stderr));
-    let before = src.vm.seen.iter().filter(|l| matches!(l.parsed, GuestLine::VerifyOk { .. })).count();
-    src.vm.wait_verified(before + 1, TIMEOUT).unwrap();
-    let beats = src.vm.heartbeats();
-    assert!(beats.windows(2).all(|w| w[1] == w[0] + 1), "heartbeats skip: {beats:?}");
-}
-
 /// The destination discarded everything: it ended with status 1 and its guest never ran.
 fn assert_discarded(dst: &mut Host, needle: &str) {
     let (status, err) = dst.vm.wait_exit(TIMEOUT).unwrap();
@@ -155,29 +103,19 @@ fn kvm_migrate_4_vcpus_high_dirty_rate_continues_and_verifies() {
     }
 }
 
-/// A migration slow enough to interrupt: 1 MB/s for a few MiB of pages sent whole.
-const SLOW: [&str; 4] = ["--max-bandwidth", "1M", "--compress", "none"];
+/// A source, a receiver and a slow migration between them that has sent something.
+fn midway() -> (tempfile::TempDir, Host, Host, Child) {
+    let dir = tempfile::tempdir().unwrap();
+    let tls = certs(dir.path(), "tls");
+    let src = source(dir.path(), 2, 256, "ws=16 rate=500 verify=300 hb=100");
+    let (dst, addr) = receiver(dir.path(), &tls, &[]);
+    let child = slow_migration(&src, &addr, &tls);
+    (dir, src, dst, child)
+}
 
 /// Starts a slow migration and waits until it has sent something.
 fn slow_migration(src: &Host, addr: &str, tls: &Path) -> Child {
-    let mut child = migrate_cmd(src, addr, tls, &SLOW).spawn().unwrap();
-    let deadline = Instant::now() + TIMEOUT;
-    while migration_bytes_sent(&src.sock).is_none_or(|bytes| bytes <= 256 << 10) {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("the migration never got going");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    child
-}
-
-/// Bytes the running migration has sent, from the control socket.
-fn migration_bytes_sent(sock: &Path) -> Option<u64> {
-    use novacron_vmm::api::Request;
-    let r = novacron_vmm::api::client::call(sock, Request::MigrateStatus, Duration::from_secs(5)).ok()?;
-    Some(r.migration?.progress.bytes_sent)
+    wait_until_going(src, migrate_cmd(src, addr, tls, &SLOW).spawn().unwrap(), || true)
 }
 
 #[test]
@@ -185,11 +123,7 @@ fn kvm_migrate_cancel_midway_keeps_the_source() {
     if !kvm_or_skip("kvm_migrate_cancel_midway_keeps_the_source") {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let tls = certs(dir.path(), "tls");
-    let mut src = source(dir.path(), 2, 256, "ws=16 rate=500 verify=300 hb=100");
-    let (mut dst, addr) = receiver(dir.path(), &tls, &[]);
-    let child = slow_migration(&src, &addr, &tls);
+    let (_dir, mut src, mut dst, child) = midway();
     let cancel = novacron().args(["vm", "migrate-cancel"]).arg("--api-sock").arg(&src.sock).output().unwrap();
     let out = child.wait_with_output().unwrap();
 
@@ -205,11 +139,7 @@ fn kvm_migrate_destination_killed_midway_keeps_the_source() {
     if !kvm_or_skip("kvm_migrate_destination_killed_midway_keeps_the_source") {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let tls = certs(dir.path(), "tls");
-    let mut src = source(dir.path(), 2, 256, "ws=16 rate=500 verify=300 hb=100");
-    let (mut dst, addr) = receiver(dir.path(), &tls, &[]);
-    let child = slow_migration(&src, &addr, &tls);
+    let (_dir, mut src, mut dst, child) = midway();
     dst.vm.child.kill().unwrap();
     let out = child.wait_with_output().unwrap();
 
@@ -223,11 +153,7 @@ fn kvm_migrate_source_killed_midway_leaves_no_half_vm() {
     if !kvm_or_skip("kvm_migrate_source_killed_midway_leaves_no_half_vm") {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let tls = certs(dir.path(), "tls");
-    let mut src = source(dir.path(), 2, 256, "ws=16 rate=500 verify=300 hb=100");
-    let (mut dst, addr) = receiver(dir.path(), &tls, &[]);
-    let child = slow_migration(&src, &addr, &tls);
+    let (_dir, mut src, mut dst, child) = midway();
     src.vm.child.kill().unwrap();
     let out = child.wait_with_output().unwrap();
 

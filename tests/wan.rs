@@ -13,8 +13,11 @@
 //! The tests run as root (they create namespaces and links); without `ip netns` they skip
 //! loudly, or fail when NOVACRON_REQUIRE_KVM is set.
 
+mod common;
+
+use common::{Host, SLOW, TIMEOUT, assert_moved, assert_source_runs, certs, novacron, stderr, wait_until_going};
 use novacron_guest_image::report::GuestLine;
-use novacron_guest_image::watch::{Line, Watched, kvm_or_skip};
+use novacron_guest_image::watch::{Watched, kvm_or_skip};
 use std::collections::{HashMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -24,7 +27,6 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-const TIMEOUT: Duration = Duration::from_secs(90);
 const GUEST: &str = "ws=32 rate=1000 verify=300 hb=100";
 const MEM_MIB: &str = "256";
 const VCPUS: &str = "2";
@@ -33,19 +35,11 @@ const DELAY: Duration = Duration::from_millis(20);
 const LOSS: f64 = 0.005;
 const SHAPE: [&str; 6] = ["rate", "200mbit", "burst", "64kb", "latency", "50ms"];
 
-fn novacron() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_novacron"))
-}
-
 /// `novacron ...` run inside network namespace `ns`.
 fn novacron_in(ns: &str) -> Command {
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", ns]).arg(env!("CARGO_BIN_EXE_novacron"));
     cmd
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -436,19 +430,6 @@ impl Drop for Relay {
 // ---------------------------------------------------------------------------------------
 // The VMs
 
-/// A fresh cluster CA and node certificate in `dir/name`.
-fn certs(dir: &Path, name: &str) -> PathBuf {
-    let tls = dir.join(name);
-    let out = novacron().args(["certs", "init", "--dir"]).arg(&tls).output().unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
-    tls
-}
-
-struct Host {
-    vm: Watched,
-    sock: PathBuf,
-}
-
 /// `novacron vm run` with the test guest in namespace `ns`; waits for two verdicts.
 fn source(ns: &str, dir: &Path) -> Host {
     let sock = dir.join("src.sock");
@@ -502,43 +483,6 @@ fn report(out: &Output, relay: &Relay) -> serde_json::Value {
 
 /// The migration moved the VM: the source ended on its own with status 0, the
 /// destination's guest went on with the next heartbeat and verified its memory again.
-/// Returns the guest-visible pause: from the source's last heartbeat to the destination's
-/// first (each as read from the console).
-fn assert_moved(mut src: Host, dst: &mut Host) -> Duration {
-    let (status, err) = src.vm.wait_exit(TIMEOUT).unwrap();
-    assert!(status.success(), "source ended with {status}: {err}");
-    assert!(err.contains("moved to"), "{err}");
-    let last = *src.vm.heartbeats().last().unwrap();
-    let is_beat = |l: &Line| matches!(l.parsed, GuestLine::Heartbeat(_));
-    let first = match dst.vm.seen.iter().find(|l| is_beat(l)) {
-        Some(l) => l.clone(),
-        None => dst.vm.wait_for("a heartbeat", TIMEOUT, is_beat).unwrap(),
-    };
-    assert_eq!(first.parsed, GuestLine::Heartbeat(last + 1), "the heartbeat sequence goes on");
-    let verdict = dst
-        .vm
-        .wait_for("a verdict", TIMEOUT, |l| {
-            matches!(l.parsed, GuestLine::VerifyOk { .. } | GuestLine::VerifyFail { .. })
-        })
-        .unwrap();
-    assert!(matches!(verdict.parsed, GuestLine::VerifyOk { .. }), "{}", verdict.text);
-    assert!(!dst.vm.seen.iter().any(|l| matches!(l.parsed, GuestLine::Boot | GuestLine::Banner { .. })), "no reboot");
-    let last_at = src.vm.seen.iter().rev().find(|l| is_beat(l)).map(|l| l.at).unwrap();
-    first.at.saturating_duration_since(last_at)
-}
-
-/// The source kept its VM: it is running, beats on and verifies its memory again.
-fn assert_source_runs(src: &mut Host) {
-    let status = novacron().args(["vm", "status", "--output", "json"]).arg("--api-sock").arg(&src.sock).output();
-    let status = status.unwrap();
-    let text = String::from_utf8_lossy(&status.stdout);
-    assert!(text.contains("\"running\""), "{text} {}", stderr(&status));
-    let before = src.vm.seen.iter().filter(|l| matches!(l.parsed, GuestLine::VerifyOk { .. })).count();
-    src.vm.wait_verified(before + 1, TIMEOUT).unwrap();
-    let beats = src.vm.heartbeats();
-    assert!(beats.windows(2).all(|w| w[1] == w[0] + 1), "heartbeats skip: {beats:?}");
-}
-
 fn pages(r: &serde_json::Value, kind: &str) -> u64 {
     r["pages"][kind].as_u64().unwrap_or_else(|| panic!("no pages.{kind} in {r}"))
 }
@@ -655,32 +599,11 @@ fn kvm_wan_migration_there_and_back_onto_the_kept_snapshot() {
     );
 }
 
-/// A migration slow enough to interrupt: 1 MB/s for pages sent whole.
-const SLOW: [&str; 4] = ["--max-bandwidth", "1M", "--compress", "none"];
-
-/// Bytes the running migration has sent, from the control socket.
-fn migration_bytes_sent(sock: &Path) -> Option<u64> {
-    use novacron_vmm::api::Request;
-    let r = novacron_vmm::api::client::call(sock, Request::MigrateStatus, Duration::from_secs(5)).ok()?;
-    Some(r.migration?.progress.bytes_sent)
-}
-
 /// Starts a slow migration through `relay` and waits until it has sent something, and
 /// some of it has crossed the relay (the source counts what it hands to QUIC).
 fn slow_migration(src: &Host, relay: &Relay, tls: &Path) -> Child {
-    let mut child = migrate_cmd(src, relay.addr, tls, &SLOW).spawn().unwrap();
-    let deadline = Instant::now() + TIMEOUT;
-    while migration_bytes_sent(&src.sock).is_none_or(|bytes| bytes <= 256 << 10)
-        || relay.stats.onward.load(Ordering::Relaxed) <= 256 << 10
-    {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("the migration never got going");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    child
+    let child = migrate_cmd(src, relay.addr, tls, &SLOW).spawn().unwrap();
+    wait_until_going(src, child, || relay.stats.onward.load(Ordering::Relaxed) > 256 << 10)
 }
 
 /// The link to B goes down in the middle of a migration: the source notices (QUIC idle
