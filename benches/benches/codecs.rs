@@ -414,6 +414,19 @@ fn dirty_log(c: &mut Criterion) {
 
 const FRAME_PAYLOAD: usize = 1 << 20;
 
+/// Sends `iters` frames with `send`, then waits for the receiver's ack of each: the time
+/// from the first send to the last ack.
+fn sent_and_acked(iters: u64, acks: &std::sync::mpsc::Receiver<()>, mut send: impl FnMut()) -> Duration {
+    let start = Instant::now();
+    for _ in 0..iters {
+        send();
+    }
+    for _ in 0..iters {
+        acks.recv().expect("ack");
+    }
+    start.elapsed()
+}
+
 fn payload() -> Vec<u8> {
     (0..FRAME_PAYLOAD / 8).flat_map(|i| splitmix(i as u64).to_le_bytes()).collect()
 }
@@ -451,14 +464,9 @@ fn transport(c: &mut Criterion) {
     let name = "QUIC (quinn, TLS 1.3), one stream";
     g.bench_function(name, |b| {
         b.iter_custom(|iters| {
-            let start = Instant::now();
-            for _ in 0..iters {
+            let t = sent_and_acked(iters, &acks, || {
                 link.send(&message).expect("send");
-            }
-            for _ in 0..iters {
-                acks.recv().expect("ack");
-            }
-            let t = start.elapsed();
+            });
             tally::record(name, iters * frame_len, t);
             t
         })
@@ -487,15 +495,10 @@ fn transport(c: &mut Criterion) {
     let name = "TCP (std::net), same frames";
     g.bench_function(name, |b| {
         b.iter_custom(|iters| {
-            let start = Instant::now();
-            for _ in 0..iters {
+            let t = sent_and_acked(iters, &acks, || {
                 let frame = protocol::encode_frame(&message).expect("frame");
                 s.write_all(&frame).expect("write");
-            }
-            for _ in 0..iters {
-                acks.recv().expect("ack");
-            }
-            let t = start.elapsed();
+            });
             tally::record(name, iters * frame_len, t);
             t
         })
@@ -521,14 +524,9 @@ fn transport(c: &mut Criterion) {
     let name = "TCP (std::net), bytes only (no encoding)";
     g.bench_function(name, |b| {
         b.iter_custom(|iters| {
-            let start = Instant::now();
-            for _ in 0..iters {
+            let t = sent_and_acked(iters, &acks, || {
                 s.write_all(&frame).expect("write");
-            }
-            for _ in 0..iters {
-                acks.recv().expect("ack");
-            }
-            let t = start.elapsed();
+            });
             tally::record(name, iters * frame_len, t);
             t
         })
