@@ -13,11 +13,14 @@ use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, RpcReplyPo
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
+use tokio::sync::broadcast;
 
 /// Longest Unix socket path (`sun_path` is 108 bytes with its terminating NUL).
 const MAX_SOCKET_PATH: usize = 107;
 /// How long a VmSupervisor may take to answer the host.
 const CHILD_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Events a slow watcher may fall behind by before it is told it missed some.
+const EVENT_BACKLOG: usize = 4096;
 
 /// What a host can give to VMs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -144,9 +147,23 @@ pub enum HostError {
 pub enum HostMsg {
     /// Admits and starts a VM; answers once its supervisor runs (the guest may still boot).
     CreateVm(VmSpec, RpcReplyPort<Result<VmInfo, HostError>>),
-    /// Shuts a VM down (SIGKILL after `HostConfig::stop_timeout`), stops its supervisor
-    /// and frees its capacity. Answers the VM's last info.
+    /// Admits a VM without starting it (phase `Stopped`); `StartVm` boots it.
+    DefineVm(VmSpec, RpcReplyPort<Result<VmInfo, HostError>>),
+    /// Boots a `Stopped` or `Failed` VM; from now on the host keeps it running.
+    StartVm(String, RpcReplyPort<Result<VmInfo, HostError>>),
+    /// Shuts a VM down (SIGKILL after `HostConfig::stop_timeout`); it stays defined,
+    /// `Stopped`, holding its capacity, and a restarted host leaves it stopped.
     StopVm(String, RpcReplyPort<Result<VmInfo, HostError>>),
+    /// Stops a VM if it runs, stops its supervisor, forgets it and frees its capacity.
+    /// Answers the VM's last info.
+    DeleteVm(String, RpcReplyPort<Result<VmInfo, HostError>>),
+    /// Events with sequence numbers above `after` (at most `limit`), oldest first, and a
+    /// receiver of every later one.
+    Events {
+        after: u64,
+        limit: usize,
+        reply: RpcReplyPort<Result<(Vec<(u64, Event)>, broadcast::Receiver<(u64, Event)>), HostError>>,
+    },
     /// Every VM, by name, as last reported by its supervisor.
     ListVms(RpcReplyPort<Vec<VmInfo>>),
     /// One VM, fresh from its supervisor.
@@ -161,6 +178,7 @@ pub enum HostMsg {
 
 struct VmEntry {
     spec: VmSpec,
+    desired: DesiredState,
     paths: VmPaths,
     /// `None` once the host gave up restarting its supervisor.
     actor: Option<ActorRef<VmMsg>>,
@@ -175,27 +193,48 @@ pub struct HostState {
     capacity: Capacity,
     vms: BTreeMap<String, VmEntry>,
     store: Option<Store>,
+    events: broadcast::Sender<(u64, Event)>,
+    /// Sequence numbers of events when there is no store.
+    event_seq: u64,
 }
 
 impl HostState {
     /// Writes a VM's record (when there is a store). A failure is logged: the VM runs on,
     /// and the next change writes the record again.
-    fn persist(&self, spec: &VmSpec, info: &VmInfo) {
-        let Some(store) = &self.store else { return };
+    fn persist(&self, name: &str) {
+        let (Some(store), Some(entry)) = (&self.store, self.vms.get(name)) else { return };
+        let info = &entry.last.info;
         let record =
-            VmRecord { spec: spec.clone(), desired: DesiredState::Running, pid: info.pid, restarts: info.restarts };
+            VmRecord { spec: entry.spec.clone(), desired: entry.desired, pid: info.pid, restarts: info.restarts };
         if let Err(e) = store.put_vm(&record) {
-            tracing::error!(vm = %spec.name, "cannot save the VM's record: {e}");
+            tracing::error!(vm = %name, "cannot save the VM's record: {e}");
         }
     }
 
-    fn event(&self, vm: &str, kind: EventKind, message: String) {
-        let Some(store) = &self.store else { return };
+    /// Records an event in the store and tells the watchers.
+    fn event(&mut self, vm: &str, kind: EventKind, message: String) {
         let at_ms =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-        if let Err(e) = store.append_event(&Event { at_ms, vm: Some(vm.to_string()), kind, message }) {
-            tracing::error!(vm, "cannot record an event: {e}");
-        }
+        let event = Event { at_ms, vm: Some(vm.to_string()), kind, message };
+        let seq = match &self.store {
+            Some(store) => match store.append_event(&event) {
+                Ok(seq) => seq,
+                Err(e) => {
+                    tracing::error!(vm, "cannot record an event: {e}");
+                    return;
+                }
+            },
+            None => {
+                self.event_seq += 1;
+                self.event_seq
+            }
+        };
+        // No receiver is not an error: nobody watches.
+        let _ = self.events.send((seq, event));
+    }
+
+    fn entry(&mut self, name: &str) -> Result<&mut VmEntry, HostError> {
+        self.vms.get_mut(name).ok_or_else(|| HostError::NotFound(name.to_string()))
     }
 
     fn used(&self) -> Capacity {
@@ -254,6 +293,19 @@ impl HostState {
     }
 }
 
+/// The event a change of phase makes, if any (`Starting` makes none: the boot's outcome does).
+fn phase_event(before: VmPhase, now: VmPhase) -> Option<EventKind> {
+    match (before, now) {
+        (b, n) if b == n => None,
+        (VmPhase::Paused, VmPhase::Running) => Some(EventKind::Resumed),
+        (_, VmPhase::Running) => Some(EventKind::Started),
+        (_, VmPhase::Paused) => Some(EventKind::Paused),
+        (_, VmPhase::Stopped) => Some(EventKind::Stopped),
+        (_, VmPhase::Failed) => Some(EventKind::Failed),
+        (_, VmPhase::Starting) => None,
+    }
+}
+
 fn unanswered(name: &str, e: impl std::fmt::Display) -> HostError {
     HostError::Unresponsive { name: name.to_string(), reason: e.to_string() }
 }
@@ -282,13 +334,22 @@ impl HostSupervisor {
         Ok(actor)
     }
 
-    async fn create(myself: &ActorRef<HostMsg>, state: &mut HostState, spec: VmSpec) -> Result<VmInfo, HostError> {
+    /// Admits `spec`, records it, and starts its supervisor: booting the VM when `start`,
+    /// else holding it `Stopped`. A refusal or a failed start changes nothing.
+    async fn create(
+        myself: &ActorRef<HostMsg>,
+        state: &mut HostState,
+        spec: VmSpec,
+        start: bool,
+    ) -> Result<VmInfo, HostError> {
         let paths = state.admit(&spec)?;
+        let desired = if start { DesiredState::Running } else { DesiredState::Stopped };
         // Recorded before it starts: a host that dies right after the start finds the VM.
         if let Some(store) = &state.store {
-            store.put_vm(&VmRecord { spec: spec.clone(), desired: DesiredState::Running, pid: None, restarts: 0 })?;
+            store.put_vm(&VmRecord { spec: spec.clone(), desired, pid: None, restarts: 0 })?;
         }
-        let info = match Self::start_entry(myself, state, spec.clone(), paths, None).await {
+        let adopt = (!start).then(|| Adopt::stopped(spec.restart));
+        let info = match Self::start_entry(myself, state, spec.clone(), desired, paths, adopt).await {
             Ok(info) => info,
             Err(e) => {
                 if let Some(store) = &state.store {
@@ -297,9 +358,9 @@ impl HostSupervisor {
                 return Err(e);
             }
         };
-        state.persist(&spec, &info);
+        state.persist(&spec.name);
         state.event(&spec.name, EventKind::Created, format!("created ({} vCPUs, {} MiB)", spec.vcpus, spec.mem_mib));
-        tracing::info!(vm = %spec.name, "VM created");
+        tracing::info!(vm = %spec.name, start, "VM created");
         Ok(info)
     }
 
@@ -308,6 +369,7 @@ impl HostSupervisor {
         myself: &ActorRef<HostMsg>,
         state: &mut HostState,
         spec: VmSpec,
+        desired: DesiredState,
         paths: VmPaths,
         adopt: Option<Adopt>,
     ) -> Result<VmInfo, HostError> {
@@ -326,6 +388,7 @@ impl HostSupervisor {
             spec.name.clone(),
             VmEntry {
                 spec,
+                desired,
                 paths,
                 actor: Some(actor),
                 last,
@@ -336,28 +399,67 @@ impl HostSupervisor {
         Ok(info)
     }
 
+    /// Boots a stopped VM and makes running its desired state.
+    async fn start(state: &mut HostState, name: &str) -> Result<VmInfo, HostError> {
+        let actor = state.actor(name)?;
+        let info = ractor::call_t!(actor, VmMsg::Start, CHILD_CALL_TIMEOUT.as_millis() as u64)
+            .map_err(|e| unanswered(name, e))??;
+        let entry = state.entry(name)?;
+        entry.desired = DesiredState::Running;
+        entry.last.info = info.clone();
+        state.persist(name);
+        Ok(info)
+    }
+
+    /// Shuts a VM down and makes stopped its desired state (written first, so that a host
+    /// that dies during the shutdown does not boot it again).
     async fn stop(state: &mut HostState, name: &str) -> Result<VmInfo, HostError> {
-        let entry = state.vms.get(name).ok_or_else(|| HostError::NotFound(name.to_string()))?;
-        let info = match &entry.actor {
-            Some(actor) => {
+        let actor = state.actor(name);
+        state.entry(name)?.desired = DesiredState::Stopped;
+        state.persist(name);
+        let info = match actor {
+            Ok(actor) => {
                 let timeout = state.config.stop_timeout;
                 let wait = timeout + Duration::from_secs(10);
-                let info = ractor::call_t!(actor, |reply| VmMsg::Stop { timeout, reply }, wait.as_millis() as u64)
-                    .map_err(|e| unanswered(name, e))??;
-                // Removed from the map first, so its termination event is not taken for a
-                // failure.
-                actor.stop(Some("VM stopped".into()));
-                info
+                ractor::call_t!(actor, |reply| VmMsg::Stop { timeout, reply }, wait.as_millis() as u64)
+                    .map_err(|e| unanswered(name, e))??
             }
-            None => entry.last.info.clone(),
+            Err(HostError::GaveUp { .. }) => state.entry(name)?.last.info.clone(),
+            Err(e) => return Err(e),
         };
-        state.vms.remove(name);
+        state.entry(name)?.last.info = info.clone();
+        state.persist(name);
+        Ok(info)
+    }
+
+    /// Stops a VM, stops its supervisor and forgets the VM.
+    async fn delete(state: &mut HostState, name: &str) -> Result<VmInfo, HostError> {
+        let info = Self::stop(state, name).await?;
         if let Some(store) = &state.store {
             store.delete_vm(name)?;
         }
-        state.event(name, EventKind::Deleted, "stopped and removed".into());
-        tracing::info!(vm = %name, "VM stopped and removed");
+        // Removed from the map first, so its supervisor's end is not taken for a failure.
+        if let Some(actor) = state.vms.remove(name).and_then(|e| e.actor) {
+            actor.stop(Some("VM deleted".into()));
+        }
+        state.event(name, EventKind::Deleted, "stopped and deleted".into());
+        tracing::info!(vm = %name, "VM deleted");
         Ok(info)
+    }
+
+    fn events(
+        state: &HostState,
+        after: u64,
+        limit: usize,
+    ) -> Result<(Vec<(u64, Event)>, broadcast::Receiver<(u64, Event)>), HostError> {
+        // Subscribed first: an event between the read and the subscription is not lost
+        // (a watcher skips what it has seen by sequence number).
+        let receiver = state.events.subscribe();
+        let past = match &state.store {
+            Some(store) => store.events_after(after, limit)?,
+            None => Vec::new(),
+        };
+        Ok((past, receiver))
     }
 
     /// A VmSupervisor died (`why`): restart it in adopt mode, within the restart intensity.
@@ -400,19 +502,28 @@ impl HostSupervisor {
         for record in records {
             let name = record.spec.name.clone();
             let paths = VmPaths::new(&state.config.runtime_dir, &record.spec);
+            let phase = match (record.pid, record.desired) {
+                (Some(_), _) => VmPhase::Running,
+                (None, DesiredState::Running) => VmPhase::Starting,
+                (None, DesiredState::Stopped) => VmPhase::Stopped,
+            };
             let adopt = Adopt {
                 pid: record.pid,
-                phase: if record.pid.is_some() { VmPhase::Running } else { VmPhase::Starting },
+                phase,
                 restarts: record.restarts,
                 last_exit: None,
                 tracker: RestartTracker::new(record.spec.restart),
             };
-            match Self::start_entry(myself, state, record.spec.clone(), paths, Some(adopt)).await {
+            match Self::start_entry(myself, state, record.spec.clone(), record.desired, paths, Some(adopt)).await {
                 Ok(info) => {
                     let same = info.pid.is_some() && info.pid == record.pid;
-                    let what = if same { "re-adopted its running VMM process" } else { "its VMM process was gone" };
+                    let what = match (same, record.pid) {
+                        (true, _) => "re-adopted its running VMM process",
+                        (false, Some(_)) => "its VMM process was gone",
+                        (false, None) => "taken back",
+                    };
                     tracing::info!(vm = %name, pid = ?info.pid, "{what}");
-                    state.persist(&record.spec, &info);
+                    state.persist(&name);
                     state.event(&name, EventKind::Adopted, what.into());
                 }
                 Err(e) => {
@@ -425,7 +536,7 @@ impl HostSupervisor {
     }
 
     /// No supervisor any more: kill its VMM (an unsupervised guest would hold capacity
-    /// nobody can manage) and keep the entry, `Failed`, until `StopVm` removes it.
+    /// nobody can manage) and keep the entry, `Failed`, until `DeleteVm` removes it.
     fn give_up(entry: &mut VmEntry) {
         if let Some(pid) = entry.last.info.pid
             && VmmProcess::is_vmm_of(pid, &entry.paths.socket)
@@ -456,7 +567,8 @@ impl Actor for HostSupervisor {
         };
         tracing::info!(vcpus = capacity.vcpus, mem_mib = capacity.mem_mib, "host supervisor started");
         let store = config.data_dir.as_deref().map(Store::open).transpose()?;
-        let mut state = HostState { config, capacity, vms: BTreeMap::new(), store };
+        let (events, _) = broadcast::channel(EVENT_BACKLOG);
+        let mut state = HostState { config, capacity, vms: BTreeMap::new(), store, events, event_seq: 0 };
         Self::readopt(&myself, &mut state).await?;
         Ok(state)
     }
@@ -469,12 +581,22 @@ impl Actor for HostSupervisor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             HostMsg::CreateVm(spec, reply) => {
-                let result = Self::create(&myself, state, spec).await;
-                let _ = reply.send(result);
+                let _ = reply.send(Self::create(&myself, state, spec, true).await);
+            }
+            HostMsg::DefineVm(spec, reply) => {
+                let _ = reply.send(Self::create(&myself, state, spec, false).await);
+            }
+            HostMsg::StartVm(name, reply) => {
+                let _ = reply.send(Self::start(state, &name).await);
             }
             HostMsg::StopVm(name, reply) => {
-                let result = Self::stop(state, &name).await;
-                let _ = reply.send(result);
+                let _ = reply.send(Self::stop(state, &name).await);
+            }
+            HostMsg::DeleteVm(name, reply) => {
+                let _ = reply.send(Self::delete(state, &name).await);
+            }
+            HostMsg::Events { after, limit, reply } => {
+                let _ = reply.send(Self::events(state, after, limit));
             }
             HostMsg::ListVms(reply) => {
                 let _ = reply.send(state.vms.values().map(|e| e.last.info.clone()).collect());
@@ -506,21 +628,22 @@ impl Actor for HostSupervisor {
             }
             HostMsg::VmChanged(report) => {
                 let Some(entry) = state.vms.get_mut(&report.info.name) else { return Ok(()) };
-                let before = std::mem::replace(&mut entry.last, report);
-                let (spec, now) = (entry.spec.clone(), entry.last.info.clone());
-                if now.pid != before.info.pid || now.restarts != before.info.restarts {
-                    state.persist(&spec, &now);
+                let before = std::mem::replace(&mut entry.last, report).info;
+                let now = entry.last.info.clone();
+                if now.pid != before.pid || now.restarts != before.restarts {
+                    state.persist(&now.name);
                 }
-                if now.restarts > before.info.restarts {
-                    state.event(
-                        &spec.name,
-                        EventKind::Restarted,
-                        format!("restart {} after {:?}", now.restarts, now.last_exit),
-                    );
+                if now.restarts > before.restarts {
+                    let exit = now.last_exit.map_or_else(|| "an unknown exit".to_string(), |e| e.to_string());
+                    state.event(&now.name, EventKind::Restarted, format!("restart {} after {exit}", now.restarts));
                 }
-                if now.phase != before.info.phase && matches!(now.phase, VmPhase::Failed | VmPhase::Stopped) {
-                    let kind = if now.phase == VmPhase::Failed { EventKind::Failed } else { EventKind::Stopped };
-                    state.event(&spec.name, kind, format!("{} ({:?})", now.phase, now.last_exit));
+                if let Some(kind) = phase_event(before.phase, now.phase) {
+                    let message = match (&now.error, now.last_exit) {
+                        (Some(error), _) => format!("{}: {error}", now.phase),
+                        (None, Some(exit)) if kind != EventKind::Paused => format!("{} ({exit})", now.phase),
+                        _ => now.phase.to_string(),
+                    };
+                    state.event(&now.name, kind, message);
                 }
             }
         }

@@ -9,7 +9,7 @@ use crate::process::{Launch, ProcessError, VmmProcess, api_call};
 use crate::spec::VmSpec;
 use crate::supervisor::policy::{Decision, ProcessExit, RestartTracker};
 use novacron_vmm::api::client::ClientError;
-use novacron_vmm::api::{ApiError, Request, VmState};
+use novacron_vmm::api::{ApiError, Request, Response, VmState};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -101,6 +101,8 @@ pub enum VmError {
     },
     #[error("cannot start VM {name}: {reason}")]
     Start { name: String, reason: String },
+    #[error("cannot {what} VM {name} while it is {phase}; stop it first")]
+    Busy { name: String, phase: VmPhase, what: &'static str },
     #[error(
         "cannot re-adopt the VMM process {pid} of VM {name}: {reason}; stop that process by hand if it is still running"
     )]
@@ -132,6 +134,13 @@ pub struct Adopt {
 pub struct VmReport {
     pub info: VmInfo,
     pub tracker: RestartTracker,
+}
+
+impl Adopt {
+    /// A VM defined but not started: no process, and the supervisor starts none.
+    pub fn stopped(policy: crate::RestartPolicy) -> Self {
+        Adopt { pid: None, phase: VmPhase::Stopped, restarts: 0, last_exit: None, tracker: RestartTracker::new(policy) }
+    }
 }
 
 impl VmReport {
@@ -170,9 +179,28 @@ pub enum VmMsg {
         timeout: Duration,
         reply: RpcReplyPort<Result<VmInfo, VmError>>,
     },
+    /// Boots a `Stopped` or `Failed` VM from the snapshot in `from` instead of its spec
+    /// (later restarts boot from the spec).
+    Restore {
+        from: PathBuf,
+        reply: RpcReplyPort<Result<VmInfo, VmError>>,
+    },
+    /// Sends `request` to the VMM's control socket and answers its response. The call runs
+    /// beside the actor (a snapshot or a migration takes a while; `GetInfo` and the rest
+    /// are answered meanwhile). A `Snapshot { paused: true }` leaves the phase `Paused`.
+    Control {
+        request: Request,
+        timeout: Duration,
+        reply: RpcReplyPort<Result<Response, VmError>>,
+    },
     /// Tests only: panics inside the actor.
     #[doc(hidden)]
     Crash,
+    /// A `Control` request that pauses the VM succeeded for the process of `generation`.
+    #[doc(hidden)]
+    PausedBy {
+        generation: u64,
+    },
     /// The process of `generation` has ended.
     #[doc(hidden)]
     Exited {
@@ -260,10 +288,14 @@ impl VmSupervisorState {
     }
 
     fn control_error(&self, e: ClientError) -> VmError {
-        match e {
-            ClientError::Refused(source) => VmError::Refused { name: self.spec.name.clone(), source },
-            source => VmError::Control { name: self.spec.name.clone(), source },
-        }
+        control_error(&self.spec.name, e)
+    }
+}
+
+fn control_error(name: &str, e: ClientError) -> VmError {
+    match e {
+        ClientError::Refused(source) => VmError::Refused { name: name.to_string(), source },
+        source => VmError::Control { name: name.to_string(), source },
     }
 }
 
@@ -284,6 +316,19 @@ fn launch(spec: &VmSpec, paths: &VmPaths, binary: &Path) -> Launch {
     if !spec.cmdline.is_empty() {
         args.extend(["--cmdline".into(), spec.cmdline.clone().into()]);
     }
+    Launch { binary: binary.to_owned(), args, log: paths.log.clone() }
+}
+
+/// The same VM continued from the snapshot in `from` (its shape comes from the snapshot).
+fn restore_launch(paths: &VmPaths, binary: &Path, from: &Path) -> Launch {
+    let args = vec![
+        "--api-sock".into(),
+        paths.socket.clone().into(),
+        "--serial-file".into(),
+        paths.serial.clone().into(),
+        "--restore-from".into(),
+        from.into(),
+    ];
     Launch { binary: binary.to_owned(), args, log: paths.log.clone() }
 }
 
@@ -351,10 +396,14 @@ fn phase_of(state: VmState) -> VmPhase {
 pub struct VmSupervisor;
 
 impl VmSupervisor {
-    fn start_process(myself: &ActorRef<VmMsg>, state: &mut VmSupervisorState) {
+    fn start_process(myself: &ActorRef<VmMsg>, state: &mut VmSupervisorState, restore: Option<&Path>) {
         state.generation += 1;
         rotate_serial(&state.paths.serial);
-        let started = VmmProcess::spawn(&state.launch).and_then(|process| {
+        let launch = match restore {
+            Some(from) => restore_launch(&state.paths, &state.launch.binary, from),
+            None => state.launch.clone(),
+        };
+        let started = VmmProcess::spawn(&launch).and_then(|process| {
             let watcher = watch_exit(myself, &process, state.generation)?;
             let probe = probe_start(myself, state.paths.socket.clone(), state.generation);
             Ok(Running { process, _tasks: vec![watcher, probe] })
@@ -543,7 +592,7 @@ impl Actor for VmSupervisor {
                 .map_err(|source| VmError::Process { name: state.spec.name.clone(), source })?;
             running._tasks.push(watcher);
         } else if state.phase == VmPhase::Starting {
-            Self::start_process(&myself, state);
+            Self::start_process(&myself, state, None);
         }
         state.report();
         Ok(())
@@ -567,7 +616,7 @@ impl Actor for VmSupervisor {
             }
             VmMsg::Start(reply) => {
                 if state.process.is_none() {
-                    Self::start_process(&myself, state);
+                    Self::start_process(&myself, state, None);
                 }
                 let result = match (state.phase, &state.error) {
                     (VmPhase::Failed, Some(reason)) => {
@@ -579,6 +628,39 @@ impl Actor for VmSupervisor {
             }
             VmMsg::Stop { timeout, reply } => {
                 let _ = reply.send(Ok(Self::stop(state, timeout).await));
+            }
+            VmMsg::Restore { from, reply } => {
+                let result = if state.process.is_some() {
+                    Err(VmError::Busy { name: state.spec.name.clone(), phase: state.phase, what: "restore" })
+                } else {
+                    Self::start_process(&myself, state, Some(&from));
+                    match (state.phase, &state.error) {
+                        (VmPhase::Failed, Some(reason)) => {
+                            Err(VmError::Start { name: state.spec.name.clone(), reason: reason.clone() })
+                        }
+                        _ => Ok(state.info()),
+                    }
+                };
+                let _ = reply.send(result);
+            }
+            VmMsg::Control { request, timeout, reply } => {
+                if state.process.is_none() || !matches!(state.phase, VmPhase::Running | VmPhase::Paused) {
+                    let _ = reply.send(Err(state.not_running()));
+                } else {
+                    let pauses = matches!(request, Request::Snapshot { paused: true, .. });
+                    let (me, socket, generation, name) =
+                        (myself.clone(), state.paths.socket.clone(), state.generation, state.spec.name.clone());
+                    tokio::spawn(async move {
+                        let result = api_call(&socket, request, timeout).await.map_err(|e| control_error(&name, e));
+                        if pauses && result.is_ok() {
+                            let _ = me.cast(VmMsg::PausedBy { generation });
+                        }
+                        let _ = reply.send(result);
+                    });
+                }
+            }
+            VmMsg::PausedBy { generation } if generation == state.generation => {
+                state.phase = VmPhase::Paused;
             }
             VmMsg::Crash => panic!("VmSupervisor {}: crash injected by a test", state.spec.name),
             VmMsg::Exited { generation } if generation == state.generation => {
@@ -609,9 +691,13 @@ impl Actor for VmSupervisor {
                 }
             }
             VmMsg::RestartNow { generation } if generation == state.generation && state.process.is_none() => {
-                Self::start_process(&myself, state);
+                Self::start_process(&myself, state, None);
             }
-            VmMsg::Exited { .. } | VmMsg::Ready { .. } | VmMsg::StartTimedOut { .. } | VmMsg::RestartNow { .. } => {
+            VmMsg::Exited { .. }
+            | VmMsg::Ready { .. }
+            | VmMsg::StartTimedOut { .. }
+            | VmMsg::RestartNow { .. }
+            | VmMsg::PausedBy { .. } => {
                 tracing::debug!(vm = %state.spec.name, "stale message of an earlier VMM process ignored");
             }
         }

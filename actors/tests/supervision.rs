@@ -199,8 +199,8 @@ async fn kvm_admission_refuses_oversized_duplicate_and_badly_named_vms_and_chang
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kvm_stop_vm_shuts_the_guest_down_cleanly_and_frees_its_capacity() {
-    if !kvm_or_skip("kvm_stop_vm_shuts_the_guest_down_cleanly_and_frees_its_capacity") {
+async fn kvm_stop_start_delete_a_vm() {
+    if !kvm_or_skip("kvm_stop_start_delete_a_vm") {
         return;
     }
     let host = Host::start(|_| {}).await;
@@ -208,14 +208,27 @@ async fn kvm_stop_vm_shuts_the_guest_down_cleanly_and_frees_its_capacity() {
     let running = host.wait_running("brief").await;
     SerialTail::new(&created.serial_log).wait_heartbeat(2).await;
 
+    // Stop: a clean shutdown; the VM stays defined and holds its capacity.
     let stopped = ractor::call!(host.actor, HostMsg::StopVm, "brief".to_string()).unwrap().unwrap();
-    let again = ractor::call!(host.actor, HostMsg::StopVm, "brief".to_string()).unwrap();
-    let info = host.info().await;
-
     assert_eq!(stopped.phase, VmPhase::Stopped);
     assert_eq!(stopped.last_exit, Some(ProcessExit::Code(0)), "a shutdown through the socket, not a kill");
     assert_eq!(stopped.pid, None);
     assert!(!std::path::Path::new(&format!("/proc/{}", running.pid.unwrap())).exists(), "the process is gone");
+    let listed: Vec<_> = host.list().await.into_iter().map(|i| (i.name, i.phase)).collect();
+    assert_eq!(listed, [("brief".to_string(), VmPhase::Stopped)]);
+    assert_eq!(host.info().await.used, Capacity { vcpus: 1, mem_mib: 64 });
+
+    // Start: a fresh boot of the same VM.
+    let started = ractor::call!(host.actor, HostMsg::StartVm, "brief".to_string()).unwrap().unwrap();
+    assert!(started.pid.is_some() && started.pid != running.pid, "{started:?}");
+    SerialTail::new(&created.serial_log).wait_heartbeat(1).await;
+
+    // Delete: stopped and forgotten, its capacity free.
+    let deleted = ractor::call!(host.actor, HostMsg::DeleteVm, "brief".to_string()).unwrap().unwrap();
+    let again = ractor::call!(host.actor, HostMsg::DeleteVm, "brief".to_string()).unwrap();
+    let info = host.info().await;
+    assert_eq!((deleted.phase, deleted.pid), (VmPhase::Stopped, None));
+    assert!(!std::path::Path::new(&format!("/proc/{}", started.pid.unwrap())).exists(), "the process is gone");
     assert!(matches!(again, Err(HostError::NotFound(ref n)) if n == "brief"));
     assert!(host.list().await.is_empty());
     assert_eq!((info.vms, info.used), (0, Capacity { vcpus: 0, mem_mib: 0 }));
