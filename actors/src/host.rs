@@ -144,6 +144,13 @@ pub enum HostError {
     Store(#[from] StoreError),
 }
 
+/// What `Events` answers: the recorded events asked for, and every later one as it comes.
+pub struct EventFeed {
+    pub past: Vec<(u64, Event)>,
+    /// Lagging more than 4,096 events behind loses the oldest (the receiver says how many).
+    pub live: broadcast::Receiver<(u64, Event)>,
+}
+
 pub enum HostMsg {
     /// Admits and starts a VM; answers once its supervisor runs (the guest may still boot).
     CreateVm(VmSpec, RpcReplyPort<Result<VmInfo, HostError>>),
@@ -157,12 +164,12 @@ pub enum HostMsg {
     /// Stops a VM if it runs, stops its supervisor, forgets it and frees its capacity.
     /// Answers the VM's last info.
     DeleteVm(String, RpcReplyPort<Result<VmInfo, HostError>>),
-    /// Events with sequence numbers above `after` (at most `limit`), oldest first, and a
-    /// receiver of every later one.
+    /// Events with sequence numbers above `after` (at most `limit`), oldest first, and
+    /// every later one.
     Events {
         after: u64,
         limit: usize,
-        reply: RpcReplyPort<Result<(Vec<(u64, Event)>, broadcast::Receiver<(u64, Event)>), HostError>>,
+        reply: RpcReplyPort<Result<EventFeed, HostError>>,
     },
     /// Every VM, by name, as last reported by its supervisor.
     ListVms(RpcReplyPort<Vec<VmInfo>>),
@@ -451,7 +458,7 @@ impl HostSupervisor {
         state: &HostState,
         after: u64,
         limit: usize,
-    ) -> Result<(Vec<(u64, Event)>, broadcast::Receiver<(u64, Event)>), HostError> {
+    ) -> Result<EventFeed, HostError> {
         // Subscribed first: an event between the read and the subscription is not lost
         // (a watcher skips what it has seen by sequence number).
         let receiver = state.events.subscribe();
@@ -459,7 +466,7 @@ impl HostSupervisor {
             Some(store) => store.events_after(after, limit)?,
             None => Vec::new(),
         };
-        Ok((past, receiver))
+        Ok(EventFeed { past, live: receiver })
     }
 
     /// A VmSupervisor died (`why`): restart it in adopt mode, within the restart intensity.

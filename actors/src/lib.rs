@@ -17,7 +17,7 @@ pub mod store;
 pub mod supervisor;
 pub mod vm;
 
-pub use host::{Capacity, HostConfig, HostError, HostInfo, HostMsg, HostSupervisor};
+pub use host::{Capacity, EventFeed, HostConfig, HostError, HostInfo, HostMsg, HostSupervisor};
 pub use spec::{SpecError, VmSpec};
 pub use supervisor::policy::{Decision, ProcessExit, RestartPolicy, RestartTracker};
 pub use vm::{VmError, VmInfo, VmMsg, VmPhase, VmSupervisor};
