@@ -32,16 +32,17 @@ enum Command {
     /// Boot the bundled test guest with its memory workload, pause and resume it through
     /// its control socket, and report what the guest verified. Needs only /dev/kvm.
     Demo(crate::demo::DemoArgs),
-    /// Run and control virtual machines.
+    /// Run one VM in a VMM process and control it through its control socket, with no
+    /// daemon.
     #[command(subcommand)]
-    Vm(VmCommand),
+    Vmm(VmmCommand),
     /// The cluster's TLS certificates (migration peers authenticate each other with them).
     #[command(subcommand)]
     Certs(crate::migrate::CertsCommand),
 }
 
 #[derive(Subcommand)]
-enum VmCommand {
+enum VmmCommand {
     /// Boot a VM in this process and stream its serial console to stdout until the guest
     /// powers off or Ctrl-C. Without --kernel, boots the bundled test guest.
     Run(VmArgs),
@@ -57,9 +58,9 @@ enum VmCommand {
     SetLimit(SetLimitArgs),
     /// Write a snapshot of a running VM (it pauses for the writing, then goes on).
     Snapshot(SnapshotArgs),
-    /// Continue a VM from a snapshot in this process, as `vm run` does.
+    /// Continue a VM from a snapshot in this process, as `vmm run` does.
     Restore(RestoreArgs),
-    /// Move a running VM to another host's `vm receive`, live (pre-copy over QUIC).
+    /// Move a running VM to another host's `vmm receive`, live (pre-copy over QUIC).
     Migrate(crate::migrate::MigrateArgs),
     /// Stop a running migration; the VM stays (or becomes again) the one running here.
     MigrateCancel(SocketArgs),
@@ -121,7 +122,7 @@ enum Direction {
 struct SetLimitArgs {
     #[command(flatten)]
     socket: SocketArgs,
-    /// The device, by name: disk0, net0, rng0... (`vm status` lists them).
+    /// The device, by name: disk0, net0, rng0... (`vmm status` lists them).
     #[arg(long)]
     device: String,
     /// For a network interface: which direction's limiter.
@@ -244,7 +245,7 @@ fn print_status(s: &VmStatus, output: OutputFormat) {
     }
 }
 
-fn vm_command(cmd: VmCommand) -> i32 {
+fn vmm_command(cmd: VmmCommand) -> i32 {
     let done = |r: Result<Option<VmStatus>, i32>, what: &str| match r {
         Ok(_) => {
             println!("{what}");
@@ -253,18 +254,18 @@ fn vm_command(cmd: VmCommand) -> i32 {
         Err(code) => code,
     };
     match cmd {
-        VmCommand::Run(args) => run_vm(&args),
-        VmCommand::Pause(s) => done(control("pause", &s, Request::Pause), "paused"),
-        VmCommand::Resume(s) => done(control("resume", &s, Request::Resume), "resumed"),
-        VmCommand::Shutdown(s) => done(control("shut down", &s, Request::Shutdown), "shut down"),
-        VmCommand::SetLimit(a) => set_limit(a),
-        VmCommand::Snapshot(a) => snapshot(a),
-        VmCommand::Restore(a) => restore_vm(&a),
-        VmCommand::Migrate(a) => crate::migrate::migrate(a),
-        VmCommand::MigrateCancel(s) => crate::migrate::migrate_cancel(s.api_sock),
-        VmCommand::MigrateSet(a) => crate::migrate::migrate_set(a),
-        VmCommand::Receive(a) => receive_vm(&a),
-        VmCommand::Status(a) => match control("query", &a.socket, Request::Status) {
+        VmmCommand::Run(args) => run_vm(&args),
+        VmmCommand::Pause(s) => done(control("pause", &s, Request::Pause), "paused"),
+        VmmCommand::Resume(s) => done(control("resume", &s, Request::Resume), "resumed"),
+        VmmCommand::Shutdown(s) => done(control("shut down", &s, Request::Shutdown), "shut down"),
+        VmmCommand::SetLimit(a) => set_limit(a),
+        VmmCommand::Snapshot(a) => snapshot(a),
+        VmmCommand::Restore(a) => restore_vm(&a),
+        VmmCommand::Migrate(a) => crate::migrate::migrate(a),
+        VmmCommand::MigrateCancel(s) => crate::migrate::migrate_cancel(s.api_sock),
+        VmmCommand::MigrateSet(a) => crate::migrate::migrate_set(a),
+        VmmCommand::Receive(a) => receive_vm(&a),
+        VmmCommand::Status(a) => match control("query", &a.socket, Request::Status) {
             Ok(Some(status)) => {
                 print_status(&status, a.output);
                 0
@@ -286,7 +287,7 @@ pub fn main() -> i32 {
     };
     match cli.command {
         Command::Demo(args) => crate::demo::run(&args),
-        Command::Vm(cmd) => vm_command(cmd),
+        Command::Vmm(cmd) => vmm_command(cmd),
         Command::Certs(cmd) => crate::migrate::certs(cmd),
     }
 }

@@ -105,7 +105,7 @@ fn scenario(args: &DemoArgs, sock: &Path, f: &mut Findings) -> Result<(), String
     ));
     let mut cmd = Command::new(exe);
     cmd.args([
-        "vm",
+        "vmm",
         "run",
         "--vcpus",
         &args.vcpus.to_string(),
@@ -172,7 +172,7 @@ fn migrate(mut vm: Watched, sock: &Path, f: &mut Findings) -> Result<(Watched, P
     let dst_sock = dir.join("demo-dst.sock");
     step(&format!("Live-migrating the running VM to a second VMM process on {addr} (QUIC, mutual TLS)"));
     let mut cmd = Command::new(exe);
-    cmd.args(["vm", "receive", "--listen", &addr.to_string()]).arg("--api-sock").arg(&dst_sock);
+    cmd.args(["vmm", "receive", "--listen", &addr.to_string()]).arg("--api-sock").arg(&dst_sock);
     cmd.arg("--tls-dir").arg(&tls);
     let mut dst = Watched::spawn(cmd).map_err(|e| error_chain(&e))?;
     let deadline = Instant::now() + TIMEOUT;

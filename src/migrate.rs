@@ -1,5 +1,5 @@
-//! The migration commands: `vm migrate` (with its progress display and report),
-//! `vm migrate-cancel`, `vm migrate-set`, and `certs init` / `certs issue`.
+//! The migration commands: `vmm migrate` (with its progress display and report),
+//! `vmm migrate-cancel`, `vmm migrate-set`, and `certs init` / `certs issue`.
 
 use clap::{Args, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -43,7 +43,7 @@ pub struct MigrateArgs {
     /// The VM's control socket.
     #[arg(long, value_name = "PATH")]
     api_sock: PathBuf,
-    /// The receiving VMM (`vm receive --listen`): HOST:PORT.
+    /// The receiving VMM (`vmm receive --listen`): HOST:PORT.
     #[arg(long, value_name = "ADDR")]
     to: String,
     /// TLS directory (ca.pem, node.pem, node.key). Default: $NOVACRON_TLS_DIR or
@@ -51,7 +51,7 @@ pub struct MigrateArgs {
     #[arg(long, value_name = "DIR")]
     tls_dir: Option<PathBuf>,
     /// Bandwidth limit: bytes/s with an optional k, M or G (powers of 1000), or bits/s as
-    /// e.g. 200Mbit. Default: none. Change it during the migration with `vm migrate-set`.
+    /// e.g. 200Mbit. Default: none. Change it during the migration with `vmm migrate-set`.
     #[arg(long, value_name = "RATE", value_parser = parse_rate)]
     max_bandwidth: Option<u64>,
     /// Longest pause of the guest allowed for the switchover.
@@ -66,7 +66,7 @@ pub struct MigrateArgs {
     #[arg(long, value_name = "MIB", default_value_t = 64)]
     delta_cache: u64,
     /// After the VM has moved, keep a snapshot of it in DIR: a later migration back to
-    /// this host (`vm receive --base DIR`) sends only what changed.
+    /// this host (`vmm receive --base DIR`) sends only what changed.
     #[arg(long, value_name = "DIR")]
     keep_snapshot: Option<PathBuf>,
     /// Print the report as JSON.
@@ -82,7 +82,7 @@ pub struct MigrateArgs {
 pub struct MigrateSetArgs {
     #[arg(long, value_name = "PATH")]
     api_sock: PathBuf,
-    /// New bandwidth limit (as for `vm migrate`), or "off".
+    /// New bandwidth limit (as for `vmm migrate`), or "off".
     #[arg(long, value_name = "RATE")]
     max_bandwidth: String,
 }

@@ -1,4 +1,4 @@
-//! The `novacron` command line: bad input gets one line and a non-zero status; `vm run`
+//! The `novacron` command line: bad input gets one line and a non-zero status; `vmm run`
 //! boots the bundled test guest; the control commands talk to a running VM.
 
 use novacron_guest_image::report::GuestLine;
@@ -38,7 +38,7 @@ fn test_vm_run_bad_arguments_get_one_line_errors() {
         (vec!["--bogus".into()], "--bogus"),
     ];
     for (args, needle) in cases {
-        let mut full = vec!["vm", "run"];
+        let mut full = vec!["vmm", "run"];
         full.extend(args.iter().map(String::as_str));
         assert_one_line_error(&novacron(&full), needle);
     }
@@ -49,14 +49,14 @@ fn test_control_commands_without_a_vm_say_what_to_check() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("nobody.sock");
     for verb in ["pause", "resume", "status", "shutdown"] {
-        let out = novacron(&["vm", verb, "--api-sock", sock.to_str().unwrap()]);
+        let out = novacron(&["vmm", verb, "--api-sock", sock.to_str().unwrap()]);
         assert_one_line_error(&out, "is the VM running");
     }
 }
 
 #[test]
 fn test_unknown_command_is_one_line() {
-    assert_one_line_error(&novacron(&["vm", "teleport"]), "teleport");
+    assert_one_line_error(&novacron(&["vmm", "teleport"]), "teleport");
 }
 
 #[test]
@@ -67,19 +67,19 @@ fn kvm_cli_vm_run_boots_test_guest_and_controls_it() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("vm.sock");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_novacron"));
-    cmd.args(["vm", "run", "--vcpus", "2", "--mem", "128", "--cmdline", "ws=8 hb=100 verify=300", "--api-sock"])
+    cmd.args(["vmm", "run", "--vcpus", "2", "--mem", "128", "--cmdline", "ws=8 hb=100 verify=300", "--api-sock"])
         .arg(&sock);
     let mut vm = Watched::spawn(cmd).unwrap();
     vm.wait_verified(1, TIMEOUT).unwrap();
 
-    let status = novacron(&["vm", "status", "--api-sock", sock.to_str().unwrap(), "--output", "json"]);
-    let paused = novacron(&["vm", "pause", "--api-sock", sock.to_str().unwrap()]);
-    let table = novacron(&["vm", "status", "--api-sock", sock.to_str().unwrap()]);
-    let resumed = novacron(&["vm", "resume", "--api-sock", sock.to_str().unwrap()]);
+    let status = novacron(&["vmm", "status", "--api-sock", sock.to_str().unwrap(), "--output", "json"]);
+    let paused = novacron(&["vmm", "pause", "--api-sock", sock.to_str().unwrap()]);
+    let table = novacron(&["vmm", "status", "--api-sock", sock.to_str().unwrap()]);
+    let resumed = novacron(&["vmm", "resume", "--api-sock", sock.to_str().unwrap()]);
     let seq = *vm.heartbeats().last().unwrap();
     vm.wait_for("a heartbeat after resume", TIMEOUT, |l| matches!(l.parsed, GuestLine::Heartbeat(s) if s > seq))
         .unwrap();
-    let shut = novacron(&["vm", "shutdown", "--api-sock", sock.to_str().unwrap()]);
+    let shut = novacron(&["vmm", "shutdown", "--api-sock", sock.to_str().unwrap()]);
     let (exit, _) = vm.wait_exit(TIMEOUT).unwrap();
 
     let json: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();

@@ -18,24 +18,24 @@ fn free_addr() -> String {
     s.local_addr().unwrap().to_string()
 }
 
-/// `novacron vm run` with the test guest and a control socket; waits for two verdicts.
+/// `novacron vmm run` with the test guest and a control socket; waits for two verdicts.
 fn source(dir: &Path, vcpus: u8, mem: u64, cmdline: &str) -> Host {
     let sock = dir.join("src.sock");
     let mut cmd = novacron();
-    cmd.args(["vm", "run", "--vcpus", &vcpus.to_string(), "--mem", &mem.to_string(), "--cmdline", cmdline]);
+    cmd.args(["vmm", "run", "--vcpus", &vcpus.to_string(), "--mem", &mem.to_string(), "--cmdline", cmdline]);
     cmd.arg("--api-sock").arg(&sock);
     let mut vm = Watched::spawn(cmd).unwrap();
     vm.wait_verified(2, TIMEOUT).unwrap();
     Host { vm, sock }
 }
 
-/// `novacron vm receive` on a free port; returns once it listens (its control socket is
+/// `novacron vmm receive` on a free port; returns once it listens (its control socket is
 /// bound right after the listener).
 fn receiver(dir: &Path, tls: &Path, extra: &[&str]) -> (Host, String) {
     let addr = free_addr();
     let sock = dir.join("dst.sock");
     let mut cmd = novacron();
-    cmd.args(["vm", "receive", "--listen", &addr]).arg("--tls-dir").arg(tls).arg("--api-sock").arg(&sock);
+    cmd.args(["vmm", "receive", "--listen", &addr]).arg("--tls-dir").arg(tls).arg("--api-sock").arg(&sock);
     cmd.args(extra);
     let vm = Watched::spawn(cmd).unwrap();
     let deadline = Instant::now() + TIMEOUT;
@@ -48,7 +48,7 @@ fn receiver(dir: &Path, tls: &Path, extra: &[&str]) -> (Host, String) {
 
 fn migrate_cmd(src: &Host, addr: &str, tls: &Path, extra: &[&str]) -> Command {
     let mut cmd = novacron();
-    cmd.args(["vm", "migrate", "--to", addr, "--json"]).arg("--api-sock").arg(&src.sock).arg("--tls-dir").arg(tls);
+    cmd.args(["vmm", "migrate", "--to", addr, "--json"]).arg("--api-sock").arg(&src.sock).arg("--tls-dir").arg(tls);
     cmd.args(extra);
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     cmd
@@ -124,7 +124,7 @@ fn kvm_migrate_cancel_midway_keeps_the_source() {
         return;
     }
     let (_dir, mut src, mut dst, child) = midway();
-    let cancel = novacron().args(["vm", "migrate-cancel"]).arg("--api-sock").arg(&src.sock).output().unwrap();
+    let cancel = novacron().args(["vmm", "migrate-cancel"]).arg("--api-sock").arg(&src.sock).output().unwrap();
     let out = child.wait_with_output().unwrap();
 
     assert!(cancel.status.success(), "{}", stderr(&cancel));
@@ -239,7 +239,7 @@ fn kvm_migrate_bandwidth_limit_holds_and_can_change() {
     let child = migrate_cmd(&src, &addr, &tls, &["--max-bandwidth", "1M", "--compress", "none"]).spawn().unwrap();
     std::thread::sleep(Duration::from_secs(1));
     let set = novacron()
-        .args(["vm", "migrate-set", "--max-bandwidth", "50M"])
+        .args(["vmm", "migrate-set", "--max-bandwidth", "50M"])
         .arg("--api-sock")
         .arg(&src.sock)
         .output()

@@ -430,21 +430,21 @@ impl Drop for Relay {
 // ---------------------------------------------------------------------------------------
 // The VMs
 
-/// `novacron vm run` with the test guest in namespace `ns`; waits for two verdicts.
+/// `novacron vmm run` with the test guest in namespace `ns`; waits for two verdicts.
 fn source(ns: &str, dir: &Path) -> Host {
     let sock = dir.join("src.sock");
     let mut cmd = novacron_in(ns);
-    cmd.args(["vm", "run", "--vcpus", VCPUS, "--mem", MEM_MIB, "--cmdline", GUEST]).arg("--api-sock").arg(&sock);
+    cmd.args(["vmm", "run", "--vcpus", VCPUS, "--mem", MEM_MIB, "--cmdline", GUEST]).arg("--api-sock").arg(&sock);
     let mut vm = Watched::spawn(cmd).unwrap();
     vm.wait_verified(2, TIMEOUT).unwrap();
     Host { vm, sock }
 }
 
-/// `novacron vm receive` in namespace `ns` on `listen`; returns once it listens (its
+/// `novacron vmm receive` in namespace `ns` on `listen`; returns once it listens (its
 /// control socket is bound right after the listener).
 fn receiver(ns: &str, listen: SocketAddr, sock: PathBuf, tls: &Path, extra: &[&str]) -> Host {
     let mut cmd = novacron_in(ns);
-    cmd.args(["vm", "receive", "--listen", &listen.to_string()]).arg("--tls-dir").arg(tls).arg("--api-sock").arg(&sock);
+    cmd.args(["vmm", "receive", "--listen", &listen.to_string()]).arg("--tls-dir").arg(tls).arg("--api-sock").arg(&sock);
     cmd.args(extra);
     let mut vm = Watched::spawn(cmd).unwrap();
     let deadline = Instant::now() + TIMEOUT;
@@ -465,7 +465,7 @@ const WAN_DOWNTIME: [&str; 2] = ["--downtime-ms", "300"];
 
 fn migrate_cmd(src: &Host, to: SocketAddr, tls: &Path, extra: &[&str]) -> Command {
     let mut cmd = novacron();
-    cmd.args(["vm", "migrate", "--to", &to.to_string(), "--json"]).arg("--api-sock").arg(&src.sock);
+    cmd.args(["vmm", "migrate", "--to", &to.to_string(), "--json"]).arg("--api-sock").arg(&src.sock);
     cmd.arg("--tls-dir").arg(tls).args(extra);
     if !extra.contains(&"--downtime-ms") {
         cmd.args(WAN_DOWNTIME);
@@ -474,7 +474,7 @@ fn migrate_cmd(src: &Host, to: SocketAddr, tls: &Path, extra: &[&str]) -> Comman
     cmd
 }
 
-/// The JSON report of a successful `vm migrate`; `relay` tells what crossed the WAN.
+/// The JSON report of a successful `vmm migrate`; `relay` tells what crossed the WAN.
 fn report(out: &Output, relay: &Relay) -> serde_json::Value {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "migrate failed: {}\n{stdout}\n{}", stderr(out), relay.describe());
@@ -515,7 +515,7 @@ fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
 }
 
 fn vm_ctl(verb: &str, host: &Host) {
-    let out = novacron().args(["vm", verb]).arg("--api-sock").arg(&host.sock).output().unwrap();
+    let out = novacron().args(["vmm", verb]).arg("--api-sock").arg(&host.sock).output().unwrap();
     assert!(out.status.success(), "vm {verb}: {}", stderr(&out));
 }
 
@@ -554,7 +554,7 @@ fn kvm_wan_migration_there_and_back_onto_the_kept_snapshot() {
     let there = report(&out, &relay);
     vm_ctl("resume", &dst);
     eprintln!(
-        "A -> B: `vm migrate` took {there_took:?} (with the snapshot); {}\n  {}",
+        "A -> B: `vmm migrate` took {there_took:?} (with the snapshot); {}\n  {}",
         figures(&there),
         relay.summary()
     );
@@ -573,7 +573,7 @@ fn kvm_wan_migration_there_and_back_onto_the_kept_snapshot() {
     let out = migrate_cmd(&src, relay.addr, &tls, &[]).output().unwrap();
     let back_took = started.elapsed();
     let again = report(&out, &relay);
-    eprintln!("B -> A: `vm migrate` took {back_took:?}; {}\n  {}", figures(&again), relay.summary());
+    eprintln!("B -> A: `vmm migrate` took {back_took:?}; {}\n  {}", figures(&again), relay.summary());
     let back_gap = assert_moved(src, &mut back);
     assert_eq!(again["digests_matched"], true, "{again}");
     eprintln!("guest-visible pauses (last heartbeat here to first there): {there_gap:?} there, {back_gap:?} back");
@@ -629,7 +629,7 @@ fn kvm_wan_link_cut_midway_keeps_the_source() {
     let out = child.wait_with_output().unwrap();
     let noticed = cut.elapsed();
     eprintln!(
-        "link cut: `vm migrate` ended after {noticed:?} with {}: {}\n  {}",
+        "link cut: `vmm migrate` ended after {noticed:?} with {}: {}\n  {}",
         out.status,
         stderr(&out).trim(),
         relay.describe()
@@ -704,6 +704,6 @@ fn kvm_wan_downtime_below_two_round_trips_is_refused() {
     assert_eq!(status.code(), Some(1), "{derr}");
     assert!(dst.vm.seen.is_empty());
     let status =
-        novacron().args(["vm", "status", "--output", "json"]).arg("--api-sock").arg(&src.sock).output().unwrap();
+        novacron().args(["vmm", "status", "--output", "json"]).arg("--api-sock").arg(&src.sock).output().unwrap();
     assert!(String::from_utf8_lossy(&status.stdout).contains("\"running\""));
 }

@@ -228,7 +228,7 @@ impl Bench {
         let addr = self.port()?;
         let (src_sock, dst_sock) = (dir.join("src.sock"), dir.join("dst.sock"));
         let mut cmd = Command::new(&self.novacron);
-        cmd.args(["vm", "receive", "--listen", &addr]).arg("--api-sock").arg(&dst_sock).arg("--tls-dir").arg(&self.tls);
+        cmd.args(["vmm", "receive", "--listen", &addr]).arg("--api-sock").arg(&dst_sock).arg("--tls-dir").arg(&self.tls);
         let mut dst = self.spawn(cmd)?;
         let deadline = Instant::now() + BOOT_TIMEOUT;
         while !dst_sock.exists() {
@@ -238,7 +238,7 @@ impl Bench {
             std::thread::sleep(Duration::from_millis(5));
         }
         let mut cmd = Command::new(&self.novacron);
-        cmd.args(["vm", "run", "--kernel"])
+        cmd.args(["vmm", "run", "--kernel"])
             .arg(&self.guest)
             .args(["--mem", &MEM_MIB.to_string(), "--vcpus", &VCPUS.to_string()])
             .args(["--cmdline", &self.cmdline(rate, verify_ms)])
@@ -252,7 +252,7 @@ impl Bench {
         let t0 = Instant::now();
         let mut migrate = Command::new(&self.novacron);
         migrate
-            .args(["vm", "migrate", "--to", &addr, "--json"])
+            .args(["vmm", "migrate", "--to", &addr, "--json"])
             .arg("--api-sock")
             .arg(&src_sock)
             .arg("--tls-dir")
@@ -263,7 +263,7 @@ impl Bench {
         let out = output_within(migrate, MIGRATE_TIMEOUT)?;
         if !out.status.success() {
             return Err(format!(
-                "novacron vm migrate failed ({}): {}{}",
+                "novacron vmm migrate failed ({}): {}{}",
                 out.status,
                 String::from_utf8_lossy(&out.stderr),
                 String::from_utf8_lossy(&out.stdout)

@@ -1,5 +1,5 @@
 //! The migration's bandwidth limit: a token bucket whose rate can change at any time
-//! (`vm migrate-set --max-bandwidth`). The bucket may go into debt by one write; the
+//! (`vmm migrate-set --max-bandwidth`). The bucket may go into debt by one write; the
 //! writer then waits the debt off, so the average over any stretch longer than a few
 //! writes is the rate.
 

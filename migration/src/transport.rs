@@ -162,7 +162,7 @@ fn handshake_reason(e: &quinn::ConnectionError) -> String {
     if tls {
         format!("{e} (the two sides' certificates are not from the same cluster CA: check --tls-dir on both)")
     } else if matches!(e, C::TimedOut) {
-        "no answer (is `novacron vm receive` listening there, and can UDP pass?)".to_string()
+        "no answer (is `novacron vmm receive` listening there, and can UDP pass?)".to_string()
     } else {
         e.to_string()
     }

@@ -87,7 +87,7 @@ pub fn assert_moved(mut src: Host, dst: &mut Host) -> Duration {
 
 /// The source kept its VM: it is running, beats on and verifies its memory again.
 pub fn assert_source_runs(src: &mut Host) {
-    let status = novacron().args(["vm", "status", "--output", "json"]).arg("--api-sock").arg(&src.sock).output();
+    let status = novacron().args(["vmm", "status", "--output", "json"]).arg("--api-sock").arg(&src.sock).output();
     let status = status.unwrap();
     let text = String::from_utf8_lossy(&status.stdout);
     assert!(text.contains("\"running\""), "{text} {}", stderr(&status));

@@ -15,7 +15,7 @@ pub const MAX_VCPUS: u8 = 8;
 /// Command line for a Linux kernel when none is given.
 pub const DEFAULT_LINUX_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
 
-/// The VM's shape, as `novacron vm run` and `novacron-vmm` take it.
+/// The VM's shape, as `novacron vmm run` and `novacron-vmm` take it.
 #[derive(clap::Args, Debug, Clone)]
 pub struct VmArgs {
     /// Kernel to boot: a Linux bzImage, an ELF vmlinux, or an ELF (32- or 64-bit) with a PVH

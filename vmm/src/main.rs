@@ -1,4 +1,4 @@
-//! `novacron-vmm`: the VMM process on its own (`novacron vm run` runs the same code).
+//! `novacron-vmm`: the VMM process on its own (`novacron vmm run` runs the same code).
 
 /// Run one KVM virtual machine.
 #[derive(clap::Parser)]

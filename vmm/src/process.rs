@@ -1,6 +1,6 @@
 //! The VMM process: one VM, from arguments to exit status.
 //!
-//! `novacron vm run` and the standalone `novacron-vmm` binary both end up in [`run_vm`].
+//! `novacron vmm run` and the standalone `novacron-vmm` binary both end up in [`run_vm`].
 //! Exit status: 0 when the guest powers off or resets or the control socket says
 //! `shutdown`; 128+n after signal n; 1 when the VM cannot be built (bad arguments, no KVM,
 //! not a kernel); 2 when the guest crashes (triple fault); 3 on a KVM or VMM fault.
@@ -73,7 +73,7 @@ pub fn run_vm(args: &VmArgs) -> i32 {
 /// Where a restored VM's console and control socket go (the rest is in the snapshot).
 #[derive(clap::Args, Debug, Clone)]
 pub struct RestoreArgs {
-    /// The snapshot directory (`vm snapshot --to DIR`).
+    /// The snapshot directory (`vmm snapshot --to DIR`).
     #[arg(long, value_name = "DIR")]
     pub from: PathBuf,
     /// Control socket of the restored VM.

@@ -2,7 +2,7 @@
 //! of talking to it: parsing what it prints ([`report`]) and watching a VM process's
 //! console line by line ([`watch`]).
 //!
-//! `novacron vm run` boots it when no `--kernel` is given; tests, benchmarks and the demo
+//! `novacron vmm run` boots it when no `--kernel` is given; tests, benchmarks and the demo
 //! run it everywhere. What it prints and which command-line words it takes is described in
 //! `docs/test-guest.md`.
 

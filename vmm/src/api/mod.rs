@@ -84,7 +84,7 @@ pub struct MigrateRequest {
     #[serde(default = "default_delta_cache_mib")]
     pub delta_cache_mib: u64,
     /// After the VM has moved, write a snapshot of it here (the base for a later
-    /// migration back: `vm receive --base DIR`).
+    /// migration back: `vmm receive --base DIR`).
     #[serde(default)]
     pub keep_snapshot: Option<String>,
     /// Tests only: a fault to inject.

@@ -1,4 +1,4 @@
-//! `vm receive`: the destination of a live migration, as a process.
+//! `vmm receive`: the destination of a live migration, as a process.
 //!
 //! It listens (QUIC, mutual TLS), takes the VM's memory into fresh guest memory, builds the
 //! VM paused from the state, and lets it run when the source commits; from then on it is an

@@ -4,7 +4,7 @@
 //! - [`source`]: a migration thread in the VMM process that reads guest memory and KVM's
 //!   dirty log directly, and asks the VMM thread (through a channel and an event fd) to
 //!   pause and save, to resume, or to throttle the vCPUs.
-//! - [`destination`]: `vm receive`: takes a VM over the network into fresh memory, builds
+//! - [`destination`]: `vmm receive`: takes a VM over the network into fresh memory, builds
 //!   it paused, and runs it when the source commits.
 
 pub mod destination;
