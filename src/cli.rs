@@ -2,7 +2,6 @@
 //! says what failed and what to do, with a non-zero status.
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use novacron_devices::rate_limiter::parse_rate_limiter;
 use novacron_devices::virtio::LimitTarget;
 use novacron_vmm::api::client::{ClientError, call};
 use novacron_vmm::api::{LimitChange, Request, VmStatus};
@@ -21,6 +20,8 @@ const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
 #[derive(Parser)]
 #[command(name = "novacron", version, about)]
 struct Cli {
+    #[command(flatten)]
+    remote: crate::remote::Remote,
     #[command(subcommand)]
     command: Command,
 }
@@ -32,6 +33,17 @@ enum Command {
     /// Boot the bundled test guest with its memory workload, pause and resume it through
     /// its control socket, and report what the guest verified. Needs only /dev/kvm.
     Demo(crate::demo::DemoArgs),
+    /// Run the host daemon: the supervisors of this host's VMs, their state store, and the
+    /// gRPC control port the `vm`, `host` and `events` commands talk to.
+    Daemon(crate::remote::DaemonArgs),
+    /// Create and control VMs through a daemon (--endpoint).
+    #[command(subcommand)]
+    Vm(crate::remote::VmCommand),
+    /// The cluster's hosts.
+    #[command(subcommand)]
+    Host(crate::remote::HostCommand),
+    /// The daemon's events (VMs created, started, restarted, failed, ...).
+    Events(crate::remote::EventsArgs),
     /// Run one VM in a VMM process and control it through its control socket, with no
     /// daemon.
     #[command(subcommand)]
@@ -94,14 +106,7 @@ fn snapshot(a: SnapshotArgs) -> i32 {
     match call(&a.socket.api_sock, request, SNAPSHOT_TIMEOUT) {
         Ok(response) => {
             if let Some(r) = response.snapshot {
-                println!(
-                    "snapshot written to {} in {} ms: {} MiB of memory ({} pages not zero), {} KiB of state",
-                    dir.display(),
-                    r.millis,
-                    r.memory_bytes >> 20,
-                    r.pages_written,
-                    r.state_bytes >> 10
-                );
+                println!("{}", r.summary(&dir));
             }
             0
         }
@@ -142,29 +147,9 @@ struct SetLimitArgs {
     ops_burst: Option<u64>,
 }
 
-/// One bucket's change from the command line: absent keeps it, "off" removes it.
-fn bucket_change(key: &str, value: Option<&str>, burst: Option<u64>) -> Result<LimitChange, String> {
-    let Some(value) = value else {
-        return match burst {
-            Some(_) => Err(format!("--{key}-burst needs --{key}")),
-            None => Ok(LimitChange::Keep),
-        };
-    };
-    if value == "off" {
-        return Ok(LimitChange::Off);
-    }
-    let mut spec = format!("{key}={value}");
-    if let Some(b) = burst {
-        spec.push_str(&format!(",{key}_burst={b}"));
-    }
-    let config = parse_rate_limiter(&spec).map_err(|e| e.to_string())?;
-    let bucket = if key == "bw" { config.bandwidth } else { config.ops };
-    bucket.map(LimitChange::Set).ok_or_else(|| format!("--{key} {value} sets no limit"))
-}
-
 fn set_limit(a: SetLimitArgs) -> i32 {
-    let changes = bucket_change("bw", a.bw.as_deref(), a.bw_burst)
-        .and_then(|bw| Ok((bw, bucket_change("ops", a.ops.as_deref(), a.ops_burst)?)));
+    let changes = LimitChange::parse("bw", a.bw.as_deref(), a.bw_burst)
+        .and_then(|bw| Ok((bw, LimitChange::parse("ops", a.ops.as_deref(), a.ops_burst)?)));
     let (bandwidth, ops) = match changes {
         Ok(c) => c,
         Err(e) => {
@@ -288,6 +273,10 @@ pub fn main() -> i32 {
     match cli.command {
         Command::Demo(args) => crate::demo::run(&args),
         Command::Vmm(cmd) => vmm_command(cmd),
+        Command::Daemon(args) => crate::remote::daemon(args),
+        Command::Vm(cmd) => crate::remote::vm(&cli.remote, cmd),
+        Command::Host(cmd) => crate::remote::host(&cli.remote, cmd),
+        Command::Events(args) => crate::remote::events(&cli.remote, args),
         Command::Certs(cmd) => crate::migrate::certs(cmd),
     }
 }

@@ -444,7 +444,11 @@ fn source(ns: &str, dir: &Path) -> Host {
 /// control socket is bound right after the listener).
 fn receiver(ns: &str, listen: SocketAddr, sock: PathBuf, tls: &Path, extra: &[&str]) -> Host {
     let mut cmd = novacron_in(ns);
-    cmd.args(["vmm", "receive", "--listen", &listen.to_string()]).arg("--tls-dir").arg(tls).arg("--api-sock").arg(&sock);
+    cmd.args(["vmm", "receive", "--listen", &listen.to_string()])
+        .arg("--tls-dir")
+        .arg(tls)
+        .arg("--api-sock")
+        .arg(&sock);
     cmd.args(extra);
     let mut vm = Watched::spawn(cmd).unwrap();
     let deadline = Instant::now() + TIMEOUT;

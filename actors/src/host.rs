@@ -97,7 +97,7 @@ pub struct HostInfo {
 pub enum HostError {
     #[error(transparent)]
     InvalidSpec(#[from] SpecError),
-    #[error("a VM named {0:?} already exists on this host; choose another name or stop that VM first")]
+    #[error("a VM named {0:?} already exists on this host; choose another name or delete that VM first")]
     AlreadyExists(String),
     #[error(
         "VM {name} does not fit on this host: it needs {need_vcpus} vCPUs and {need_mem_mib} MiB, \
@@ -454,11 +454,7 @@ impl HostSupervisor {
         Ok(info)
     }
 
-    fn events(
-        state: &HostState,
-        after: u64,
-        limit: usize,
-    ) -> Result<EventFeed, HostError> {
+    fn events(state: &HostState, after: u64, limit: usize) -> Result<EventFeed, HostError> {
         // Subscribed first: an event between the read and the subscription is not lost
         // (a watcher skips what it has seen by sequence number).
         let receiver = state.events.subscribe();

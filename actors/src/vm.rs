@@ -81,6 +81,7 @@ pub struct VmInfo {
     pub error: Option<String>,
     pub socket: PathBuf,
     pub serial_log: PathBuf,
+    pub spec: VmSpec,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -268,6 +269,7 @@ impl VmSupervisorState {
             error: self.error.clone(),
             socket: self.paths.socket.clone(),
             serial_log: self.paths.serial.clone(),
+            spec: self.spec.clone(),
         }
     }
 

@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{HB_PERIOD, Host, SerialTail, gaps, kvm_or_skip, sigkill, spec};
+use common::{HB_PERIOD, Host, SerialTail, gaps, kvm_or_skip, sigkill, spec, vmm_pids_under};
 use novacron_actors::{
     Capacity, HostConfig, HostError, HostMsg, HostSupervisor, ProcessExit, RestartPolicy, SpecError, VmMsg, VmPhase,
 };
@@ -241,21 +241,6 @@ fn files(dir: &std::path::Path) -> Vec<String> {
     names
 }
 
-/// VMM processes whose command line names `dir` (the test's runtime directory).
-fn vmms_under(dir: &std::path::Path) -> Vec<u32> {
-    let needle = dir.to_string_lossy().into_owned();
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let cmdline = String::from_utf8_lossy(&cmdline);
-            cmdline.contains("novacron-vmm") && cmdline.contains(&needle)
-        })
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kvm_a_restarted_host_readopts_its_vms_from_the_store_without_rebooting_them() {
     if !kvm_or_skip("kvm_a_restarted_host_readopts_its_vms_from_the_store_without_rebooting_them") {
@@ -295,7 +280,7 @@ async fn kvm_a_restarted_host_readopts_its_vms_from_the_store_without_rebooting_
     };
     let later = log.wait_heartbeat(alone + 5).await;
     let listed = ractor::call!(second, HostMsg::ListVms).unwrap();
-    let processes = vmms_under(first.dir.path());
+    let processes = vmm_pids_under(first.dir.path());
     second.stop_and_wait(None, Some(Duration::from_secs(10))).await.unwrap();
 
     assert_eq!(listed.len(), 2, "both VMs came back from the store: {listed:?}");

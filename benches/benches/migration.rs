@@ -228,7 +228,11 @@ impl Bench {
         let addr = self.port()?;
         let (src_sock, dst_sock) = (dir.join("src.sock"), dir.join("dst.sock"));
         let mut cmd = Command::new(&self.novacron);
-        cmd.args(["vmm", "receive", "--listen", &addr]).arg("--api-sock").arg(&dst_sock).arg("--tls-dir").arg(&self.tls);
+        cmd.args(["vmm", "receive", "--listen", &addr])
+            .arg("--api-sock")
+            .arg(&dst_sock)
+            .arg("--tls-dir")
+            .arg(&self.tls);
         let mut dst = self.spawn(cmd)?;
         let deadline = Instant::now() + BOOT_TIMEOUT;
         while !dst_sock.exists() {

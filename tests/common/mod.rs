@@ -3,6 +3,8 @@
 //! VM ended up.
 #![allow(dead_code)]
 
+pub mod daemon;
+
 use novacron_guest_image::report::GuestLine;
 use novacron_guest_image::watch::{Line, Watched};
 use std::path::{Path, PathBuf};

@@ -11,10 +11,9 @@ use ractor::ActorRef;
 use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+pub use novacron_guest_image::binaries::{vmm_binary, vmm_pids_under};
 pub use novacron_guest_image::watch::kvm_or_skip;
 
 /// Generous: the guest runs emulated at ~1.3 MIPS on this kind of host.
@@ -22,61 +21,6 @@ pub const TIMEOUT: Duration = Duration::from_secs(60);
 /// A tiny workload: 1 MiB working set, heartbeat every 100 ms.
 pub const WORKLOAD: &str = "ws=1 rate=50 verify=1000 hb=100";
 pub const HB_PERIOD: Duration = Duration::from_millis(100);
-
-/// The `novacron-vmm` binary: `$NOVACRON_VMM` if set, else the one of this build profile
-/// (`target/<profile>/novacron-vmm`, which `cargo test --workspace` builds). When it is
-/// missing, or older than a source file of the crates it is made of, it is built once per
-/// test binary with `cargo build -p novacron-vmm --bin novacron-vmm`. (A package's tests
-/// only get `CARGO_BIN_EXE_*` for their own binaries, hence this. Building it every time
-/// would not be free: `-p novacron-vmm` unifies features differently from a workspace
-/// build, so its dependencies would be compiled a second time.)
-pub fn vmm_binary() -> PathBuf {
-    static BINARY: OnceLock<PathBuf> = OnceLock::new();
-    BINARY
-        .get_or_init(|| {
-            if let Some(path) = std::env::var_os("NOVACRON_VMM") {
-                return PathBuf::from(path);
-            }
-            // target/<profile>/deps/<test>-<hash> -> target/<profile>
-            let exe = std::env::current_exe().unwrap();
-            let profile_dir = exe.parent().and_then(Path::parent).unwrap().to_owned();
-            let binary = profile_dir.join("novacron-vmm");
-            if is_fresh(&binary) {
-                return binary;
-            }
-            let mut cmd = Command::new(env!("CARGO"));
-            cmd.args(["build", "-p", "novacron-vmm", "--bin", "novacron-vmm"]);
-            if profile_dir.file_name().is_some_and(|n| n == "release") {
-                cmd.arg("--release");
-            }
-            let out = cmd.output().unwrap();
-            assert!(out.status.success(), "building novacron-vmm failed:\n{}", String::from_utf8_lossy(&out.stderr));
-            assert!(binary.is_file(), "{} is missing after the build", binary.display());
-            binary
-        })
-        .clone()
-}
-
-/// True when `binary` exists and is newer than every source of the VMM.
-fn is_fresh(binary: &Path) -> bool {
-    let Ok(built) = std::fs::metadata(binary).and_then(|m| m.modified()) else { return false };
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let sources = ["vmm", "devices", "migration", "guest/image", "guest/kernel/src", "Cargo.lock"];
-    !sources.iter().any(|s| newer_than(&root.join(s), built))
-}
-
-fn newer_than(path: &Path, time: std::time::SystemTime) -> bool {
-    let Ok(meta) = std::fs::symlink_metadata(path) else { return false };
-    if meta.is_dir() {
-        let skip = path.file_name().is_some_and(|n| n == "target" || n == "tests" || n == "benches");
-        !skip
-            && std::fs::read_dir(path)
-                .map(|entries| entries.flatten().any(|e| newer_than(&e.path(), time)))
-                .unwrap_or(false)
-    } else {
-        meta.modified().is_ok_and(|m| m > time)
-    }
-}
 
 /// A HostSupervisor with its own runtime directory. Dropping it kills every VMM process
 /// started under that directory and removes it.

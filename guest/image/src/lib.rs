@@ -6,6 +6,7 @@
 //! run it everywhere. What it prints and which command-line words it takes is described in
 //! `docs/test-guest.md`.
 
+pub mod binaries;
 pub mod report;
 pub mod watch;
 

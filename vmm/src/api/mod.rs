@@ -131,6 +131,30 @@ pub enum LimitChange {
     Set(TokenBucketConfig),
 }
 
+impl LimitChange {
+    /// One bucket's change as the command line gives it (`key` is "bw" or "ops"): no
+    /// value keeps the bucket, "off" removes it, "SIZE[/MS]" sets it (with an optional
+    /// one-time `burst`).
+    pub fn parse(key: &str, value: Option<&str>, burst: Option<u64>) -> Result<LimitChange, String> {
+        let Some(value) = value.filter(|v| !v.is_empty()) else {
+            return match burst {
+                Some(_) => Err(format!("--{key}-burst needs --{key}")),
+                None => Ok(LimitChange::Keep),
+            };
+        };
+        if value == "off" {
+            return Ok(LimitChange::Off);
+        }
+        let mut spec = format!("{key}={value}");
+        if let Some(b) = burst {
+            spec.push_str(&format!(",{key}_burst={b}"));
+        }
+        let config = novacron_devices::rate_limiter::parse_rate_limiter(&spec).map_err(|e| e.to_string())?;
+        let bucket = if key == "bw" { config.bandwidth } else { config.ops };
+        bucket.map(LimitChange::Set).ok_or_else(|| format!("--{key} {value} sets no limit"))
+    }
+}
+
 impl From<LimitChange> for BucketUpdate {
     fn from(c: LimitChange) -> Self {
         match c {
@@ -212,6 +236,20 @@ pub struct SnapshotReport {
     /// Pages written to memory.bin; the others were zero and left as holes.
     pub pages_written: u64,
     pub millis: u64,
+}
+
+impl SnapshotReport {
+    /// One line for the operator: where, how long, how much.
+    pub fn summary(&self, dir: &std::path::Path) -> String {
+        format!(
+            "snapshot written to {} in {} ms: {} MiB of memory ({} pages not zero), {} KiB of state",
+            dir.display(),
+            self.millis,
+            self.memory_bytes >> 20,
+            self.pages_written,
+            self.state_bytes >> 10
+        )
+    }
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]

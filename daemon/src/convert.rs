@@ -1,0 +1,239 @@
+//! Between the gRPC messages and the actors' types. Requests are checked here, before
+//! anything reaches an actor: a bad field is INVALID_ARGUMENT with what is wrong.
+
+use crate::pb;
+use novacron_actors::spec::validate_name;
+use novacron_actors::store::{Event, EventKind};
+use novacron_actors::vm::VmError;
+use novacron_actors::{HostError, HostInfo, RestartPolicy, VmInfo, VmSpec};
+use std::path::PathBuf;
+use std::time::Duration;
+use tonic::Status;
+
+pub fn invalid(message: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(message.to_string())
+}
+
+/// A VM name from a request, checked.
+pub fn name(name: &str) -> Result<String, Status> {
+    validate_name(name).map_err(invalid)?;
+    Ok(name.to_string())
+}
+
+pub fn restart_from_pb(p: Option<pb::RestartPolicy>) -> Result<RestartPolicy, Status> {
+    let Some(p) = p else { return Ok(RestartPolicy::on_failure()) };
+    match p.kind.as_str() {
+        "always" => Ok(RestartPolicy::Always),
+        "never" => Ok(RestartPolicy::Never),
+        "on-failure" | "" => {
+            let RestartPolicy::OnFailure { max_restarts, window, backoff_initial, backoff_max } =
+                RestartPolicy::on_failure()
+            else {
+                return Err(Status::internal("the default restart policy is not on-failure"));
+            };
+            let or = |ms: u64, default: Duration| if ms == 0 { default } else { Duration::from_millis(ms) };
+            let backoff_initial = or(p.backoff_initial_ms, backoff_initial);
+            let backoff_max = or(p.backoff_max_ms, backoff_max);
+            if backoff_max < backoff_initial {
+                return Err(invalid(format!(
+                    "restart.backoff_max_ms ({} ms) is below restart.backoff_initial_ms ({} ms)",
+                    backoff_max.as_millis(),
+                    backoff_initial.as_millis()
+                )));
+            }
+            Ok(RestartPolicy::OnFailure {
+                max_restarts: if p.max_restarts == 0 { max_restarts } else { p.max_restarts },
+                window: or(p.window_ms, window),
+                backoff_initial,
+                backoff_max,
+            })
+        }
+        other => Err(invalid(format!("restart policy {other:?} is unknown: use always, on-failure or never"))),
+    }
+}
+
+pub fn restart_to_pb(policy: &RestartPolicy) -> pb::RestartPolicy {
+    match *policy {
+        RestartPolicy::Always => pb::RestartPolicy { kind: "always".into(), ..Default::default() },
+        RestartPolicy::Never => pb::RestartPolicy { kind: "never".into(), ..Default::default() },
+        RestartPolicy::OnFailure { max_restarts, window, backoff_initial, backoff_max } => pb::RestartPolicy {
+            kind: "on-failure".into(),
+            max_restarts,
+            window_ms: window.as_millis() as u64,
+            backoff_initial_ms: backoff_initial.as_millis() as u64,
+            backoff_max_ms: backoff_max.as_millis() as u64,
+        },
+    }
+}
+
+/// A spec from a request, with every rule of [`VmSpec::validate`] checked.
+pub fn spec_from_pb(p: Option<pb::VmSpec>) -> Result<VmSpec, Status> {
+    let p = p.ok_or_else(|| invalid("the request has no spec"))?;
+    let vcpus = u8::try_from(p.vcpus).map_err(|_| invalid(format!("vcpus {} is out of range (1 to 8)", p.vcpus)))?;
+    let spec = VmSpec {
+        name: p.name,
+        vcpus,
+        mem_mib: p.mem_mib,
+        kernel: (!p.kernel.is_empty()).then(|| PathBuf::from(&p.kernel)),
+        cmdline: p.cmdline,
+        // The daemon chooses where the console goes: a caller naming a file would have
+        // the daemon write anywhere it can.
+        serial_log: None,
+        restart: restart_from_pb(p.restart)?,
+    };
+    spec.validate().map_err(invalid)?;
+    Ok(spec)
+}
+
+pub fn spec_to_pb(spec: &VmSpec) -> pb::VmSpec {
+    pb::VmSpec {
+        name: spec.name.clone(),
+        vcpus: spec.vcpus.into(),
+        mem_mib: spec.mem_mib,
+        kernel: spec.kernel.as_ref().map(|k| k.display().to_string()).unwrap_or_default(),
+        cmdline: spec.cmdline.clone(),
+        restart: Some(restart_to_pb(&spec.restart)),
+    }
+}
+
+pub fn vm_to_pb(info: &VmInfo, host: &str) -> pb::Vm {
+    pb::Vm {
+        spec: Some(spec_to_pb(&info.spec)),
+        phase: info.phase.to_string(),
+        pid: info.pid.unwrap_or(0),
+        restarts: info.restarts,
+        last_exit: info.last_exit.map(|e| e.to_string()).unwrap_or_default(),
+        error: info.error.clone().unwrap_or_default(),
+        host: host.to_string(),
+        serial_log: info.serial_log.display().to_string(),
+        control_socket: info.socket.display().to_string(),
+    }
+}
+
+pub fn event_kind(kind: EventKind) -> &'static str {
+    match kind {
+        EventKind::Created => "created",
+        EventKind::Started => "started",
+        EventKind::Stopped => "stopped",
+        EventKind::Paused => "paused",
+        EventKind::Resumed => "resumed",
+        EventKind::Restarted => "restarted",
+        EventKind::Adopted => "adopted",
+        EventKind::Failed => "failed",
+        EventKind::Deleted => "deleted",
+    }
+}
+
+pub fn event_to_pb(seq: u64, event: &Event, host: &str) -> pb::Event {
+    pb::Event {
+        seq,
+        at_ms: event.at_ms,
+        vm: event.vm.clone().unwrap_or_default(),
+        kind: event_kind(event.kind).into(),
+        message: event.message.clone(),
+        host: host.to_string(),
+    }
+}
+
+pub fn host_to_pb(info: &HostInfo, name: &str, address: &str) -> pb::Host {
+    pb::Host {
+        name: name.to_string(),
+        address: address.to_string(),
+        vcpus: info.capacity.vcpus,
+        mem_mib: info.capacity.mem_mib,
+        used_vcpus: info.used.vcpus,
+        used_mem_mib: info.used.mem_mib,
+        vms: info.vms as u32,
+        version: env!("CARGO_PKG_VERSION").into(),
+        state: "up".into(),
+    }
+}
+
+/// A host's error as a gRPC status: the code says what kind, the message says what to do.
+pub fn host_error(e: HostError) -> Status {
+    let message = novacron_actors::error_chain(&e);
+    match e {
+        HostError::InvalidSpec(_) | HostError::SocketPath(_) => Status::invalid_argument(message),
+        HostError::AlreadyExists(_) => Status::already_exists(message),
+        HostError::NoCapacity { .. } => Status::resource_exhausted(message),
+        HostError::NotFound(_) => Status::not_found(message),
+        HostError::GaveUp { .. } => Status::failed_precondition(message),
+        HostError::Vm(e) => vm_error_code(&e, message),
+        HostError::Unresponsive { .. } => Status::unavailable(message),
+        _ => Status::internal(message),
+    }
+}
+
+pub fn vm_error(e: VmError) -> Status {
+    let message = novacron_actors::error_chain(&e);
+    vm_error_code(&e, message)
+}
+
+fn vm_error_code(e: &VmError, message: String) -> Status {
+    match e {
+        VmError::NotRunning { .. } | VmError::Busy { .. } | VmError::Refused { .. } => {
+            Status::failed_precondition(message)
+        }
+        VmError::Control { .. } => Status::unavailable(message),
+        _ => Status::internal(message),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(name: &str, vcpus: u32, mem_mib: u64) -> pb::VmSpec {
+        pb::VmSpec { name: name.into(), vcpus, mem_mib, ..Default::default() }
+    }
+
+    #[test]
+    fn bad_specs_are_invalid_arguments_that_name_the_field() {
+        for (p, what) in [
+            (None, "no spec"),
+            (Some(spec("Bad_Name", 1, 64)), "a-z"),
+            (Some(spec("ok", 0, 64)), "vCPU"),
+            (Some(spec("ok", 300, 64)), "vcpus 300"),
+            (Some(spec("ok", 1, 1)), "memory"),
+            (Some(pb::VmSpec { kernel: "/no/such/kernel".into(), ..spec("ok", 1, 64) }), "/no/such/kernel"),
+        ] {
+            let status = spec_from_pb(p).unwrap_err();
+            assert_eq!(status.code(), tonic::Code::InvalidArgument);
+            assert!(status.message().contains(what), "{what}: {}", status.message());
+        }
+    }
+
+    #[test]
+    fn restart_policies_round_trip_and_unknown_ones_are_refused() {
+        for kind in ["always", "never", "on-failure"] {
+            let policy = restart_from_pb(Some(pb::RestartPolicy { kind: kind.into(), ..Default::default() })).unwrap();
+            assert_eq!(restart_to_pb(&policy).kind, kind);
+            assert_eq!(restart_from_pb(Some(restart_to_pb(&policy))).unwrap(), policy);
+        }
+        let custom =
+            pb::RestartPolicy { kind: "on-failure".into(), max_restarts: 7, window_ms: 9000, ..Default::default() };
+        let RestartPolicy::OnFailure { max_restarts, window, .. } = restart_from_pb(Some(custom)).unwrap() else {
+            panic!("not on-failure")
+        };
+        assert_eq!((max_restarts, window), (7, Duration::from_secs(9)));
+        let err =
+            restart_from_pb(Some(pb::RestartPolicy { kind: "sometimes".into(), ..Default::default() })).unwrap_err();
+        assert!(err.message().contains("sometimes"));
+        let inverted = pb::RestartPolicy {
+            kind: "on-failure".into(),
+            backoff_initial_ms: 500,
+            backoff_max_ms: 100,
+            ..Default::default()
+        };
+        assert_eq!(restart_from_pb(Some(inverted)).unwrap_err().code(), tonic::Code::InvalidArgument);
+    }
+
+    #[test]
+    fn a_good_spec_converts_both_ways() {
+        let p = pb::VmSpec { cmdline: "ws=1 hb=100".into(), ..spec("web-1", 2, 128) };
+        let s = spec_from_pb(Some(p.clone())).unwrap();
+        assert_eq!((s.name.as_str(), s.vcpus, s.mem_mib, s.cmdline.as_str()), ("web-1", 2, 128, "ws=1 hb=100"));
+        let back = spec_to_pb(&s);
+        assert_eq!((back.name, back.vcpus, back.mem_mib, back.cmdline), (p.name, p.vcpus, p.mem_mib, p.cmdline));
+    }
+}

@@ -1,0 +1,181 @@
+//! `novacron daemon`: the HostSupervisor with its state store, served on the control port
+//! until SIGINT or SIGTERM. The VMM processes run in sessions of their own, so stopping
+//! (or killing) the daemon leaves every guest running; the next daemon on the same data
+//! dir takes them back.
+
+use crate::auth::{Authenticator, load_or_create_token, server_tls};
+use crate::operations::Operations;
+use crate::pb::control_server::ControlServer;
+use crate::service::ControlService;
+use novacron_actors::{Capacity, HostConfig, HostSupervisor};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Where a daemon keeps its VMs' sockets and logs, under its data dir.
+pub const RUNTIME_SUBDIR: &str = "run";
+/// The TLS directory used when none is given, under the data dir.
+pub const TLS_SUBDIR: &str = "tls";
+
+#[derive(Debug, Clone)]
+pub struct DaemonArgs {
+    pub data_dir: PathBuf,
+    pub listen: String,
+    /// The cluster's TLS directory; `None`: `<data dir>/tls`, made with a new cluster CA
+    /// when it does not exist.
+    pub tls_dir: Option<PathBuf>,
+    /// This host's name; `None`: the machine's host name.
+    pub name: Option<String>,
+    /// `None`: `novacron-vmm` next to this program.
+    pub vmm_binary: Option<PathBuf>,
+    /// vCPUs the host's VMs may have per physical CPU (memory is never overcommitted).
+    pub cpu_overcommit: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("cannot use the data dir {path}")]
+    DataDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot make the cluster's TLS directory {path}")]
+    TlsInit {
+        path: PathBuf,
+        #[source]
+        source: novacron_migration::tls::TlsError,
+    },
+    #[error(transparent)]
+    Auth(#[from] crate::auth::AuthError),
+    #[error("cannot listen on {addr} (is another daemon using that port? choose another with --listen)")]
+    Listen {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start the host supervisor: {0}")]
+    Host(String),
+    #[error("the control port failed")]
+    Serve(#[source] tonic::transport::Error),
+    #[error("cannot start the async runtime")]
+    Runtime(#[source] std::io::Error),
+    #[error("cannot find the VMM binary next to {0}; pass --vmm-binary")]
+    VmmBinary(PathBuf),
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_lowercase())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "host".into())
+}
+
+fn vmm_binary() -> Result<PathBuf, DaemonError> {
+    if let Some(path) = std::env::var_os("NOVACRON_VMM") {
+        return Ok(path.into());
+    }
+    let exe = std::env::current_exe().map_err(|_| DaemonError::VmmBinary("this program".into()))?;
+    let dir = exe.parent().ok_or_else(|| DaemonError::VmmBinary(exe.clone()))?;
+    // Test binaries live in target/<profile>/deps, the VMM one level up.
+    [dir.join("novacron-vmm"), dir.join("../novacron-vmm")]
+        .into_iter()
+        .find(|p| p.is_file())
+        .ok_or(DaemonError::VmmBinary(exe))
+}
+
+/// The TLS directory to serve with, made (a new cluster CA and this node's certificate)
+/// when it is the default one and does not exist yet.
+fn tls_dir(args: &DaemonArgs, name: &str) -> Result<PathBuf, DaemonError> {
+    if let Some(dir) = &args.tls_dir {
+        return Ok(dir.clone());
+    }
+    let dir = args.data_dir.join(TLS_SUBDIR);
+    if !dir.join(novacron_migration::tls::CA_CERT).exists() {
+        novacron_migration::tls::init(&dir, name)
+            .map_err(|source| DaemonError::TlsInit { path: dir.clone(), source })?;
+        tracing::info!(
+            "made a new cluster CA in {}; issue other hosts' and clients' certificates with `novacron certs issue --ca-dir {}`",
+            dir.display(),
+            dir.display()
+        );
+    }
+    Ok(dir)
+}
+
+fn create_dir(path: &Path) -> Result<(), DaemonError> {
+    std::fs::create_dir_all(path).map_err(|source| DaemonError::DataDir { path: path.to_owned(), source })
+}
+
+/// Runs the daemon until SIGINT or SIGTERM.
+pub fn run(args: &DaemonArgs) -> Result<(), DaemonError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(DaemonError::Runtime)?;
+    runtime.block_on(serve(args))
+}
+
+async fn serve(args: &DaemonArgs) -> Result<(), DaemonError> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    create_dir(&args.data_dir)?;
+    let data_dir = std::path::absolute(&args.data_dir)
+        .map_err(|source| DaemonError::DataDir { path: args.data_dir.clone(), source })?;
+    let name = args.name.clone().unwrap_or_else(host_name);
+    let tls = server_tls(&tls_dir(args, &name)?)?;
+    let token = load_or_create_token(&data_dir)?;
+    let vmm_binary = match &args.vmm_binary {
+        Some(p) => p.clone(),
+        None => vmm_binary()?,
+    };
+
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .map_err(|source| DaemonError::Listen { addr: args.listen.clone(), source })?;
+    let addr: SocketAddr =
+        listener.local_addr().map_err(|source| DaemonError::Listen { addr: args.listen.clone(), source })?;
+
+    let mut config = HostConfig::new(data_dir.join(RUNTIME_SUBDIR), vmm_binary);
+    config.data_dir = Some(data_dir.clone());
+    let physical = Capacity::from_proc().map_err(|e| DaemonError::Host(novacron_actors::error_chain(&e)))?;
+    config.capacity = Some(Capacity { vcpus: physical.vcpus.saturating_mul(args.cpu_overcommit.max(1)), ..physical });
+    let (host, host_task) = ractor::Actor::spawn(None, HostSupervisor, config)
+        .await
+        .map_err(|e| DaemonError::Host(novacron_actors::error_chain(&e)))?;
+
+    let service = ControlService {
+        host: host.clone(),
+        name: name.clone(),
+        address: addr.to_string(),
+        operations: Arc::new(Operations::new(&name)),
+    };
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    // The one line scripts and tests wait for.
+    println!(
+        "novacron daemon: host {name} listening on {addr}; data dir {}; token in {}",
+        data_dir.display(),
+        data_dir.join(crate::auth::TOKEN_FILE).display()
+    );
+    tracing::info!(%addr, host = %name, "control port open");
+    let result = tonic::transport::Server::builder()
+        .tls_config(tls)
+        .map_err(DaemonError::Serve)?
+        .add_service(ControlServer::with_interceptor(service, Authenticator::new(&token)))
+        .serve_with_incoming_shutdown(incoming, shutdown_signal())
+        .await
+        .map_err(DaemonError::Serve);
+    tracing::info!("daemon stopping; the VMs keep running and the next daemon on this data dir takes them back");
+    host.stop(Some("daemon stopping".into()));
+    let _ = host_task.await;
+    result
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot watch SIGTERM/SIGINT; stop the daemon with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM"),
+        _ = int.recv() => tracing::info!("SIGINT"),
+    }
+}

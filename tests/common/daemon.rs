@@ -1,0 +1,161 @@
+//! Real `novacron daemon` processes for the daemon and cluster tests, and the CLI pointed
+//! at them.
+
+use super::{TIMEOUT, novacron, stderr};
+use novacron_guest_image::report::{GuestLine, parse};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// A daemon process with its data dir. Dropping it kills the daemon and every VMM it
+/// started, and removes the data dir.
+pub struct Daemon {
+    pub child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub addr: String,
+    pub name: String,
+}
+
+impl Daemon {
+    /// Starts a daemon named `name` on a free loopback port with a new data dir.
+    pub fn start(name: &str) -> Daemon {
+        // Short: control socket paths must fit in 107 bytes.
+        let dir = tempfile::Builder::new().prefix("ncd").tempdir_in("/tmp").unwrap();
+        let mut daemon = Daemon { child: None, dir, addr: String::new(), name: name.into() };
+        daemon.restart("127.0.0.1:0");
+        daemon
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn tls_dir(&self) -> PathBuf {
+        self.dir.path().join("tls")
+    }
+
+    /// (Re)starts the daemon process on the same data dir, listening on `listen`.
+    pub fn restart(&mut self, listen: &str) {
+        let mut child = novacron()
+            .args(["daemon", "--listen", listen, "--name", &self.name, "--data-dir"])
+            .arg(self.dir.path())
+            .arg("--vmm-binary")
+            .arg(novacron_guest_image::binaries::vmm_binary())
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(self.dir.path().join("daemon.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let addr = line.split(" listening on ").nth(1).and_then(|rest| rest.split(';').next());
+        let Some(addr) = addr else {
+            let _ = child.kill();
+            panic!("the daemon did not start: {line:?}; log: {}", self.log());
+        };
+        self.addr = addr.to_string();
+        self.child = Some(child);
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// SIGKILLs the daemon (not its VMMs).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// The CLI with this daemon's endpoint and a certificate of its cluster.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        novacron().arg("--endpoint").arg(&self.addr).arg("--tls-dir").arg(self.tls_dir()).args(args).output().unwrap()
+    }
+
+    /// Runs the CLI and expects success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(out.status.success(), "novacron {args:?} failed: {}\ndaemon log: {}", stderr(&out), self.log());
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = args.to_vec();
+        all.extend(["--output", "json"]);
+        let out = self.ok(&all);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+    }
+
+    pub fn vm(&self, name: &str) -> serde_json::Value {
+        self.json(&["vm", "show", name])
+    }
+
+    /// Waits until `vm show NAME` satisfies `ok`; returns that answer.
+    pub fn wait_vm(&self, name: &str, what: &str, ok: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let vm = self.vm(name);
+            if ok(&vm) {
+                return vm;
+            }
+            assert!(Instant::now() < deadline, "VM {name} never {what}: {vm}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn vmm_pids(&self) -> Vec<u32> {
+        novacron_guest_image::binaries::vmm_pids_under(self.dir.path())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+        for pid in self.vmm_pids() {
+            // SAFETY: kill has no memory effects; the pid is a VMM of this test's data dir.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+    }
+}
+
+/// The heartbeat numbers and boot count in a serial log so far.
+pub fn serial(path: &Path) -> (Vec<u64>, usize) {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut beats = Vec::new();
+    let mut boots = 0;
+    for line in text.lines() {
+        match parse(line) {
+            GuestLine::Heartbeat(n) => beats.push(n),
+            GuestLine::Boot => boots += 1,
+            _ => {}
+        }
+    }
+    (beats, boots)
+}
+
+/// Waits until the serial log shows a heartbeat above `after`; returns it.
+pub fn wait_heartbeat(path: &Path, after: u64) -> u64 {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        if let Some(&n) = serial(path).0.last().filter(|n| **n > after) {
+            return n;
+        }
+        assert!(Instant::now() < deadline, "no heartbeat above {after} in {}", path.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn str_of<'a>(v: &'a serde_json::Value, key: &str) -> &'a str {
+    v[key].as_str().unwrap_or_default()
+}
+
+pub fn pid_of(v: &serde_json::Value) -> u32 {
+    v["pid"].as_u64().unwrap_or(0) as u32
+}
