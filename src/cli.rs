@@ -7,7 +7,7 @@ use novacron_vmm::api::client::{ClientError, call};
 use novacron_vmm::api::{LimitChange, Request, VmStatus};
 use novacron_vmm::config::VmArgs;
 use novacron_vmm::migrate::destination::{ReceiveArgs, receive_vm};
-use novacron_vmm::process::{RestoreArgs, error_chain, init_logging, parse_args, restore_vm, run_vm};
+use novacron_vmm::process::{RestoreArgs, error_chain, init_logging, init_logging_at, parse_args, restore_vm, run_vm};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -265,11 +265,15 @@ fn vmm_command(cmd: VmmCommand) -> i32 {
 }
 
 pub fn main() -> i32 {
-    init_logging();
     let cli = match parse_args::<Cli>() {
         Ok(c) => c,
         Err(code) => return code,
     };
+    // A daemon tells what it does; a command says only what went wrong.
+    match cli.command {
+        Command::Daemon(_) => init_logging_at(tracing::Level::INFO),
+        _ => init_logging(),
+    }
     match cli.command {
         Command::Demo(args) => crate::demo::run(&args),
         Command::Vmm(cmd) => vmm_command(cmd),

@@ -60,6 +60,30 @@ pub struct DaemonArgs {
     /// vCPUs the VMs may have per physical CPU (memory is never overcommitted).
     #[arg(long, value_name = "RATIO", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
     cpu_overcommit: u32,
+    /// Join the cluster of the daemon at ADDR (its primary). Without it, this daemon is
+    /// the primary of a cluster of its own that others can join.
+    #[arg(long, value_name = "ADDR")]
+    join: Option<String>,
+    /// A label of this host for placement rules, KEY=VALUE (repeat for more).
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+    /// On the primary: put new VMs on the least loaded host (spread) or fill hosts one by
+    /// one (binpack).
+    #[arg(long, value_enum, default_value = "spread")]
+    placement: Strategy,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Strategy {
+    Spread,
+    Binpack,
+}
+
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((k, v)) if !k.is_empty() && !v.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("{text:?} is not KEY=VALUE")),
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -95,6 +119,36 @@ pub struct CreateArgs {
     /// Define the VM without booting it (`vm start` boots it).
     #[arg(long)]
     no_start: bool,
+    /// A group of this VM (e.g. app=web) that other VMs' affinity rules refer to (repeat
+    /// for more).
+    #[arg(long = "group", value_name = "GROUP")]
+    groups: Vec<String>,
+    /// Place it only on a host with this label (repeat for more).
+    #[arg(long = "host-label", value_name = "KEY=VALUE", value_parser = parse_label)]
+    host_labels: Vec<(String, String)>,
+    /// Place it only on a host that holds a VM of this group.
+    #[arg(long = "affinity", value_name = "GROUP")]
+    affinity: Vec<String>,
+    /// Never place it on a host that holds a VM of this group.
+    #[arg(long = "anti-affinity", value_name = "GROUP")]
+    anti_affinity: Vec<String>,
+}
+
+#[derive(Args)]
+pub struct MigrateArgs {
+    name: String,
+    /// The host to move it to (`novacron host list`).
+    #[arg(long, value_name = "HOST")]
+    to_host: String,
+    /// Bandwidth limit: bytes/s with an optional k, M or G, or bits/s as e.g. 200Mbit.
+    #[arg(long, value_name = "RATE", value_parser = crate::migrate::parse_rate)]
+    max_bandwidth: Option<u64>,
+    /// Longest pause of the guest allowed for the switchover.
+    #[arg(long, value_name = "MS", default_value_t = 50)]
+    downtime_ms: u64,
+    /// Print the operation id and return at once instead of following it.
+    #[arg(long)]
+    no_wait: bool,
 }
 
 #[derive(Args)]
@@ -168,6 +222,8 @@ pub enum VmCommand {
     },
     /// Change a device's rate limits while the VM runs.
     SetLimit(SetLimitArgs),
+    /// Move a running VM to another host of the cluster, live (pre-copy over QUIC).
+    Migrate(MigrateArgs),
     /// Show a long operation (e.g. a snapshot) by its id.
     Operation {
         id: String,
@@ -201,6 +257,12 @@ pub fn daemon(a: DaemonArgs) -> i32 {
         name: a.name,
         vmm_binary: a.vmm_binary,
         cpu_overcommit: a.cpu_overcommit,
+        join: a.join,
+        labels: a.labels.into_iter().collect(),
+        strategy: match a.placement {
+            Strategy::Spread => novacron_daemon::Strategy::Spread,
+            Strategy::Binpack => novacron_daemon::Strategy::Binpack,
+        },
     };
     match novacron_daemon::run::run(&args) {
         Ok(()) => 0,
@@ -326,10 +388,26 @@ fn operation_line(op: &pb::Operation) -> String {
     }
 }
 
-/// Follows an operation to its end with a spinner; fails when it fails.
+fn print_operation(op: &pb::Operation, output: Output) {
+    match output {
+        Output::Json => print_json(op),
+        Output::Table => println!("{}", operation_line(op)),
+    }
+}
+
+/// A long operation just started: shown as it is (`no_wait`) or followed to its end.
+async fn started(client: &mut Client, op: pb::Operation, no_wait: bool, output: Output) -> Result<(), Failure> {
+    if no_wait {
+        print_operation(&op, output);
+        return Ok(());
+    }
+    wait_operation(client, op, output).await
+}
+
+/// Follows an operation to its end with a progress bar; fails when it fails.
 async fn wait_operation(client: &mut Client, op: pb::Operation, output: Output) -> Result<(), Failure> {
-    let bar = ProgressBar::new_spinner();
-    if let Ok(style) = ProgressStyle::with_template("{spinner} {msg} ({elapsed})") {
+    let bar = ProgressBar::new(100);
+    if let Ok(style) = ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos:>3}% {msg}") {
         bar.set_style(style);
     }
     bar.enable_steady_tick(Duration::from_millis(200));
@@ -337,14 +415,12 @@ async fn wait_operation(client: &mut Client, op: pb::Operation, output: Output) 
     let mut stream = client.watch_operation(pb::OperationRef { id: op.id.clone() }).await?.into_inner();
     let mut last = op;
     while let Some(op) = stream.message().await? {
+        bar.set_position(op.percent.into());
         bar.set_message(format!("{} of {}: {}", op.kind, op.vm, op.message));
         last = op;
     }
     bar.finish_and_clear();
-    match output {
-        Output::Json => print_json(&last),
-        Output::Table => println!("{}", operation_line(&last)),
-    }
+    print_operation(&last, output);
     if last.state == "succeeded" { Ok(()) } else { Err(Failure::Other(last.error)) }
 }
 
@@ -389,6 +465,10 @@ pub fn vm(remote: &Remote, cmd: VmCommand) -> i32 {
                     kernel: a.kernel.unwrap_or_default(),
                     cmdline: a.cmdline,
                     restart: Some(restart),
+                    groups: a.groups,
+                    host_labels: a.host_labels.into_iter().collect(),
+                    affinity: a.affinity,
+                    anti_affinity: a.anti_affinity,
                 }),
                 start: Some(!a.no_start),
             };
@@ -427,14 +507,7 @@ pub fn vm(remote: &Remote, cmd: VmCommand) -> i32 {
         VmCommand::Snapshot(a) => with_client(remote, &format!("snapshot VM {}", a.name), async move |mut c| {
             let request = pb::SnapshotRequest { name: a.name, dir: a.to, paused: a.paused };
             let op = c.snapshot_vm(request).await?.into_inner();
-            if a.no_wait {
-                match output {
-                    Output::Json => print_json(&op),
-                    Output::Table => println!("{}", operation_line(&op)),
-                }
-                return Ok(());
-            }
-            wait_operation(&mut c, op, output).await
+            started(&mut c, op, a.no_wait, output).await
         }),
         VmCommand::Restore { name, from } => with_client(remote, &format!("restore VM {name}"), async move |mut c| {
             let vm = c.restore_vm(pb::RestoreRequest { name, dir: from }).await?.into_inner();
@@ -457,12 +530,20 @@ pub fn vm(remote: &Remote, cmd: VmCommand) -> i32 {
                 Ok(())
             })
         }
+        VmCommand::Migrate(a) => with_client(remote, &format!("migrate VM {}", a.name), async move |mut c| {
+            let request = pb::MigrateVmRequest {
+                name: a.name,
+                to_host: a.to_host,
+                max_bandwidth: a.max_bandwidth.unwrap_or(0),
+                downtime_ms: a.downtime_ms,
+                to_address: String::new(),
+            };
+            let op = c.migrate_vm(request).await?.into_inner();
+            started(&mut c, op, a.no_wait, output).await
+        }),
         VmCommand::Operation { id } => with_client(remote, &format!("show operation {id}"), async move |mut c| {
             let op = c.get_operation(pb::OperationRef { id }).await?.into_inner();
-            match output {
-                Output::Json => print_json(&op),
-                Output::Table => println!("{}", operation_line(&op)),
-            }
+            print_operation(&op, output);
             Ok(())
         }),
     }
@@ -490,18 +571,22 @@ pub fn host(remote: &Remote, cmd: HostCommand) -> i32 {
                 Output::Json => print_json(&cluster.hosts),
                 Output::Table => {
                     println!(
-                        "{:<16} {:<22} {:<5} {:>11} {:>19} {:>5}",
+                        "{:<16} {:<22} {:<8} {:>11} {:>19} {:>5}  LABELS",
                         "NAME", "ADDRESS", "STATE", "VCPUS USED", "MEMORY USED", "VMS"
                     );
                     for h in &cluster.hosts {
+                        let mut labels: Vec<String> = h.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                        labels.sort();
                         println!(
-                            "{:<16} {:<22} {:<5} {:>11} {:>19} {:>5}",
+                            "{:<16} {:<22} {:<8} {:>11} {:>19} {:>5}  {}{}",
                             h.name,
                             h.address,
                             h.state,
                             format!("{}/{}", h.used_vcpus, h.vcpus),
                             format!("{}/{} MiB", h.used_mem_mib, h.mem_mib),
-                            h.vms
+                            h.vms,
+                            labels.join(","),
+                            if h.primary { " (primary)" } else { "" }
                         );
                     }
                 }

@@ -8,7 +8,7 @@ use crate::process::VmmProcess;
 use crate::spec::{SpecError, VmSpec};
 use crate::store::{DesiredState, Event, EventKind, Store, StoreError, VmRecord};
 use crate::supervisor::policy::{Decision, ProcessExit, RestartPolicy, RestartTracker};
-use crate::vm::{Adopt, VmError, VmInfo, VmMsg, VmPaths, VmPhase, VmReport, VmSupervisor, VmSupervisorArgs};
+use crate::vm::{Adopt, Incoming, VmError, VmInfo, VmMsg, VmPaths, VmPhase, VmReport, VmSupervisor, VmSupervisorArgs};
 use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -164,6 +164,18 @@ pub enum HostMsg {
     /// Stops a VM if it runs, stops its supervisor, forgets it and frees its capacity.
     /// Answers the VM's last info.
     DeleteVm(String, RpcReplyPort<Result<VmInfo, HostError>>),
+    /// Admits a VM arriving by live migration and starts its receiving VMM. It is not
+    /// recorded in the store until `Arrived`; if its VMM ends before, it stays `Failed`
+    /// until `DeleteVm`.
+    ReceiveVm {
+        spec: VmSpec,
+        incoming: Incoming,
+        reply: RpcReplyPort<Result<VmInfo, HostError>>,
+    },
+    /// The VM's incoming migration completed: it is this host's VM from now on.
+    Arrived(String, RpcReplyPort<Result<VmInfo, HostError>>),
+    /// The VM migrated away: forget it without stopping anything (its VMM has ended).
+    Departed(String, RpcReplyPort<Result<VmInfo, HostError>>),
     /// Events with sequence numbers above `after` (at most `limit`), oldest first, and
     /// every later one.
     Events {
@@ -186,6 +198,8 @@ pub enum HostMsg {
 struct VmEntry {
     spec: VmSpec,
     desired: DesiredState,
+    /// Arriving by migration: not in the store yet.
+    incoming: bool,
     paths: VmPaths,
     /// `None` once the host gave up restarting its supervisor.
     actor: Option<ActorRef<VmMsg>>,
@@ -210,6 +224,9 @@ impl HostState {
     /// and the next change writes the record again.
     fn persist(&self, name: &str) {
         let (Some(store), Some(entry)) = (&self.store, self.vms.get(name)) else { return };
+        if entry.incoming {
+            return;
+        }
         let info = &entry.last.info;
         let record =
             VmRecord { spec: entry.spec.clone(), desired: entry.desired, pid: info.pid, restarts: info.restarts };
@@ -326,6 +343,7 @@ impl HostSupervisor {
         spec: &VmSpec,
         paths: &VmPaths,
         adopt: Option<Adopt>,
+        incoming: Option<Incoming>,
     ) -> Result<ActorRef<VmMsg>, HostError> {
         let args = VmSupervisorArgs {
             spec: spec.clone(),
@@ -333,6 +351,7 @@ impl HostSupervisor {
             vmm_binary: config.vmm_binary.clone(),
             adopt,
             host: Some(myself.clone()),
+            incoming,
         };
         // Unnamed: actor names are process-global, and several hosts may share a process.
         let (actor, _) = Actor::spawn_linked(None, VmSupervisor, args, myself.get_cell())
@@ -356,7 +375,7 @@ impl HostSupervisor {
             store.put_vm(&VmRecord { spec: spec.clone(), desired, pid: None, restarts: 0 })?;
         }
         let adopt = (!start).then(|| Adopt::stopped(spec.restart));
-        let info = match Self::start_entry(myself, state, spec.clone(), desired, paths, adopt).await {
+        let info = match Self::start_entry(myself, state, spec.clone(), desired, paths, adopt, None).await {
             Ok(info) => info,
             Err(e) => {
                 if let Some(store) = &state.store {
@@ -379,9 +398,11 @@ impl HostSupervisor {
         desired: DesiredState,
         paths: VmPaths,
         adopt: Option<Adopt>,
+        incoming: Option<Incoming>,
     ) -> Result<VmInfo, HostError> {
         let tracker = adopt.as_ref().map_or_else(|| RestartTracker::new(spec.restart), |a| a.tracker.clone());
-        let actor = Self::spawn_vm(myself, &state.config, &spec, &paths, adopt).await?;
+        let is_incoming = incoming.is_some();
+        let actor = Self::spawn_vm(myself, &state.config, &spec, &paths, adopt, incoming).await?;
         let info = ractor::call_t!(actor, VmMsg::GetInfo, CHILD_CALL_TIMEOUT.as_millis() as u64)
             .map_err(|e| unanswered(&spec.name, e))?;
         let intensity = RestartPolicy::OnFailure {
@@ -396,6 +417,7 @@ impl HostSupervisor {
             VmEntry {
                 spec,
                 desired,
+                incoming: is_incoming,
                 paths,
                 actor: Some(actor),
                 last,
@@ -454,6 +476,49 @@ impl HostSupervisor {
         Ok(info)
     }
 
+    async fn receive(
+        myself: &ActorRef<HostMsg>,
+        state: &mut HostState,
+        spec: VmSpec,
+        incoming: Incoming,
+    ) -> Result<VmInfo, HostError> {
+        let paths = state.admit(&spec)?;
+        let from = incoming.listen.clone();
+        let info =
+            Self::start_entry(myself, state, spec.clone(), DesiredState::Running, paths, None, Some(incoming)).await?;
+        tracing::info!(vm = %spec.name, listen = %from, "waiting for the VM to arrive");
+        Ok(info)
+    }
+
+    async fn arrived(state: &mut HostState, name: &str) -> Result<VmInfo, HostError> {
+        let actor = state.actor(name)?;
+        let info = ractor::call_t!(actor, VmMsg::Arrived, CHILD_CALL_TIMEOUT.as_millis() as u64)
+            .map_err(|e| unanswered(name, e))?;
+        let entry = state.entry(name)?;
+        entry.incoming = false;
+        entry.last.info = info.clone();
+        state.persist(name);
+        state.event(name, EventKind::MigratedIn, "arrived by live migration".into());
+        Ok(info)
+    }
+
+    async fn departed(state: &mut HostState, name: &str) -> Result<VmInfo, HostError> {
+        let actor = state.actor(name)?;
+        let info = ractor::call_t!(actor, VmMsg::GetInfo, CHILD_CALL_TIMEOUT.as_millis() as u64)
+            .map_err(|e| unanswered(name, e))?;
+        if info.pid.is_some() {
+            return Err(HostError::Vm(VmError::Busy { name: name.into(), phase: info.phase, what: "forget" }));
+        }
+        if let Some(store) = &state.store {
+            store.delete_vm(name)?;
+        }
+        if let Some(actor) = state.vms.remove(name).and_then(|e| e.actor) {
+            actor.stop(Some("VM migrated away".into()));
+        }
+        state.event(name, EventKind::MigratedOut, "left by live migration".into());
+        Ok(info)
+    }
+
     fn events(state: &HostState, after: u64, limit: usize) -> Result<EventFeed, HostError> {
         // Subscribed first: an event between the read and the subscription is not lost
         // (a watcher skips what it has seen by sequence number).
@@ -487,7 +552,7 @@ impl HostSupervisor {
         entry.supervisor_restarts += 1;
         let adopt = entry.last.adopt();
         tracing::warn!(vm = %name, pid = ?adopt.pid, "its supervisor failed ({why}); restarting it to re-adopt the VM");
-        match Self::spawn_vm(myself, &config, &entry.spec, &entry.paths, Some(adopt)).await {
+        match Self::spawn_vm(myself, &config, &entry.spec, &entry.paths, Some(adopt), None).await {
             Ok(actor) => entry.actor = Some(actor),
             Err(e) => {
                 tracing::error!(vm = %name, "cannot restart its supervisor: {e}; giving up on this VM");
@@ -517,7 +582,8 @@ impl HostSupervisor {
                 last_exit: None,
                 tracker: RestartTracker::new(record.spec.restart),
             };
-            match Self::start_entry(myself, state, record.spec.clone(), record.desired, paths, Some(adopt)).await {
+            match Self::start_entry(myself, state, record.spec.clone(), record.desired, paths, Some(adopt), None).await
+            {
                 Ok(info) => {
                     let same = info.pid.is_some() && info.pid == record.pid;
                     let what = match (same, record.pid) {
@@ -597,6 +663,15 @@ impl Actor for HostSupervisor {
             }
             HostMsg::DeleteVm(name, reply) => {
                 let _ = reply.send(Self::delete(state, &name).await);
+            }
+            HostMsg::ReceiveVm { spec, incoming, reply } => {
+                let _ = reply.send(Self::receive(&myself, state, spec, incoming).await);
+            }
+            HostMsg::Arrived(name, reply) => {
+                let _ = reply.send(Self::arrived(state, &name).await);
+            }
+            HostMsg::Departed(name, reply) => {
+                let _ = reply.send(Self::departed(state, &name).await);
             }
             HostMsg::Events { after, limit, reply } => {
                 let _ = reply.send(Self::events(state, after, limit));

@@ -18,9 +18,9 @@ pub mod supervisor;
 pub mod vm;
 
 pub use host::{Capacity, EventFeed, HostConfig, HostError, HostInfo, HostMsg, HostSupervisor};
-pub use spec::{SpecError, VmSpec};
+pub use spec::{PlacementRules, SpecError, VmSpec};
 pub use supervisor::policy::{Decision, ProcessExit, RestartPolicy, RestartTracker};
-pub use vm::{VmError, VmInfo, VmMsg, VmPhase, VmSupervisor};
+pub use vm::{Incoming, VmError, VmInfo, VmMsg, VmPhase, VmSupervisor};
 
 /// An error and its causes on one line: "what failed: because: because".
 pub use novacron_vmm::process::error_chain;

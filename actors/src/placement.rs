@@ -136,9 +136,16 @@ impl PlacementRequest {
         PlacementRequest { vm: vm.into(), vcpus, mem_mib, ..Default::default() }
     }
 
-    /// The size of a spec; rules are added with the builder methods.
+    /// The size and placement rules of a spec.
     pub fn for_spec(spec: &VmSpec) -> Self {
-        Self::new(spec.name.clone(), u32::from(spec.vcpus), spec.mem_mib)
+        let rules = &spec.placement;
+        PlacementRequest {
+            groups: rules.groups.clone(),
+            required_labels: rules.host_labels.clone(),
+            affinity: rules.affinity.clone(),
+            anti_affinity: rules.anti_affinity.clone(),
+            ..Self::new(spec.name.clone(), u32::from(spec.vcpus), spec.mem_mib)
+        }
     }
 
     pub fn group(mut self, group: impl Into<String>) -> Self {

@@ -3,12 +3,56 @@
 use crate::supervisor::policy::RestartPolicy;
 use novacron_vmm::arch::x86_64::layout::CMDLINE_MAX_SIZE;
 use novacron_vmm::config::{MAX_VCPUS, MIN_MEM_MIB};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 /// Longest VM name: a DNS label, so names can become host names and file names as they are.
 pub const MAX_NAME_LEN: usize = 63;
 /// Largest guest memory accepted (1 TiB); the host's own capacity is checked on admission.
 pub const MAX_MEM_MIB: u64 = 1 << 20;
+/// Most groups, host labels, affinity or anti-affinity entries a VM may carry (each).
+pub const MAX_RULES: usize = 16;
+
+/// Where a cluster may put the VM; the rules are explained in `placement.rs`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct PlacementRules {
+    /// The VM's own groups (`app=web`), which other VMs' (anti-)affinity refers to.
+    pub groups: Vec<String>,
+    /// Labels its host must carry (`zone=a`).
+    pub host_labels: BTreeMap<String, String>,
+    /// Groups its host must already hold a VM of.
+    pub affinity: Vec<String>,
+    /// Groups its host must hold no VM of.
+    pub anti_affinity: Vec<String>,
+}
+
+impl PlacementRules {
+    fn validate(&self) -> Result<(), SpecError> {
+        let labels = self.host_labels.iter().flat_map(|(k, v)| [k, v]);
+        let all = self.groups.iter().chain(&self.affinity).chain(&self.anti_affinity).chain(labels);
+        for word in all {
+            validate_word(word)?;
+        }
+        for (what, n) in [
+            ("groups", self.groups.len()),
+            ("host labels", self.host_labels.len()),
+            ("affinity groups", self.affinity.len()),
+            ("anti-affinity groups", self.anti_affinity.len()),
+        ] {
+            if n > MAX_RULES {
+                return Err(SpecError::TooManyRules { what, n });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A group, label key or label value: 1 to 63 of `a-z 0-9 - _ . / =`.
+fn validate_word(word: &str) -> Result<(), SpecError> {
+    let ok = (1..=MAX_NAME_LEN).contains(&word.len())
+        && word.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_./=".contains(&b));
+    if ok { Ok(()) } else { Err(SpecError::Rule(word.to_string())) }
+}
 
 /// One VM as its supervisor runs it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -24,6 +68,7 @@ pub struct VmSpec {
     /// Where the serial console goes; `None`: `<runtime dir>/<name>.serial`.
     pub serial_log: Option<PathBuf>,
     pub restart: RestartPolicy,
+    pub placement: PlacementRules,
 }
 
 impl VmSpec {
@@ -37,6 +82,7 @@ impl VmSpec {
             cmdline: String::new(),
             serial_log: None,
             restart: RestartPolicy::on_failure(),
+            placement: PlacementRules::default(),
         }
     }
 
@@ -61,7 +107,7 @@ impl VmSpec {
         {
             return Err(SpecError::Policy);
         }
-        Ok(())
+        self.placement.validate()
     }
 }
 
@@ -96,6 +142,10 @@ pub enum SpecError {
         "an on-failure restart policy needs max_restarts of at least 1 and a window longer than 0 (use `never` for no restarts)"
     )]
     Policy,
+    #[error("placement rule {0:?} is not valid: use 1 to 63 of a-z, 0-9, '-', '_', '.', '/', '=' (e.g. app=web)")]
+    Rule(String),
+    #[error("a VM may have at most 16 {what}, not {n}")]
+    TooManyRules { what: &'static str, n: usize },
 }
 
 #[cfg(test)]
@@ -135,5 +185,17 @@ mod tests {
 
         assert!(matches!(missing, Err(SpecError::Kernel(_))));
         assert!(matches!(long, Err(SpecError::Cmdline { .. })));
+    }
+
+    #[test]
+    fn test_validate_placement_rules_are_words_and_bounded() {
+        let mut spec = VmSpec::new("vm", 1, 64);
+        spec.placement.groups = vec!["app=web".into()];
+        spec.placement.host_labels.insert("zone".into(), "a".into());
+        assert_eq!(spec.validate(), Ok(()));
+        spec.placement.anti_affinity = vec!["App Web".into()];
+        assert_eq!(spec.validate(), Err(SpecError::Rule("App Web".into())));
+        spec.placement.anti_affinity = (0..17).map(|i| format!("g{i}")).collect();
+        assert!(matches!(spec.validate(), Err(SpecError::TooManyRules { n: 17, .. })));
     }
 }

@@ -23,7 +23,8 @@ const VMS: TableDefinition<&str, &[u8]> = TableDefinition::new("vms");
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 
 /// Bumped when a table's layout or a value's encoding changes incompatibly.
-pub const FORMAT_VERSION: u32 = 1;
+/// 2: specs carry placement rules.
+pub const FORMAT_VERSION: u32 = 2;
 /// Events kept; older ones are dropped as new ones come (a ring, by sequence number).
 pub const MAX_EVENTS: u64 = 100_000;
 
@@ -81,6 +82,10 @@ pub enum EventKind {
     Adopted,
     Failed,
     Deleted,
+    /// Arrived from another host by live migration.
+    MigratedIn,
+    /// Left for another host by live migration.
+    MigratedOut,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

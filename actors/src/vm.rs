@@ -163,6 +163,17 @@ pub struct VmSupervisorArgs {
     pub adopt: Option<Adopt>,
     /// Gets a [`VmReport`] after every change.
     pub host: Option<ActorRef<HostMsg>>,
+    /// Start the VMM as the destination of a live migration instead of booting.
+    pub incoming: Option<Incoming>,
+}
+
+/// A VM arriving by live migration: its VMM listens on `listen` (QUIC) with the
+/// certificates of `tls_dir`. Until [`VmMsg::Arrived`] the VM is not this host's to run:
+/// its VMM ending is a failed migration, never restarted.
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    pub listen: String,
+    pub tls_dir: PathBuf,
 }
 
 // The hidden variants are internal messages and a test hook, not a non-exhaustive marker.
@@ -194,9 +205,17 @@ pub enum VmMsg {
         timeout: Duration,
         reply: RpcReplyPort<Result<Response, VmError>>,
     },
+    /// The incoming migration completed: the VM is this host's now, under its restart
+    /// policy (a restart boots it from its spec).
+    Arrived(RpcReplyPort<VmInfo>),
     /// Tests only: panics inside the actor.
     #[doc(hidden)]
     Crash,
+    /// A `Migrate` control request failed: the VM stays here after all.
+    #[doc(hidden)]
+    StayedAfterAll {
+        generation: u64,
+    },
     /// A `Control` request that pauses the VM succeeded for the process of `generation`.
     #[doc(hidden)]
     PausedBy {
@@ -256,6 +275,10 @@ pub struct VmSupervisorState {
     ended_while_away: Option<ProcessExit>,
     host: Option<ActorRef<HostMsg>>,
     reported: Option<VmInfo>,
+    /// Arriving by migration (see [`Incoming`]).
+    incoming: Option<Incoming>,
+    /// Migrating away: the VMM's end is the migration's success, not a failure.
+    leaving: bool,
 }
 
 impl VmSupervisorState {
@@ -334,6 +357,21 @@ fn restore_launch(paths: &VmPaths, binary: &Path, from: &Path) -> Launch {
     Launch { binary: binary.to_owned(), args, log: paths.log.clone() }
 }
 
+/// The VM as the destination of a live migration (its shape comes from the source).
+fn receive_launch(paths: &VmPaths, binary: &Path, incoming: &Incoming) -> Launch {
+    let args = vec![
+        "--api-sock".into(),
+        paths.socket.clone().into(),
+        "--serial-file".into(),
+        paths.serial.clone().into(),
+        "--receive-on".into(),
+        incoming.listen.clone().into(),
+        "--tls-dir".into(),
+        incoming.tls_dir.clone().into(),
+    ];
+    Launch { binary: binary.to_owned(), args, log: paths.log.clone() }
+}
+
 /// The VMM truncates its serial file when it starts: keep the previous boot's console as
 /// `<serial>.prev` so a crash's last words survive the restart.
 fn rotate_serial(serial: &Path) {
@@ -401,14 +439,19 @@ impl VmSupervisor {
     fn start_process(myself: &ActorRef<VmMsg>, state: &mut VmSupervisorState, restore: Option<&Path>) {
         state.generation += 1;
         rotate_serial(&state.paths.serial);
-        let launch = match restore {
-            Some(from) => restore_launch(&state.paths, &state.launch.binary, from),
-            None => state.launch.clone(),
+        let launch = match (restore, &state.incoming) {
+            (Some(from), _) => restore_launch(&state.paths, &state.launch.binary, from),
+            (None, Some(incoming)) => receive_launch(&state.paths, &state.launch.binary, incoming),
+            (None, None) => state.launch.clone(),
         };
         let started = VmmProcess::spawn(&launch).and_then(|process| {
-            let watcher = watch_exit(myself, &process, state.generation)?;
-            let probe = probe_start(myself, state.paths.socket.clone(), state.generation);
-            Ok(Running { process, _tasks: vec![watcher, probe] })
+            let mut tasks = vec![watch_exit(myself, &process, state.generation)?];
+            // A receiving VMM answers its socket only once the VM has arrived, however long
+            // the migration takes: `Arrived` asks it then.
+            if state.incoming.is_none() {
+                tasks.push(probe_start(myself, state.paths.socket.clone(), state.generation));
+            }
+            Ok(Running { process, _tasks: tasks })
         });
         match started {
             Ok(running) => {
@@ -430,6 +473,17 @@ impl VmSupervisor {
         state.process = None;
         state.generation += 1;
         state.last_exit = Some(exit);
+        if state.leaving {
+            tracing::info!(vm = %state.spec.name, "VMM process {exit} after migrating the VM away");
+            state.phase = VmPhase::Stopped;
+            return;
+        }
+        if state.incoming.is_some() {
+            tracing::warn!(vm = %state.spec.name, "the receiving VMM {exit}: the migration failed");
+            state.phase = VmPhase::Failed;
+            state.error = Some(format!("the incoming migration failed: its VMM {exit}"));
+            return;
+        }
         match state.tracker.on_exit(exit, Instant::now()) {
             Decision::Restart { after } => {
                 state.restarts += 1;
@@ -566,6 +620,8 @@ impl Actor for VmSupervisor {
             ended_while_away: None,
             host: args.host,
             reported: None,
+            incoming: args.incoming,
+            leaving: false,
         };
         if let Some(adopt) = args.adopt {
             state.phase = adopt.phase;
@@ -650,6 +706,9 @@ impl Actor for VmSupervisor {
                     let _ = reply.send(Err(state.not_running()));
                 } else {
                     let pauses = matches!(request, Request::Snapshot { paused: true, .. });
+                    let migrates = matches!(request, Request::Migrate(_));
+                    // Set before the VMM can end: its exit after the switchover is expected.
+                    state.leaving |= migrates;
                     let (me, socket, generation, name) =
                         (myself.clone(), state.paths.socket.clone(), state.generation, state.spec.name.clone());
                     tokio::spawn(async move {
@@ -657,12 +716,28 @@ impl Actor for VmSupervisor {
                         if pauses && result.is_ok() {
                             let _ = me.cast(VmMsg::PausedBy { generation });
                         }
+                        if migrates && result.is_err() {
+                            let _ = me.cast(VmMsg::StayedAfterAll { generation });
+                        }
                         let _ = reply.send(result);
                     });
                 }
             }
             VmMsg::PausedBy { generation } if generation == state.generation => {
                 state.phase = VmPhase::Paused;
+            }
+            VmMsg::StayedAfterAll { generation } if generation == state.generation => {
+                state.leaving = false;
+            }
+            VmMsg::Arrived(reply) => {
+                state.incoming = None;
+                if state.process.is_some()
+                    && let Ok(response) = api_call(&state.paths.socket, Request::Status, CALL_TIMEOUT).await
+                    && let Some(status) = response.status
+                {
+                    state.phase = phase_of(status.state);
+                }
+                let _ = reply.send(state.info());
             }
             VmMsg::Crash => panic!("VmSupervisor {}: crash injected by a test", state.spec.name),
             VmMsg::Exited { generation } if generation == state.generation => {
@@ -699,7 +774,8 @@ impl Actor for VmSupervisor {
             | VmMsg::Ready { .. }
             | VmMsg::StartTimedOut { .. }
             | VmMsg::RestartNow { .. }
-            | VmMsg::PausedBy { .. } => {
+            | VmMsg::PausedBy { .. }
+            | VmMsg::StayedAfterAll { .. } => {
                 tracing::debug!(vm = %state.spec.name, "stale message of an earlier VMM process ignored");
             }
         }

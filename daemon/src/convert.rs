@@ -5,7 +5,7 @@ use crate::pb;
 use novacron_actors::spec::validate_name;
 use novacron_actors::store::{Event, EventKind};
 use novacron_actors::vm::VmError;
-use novacron_actors::{HostError, HostInfo, RestartPolicy, VmInfo, VmSpec};
+use novacron_actors::{HostError, HostInfo, PlacementRules, RestartPolicy, VmInfo, VmSpec};
 use std::path::PathBuf;
 use std::time::Duration;
 use tonic::Status;
@@ -80,6 +80,12 @@ pub fn spec_from_pb(p: Option<pb::VmSpec>) -> Result<VmSpec, Status> {
         // the daemon write anywhere it can.
         serial_log: None,
         restart: restart_from_pb(p.restart)?,
+        placement: PlacementRules {
+            groups: p.groups,
+            host_labels: p.host_labels.into_iter().collect(),
+            affinity: p.affinity,
+            anti_affinity: p.anti_affinity,
+        },
     };
     spec.validate().map_err(invalid)?;
     Ok(spec)
@@ -93,6 +99,10 @@ pub fn spec_to_pb(spec: &VmSpec) -> pb::VmSpec {
         kernel: spec.kernel.as_ref().map(|k| k.display().to_string()).unwrap_or_default(),
         cmdline: spec.cmdline.clone(),
         restart: Some(restart_to_pb(&spec.restart)),
+        groups: spec.placement.groups.clone(),
+        host_labels: spec.placement.host_labels.clone().into_iter().collect(),
+        affinity: spec.placement.affinity.clone(),
+        anti_affinity: spec.placement.anti_affinity.clone(),
     }
 }
 
@@ -121,6 +131,8 @@ pub fn event_kind(kind: EventKind) -> &'static str {
         EventKind::Adopted => "adopted",
         EventKind::Failed => "failed",
         EventKind::Deleted => "deleted",
+        EventKind::MigratedIn => "migrated-in",
+        EventKind::MigratedOut => "migrated-out",
     }
 }
 
@@ -135,10 +147,23 @@ pub fn event_to_pb(seq: u64, event: &Event, host: &str) -> pb::Event {
     }
 }
 
-pub fn host_to_pb(info: &HostInfo, name: &str, address: &str) -> pb::Host {
+/// What a host says about itself.
+#[derive(Debug, Clone, Default)]
+pub struct HostIdentity {
+    pub name: String,
+    pub address: String,
+    pub cpus: u32,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub primary: bool,
+}
+
+pub fn host_to_pb(info: &HostInfo, me: &HostIdentity) -> pb::Host {
     pb::Host {
-        name: name.to_string(),
-        address: address.to_string(),
+        name: me.name.clone(),
+        address: me.address.clone(),
+        cpus: me.cpus,
+        labels: me.labels.clone().into_iter().collect(),
+        primary: me.primary,
         vcpus: info.capacity.vcpus,
         mem_mib: info.capacity.mem_mib,
         used_vcpus: info.used.vcpus,

@@ -10,7 +10,9 @@
 
 pub mod auth;
 pub mod client;
+mod cluster;
 mod convert;
+mod migrate;
 mod operations;
 pub mod run;
 mod service;
@@ -20,4 +22,5 @@ pub mod pb {
     tonic::include_proto!("novacron.v1");
 }
 
+pub use novacron_actors::placement::Strategy;
 pub use run::{DaemonArgs, DaemonError};

@@ -92,6 +92,13 @@ impl Progress {
         self.sender.borrow().clone()
     }
 
+    pub fn update(&self, message: &str, percent: u32) {
+        self.sender.send_modify(|op| {
+            op.message = message.into();
+            op.percent = percent.min(100);
+        });
+    }
+
     pub fn succeed(self, message: &str) {
         self.end(SUCCEEDED, message, "");
     }

@@ -4,13 +4,21 @@
 //! dir takes them back.
 
 use crate::auth::{Authenticator, load_or_create_token, server_tls};
+use crate::client::{Client, Connect};
+use crate::cluster::{ClusterArgs, ClusterSupervisor};
+use crate::convert::HostIdentity;
 use crate::operations::Operations;
+use crate::pb;
 use crate::pb::control_server::ControlServer;
 use crate::service::ControlService;
+use novacron_actors::placement::{Policy, Strategy};
+use novacron_actors::store::Store;
 use novacron_actors::{Capacity, HostConfig, HostSupervisor};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Where a daemon keeps its VMs' sockets and logs, under its data dir.
 pub const RUNTIME_SUBDIR: &str = "run";
@@ -30,7 +38,17 @@ pub struct DaemonArgs {
     pub vmm_binary: Option<PathBuf>,
     /// vCPUs the host's VMs may have per physical CPU (memory is never overcommitted).
     pub cpu_overcommit: u32,
+    /// The control port of a daemon of the cluster to join (its primary); `None`: this
+    /// daemon is the primary of its own cluster.
+    pub join: Option<String>,
+    /// This host's labels (`zone=a`), for placement rules.
+    pub labels: BTreeMap<String, String>,
+    /// On the primary: how new VMs are spread over the hosts.
+    pub strategy: Strategy,
 }
+
+/// How long a joining daemon keeps trying to reach the primary.
+const JOIN_PATIENCE: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -62,6 +80,12 @@ pub enum DaemonError {
     Runtime(#[source] std::io::Error),
     #[error("cannot find the VMM binary next to {0}; pass --vmm-binary")]
     VmmBinary(PathBuf),
+    #[error("cannot join the cluster at {addr}: {reason}")]
+    Join { addr: String, reason: String },
+    #[error(transparent)]
+    Store(#[from] novacron_actors::store::StoreError),
+    #[error("--listen {0} is not a concrete address other hosts can reach; give an IP, e.g. 10.0.0.5:7700")]
+    Unreachable(SocketAddr),
 }
 
 fn host_name() -> String {
@@ -120,7 +144,8 @@ async fn serve(args: &DaemonArgs) -> Result<(), DaemonError> {
     let data_dir = std::path::absolute(&args.data_dir)
         .map_err(|source| DaemonError::DataDir { path: args.data_dir.clone(), source })?;
     let name = args.name.clone().unwrap_or_else(host_name);
-    let tls = server_tls(&tls_dir(args, &name)?)?;
+    let tls_dir = tls_dir(args, &name)?;
+    let tls = server_tls(&tls_dir)?;
     let token = load_or_create_token(&data_dir)?;
     let vmm_binary = match &args.vmm_binary {
         Some(p) => p.clone(),
@@ -133,19 +158,59 @@ async fn serve(args: &DaemonArgs) -> Result<(), DaemonError> {
     let addr: SocketAddr =
         listener.local_addr().map_err(|source| DaemonError::Listen { addr: args.listen.clone(), source })?;
 
+    if addr.ip().is_unspecified() && args.join.is_some() {
+        return Err(DaemonError::Unreachable(addr));
+    }
+    let physical = Capacity::from_proc().map_err(|e| DaemonError::Host(novacron_actors::error_chain(&e)))?;
+    let me = HostIdentity {
+        name: name.clone(),
+        address: addr.to_string(),
+        cpus: physical.vcpus,
+        labels: args.labels.clone(),
+        primary: args.join.is_none(),
+    };
+    // A member joins before it takes its VMs back: VMs the cluster started elsewhere while
+    // this host was away are forgotten, not started a second time.
+    let primary = match &args.join {
+        Some(addr) => Some(join(addr, &me, &tls_dir, &data_dir).await?),
+        None => None,
+    };
+
     let mut config = HostConfig::new(data_dir.join(RUNTIME_SUBDIR), vmm_binary);
     config.data_dir = Some(data_dir.clone());
-    let physical = Capacity::from_proc().map_err(|e| DaemonError::Host(novacron_actors::error_chain(&e)))?;
     config.capacity = Some(Capacity { vcpus: physical.vcpus.saturating_mul(args.cpu_overcommit.max(1)), ..physical });
     let (host, host_task) = ractor::Actor::spawn(None, HostSupervisor, config)
         .await
         .map_err(|e| DaemonError::Host(novacron_actors::error_chain(&e)))?;
+    let cluster = match primary {
+        Some(_) => None,
+        None => {
+            let policy = Policy {
+                cpu_overcommit_permille: args.cpu_overcommit.max(1).saturating_mul(1000),
+                mem_overcommit_permille: 1000,
+                strategy: args.strategy,
+            };
+            let cluster_args = ClusterArgs {
+                me: me.clone(),
+                host: host.clone(),
+                tls_dir: tls_dir.clone(),
+                data_dir: data_dir.clone(),
+                policy,
+            };
+            let (cluster, _) = ractor::Actor::spawn(None, ClusterSupervisor, cluster_args)
+                .await
+                .map_err(|e| DaemonError::Host(novacron_actors::error_chain(&e)))?;
+            Some(cluster)
+        }
+    };
 
     let service = ControlService {
         host: host.clone(),
-        name: name.clone(),
-        address: addr.to_string(),
+        me,
         operations: Arc::new(Operations::new(&name)),
+        cluster: cluster.clone(),
+        primary,
+        tls_dir: tls_dir.clone(),
     };
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     // The one line scripts and tests wait for.
@@ -163,9 +228,54 @@ async fn serve(args: &DaemonArgs) -> Result<(), DaemonError> {
         .await
         .map_err(DaemonError::Serve);
     tracing::info!("daemon stopping; the VMs keep running and the next daemon on this data dir takes them back");
+    if let Some(cluster) = cluster {
+        cluster.stop(None);
+    }
     host.stop(Some("daemon stopping".into()));
     let _ = host_task.await;
     result
+}
+
+/// Joins the cluster of the daemon at `addr` (retrying while it does not answer) and
+/// forgets the VMs it says now run elsewhere. Answers a client of the primary.
+async fn join(addr: &str, me: &HostIdentity, tls_dir: &Path, data_dir: &Path) -> Result<Client, DaemonError> {
+    let fail = |reason: String| DaemonError::Join { addr: addr.to_string(), reason };
+    // The store is opened and closed again: the HostSupervisor opens it next.
+    let vms: Vec<String> = {
+        let store = Store::open(data_dir)?;
+        store.list_vms()?.into_iter().map(|r| r.spec.name).collect()
+    };
+    let connect = Connect { endpoint: addr.to_string(), tls_dir: tls_dir.to_owned(), token: None };
+    let deadline = tokio::time::Instant::now() + JOIN_PATIENCE;
+    let mut primary = loop {
+        match connect.connect().await {
+            Ok(client) => break client,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                tracing::warn!(
+                    "cannot reach the cluster at {addr} yet ({}); retrying",
+                    novacron_actors::error_chain(&e)
+                );
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(fail(novacron_actors::error_chain(&e))),
+        }
+    };
+    let request = pb::JoinRequest {
+        name: me.name.clone(),
+        address: me.address.clone(),
+        labels: me.labels.clone().into_iter().collect(),
+        vms,
+    };
+    let reply = primary.join_cluster(request).await.map_err(|s| fail(s.message().to_string()))?.into_inner();
+    if !reply.evicted.is_empty() {
+        let store = Store::open(data_dir)?;
+        for vm in &reply.evicted {
+            tracing::warn!(vm, "the cluster started this VM on another host while this one was away; forgetting it");
+            store.delete_vm(vm)?;
+        }
+    }
+    tracing::info!(primary = %reply.primary, "joined the cluster");
+    Ok(primary)
 }
 
 async fn shutdown_signal() {

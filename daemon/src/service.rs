@@ -2,12 +2,15 @@
 //! VM's supervisor) and turns the answer into a reply. Nothing here holds VM state; the
 //! actors do.
 
-use crate::convert::{self, host_error, invalid, vm_error, vm_to_pb};
+use crate::client::Client;
+use crate::cluster::{ClusterMsg, Route};
+use crate::convert::{self, HostIdentity, host_error, invalid, vm_error, vm_to_pb};
 use crate::operations::Operations;
 use crate::pb::{self, control_server::Control};
 use novacron_actors::{HostError, HostMsg, VmMsg};
 use novacron_vmm::api::{LimitChange, Request as VmmRequest};
 use ractor::ActorRef;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,20 +28,63 @@ const EVENT_HISTORY: usize = 10_000;
 
 pub struct ControlService {
     pub host: ActorRef<HostMsg>,
-    /// This host's name and control port address, as reported.
-    pub name: String,
-    pub address: String,
+    pub me: HostIdentity,
     pub operations: Arc<Operations>,
+    /// On the cluster's primary.
+    pub cluster: Option<ActorRef<ClusterMsg>>,
+    /// On a member: the primary, for what concerns the whole cluster.
+    pub primary: Option<Client>,
+    /// This node's certificates: for other daemons and for migrations.
+    pub tls_dir: PathBuf,
+}
+
+/// Marks a request one daemon passes to another: it is served where it arrives, never
+/// passed on again.
+const FORWARDED: &str = "x-novacron-forwarded";
+
+pub fn forwarded<T>(message: T) -> Request<T> {
+    let mut request = Request::new(message);
+    request.metadata_mut().insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+    request
+}
+
+/// The next daemon a request goes to: a member passes requests to the primary as they
+/// came (the primary does the cluster's part), the primary passes them to a VM's host
+/// marked as forwarded (served there).
+pub struct Hop {
+    client: Client,
+    mark: bool,
+}
+
+impl Hop {
+    fn request<T>(&self, message: T) -> Request<T> {
+        if self.mark { forwarded(message) } else { Request::new(message) }
+    }
+}
+
+fn split<T>(request: Request<T>) -> (bool, T) {
+    (request.metadata().contains_key(FORWARDED), request.into_inner())
+}
+
+/// Defines (and starts) a VM on this daemon's host.
+pub async fn create_local(host: &ActorRef<HostMsg>, request: pb::CreateVmRequest, me: &str) -> Result<pb::Vm, Status> {
+    let spec = convert::spec_from_pb(request.spec)?;
+    let result = if request.start.unwrap_or(true) {
+        ask(host, |r| HostMsg::CreateVm(spec, r)).await?
+    } else {
+        ask(host, |r| HostMsg::DefineVm(spec, r)).await?
+    };
+    Ok(vm_to_pb(&result.map_err(host_error)?, me))
 }
 
 type Stream_<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
-fn unavailable(e: impl std::fmt::Display) -> Status {
+pub fn unavailable(e: impl std::fmt::Display) -> Status {
     Status::unavailable(format!("the host supervisor did not answer: {e}; check the daemon's log"))
 }
 
 /// Sends `msg` to the host and waits for its answer.
-async fn ask<T, F>(host: &ActorRef<HostMsg>, msg: F) -> Result<T, Status>
+pub async fn ask<T, F>(host: &ActorRef<HostMsg>, msg: F) -> Result<T, Status>
 where
     T: Send + 'static,
     F: FnOnce(ractor::RpcReplyPort<T>) -> HostMsg,
@@ -47,7 +93,41 @@ where
 }
 
 impl ControlService {
-    async fn vm_actor(&self, name: &str) -> Result<ActorRef<VmMsg>, Status> {
+    /// Another daemon to pass a request about VM `name` to, or `None` to serve it here.
+    async fn route_vm(&self, name: &str, forwarded: bool) -> Option<Hop> {
+        if forwarded {
+            return None;
+        }
+        if let Some(cluster) = &self.cluster {
+            let route = ractor::call_t!(cluster, |r| ClusterMsg::Locate(name.to_string(), r), 5000).ok().flatten();
+            return route.and_then(|r| r.client).map(|client| Hop { client, mark: true });
+        }
+        let primary = self.primary.clone()?;
+        let here = ask(&self.host, |r| HostMsg::VmActor(name.to_string(), r)).await.ok()?;
+        if here.is_ok() { None } else { Some(Hop { client: primary, mark: false }) }
+    }
+
+    /// On a member, for what concerns the whole cluster: the primary.
+    fn to_primary(&self, forwarded: bool) -> Option<Client> {
+        if forwarded { None } else { self.primary.clone() }
+    }
+
+    /// The daemon of the host named by an operation id (`<host>-<n>`), or `None` for here.
+    async fn route_operation(&self, id: &str, forwarded: bool) -> Result<Option<Hop>, Status> {
+        let host = id.rsplit_once('-').map_or("", |(host, _)| host);
+        if forwarded || host == self.me.name {
+            return Ok(None);
+        }
+        if let Some(cluster) = &self.cluster {
+            let route = ractor::call_t!(cluster, |r| ClusterMsg::HostRoute(host.to_string(), r), 5000)
+                .map_err(unavailable)?
+                .ok_or_else(|| Status::not_found(format!("operation {id:?}: no host {host:?} is up in the cluster")))?;
+            return Ok(route.client.map(|client| Hop { client, mark: true }));
+        }
+        Ok(self.primary.clone().map(|client| Hop { client, mark: false }))
+    }
+
+    pub async fn vm_actor(&self, name: &str) -> Result<ActorRef<VmMsg>, Status> {
         let name = convert::name(name)?;
         ask(&self.host, |r| HostMsg::VmActor(name, r)).await?.map_err(host_error)
     }
@@ -65,7 +145,7 @@ impl ControlService {
     async fn vm(&self, name: &str) -> Result<pb::Vm, Status> {
         let name = convert::name(name)?;
         let info = ask(&self.host, |r| HostMsg::GetVm(name, r)).await?.map_err(host_error)?;
-        Ok(vm_to_pb(&info, &self.name))
+        Ok(vm_to_pb(&info, &self.me.name))
     }
 
     async fn host_call(
@@ -75,7 +155,7 @@ impl ControlService {
     ) -> Result<Response<pb::Vm>, Status> {
         let name = convert::name(name)?;
         let info = ask(&self.host, |r| msg(name, r)).await?.map_err(host_error)?;
-        Ok(Response::new(vm_to_pb(&info, &self.name)))
+        Ok(Response::new(vm_to_pb(&info, &self.me.name)))
     }
 
     async fn vm_call(
@@ -86,8 +166,15 @@ impl ControlService {
         let actor = self.vm_actor(name).await?;
         let info =
             ractor::call_t!(actor, msg, HOST_TIMEOUT.as_millis() as u64).map_err(unavailable)?.map_err(vm_error)?;
-        Ok(Response::new(vm_to_pb(&info, &self.name)))
+        Ok(Response::new(vm_to_pb(&info, &self.me.name)))
     }
+}
+
+/// A VM as its host last reported it, while that host does not answer.
+fn unknown(mut vm: pb::Vm, host: &str, e: &Status) -> pb::Vm {
+    vm.phase = "unknown".into();
+    vm.error = format!("host {host} does not answer: {}", e.message());
+    vm
 }
 
 /// A directory named in a request: absolute (the daemon's working directory means
@@ -106,48 +193,118 @@ fn dir_arg(what: &str, dir: &str) -> Result<std::path::PathBuf, Status> {
 #[tonic::async_trait]
 impl Control for ControlService {
     async fn create_vm(&self, request: Request<pb::CreateVmRequest>) -> Result<Response<pb::Vm>, Status> {
-        let request = request.into_inner();
-        let spec = convert::spec_from_pb(request.spec)?;
-        let start = request.start.unwrap_or(true);
-        let result = if start {
-            ask(&self.host, |r| HostMsg::CreateVm(spec, r)).await?
-        } else {
-            ask(&self.host, |r| HostMsg::DefineVm(spec, r)).await?
+        let (fwd, request) = split(request);
+        if fwd {
+            return Ok(Response::new(create_local(&self.host, request, &self.me.name).await?));
+        }
+        if let Some(mut primary) = self.primary.clone() {
+            return primary.create_vm(request).await;
+        }
+        let Some(cluster) = &self.cluster else {
+            return Ok(Response::new(create_local(&self.host, request, &self.me.name).await?));
         };
-        Ok(Response::new(vm_to_pb(&result.map_err(host_error)?, &self.name)))
+        // Checked here: a bad spec is refused before any host is chosen.
+        let spec = convert::spec_from_pb(request.spec.clone())?;
+        let route = ractor::call_t!(cluster, |r| ClusterMsg::Place(Box::new(spec), r), 5000).map_err(unavailable)??;
+        let vm = match route.client {
+            None => create_local(&self.host, request, &self.me.name).await?,
+            Some(mut client) => client.create_vm(forwarded(request)).await?.into_inner(),
+        };
+        let _ = cluster.cast(ClusterMsg::Created { host: route.host, vm: Box::new(vm.clone()) });
+        Ok(Response::new(vm))
     }
 
     async fn start_vm(&self, request: Request<pb::VmRef>) -> Result<Response<pb::Vm>, Status> {
-        self.host_call(&request.into_inner().name, HostMsg::StartVm).await
+        let (fwd, r) = split(request);
+        if let Some(mut hop) = self.route_vm(&r.name, fwd).await {
+            return hop.client.start_vm(hop.request(r)).await;
+        }
+        self.host_call(&r.name, HostMsg::StartVm).await
     }
 
     async fn stop_vm(&self, request: Request<pb::VmRef>) -> Result<Response<pb::Vm>, Status> {
-        self.host_call(&request.into_inner().name, HostMsg::StopVm).await
+        let (fwd, r) = split(request);
+        if let Some(mut hop) = self.route_vm(&r.name, fwd).await {
+            return hop.client.stop_vm(hop.request(r)).await;
+        }
+        self.host_call(&r.name, HostMsg::StopVm).await
     }
 
     async fn pause_vm(&self, request: Request<pb::VmRef>) -> Result<Response<pb::Vm>, Status> {
-        self.vm_call(&request.into_inner().name, VmMsg::Pause).await
+        let (fwd, r) = split(request);
+        if let Some(mut hop) = self.route_vm(&r.name, fwd).await {
+            return hop.client.pause_vm(hop.request(r)).await;
+        }
+        self.vm_call(&r.name, VmMsg::Pause).await
     }
 
     async fn resume_vm(&self, request: Request<pb::VmRef>) -> Result<Response<pb::Vm>, Status> {
-        self.vm_call(&request.into_inner().name, VmMsg::Resume).await
+        let (fwd, r) = split(request);
+        if let Some(mut hop) = self.route_vm(&r.name, fwd).await {
+            return hop.client.resume_vm(hop.request(r)).await;
+        }
+        self.vm_call(&r.name, VmMsg::Resume).await
     }
 
     async fn delete_vm(&self, request: Request<pb::VmRef>) -> Result<Response<pb::Vm>, Status> {
-        self.host_call(&request.into_inner().name, HostMsg::DeleteVm).await
+        let (fwd, r) = split(request);
+        if let Some(mut hop) = self.route_vm(&r.name, fwd).await {
+            return hop.client.delete_vm(hop.request(r)).await;
+        }
+        self.host_call(&r.name, HostMsg::DeleteVm).await
     }
 
-    async fn list_vms(&self, _: Request<pb::ListVmsRequest>) -> Result<Response<pb::ListVmsResponse>, Status> {
-        let vms = ask(&self.host, HostMsg::ListVms).await?;
-        Ok(Response::new(pb::ListVmsResponse { vms: vms.iter().map(|i| vm_to_pb(i, &self.name)).collect() }))
+    async fn list_vms(&self, request: Request<pb::ListVmsRequest>) -> Result<Response<pb::ListVmsResponse>, Status> {
+        let (fwd, r) = split(request);
+        if let Some(mut primary) = self.to_primary(fwd) {
+            return primary.list_vms(r).await;
+        }
+        let local = ask(&self.host, HostMsg::ListVms).await?;
+        let mut vms: Vec<pb::Vm> = local.iter().map(|i| vm_to_pb(i, &self.me.name)).collect();
+        if !fwd && let Some(cluster) = &self.cluster {
+            let routes: Vec<Route> = ractor::call_t!(cluster, ClusterMsg::Routes, 5000).map_err(unavailable)?;
+            for route in routes {
+                let Some(mut client) = route.client else { continue };
+                match client.list_vms(forwarded(pb::ListVmsRequest {})).await {
+                    Ok(answer) => vms.extend(answer.into_inner().vms),
+                    // What it held when it last answered, marked as such.
+                    Err(e) => {
+                        let cached =
+                            ractor::call_t!(cluster, ClusterMsg::Cached, 5000, route.host.clone()).unwrap_or_default();
+                        vms.extend(cached.into_iter().map(|vm| unknown(vm, &route.host, &e)));
+                    }
+                }
+            }
+            vms.sort_by(|a, b| a.spec.as_ref().map(|s| &s.name).cmp(&b.spec.as_ref().map(|s| &s.name)));
+        }
+        Ok(Response::new(pb::ListVmsResponse { vms }))
     }
 
     async fn get_vm(&self, request: Request<pb::VmRef>) -> Result<Response<pb::Vm>, Status> {
-        Ok(Response::new(self.vm(&request.into_inner().name).await?))
+        let (fwd, r) = split(request);
+        if let Some(mut hop) = self.route_vm(&r.name, fwd).await {
+            let answer = hop.client.get_vm(hop.request(r.clone())).await;
+            // A host that does not answer: what it said last, marked as such.
+            if let (Err(e), Some(cluster)) = (&answer, &self.cluster)
+                && e.code() == tonic::Code::Unavailable
+            {
+                let route = ractor::call_t!(cluster, |reply| ClusterMsg::Locate(r.name.clone(), reply), 5000);
+                let host = route.ok().flatten().map(|route| route.host).unwrap_or_default();
+                let cached = ractor::call_t!(cluster, ClusterMsg::Cached, 5000, host.clone()).unwrap_or_default();
+                if let Some(vm) = cached.into_iter().find(|v| v.spec.as_ref().is_some_and(|s| s.name == r.name)) {
+                    return Ok(Response::new(unknown(vm, &host, e)));
+                }
+            }
+            return answer;
+        }
+        Ok(Response::new(self.vm(&r.name).await?))
     }
 
     async fn snapshot_vm(&self, request: Request<pb::SnapshotRequest>) -> Result<Response<pb::Operation>, Status> {
-        let request = request.into_inner();
+        let (fwd, request) = split(request);
+        if let Some(mut hop) = self.route_vm(&request.name, fwd).await {
+            return hop.client.snapshot_vm(hop.request(request)).await;
+        }
         let dir = dir_arg("the snapshot directory", &request.dir)?;
         let actor = self.vm_actor(&request.name).await?;
         // Refused now rather than as a failed operation when the VM has no VMM.
@@ -181,7 +338,10 @@ impl Control for ControlService {
     }
 
     async fn restore_vm(&self, request: Request<pb::RestoreRequest>) -> Result<Response<pb::Vm>, Status> {
-        let request = request.into_inner();
+        let (fwd, request) = split(request);
+        if let Some(mut hop) = self.route_vm(&request.name, fwd).await {
+            return hop.client.restore_vm(hop.request(request)).await;
+        }
         let from = dir_arg("the snapshot directory", &request.dir)?;
         if !from.join("state.bin").is_file() {
             return Err(invalid(format!("{} holds no snapshot (no state.bin)", from.display())));
@@ -190,11 +350,14 @@ impl Control for ControlService {
         let info = ractor::call_t!(actor, |reply| VmMsg::Restore { from, reply }, HOST_TIMEOUT.as_millis() as u64)
             .map_err(unavailable)?
             .map_err(vm_error)?;
-        Ok(Response::new(vm_to_pb(&info, &self.name)))
+        Ok(Response::new(vm_to_pb(&info, &self.me.name)))
     }
 
     async fn set_limit(&self, request: Request<pb::SetLimitRequest>) -> Result<Response<pb::Vm>, Status> {
-        let r = request.into_inner();
+        let (fwd, r) = split(request);
+        if let Some(mut hop) = self.route_vm(&r.name, fwd).await {
+            return hop.client.set_limit(hop.request(r)).await;
+        }
         let burst = |b: u64| (b != 0).then_some(b);
         let bandwidth = LimitChange::parse("bw", Some(&r.bandwidth), burst(r.bandwidth_burst)).map_err(invalid)?;
         let ops = LimitChange::parse("ops", Some(&r.ops), burst(r.ops_burst)).map_err(invalid)?;
@@ -216,7 +379,11 @@ impl Control for ControlService {
     }
 
     async fn get_operation(&self, request: Request<pb::OperationRef>) -> Result<Response<pb::Operation>, Status> {
-        let id = request.into_inner().id;
+        let (fwd, r) = split(request);
+        if let Some(mut hop) = self.route_operation(&r.id, fwd).await? {
+            return hop.client.get_operation(hop.request(r)).await;
+        }
+        let id = r.id;
         self.operations.get(&id).map(Response::new).ok_or_else(|| {
             Status::not_found(format!("no operation {id:?} on this host (ended ones are kept for a while)"))
         })
@@ -228,7 +395,12 @@ impl Control for ControlService {
         &self,
         request: Request<pb::OperationRef>,
     ) -> Result<Response<Self::WatchOperationStream>, Status> {
-        let id = request.into_inner().id;
+        let (fwd, r) = split(request);
+        if let Some(mut hop) = self.route_operation(&r.id, fwd).await? {
+            let stream = hop.client.watch_operation(hop.request(r)).await?.into_inner();
+            return Ok(Response::new(Box::pin(stream)));
+        }
+        let id = r.id;
         let mut rx =
             self.operations.watch(&id).ok_or_else(|| Status::not_found(format!("no operation {id:?} on this host")))?;
         let (tx, out) = mpsc::channel(16);
@@ -259,7 +431,7 @@ impl Control for ControlService {
             .await?
             .map_err(host_error)?;
         let (tx, out) = mpsc::channel(256);
-        let host = self.name.clone();
+        let host = self.me.name.clone();
         tokio::spawn(async move {
             let wanted = |vm: &Option<String>| request.vm.is_empty() || vm.as_deref() == Some(request.vm.as_str());
             let mut last = after;
@@ -296,12 +468,60 @@ impl Control for ControlService {
 
     async fn host_info(&self, _: Request<pb::HostInfoRequest>) -> Result<Response<pb::Host>, Status> {
         let info = ask(&self.host, HostMsg::HostInfo).await?;
-        Ok(Response::new(convert::host_to_pb(&info, &self.name, &self.address)))
+        Ok(Response::new(convert::host_to_pb(&info, &self.me)))
     }
 
-    async fn cluster_info(&self, _: Request<pb::ClusterInfoRequest>) -> Result<Response<pb::Cluster>, Status> {
-        // One daemon is a cluster of one host until hosts join each other.
+    async fn cluster_info(&self, request: Request<pb::ClusterInfoRequest>) -> Result<Response<pb::Cluster>, Status> {
+        let (fwd, r) = split(request);
+        if let Some(mut primary) = self.to_primary(fwd) {
+            return primary.cluster_info(r).await;
+        }
+        if let Some(cluster) = &self.cluster {
+            let hosts = ractor::call_t!(cluster, ClusterMsg::Hosts, 5000).map_err(unavailable)?;
+            return Ok(Response::new(pb::Cluster { hosts }));
+        }
+        // A daemon on its own is a cluster of one host.
         let info = ask(&self.host, HostMsg::HostInfo).await?;
-        Ok(Response::new(pb::Cluster { hosts: vec![convert::host_to_pb(&info, &self.name, &self.address)] }))
+        Ok(Response::new(pb::Cluster { hosts: vec![convert::host_to_pb(&info, &self.me)] }))
+    }
+
+    async fn migrate_vm(&self, request: Request<pb::MigrateVmRequest>) -> Result<Response<pb::Operation>, Status> {
+        let (fwd, r) = split(request);
+        convert::name(&r.name)?;
+        if !r.to_address.is_empty() {
+            if !fwd {
+                return Err(invalid("to_address is set by the cluster's primary only; give to_host"));
+            }
+            return Ok(Response::new(crate::migrate::migrate_out(self, r).await?));
+        }
+        if let Some(mut primary) = self.to_primary(fwd) {
+            return primary.migrate_vm(r).await;
+        }
+        let Some(cluster) = &self.cluster else {
+            return Err(Status::failed_precondition(
+                "this daemon is not in a cluster: start the other hosts' daemons with --join this daemon's address",
+            ));
+        };
+        Ok(Response::new(crate::migrate::orchestrate(self, cluster, r).await?))
+    }
+
+    async fn join_cluster(&self, request: Request<pb::JoinRequest>) -> Result<Response<pb::JoinReply>, Status> {
+        let r = request.into_inner();
+        let Some(cluster) = &self.cluster else {
+            return Err(Status::failed_precondition(format!(
+                "host {} is not the cluster's primary; join the daemon that was started without --join",
+                self.me.name
+            )));
+        };
+        let reply = ractor::call_t!(cluster, |reply| ClusterMsg::Join(r, reply), 5000).map_err(unavailable)??;
+        Ok(Response::new(reply))
+    }
+
+    async fn receive_vm(&self, request: Request<pb::ReceiveVmRequest>) -> Result<Response<pb::ReceiveVmReply>, Status> {
+        Ok(Response::new(crate::migrate::receive(self, request.into_inner()).await?))
+    }
+
+    async fn vm_arrived(&self, request: Request<pb::VmRef>) -> Result<Response<pb::Vm>, Status> {
+        self.host_call(&request.into_inner().name, HostMsg::Arrived).await
     }
 }

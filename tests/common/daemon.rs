@@ -15,16 +15,50 @@ pub struct Daemon {
     pub dir: tempfile::TempDir,
     pub addr: String,
     pub name: String,
+    /// More arguments of every start (labels, --join, --tls-dir, ...).
+    pub extra: Vec<String>,
 }
 
 impl Daemon {
     /// Starts a daemon named `name` on a free loopback port with a new data dir.
     pub fn start(name: &str) -> Daemon {
-        // Short: control socket paths must fit in 107 bytes.
-        let dir = tempfile::Builder::new().prefix("ncd").tempdir_in("/tmp").unwrap();
-        let mut daemon = Daemon { child: None, dir, addr: String::new(), name: name.into() };
+        Self::start_with(name, &[])
+    }
+
+    /// A daemon with more arguments (kept for its restarts).
+    pub fn start_with(name: &str, extra: &[&str]) -> Daemon {
+        let mut daemon = Self::new(name, extra);
         daemon.restart("127.0.0.1:0");
         daemon
+    }
+
+    /// A daemon that joins `primary`'s cluster, with a certificate of its CA.
+    pub fn join(name: &str, primary: &Daemon, extra: &[&str]) -> Daemon {
+        let mut daemon = Self::new(name, extra);
+        let tls = daemon.tls_dir();
+        let out = novacron()
+            .args(["certs", "issue", "--name", name, "--ca-dir"])
+            .arg(primary.tls_dir())
+            .arg("--out")
+            .arg(&tls)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        daemon.extra.extend([
+            "--tls-dir".to_string(),
+            tls.display().to_string(),
+            "--join".into(),
+            primary.addr.clone(),
+        ]);
+        daemon.restart("127.0.0.1:0");
+        daemon
+    }
+
+    fn new(name: &str, extra: &[&str]) -> Daemon {
+        // Short: control socket paths must fit in 107 bytes.
+        let dir = tempfile::Builder::new().prefix("ncd").tempdir_in("/tmp").unwrap();
+        let extra = extra.iter().map(|s| s.to_string()).collect();
+        Daemon { child: None, dir, addr: String::new(), name: name.into(), extra }
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -42,7 +76,8 @@ impl Daemon {
             .arg(self.dir.path())
             .arg("--vmm-binary")
             .arg(novacron_guest_image::binaries::vmm_binary())
-            .env("RUST_LOG", "info")
+            .args(&self.extra)
+            .env("NOVACRON_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(self.dir.path().join("daemon.log")).unwrap())
             .spawn()

@@ -52,7 +52,12 @@ pub(crate) fn serial_output(config: &VmConfig) -> std::io::Result<SerialOutput> 
 /// than an env-filter: the filter's regex engine would double the code this process pages
 /// in at start-up, and a VMM process logs little.
 pub fn init_logging() {
-    let level = std::env::var("NOVACRON_LOG").ok().and_then(|v| v.parse().ok()).unwrap_or(tracing::Level::WARN);
+    init_logging_at(tracing::Level::WARN);
+}
+
+/// Logging to stderr at `$NOVACRON_LOG` (error, warn, info, debug, trace), else `default`.
+pub fn init_logging_at(default: tracing::Level) {
+    let level = std::env::var("NOVACRON_LOG").ok().and_then(|v| v.parse().ok()).unwrap_or(default);
     let _ = tracing_subscriber::fmt().with_max_level(level).with_writer(std::io::stderr).with_target(false).try_init();
 }
 

@@ -1,0 +1,189 @@
+//! Several daemons on one machine form a cluster (loopback, own ports and data dirs):
+//! placement across three hosts, live migration through the control port, and a dead
+//! host's VMs started again on the others, once.
+
+mod common;
+
+use common::daemon::{Daemon, pid_of, serial, str_of, wait_heartbeat};
+use common::stderr;
+use novacron_guest_image::watch::kvm_or_skip;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+const WORKLOAD: &str = "ws=4 rate=200 verify=500 hb=100";
+
+fn three_hosts() -> (Daemon, Daemon, Daemon) {
+    let h1 = Daemon::start_with("h1", &["--label", "zone=a"]);
+    let h2 = Daemon::join("h2", &h1, &["--label", "zone=b"]);
+    let h3 = Daemon::join("h3", &h1, &["--label", "zone=b"]);
+    // Every host answered the primary's poll at least once.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let hosts = h1.json(&["host", "list"]);
+        let up = hosts.as_array().unwrap().iter().filter(|h| str_of(h, "state") == "up").count();
+        if up == 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the hosts never all came up: {hosts}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    (h1, h2, h3)
+}
+
+fn host_of(d: &Daemon, vm: &str) -> String {
+    str_of(&d.vm(vm), "host").to_string()
+}
+
+#[test]
+fn placement_rules_are_honoured_across_three_hosts() {
+    let (h1, h2, _h3) = three_hosts();
+    // Anti-affinity: three replicas on three hosts, a fourth fits nowhere.
+    for i in 1..=3 {
+        let name = format!("web-{i}");
+        h1.ok(&[
+            "vm",
+            "create",
+            &name,
+            "--no-start",
+            "--mem",
+            "32",
+            "--group",
+            "app=web",
+            "--anti-affinity",
+            "app=web",
+        ]);
+    }
+    let mut hosts: Vec<String> = (1..=3).map(|i| host_of(&h1, &format!("web-{i}"))).collect();
+    hosts.sort();
+    assert_eq!(hosts, ["h1", "h2", "h3"]);
+    let out = h1.cli(&["vm", "create", "web-4", "--no-start", "--group", "app=web", "--anti-affinity", "app=web"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("anti-affinity group app=web"), "{}", stderr(&out));
+
+    // A required host label.
+    for i in 1..=3 {
+        h1.ok(&["vm", "create", &format!("zoned-{i}"), "--no-start", "--mem", "32", "--host-label", "zone=b"]);
+        assert_ne!(host_of(&h1, &format!("zoned-{i}")), "h1", "h1 is in zone a");
+    }
+    let out = h1.cli(&["vm", "create", "nowhere", "--no-start", "--host-label", "zone=c"]);
+    assert!(stderr(&out).contains("label"), "{}", stderr(&out));
+
+    // Affinity: next to its database, wherever that is.
+    h1.ok(&["vm", "create", "db", "--no-start", "--mem", "32", "--group", "app=db", "--host-label", "zone=a"]);
+    h1.ok(&["vm", "create", "cache", "--no-start", "--mem", "32", "--affinity", "app=db"]);
+    assert_eq!(host_of(&h1, "db"), "h1");
+    assert_eq!(host_of(&h1, "cache"), "h1");
+
+    // Capacity: a VM as big as a whole host's memory fits on none (each holds VMs).
+    let mem = h1.json(&["host", "list"])[0]["mem_mib"].as_u64().unwrap();
+    let out = h1.cli(&["vm", "create", "huge", "--no-start", "--mem", &mem.to_string()]);
+    assert!(stderr(&out).contains("no host fits VM huge"), "{}", stderr(&out));
+
+    // Every host's endpoint shows the whole cluster.
+    let from_member = h2.json(&["vm", "list"]);
+    assert_eq!(from_member, h1.json(&["vm", "list"]));
+    assert_eq!(from_member.as_array().unwrap().len(), 8);
+}
+
+#[test]
+fn kvm_a_vm_migrates_between_hosts_through_the_control_port() {
+    if !kvm_or_skip("kvm_a_vm_migrates_between_hosts_through_the_control_port") {
+        return;
+    }
+    let (h1, h2, _h3) = three_hosts();
+    // On empty hosts, spread breaks the tie by name: h1.
+    h1.ok(&["vm", "create", "mover", "--mem", "64", "--cmdline", WORKLOAD]);
+    h1.ok(&["vm", "create", "pinned", "--no-start", "--mem", "32", "--host-label", "zone=a"]);
+    let before = h1.wait_vm("mover", "ran", |v| str_of(v, "phase") == "running");
+    assert_eq!(str_of(&before, "host"), "h1");
+    let src_log = PathBuf::from(str_of(&before, "serial_log"));
+    let seen = wait_heartbeat(&src_log, 3);
+
+    // Refused, changing nothing: to where it is, to no such host, an unknown VM.
+    for (args, expected) in [
+        (["vm", "migrate", "mover", "--to-host", "h1"], "already"),
+        (["vm", "migrate", "mover", "--to-host", "h9"], "no host \"h9\""),
+        (["vm", "migrate", "ghost", "--to-host", "h2"], "no VM named"),
+        (["vm", "migrate", "pinned", "--to-host", "h2"], "lacks label zone=a"),
+    ] {
+        let out = h1.cli(&args);
+        assert!(!out.status.success() && stderr(&out).contains(expected), "{args:?}: {}", stderr(&out));
+    }
+
+    // Through a member's endpoint: it passes the request to the primary.
+    let out = h2.ok(&["vm", "migrate", "mover", "--to-host", "h2"]);
+    assert!(out.contains("succeeded") && out.contains("memory verified"), "{out}");
+    let after = h1.vm("mover");
+    assert_eq!(str_of(&after, "host"), "h2");
+    assert_eq!(str_of(&after, "phase"), "running");
+    assert!(h1.vmm_pids().is_empty(), "the source VMM is gone");
+    assert_eq!(host_of(&h1, "pinned"), "h1", "the refused migration changed nothing");
+    assert_eq!(h2.vmm_pids(), [pid_of(&after)], "one VMM, at the destination");
+
+    // The guest went on at the destination: the next heartbeat, and its memory verified.
+    let dst_log = PathBuf::from(str_of(&after, "serial_log"));
+    let deadline = Instant::now() + common::TIMEOUT;
+    loop {
+        let text = std::fs::read_to_string(&dst_log).unwrap_or_default();
+        if text.contains("VERIFY OK") {
+            break;
+        }
+        assert!(!text.contains("VERIFY FAIL"), "{text}");
+        assert!(Instant::now() < deadline, "no VERIFY OK at the destination: {text}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (beats, boots) = serial(&dst_log);
+    assert_eq!(boots, 0, "not booted again");
+    assert!(beats[0] > seen, "the heartbeat sequence goes on: {} after {seen}", beats[0]);
+    let src_last = *serial(&src_log).0.last().unwrap();
+    assert_eq!(beats[0], src_last + 1, "no heartbeat lost or repeated");
+
+    // The destination supervises it now: a SIGKILLed VMM is restarted there.
+    // SAFETY: kill has no memory effects; the pid is this test's VMM.
+    unsafe { libc::kill(pid_of(&after) as i32, libc::SIGKILL) };
+    let again = h1.wait_vm("mover", "restarted", |v| v["restarts"] == 1 && str_of(v, "phase") == "running");
+    assert_eq!(str_of(&again, "host"), "h2");
+    let events = h2.ok(&["events", "--vm", "mover"]);
+    assert!(events.contains("migrated-in") && events.contains("restarted"), "{events}");
+}
+
+#[test]
+fn kvm_a_dead_hosts_vms_start_on_the_others_once() {
+    if !kvm_or_skip("kvm_a_dead_hosts_vms_start_on_the_others_once") {
+        return;
+    }
+    let (h1, mut h2, mut h3) = three_hosts();
+    // Two VMs on one zone-b host (one that must come back, one that must not).
+    h1.ok(&["vm", "create", "keep", "--mem", "32", "--cmdline", WORKLOAD, "--host-label", "zone=b", "--group", "g=1"]);
+    h1.ok(&["vm", "create", "once", "--mem", "32", "--cmdline", WORKLOAD, "--affinity", "g=1", "--restart", "never"]);
+    let dead_host = host_of(&h1, "keep");
+    assert_eq!(host_of(&h1, "once"), dead_host, "affinity");
+    let (dying, living) = if dead_host == "h2" { (&mut h2, &h3) } else { (&mut h3, &h2) };
+    h1.wait_vm("keep", "ran", |v| str_of(v, "phase") == "running");
+
+    // The host dies: its daemon and its VMMs.
+    dying.kill();
+    for pid in dying.vmm_pids() {
+        // SAFETY: kill has no memory effects; the pid is this test's VMM.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    }
+    let died = Instant::now();
+    let moved = h1.wait_vm("keep", "moved", |v| str_of(v, "host") != dead_host && str_of(v, "phase") == "running");
+    let noticed = died.elapsed();
+    assert!(noticed < Duration::from_secs(15), "took {noticed:?}");
+    wait_heartbeat(&PathBuf::from(str_of(&moved, "serial_log")), 0);
+    let hosts = h1.json(&["host", "list"]);
+    let state = hosts.as_array().unwrap().iter().find(|h| h["name"] == dead_host.as_str()).map(|h| str_of(h, "state"));
+    assert_eq!(state, Some("down"), "{hosts}");
+
+    // The host comes back: it forgets the VM that runs elsewhere now.
+    dying.restart("127.0.0.1:0");
+    std::thread::sleep(Duration::from_secs(2));
+    let vms = h1.json(&["vm", "list"]);
+    let keeps: Vec<_> = vms.as_array().unwrap().iter().filter(|v| v["spec"]["name"] == "keep").collect();
+    assert_eq!(keeps.len(), 1, "exactly one 'keep': {vms}");
+    assert!(dying.vmm_pids().is_empty(), "no VMM on the returned host");
+    let total: usize = [&h1, living].iter().map(|d| d.vmm_pids().len()).sum();
+    assert_eq!(total, 1, "one VMM in the cluster: 'keep'; 'once' has restart policy never");
+    assert!(dying.log().contains("forgetting it"), "{}", dying.log());
+}
