@@ -110,9 +110,23 @@ fn kvm_a_vm_migrates_between_hosts_through_the_control_port() {
         assert!(!out.status.success() && stderr(&out).contains(expected), "{args:?}: {}", stderr(&out));
     }
 
-    // Through a member's endpoint: it passes the request to the primary.
-    let out = h2.ok(&["vm", "migrate", "mover", "--to-host", "h2"]);
-    assert!(out.contains("succeeded") && out.contains("memory verified"), "{out}");
+    // Through a member's endpoint (it passes the request to the primary), slowly enough
+    // that a second migration of the VM meanwhile is refused.
+    let op = h2.json(&["vm", "migrate", "mover", "--to-host", "h2", "--max-bandwidth", "100k", "--no-wait"]);
+    let id = str_of(&op, "id").to_string();
+    let second = h1.cli(&["vm", "migrate", "mover", "--to-host", "h3"]);
+    assert!(stderr(&second).contains("migrating already"), "{}", stderr(&second));
+    let deadline = Instant::now() + common::TIMEOUT;
+    let done = loop {
+        let op = h1.json(&["vm", "operation", &id]);
+        if str_of(&op, "state") != "running" {
+            break op;
+        }
+        assert!(Instant::now() < deadline, "the migration never ended: {op}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(str_of(&done, "state"), "succeeded", "{done}");
+    assert!(str_of(&done, "message").contains("memory verified"), "{done}");
     let after = h1.vm("mover");
     assert_eq!(str_of(&after, "host"), "h2");
     assert_eq!(str_of(&after, "phase"), "running");
