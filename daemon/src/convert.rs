@@ -6,6 +6,8 @@ use novacron_actors::spec::validate_name;
 use novacron_actors::store::{Event, EventKind};
 use novacron_actors::vm::VmError;
 use novacron_actors::{HostError, HostInfo, PlacementRules, RestartPolicy, VmInfo, VmSpec};
+use novacron_devices::virtio::LimitTarget;
+use novacron_vmm::api::{LimitChange, Request as VmmRequest};
 use std::path::PathBuf;
 use std::time::Duration;
 use tonic::Status;
@@ -89,6 +91,27 @@ pub fn spec_from_pb(p: Option<pb::VmSpec>) -> Result<VmSpec, Status> {
     };
     spec.validate().map_err(invalid)?;
     Ok(spec)
+}
+
+/// A `SetLimit` request as the VMM's control request, checked.
+pub fn limit_request(r: &pb::SetLimitRequest) -> Result<VmmRequest, Status> {
+    name(&r.name)?;
+    let burst = |b: u64| (b != 0).then_some(b);
+    let bandwidth = LimitChange::parse("bw", Some(&r.bandwidth), burst(r.bandwidth_burst)).map_err(invalid)?;
+    let ops = LimitChange::parse("ops", Some(&r.ops), burst(r.ops_burst)).map_err(invalid)?;
+    if bandwidth == LimitChange::Keep && ops == LimitChange::Keep {
+        return Err(invalid("the request changes nothing: give bandwidth or ops"));
+    }
+    let target = match r.direction.as_str() {
+        "" => LimitTarget::Device,
+        "rx" => LimitTarget::Rx,
+        "tx" => LimitTarget::Tx,
+        other => return Err(invalid(format!("direction {other:?} is unknown: use rx, tx or nothing"))),
+    };
+    if r.device.is_empty() {
+        return Err(invalid("the request names no device (e.g. disk0, net0)"));
+    }
+    Ok(VmmRequest::SetLimit { device: r.device.clone(), target, bandwidth, ops })
 }
 
 pub fn spec_to_pb(spec: &VmSpec) -> pb::VmSpec {

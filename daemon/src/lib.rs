@@ -4,6 +4,7 @@
 //! - [`auth`]: the port's TLS (the cluster CA) and who may call it (a client certificate
 //!   of the cluster CA, or the daemon's token).
 //! - [`client`]: connecting to a daemon (the CLI, tests and benches use it).
+//! - [`convert`]: requests checked and turned into the actors' types (fuzzed).
 //! - [`run`]: the daemon itself.
 //!
 //! `docs/daemon.md` describes every call, its errors and the files of a data dir.
@@ -11,7 +12,7 @@
 pub mod auth;
 pub mod client;
 mod cluster;
-mod convert;
+pub mod convert;
 mod migrate;
 mod operations;
 pub mod run;

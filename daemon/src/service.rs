@@ -8,7 +8,7 @@ use crate::convert::{self, HostIdentity, host_error, invalid, vm_error, vm_to_pb
 use crate::operations::Operations;
 use crate::pb::{self, control_server::Control};
 use novacron_actors::{HostError, HostMsg, VmMsg};
-use novacron_vmm::api::{LimitChange, Request as VmmRequest};
+use novacron_vmm::api::Request as VmmRequest;
 use ractor::ActorRef;
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -358,22 +358,7 @@ impl Control for ControlService {
         if let Some(mut hop) = self.route_vm(&r.name, fwd).await {
             return hop.client.set_limit(hop.request(r)).await;
         }
-        let burst = |b: u64| (b != 0).then_some(b);
-        let bandwidth = LimitChange::parse("bw", Some(&r.bandwidth), burst(r.bandwidth_burst)).map_err(invalid)?;
-        let ops = LimitChange::parse("ops", Some(&r.ops), burst(r.ops_burst)).map_err(invalid)?;
-        if bandwidth == LimitChange::Keep && ops == LimitChange::Keep {
-            return Err(invalid("the request changes nothing: give bandwidth or ops"));
-        }
-        let target = match r.direction.as_str() {
-            "" => novacron_devices::virtio::LimitTarget::Device,
-            "rx" => novacron_devices::virtio::LimitTarget::Rx,
-            "tx" => novacron_devices::virtio::LimitTarget::Tx,
-            other => return Err(invalid(format!("direction {other:?} is unknown: use rx, tx or nothing"))),
-        };
-        if r.device.is_empty() {
-            return Err(invalid("the request names no device (e.g. disk0, net0)"));
-        }
-        let request = VmmRequest::SetLimit { device: r.device, target, bandwidth, ops };
+        let request = convert::limit_request(&r)?;
         self.control(&r.name, request, CONTROL_TIMEOUT).await?;
         Ok(Response::new(self.vm(&r.name).await?))
     }

@@ -39,7 +39,13 @@ pub fn call(socket: &Path, request: Request, timeout: Duration) -> Result<Respon
     if reply.is_empty() {
         return Err(ClientError::NoAnswer);
     }
-    let response: Response = serde_json::from_str(&reply).map_err(|e| ClientError::BadResponse(e.to_string()))?;
+    parse_response(&reply)
+}
+
+/// A response line from a VMM: its answer, or its refusal as an error. The VMM is not
+/// trusted (its guest may own it): a malformed line is an error, never a panic.
+pub fn parse_response(line: &str) -> Result<Response, ClientError> {
+    let response: Response = serde_json::from_str(line).map_err(|e| ClientError::BadResponse(e.to_string()))?;
     match response.error {
         Some(e) if !response.ok => Err(ClientError::Refused(e)),
         _ => Ok(response),
