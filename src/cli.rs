@@ -1,6 +1,7 @@
 //! Command-line parsing and the `vm` commands. Every error is one line on stderr that
 //! says what failed and what to do, with a non-zero status.
 
+use crate::remote::Output;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use novacron_devices::virtio::LimitTarget;
 use novacron_vmm::api::client::{ClientError, call};
@@ -179,19 +180,10 @@ pub struct SocketArgs {
     pub api_sock: PathBuf,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum OutputFormat {
-    Table,
-    Json,
-}
-
 #[derive(Args)]
 struct StatusArgs {
     #[command(flatten)]
     socket: SocketArgs,
-    /// Human table or JSON for scripts.
-    #[arg(long, value_enum, default_value = "table")]
-    output: OutputFormat,
 }
 
 fn control(verb: &str, socket: &SocketArgs, request: Request) -> Result<Option<VmStatus>, i32> {
@@ -208,10 +200,10 @@ fn control(verb: &str, socket: &SocketArgs, request: Request) -> Result<Option<V
     }
 }
 
-fn print_status(s: &VmStatus, output: OutputFormat) {
+fn print_status(s: &VmStatus, output: Output) {
     match output {
-        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(s).unwrap_or_default()),
-        OutputFormat::Table => {
+        Output::Json => println!("{}", serde_json::to_string_pretty(s).unwrap_or_default()),
+        Output::Table => {
             println!("{:<8} {:>5} {:>9} {:>10} {:>8}  KERNEL", "STATE", "VCPUS", "MEMORY", "UPTIME", "PID");
             println!(
                 "{:<8} {:>5} {:>9} {:>10} {:>8}  {} ({})",
@@ -230,7 +222,8 @@ fn print_status(s: &VmStatus, output: OutputFormat) {
     }
 }
 
-fn vmm_command(cmd: VmmCommand) -> i32 {
+/// `output`: the global --output (tables or JSON).
+fn vmm_command(cmd: VmmCommand, output: Output) -> i32 {
     let done = |r: Result<Option<VmStatus>, i32>, what: &str| match r {
         Ok(_) => {
             println!("{what}");
@@ -252,7 +245,7 @@ fn vmm_command(cmd: VmmCommand) -> i32 {
         VmmCommand::Receive(a) => receive_vm(&a),
         VmmCommand::Status(a) => match control("query", &a.socket, Request::Status) {
             Ok(Some(status)) => {
-                print_status(&status, a.output);
+                print_status(&status, output);
                 0
             }
             Ok(None) => {
@@ -276,7 +269,7 @@ pub fn main() -> i32 {
     }
     match cli.command {
         Command::Demo(args) => crate::demo::run(&args),
-        Command::Vmm(cmd) => vmm_command(cmd),
+        Command::Vmm(cmd) => vmm_command(cmd, cli.remote.output()),
         Command::Daemon(args) => crate::remote::daemon(args),
         Command::Vm(cmd) => crate::remote::vm(&cli.remote, cmd),
         Command::Host(cmd) => crate::remote::host(&cli.remote, cmd),

@@ -249,6 +249,12 @@ pub struct EventsArgs {
     follow: bool,
 }
 
+impl Remote {
+    pub fn output(&self) -> Output {
+        self.output
+    }
+}
+
 pub fn daemon(a: DaemonArgs) -> i32 {
     let args = novacron_daemon::DaemonArgs {
         data_dir: a.data_dir,
@@ -635,7 +641,7 @@ mod tests {
     #[test]
     fn times_are_utc_dates() {
         assert_eq!(super::time(0), "1970-01-01 00:00:00");
-        assert_eq!(super::time(1_795_660_245_000), "2026-11-26 00:30:45");
+        assert_eq!(super::time(1_795_653_045_000), "2026-11-26 00:30:45");
         assert_eq!(super::time(951_782_400_000), "2000-02-29 00:00:00");
     }
 }

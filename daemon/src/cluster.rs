@@ -418,7 +418,13 @@ impl Actor for ClusterSupervisor {
             address: args.me.address.clone(),
             labels: args.me.labels.clone(),
         };
-        members.insert(me.name.clone(), new_member(me, true));
+        let mut local = new_member(me, true);
+        // Known at once, so that VMs can be placed here from the first request.
+        match poll_local(&args.host, &args.me).await {
+            Ok((info, vms)) => (local.info, local.vms) = (Some(info), vms),
+            Err(e) => tracing::warn!("cannot read this host's state yet: {e}"),
+        }
+        members.insert(local.record.name.clone(), local);
         for record in load_members(&args.data_dir.join(MEMBERS_FILE)) {
             tracing::info!(host = %record.name, address = %record.address, "a member of the cluster, from the members file");
             members.insert(record.name.clone(), new_member(record, false));
