@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{HB_PERIOD, Host, SerialTail, gaps, kvm_or_skip, sigkill, spec, vmm_pids_under};
+use common::{HB_PERIOD, Host, SerialTail, gaps, kvm_or_skip, sigkill, spec, vmm_pids_under, wait_heartbeat};
 use novacron_actors::{
     Capacity, HostConfig, HostError, HostMsg, HostSupervisor, ProcessExit, RestartPolicy, SpecError, VmMsg, VmPhase,
 };
@@ -27,8 +27,8 @@ async fn kvm_sigkilled_vmm_is_restarted_and_the_neighbour_keeps_its_heartbeat() 
     host.wait_running("neighbour").await;
     let mut victim_log = SerialTail::new(&victim.serial_log);
     let mut neighbour_log = SerialTail::new(&neighbour.serial_log);
-    victim_log.wait_heartbeat(3).await;
-    neighbour_log.wait_heartbeat(3).await;
+    wait_heartbeat(&mut victim_log, 3).await;
+    wait_heartbeat(&mut neighbour_log, 3).await;
     let seen_before_kill = neighbour_log.heartbeats().len();
     // Follow the neighbour on a thread of its own from before the kill until well after
     // the restart, polling 20 times per heartbeat period.
@@ -46,7 +46,7 @@ async fn kvm_sigkilled_vmm_is_restarted_and_the_neighbour_keeps_its_heartbeat() 
 
     sigkill(old.pid.unwrap());
     let new = host.wait_vm("victim", "restarted", |i| i.restarts == 1 && i.phase == VmPhase::Running).await;
-    victim_log.wait_heartbeat(3).await;
+    wait_heartbeat(&mut victim_log, 3).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop.store(true, Ordering::Relaxed);
     let neighbour_log = follower.join().unwrap();
@@ -79,7 +79,7 @@ async fn kvm_panicked_vm_supervisor_is_restarted_and_readopts_the_running_guest(
     let created = host.create(spec("steady")).await.unwrap();
     let before = host.wait_running("steady").await;
     let mut log = SerialTail::new(&created.serial_log);
-    let last_before = log.wait_heartbeat(3).await;
+    let last_before = wait_heartbeat(&mut log, 3).await;
     let old_actor = host.vm_actor("steady").await;
 
     old_actor.cast(VmMsg::Crash).unwrap();
@@ -93,7 +93,7 @@ async fn kvm_panicked_vm_supervisor_is_restarted_and_readopts_the_running_guest(
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
     let after = host.get("steady").await;
-    let later = log.wait_heartbeat(last_before + 10).await;
+    let later = wait_heartbeat(&mut log, last_before + 10).await;
     let paused = ractor::call!(new_actor, VmMsg::Pause).unwrap();
     let resumed = ractor::call!(new_actor, VmMsg::Resume).unwrap();
     // The re-adopted supervisor still watches the process: a kill is restarted.
@@ -206,7 +206,7 @@ async fn kvm_stop_start_delete_a_vm() {
     let host = Host::start(|_| {}).await;
     let created = host.create(spec("brief")).await.unwrap();
     let running = host.wait_running("brief").await;
-    SerialTail::new(&created.serial_log).wait_heartbeat(2).await;
+    wait_heartbeat(&mut SerialTail::new(&created.serial_log), 2).await;
 
     // Stop: a clean shutdown; the VM stays defined and holds its capacity.
     let stopped = ractor::call!(host.actor, HostMsg::StopVm, "brief".to_string()).unwrap().unwrap();
@@ -221,7 +221,7 @@ async fn kvm_stop_start_delete_a_vm() {
     // Start: a fresh boot of the same VM.
     let started = ractor::call!(host.actor, HostMsg::StartVm, "brief".to_string()).unwrap().unwrap();
     assert!(started.pid.is_some() && started.pid != running.pid, "{started:?}");
-    SerialTail::new(&created.serial_log).wait_heartbeat(1).await;
+    wait_heartbeat(&mut SerialTail::new(&created.serial_log), 1).await;
 
     // Delete: stopped and forgotten, its capacity free.
     let deleted = ractor::call!(host.actor, HostMsg::DeleteVm, "brief".to_string()).unwrap().unwrap();
@@ -252,13 +252,13 @@ async fn kvm_a_restarted_host_readopts_its_vms_from_the_store_without_rebooting_
     let keeps_before = first.wait_running("keeps").await;
     let dies_before = first.wait_running("dies").await;
     let mut log = SerialTail::new(&keeps.serial_log);
-    let last_before = log.wait_heartbeat(3).await;
+    let last_before = wait_heartbeat(&mut log, 3).await;
 
     // The host goes away as a crashed daemon would: its actors end, its VMMs do not. While
     // nobody watches, one of them is killed.
     first.actor.stop_and_wait(None, Some(Duration::from_secs(10))).await.unwrap();
     sigkill(dies_before.pid.unwrap());
-    let alone = log.wait_heartbeat(last_before + 3).await;
+    let alone = wait_heartbeat(&mut log, last_before + 3).await;
 
     let mut config = HostConfig::new(first.dir.path(), common::vmm_binary());
     config.data_dir = Some(first.dir.path().to_owned());
@@ -278,7 +278,7 @@ async fn kvm_a_restarted_host_readopts_its_vms_from_the_store_without_rebooting_
         assert!(Instant::now() < deadline, "the VM killed while no host ran was not restarted: {info:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    let later = log.wait_heartbeat(alone + 5).await;
+    let later = wait_heartbeat(&mut log, alone + 5).await;
     let listed = ractor::call!(second, HostMsg::ListVms).unwrap();
     let processes = vmm_pids_under(first.dir.path());
     second.stop_and_wait(None, Some(Duration::from_secs(10))).await.unwrap();

@@ -4,17 +4,14 @@
 #![allow(dead_code)]
 
 use novacron_actors::{HostConfig, HostInfo, HostMsg, HostSupervisor, VmInfo, VmMsg, VmPhase, VmSpec};
-use novacron_guest_image::report::{GuestLine, parse};
 use novacron_vmm::api::Request;
 use novacron_vmm::api::client::call;
 use ractor::ActorRef;
-use std::io::{Read, Seek, SeekFrom};
-use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 pub use novacron_guest_image::binaries::{vmm_binary, vmm_pids_under};
-pub use novacron_guest_image::watch::kvm_or_skip;
+pub use novacron_guest_image::watch::{SerialTail, kvm_or_skip};
 
 /// Generous: the guest runs emulated at ~1.3 MIPS on this kind of host.
 pub const TIMEOUT: Duration = Duration::from_secs(60);
@@ -119,87 +116,21 @@ pub fn spec(name: &str) -> VmSpec {
     spec
 }
 
-/// Follows a serial log file as it grows; starts over when the file is replaced (a
-/// restarted VMM rotates the old one away).
-pub struct SerialTail {
-    path: PathBuf,
-    inode: u64,
-    offset: u64,
-    partial: String,
-    /// Every complete line so far with the instant it was seen, since the last replacement.
-    pub lines: Vec<(Instant, GuestLine)>,
-    pub replaced: u32,
-}
-
-impl SerialTail {
-    pub fn new(path: &Path) -> Self {
-        SerialTail {
-            path: path.to_owned(),
-            inode: 0,
-            offset: 0,
-            partial: String::new(),
-            lines: Vec::new(),
-            replaced: 0,
+/// Polls `tail` until a heartbeat of at least `seq` is seen in its current file.
+pub async fn wait_heartbeat(tail: &mut SerialTail, seq: u64) -> u64 {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        tail.poll();
+        if let Some(last) = tail.last_heartbeat().filter(|s| *s >= seq) {
+            return last;
         }
-    }
-
-    /// Reads what was appended since the last poll.
-    pub fn poll(&mut self) {
-        let Ok(mut file) = std::fs::File::open(&self.path) else { return };
-        let Ok(meta) = file.metadata() else { return };
-        if meta.ino() != self.inode || meta.len() < self.offset {
-            if self.inode != 0 {
-                self.replaced += 1;
-            }
-            self.inode = meta.ino();
-            self.offset = 0;
-            self.partial.clear();
-            self.lines.clear();
-        }
-        let mut buf = Vec::new();
-        if file.seek(SeekFrom::Start(self.offset)).is_err() || file.read_to_end(&mut buf).is_err() {
-            return;
-        }
-        self.offset += buf.len() as u64;
-        self.partial.push_str(&String::from_utf8_lossy(&buf));
-        let now = Instant::now();
-        while let Some(end) = self.partial.find('\n') {
-            let line: String = self.partial.drain(..=end).collect();
-            self.lines.push((now, parse(&line)));
-        }
-    }
-
-    pub fn heartbeats(&self) -> Vec<(Instant, u64)> {
-        self.lines
-            .iter()
-            .filter_map(|(at, l)| if let GuestLine::Heartbeat(s) = l { Some((*at, *s)) } else { None })
-            .collect()
-    }
-
-    pub fn last_heartbeat(&self) -> Option<u64> {
-        self.heartbeats().last().map(|h| h.1)
-    }
-
-    pub fn boots(&self) -> usize {
-        self.lines.iter().filter(|(_, l)| *l == GuestLine::Boot).count()
-    }
-
-    /// Polls until a heartbeat of at least `seq` is seen.
-    pub async fn wait_heartbeat(&mut self, seq: u64) -> u64 {
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
-            self.poll();
-            if let Some(last) = self.last_heartbeat().filter(|s| *s >= seq) {
-                return last;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no heartbeat {seq} in {} after {TIMEOUT:?}; its lines: {:?}",
-                self.path.display(),
-                self.lines.iter().rev().take(10).collect::<Vec<_>>()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        assert!(
+            Instant::now() < deadline,
+            "no heartbeat {seq} in {} after {TIMEOUT:?}; its lines: {:?}",
+            tail.path().display(),
+            tail.lines.iter().rev().take(10).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

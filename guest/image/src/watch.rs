@@ -2,7 +2,9 @@
 //! was read, so that callers can wait for what the guest says and time it.
 
 use crate::report::{GuestLine, parse};
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
 use std::time::{Duration, Instant};
@@ -167,5 +169,74 @@ pub fn kvm_or_skip(test: &str) -> bool {
             eprintln!("\n*** SKIPPED {test}: /dev/kvm is not usable here ({e}) ***\n");
             false
         }
+    }
+}
+/// Follows a serial log file as it grows; starts over when the file is replaced (a
+/// restarted VMM rotates the old one away).
+pub struct SerialTail {
+    path: PathBuf,
+    inode: u64,
+    offset: u64,
+    partial: String,
+    /// Every complete line so far with the instant it was read, since the last replacement.
+    pub lines: Vec<(Instant, GuestLine)>,
+    pub replaced: u32,
+}
+
+impl SerialTail {
+    pub fn new(path: &Path) -> Self {
+        SerialTail {
+            path: path.to_owned(),
+            inode: 0,
+            offset: 0,
+            partial: String::new(),
+            lines: Vec::new(),
+            replaced: 0,
+        }
+    }
+
+    /// Reads what was appended since the last poll.
+    pub fn poll(&mut self) {
+        let Ok(mut file) = std::fs::File::open(&self.path) else { return };
+        let Ok(meta) = file.metadata() else { return };
+        if meta.ino() != self.inode || meta.len() < self.offset {
+            if self.inode != 0 {
+                self.replaced += 1;
+            }
+            self.inode = meta.ino();
+            self.offset = 0;
+            self.partial.clear();
+            self.lines.clear();
+        }
+        let mut buf = Vec::new();
+        if file.seek(SeekFrom::Start(self.offset)).is_err() || file.read_to_end(&mut buf).is_err() {
+            return;
+        }
+        self.offset += buf.len() as u64;
+        self.partial.push_str(&String::from_utf8_lossy(&buf));
+        let now = Instant::now();
+        while let Some(end) = self.partial.find('\n') {
+            let line: String = self.partial.drain(..=end).collect();
+            self.lines.push((now, parse(&line)));
+        }
+    }
+
+    pub fn heartbeats(&self) -> Vec<(Instant, u64)> {
+        self.lines
+            .iter()
+            .filter_map(|(at, l)| if let GuestLine::Heartbeat(s) = l { Some((*at, *s)) } else { None })
+            .collect()
+    }
+
+    pub fn last_heartbeat(&self) -> Option<u64> {
+        self.heartbeats().last().map(|h| h.1)
+    }
+
+    pub fn boots(&self) -> usize {
+        self.lines.iter().filter(|(_, l)| *l == GuestLine::Boot).count()
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 }
