@@ -31,8 +31,9 @@ struct Cli {
 #[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
-    /// Boot the bundled test guest with its memory workload, pause and resume it through
-    /// its control socket, and report what the guest verified. Needs only /dev/kvm.
+    /// The whole story with nothing to set up: three daemons on loopback form a cluster,
+    /// boot the bundled test guest, live-migrate it between hosts while it verifies its
+    /// memory, restart it after its VMM is killed, and report. Needs only /dev/kvm.
     Demo(crate::demo::DemoArgs),
     /// Run the host daemon: the supervisors of this host's VMs, their state store, and the
     /// gRPC control port the `vm`, `host` and `events` commands talk to.
@@ -266,6 +267,16 @@ pub fn main() -> i32 {
     match cli.command {
         Command::Daemon(_) => init_logging_at(tracing::Level::INFO),
         _ => init_logging(),
+    }
+    if matches!(cli.command, Command::Vm(_) | Command::Host(_) | Command::Events(_)) {
+        // A client ends quietly, like other Unix tools, when the reader of its output
+        // goes away (`novacron vm list | head`). Only clients: a daemon or a VMM must
+        // not die because a peer closed a socket, so they keep Rust's default (ignored).
+        // SAFETY: setting a signal's disposition is async-signal-safe; no other thread
+        // runs yet.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
     }
     match cli.command {
         Command::Demo(args) => crate::demo::run(&args),

@@ -201,3 +201,46 @@ fn kvm_a_dead_hosts_vms_start_on_the_others_once() {
     assert_eq!(total, 1, "one VMM in the cluster: 'keep'; 'once' has restart policy never");
     assert!(dying.log().contains("forgetting it"), "{}", dying.log());
 }
+
+#[test]
+fn kvm_a_daemon_stopped_on_purpose_is_not_taken_for_dead() {
+    if !kvm_or_skip("kvm_a_daemon_stopped_on_purpose_is_not_taken_for_dead") {
+        return;
+    }
+    let (h1, h2, h3) = three_hosts();
+    h1.ok(&[
+        "vm",
+        "create",
+        "stays",
+        "--mem",
+        "32",
+        "--cmdline",
+        WORKLOAD,
+        "--host-label",
+        "zone=b",
+        "--restart",
+        "always",
+    ]);
+    let before = h1.wait_vm("stays", "ran", |v| str_of(v, "phase") == "running");
+    let host = str_of(&before, "host").to_string();
+    let mut member = if host == "h2" { h2 } else { h3 };
+    let log = PathBuf::from(str_of(&before, "serial_log"));
+    let seen = wait_heartbeat(&log, 2);
+
+    // SIGTERM: the daemon tells the primary, which leaves its VM alone.
+    member.stop();
+    let hosts = h1.json(&["host", "list"]);
+    let state =
+        hosts.as_array().unwrap().iter().find(|h| h["name"] == host.as_str()).map(|h| str_of(h, "state").to_string());
+    assert_eq!(state.as_deref(), Some("stopped"), "{hosts}");
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(h1.vmm_pids().is_empty(), "not started elsewhere");
+    wait_heartbeat(&log, seen + 5);
+
+    // Back: the same VMM process, adopted, nothing doubled.
+    member.restart("127.0.0.1:0");
+    let after = h1.wait_vm("stays", "came back", |v| str_of(v, "phase") == "running");
+    assert_eq!((pid_of(&after), str_of(&after, "host")), (pid_of(&before), host.as_str()));
+    assert_eq!(member.vmm_pids(), [pid_of(&before)]);
+    assert_eq!(serial(&log).1, 1, "never rebooted");
+}

@@ -50,6 +50,8 @@ struct Member {
     local: bool,
     last_ok: Instant,
     up: bool,
+    /// Its daemon stopped on purpose: not polled for liveness until it joins again.
+    away: bool,
     polling: bool,
     info: Option<pb::Host>,
     vms: Vec<pb::Vm>,
@@ -101,6 +103,8 @@ pub enum ClusterMsg {
         host: String,
         vm: Box<pb::Vm>,
     },
+    /// A VM was deleted: forgotten at once, so that nothing acts on it before the next poll.
+    Deleted(String),
     /// The host holding a VM, if any host does.
     Locate(String, RpcReplyPort<Option<Route>>),
     /// A host by name, if it is in the cluster and up.
@@ -173,6 +177,7 @@ fn new_member(record: MemberRecord, local: bool) -> Member {
         local,
         last_ok: Instant::now(),
         up: true,
+        away: false,
         polling: false,
         info: None,
         vms: Vec::new(),
@@ -228,7 +233,7 @@ impl ClusterSupervisor {
         let dead: Vec<String> = state
             .members
             .values()
-            .filter(|m| m.up && !m.local && now.duration_since(m.last_ok) > DOWN_AFTER)
+            .filter(|m| m.up && !m.local && !m.away && now.duration_since(m.last_ok) > DOWN_AFTER)
             .map(|m| m.record.name.clone())
             .collect();
         for name in dead {
@@ -335,7 +340,8 @@ impl ClusterSupervisor {
             .members
             .values()
             .filter(|m| m.reachable())
-            .find(|m| m.up && m.vms.iter().any(|v| vm_name(v) == vm))
+            // A stopped daemon's VMs still exist: asked for, its last report answers.
+            .find(|m| (m.up || m.away) && m.vms.iter().any(|v| vm_name(v) == vm))
             .map(Member::route)
     }
 
@@ -448,6 +454,7 @@ impl Actor for ClusterSupervisor {
                 let Some(member) = state.members.get_mut(&host) else { return Ok(()) };
                 member.polling = false;
                 match *result {
+                    Ok(_) if member.away => {}
                     Ok((mut info, vms)) => {
                         if !member.up {
                             tracing::info!(host = %host, "host is up again");
@@ -477,13 +484,26 @@ impl Actor for ClusterSupervisor {
             ClusterMsg::Join(request, reply) => {
                 let result = join(state, request);
                 let _ = reply.send(result);
+                // Reached now rather than at the next tick.
+                Self::poll(&myself, state);
             }
             ClusterMsg::Place(spec, reply) => {
                 let _ = reply.send(Self::place(state, &PlacementRequest::for_spec(&spec)));
             }
             ClusterMsg::Created { host, vm } => {
+                // A VM is on one host: wherever the view had it before, it is not there.
+                for member in state.members.values_mut().filter(|m| m.record.name != host) {
+                    member.vms.retain(|v| vm_name(v) != vm_name(&vm));
+                    member.recent.retain(|(_, v)| vm_name(v) != vm_name(&vm));
+                }
                 if let Some(member) = state.members.get_mut(&host) {
                     member.add(*vm);
+                }
+            }
+            ClusterMsg::Deleted(vm) => {
+                for member in state.members.values_mut() {
+                    member.vms.retain(|v| vm_name(v) != vm);
+                    member.recent.retain(|(_, v)| vm_name(v) != vm);
                 }
             }
             ClusterMsg::Locate(vm, reply) => {
@@ -509,7 +529,7 @@ impl Actor for ClusterSupervisor {
                 let _ = reply.send(hosts);
             }
             ClusterMsg::Routes(reply) => {
-                let routes = state.members.values().filter(|m| m.up && m.reachable());
+                let routes = state.members.values().filter(|m| (m.up || m.away) && m.reachable());
                 let _ = reply.send(routes.map(Member::route).collect());
             }
             ClusterMsg::CheckTarget { vm, source, target, reply } => {
@@ -567,14 +587,37 @@ fn join(state: &mut ClusterState, request: pb::JoinRequest) -> Result<pb::JoinRe
         address: request.address,
         labels: request.labels.into_iter().collect(),
     };
+    if request.leaving {
+        let member = state
+            .members
+            .get_mut(&request.name)
+            .ok_or_else(|| Status::not_found(format!("host {} is not in the cluster", request.name)))?;
+        member.away = true;
+        member.up = false;
+        if let Some(info) = &mut member.info {
+            info.state = "stopped".into();
+        }
+        tracing::info!(host = %request.name, "host's daemon stops on purpose; its VMs are left where they are");
+        return Ok(pb::JoinReply { evicted: Vec::new(), primary: state.args.me.name.clone() });
+    }
     let evicted: Vec<String> =
         request.vms.into_iter().filter(|vm| state.moved.get(vm).is_some_and(|left| *left == request.name)).collect();
     let known = state.members.get(&record.name).map(|m| m.record.clone());
     if known.as_ref() != Some(&record) {
-        state.members.insert(record.name.clone(), new_member(record.clone(), false));
+        // New, or back at another address: a new client; what it held stays known.
+        let vms = state.members.remove(&record.name).map(|m| m.vms).unwrap_or_default();
+        let mut member = new_member(record.clone(), false);
+        member.vms = vms;
+        state.members.insert(record.name.clone(), member);
         save_members(state);
     } else if let Some(member) = state.members.get_mut(&record.name) {
+        // It just spoke: up (the next poll brings its figures).
         member.last_ok = Instant::now();
+        member.away = false;
+        member.up = true;
+        if let Some(info) = &mut member.info {
+            info.state = "up".into();
+        }
     }
     tracing::info!(host = %record.name, address = %record.address, evicted = evicted.len(), "host joined");
     Ok(pb::JoinReply { evicted, primary: state.args.me.name.clone() })

@@ -47,6 +47,8 @@ pub struct DaemonArgs {
     pub strategy: Strategy,
 }
 
+/// How long open calls get to end after SIGTERM.
+const DRAIN: Duration = Duration::from_secs(2);
 /// How long a joining daemon keeps trying to reach the primary.
 const JOIN_PATIENCE: Duration = Duration::from_secs(60);
 
@@ -220,20 +222,54 @@ async fn serve(args: &DaemonArgs) -> Result<(), DaemonError> {
         data_dir.join(crate::auth::TOKEN_FILE).display()
     );
     tracing::info!(%addr, host = %name, "control port open");
-    let result = tonic::transport::Server::builder()
+    let stopping = Arc::new(tokio::sync::Notify::new());
+    let signalled = {
+        let (stopping, cluster, primary, me) =
+            (stopping.clone(), cluster.clone(), service.primary.clone(), service.me.clone());
+        async move {
+            shutdown_signal().await;
+            // No decisions while stopping: a host that stops is not a host that died.
+            if let Some(cluster) = cluster {
+                cluster.stop(None);
+            }
+            if let Some(primary) = primary {
+                leave(primary, &me).await;
+            }
+            stopping.notify_one();
+        }
+    };
+    let server = tonic::transport::Server::builder()
         .tls_config(tls)
         .map_err(DaemonError::Serve)?
         .add_service(ControlServer::with_interceptor(service, Authenticator::new(&token)))
-        .serve_with_incoming_shutdown(incoming, shutdown_signal())
-        .await
-        .map_err(DaemonError::Serve);
+        .serve_with_incoming_shutdown(incoming, signalled);
+    // Open streams (`events --follow`) get a moment to end, not a veto.
+    let result = tokio::select! {
+        result = server => result.map_err(DaemonError::Serve),
+        () = async { stopping.notified().await; tokio::time::sleep(DRAIN).await } => Ok(()),
+    };
     tracing::info!("daemon stopping; the VMs keep running and the next daemon on this data dir takes them back");
-    if let Some(cluster) = cluster {
-        cluster.stop(None);
-    }
     host.stop(Some("daemon stopping".into()));
     let _ = host_task.await;
     result
+}
+
+/// Tells the primary that this host's daemon stops on purpose (its VMs run on): it is not
+/// taken for dead, and its VMs are not started elsewhere, until it joins again.
+async fn leave(mut primary: Client, me: &HostIdentity) {
+    let request = pb::JoinRequest {
+        name: me.name.clone(),
+        address: me.address.clone(),
+        labels: me.labels.clone().into_iter().collect(),
+        vms: Vec::new(),
+        leaving: true,
+    };
+    match tokio::time::timeout(Duration::from_secs(2), primary.join_cluster(request)).await {
+        Ok(Ok(_)) => tracing::info!("told the cluster's primary that this daemon stops"),
+        _ => {
+            tracing::warn!("cannot tell the cluster's primary that this daemon stops; it will take this host for dead")
+        }
+    }
 }
 
 /// Joins the cluster of the daemon at `addr` (retrying while it does not answer) and
@@ -265,6 +301,7 @@ async fn join(addr: &str, me: &HostIdentity, tls_dir: &Path, data_dir: &Path) ->
         address: me.address.clone(),
         labels: me.labels.clone().into_iter().collect(),
         vms,
+        leaving: false,
     };
     let reply = primary.join_cluster(request).await.map_err(|s| fail(s.message().to_string()))?.into_inner();
     if !reply.evicted.is_empty() {

@@ -107,6 +107,31 @@ impl ControlService {
         if here.is_ok() { None } else { Some(Hop { client: primary, mark: false }) }
     }
 
+    /// On the primary, a VM not found where the view put it (it moved, or was created,
+    /// since the last poll) is looked for on every host; the view learns where it is.
+    async fn or_found_elsewhere(
+        &self,
+        answer: Result<Response<pb::Vm>, Status>,
+        name: &str,
+    ) -> Result<Response<pb::Vm>, Status> {
+        let (Err(e), Some(cluster)) = (&answer, &self.cluster) else { return answer };
+        if e.code() != tonic::Code::NotFound {
+            return answer;
+        }
+        let routes: Vec<Route> = ractor::call_t!(cluster, ClusterMsg::Routes, 5000).map_err(unavailable)?;
+        for route in routes {
+            let found = match route.client {
+                Some(mut client) => client.get_vm(forwarded(pb::VmRef { name: name.to_string() })).await.ok(),
+                None => self.vm(name).await.ok().map(Response::new),
+            };
+            if let Some(vm) = found {
+                let _ = cluster.cast(ClusterMsg::Created { host: route.host, vm: Box::new(vm.get_ref().clone()) });
+                return Ok(vm);
+            }
+        }
+        answer
+    }
+
     /// On a member, for what concerns the whole cluster: the primary.
     fn to_primary(&self, forwarded: bool) -> Option<Client> {
         if forwarded { None } else { self.primary.clone() }
@@ -248,10 +273,17 @@ impl Control for ControlService {
 
     async fn delete_vm(&self, request: Request<pb::VmRef>) -> Result<Response<pb::Vm>, Status> {
         let (fwd, r) = split(request);
-        if let Some(mut hop) = self.route_vm(&r.name, fwd).await {
-            return hop.client.delete_vm(hop.request(r)).await;
+        let name = r.name.clone();
+        let answer = match self.route_vm(&r.name, fwd).await {
+            Some(mut hop) => hop.client.delete_vm(hop.request(r)).await,
+            None => self.host_call(&r.name, HostMsg::DeleteVm).await,
+        };
+        if answer.is_ok()
+            && let Some(cluster) = &self.cluster
+        {
+            let _ = cluster.cast(ClusterMsg::Deleted(name));
         }
-        self.host_call(&r.name, HostMsg::DeleteVm).await
+        answer
     }
 
     async fn list_vms(&self, request: Request<pb::ListVmsRequest>) -> Result<Response<pb::ListVmsResponse>, Status> {
@@ -295,9 +327,10 @@ impl Control for ControlService {
                     return Ok(Response::new(unknown(vm, &host, e)));
                 }
             }
-            return answer;
+            return self.or_found_elsewhere(answer, &r.name).await;
         }
-        Ok(Response::new(self.vm(&r.name).await?))
+        let answer = self.vm(&r.name).await.map(Response::new);
+        self.or_found_elsewhere(answer, &r.name).await
     }
 
     async fn snapshot_vm(&self, request: Request<pb::SnapshotRequest>) -> Result<Response<pb::Operation>, Status> {

@@ -101,6 +101,16 @@ impl Daemon {
         self.child.as_ref().unwrap().id()
     }
 
+    /// SIGTERMs the daemon (not its VMMs) and waits for it to end.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill has no memory effects; the pid is this test's daemon.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let status = child.wait().unwrap();
+            assert!(status.success(), "the daemon ended with {status}: {}", self.log());
+        }
+    }
+
     /// SIGKILLs the daemon (not its VMMs).
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -136,11 +146,13 @@ impl Daemon {
     pub fn wait_vm(&self, name: &str, what: &str, ok: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
         let deadline = Instant::now() + TIMEOUT;
         loop {
-            let vm = self.vm(name);
-            if ok(&vm) {
+            // Errors count as "not yet" (a host of the cluster may be between two polls).
+            let out = self.cli(&["vm", "show", name, "--output", "json"]);
+            let vm = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+            if out.status.success() && ok(&vm) {
                 return vm;
             }
-            assert!(Instant::now() < deadline, "VM {name} never {what}: {vm}");
+            assert!(Instant::now() < deadline, "VM {name} never {what}: {vm} {}", stderr(&out));
             std::thread::sleep(Duration::from_millis(50));
         }
     }
