@@ -506,10 +506,25 @@ fn vmm_binary(exe: &Path) -> Result<PathBuf, String> {
     }
     let dir = exe.parent().ok_or("the novacron binary has no directory")?;
     let vmm = dir.join("novacron-vmm");
+    let release = if dir.ends_with("release") { " --release" } else { "" };
+    // Under `cargo run` (the README's first command) the VMM is built here too, so that
+    // the demo needs nothing but that command; a fresh build is a no-op.
+    if let (Some(cargo), Some(manifest)) = (std::env::var_os("CARGO"), std::env::var_os("CARGO_MANIFEST_DIR")) {
+        step(&format!("Building the per-VM process: cargo build{release} -p novacron-vmm"));
+        let mut build = Command::new(cargo);
+        build.args(["build", "--quiet", "-p", "novacron-vmm", "--bin", "novacron-vmm", "--manifest-path"]);
+        build.arg(Path::new(&manifest).join("Cargo.toml"));
+        if !release.is_empty() {
+            build.arg("--release");
+        }
+        let built = build.status().map_err(|e| format!("cannot run cargo: {e}"))?;
+        if !built.success() {
+            return Err(format!("cargo build{release} -p novacron-vmm failed"));
+        }
+    }
     if vmm.is_file() {
         return Ok(vmm);
     }
-    let release = if dir.ends_with("release") { " --release" } else { "" };
     Err(format!("{} is missing: build it with `cargo build{release} -p novacron-vmm`", vmm.display()))
 }
 
