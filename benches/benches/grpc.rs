@@ -39,7 +39,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const DEFAULT_VMS: usize = 1000;
-static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
 const DEFAULT_CALLS: usize = 2000;
 const WARMUP: usize = 200;
 /// Calls of one kind in a row before the next kind's turn.
@@ -405,16 +404,7 @@ async fn sequential(client: &mut Client, daemon: u32, vms: usize, calls: usize) 
             let before = Cpu::now(daemon);
             for _ in 0..n {
                 seed += 1;
-                let t0 = Instant::now();
                 let t = KINDS[i].call(client, vms, seed).await?;
-                if KINDS[i] != Kind::ListVms && t > Duration::from_micros(1000) {
-                    eprintln!(
-                        "SLOW {} {:.3} {}",
-                        KINDS[i].name(),
-                        t0.duration_since(*EPOCH.get_or_init(Instant::now)).as_secs_f64(),
-                        t.as_micros()
-                    );
-                }
                 lat[i].push(t);
             }
             cpu[i].add(Cpu::now(daemon).since(before));
