@@ -10,7 +10,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use novacron_daemon::client::{Client, Connect};
 use novacron_daemon::pb;
-use novacron_guest_image::binaries::vmm_pids_under;
+use novacron_guest_image::binaries::{kill_vmms_under, vmm_pids_under};
 use novacron_guest_image::report::{BOOT_LINE, GuestLine};
 use novacron_guest_image::watch::SerialTail;
 use novacron_vmm::process::error_chain;
@@ -200,11 +200,7 @@ impl Drop for Cluster {
                 let _ = d.child.wait();
             }
         }
-        for pid in vmm_pids_under(&self.root) {
-            // SAFETY: kill has no memory effects; the pid is a VMM whose command line names
-            // this demo's directory.
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-        }
+        kill_vmms_under(&self.root);
     }
 }
 

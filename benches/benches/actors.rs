@@ -34,8 +34,6 @@ use novacron_actors::{
 };
 use novacron_benches::{Error, release_binary};
 use novacron_guest_image::watch::SerialTail;
-use novacron_vmm::api::Request;
-use novacron_vmm::api::client::call;
 use ractor::{Actor, ActorRef};
 use std::future::Future;
 use std::hint::black_box;
@@ -456,26 +454,8 @@ struct VmmGuard(tempfile::TempDir);
 
 impl Drop for VmmGuard {
     fn drop(&mut self) {
-        let Ok(entries) = std::fs::read_dir(self.0.path()) else { return };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if path.extension().is_none_or(|e| e != "sock") {
-                continue;
-            }
-            let Ok(resp) = call(&path, Request::Status, Duration::from_secs(1)) else { continue };
-            let Some(status) = resp.status else { continue };
-            if is_vmm_of(status.pid, &path) {
-                // SAFETY: kill has no memory effects; the pid runs a VMM of this bench.
-                unsafe { libc::kill(status.pid as i32, libc::SIGKILL) };
-            }
-        }
+        novacron_guest_image::binaries::kill_vmms_under(self.0.path());
     }
-}
-
-/// Whether process `pid` is the VMM serving `socket` (by its command line).
-fn is_vmm_of(pid: u32, socket: &Path) -> bool {
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    String::from_utf8_lossy(&cmdline).contains(&*socket.to_string_lossy())
 }
 
 /// One run: times from the start of the event (CreateVm sent, SIGKILL sent) to the boot's
@@ -524,7 +504,7 @@ async fn restart_run(host: &ActorRef<HostMsg>, dir: &Path, i: usize) -> Result<R
     if now.pid != Some(pid) || now.phase != VmPhase::Running {
         return Err(format!("the VM should run its first VMM (pid {pid}): {now:?}").into());
     }
-    if !is_vmm_of(pid, &info.socket) {
+    if !novacron_actors::process::VmmProcess::is_vmm_of(pid, &info.socket) {
         return Err(format!("pid {pid} is not the VMM of {}", info.socket.display()).into());
     }
     let replaced = tail.replaced;

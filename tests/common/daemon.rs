@@ -165,10 +165,7 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill();
-        for pid in self.vmm_pids() {
-            // SAFETY: kill has no memory effects; the pid is a VMM of this test's data dir.
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-        }
+        novacron_guest_image::binaries::kill_vmms_under(self.dir.path());
     }
 }
 

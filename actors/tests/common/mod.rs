@@ -4,13 +4,10 @@
 #![allow(dead_code)]
 
 use novacron_actors::{HostConfig, HostInfo, HostMsg, HostSupervisor, VmInfo, VmMsg, VmPhase, VmSpec};
-use novacron_vmm::api::Request;
-use novacron_vmm::api::client::call;
 use ractor::ActorRef;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-pub use novacron_guest_image::binaries::{vmm_binary, vmm_pids_under};
+pub use novacron_guest_image::binaries::{kill_vmms_under, vmm_binary, vmm_pids_under};
 pub use novacron_guest_image::watch::{SerialTail, kvm_or_skip};
 
 /// Generous: the guest runs emulated at ~1.3 MIPS on this kind of host.
@@ -79,25 +76,6 @@ impl Drop for Host {
     fn drop(&mut self) {
         self.actor.stop(None);
         kill_vmms_under(self.dir.path());
-    }
-}
-
-/// SIGKILLs every VMM process whose control socket is in `dir` (its pid from `status`,
-/// checked against its command line so that nothing else is ever hit).
-pub fn kill_vmms_under(dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(dir) else { return };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        if path.extension().is_none_or(|e| e != "sock") {
-            continue;
-        }
-        let Ok(resp) = call(&path, Request::Status, Duration::from_secs(1)) else { continue };
-        let Some(status) = resp.status else { continue };
-        let cmdline = std::fs::read(format!("/proc/{}/cmdline", status.pid)).unwrap_or_default();
-        if String::from_utf8_lossy(&cmdline).contains(&*path.to_string_lossy()) {
-            // SAFETY: kill has no memory effects; the pid is a VMM this test started.
-            unsafe { libc::kill(status.pid as i32, libc::SIGKILL) };
-        }
     }
 }
 

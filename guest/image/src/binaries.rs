@@ -79,3 +79,13 @@ pub fn vmm_pids_under(dir: &Path) -> Vec<u32> {
         })
         .collect()
 }
+
+/// SIGKILLs every `novacron-vmm` process whose command line names `dir` (a test's or a
+/// demo's directory), so that nothing it started outlives it.
+pub fn kill_vmms_under(dir: &Path) {
+    for pid in vmm_pids_under(dir) {
+        // SAFETY: kill has no memory effects; the pid runs a VMM whose command line names
+        // this caller's own directory.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    }
+}
