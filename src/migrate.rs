@@ -5,7 +5,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use novacron_migration::source::{Fault, Phase, Progress, Report};
 use novacron_vmm::api::client::{ClientError, call};
-use novacron_vmm::api::{MigrateRequest, Request};
+use novacron_vmm::api::{MigrateRequest, MigrationStatus, Request, VmState};
 use novacron_vmm::migrate::default_tls_dir;
 use novacron_vmm::process::error_chain;
 use std::path::PathBuf;
@@ -15,6 +15,8 @@ use std::time::Duration;
 
 const EXIT_FAILED: i32 = 1;
 const EXIT_USAGE: i32 = 2;
+/// The VM moved, but --keep-snapshot could not be written.
+const EXIT_SNAPSHOT_NOT_KEPT: i32 = 3;
 /// The migrate call waits for the whole migration.
 const MIGRATE_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 const POLL: Duration = Duration::from_millis(200);
@@ -163,9 +165,16 @@ fn progress_line(p: &Progress) -> String {
     )
 }
 
-/// Polls the migration's progress on a second connection and draws it on stderr: a bar
-/// on a terminal, a line per round otherwise.
-pub fn watch_progress(socket: PathBuf, done: Arc<AtomicBool>) {
+/// A name for one migration request, so that its progress display shows only its own
+/// (another client's migration may be the one running).
+fn migration_id() -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    format!("{}-{nanos:x}", std::process::id())
+}
+
+/// Polls the progress of migration `id` on a second connection and draws it on stderr:
+/// a bar on a terminal, a line per round otherwise.
+pub fn watch_progress(socket: PathBuf, id: String, done: Arc<AtomicBool>) {
     let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
     bar.set_style(
         ProgressStyle::with_template("{spinner} [{bar:30}] {pos}/{len} pages  {msg}")
@@ -176,7 +185,10 @@ pub fn watch_progress(socket: PathBuf, done: Arc<AtomicBool>) {
     while !done.load(Ordering::Relaxed) {
         std::thread::sleep(POLL);
         let Ok(response) = call(&socket, Request::MigrateStatus, Duration::from_secs(5)) else { continue };
-        let Some(status) = response.migration else { continue };
+        let Some(status) = response.migration.filter(|m| m.id.as_deref() == Some(id.as_str())) else { continue };
+        if done.load(Ordering::Relaxed) {
+            break;
+        }
         let p = status.progress;
         if p.phase == Phase::Precopy || p.phase == Phase::Switchover {
             let round_pages = p.remaining_pages.max(1) + p.pages_sent;
@@ -244,6 +256,7 @@ pub fn migrate(a: MigrateArgs) -> i32 {
         (None, Some(n)) => Some(Fault::TruncateAfter(n)),
         (None, None) => None,
     };
+    let id = migration_id();
     let request = Request::Migrate(MigrateRequest {
         to: a.to.clone(),
         tls_dir,
@@ -254,26 +267,40 @@ pub fn migrate(a: MigrateArgs) -> i32 {
         delta_cache_mib: a.delta_cache,
         keep_snapshot,
         fault,
+        id: Some(id.clone()),
     });
     let done = Arc::new(AtomicBool::new(false));
     let watcher = {
         let (socket, done) = (a.api_sock.clone(), done.clone());
-        std::thread::spawn(move || watch_progress(socket, done))
+        std::thread::spawn(move || watch_progress(socket, id, done))
     };
     let result = call(&a.api_sock, request, MIGRATE_TIMEOUT);
     done.store(true, Ordering::Relaxed);
     let _ = watcher.join();
     match result {
-        Ok(response) => match response.migration.and_then(|m| m.report) {
-            Some(report) => {
+        Ok(response) => match response.migration {
+            Some(MigrationStatus { report: Some(report), arrived, keep_snapshot_error, .. }) => {
+                let paused = arrived == Some(VmState::Paused);
                 if a.json {
-                    println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+                    let mut value = serde_json::to_value(&report).unwrap_or_default();
+                    value["arrived"] = serde_json::json!(arrived.map(|s| s.to_string()));
+                    value["keep_snapshot_error"] = serde_json::json!(keep_snapshot_error);
+                    println!("{}", serde_json::to_string_pretty(&value).unwrap_or_default());
                 } else {
                     print_report(&report, &a.to);
+                    if paused {
+                        println!("  run state       paused, as it was here (resume it at the destination to run)");
+                    }
                 }
-                0
+                match keep_snapshot_error {
+                    Some(e) => {
+                        eprintln!("novacron: the VM moved to {}, but {e}", a.to);
+                        EXIT_SNAPSHOT_NOT_KEPT
+                    }
+                    None => 0,
+                }
             }
-            None => {
+            _ => {
                 eprintln!("novacron: the VMM answered without a migration report");
                 EXIT_FAILED
             }

@@ -131,6 +131,7 @@ pub async fn migrate_out(svc: &ControlService, r: pb::MigrateVmRequest) -> Resul
         delta_cache_mib: 64,
         keep_snapshot: None,
         fault: None,
+        id: Some(op.id.clone()),
     });
     let (host, name, socket) = (svc.host.clone(), r.name.clone(), info.socket.clone());
     tokio::spawn(async move {

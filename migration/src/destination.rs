@@ -81,7 +81,7 @@ impl BaseImage {
     /// Reads and hashes every page of `path` (holes and zero pages are left out).
     pub fn open(path: &Path) -> Result<Self, ReceiveError> {
         let base_err = |e: std::io::Error| ReceiveError::Base(format!("{}: {e}", path.display()));
-        let file = File::open(path).map_err(base_err)?;
+        let file = crate::open_regular(path).map_err(|e| ReceiveError::Base(format!("{}: {e}", path.display())))?;
         let len = file.metadata().map_err(base_err)?.len();
         let mut chunk = vec![0u8; 2 << 20];
         let (mut hashes, mut pages) = (Vec::new(), Vec::new());

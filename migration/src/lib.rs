@@ -28,6 +28,26 @@ pub mod throttle;
 pub mod tls;
 pub mod transport;
 
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error("it is not a regular file")]
+    NotAFile,
+}
+
+/// Opens `path` for reading only if it is a regular file (snapshot and base images are
+/// named by users). The open does not block, as it would forever on a FIFO without a
+/// writer, and the check is on the opened file, not on the name.
+pub fn open_regular(path: &std::path::Path) -> Result<std::fs::File, OpenError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::File::options().read(true).custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY).open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(OpenError::NotAFile);
+    }
+    Ok(file)
+}
+
 /// An error and its causes on one line: "what failed: because: because".
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut line = e.to_string();

@@ -52,6 +52,10 @@ pub trait SourceVm {
     fn resume(&mut self) -> Result<(), String>;
     /// Keeps the vCPUs out of the guest for this share of the time (0 = off).
     fn set_throttle(&mut self, percent: u8);
+    /// Lets go of what only the side that runs the VM may hold (its disk images' locks),
+    /// just before Commit: the destination takes them when Commit arrives. A VM that
+    /// stays here after a failed commit must take them again before it runs.
+    fn release_disks(&mut self);
 }
 
 /// Faults a test can inject to see the destination refuse bad data. Never set otherwise.
@@ -700,6 +704,7 @@ impl<V: SourceVm> Engine<'_, V> {
             return Err(MigrateError::Cancelled);
         }
         let commit = Instant::now();
+        self.vm.release_disks();
         self.link.send(&Message::Commit).map_err(MigrateError::CommitUnconfirmed)?;
         match self.recv(RUNNING_TIMEOUT) {
             Ok(Message::Running) => {}

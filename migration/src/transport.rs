@@ -161,6 +161,8 @@ fn handshake_reason(e: &quinn::ConnectionError) -> String {
     };
     if tls {
         format!("{e} (the two sides' certificates are not from the same cluster CA: check --tls-dir on both)")
+    } else if matches!(e, C::ConnectionClosed(c) if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED) {
+        "the receiver is busy with another migration (a `vmm receive` takes one VM): start another one".to_string()
     } else if matches!(e, C::TimedOut) {
         "no answer (is `novacron vmm receive` listening there, and can UDP pass?)".to_string()
     } else {
@@ -210,7 +212,17 @@ impl Listener {
                 }
             }
         })?;
+        self.runtime.spawn(refuse_others(endpoint));
         Ok(Link::start(self.runtime, self.endpoint, connection, streams, Bandwidth::default(), None))
+    }
+}
+
+/// Refuses every further source while this listener's migration runs, so that a second
+/// one hears at once that the receiver is busy instead of waiting for a handshake.
+async fn refuse_others(endpoint: quinn::Endpoint) {
+    while let Some(incoming) = endpoint.accept().await {
+        tracing::warn!(remote = %incoming.remote_address(), "refused a second migration source: busy with one");
+        incoming.refuse();
     }
 }
 
@@ -484,6 +496,27 @@ mod tests {
         assert_eq!(got, Message::State(vec![7; 100_000]));
         assert_eq!(err, LinkError::PeerAborted("the operator cancelled".into()));
         assert!(link.stats.sent.load(Ordering::Relaxed) > 100_000);
+    }
+
+    #[test]
+    fn a_second_source_hears_that_the_receiver_is_busy() {
+        let tmp = tempfile::tempdir().unwrap();
+        let id = identity(tmp.path(), "a");
+        let listener = Listener::bind("127.0.0.1:0".parse().unwrap(), &id).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            let mut link = listener.accept().unwrap();
+            let got = link.recv(Duration::from_secs(10));
+            (link, got)
+        });
+        let mut first = connect(addr, &id, Bandwidth::default(), None).unwrap();
+        first.send(&Message::Commit).unwrap();
+        let (_link, got) = server.join().unwrap();
+
+        let second = connect(addr, &id, Bandwidth::default(), None).err().unwrap();
+
+        assert_eq!(got, Ok(Message::Commit));
+        assert!(second.to_string().contains("busy with another migration"), "{second}");
     }
 
     #[test]

@@ -7,6 +7,7 @@ use crate::arch::x86_64::regs::{self, BootEntry};
 use crate::arch::x86_64::{acpi, mptable};
 use crate::boot::{self, initrd, linux, pvh};
 use crate::config::{KernelSource, VmConfig};
+use crate::disk_locks::DiskLocks;
 use crate::machine::{Machine, StopEvents};
 use crate::snapshot::{self, MachineSpec, SavedState};
 use crate::virtio;
@@ -18,6 +19,7 @@ use crate::vstate::vm::{Vm, VmError};
 use novacron_devices::legacy::{
     AcpiPower, COM1_IRQ, COM1_PORT, I8042, POWER_PORT_BASE, POWER_PORT_LEN, Serial, SerialOutput,
 };
+use novacron_devices::virtio::block::lock::LockError;
 use novacron_devices::{Bus, BusError};
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, channel};
@@ -70,6 +72,8 @@ pub enum BuildError {
     Virtio(#[from] virtio::VirtioError),
     #[error(transparent)]
     Snapshot(#[from] snapshot::SnapshotError),
+    #[error(transparent)]
+    DiskLock(#[from] LockError),
     #[error("cannot restore the VM's interrupt controllers and clock")]
     State(#[source] StateError),
     #[error("cannot restore the snapshot: {0}")]
@@ -153,32 +157,45 @@ impl PhaseTimer {
     }
 }
 
-/// Builds the VM and starts its vCPUs. Console output goes to `serial_out`.
-///
-/// Guest memory goes in before anything else (see `Vm::create_irqchip`). Then the vCPU
-/// threads start: one of them reads KVM's supported CPUID while this thread creates the
-/// interrupt controllers; each then creates and configures its own vCPU while this thread
-/// loads the guest and wires the devices. Then every vCPU is told to start.
 /// Where the VM's contents come from.
 pub enum Source {
     /// Boot the configured kernel.
     Boot,
-    /// Continue a saved state (a snapshot's or a migration's) in `memory`, which holds the
-    /// guest's RAM; the configuration was made from the state's machine spec. With
-    /// `paused`, the vCPUs are set up but wait for `Machine::resume` (a migration's
-    /// destination runs the VM only once the source commits).
-    Restore { state: Box<SavedState>, memory: GuestMemory, paused: bool },
+    /// Continue a snapshot's state in `memory`, which holds the guest's RAM; the
+    /// configuration was made from the state's machine spec.
+    Restore { state: Box<SavedState>, memory: GuestMemory },
+    /// The same for a migration's destination: the vCPUs are set up but wait, and the
+    /// disk images stay unlocked, until the source commits (`Machine::take_disk_locks`,
+    /// then `Machine::resume`).
+    Migration { state: Box<SavedState>, memory: GuestMemory },
 }
 
+/// Builds the VM and starts its vCPUs. Console output goes to `serial_out`.
+///
+/// The disk images are locked first (nothing else is done for a VM whose disk is in use).
+/// Guest memory goes in before anything else (see `Vm::create_irqchip`). Then the vCPU
+/// threads start: one of them reads KVM's supported CPUID while this thread creates the
+/// interrupt controllers; each then creates and configures its own vCPU while this thread
+/// loads the guest and wires the devices. Then every vCPU is told to start.
 pub fn build(config: &VmConfig, serial_out: SerialOutput, source: Source) -> Result<Machine, BuildError> {
     let mut timer = PhaseTimer(std::time::Instant::now());
+    let (memory, restore, incoming) = match source {
+        Source::Boot => (None, None, false),
+        Source::Restore { state, memory } => (Some(memory), Some(state), false),
+        Source::Migration { state, memory } => (Some(memory), Some(state), true),
+    };
+    let disk_locks = Arc::new(DiskLocks::new(&config.disks));
+    if !incoming {
+        disk_locks.acquire()?;
+    }
+    let paused = incoming;
     vcpu::install_kick_handler()?;
     let kvm = kvm::open()?;
     kvm::check_capabilities(&kvm, config.vcpus)?;
     let vm = Arc::new(Vm::new(&kvm)?);
-    let (memory, restore, paused) = match source {
-        Source::Boot => (memory::create(config.mem_mib << 20)?, None, false),
-        Source::Restore { state, memory, paused } => (memory, Some(state), paused),
+    let memory = match memory {
+        Some(m) => m,
+        None => memory::create(config.mem_mib << 20)?,
     };
     vm.register_memory(&memory)?;
     timer.mark("create VM, memory");
@@ -257,7 +274,19 @@ pub fn build(config: &VmConfig, serial_out: SerialOutput, source: Source) -> Res
     };
     tracing::info!(vcpus = spec.vcpus, mem_mib = spec.mem_mib, kernel = %spec.kernel, format = %spec.boot_format, "VM started");
     let state = if paused { VmState::Paused } else { VmState::Running };
-    Ok(Machine::new(spec, stop_events, vcpus, events_rx, serial, virtio, buses, vm, memory, (throttle, state)))
+    Ok(Machine::new(
+        spec,
+        stop_events,
+        vcpus,
+        events_rx,
+        serial,
+        virtio,
+        buses,
+        vm,
+        memory,
+        (throttle, state),
+        disk_locks,
+    ))
 }
 
 /// Puts a snapshot's VM, device and serial state into a freshly built VM whose vCPUs

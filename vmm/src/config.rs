@@ -7,7 +7,7 @@ use novacron_devices::rate_limiter::{RateLimiterConfig, parse_rate_limiter};
 use novacron_devices::virtio::block::BlockConfig;
 use novacron_devices::virtio::block::disk::ID_BYTES;
 use novacron_devices::virtio::net::tap::MAX_NAME as TAP_NAME_MAX;
-use novacron_devices::virtio::net::{NetConfig, parse_mac};
+use novacron_devices::virtio::net::{NetConfig, TapMode, parse_mac};
 use std::path::{Path, PathBuf};
 
 pub const MIN_MEM_MIB: u64 = 8;
@@ -45,10 +45,11 @@ pub struct VmArgs {
     /// [,bw_burst=N][,ops_burst=N] (rates per second unless /MS). Repeat for more disks.
     #[arg(long = "disk", value_name = "SPEC", value_parser = parse_disk)]
     pub disks: Vec<BlockConfig>,
-    /// A virtio network interface on a tap device: tap=NAME[,mac=52:54:00:12:34:56] with
-    /// optional rx_bw=, rx_ops=, tx_bw=, tx_ops= (and _burst) limits. Repeat for more.
+    /// A virtio network interface on an existing tap device: tap=NAME[,mac=52:54:00:12:34:56]
+    /// with optional rx_bw=, rx_ops=, tx_bw=, tx_ops= (and _burst) limits, and `create` to
+    /// make the tap if it does not exist. Repeat for more.
     #[arg(long = "net", value_name = "SPEC", value_parser = parse_net)]
-    pub nets: Vec<NetConfig>,
+    pub nets: Vec<NetArg>,
     /// A virtio entropy device, optionally limited: --rng or --rng bw=BYTES[/MS].
     #[arg(long, value_name = "LIMITS", num_args = 0..=1, default_missing_value = "", value_parser = parse_rng)]
     pub rng: Option<RateLimiterConfig>,
@@ -108,12 +109,21 @@ pub fn parse_disk(spec: &str) -> Result<BlockConfig, String> {
     Ok(disk)
 }
 
-/// Parses `tap=NAME[,mac=MAC]` and rx_/tx_ limits.
-pub fn parse_net(spec: &str) -> Result<NetConfig, String> {
+/// A `--net` argument: the interface, and whether its tap may be created.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetArg {
+    pub config: NetConfig,
+    pub create: bool,
+}
+
+/// Parses `tap=NAME[,mac=MAC][,create]` and rx_/tx_ limits.
+pub fn parse_net(spec: &str) -> Result<NetArg, String> {
     let mut net =
         NetConfig { tap: String::new(), mac: None, rx_limits: limits(spec, "rx_")?, tx_limits: limits(spec, "tx_")? };
+    let mut create = false;
     for (key, value) in spec_words(spec) {
         match (key, value) {
+            ("create", None) => create = true,
             (key, Some(_)) if is_limit_key(key, &["rx_", "tx_"]) => {}
             ("tap", Some(t)) if !t.is_empty() && t.len() <= TAP_NAME_MAX => net.tap = t.to_string(),
             ("tap", Some(_)) => return Err(format!("a tap name is 1 to {TAP_NAME_MAX} bytes")),
@@ -121,13 +131,13 @@ pub fn parse_net(spec: &str) -> Result<NetConfig, String> {
                 net.mac =
                     Some(parse_mac(m).ok_or_else(|| format!("{m:?} is not a MAC address like 52:54:00:12:34:56"))?)
             }
-            _ => return Err(format!("unknown net setting {key:?}; expected tap=NAME[,mac=MAC]")),
+            _ => return Err(format!("unknown net setting {key:?}; expected tap=NAME[,mac=MAC][,create]")),
         }
     }
     if net.tap.is_empty() {
         return Err("a network interface needs tap=NAME".into());
     }
-    Ok(net)
+    Ok(NetArg { config: net, create })
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -156,8 +166,17 @@ pub struct VmConfig {
     pub serial_file: Option<PathBuf>,
     pub disks: Vec<BlockConfig>,
     pub nets: Vec<NetConfig>,
+    /// Taps that may be created if missing (`--net ...,create`); none on restore.
+    pub create_taps: Vec<String>,
     /// The entropy device and its limits, if there is one.
     pub rng: Option<RateLimiterConfig>,
+}
+
+impl VmConfig {
+    /// How network interface `net` opens its tap.
+    pub fn tap_mode(&self, net: &NetConfig) -> TapMode {
+        if self.create_taps.contains(&net.tap) { TapMode::CreateIfMissing } else { TapMode::Existing }
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -225,6 +244,7 @@ impl VmConfig {
             serial_file,
             disks: spec.disks.clone(),
             nets: spec.nets.clone(),
+            create_taps: Vec::new(),
             rng: spec.rng,
         }
     }
@@ -282,7 +302,8 @@ impl VmConfig {
             api_sock: args.api_sock.clone(),
             serial_file: args.serial_file.clone(),
             disks: args.disks.clone(),
-            nets: args.nets.clone(),
+            nets: args.nets.iter().map(|n| n.config.clone()).collect(),
+            create_taps: args.nets.iter().filter(|n| n.create).map(|n| n.config.tap.clone()).collect(),
             rng: args.rng,
         })
     }
@@ -360,13 +381,17 @@ mod tests {
         );
         assert_eq!(
             parse_net("tap=tap0,mac=52:54:00:00:00:01,tx_bw=1048576,tx_ops=100"),
-            Ok(NetConfig {
-                tap: "tap0".into(),
-                mac: Some([0x52, 0x54, 0, 0, 0, 1]),
-                rx_limits: RateLimiterConfig::default(),
-                tx_limits: limited
+            Ok(NetArg {
+                config: NetConfig {
+                    tap: "tap0".into(),
+                    mac: Some([0x52, 0x54, 0, 0, 0, 1]),
+                    rx_limits: RateLimiterConfig::default(),
+                    tx_limits: limited
+                },
+                create: false
             })
         );
+        assert_eq!(parse_net("tap=t1,create").map(|n| (n.config.tap, n.create)), Ok(("t1".into(), true)));
         assert_eq!(parse_rng(""), Ok(RateLimiterConfig::default()));
         assert_eq!(parse_rng("bw=1048576,ops=100"), Ok(limited));
         assert!(parse_rng("tap=x").is_err());

@@ -11,6 +11,7 @@ pub mod arch;
 pub mod boot;
 pub mod builder;
 pub mod config;
+pub mod disk_locks;
 pub mod machine;
 pub mod migrate;
 pub mod process;

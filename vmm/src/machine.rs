@@ -2,7 +2,8 @@
 //! event fds through which the guest asks to stop, and pause/resume across all vCPUs.
 
 use crate::api::{ApiError, ErrorKind, VmState, VmStatus};
-use crate::snapshot::{self, MachineSpec, SavedState, SnapshotStats};
+use crate::disk_locks::DiskLocks;
+use crate::snapshot::{self, MachineSpec, RunState, SavedState, SnapshotStats};
 use crate::virtio::VirtioSlot;
 use crate::vstate::memory::GuestMemory;
 use crate::vstate::persist::{VcpuState, VmState as VmStateKvm};
@@ -45,6 +46,7 @@ pub struct Machine {
     pending_stops: Vec<(u8, VcpuStop)>,
     throttle: Arc<Throttle>,
     ticker: Option<ThrottleTicker>,
+    disk_locks: Arc<DiskLocks>,
     // Dropped last, in this order: the buses (devices), the VM fd, then guest memory.
     _buses: Arc<IoBuses>,
     vm: Arc<Vm>,
@@ -68,6 +70,7 @@ impl Machine {
         vm: Arc<Vm>,
         memory: GuestMemory,
         (throttle, state): (Arc<Throttle>, VmState),
+        disk_locks: Arc<DiskLocks>,
     ) -> Self {
         Machine {
             spec,
@@ -81,6 +84,7 @@ impl Machine {
             pending_stops: Vec::new(),
             throttle,
             ticker: None,
+            disk_locks,
             _buses: buses,
             vm,
             memory,
@@ -186,14 +190,38 @@ impl Machine {
         Ok(())
     }
 
+    /// Lets the vCPUs run again. A VM that does not hold its disk images' locks (a
+    /// migration handed them over at its commit) takes them first, or stays paused.
     pub fn resume(&mut self) -> Result<(), ApiError> {
         if self.state == VmState::Running {
             return Err(ApiError::new(ErrorKind::InvalidState, "the VM is not paused"));
         }
+        self.take_disk_locks()?;
         self.command_all(VcpuCommand::Resume, |e| if let VcpuEvent::Resumed(_) = e { Ok(()) } else { Err(e) })?;
         self.state = VmState::Running;
         tracing::info!("VM resumed");
         Ok(())
+    }
+
+    /// Takes the disk images' locks if the VM does not hold them.
+    pub fn take_disk_locks(&self) -> Result<(), ApiError> {
+        if self.disk_locks.held() {
+            return Ok(());
+        }
+        self.disk_locks.acquire().map_err(|e| {
+            ApiError::new(
+                ErrorKind::InvalidState,
+                format!(
+                    "the VM stays paused: {} (after a migration's commit the VM may run there)",
+                    crate::process::error_chain(&e)
+                ),
+            )
+        })
+    }
+
+    /// The disk locks, for the migration engine (which hands them over at the commit).
+    pub fn disk_locks(&self) -> Arc<DiskLocks> {
+        self.disk_locks.clone()
     }
 
     /// Writes a snapshot into `dir`: pauses the VM (if it runs), saves everything, and
@@ -203,22 +231,23 @@ impl Machine {
         if was_running {
             self.pause()?;
         }
-        let result = self.write_snapshot(dir);
+        let result = self.write_snapshot(dir, RunState { paused: !was_running });
         if was_running && (!stay_paused || result.is_err()) {
             self.resume()?;
         }
         result
     }
 
-    fn write_snapshot(&mut self, dir: &std::path::Path) -> Result<SnapshotStats, ApiError> {
-        let state = self.save_state()?;
+    fn write_snapshot(&mut self, dir: &std::path::Path, run: RunState) -> Result<SnapshotStats, ApiError> {
+        let state = self.save_state(run)?;
         let stats = snapshot::write(dir, &state, &self.memory).map_err(|e| internal("writing the snapshot", &e))?;
         tracing::info!(dir = %dir.display(), memory_pages = stats.pages_written, state_bytes = stats.state_bytes, "snapshot written");
         Ok(stats)
     }
 
-    /// Everything but memory, from a paused VM.
-    pub fn save_state(&mut self) -> Result<SavedState, ApiError> {
+    /// Everything but memory, from a paused VM; `run` says whether it ran before the save
+    /// paused it.
+    pub fn save_state(&mut self, run: RunState) -> Result<SavedState, ApiError> {
         crate::vstate::persist::check_xsave_size(&self.vm.fd).map_err(|e| internal("checking the XSAVE area", &e))?;
         let vcpus = self.capture_vcpus()?;
         let vm = VmStateKvm::capture(&self.vm.fd)
@@ -226,7 +255,7 @@ impl Machine {
         let devices: Vec<(String, TransportState)> =
             self.virtio.iter().map(|v| (v.name.clone(), v.lock().save_state())).collect();
         let serial = self.serial.lock().unwrap_or_else(|p| p.into_inner()).save_state();
-        Ok(SavedState { spec: self.spec.clone(), vcpus, vm, devices, serial })
+        Ok(SavedState { spec: self.spec.clone(), vcpus, vm, devices, serial, run })
     }
 
     /// Every vCPU's state, in index order. The VM must be paused.

@@ -103,7 +103,7 @@ pub fn restore_vm(args: &RestoreArgs) -> i32 {
         Err(e) => return fail("cannot restore", &e),
     };
     let config = VmConfig::from_spec(&snapshot.state.spec, args.api_sock.clone(), args.serial_file.clone());
-    run(&config, Source::Restore { state: Box::new(snapshot.state), memory, paused: false })
+    run(&config, Source::Restore { state: Box::new(snapshot.state), memory })
 }
 
 fn run(config: &VmConfig, source: Source) -> i32 {

@@ -5,6 +5,7 @@ use crate::api::server::ApiServer;
 use crate::api::{ApiError, ErrorKind, MigrationStatus, Request, Response, SnapshotReport, VmState};
 use crate::machine::Machine;
 use crate::migrate::source::{self, EngineRequest, Migration};
+use crate::snapshot::RunState;
 use crate::vstate::vcpu::VcpuStop;
 use novacron_migration::source::{MigrateError, Report};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -188,6 +189,9 @@ impl Loop {
             Request::Shutdown => Answer::Stop(Response::done()),
             Request::Snapshot { dir, paused } => {
                 let started = std::time::Instant::now();
+                if let Err(e) = crate::api::check_snapshot_dir("dir", &dir) {
+                    return Ok(Answer::Now(Response::error(e)));
+                }
                 Answer::Now(match machine.snapshot(std::path::Path::new(&dir), paused) {
                     Ok(stats) => {
                         let report = SnapshotReport {
@@ -220,15 +224,7 @@ impl Loop {
                 }
             }
             Request::MigrateStatus => Answer::Now(match (&self.migration, &self.last_migration) {
-                (Some(m), _) => Response {
-                    migration: Some(MigrationStatus {
-                        to: m.to.clone(),
-                        progress: m.control.snapshot(),
-                        report: None,
-                        error: None,
-                    }),
-                    ..Response::done()
-                },
+                (Some(m), _) => Response { migration: Some(m.status()), ..Response::done() },
                 (None, Some(last)) => Response { migration: Some(last.clone()), ..Response::done() },
                 (None, None) => Response::error(no_migration()),
             }),
@@ -292,7 +288,7 @@ impl Loop {
                         continue;
                     }
                     self.watch_devices(machine, false)?;
-                    let state = machine.save_state().and_then(|s| {
+                    let state = machine.save_state(RunState { paused: !was_running }).and_then(|s| {
                         s.to_sections()
                             .map(|sections| novacron_migration::stream::encode(&sections))
                             .map_err(|e| ApiError::new(ErrorKind::Internal, format!("encoding the state: {e}")))
@@ -329,17 +325,25 @@ impl Loop {
         m.join();
         self.poller.remove(m.notify.as_raw_fd());
         machine.set_throttle(0);
-        let mut status =
-            MigrationStatus { to: m.to.clone(), progress: m.control.snapshot(), report: None, error: None };
+        let mut status = m.status();
         let (response, exit) = match outcome {
             Ok(report) => {
                 if let Some(dir) = &m.keep_snapshot {
-                    // The VM is paused and frozen: the snapshot is its final state.
+                    // The VM is paused and frozen: the snapshot is its final state. A
+                    // failed write leaves the directory as it was (`snapshot::write`).
                     match machine.snapshot(dir, true) {
                         Ok(_) => tracing::info!(dir = %dir.display(), "kept a snapshot of the migrated VM"),
-                        Err(e) => tracing::warn!(dir = %dir.display(), "cannot keep a snapshot: {e}"),
+                        Err(e) => {
+                            tracing::warn!(dir = %dir.display(), "cannot keep a snapshot: {e}");
+                            status.keep_snapshot_error = Some(format!(
+                                "the snapshot was not kept in {}: {}; the directory holds what it held before",
+                                dir.display(),
+                                e.message
+                            ));
+                        }
                     }
                 }
+                status.arrived = Some(if m.was_running { VmState::Running } else { VmState::Paused });
                 status.report = Some(report);
                 (Response { migration: Some(status.clone()), ..Response::done() }, Some(VmExit::Migrated(m.to)))
             }
@@ -384,8 +388,28 @@ pub fn run(machine: &mut Machine, mut api: Option<ApiServer>) -> Result<VmExit, 
     lp.watch_devices(machine, true)?;
 
     let mut events = vec![EpollEvent::default(); 16];
+    // Set while the listener is off the poller (accepting backs off on EMFILE).
+    let mut listener_off = false;
     let exit = 'outer: loop {
-        let n = match lp.poller.0.wait(IDLE_FLUSH_MS, &mut events) {
+        let mut timeout = IDLE_FLUSH_MS;
+        if let Some(server) = &api
+            && let Some(at) = server.retry_accept_at()
+        {
+            let left = at.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                if listener_off {
+                    lp.poller.add(server.listener_fd(), TOKEN_LISTENER)?;
+                    listener_off = false;
+                }
+            } else {
+                if !listener_off {
+                    lp.poller.remove(server.listener_fd());
+                    listener_off = true;
+                }
+                timeout = timeout.min(left.as_millis() as i32 + 1);
+            }
+        }
+        let n = match lp.poller.0.wait(timeout, &mut events) {
             Ok(0) => {
                 machine.flush_serial();
                 continue;

@@ -7,13 +7,23 @@
 //!                   3 vm        PICs, IOAPIC, PIT, KVM clock (VmState)
 //!                   4 devices   every virtio transport with its device (by name, slot order)
 //!                   5 serial    the 8250's registers and FIFO
-//!                   6 memory    the RAM regions' sizes and a CRC-32 per 2 MiB of memory.bin
+//!                   6 memory    the RAM regions' sizes, a CRC-32 per 2 MiB of memory, and
+//!                               the name of the memory file (version 2)
+//!                   7 run       whether the VM ran when it was saved (optional)
 //! DIR/memory.bin  guest RAM, region after region; all-zero pages are left as holes
+//!   or memory.1.bin (the memory section says which)
 //! ```
 //!
 //! Every section is versioned and checksummed by the stream; memory by its chunk CRCs. A
-//! restore checks all of it before it builds anything, and maps memory.bin privately
+//! restore checks all of it before it builds anything, and maps the memory file privately
 //! (copy-on-write) rather than reading it: untouched guest pages stay in the page cache.
+//!
+//! A directory always holds one whole snapshot. A new one never writes into a file that
+//! exists: its memory goes to whichever of the two memory names the current state.bin
+//! does not use, its state to state.bin.partial; both are synced, and renaming the state
+//! over state.bin is the moment the new snapshot replaces the old. Only then is the old
+//! memory file removed (unlinked: a VM restored from it keeps its mapping). A failure
+//! before that removes what this write created and leaves the old snapshot as it was.
 
 use crate::vstate::memory::GuestMemory;
 use crate::vstate::persist::{VcpuState, VmState};
@@ -25,15 +35,17 @@ use novacron_devices::virtio::persist::TransportState;
 use novacron_migration::stream::{self, Section, StreamError};
 use serde::{Deserialize, Serialize};
 use std::fs::File;
-use std::io::Write;
-use std::os::unix::fs::FileExt;
+use std::io::{Read, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::mmap::{MmapRegionBuilder, NewBitmap};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
 
 pub const STATE_FILE: &str = "state.bin";
-pub const MEMORY_FILE: &str = "memory.bin";
+/// The memory file's two names: a new snapshot takes the one the old does not use.
+pub const MEMORY_FILES: [&str; 2] = ["memory.bin", "memory.1.bin"];
+const PARTIAL_STATE_FILE: &str = "state.bin.partial";
 
 pub const SECTION_MACHINE: u16 = 1;
 pub const SECTION_VCPU: u16 = 2;
@@ -41,12 +53,17 @@ pub const SECTION_VM: u16 = 3;
 pub const SECTION_DEVICES: u16 = 4;
 pub const SECTION_SERIAL: u16 = 5;
 pub const SECTION_MEMORY: u16 = 6;
+pub const SECTION_RUN: u16 = 7;
 
 /// Payload versions of this build (the stream checks that sections carry them).
 const MACHINE_VERSION: u16 = 1;
 const DEVICES_VERSION: u16 = 1;
-const MEMORY_VERSION: u16 = 1;
+/// Version 2 names the memory file; version 1 (no name: memory.bin) is still read.
+const MEMORY_VERSION: u16 = 2;
 const STATE_VERSION: u16 = 1;
+const RUN_VERSION: u16 = 1;
+/// A state.bin is tens of KiB; a reader refuses one larger than this before reading it.
+const MAX_STATE_BYTES: u64 = 256 << 20;
 
 const PAGE: usize = 4096;
 /// No snapshot describes more memory than this (16 TiB): the bound keeps size arithmetic
@@ -78,10 +95,14 @@ pub enum SnapshotError {
     SectionVersion { what: &'static str, found: u16, expected: u16 },
     #[error("the snapshot is inconsistent: {0}")]
     Inconsistent(String),
-    #[error("memory.bin chunk {chunk} fails its checksum: the memory image was altered or damaged")]
-    MemoryChecksum { chunk: usize },
+    #[error("{file} chunk {chunk} fails its checksum: the memory image was altered or damaged")]
+    MemoryChecksum { file: String, chunk: usize },
     #[error("cannot map the memory image")]
     Map(String),
+    #[error("{path} is not a regular file")]
+    NotAFile { path: PathBuf },
+    #[error("{path} is {bytes} bytes, more than a state file can be")]
+    StateTooLarge { path: PathBuf, bytes: u64 },
 }
 
 fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError {
@@ -106,6 +127,23 @@ pub struct MachineSpec {
 pub struct MemoryInfo {
     pub region_sizes: Vec<u64>,
     pub chunk_crcs: Vec<u32>,
+    /// The memory file in the snapshot's directory: one of MEMORY_FILES.
+    pub file: String,
+}
+
+/// The memory section as version 1 wrote it: the file was always memory.bin.
+#[derive(Deserialize)]
+struct MemoryInfoV1 {
+    region_sizes: Vec<u64>,
+    chunk_crcs: Vec<u32>,
+}
+
+/// Whether the VM ran when its state was saved (the save itself pauses it). A migration's
+/// destination leaves a VM paused that was paused at the source. States without this
+/// section come from builds that did not record it, and count as running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunState {
+    pub paused: bool,
 }
 
 /// A paused VM's state without its memory: what a snapshot's state.bin and a migration's
@@ -116,6 +154,7 @@ pub struct SavedState {
     pub vm: VmState,
     pub devices: Vec<(String, TransportState)>,
     pub serial: SerialState,
+    pub run: RunState,
 }
 
 impl SavedState {
@@ -128,6 +167,7 @@ impl SavedState {
         sections.push(Section::new(SECTION_VM, STATE_VERSION, "vm", &self.vm)?);
         sections.push(Section::new(SECTION_DEVICES, DEVICES_VERSION, "devices", &self.devices)?);
         sections.push(Section::new(SECTION_SERIAL, STATE_VERSION, "serial", &self.serial)?);
+        sections.push(Section::new(SECTION_RUN, RUN_VERSION, "run", &self.run)?);
         Ok(sections)
     }
 
@@ -150,6 +190,10 @@ impl SavedState {
             vm: one(sections, SECTION_VM, STATE_VERSION, "vm")?,
             devices: one(sections, SECTION_DEVICES, DEVICES_VERSION, "devices")?,
             serial: one(sections, SECTION_SERIAL, STATE_VERSION, "serial")?,
+            run: match sections.iter().any(|s| s.kind == SECTION_RUN) {
+                true => one(sections, SECTION_RUN, RUN_VERSION, "run")?,
+                false => RunState { paused: false },
+            },
         })
     }
 }
@@ -161,6 +205,13 @@ pub struct Snapshot {
     pub memory: MemoryInfo,
 }
 
+impl Snapshot {
+    /// The file holding the snapshot's guest memory.
+    pub fn memory_path(&self) -> PathBuf {
+        self.dir.join(&self.memory.file)
+    }
+}
+
 /// What a snapshot cost, for the report.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SnapshotStats {
@@ -170,11 +221,17 @@ pub struct SnapshotStats {
     pub pages_written: u64,
 }
 
-/// Writes guest memory to `path`: zero pages are skipped (holes), and a CRC is kept per
-/// chunk of CHUNK_BYTES (holes count as zeros).
-fn write_memory(memory: &GuestMemory, path: &Path) -> Result<(MemoryInfo, u64), SnapshotError> {
-    let file = File::create(path).map_err(io("create", path))?;
-    let mut info = MemoryInfo { region_sizes: Vec::new(), chunk_crcs: Vec::new() };
+/// Creates `path`, which must not exist, readable by this user only (it holds a guest's
+/// memory or state).
+fn create_new(path: &Path) -> Result<File, SnapshotError> {
+    File::options().write(true).create_new(true).mode(0o600).open(path).map_err(io("create", path))
+}
+
+/// Writes guest memory to a new file `path`: zero pages are skipped (holes), and a CRC is
+/// kept per chunk of CHUNK_BYTES (holes count as zeros).
+fn write_memory(memory: &GuestMemory, path: &Path, name: &str) -> Result<(MemoryInfo, u64), SnapshotError> {
+    let file = create_new(path)?;
+    let mut info = MemoryInfo { region_sizes: Vec::new(), chunk_crcs: Vec::new(), file: name.to_string() };
     let mut offset = 0u64;
     let mut pages_written = 0u64;
     let mut crc = crc32fast::Hasher::new();
@@ -207,23 +264,76 @@ fn write_memory(memory: &GuestMemory, path: &Path) -> Result<(MemoryInfo, u64), 
     Ok((info, pages_written))
 }
 
-/// Writes a snapshot of a paused VM into `dir` (created if needed).
+/// The memory file that the snapshot in `dir` uses, if `dir` holds a readable one.
+fn memory_file_in_use(dir: &Path) -> Option<String> {
+    read(dir).ok().map(|s| s.memory.file)
+}
+
+fn sync_dir(dir: &Path) -> Result<(), SnapshotError> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io("sync", dir))
+}
+
+fn remove_if_there(path: &Path) -> Result<(), SnapshotError> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io("remove", path)(e)),
+        _ => Ok(()),
+    }
+}
+
+/// Writes a snapshot of a paused VM into `dir` (created if needed), replacing the one
+/// that is there only once the new one is complete and synced (see the module doc).
 pub fn write(dir: &Path, state: &SavedState, memory: &GuestMemory) -> Result<SnapshotStats, SnapshotError> {
+    let created_dir = !dir.exists();
     std::fs::create_dir_all(dir).map_err(io("create", dir))?;
-    let memory_path = dir.join(MEMORY_FILE);
-    let (memory_info, pages_written) = write_memory(memory, &memory_path)?;
-    let enc = |e: StreamError| SnapshotError::Stream { path: dir.join(STATE_FILE), source: e };
+    let old = memory_file_in_use(dir);
+    let name = MEMORY_FILES.iter().find(|n| old.as_deref() != Some(**n)).copied().unwrap_or(MEMORY_FILES[0]);
+    let memory_path = dir.join(name);
+    let partial = dir.join(PARTIAL_STATE_FILE);
+    // Neither is part of the snapshot in `dir`: leftovers of a write that did not finish.
+    remove_if_there(&memory_path)?;
+    remove_if_there(&partial)?;
+    let written = write_new(dir, state, memory, name);
+    let stats = match written {
+        Ok(stats) => stats,
+        Err(e) => {
+            let _ = std::fs::remove_file(&memory_path);
+            let _ = std::fs::remove_file(&partial);
+            if created_dir {
+                let _ = std::fs::remove_dir(dir);
+            }
+            return Err(e);
+        }
+    };
+    // The new snapshot is in place; the old memory file is no longer part of it.
+    if let Some(old) = old.filter(|o| o != name) {
+        remove_if_there(&dir.join(old))?;
+    }
+    sync_dir(dir)?;
+    Ok(stats)
+}
+
+/// Writes the memory file `name` and the state, and renames the state into place.
+fn write_new(dir: &Path, state: &SavedState, memory: &GuestMemory, name: &str) -> Result<SnapshotStats, SnapshotError> {
+    let (memory_info, pages_written) = write_memory(memory, &dir.join(name), name)?;
+    let state_path = dir.join(STATE_FILE);
+    let enc = |e: StreamError| SnapshotError::Stream { path: state_path.clone(), source: e };
     let mut sections = state.to_sections().map_err(enc)?;
     sections.push(Section::new(SECTION_MEMORY, MEMORY_VERSION, "memory", &memory_info).map_err(enc)?);
     let bytes = stream::encode(&sections);
-    // Written aside and renamed: a crash never leaves a half-written state file.
-    let state_path = dir.join(STATE_FILE);
-    let partial = dir.join(format!("{STATE_FILE}.partial"));
-    let mut f = File::create(&partial).map_err(io("create", &partial))?;
+    let partial = dir.join(PARTIAL_STATE_FILE);
+    let mut f = create_new(&partial)?;
     f.write_all(&bytes).and_then(|_| f.sync_all()).map_err(io("write", &partial))?;
     std::fs::rename(&partial, &state_path).map_err(io("rename", &state_path))?;
     let memory_bytes = memory.iter().map(|r| r.len()).sum();
     Ok(SnapshotStats { state_bytes: bytes.len() as u64, memory_bytes, pages_written })
+}
+
+/// Opens `path` for reading if it is a regular file (never blocking on a FIFO).
+pub fn open_regular(path: &Path) -> Result<File, SnapshotError> {
+    novacron_migration::open_regular(path).map_err(|e| match e {
+        novacron_migration::OpenError::Io(source) => SnapshotError::Io { what: "open", path: path.to_owned(), source },
+        novacron_migration::OpenError::NotAFile => SnapshotError::NotAFile { path: path.to_owned() },
+    })
 }
 
 fn one<T: serde::de::DeserializeOwned>(
@@ -239,6 +349,26 @@ fn one<T: serde::de::DeserializeOwned>(
     s.decode(what).map_err(SnapshotError::Section)
 }
 
+/// The memory section, of this version or the one before (whose file was memory.bin).
+fn memory_section(sections: &[Section]) -> Result<MemoryInfo, SnapshotError> {
+    let s = sections.iter().find(|s| s.kind == SECTION_MEMORY).ok_or(SnapshotError::Missing("memory"))?;
+    let memory = match s.version {
+        MEMORY_VERSION => s.decode::<MemoryInfo>("memory").map_err(SnapshotError::Section)?,
+        1 => {
+            let v1: MemoryInfoV1 = s.decode("memory").map_err(SnapshotError::Section)?;
+            MemoryInfo { region_sizes: v1.region_sizes, chunk_crcs: v1.chunk_crcs, file: MEMORY_FILES[0].to_string() }
+        }
+        found => return Err(SnapshotError::SectionVersion { what: "memory", found, expected: MEMORY_VERSION }),
+    };
+    if !MEMORY_FILES.contains(&memory.file.as_str()) {
+        return Err(SnapshotError::Inconsistent(format!(
+            "memory file {:?} is not one of {MEMORY_FILES:?}",
+            memory.file
+        )));
+    }
+    Ok(memory)
+}
+
 /// Parses and checks the bytes of a state.bin: the VM's state and the memory image's shape.
 pub fn parse_state(bytes: &[u8]) -> Result<(SavedState, MemoryInfo), SnapshotError> {
     let sections = stream::decode(bytes).map_err(SnapshotError::Section)?;
@@ -246,7 +376,7 @@ pub fn parse_state(bytes: &[u8]) -> Result<(SavedState, MemoryInfo), SnapshotErr
     if state.spec.mem_mib > MAX_MEM_MIB {
         return Err(SnapshotError::Inconsistent(format!("{} MiB of memory", state.spec.mem_mib)));
     }
-    let memory: MemoryInfo = one(&sections, SECTION_MEMORY, MEMORY_VERSION, "memory")?;
+    let memory = memory_section(&sections)?;
     let expected: Vec<u64> =
         crate::arch::x86_64::layout::ram_ranges(state.spec.mem_mib << 20).iter().map(|r| r.1).collect();
     if memory.region_sizes != expected {
@@ -268,7 +398,13 @@ pub fn parse_state(bytes: &[u8]) -> Result<(SavedState, MemoryInfo), SnapshotErr
 /// Reads and checks a snapshot's state (memory is checked when it is mapped).
 pub fn read(dir: &Path) -> Result<Snapshot, SnapshotError> {
     let state_path = dir.join(STATE_FILE);
-    let bytes = std::fs::read(&state_path).map_err(io("read", &state_path))?;
+    let mut file = open_regular(&state_path)?;
+    let len = file.metadata().map_err(io("read", &state_path))?.len();
+    if len > MAX_STATE_BYTES {
+        return Err(SnapshotError::StateTooLarge { path: state_path, bytes: len });
+    }
+    let mut bytes = Vec::with_capacity(len as usize);
+    file.read_to_end(&mut bytes).map_err(io("read", &state_path))?;
     let (state, memory) = parse_state(&bytes).map_err(|e| match e {
         SnapshotError::Section(source) => SnapshotError::Stream { path: state_path.clone(), source },
         other => other,
@@ -276,15 +412,18 @@ pub fn read(dir: &Path) -> Result<Snapshot, SnapshotError> {
     Ok(Snapshot { dir: dir.to_owned(), state, memory })
 }
 
-/// Maps memory.bin as the guest's RAM, privately: the guest's writes never reach the file.
-/// Every chunk is checked against its CRC first.
+/// Maps the memory file as the guest's RAM, privately: the guest's writes never reach the
+/// file. Every chunk is checked against its CRC first.
 pub fn map_memory(snapshot: &Snapshot) -> Result<GuestMemory, SnapshotError> {
-    let path = snapshot.dir.join(MEMORY_FILE);
-    let file = File::open(&path).map_err(io("open", &path))?;
+    let path = snapshot.memory_path();
+    let file = open_regular(&path)?;
     let total: u64 = snapshot.memory.region_sizes.iter().sum();
     let len = file.metadata().map_err(io("read", &path))?.len();
     if len != total {
-        return Err(SnapshotError::Inconsistent(format!("memory.bin has {len} bytes, the snapshot says {total}")));
+        return Err(SnapshotError::Inconsistent(format!(
+            "{} has {len} bytes, the snapshot says {total}",
+            snapshot.memory.file
+        )));
     }
     let mut buf = vec![0u8; CHUNK_BYTES as usize];
     for (chunk, expected) in snapshot.memory.chunk_crcs.iter().enumerate() {
@@ -292,7 +431,7 @@ pub fn map_memory(snapshot: &Snapshot) -> Result<GuestMemory, SnapshotError> {
         let n = (total - at).min(CHUNK_BYTES) as usize;
         file.read_exact_at(&mut buf[..n], at).map_err(io("read", &path))?;
         if crc32fast::hash(&buf[..n]) != *expected {
-            return Err(SnapshotError::MemoryChecksum { chunk });
+            return Err(SnapshotError::MemoryChecksum { file: snapshot.memory.file.clone(), chunk });
         }
     }
     let ranges = crate::arch::x86_64::layout::ram_ranges(total);

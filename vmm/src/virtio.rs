@@ -106,7 +106,8 @@ fn new_device(config: &VmConfig, index: usize, irq: EventFd) -> Result<(String, 
     }
     if index < disks + nets {
         let name = format!("net{}", index - disks);
-        let dev = Net::new(&name, &config.nets[index - disks], irq)
+        let net = &config.nets[index - disks];
+        let dev = Net::new(&name, net, config.tap_mode(net), irq)
             .map_err(|source| VirtioError::Net { name: name.clone(), source })?;
         return Ok((name, Box::new(dev)));
     }

@@ -90,6 +90,9 @@ pub struct MigrateRequest {
     /// Tests only: a fault to inject.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fault: Option<Fault>,
+    /// The client's name for this migration, shown back in `migrate_status`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
 }
 
 fn default_downtime_ms() -> u64 {
@@ -107,6 +110,9 @@ fn yes() -> bool {
 /// A migration as the control socket shows it.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct MigrationStatus {
+    /// The request's `id`, if it had one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
     pub to: String,
     pub progress: Progress,
     /// Set when it ended well.
@@ -115,6 +121,30 @@ pub struct MigrationStatus {
     /// Set when it failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// When it ended well: whether the VM runs at the destination or stays paused there
+    /// (as it was paused here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arrived: Option<VmState>,
+    /// The VM moved, but `keep_snapshot` could not be written: why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_snapshot_error: Option<String>,
+}
+
+/// A snapshot directory named in a request: the VMM's working directory is nobody's
+/// business, so it must be absolute.
+pub fn check_snapshot_dir(field: &str, dir: &str) -> Result<(), ApiError> {
+    if dir.is_empty() {
+        return Err(ApiError::new(ErrorKind::BadRequest, format!("{field} is empty: name an absolute directory")));
+    }
+    if !std::path::Path::new(dir).is_absolute() {
+        return Err(ApiError::new(
+            ErrorKind::BadRequest,
+            format!(
+                "{field} {dir:?} is relative: name an absolute directory (the VMM's working directory is not yours)"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn default_target() -> LimitTarget {
@@ -286,6 +316,8 @@ pub fn parse_request(line: &[u8]) -> Result<Request, ApiError> {
     #[derive(Deserialize)]
     struct Version {
         version: u32,
+        #[serde(default)]
+        op: Option<serde_json::Value>,
     }
     let v: Version = serde_json::from_slice(line).map_err(|e| {
         ApiError::new(ErrorKind::BadRequest, format!("not a request (a JSON object with \"version\" and \"op\"): {e}"))
@@ -299,8 +331,14 @@ pub fn parse_request(line: &[u8]) -> Result<Request, ApiError> {
             ),
         ));
     }
-    let frame: RequestFrame =
-        serde_json::from_slice(line).map_err(|e| ApiError::new(ErrorKind::BadRequest, format!("bad request: {e}")))?;
+    let frame: RequestFrame = serde_json::from_slice(line).map_err(|e| {
+        let what = match &v.op {
+            Some(serde_json::Value::String(op)) => format!("bad {op:?} request"),
+            Some(other) => format!("bad request: \"op\" must be a name like \"status\", not {other}"),
+            None => "bad request: no \"op\"".to_string(),
+        };
+        ApiError::new(ErrorKind::BadRequest, format!("{what}: {e}"))
+    })?;
     Ok(frame.request)
 }
 

@@ -9,7 +9,7 @@ use crate::api::server::ApiServer;
 use crate::builder::{self, Source};
 use crate::config::VmConfig;
 use crate::machine::Machine;
-use crate::snapshot::{MachineSpec, SavedState};
+use crate::snapshot::{MachineSpec, RunState, SavedState};
 use crate::vstate::memory::{self, GuestMemory};
 use novacron_migration::destination::{self, BaseImage, DestinationVm};
 use novacron_migration::page::PAGE_SIZE;
@@ -52,6 +52,8 @@ struct Incoming {
     /// Host address and length of each RAM region, for writing pages.
     ram: Vec<(*mut u8, usize)>,
     machine: Option<Machine>,
+    /// Whether the VM ran at the source: it runs here only if it did.
+    run: RunState,
 }
 
 impl DestinationVm for Incoming {
@@ -97,18 +99,27 @@ impl DestinationVm for Incoming {
             return Err("the VM state describes another machine than the Hello did".into());
         }
         let memory = self.memory.clone().ok_or("no memory was prepared")?;
+        self.run = saved.run;
         let config = VmConfig::from_spec(&saved.spec, self.api_sock.clone(), self.serial_file.clone());
         let serial = crate::process::serial_output(&config).map_err(|e| format!("the serial console file: {e}"))?;
         // From here on threads inherit the mask: stop signals reach the event loop only.
         crate::runtime::block_stop_signals().map_err(|e| e.to_string())?;
-        let machine = builder::build(&config, serial, Source::Restore { state: Box::new(saved), memory, paused: true })
+        let machine = builder::build(&config, serial, Source::Migration { state: Box::new(saved), memory })
             .map_err(|e| crate::process::error_chain(&e))?;
         self.machine = Some(machine);
         Ok(())
     }
 
+    /// The source has committed and let go of the disk images: take them, then run the
+    /// VM, unless it was paused at the source.
     fn start(&mut self) -> Result<(), String> {
-        self.machine.as_mut().ok_or("the VM was not built")?.resume().map_err(|e| e.to_string())
+        let machine = self.machine.as_mut().ok_or("the VM was not built")?;
+        machine.take_disk_locks().map_err(|e| e.to_string())?;
+        if self.run.paused {
+            tracing::info!("the VM was paused at the source: it stays paused here");
+            return Ok(());
+        }
+        machine.resume().map_err(|e| e.to_string())
     }
 }
 
@@ -128,12 +139,15 @@ pub fn receive_vm(args: &ReceiveArgs) -> i32 {
         Err(e) => return fail("TLS", &crate::process::error_chain(&e)),
     };
     let base = match &args.base {
-        Some(dir) => match BaseImage::open(&dir.join(crate::snapshot::MEMORY_FILE)) {
-            Ok(b) => {
-                eprintln!("novacron: base image {} holds {} pages", dir.display(), b.pages());
-                Some(b)
-            }
-            Err(e) => return fail("cannot use the base snapshot", &e),
+        Some(dir) => match crate::snapshot::read(dir).map(|s| s.memory_path()) {
+            Ok(path) => match BaseImage::open(&path) {
+                Ok(b) => {
+                    eprintln!("novacron: base image {} holds {} pages", path.display(), b.pages());
+                    Some(b)
+                }
+                Err(e) => return fail("cannot use the base snapshot", &e),
+            },
+            Err(e) => return fail("cannot use the base snapshot", &crate::process::error_chain(&e)),
         },
         None => None,
     };
@@ -161,6 +175,7 @@ pub fn receive_vm(args: &ReceiveArgs) -> i32 {
         memory: None,
         ram: Vec::new(),
         machine: None,
+        run: RunState { paused: false },
     };
     let report = match destination::receive(&mut incoming, &mut link, base.as_ref()) {
         Ok(r) => r,
@@ -170,10 +185,11 @@ pub fn receive_vm(args: &ReceiveArgs) -> i32 {
         }
     };
     eprintln!(
-        "novacron: VM received from {peer} ({} pages, {} KiB on the stream, memory digest {}); running",
+        "novacron: VM received from {peer} ({} pages, {} KiB on the stream, memory digest {}); {}",
         report.pages_received,
         report.bytes_received >> 10,
-        &report.memory_digest[..16]
+        &report.memory_digest[..16],
+        if incoming.run.paused { "paused, as it was at the source (resume it to run)" } else { "running" }
     );
     // The source closes the connection once it has read Running.
     std::thread::spawn(move || link.wait_closed(Duration::from_secs(2)));

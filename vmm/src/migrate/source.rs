@@ -6,7 +6,8 @@
 //! state, resume, throttle). The VMM thread answers them in its event loop
 //! (`runtime::run`), and learns the outcome from `EngineRequest::Finished`.
 
-use crate::api::{ApiError, ErrorKind, MigrateRequest};
+use crate::api::{ApiError, ErrorKind, MigrateRequest, MigrationStatus};
+use crate::disk_locks::DiskLocks;
 use crate::machine::Machine;
 use crate::vstate::memory::GuestMemory;
 use crate::vstate::vm::Vm;
@@ -41,6 +42,8 @@ pub enum EngineRequest {
 
 /// A running migration, as the VMM thread holds it.
 pub struct Migration {
+    /// The id its client gave it, so that a client's progress display shows only its own.
+    pub id: Option<String>,
     pub to: String,
     pub control: Control,
     pub bandwidth: Bandwidth,
@@ -55,6 +58,19 @@ pub struct Migration {
 }
 
 impl Migration {
+    /// What `migrate_status` shows while it runs.
+    pub fn status(&self) -> MigrationStatus {
+        MigrationStatus {
+            id: self.id.clone(),
+            to: self.to.clone(),
+            progress: self.control.snapshot(),
+            report: None,
+            error: None,
+            arrived: None,
+            keep_snapshot_error: None,
+        }
+    }
+
     pub fn join(&mut self) {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -73,6 +89,9 @@ pub fn start(machine: &Machine, request: &MigrateRequest) -> Result<Migration, A
         .map_err(|e| bad(format!("TLS: {}", crate::process::error_chain(&e))))?;
     if request.downtime_ms == 0 {
         return Err(bad("downtime_ms must be at least 1"));
+    }
+    if let Some(dir) = &request.keep_snapshot {
+        crate::api::check_snapshot_dir("keep_snapshot", dir)?;
     }
     let machine_bytes = postcard::to_stdvec(&machine.spec).map_err(|e| bad(format!("machine spec: {e}")))?;
     let (memory, vm) = machine.memory_and_vm();
@@ -93,7 +112,7 @@ pub fn start(machine: &Machine, request: &MigrateRequest) -> Result<Migration, A
         Some(Fault::TruncateAfter(n)) => Some(TruncateAfter(n)),
         _ => None,
     };
-    let side = VmSide::new(memory, vm, machine_bytes, tx, engine_notify);
+    let side = VmSide::new(memory, vm, machine_bytes, (tx, engine_notify), machine.disk_locks());
     let (engine_control, engine_bandwidth) = (control.clone(), bandwidth.clone());
     let thread = std::thread::Builder::new()
         .name("migration".into())
@@ -101,6 +120,7 @@ pub fn start(machine: &Machine, request: &MigrateRequest) -> Result<Migration, A
         .map_err(|e| ApiError::new(ErrorKind::Internal, format!("cannot start the migration thread: {e}")))?;
     tracing::info!(to = %request.to, "migration started");
     Ok(Migration {
+        id: request.id.clone(),
         to: request.to.clone(),
         control,
         bandwidth,
@@ -159,6 +179,7 @@ struct VmSide {
     machine: Vec<u8>,
     requests: Sender<EngineRequest>,
     notify: EventFd,
+    disk_locks: Arc<DiskLocks>,
 }
 
 impl VmSide {
@@ -166,8 +187,8 @@ impl VmSide {
         memory: GuestMemory,
         vm: Arc<Vm>,
         machine: Vec<u8>,
-        requests: Sender<EngineRequest>,
-        notify: EventFd,
+        (requests, notify): (Sender<EngineRequest>, EventFd),
+        disk_locks: Arc<DiskLocks>,
     ) -> Self {
         let mut regions = Vec::new();
         let mut first_page = 0;
@@ -175,7 +196,7 @@ impl VmSide {
             regions.push(Region { start: r.start_addr(), bytes: r.len(), first_page });
             first_page += r.len() / PAGE_SIZE as u64;
         }
-        VmSide { memory, vm, regions, machine, requests, notify }
+        VmSide { memory, vm, regions, machine, requests, notify, disk_locks }
     }
 
     fn ask(&self, request: EngineRequest) -> bool {
@@ -268,5 +289,9 @@ impl SourceVm for VmSide {
 
     fn set_throttle(&mut self, percent: u8) {
         self.ask(EngineRequest::Throttle(percent));
+    }
+
+    fn release_disks(&mut self) {
+        self.disk_locks.release();
     }
 }

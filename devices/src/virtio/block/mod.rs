@@ -2,6 +2,7 @@
 //! disks. One request queue, processed on the VMM's event-loop thread.
 
 pub mod disk;
+pub mod lock;
 mod persist;
 pub mod request;
 

@@ -45,6 +45,7 @@ use crate::GuestMemory;
 use crate::rate_limiter::{BucketUpdate, RateLimiter, RateLimiterConfig, RateLimiterError, TokenType};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
+pub use tap::TapMode;
 use tap::{Tap, TapError};
 use virtio_queue::{QueueOwnedT, QueueT};
 use vmm_sys_util::eventfd::EventFd;
@@ -114,8 +115,8 @@ pub struct Net {
 }
 
 impl Net {
-    pub fn new(name: &str, config: &NetConfig, irq: EventFd) -> Result<Self, NetError> {
-        let tap = Tap::open(&config.tap)?;
+    pub fn new(name: &str, config: &NetConfig, tap_mode: TapMode, irq: EventFd) -> Result<Self, NetError> {
+        let tap = Tap::open(&config.tap, tap_mode)?;
         let mac = config.mac.unwrap_or_else(|| mac_for(&config.tap));
         Self::with_backend(name, mac, config, Box::new(tap), irq)
     }
