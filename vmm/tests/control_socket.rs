@@ -177,3 +177,147 @@ fn kvm_set_limit_changes_a_running_devices_limiter_and_refuses_bad_ones() {
     }
     assert!(alive.is_ok(), "the VM keeps running");
 }
+
+#[test]
+fn kvm_api_sock_on_a_file_or_a_directory_is_refused_and_left_alone() {
+    if !kvm_or_skip("kvm_api_sock_on_a_file_or_a_directory_is_refused_and_left_alone") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("notes.txt");
+    std::fs::write(&file, b"precious").unwrap();
+    let sub = dir.path().join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    let run = |path: &std::path::Path| common::vmm().args(["--mem", "64"]).arg("--api-sock").arg(path).output().unwrap();
+
+    let on_file = run(&file);
+    let on_dir = run(&sub);
+
+    for (out, needle) in [(on_file, "is a regular file, not a socket"), (on_dir, "is a directory, not a socket")] {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains(needle), "{needle:?} not in {stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    }
+    assert_eq!(std::fs::read(&file).unwrap(), b"precious", "the file is still there");
+    assert!(sub.is_dir());
+}
+
+/// utime + stime of one thread, in clock ticks.
+fn thread_cpu_ticks(pid: u32, tid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).unwrap();
+    // Fields after the command (which may hold spaces) start after its closing ')'.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+fn set_open_files_limit(pid: u32, soft: u64) {
+    // SAFETY: prlimit reads and writes rlimit structs on this stack frame.
+    unsafe {
+        let mut old: libc::rlimit = std::mem::zeroed();
+        assert_eq!(libc::prlimit(pid as i32, libc::RLIMIT_NOFILE, std::ptr::null(), &mut old), 0);
+        let new = libc::rlimit { rlim_cur: soft, rlim_max: old.rlim_max };
+        assert_eq!(libc::prlimit(pid as i32, libc::RLIMIT_NOFILE, &new, std::ptr::null_mut()), 0);
+    }
+}
+
+#[test]
+fn kvm_descriptor_exhaustion_backs_off_logs_once_and_keeps_serving() {
+    if !kvm_or_skip("kvm_descriptor_exhaustion_backs_off_logs_once_and_keeps_serving") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("vm.sock");
+    let mut vm = test_guest(1, 64, "ws=2 rate=100 hb=200", Some(&sock));
+    vm.wait_for("HB 1", TIMEOUT, |l| matches!(l.parsed, GuestLine::Heartbeat(_))).unwrap();
+    let pid = vm.child.id();
+    let kept = UnixStream::connect(&sock).unwrap();
+    kept.set_read_timeout(Some(CALL_TIMEOUT)).unwrap();
+    let mut kept_reader = BufReader::new(kept.try_clone().unwrap());
+    let mut ask_status = || {
+        (&kept).write_all(b"{\"version\":1,\"op\":\"status\"}\n").unwrap();
+        let mut line = String::new();
+        kept_reader.read_line(&mut line).unwrap();
+        serde_json::from_str::<serde_json::Value>(&line).unwrap()
+    };
+    assert_eq!(ask_status()["ok"], true, "the kept connection is accepted");
+    // No descriptor left for another connection.
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count() as u64;
+    set_open_files_limit(pid, open);
+
+    let waiting: Vec<UnixStream> = (0..20).map(|_| UnixStream::connect(&sock).unwrap()).collect();
+    let ticks_before = thread_cpu_ticks(pid, pid);
+    std::thread::sleep(Duration::from_secs(3));
+    let ticks = thread_cpu_ticks(pid, pid) - ticks_before;
+    let answer = ask_status();
+    set_open_files_limit(pid, 1024);
+    drop(waiting);
+    let after = call(&sock, Request::Status, CALL_TIMEOUT);
+    call(&sock, Request::Shutdown, CALL_TIMEOUT).unwrap();
+    let (status, stderr) = vm.wait_exit(TIMEOUT).unwrap();
+
+    // Spinning on EMFILE was 100% of a core (300 ticks in 3 s) and millions of lines.
+    assert!(ticks < 60, "the VMM thread used {ticks} ticks of CPU in 3 s while it could not accept");
+    let warnings = stderr.lines().filter(|l| l.contains("cannot accept new connections")).count();
+    assert_eq!(warnings, 1, "{stderr}");
+    assert!(stderr.contains("Too many open files"), "{stderr}");
+    assert_eq!(answer["status"]["state"], "running", "the open connection is still served: {answer}");
+    assert!(after.is_ok(), "new connections are accepted once descriptors are back: {after:?}");
+    assert_eq!(status.code(), Some(0));
+}
+
+#[test]
+fn kvm_snapshot_request_with_an_empty_or_relative_dir_is_refused() {
+    if !kvm_or_skip("kvm_snapshot_request_with_an_empty_or_relative_dir_is_refused") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    let sock = dir.path().join("vm.sock");
+    let mut cmd = common::vmm();
+    cmd.args(["--mem", "64", "--cmdline", "ws=2 hb=100"]).arg("--api-sock").arg(&sock).current_dir(&work);
+    let mut vm = novacron_guest_image::watch::Watched::spawn(cmd).unwrap();
+    vm.wait_for("HB 1", TIMEOUT, |l| matches!(l.parsed, GuestLine::Heartbeat(_))).unwrap();
+    let snapshot = |dir: &str| call(&sock, Request::Snapshot { dir: dir.into(), paused: false }, CALL_TIMEOUT);
+
+    let empty = snapshot("");
+    let relative = snapshot("snap");
+    let seq = *vm.heartbeats().last().unwrap();
+    let alive = vm.wait_for("a later heartbeat", TIMEOUT, |l| matches!(l.parsed, GuestLine::Heartbeat(s) if s > seq));
+
+    for (r, needle) in [(empty, "dir is empty"), (relative, "dir \"snap\" is relative")] {
+        match r {
+            Err(ClientError::Refused(e)) => {
+                assert_eq!(e.kind, ErrorKind::BadRequest, "{e}");
+                assert!(e.message.contains(needle), "{needle:?} not in {e}");
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+    assert_eq!(std::fs::read_dir(&work).unwrap().count(), 0, "nothing written in the VMM's working directory");
+    assert!(alive.is_ok());
+}
+
+#[test]
+fn kvm_request_missing_a_field_names_its_op() {
+    if !kvm_or_skip("kvm_request_missing_a_field_names_its_op") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("vm.sock");
+    let mut vm = test_guest(1, 64, "ws=2 hb=100", Some(&sock));
+    vm.wait_for("HB 1", TIMEOUT, |l| matches!(l.parsed, GuestLine::Heartbeat(_))).unwrap();
+    let stream = UnixStream::connect(&sock).unwrap();
+    stream.set_read_timeout(Some(CALL_TIMEOUT)).unwrap();
+
+    (&stream).write_all(b"{\"version\":1,\"op\":\"migrate\",\"tls_dir\":\"/tls\"}\n").unwrap();
+    let mut line = String::new();
+    BufReader::new(&stream).read_line(&mut line).unwrap();
+    let reply: serde_json::Value = serde_json::from_str(&line).unwrap();
+
+    assert_eq!(reply["error"]["kind"], "bad_request");
+    let message = reply["error"]["message"].as_str().unwrap();
+    assert!(message.contains("bad \"migrate\" request") && message.contains("missing field `to`"), "{message}");
+}

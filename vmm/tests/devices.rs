@@ -90,16 +90,29 @@ struct Netns {
 
 impl Netns {
     fn new() -> Option<Self> {
-        let name = format!("nc-test-{}", std::process::id());
+        let script = "ip link set lo up && ip link add br0 type bridge && ip tuntap add dev tapa mode tap && \
+                      ip tuntap add dev tapb mode tap && ip link set tapa master br0 && ip link set tapb master br0 && \
+                      ip link set br0 up && ip link set tapa up && ip link set tapb up";
+        Self::with("bridge", script)
+    }
+
+    /// A namespace of this test process named after `what`, set up by `script`.
+    fn with(what: &str, script: &str) -> Option<Self> {
+        let name = format!("nc-test-{}-{what}", std::process::id());
         let ok = |args: &[&str]| Command::new("ip").args(args).status().is_ok_and(|s| s.success());
         if !ok(&["netns", "add", &name]) {
             return None;
         }
         let ns = Netns { name };
-        let script = "ip link set lo up && ip link add br0 type bridge && ip tuntap add dev tapa mode tap && \
-                      ip tuntap add dev tapb mode tap && ip link set tapa master br0 && ip link set tapb master br0 && \
-                      ip link set br0 up && ip link set tapa up && ip link set tapb up";
         ok(&["netns", "exec", &ns.name, "sh", "-c", script]).then_some(ns)
+    }
+
+    /// Whether interface `name` exists in the namespace.
+    fn has_link(&self, name: &str) -> bool {
+        Command::new("ip")
+            .args(["-n", &self.name, "link", "show", name])
+            .output()
+            .is_ok_and(|o| o.status.success())
     }
 
     fn vmm(&self) -> Command {
@@ -182,4 +195,110 @@ fn kvm_virtio_blk_acknowledged_writes_survive_a_killed_vmm() {
         })
         .count();
     assert_eq!(bad, 0, "every flushed word is in the image after SIGKILL");
+}
+
+fn netns_or_skip(what: &str, script: &str) -> Option<Netns> {
+    let ns = Netns::with(what, script);
+    if ns.is_none() {
+        assert!(std::env::var_os("NOVACRON_REQUIRE_KVM").is_none(), "network namespaces are required (root, iproute2)");
+        eprintln!("\n*** SKIPPED: cannot create a network namespace (needs root and iproute2) ***\n");
+    }
+    ns
+}
+
+#[test]
+fn kvm_tap_that_does_not_exist_is_refused_unless_creation_is_asked_for() {
+    if !kvm_or_skip("kvm_tap_that_does_not_exist_is_refused_unless_creation_is_asked_for") {
+        return;
+    }
+    let Some(ns) = netns_or_skip("tap", "ip link set lo up") else { return };
+
+    let typo = ns.vmm().args(["--mem", "64", "--net", "tap=typo0"]).output().unwrap();
+    let typo_exists = ns.has_link("typo0");
+    let mut asked = ns.vmm();
+    asked.args(["--mem", "64", "--net", "tap=made0,create", "--cmdline", "ws=2 hb=100"]);
+    let mut asked = Watched::spawn(asked).unwrap();
+    let booted = asked.wait_for("HB 1", TIMEOUT, |l| l.text.starts_with("HB "));
+    let made_exists = ns.has_link("made0");
+
+    let stderr = String::from_utf8_lossy(&typo.stderr);
+    assert_eq!(typo.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("tap typo0 does not exist"), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(!typo_exists, "no tap was created for the typo");
+    assert!(booted.is_ok(), "{booted:?}");
+    assert!(made_exists, "with `create` the tap is made");
+}
+
+#[test]
+fn kvm_one_image_attached_twice_read_write_is_refused() {
+    if !kvm_or_skip("kvm_one_image_attached_twice_read_write_is_refused") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = image(dir.path(), "disk.img", 1 << 20);
+    let spec = format!("path={}", disk.display());
+
+    let out = vmm().args(["--mem", "64", "--disk", &spec, "--disk", &spec]).output().unwrap();
+
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("is in use by this VM itself (the image is attached twice)"), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+}
+
+#[test]
+fn kvm_second_vmm_on_a_read_write_image_is_refused_naming_the_first() {
+    if !kvm_or_skip("kvm_second_vmm_on_a_read_write_image_is_refused_naming_the_first") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = image(dir.path(), "disk.img", 1 << 20);
+    let rw = format!("path={}", disk.display());
+    let ro = format!("path={},ro", disk.display());
+    let mut first = vmm();
+    first.args(["--mem", "64", "--disk", &rw, "--cmdline", "ws=2 hb=100 blk=8"]);
+    let mut first = Watched::spawn(first).unwrap();
+    let first_blk = line_starting(&mut first, "BLK ");
+
+    let writer = vmm().args(["--mem", "64", "--disk", &rw]).output().unwrap();
+    let reader = vmm().args(["--mem", "64", "--disk", &ro]).output().unwrap();
+    let seq = first.heartbeats().last().copied().unwrap_or(0);
+    let alive = first.wait_for("a later heartbeat", TIMEOUT, |l| {
+        matches!(l.parsed, novacron_guest_image::report::GuestLine::Heartbeat(s) if s > seq + 2)
+    });
+
+    assert!(first_blk.starts_with("BLK OK"), "{first_blk}");
+    let holder = format!("is in use by process {}", first.child.id());
+    for (what, out) in [("a second writer", writer), ("a reader", reader)] {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{what}: {stderr}");
+        assert!(stderr.contains(&holder), "{what}: {holder:?} not in {stderr}");
+        assert!(stderr.contains("novacron-vmm"), "{what}: the holder's command line: {stderr}");
+    }
+    assert!(alive.is_ok(), "the first VM runs on");
+}
+
+#[test]
+fn kvm_read_only_images_are_shared_by_many_vmms() {
+    if !kvm_or_skip("kvm_read_only_images_are_shared_by_many_vmms") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = image(dir.path(), "base.img", 1 << 20);
+    let ro = format!("path={},ro", disk.display());
+    let spawn = || {
+        let mut cmd = vmm();
+        cmd.args(["--mem", "64", "--disk", &ro, "--cmdline", "ws=2 hb=100 blk=8"]);
+        Watched::spawn(cmd).unwrap()
+    };
+    let (mut a, mut b) = (spawn(), spawn());
+
+    let (line_a, line_b) = (line_starting(&mut a, "BLK "), line_starting(&mut b, "BLK "));
+    let writer = vmm().args(["--mem", "64", "--disk", &format!("path={}", disk.display())]).output().unwrap();
+
+    assert!(line_a.starts_with("BLK RO OK") && line_b.starts_with("BLK RO OK"), "{line_a} / {line_b}");
+    let stderr = String::from_utf8_lossy(&writer.stderr);
+    assert_eq!(writer.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("is open read-only by process"), "{stderr}");
 }

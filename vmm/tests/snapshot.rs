@@ -164,3 +164,129 @@ fn kvm_snapshot_of_a_running_vm_resumes_it() {
     assert!(later.is_ok(), "the VM goes on after the snapshot");
     assert_eq!(status.state, novacron_vmm::api::VmState::Running);
 }
+
+/// The names of the files in `dir`, sorted.
+fn listing(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> =
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    names
+}
+
+fn snapshot_request(dir: &Path, paused: bool) -> Request {
+    Request::Snapshot { dir: dir.to_string_lossy().into(), paused }
+}
+
+#[test]
+fn kvm_snapshot_over_the_snapshot_a_vm_runs_from_keeps_the_vm_and_the_snapshot() {
+    if !kvm_or_skip("kvm_snapshot_over_the_snapshot_a_vm_runs_from_keeps_the_vm_and_the_snapshot") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("snap");
+    let first_last = snapshot_of(1, "ws=8 rate=2000 verify=300 hb=100", dir.path(), &[]);
+    let sock = dir.path().join("restored.sock");
+    let mut cmd = vmm();
+    cmd.arg("--restore-from").arg(&snap).arg("--api-sock").arg(&sock);
+    let mut restored = Watched::spawn(cmd).unwrap();
+    restored.wait_for("a heartbeat", TIMEOUT, |l| matches!(l.parsed, GuestLine::Heartbeat(_))).unwrap();
+
+    // The VM's memory is a private mapping of the very file this snapshot replaces.
+    let reply = call(&sock, snapshot_request(&snap, true), CALL_TIMEOUT);
+    while let Ok(Some(_)) = restored.next_line(Duration::from_millis(300)) {}
+    let second_last = *restored.heartbeats().last().unwrap();
+    call(&sock, Request::Resume, CALL_TIMEOUT).unwrap();
+    let verified_before = restored.seen.iter().filter(|l| matches!(l.parsed, GuestLine::VerifyOk { .. })).count();
+    let goes_on = restored.wait_verified(verified_before + 2, TIMEOUT);
+    call(&sock, Request::Shutdown, CALL_TIMEOUT).unwrap();
+    let (status, err) = restored.wait_exit(TIMEOUT).unwrap();
+    let files = listing(&snap);
+    let mut again = restore(dir.path());
+    let first = again.wait_for("a heartbeat", TIMEOUT, |l| matches!(l.parsed, GuestLine::Heartbeat(_))).unwrap();
+    let verdict = again.wait_verified(1, TIMEOUT);
+
+    assert!(reply.is_ok(), "{reply:?}");
+    assert!(goes_on.is_ok(), "the restored VM goes on after the snapshot: {goes_on:?}");
+    assert_eq!(status.code(), Some(0), "the VMM ended by shutdown, not by a signal: {err}");
+    assert_eq!(files, ["memory.1.bin", "state.bin"], "one whole snapshot, the old memory file gone");
+    assert!(second_last > first_last);
+    assert_eq!(first.parsed, GuestLine::Heartbeat(second_last + 1), "the new snapshot holds the later state");
+    assert!(verdict.is_ok(), "{verdict:?}");
+}
+
+#[test]
+fn kvm_snapshot_that_runs_out_of_space_keeps_the_previous_one_and_the_vm() {
+    if !kvm_or_skip("kvm_snapshot_that_runs_out_of_space_keeps_the_previous_one_and_the_vm") {
+        return;
+    }
+    let fs = novacron_guest_image::tmpfs::Tmpfs::mount(48).unwrap();
+    let snap = fs.path().join("snap");
+    let sock = fs.path().join("vm.sock");
+    let mut vm = test_guest(1, 64, "ws=16 rate=2000 verify=300 hb=100", Some(&sock));
+    vm.wait_verified(1, TIMEOUT).unwrap();
+    call(&sock, snapshot_request(&snap, true), CALL_TIMEOUT).unwrap();
+    while let Ok(Some(_)) = vm.next_line(Duration::from_millis(300)) {}
+    let last = *vm.heartbeats().last().unwrap();
+    call(&sock, Request::Resume, CALL_TIMEOUT).unwrap();
+    let (old_files, old_state) = (listing(&snap), std::fs::read(snap.join("state.bin")).unwrap());
+    let empty = fs.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    // The new snapshot's memory (16 MiB of working set) cannot fit in what is left.
+    fs.fill_leaving(4 << 20).unwrap();
+
+    let over_old = call(&sock, snapshot_request(&snap, false), CALL_TIMEOUT);
+    let into_empty = call(&sock, snapshot_request(&empty, false), CALL_TIMEOUT);
+    let into_new = call(&sock, snapshot_request(&fs.path().join("new"), false), CALL_TIMEOUT);
+    let verified = vm.seen.iter().filter(|l| matches!(l.parsed, GuestLine::VerifyOk { .. })).count();
+    let goes_on = vm.wait_verified(verified + 2, TIMEOUT);
+    call(&sock, Request::Shutdown, CALL_TIMEOUT).unwrap();
+    vm.wait_exit(TIMEOUT).unwrap();
+    let mut cmd = vmm();
+    cmd.arg("--restore-from").arg(&snap);
+    let mut restored = Watched::spawn(cmd).unwrap();
+    let first = restored.wait_for("a heartbeat", TIMEOUT, |l| matches!(l.parsed, GuestLine::Heartbeat(_))).unwrap();
+    let verdict = restored.wait_verified(1, TIMEOUT);
+
+    for (what, reply) in [("over the old one", over_old), ("into an empty dir", into_empty), ("into a new dir", into_new)] {
+        let err = format!("{:?}", reply.expect_err(what));
+        assert!(err.contains("No space left on device"), "{what}: {err}");
+    }
+    assert!(goes_on.is_ok(), "the VM runs on after the failed snapshots: {goes_on:?}");
+    assert_eq!(listing(&snap), old_files, "the old snapshot's files, nothing partial");
+    assert_eq!(std::fs::read(snap.join("state.bin")).unwrap(), old_state);
+    assert!(listing(&empty).is_empty(), "no partial memory file: {:?}", listing(&empty));
+    assert!(!fs.path().join("new").exists(), "a directory the failed snapshot made is removed");
+    assert_eq!(first.parsed, GuestLine::Heartbeat(last + 1), "the old snapshot restores");
+    assert!(verdict.is_ok(), "{verdict:?}");
+}
+
+#[test]
+fn kvm_fifo_in_a_snapshot_is_refused_without_waiting_on_it() {
+    if !kvm_or_skip("kvm_fifo_in_a_snapshot_is_refused_without_waiting_on_it") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    snapshot_of(1, "ws=4 verify=300 hb=100", dir.path(), &[]);
+    let snap = dir.path().join("snap");
+    let fifo = |name: &str| {
+        std::fs::remove_file(snap.join(name)).unwrap();
+        let made = std::process::Command::new("mkfifo").arg(snap.join(name)).status().unwrap();
+        assert!(made.success());
+    };
+    let attempt = || {
+        let mut cmd = vmm();
+        cmd.arg("--restore-from").arg(&snap);
+        let mut restore = Watched::spawn(cmd).unwrap();
+        restore.wait_exit(Duration::from_secs(30)).expect("the restore ends instead of hanging in open()")
+    };
+    fifo("memory.bin");
+    let memory_fifo = attempt();
+    fifo("state.bin");
+    let state_fifo = attempt();
+
+    for ((status, stderr), name) in [(memory_fifo, "memory.bin"), (state_fifo, "state.bin")] {
+        assert_eq!(status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains(&format!("{name} is not a regular file")), "{stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    }
+}

@@ -8,6 +8,7 @@
 
 pub mod binaries;
 pub mod report;
+pub mod tmpfs;
 pub mod watch;
 
 /// The test guest: an ELF64 with a PVH entry note, loaded at 1 MiB.
