@@ -22,25 +22,31 @@ fn assert_one_line_error(out: &Output, needle: &str) {
 }
 
 #[test]
-fn test_vm_run_bad_arguments_get_one_line_errors() {
+fn test_vm_run_bad_arguments_get_one_line_errors_and_the_documented_status() {
+    // As the README says: 2 for a command line that does not parse, 1 for a VM that
+    // cannot be built from it.
+    let (usage, build) = (2, 1);
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("no-such-kernel");
-    let cases: Vec<(Vec<String>, &str)> = vec![
-        (vec!["--vcpus".into(), "9".into()], "--vcpus"),
-        (vec!["--vcpus".into(), "zero".into()], "--vcpus"),
-        (vec!["--mem".into(), "-5".into()], "-5"),
-        (vec!["--mem".into(), "lots".into()], "--mem"),
-        (vec!["--mem".into(), "4".into()], "too small"),
-        (vec!["--mem".into(), "999999999".into()], "more than this host"),
-        (vec!["--kernel".into(), missing.display().to_string()], "does not exist"),
-        (vec!["--kernel".into(), dir.path().display().to_string()], "not a regular file"),
-        (vec!["--initrd".into(), missing.display().to_string()], "initrd"),
-        (vec!["--bogus".into()], "--bogus"),
+    let cases: Vec<(Vec<String>, &str, i32)> = vec![
+        (vec!["--vcpus".into(), "9".into()], "--vcpus", usage),
+        (vec!["--vcpus".into(), "zero".into()], "--vcpus", usage),
+        (vec!["--mem".into(), "-5".into()], "-5", usage),
+        (vec!["--mem".into(), "lots".into()], "--mem", usage),
+        (vec!["--bogus".into()], "--bogus", usage),
+        (vec!["--net".into(), "tap=t0,queues=2".into()], "unknown net setting", usage),
+        (vec!["--mem".into(), "4".into()], "too small", build),
+        (vec!["--mem".into(), "999999999".into()], "more than this host", build),
+        (vec!["--kernel".into(), missing.display().to_string()], "does not exist", build),
+        (vec!["--kernel".into(), dir.path().display().to_string()], "not a regular file", build),
+        (vec!["--initrd".into(), missing.display().to_string()], "initrd", build),
     ];
-    for (args, needle) in cases {
+    for (args, needle, code) in cases {
         let mut full = vec!["vmm", "run"];
         full.extend(args.iter().map(String::as_str));
-        assert_one_line_error(&novacron(&full), needle);
+        let out = novacron(&full);
+        assert_one_line_error(&out, needle);
+        assert_eq!(out.status.code(), Some(code), "{full:?}");
     }
 }
 

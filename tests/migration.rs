@@ -6,63 +6,12 @@
 
 mod common;
 
+use common::vmm::{migrate, migrate_cmd, receiver, report, source};
 use common::{Host, SLOW, TIMEOUT, assert_moved, assert_source_runs, certs, novacron, stderr, wait_until_going};
-use novacron_guest_image::watch::{Watched, kvm_or_skip};
+use novacron_guest_image::watch::kvm_or_skip;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
-
-/// A free UDP port on loopback (the receiver binds it right after).
-fn free_addr() -> String {
-    let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    s.local_addr().unwrap().to_string()
-}
-
-/// `novacron vmm run` with the test guest and a control socket; waits for two verdicts.
-fn source(dir: &Path, vcpus: u8, mem: u64, cmdline: &str) -> Host {
-    let sock = dir.join("src.sock");
-    let mut cmd = novacron();
-    cmd.args(["vmm", "run", "--vcpus", &vcpus.to_string(), "--mem", &mem.to_string(), "--cmdline", cmdline]);
-    cmd.arg("--api-sock").arg(&sock);
-    let mut vm = Watched::spawn(cmd).unwrap();
-    vm.wait_verified(2, TIMEOUT).unwrap();
-    Host { vm, sock }
-}
-
-/// `novacron vmm receive` on a free port; returns once it listens (its control socket is
-/// bound right after the listener).
-fn receiver(dir: &Path, tls: &Path, extra: &[&str]) -> (Host, String) {
-    let addr = free_addr();
-    let sock = dir.join("dst.sock");
-    let mut cmd = novacron();
-    cmd.args(["vmm", "receive", "--listen", &addr]).arg("--tls-dir").arg(tls).arg("--api-sock").arg(&sock);
-    cmd.args(extra);
-    let vm = Watched::spawn(cmd).unwrap();
-    let deadline = Instant::now() + TIMEOUT;
-    while !sock.exists() {
-        assert!(Instant::now() < deadline, "the receiver never listened");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    (Host { vm, sock }, addr)
-}
-
-fn migrate_cmd(src: &Host, addr: &str, tls: &Path, extra: &[&str]) -> Command {
-    let mut cmd = novacron();
-    cmd.args(["vmm", "migrate", "--to", addr, "--json"]).arg("--api-sock").arg(&src.sock).arg("--tls-dir").arg(tls);
-    cmd.args(extra);
-    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    cmd
-}
-
-fn migrate(src: &Host, addr: &str, tls: &Path, extra: &[&str]) -> Output {
-    migrate_cmd(src, addr, tls, extra).output().unwrap()
-}
-
-fn report(out: &Output) -> serde_json::Value {
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "migrate failed: {}\n{stdout}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("not a JSON report ({e}): {stdout}"))
-}
 
 /// The destination discarded everything: it ended with status 1 and its guest never ran.
 fn assert_discarded(dst: &mut Host, needle: &str) {

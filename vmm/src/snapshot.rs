@@ -452,3 +452,40 @@ pub fn map_memory(snapshot: &Snapshot) -> Result<GuestMemory, SnapshotError> {
     }
     GuestMemory::from_regions(regions).map_err(|e| SnapshotError::Map(e.to_string()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Serialize)]
+    struct V1 {
+        region_sizes: Vec<u64>,
+        chunk_crcs: Vec<u32>,
+    }
+
+    #[test]
+    fn test_memory_section_of_the_previous_version_names_memory_bin() {
+        let v1 = V1 { region_sizes: vec![64 << 20], chunk_crcs: vec![7; 32] };
+        let section = Section::new(SECTION_MEMORY, 1, "memory", &v1).unwrap();
+
+        let memory = memory_section(&[section]).unwrap();
+
+        assert_eq!(memory.file, "memory.bin");
+        assert_eq!((memory.region_sizes, memory.chunk_crcs.len()), (vec![64 << 20], 32));
+    }
+
+    #[test]
+    fn test_memory_section_naming_another_file_or_of_a_newer_version_is_refused() {
+        let info = |file: &str| MemoryInfo { region_sizes: vec![1 << 20], chunk_crcs: vec![0], file: file.into() };
+        let escape = Section::new(SECTION_MEMORY, MEMORY_VERSION, "memory", &info("../../etc/shadow")).unwrap();
+        let newer = Section::new(SECTION_MEMORY, MEMORY_VERSION + 1, "memory", &info("memory.bin")).unwrap();
+        let alternate = Section::new(SECTION_MEMORY, MEMORY_VERSION, "memory", &info("memory.1.bin")).unwrap();
+
+        assert!(matches!(memory_section(&[escape]), Err(SnapshotError::Inconsistent(_))));
+        assert!(matches!(
+            memory_section(&[newer]),
+            Err(SnapshotError::SectionVersion { what: "memory", found: 3, expected: 2 })
+        ));
+        assert_eq!(memory_section(&[alternate]).unwrap().file, "memory.1.bin");
+    }
+}

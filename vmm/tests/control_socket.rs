@@ -188,7 +188,8 @@ fn kvm_api_sock_on_a_file_or_a_directory_is_refused_and_left_alone() {
     std::fs::write(&file, b"precious").unwrap();
     let sub = dir.path().join("sub");
     std::fs::create_dir(&sub).unwrap();
-    let run = |path: &std::path::Path| common::vmm().args(["--mem", "64"]).arg("--api-sock").arg(path).output().unwrap();
+    let run =
+        |path: &std::path::Path| common::vmm().args(["--mem", "64"]).arg("--api-sock").arg(path).output().unwrap();
 
     let on_file = run(&file);
     let on_dir = run(&sub);

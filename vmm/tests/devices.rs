@@ -109,10 +109,7 @@ impl Netns {
 
     /// Whether interface `name` exists in the namespace.
     fn has_link(&self, name: &str) -> bool {
-        Command::new("ip")
-            .args(["-n", &self.name, "link", "show", name])
-            .output()
-            .is_ok_and(|o| o.status.success())
+        Command::new("ip").args(["-n", &self.name, "link", "show", name]).output().is_ok_and(|o| o.status.success())
     }
 
     fn vmm(&self) -> Command {
@@ -264,9 +261,11 @@ fn kvm_second_vmm_on_a_read_write_image_is_refused_naming_the_first() {
     let writer = vmm().args(["--mem", "64", "--disk", &rw]).output().unwrap();
     let reader = vmm().args(["--mem", "64", "--disk", &ro]).output().unwrap();
     let seq = first.heartbeats().last().copied().unwrap_or(0);
-    let alive = first.wait_for("a later heartbeat", TIMEOUT, |l| {
-        matches!(l.parsed, novacron_guest_image::report::GuestLine::Heartbeat(s) if s > seq + 2)
-    });
+    let alive = first.wait_for(
+        "a later heartbeat",
+        TIMEOUT,
+        |l| matches!(l.parsed, novacron_guest_image::report::GuestLine::Heartbeat(s) if s > seq + 2),
+    );
 
     assert!(first_blk.starts_with("BLK OK"), "{first_blk}");
     let holder = format!("is in use by process {}", first.child.id());

@@ -247,7 +247,9 @@ fn kvm_snapshot_that_runs_out_of_space_keeps_the_previous_one_and_the_vm() {
     let first = restored.wait_for("a heartbeat", TIMEOUT, |l| matches!(l.parsed, GuestLine::Heartbeat(_))).unwrap();
     let verdict = restored.wait_verified(1, TIMEOUT);
 
-    for (what, reply) in [("over the old one", over_old), ("into an empty dir", into_empty), ("into a new dir", into_new)] {
+    for (what, reply) in
+        [("over the old one", over_old), ("into an empty dir", into_empty), ("into a new dir", into_new)]
+    {
         let err = format!("{:?}", reply.expect_err(what));
         assert!(err.contains("No space left on device"), "{what}: {err}");
     }

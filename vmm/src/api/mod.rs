@@ -383,6 +383,25 @@ mod tests {
     }
 
     #[test]
+    fn test_parse_request_missing_field_names_the_op() {
+        let missing_to = parse_request(br#"{"version":1,"op":"migrate","tls_dir":"/t"}"#).unwrap_err();
+        let numeric_op = parse_request(br#"{"version":1,"op":5}"#).unwrap_err();
+
+        assert_eq!(missing_to.kind, ErrorKind::BadRequest);
+        assert!(missing_to.message.starts_with("bad \"migrate\" request: missing field `to`"), "{missing_to}");
+        assert!(numeric_op.message.contains("\"op\" must be a name like \"status\", not 5"), "{numeric_op}");
+    }
+
+    #[test]
+    fn test_snapshot_dirs_must_be_absolute() {
+        assert!(check_snapshot_dir("dir", "/srv/snap").is_ok());
+        assert!(check_snapshot_dir("dir", "").unwrap_err().message.contains("dir is empty"));
+        assert!(
+            check_snapshot_dir("keep_snapshot", "s").unwrap_err().message.contains("keep_snapshot \"s\" is relative")
+        );
+    }
+
+    #[test]
     fn test_response_round_trips_through_json() {
         let r = Response::error(ApiError::new(ErrorKind::InvalidState, "already paused"));
         let text = serde_json::to_string(&r).unwrap();
