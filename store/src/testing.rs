@@ -1,0 +1,153 @@
+//! For tests and benchmarks: a real etcd cluster on loopback, its members child processes
+//! of this one (Debian's `etcd-server`, which `scripts/test-deps` installs), each of
+//! which can be killed and started again. Raft runs with pre-vote and a short election
+//! timeout (50 ms heartbeats, 500 ms elections) so that failovers take well under a second.
+
+use crate::etcd::{DEFAULT_TIMEOUT, EtcdConfig};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const HEARTBEAT_MS: u64 = 50;
+pub const ELECTION_MS: u64 = 500;
+
+pub struct EtcdMember {
+    pub name: String,
+    pub client_url: String,
+    args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl EtcdMember {
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+}
+
+pub struct EtcdCluster {
+    pub members: Vec<EtcdMember>,
+    tls_dir: Option<PathBuf>,
+    _dir: tempfile::TempDir,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("cannot start etcd (install Debian's etcd-server: scripts/test-deps)")]
+    Spawn(#[source] std::io::Error),
+    #[error("cannot make the cluster's directory")]
+    Dir(#[source] std::io::Error),
+    #[error("etcd did not elect a leader within {0:?}")]
+    NoLeader(Duration),
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0)
+}
+
+/// Whether `etcd` can be run here.
+pub fn etcd_installed() -> bool {
+    Command::new("etcd")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+impl EtcdCluster {
+    /// Starts `n` members; with `tls_dir` (a NovaCron TLS directory) clients must present a
+    /// certificate of that cluster CA, and the members present theirs. Peers talk plain
+    /// HTTP on loopback.
+    pub fn start(n: usize, tls_dir: Option<&Path>) -> Result<EtcdCluster, ClusterError> {
+        use novacron_migration::tls::{CA_CERT, NODE_CERT, NODE_KEY};
+        let dir = tempfile::tempdir().map_err(ClusterError::Dir)?;
+        let scheme = if tls_dir.is_some() { "https" } else { "http" };
+        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+        let initial: Vec<String> =
+            ports.iter().enumerate().map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}")).collect();
+        let mut members = Vec::new();
+        for (i, (client, peer)) in ports.iter().enumerate() {
+            let client_url = format!("{scheme}://127.0.0.1:{client}");
+            let mut args = vec![
+                format!("--name=m{i}"),
+                format!("--data-dir={}", dir.path().join(format!("m{i}")).display()),
+                format!("--listen-client-urls={client_url}"),
+                format!("--advertise-client-urls={client_url}"),
+                format!("--listen-peer-urls=http://127.0.0.1:{peer}"),
+                format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer}"),
+                format!("--initial-cluster={}", initial.join(",")),
+                "--initial-cluster-state=new".into(),
+                format!("--initial-cluster-token=novacron-test-{}", std::process::id()),
+                format!("--heartbeat-interval={HEARTBEAT_MS}"),
+                format!("--election-timeout={ELECTION_MS}"),
+                "--pre-vote".into(),
+                "--logger=zap".into(),
+                "--log-level=error".into(),
+            ];
+            if let Some(tls) = tls_dir {
+                args.push(format!("--cert-file={}", tls.join(NODE_CERT).display()));
+                args.push(format!("--key-file={}", tls.join(NODE_KEY).display()));
+                args.push(format!("--trusted-ca-file={}", tls.join(CA_CERT).display()));
+                args.push("--client-cert-auth".into());
+            }
+            members.push(EtcdMember { name: format!("m{i}"), client_url, args, child: None });
+        }
+        let mut cluster = EtcdCluster { members, tls_dir: tls_dir.map(Path::to_owned), _dir: dir };
+        for i in 0..n {
+            cluster.start_member(i)?;
+        }
+        Ok(cluster)
+    }
+
+    pub fn start_member(&mut self, i: usize) -> Result<(), ClusterError> {
+        let m = &mut self.members[i];
+        let child = Command::new("etcd")
+            .args(&m.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(ClusterError::Spawn)?;
+        m.child = Some(child);
+        Ok(())
+    }
+
+    /// SIGKILLs member `i` and waits for it to be gone.
+    pub fn kill_member(&mut self, i: usize) {
+        if let Some(mut child) = self.members[i].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members.iter().map(|m| m.client_url.clone()).collect()
+    }
+
+    pub fn config(&self) -> EtcdConfig {
+        EtcdConfig { endpoints: self.endpoints(), tls_dir: self.tls_dir.clone(), timeout: DEFAULT_TIMEOUT }
+    }
+
+    /// Waits until a write through the store succeeds (a leader is elected).
+    pub async fn wait_ready(&self, limit: Duration) -> Result<(), ClusterError> {
+        use crate::{Op, Store, Txn};
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(store) = crate::etcd::EtcdStore::connect(&self.config()).await
+                && store.txn(Txn::new().then(Op::put("/novacron-test/ready", "1"))).await.is_ok()
+            {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Err(ClusterError::NoLeader(limit))
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill_member(i);
+        }
+    }
+}
