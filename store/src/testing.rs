@@ -54,6 +54,17 @@ pub fn etcd_installed() -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// True when etcd can be used for a test. Otherwise says loudly that the test is skipped,
+/// or fails it when NOVACRON_REQUIRE_ETCD is set (CI sets it: there, etcd tests must run).
+pub fn etcd_or_skip() -> bool {
+    if etcd_installed() {
+        return true;
+    }
+    assert!(std::env::var_os("NOVACRON_REQUIRE_ETCD").is_none(), "etcd is required: run scripts/test-deps");
+    eprintln!("\n*** SKIPPED: etcd is not installed (scripts/test-deps installs it) ***\n");
+    false
+}
+
 impl EtcdCluster {
     /// Starts `n` members; with `tls_dir` (a NovaCron TLS directory) clients must present a
     /// certificate of that cluster CA, and the members present theirs. Peers talk plain

@@ -5,7 +5,7 @@
 
 use novacron_store::embedded::EmbeddedStore;
 use novacron_store::etcd::EtcdStore;
-use novacron_store::testing::{EtcdCluster, etcd_installed};
+use novacron_store::testing::{EtcdCluster, etcd_or_skip};
 use novacron_store::{Cmp, Compare, EventKind, Op, OpResult, Store, StoreError, Txn};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,9 +24,7 @@ fn embedded() -> Subject {
 
 /// None (with a loud note) when etcd is not installed and not required.
 async fn etcd() -> Option<Subject> {
-    if !etcd_installed() {
-        assert!(std::env::var_os("NOVACRON_REQUIRE_ETCD").is_none(), "etcd is required: run scripts/test-deps");
-        eprintln!("\n*** SKIPPED: etcd is not installed (scripts/test-deps installs it) ***\n");
+    if !etcd_or_skip() {
         return None;
     }
     let cluster = EtcdCluster::start(1, None).unwrap();

@@ -4,14 +4,12 @@
 //! each member's health.
 
 use novacron_store::etcd::{EtcdConfig, EtcdStore};
-use novacron_store::testing::{EtcdCluster, etcd_installed};
+use novacron_store::testing::{EtcdCluster, etcd_or_skip};
 use novacron_store::{Op, Store, StoreError, Txn};
 use std::time::{Duration, Instant};
 
 async fn cluster(tls: Option<&std::path::Path>) -> Option<EtcdCluster> {
-    if !etcd_installed() {
-        assert!(std::env::var_os("NOVACRON_REQUIRE_ETCD").is_none(), "etcd is required: run scripts/test-deps");
-        eprintln!("\n*** SKIPPED: etcd is not installed (scripts/test-deps installs it) ***\n");
+    if !etcd_or_skip() {
         return None;
     }
     let cluster = EtcdCluster::start(3, tls).unwrap();
