@@ -210,3 +210,29 @@ fn kvm_second_migrate_of_a_migrating_vm_is_refused_without_the_first_ones_progre
     assert!(!err.contains("migrating:"), "the second client showed the first one's progress: {err}");
     assert_source_runs(&mut src);
 }
+
+#[test]
+fn kvm_migrate_to_a_receiver_under_a_permit_runs_the_vm_only_once_permitted() {
+    if !kvm_or_skip("kvm_migrate_to_a_receiver_under_a_permit_runs_the_vm_only_once_permitted") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let tls = certs(dir.path(), "tls");
+    let mut src = source(dir.path(), 1, 128, "ws=8 rate=500 verify=300 hb=100");
+    let (mut dst, addr) = receiver(dir.path(), &tls, &["--require-permit"]);
+
+    let r = report(&migrate(&src, &addr, &tls, &[]));
+    let (status, err) = src.vm.wait_exit(TIMEOUT).unwrap();
+    let last = *src.vm.heartbeats().last().unwrap();
+    let waiting = call(&dst.sock, Request::Status, CALL).unwrap().status.unwrap();
+    let silent = dst.vm.next_line(Duration::from_secs(2));
+    let until_ms = novacron_vmm::permit::boottime_ms() + 60_000;
+    call(&dst.sock, Request::Permit { epoch: 2, until_ms }, CALL).unwrap();
+    let first = dst.vm.wait_for("a heartbeat once permitted", TIMEOUT, is_beat).unwrap();
+
+    assert_eq!(r["arrived"], "running", "{r}");
+    assert!(status.success(), "{err}");
+    assert!(waiting.permit.is_some_and(|p| p.fenced), "{waiting:?}");
+    assert!(silent.is_err(), "the guest ran at the destination without a permit: {silent:?}");
+    assert_eq!(first.parsed, GuestLine::Heartbeat(last + 1));
+}

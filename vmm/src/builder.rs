@@ -8,7 +8,8 @@ use crate::arch::x86_64::{acpi, mptable};
 use crate::boot::{self, initrd, linux, pvh};
 use crate::config::{KernelSource, VmConfig};
 use crate::disk_locks::DiskLocks;
-use crate::machine::{Machine, StopEvents};
+use crate::machine::{Controls, Machine, StopEvents};
+use crate::permit::RunPermit;
 use crate::snapshot::{self, MachineSpec, SavedState};
 use crate::virtio;
 use crate::vstate::kvm::{self, KvmError};
@@ -188,7 +189,9 @@ pub fn build(config: &VmConfig, serial_out: SerialOutput, source: Source) -> Res
     if !incoming {
         disk_locks.acquire()?;
     }
-    let paused = incoming;
+    let permit = Arc::new(RunPermit::new(config.require_permit));
+    // Under a permit, the guest waits for the first one; a migration's for its commit.
+    let paused = incoming || config.require_permit;
     vcpu::install_kick_handler()?;
     let kvm = kvm::open()?;
     kvm::check_capabilities(&kvm, config.vcpus)?;
@@ -256,7 +259,8 @@ pub fn build(config: &VmConfig, serial_out: SerialOutput, source: Source) -> Res
         if paused && !v.send(VcpuCommand::Pause) {
             return Err(BuildError::VcpuGone(v.index));
         }
-        if !v.start(VcpuStart { buses: buses.clone(), init, throttle: throttle.clone() }) {
+        let start = VcpuStart { buses: buses.clone(), init, throttle: throttle.clone(), permit: permit.clone() };
+        if !v.start(start) {
             return Err(BuildError::VcpuGone(v.index));
         }
     }
@@ -284,8 +288,7 @@ pub fn build(config: &VmConfig, serial_out: SerialOutput, source: Source) -> Res
         buses,
         vm,
         memory,
-        (throttle, state),
-        disk_locks,
+        Controls { throttle, permit, disk_locks, state },
     ))
 }
 

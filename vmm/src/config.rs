@@ -53,6 +53,10 @@ pub struct VmArgs {
     /// A virtio entropy device, optionally limited: --rng or --rng bw=BYTES[/MS].
     #[arg(long, value_name = "LIMITS", num_args = 0..=1, default_missing_value = "", value_parser = parse_rng)]
     pub rng: Option<RateLimiterConfig>,
+    /// Run the guest only under a run permit (`permit` on the control socket, from the
+    /// host's keeper), and pause it when the permit runs out. Needs --api-sock.
+    #[arg(long, requires = "api_sock")]
+    pub require_permit: bool,
 }
 
 /// `key=value` and bare words of a device spec, in order.
@@ -155,6 +159,14 @@ impl std::fmt::Display for KernelSource {
     }
 }
 
+/// What a restored or received VM takes from this host rather than from its saved state.
+#[derive(Debug, Clone, Default)]
+pub struct HostSide {
+    pub api_sock: Option<PathBuf>,
+    pub serial_file: Option<PathBuf>,
+    pub require_permit: bool,
+}
+
 #[derive(Debug, Clone)]
 pub struct VmConfig {
     pub kernel: KernelSource,
@@ -168,6 +180,8 @@ pub struct VmConfig {
     pub nets: Vec<NetConfig>,
     /// Taps that may be created if missing (`--net ...,create`); none on restore.
     pub create_taps: Vec<String>,
+    /// Run only under a run permit (`crate::permit`).
+    pub require_permit: bool,
     /// The entropy device and its limits, if there is one.
     pub rng: Option<RateLimiterConfig>,
 }
@@ -233,18 +247,19 @@ fn check_shape(vcpus: u8, mem_mib: u64) -> Result<(), ConfigError> {
 
 impl VmConfig {
     /// The configuration of a VM restored from a snapshot: its saved shape and devices.
-    pub fn from_spec(spec: &MachineSpec, api_sock: Option<PathBuf>, serial_file: Option<PathBuf>) -> Self {
+    pub fn from_spec(spec: &MachineSpec, host: HostSide) -> Self {
         VmConfig {
             kernel: KernelSource::File(PathBuf::from(&spec.kernel)),
             initrd: None,
             cmdline: String::new(),
             mem_mib: spec.mem_mib,
             vcpus: spec.vcpus,
-            api_sock,
-            serial_file,
+            api_sock: host.api_sock,
+            serial_file: host.serial_file,
             disks: spec.disks.clone(),
             nets: spec.nets.clone(),
             create_taps: Vec::new(),
+            require_permit: host.require_permit,
             rng: spec.rng,
         }
     }
@@ -304,6 +319,7 @@ impl VmConfig {
             disks: args.disks.clone(),
             nets: args.nets.iter().map(|n| n.config.clone()).collect(),
             create_taps: args.nets.iter().filter(|n| n.create).map(|n| n.config.tap.clone()).collect(),
+            require_permit: args.require_permit,
             rng: args.rng,
         })
     }
@@ -325,6 +341,7 @@ mod tests {
             disks: vec![],
             nets: vec![],
             rng: None,
+            require_permit: false,
         }
     }
 

@@ -14,6 +14,7 @@ pub mod config;
 pub mod disk_locks;
 pub mod machine;
 pub mod migrate;
+pub mod permit;
 pub mod process;
 pub mod runtime;
 pub mod snapshot;

@@ -1,8 +1,9 @@
 //! A running VM as the VMM thread sees it: the vCPU handles, the devices it must flush, the
 //! event fds through which the guest asks to stop, and pause/resume across all vCPUs.
 
-use crate::api::{ApiError, ErrorKind, VmState, VmStatus};
+use crate::api::{ApiError, ErrorKind, PermitStatus, VmState, VmStatus};
 use crate::disk_locks::DiskLocks;
+use crate::permit::RunPermit;
 use crate::snapshot::{self, MachineSpec, RunState, SavedState, SnapshotStats};
 use crate::virtio::VirtioSlot;
 use crate::vstate::memory::GuestMemory;
@@ -32,6 +33,15 @@ pub struct StopEvents {
     pub reset: EventFd,
 }
 
+/// What the VMM thread and the vCPU threads share to control the guest, and the run state
+/// the VM is built in.
+pub(crate) struct Controls {
+    pub throttle: Arc<Throttle>,
+    pub permit: Arc<RunPermit>,
+    pub disk_locks: Arc<DiskLocks>,
+    pub state: VmState,
+}
+
 pub struct Machine {
     /// What the VM is made of: for status replies, and saved in snapshots.
     pub spec: MachineSpec,
@@ -47,6 +57,11 @@ pub struct Machine {
     throttle: Arc<Throttle>,
     ticker: Option<ThrottleTicker>,
     disk_locks: Arc<DiskLocks>,
+    permit: Arc<RunPermit>,
+    /// Paused because the run permit ran out (or none has come yet).
+    fenced: bool,
+    /// Whether a fenced VM runs again once permitted (it ran when it was fenced).
+    run_when_permitted: bool,
     // Dropped last, in this order: the buses (devices), the VM fd, then guest memory.
     _buses: Arc<IoBuses>,
     vm: Arc<Vm>,
@@ -69,9 +84,11 @@ impl Machine {
         buses: Arc<IoBuses>,
         vm: Arc<Vm>,
         memory: GuestMemory,
-        (throttle, state): (Arc<Throttle>, VmState),
-        disk_locks: Arc<DiskLocks>,
+        controls: Controls,
     ) -> Self {
+        let Controls { throttle, permit, disk_locks, state } = controls;
+        // A VMM that needs a permit starts fenced; it runs once the first one comes.
+        let fenced = permit.required() && !permit.allows_now();
         Machine {
             spec,
             stop_events,
@@ -85,6 +102,9 @@ impl Machine {
             throttle,
             ticker: None,
             disk_locks,
+            permit,
+            fenced,
+            run_when_permitted: fenced,
             _buses: buses,
             vm,
             memory,
@@ -105,6 +125,11 @@ impl Machine {
             kernel: self.spec.kernel.clone(),
             boot_format: self.spec.boot_format.clone(),
             devices: self.virtio.iter().map(|v| v.name.clone()).collect(),
+            permit: self.permit.required().then(|| PermitStatus {
+                epoch: self.permit.epoch(),
+                left_ms: self.permit.left().map_or(0, |d| d.as_millis() as u64),
+                fenced: self.fenced,
+            }),
         }
     }
 
@@ -178,8 +203,13 @@ impl Machine {
         Ok(())
     }
 
-    /// Takes every vCPU out of the guest; they stay out until `resume`.
+    /// Takes every vCPU out of the guest; they stay out until `resume`. Pausing a fenced
+    /// VM keeps it paused once it is permitted again.
     pub fn pause(&mut self) -> Result<(), ApiError> {
+        if self.fenced && self.run_when_permitted {
+            self.run_when_permitted = false;
+            return Ok(());
+        }
         if self.state == VmState::Paused {
             return Err(ApiError::new(ErrorKind::InvalidState, "the VM is already paused"));
         }
@@ -196,11 +226,79 @@ impl Machine {
         if self.state == VmState::Running {
             return Err(ApiError::new(ErrorKind::InvalidState, "the VM is not paused"));
         }
+        if !self.permit.allows_now() {
+            return Err(ApiError::new(
+                ErrorKind::InvalidState,
+                "the VM is fenced: it has no valid run permit from its host's keeper (the host may have lost its lease)",
+            ));
+        }
         self.take_disk_locks()?;
         self.command_all(VcpuCommand::Resume, |e| if let VcpuEvent::Resumed(_) = e { Ok(()) } else { Err(e) })?;
         self.state = VmState::Running;
         tracing::info!("VM resumed");
         Ok(())
+    }
+
+    /// Whether the VM is paused for want of a run permit.
+    pub fn fenced(&self) -> bool {
+        self.fenced
+    }
+
+    /// The permit has run out while the VM is not fenced yet.
+    pub fn permit_lapsed(&self) -> bool {
+        !self.fenced && !self.permit.allows_now()
+    }
+
+    /// How long until the permit runs out (None: no permit needed, or fenced already).
+    pub fn permit_left(&self) -> Option<Duration> {
+        if self.fenced { None } else { self.permit.left() }
+    }
+
+    /// Pauses the guest because its permit ran out; it runs again (if it ran) once a
+    /// new permit comes.
+    pub fn fence(&mut self) {
+        if self.fenced {
+            return;
+        }
+        self.run_when_permitted = self.state == VmState::Running;
+        self.fenced = true;
+        if self.state == VmState::Running
+            && let Err(e) = self.pause()
+        {
+            // The vCPUs check the permit themselves before entering the guest.
+            tracing::error!("cannot pause the vCPUs to fence the VM: {e}");
+        }
+        tracing::warn!(epoch = self.permit.epoch(), "run permit expired: the VM is fenced (paused) until a new one");
+    }
+
+    /// Whether a fenced VM should run once permitted (a migration's destination says so
+    /// for a VM that ran at the source).
+    pub fn set_run_when_permitted(&mut self, run: bool) {
+        self.run_when_permitted = run;
+    }
+
+    /// Takes a new permit; a fenced VM that may run now is let out.
+    pub fn grant_permit(&mut self, epoch: u64, until_ms: u64) -> Result<(), ApiError> {
+        self.permit.grant(epoch, until_ms).map_err(|e| {
+            let kind = match e {
+                crate::permit::PermitError::NotRequired => ErrorKind::BadRequest,
+                crate::permit::PermitError::Stale { .. } => ErrorKind::InvalidState,
+            };
+            ApiError::new(kind, e.to_string())
+        })?;
+        if self.fenced && self.permit.allows_now() {
+            self.fenced = false;
+            tracing::info!(epoch, "run permit granted: the VM is no longer fenced");
+            if self.run_when_permitted && self.state == VmState::Paused {
+                self.resume()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The run permit, for the vCPU threads.
+    pub fn permit(&self) -> Arc<RunPermit> {
+        self.permit.clone()
     }
 
     /// Takes the disk images' locks if the VM does not hold them.

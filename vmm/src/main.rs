@@ -32,11 +32,17 @@ fn main() {
                 tls_dir,
                 base,
                 serial_file: vm.serial_file,
+                require_permit: vm.require_permit,
             };
             novacron_vmm::migrate::destination::receive_vm(&args)
         }
         Ok(Cli { vm, restore_from: Some(from), .. }) => {
-            let args = novacron_vmm::process::RestoreArgs { from, api_sock: vm.api_sock, serial_file: vm.serial_file };
+            let args = novacron_vmm::process::RestoreArgs {
+                from,
+                api_sock: vm.api_sock,
+                serial_file: vm.serial_file,
+                require_permit: vm.require_permit,
+            };
             novacron_vmm::process::restore_vm(&args)
         }
         Ok(cli) => novacron_vmm::process::run_vm(&cli.vm),

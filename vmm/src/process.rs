@@ -7,7 +7,7 @@
 
 use crate::api::server::ApiServer;
 use crate::builder::{self, Source};
-use crate::config::{VmArgs, VmConfig};
+use crate::config::{HostSide, VmArgs, VmConfig};
 use crate::runtime::{self, VmExit};
 use crate::snapshot;
 use novacron_devices::legacy::SerialOutput;
@@ -87,6 +87,9 @@ pub struct RestoreArgs {
     /// Write the serial console to this file instead of stdout.
     #[arg(long, value_name = "PATH")]
     pub serial_file: Option<PathBuf>,
+    /// Run the restored guest only under a run permit (as `vmm run --require-permit`).
+    #[arg(long, requires = "api_sock")]
+    pub require_permit: bool,
 }
 
 /// Restores a snapshot in this process and runs it; returns the process exit status.
@@ -102,7 +105,12 @@ pub fn restore_vm(args: &RestoreArgs) -> i32 {
         Ok(m) => m,
         Err(e) => return fail("cannot restore", &e),
     };
-    let config = VmConfig::from_spec(&snapshot.state.spec, args.api_sock.clone(), args.serial_file.clone());
+    let host = HostSide {
+        api_sock: args.api_sock.clone(),
+        serial_file: args.serial_file.clone(),
+        require_permit: args.require_permit,
+    };
+    let config = VmConfig::from_spec(&snapshot.state.spec, host);
     run(&config, Source::Restore { state: Box::new(snapshot.state), memory })
 }
 

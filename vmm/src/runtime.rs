@@ -2,7 +2,7 @@
 //! termination signals and the control socket, until the VM ends.
 
 use crate::api::server::ApiServer;
-use crate::api::{ApiError, ErrorKind, MigrationStatus, Request, Response, SnapshotReport, VmState};
+use crate::api::{ApiError, ErrorKind, MigrationStatus, Request, Response, SnapshotReport, VmEvent, VmState};
 use crate::machine::Machine;
 use crate::migrate::source::{self, EngineRequest, Migration};
 use crate::snapshot::RunState;
@@ -149,8 +149,14 @@ struct Loop {
     migration: Option<Migration>,
     /// The last migration's outcome, for `migrate_status` after it ended.
     last_migration: Option<MigrationStatus>,
-    /// Device event sources are off the poller while a migration's switchover has the VM.
+    /// Device event sources are off the poller (while a migration's switchover has the VM,
+    /// or while the VM is fenced).
     devices_frozen: bool,
+    /// A migration's switchover has the VM paused and its devices frozen.
+    switchover: bool,
+    /// Connections that asked to `watch`, and what to tell them next.
+    watchers: Vec<u64>,
+    events: Vec<VmEvent>,
 }
 
 /// How to answer a request.
@@ -174,6 +180,44 @@ fn result(r: Result<(), ApiError>) -> Answer {
 }
 
 impl Loop {
+    /// The answer to a request that, when it succeeds, is an event for the watchers.
+    fn noting(&mut self, event: VmEvent, r: Result<(), ApiError>) -> Answer {
+        if r.is_ok() {
+            self.events.push(event);
+        }
+        result(r)
+    }
+
+    /// Tells every watcher what happened, with the status now.
+    fn flush_events(&mut self, machine: &Machine, api: Option<&mut ApiServer>) {
+        let Some(server) = api else { return };
+        if self.events.is_empty() {
+            return;
+        }
+        self.watchers.retain(|id| server.conn_fd(*id).is_some());
+        for event in std::mem::take(&mut self.events) {
+            let line = Response { event: Some(event), status: Some(machine.status()), ..Response::done() };
+            for id in &self.watchers {
+                server.reply(*id, &line);
+            }
+        }
+    }
+
+    /// Fences the VM if its run permit has run out.
+    fn check_permit(&mut self, machine: &mut Machine) -> Result<(), RuntimeError> {
+        if machine.permit_lapsed() {
+            machine.fence();
+            self.events.push(VmEvent::Fenced);
+        }
+        self.sync_devices(machine)
+    }
+
+    /// The devices work unless a switchover has the VM or it is fenced.
+    fn sync_devices(&mut self, machine: &Machine) -> Result<(), RuntimeError> {
+        let on = !self.switchover && !machine.fenced();
+        self.watch_devices(machine, on)
+    }
+
     fn handle_request(&mut self, machine: &mut Machine, request: Request, conn: u64) -> Result<Answer, RuntimeError> {
         let frozen = || {
             Answer::Now(Response::error(ApiError::new(
@@ -183,9 +227,21 @@ impl Loop {
         };
         Ok(match request {
             Request::Status => Answer::Now(Response::status(machine.status())),
-            Request::Pause | Request::Resume | Request::Snapshot { .. } if self.devices_frozen => frozen(),
-            Request::Pause => result(machine.pause()),
-            Request::Resume => result(machine.resume()),
+            Request::Pause | Request::Resume | Request::Snapshot { .. } if self.switchover => frozen(),
+            Request::Pause => self.noting(VmEvent::Paused, machine.pause()),
+            Request::Resume => self.noting(VmEvent::Resumed, machine.resume()),
+            Request::Permit { epoch, until_ms } => {
+                let was_fenced = machine.fenced();
+                let granted = machine.grant_permit(epoch, until_ms);
+                if was_fenced && !machine.fenced() {
+                    self.events.push(VmEvent::Permitted);
+                }
+                result(granted)
+            }
+            Request::Watch => {
+                self.watchers.push(conn);
+                Answer::Now(Response::status(machine.status()))
+            }
             Request::Shutdown => Answer::Stop(Response::done()),
             Request::Snapshot { dir, paused } => {
                 let started = std::time::Instant::now();
@@ -287,14 +343,16 @@ impl Loop {
                         let _ = reply.send(Err(e.to_string()));
                         continue;
                     }
-                    self.watch_devices(machine, false)?;
+                    self.switchover = true;
+                    self.sync_devices(machine)?;
                     let state = machine.save_state(RunState { paused: !was_running }).and_then(|s| {
                         s.to_sections()
                             .map(|sections| novacron_migration::stream::encode(&sections))
                             .map_err(|e| ApiError::new(ErrorKind::Internal, format!("encoding the state: {e}")))
                     });
                     if state.is_err() {
-                        self.watch_devices(machine, true)?;
+                        self.switchover = false;
+                        self.sync_devices(machine)?;
                         if was_running {
                             let _ = machine.resume();
                         }
@@ -302,7 +360,8 @@ impl Loop {
                     let _ = reply.send(state.map_err(|e| e.to_string()));
                 }
                 EngineRequest::Resume(reply) => {
-                    self.watch_devices(machine, true)?;
+                    self.switchover = false;
+                    self.sync_devices(machine)?;
                     let was_running = self.migration.as_ref().is_some_and(|m| m.was_running);
                     let r = if was_running && machine.state() == VmState::Paused { machine.resume() } else { Ok(()) };
                     let _ = reply.send(r.map_err(|e| e.to_string()));
@@ -353,7 +412,8 @@ impl Loop {
                 if e.committed() {
                     // The VM stays paused, but the operator may resume it here once they
                     // know it does not run at the destination: give the devices back.
-                    if let Err(err) = self.watch_devices(machine, true) {
+                    self.switchover = false;
+                    if let Err(err) = self.sync_devices(machine) {
                         tracing::error!("cannot poll the devices again: {err}");
                     }
                 } else {
@@ -384,14 +444,27 @@ pub fn run(machine: &mut Machine, mut api: Option<ApiServer>) -> Result<VmExit, 
     if let Some(server) = &api {
         poller.add(server.listener_fd(), TOKEN_LISTENER)?;
     }
-    let mut lp = Loop { poller, migration: None, last_migration: None, devices_frozen: true };
-    lp.watch_devices(machine, true)?;
+    let mut lp = Loop {
+        poller,
+        migration: None,
+        last_migration: None,
+        devices_frozen: true,
+        switchover: false,
+        watchers: Vec::new(),
+        events: Vec::new(),
+    };
+    lp.sync_devices(machine)?;
 
     let mut events = vec![EpollEvent::default(); 16];
     // Set while the listener is off the poller (accepting backs off on EMFILE).
     let mut listener_off = false;
     let exit = 'outer: loop {
+        lp.check_permit(machine)?;
+        lp.flush_events(machine, api.as_mut());
         let mut timeout = IDLE_FLUSH_MS;
+        if let Some(left) = machine.permit_left() {
+            timeout = timeout.min(left.as_millis() as i32 + 1);
+        }
         if let Some(server) = &api
             && let Some(at) = server.retry_accept_at()
         {
@@ -418,6 +491,9 @@ pub fn run(machine: &mut Machine, mut api: Option<ApiServer>) -> Result<VmExit, 
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(RuntimeError::Setup(e)),
         };
+        // Before any device work: a VMM that was stopped past its permit's deadline fences
+        // first (its vCPUs check by themselves).
+        lp.check_permit(machine)?;
         for event in &events[..n] {
             match event.data() {
                 TOKEN_VCPU => {
@@ -447,6 +523,8 @@ pub fn run(machine: &mut Machine, mut api: Option<ApiServer>) -> Result<VmExit, 
                         break 'outer exit;
                     }
                 }
+                // Events read before the devices were frozen in this round wait for later.
+                token if token >= TOKEN_VIRTIO_BASE && lp.devices_frozen => {}
                 token if token >= TOKEN_VIRTIO_BASE => {
                     let slot = ((token - TOKEN_VIRTIO_BASE) >> 16) as usize;
                     let what = (token - TOKEN_VIRTIO_BASE) & 0xffff;
@@ -471,6 +549,7 @@ pub fn run(machine: &mut Machine, mut api: Option<ApiServer>) -> Result<VmExit, 
                             Ok(r) => lp.handle_request(machine, r, id)?,
                             Err(e) => Answer::Now(Response::error(e)),
                         };
+                        lp.sync_devices(machine)?;
                         let response = match answer {
                             Answer::Now(r) => r,
                             Answer::Stop(r) => {

@@ -10,7 +10,7 @@
 //! ```
 //!
 //! Operations: `status`, `pause`, `resume`, `shutdown`, `snapshot`, `set_limit`, `migrate`,
-//! `migrate_status`, `migrate_set`, `migrate_cancel`. Version policy: the VMM answers
+//! `migrate_status`, `migrate_set`, `migrate_cancel`, `permit`, `watch`. Version policy: the VMM answers
 //! requests of its own version and of the one before it; a request it cannot read gets an
 //! error reply, never a closed connection without a word. The full description, with every
 //! error kind, is `docs/control-socket.md`.
@@ -54,6 +54,15 @@ pub enum Request {
     MigrateSet {
         max_bandwidth: u64,
     },
+    /// A run permit (`crate::permit`): the guest may run until `until_ms` (CLOCK_BOOTTIME
+    /// milliseconds) under ownership epoch `epoch`.
+    Permit {
+        epoch: u64,
+        until_ms: u64,
+    },
+    /// This connection is told of every change of the VM's run state (`VmEvent`), one
+    /// line each, after the answer to this request.
+    Watch,
     /// Changes a device's rate limiter while the VM runs.
     SetLimit {
         device: String,
@@ -231,6 +240,34 @@ pub struct VmStatus {
     /// The virtio devices by name ("disk0", "net0", "rng0"), in slot order.
     #[serde(default)]
     pub devices: Vec<String>,
+    /// For a VMM started with --require-permit: its run permit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub permit: Option<PermitStatus>,
+}
+
+/// A VMM's run permit (`crate::permit`).
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PermitStatus {
+    pub epoch: u64,
+    /// Milliseconds it still holds (0: run out, or none yet).
+    pub left_ms: u64,
+    /// The guest is paused for want of a permit.
+    pub fenced: bool,
+}
+
+/// What a `watch` connection is told, one line each, as it happens.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum VmEvent {
+    /// The run permit ran out: the guest is paused until a new one.
+    Fenced,
+    /// A permit came: the guest may run (it does unless it was paused before).
+    Permitted,
+    /// Waiting for a first permit: a VMM that started (or a migration that arrived)
+    /// under --require-permit.
+    WaitingForPermit,
+    Paused,
+    Resumed,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
@@ -294,11 +331,22 @@ pub struct Response {
     pub migration: Option<MigrationStatus>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<ApiError>,
+    /// On a `watch` connection: what happened, with the status after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event: Option<VmEvent>,
 }
 
 impl Response {
     pub fn done() -> Self {
-        Response { version: API_VERSION, ok: true, status: None, snapshot: None, migration: None, error: None }
+        Response {
+            version: API_VERSION,
+            ok: true,
+            status: None,
+            snapshot: None,
+            migration: None,
+            error: None,
+            event: None,
+        }
     }
 
     pub fn status(status: VmStatus) -> Self {

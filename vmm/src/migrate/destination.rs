@@ -7,7 +7,7 @@
 
 use crate::api::server::ApiServer;
 use crate::builder::{self, Source};
-use crate::config::VmConfig;
+use crate::config::{HostSide, VmConfig};
 use crate::machine::Machine;
 use crate::snapshot::{MachineSpec, RunState, SavedState};
 use crate::vstate::memory::{self, GuestMemory};
@@ -41,12 +41,15 @@ pub struct ReceiveArgs {
     /// Write the serial console to this file instead of stdout.
     #[arg(long, value_name = "PATH")]
     pub serial_file: Option<PathBuf>,
+    /// Run the received guest only under a run permit (as `vmm run --require-permit`):
+    /// after the commit it waits, paused, for its host's keeper.
+    #[arg(long, requires = "api_sock")]
+    pub require_permit: bool,
 }
 
 /// The VM being received.
 struct Incoming {
-    api_sock: Option<PathBuf>,
-    serial_file: Option<PathBuf>,
+    host: HostSide,
     spec: Option<MachineSpec>,
     memory: Option<GuestMemory>,
     /// Host address and length of each RAM region, for writing pages.
@@ -100,7 +103,7 @@ impl DestinationVm for Incoming {
         }
         let memory = self.memory.clone().ok_or("no memory was prepared")?;
         self.run = saved.run;
-        let config = VmConfig::from_spec(&saved.spec, self.api_sock.clone(), self.serial_file.clone());
+        let config = VmConfig::from_spec(&saved.spec, self.host.clone());
         let serial = crate::process::serial_output(&config).map_err(|e| format!("the serial console file: {e}"))?;
         // From here on threads inherit the mask: stop signals reach the event loop only.
         crate::runtime::block_stop_signals().map_err(|e| e.to_string())?;
@@ -115,6 +118,12 @@ impl DestinationVm for Incoming {
     fn start(&mut self) -> Result<(), String> {
         let machine = self.machine.as_mut().ok_or("the VM was not built")?;
         machine.take_disk_locks().map_err(|e| e.to_string())?;
+        if machine.fenced() {
+            // Under a permit: it runs when its host's keeper permits the new epoch.
+            machine.set_run_when_permitted(!self.run.paused);
+            tracing::info!("the VM has arrived; it waits for a run permit");
+            return Ok(());
+        }
         if self.run.paused {
             tracing::info!("the VM was paused at the source: it stays paused here");
             return Ok(());
@@ -169,8 +178,11 @@ pub fn receive_vm(args: &ReceiveArgs) -> i32 {
     let peer = link.peer();
     eprintln!("novacron: receiving a VM from {peer}");
     let mut incoming = Incoming {
-        api_sock: args.api_sock.clone(),
-        serial_file: args.serial_file.clone(),
+        host: HostSide {
+            api_sock: args.api_sock.clone(),
+            serial_file: args.serial_file.clone(),
+            require_permit: args.require_permit,
+        },
         spec: None,
         memory: None,
         ram: Vec::new(),

@@ -11,6 +11,7 @@ use super::vm::Vm;
 use crate::arch::x86_64::cpuid::{CpuidError, vcpu_cpuid};
 use crate::arch::x86_64::msr::{MsrError, boot_msrs};
 use crate::arch::x86_64::regs::{self, BootEntry};
+use crate::permit::RunPermit;
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES, kvm_run};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
 use novacron_devices::Bus;
@@ -185,6 +186,7 @@ pub struct VcpuStart {
     pub buses: Arc<IoBuses>,
     pub init: VcpuInit,
     pub throttle: Arc<Throttle>,
+    pub permit: Arc<RunPermit>,
 }
 
 /// How long a throttled vCPU runs the guest before it naps.
@@ -316,7 +318,14 @@ pub fn spawn(
                 return;
             }
             let reporter = Reporter { events, notify };
-            let mut runner = Runner { vcpu, buses: start.buses, commands, host: cpuid, throttle: start.throttle };
+            let mut runner = Runner {
+                vcpu,
+                buses: start.buses,
+                commands,
+                host: cpuid,
+                throttle: start.throttle,
+                permit: start.permit,
+            };
             let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runner.run(&reporter)));
             if let Err(panic) = outcome {
                 let msg = panic
@@ -363,7 +372,12 @@ struct Runner {
     commands: Receiver<VcpuCommand>,
     host: Arc<HostQueries>,
     throttle: Arc<Throttle>,
+    permit: Arc<RunPermit>,
 }
+
+/// How often a vCPU without a valid run permit looks again (the VMM thread pauses it
+/// soon after; this only covers the moments before it does).
+const NO_PERMIT_POLL: Duration = Duration::from_millis(5);
 
 impl Runner {
     fn run(&mut self, reporter: &Reporter) {
@@ -399,6 +413,15 @@ impl Runner {
                 Some(VcpuCommand::Exit) => break,
                 None if paused => break, // every handle is gone
                 None => {}
+            }
+            if !self.permit.allows_now() {
+                // No guest time without a permit, even before the VMM thread fences.
+                match self.commands.recv_timeout(NO_PERMIT_POLL) {
+                    Ok(cmd) => pending = Some(cmd),
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+                continue;
             }
             match self.run_once(run_ptr) {
                 Next::Continue => {
