@@ -4,6 +4,6 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto/etcd.proto");
     let descriptors = protox::compile(["proto/etcd.proto"], ["proto"])?;
-    tonic_prost_build::configure().build_server(false).compile_fds(descriptors)?;
+    tonic_prost_build::configure().build_server(true).compile_fds(descriptors)?;
     Ok(())
 }

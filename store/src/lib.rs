@@ -18,6 +18,7 @@
 
 pub mod embedded;
 pub mod etcd;
+pub mod serve;
 #[cfg(feature = "test-cluster")]
 pub mod testing;
 

@@ -1,7 +1,8 @@
 //! The store's behaviour, the same test against both implementations: the embedded store
-//! (a redb file) and a real etcd (Debian's etcd-server, one member here; failover with
-//! three is in `etcd_cluster.rs`). Each case below becomes `embedded_<case>` and
-//! `etcd_<case>`.
+//! (a redb file), a real etcd (Debian's etcd-server, one member here; failover with three
+//! is in `etcd_cluster.rs`), and the embedded store served over etcd's API to the etcd
+//! client (as the other daemons of a cluster on the embedded store reach it). Each case
+//! below becomes `<case>::embedded`, `<case>::etcd` and `<case>::served`.
 
 use novacron_store::embedded::EmbeddedStore;
 use novacron_store::etcd::EtcdStore;
@@ -20,6 +21,39 @@ fn embedded() -> Subject {
     let dir = tempfile::tempdir().unwrap();
     let store = EmbeddedStore::open(&dir.path().join("cluster.redb")).unwrap();
     Subject { store: Arc::new(store), _keep: Box::new(dir) }
+}
+
+/// The embedded store behind `serve::StoreService` on loopback, through the etcd client.
+async fn served() -> Subject {
+    use novacron_store::serve::StoreService;
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&dir.path().join("cluster.redb")).unwrap());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let service = StoreService::new(store, url.clone());
+    let server = tonic::transport::Server::builder()
+        .add_service(service.kv())
+        .add_service(service.watch())
+        .add_service(service.lease())
+        .add_service(service.cluster())
+        .add_service(service.maintenance())
+        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+    let server = tokio::spawn(server);
+    let config = novacron_store::etcd::EtcdConfig {
+        endpoints: vec![url],
+        tls_dir: None,
+        timeout: novacron_store::etcd::DEFAULT_TIMEOUT,
+    };
+    let client = EtcdStore::connect(&config).await.unwrap();
+    Subject { store: Arc::new(client), _keep: Box::new((dir, AbortOnDrop(server))) }
+}
+
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// None (with a loud note) when etcd is not installed and not required.
@@ -47,6 +81,12 @@ macro_rules! both {
                 if let Some(s) = super::etcd().await {
                     super::$case(s.store.as_ref()).await;
                 }
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn served() {
+                let s = super::served().await;
+                super::$case(s.store.as_ref()).await;
             }
         }
     };
