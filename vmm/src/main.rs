@@ -20,12 +20,15 @@ struct Cli {
     /// With --receive-on: a snapshot of an earlier state of this VM (pages it holds are not sent).
     #[arg(long, value_name = "DIR", requires = "receive_on")]
     base: Option<std::path::PathBuf>,
+    /// With --receive-on and --require-permit: the keeper that claims the VM at the commit.
+    #[arg(long, value_name = "PATH", requires_all = ["receive_on", "require_permit"])]
+    claim_from: Option<std::path::PathBuf>,
 }
 
 fn main() {
     novacron_vmm::process::init_logging();
     let code = match novacron_vmm::process::parse_args::<Cli>() {
-        Ok(Cli { vm, receive_on: Some(listen), tls_dir, base, .. }) => {
+        Ok(Cli { vm, receive_on: Some(listen), tls_dir, base, claim_from, .. }) => {
             let args = novacron_vmm::migrate::destination::ReceiveArgs {
                 listen,
                 api_sock: vm.api_sock,
@@ -33,6 +36,7 @@ fn main() {
                 base,
                 serial_file: vm.serial_file,
                 require_permit: vm.require_permit,
+                claim_from,
             };
             novacron_vmm::migrate::destination::receive_vm(&args)
         }

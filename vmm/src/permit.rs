@@ -18,6 +18,10 @@
 //! whose main thread was stopped (SIGSTOP) and continued after the deadline never runs
 //! the guest again without a new permit.
 
+use serde::{Deserialize, Serialize};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -88,6 +92,60 @@ impl RunPermit {
         self.until_ms.store(until_ms, Ordering::Release);
         Ok(())
     }
+}
+
+/// A migration's destination, at the commit, asks its host's keeper to claim the VM for
+/// this host (`vmm receive --claim-from KEEPER_SOCK`): one JSON line each way.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ClaimRequest {
+    /// The destination VMM's control socket: the keeper knows the VM by it.
+    pub api_sock: String,
+}
+
+/// The keeper's answer: the permit of the new epoch, or why the claim failed.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ClaimAnswer {
+    pub ok: bool,
+    #[serde(default)]
+    pub epoch: u64,
+    #[serde(default)]
+    pub until_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClaimError {
+    #[error("cannot ask the keeper at {path}")]
+    Io {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the keeper's answer is not valid: {0}")]
+    BadAnswer(String),
+    #[error("the keeper refused to claim the VM: {0}")]
+    Refused(String),
+}
+
+/// Asks the keeper at `keeper_sock` to claim this VMM's VM; returns the permit
+/// (epoch, CLOCK_BOOTTIME deadline) it gives.
+pub fn claim(keeper_sock: &Path, api_sock: &Path, timeout: Duration) -> Result<(u64, u64), ClaimError> {
+    let io = |source| ClaimError::Io { path: keeper_sock.to_owned(), source };
+    let stream = UnixStream::connect(keeper_sock).map_err(io)?;
+    stream.set_read_timeout(Some(timeout)).map_err(io)?;
+    stream.set_write_timeout(Some(timeout)).map_err(io)?;
+    let request = ClaimRequest { api_sock: api_sock.to_string_lossy().into_owned() };
+    let mut line = serde_json::to_vec(&request).map_err(|e| ClaimError::BadAnswer(e.to_string()))?;
+    line.push(b'\n');
+    (&stream).write_all(&line).map_err(io)?;
+    let mut answer = String::new();
+    BufReader::new(&stream).read_line(&mut answer).map_err(io)?;
+    let answer: ClaimAnswer = serde_json::from_str(&answer).map_err(|e| ClaimError::BadAnswer(e.to_string()))?;
+    if !answer.ok {
+        return Err(ClaimError::Refused(answer.error.unwrap_or_else(|| "no reason given".into())));
+    }
+    Ok((answer.epoch, answer.until_ms))
 }
 
 #[cfg(test)]

@@ -21,6 +21,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
+/// How long the keeper may take to claim an arriving VM (a store transaction).
+const CLAIM_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Where to listen and what to run the received VM with.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ReceiveArgs {
@@ -45,11 +48,17 @@ pub struct ReceiveArgs {
     /// after the commit it waits, paused, for its host's keeper.
     #[arg(long, requires = "api_sock")]
     pub require_permit: bool,
+    /// With --require-permit: at the commit, ask the keeper listening on this socket to
+    /// claim the VM for this host; the VM runs with the permit it gives, and the commit
+    /// fails (the source keeps the VM) if it refuses.
+    #[arg(long, value_name = "PATH", requires = "require_permit")]
+    pub claim_from: Option<PathBuf>,
 }
 
 /// The VM being received.
 struct Incoming {
     host: HostSide,
+    claim_from: Option<PathBuf>,
     spec: Option<MachineSpec>,
     memory: Option<GuestMemory>,
     /// Host address and length of each RAM region, for writing pages.
@@ -121,8 +130,14 @@ impl DestinationVm for Incoming {
         if machine.fenced() {
             // Under a permit: it runs when its host's keeper permits the new epoch.
             machine.set_run_when_permitted(!self.run.paused);
-            tracing::info!("the VM has arrived; it waits for a run permit");
-            return Ok(());
+            let (Some(keeper), Some(api_sock)) = (&self.claim_from, &self.host.api_sock) else {
+                tracing::info!("the VM has arrived; it waits for a run permit");
+                return Ok(());
+            };
+            let (epoch, until_ms) =
+                crate::permit::claim(keeper, api_sock, CLAIM_TIMEOUT).map_err(|e| crate::process::error_chain(&e))?;
+            tracing::info!(epoch, "the keeper claimed the VM for this host");
+            return machine.grant_permit(epoch, until_ms).map_err(|e| e.to_string());
         }
         if self.run.paused {
             tracing::info!("the VM was paused at the source: it stays paused here");
@@ -178,6 +193,7 @@ pub fn receive_vm(args: &ReceiveArgs) -> i32 {
     let peer = link.peer();
     eprintln!("novacron: receiving a VM from {peer}");
     let mut incoming = Incoming {
+        claim_from: args.claim_from.clone(),
         host: HostSide {
             api_sock: args.api_sock.clone(),
             serial_file: args.serial_file.clone(),
