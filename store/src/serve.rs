@@ -155,6 +155,15 @@ fn result_to_pb(r: OpResult, revision: i64) -> pb::ResponseOp {
     pb::ResponseOp { response: Some(response) }
 }
 
+/// A transaction as a peer sent it, checked: what this store serves, or why not.
+pub fn txn_from_pb(r: pb::TxnRequest) -> Result<Txn, Status> {
+    Ok(Txn {
+        when: r.compare.into_iter().map(compare_from_pb).collect::<Result<_, _>>()?,
+        then: r.success.into_iter().map(op_from_pb).collect::<Result<_, _>>()?,
+        otherwise: r.failure.into_iter().map(op_from_pb).collect::<Result<_, _>>()?,
+    })
+}
+
 #[tonic::async_trait]
 impl pb::kv_server::Kv for StoreService {
     async fn range(&self, request: Request<pb::RangeRequest>) -> Result<Response<pb::RangeResponse>, Status> {
@@ -182,12 +191,7 @@ impl pb::kv_server::Kv for StoreService {
     }
 
     async fn txn(&self, request: Request<pb::TxnRequest>) -> Result<Response<pb::TxnResponse>, Status> {
-        let r = request.into_inner();
-        let txn = Txn {
-            when: r.compare.into_iter().map(compare_from_pb).collect::<Result<_, _>>()?,
-            then: r.success.into_iter().map(op_from_pb).collect::<Result<_, _>>()?,
-            otherwise: r.failure.into_iter().map(op_from_pb).collect::<Result<_, _>>()?,
-        };
+        let txn = txn_from_pb(request.into_inner())?;
         let outcome = self.store.txn(txn).await.map_err(status)?;
         let revision = outcome.revision;
         Ok(Response::new(pb::TxnResponse {
