@@ -3,5 +3,6 @@
 
 pub mod election;
 pub mod keeper;
+pub mod process;
 pub mod records;
 pub mod timing;
