@@ -3,15 +3,22 @@
 //! fails: the new one re-adopts the still-running VMM process, so the guest never notices.
 //! Restarts of one VM's supervisor are bounded (`HostConfig::actor_restarts` within
 //! `HostConfig::actor_restart_window`); past that the host gives that VM up.
+//!
+//! The host never waits on a VM in its own handlers: a request that needs a VmSupervisor's
+//! answer (a stop lasts as long as the guest's shutdown, and a hung VMM as long as the
+//! timeouts) asks it from a task beside the mailbox, and the answer comes back as a
+//! [`HostMsg::Then`] that finishes the request inside the host. So `HostInfo` and `ListVms`
+//! (the cluster's liveness poll) are answered at once whatever a VM does. A VmSupervisor is
+//! started (or restarted, or re-adopts its VMM) the same way.
 
 use crate::process::VmmProcess;
 use crate::spec::{SpecError, VmSpec};
 use crate::store::{DesiredState, Event, EventKind, Store, StoreError, VmRecord};
 use crate::supervisor::policy::{Decision, ProcessExit, RestartPolicy, RestartTracker};
 use crate::vm::{Adopt, Incoming, VmError, VmInfo, VmMsg, VmPaths, VmPhase, VmReport, VmSupervisor, VmSupervisorArgs};
-use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
-use std::collections::BTreeMap;
-use std::path::PathBuf;
+use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, ActorStatus, RpcReplyPort, SupervisionEvent};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tokio::sync::broadcast;
 
@@ -19,6 +26,8 @@ use tokio::sync::broadcast;
 const MAX_SOCKET_PATH: usize = 107;
 /// How long a VmSupervisor may take to answer the host.
 const CHILD_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often records that could not be saved are tried again.
+const FLUSH_EVERY: Duration = Duration::from_secs(5);
 /// Events a slow watcher may fall behind by before it is told it missed some.
 const EVENT_BACKLOG: usize = 4096;
 
@@ -124,6 +133,14 @@ pub enum HostError {
     Spawn { name: String, reason: String },
     #[error("the supervisor of VM {name} did not answer: {reason}")]
     Unresponsive { name: String, reason: String },
+    #[error("the supervisor of VM {0} is starting (taking its VMM process back); try again in a moment")]
+    Restarting(String),
+    #[error("the snapshot in {dir} was written of VM {of}, not of VM {name}; restore it into {of}")]
+    SnapshotOf { dir: PathBuf, of: String, name: String },
+    #[error(
+        "VMM process {pid} serves {socket}, but this host knows no such VM: stop that process (kill {pid}) or choose another name"
+    )]
+    Orphan { pid: u32, socket: PathBuf },
     #[error(transparent)]
     Vm(#[from] VmError),
     #[error("cannot read the host's capacity from {what}")]
@@ -164,6 +181,19 @@ pub enum HostMsg {
     /// Stops a VM if it runs, stops its supervisor, forgets it and frees its capacity.
     /// Answers the VM's last info.
     DeleteVm(String, RpcReplyPort<Result<VmInfo, HostError>>),
+    /// Continues a VM that has no process from the snapshot in `from`; from now on the host
+    /// keeps it running. A snapshot the host wrote of another VM is refused.
+    RestoreVm {
+        name: String,
+        from: PathBuf,
+        reply: RpcReplyPort<Result<VmInfo, HostError>>,
+    },
+    /// A snapshot of VM `name` was written into `dir`: kept, so that it is restored into
+    /// that VM only.
+    SnapshotTaken {
+        name: String,
+        dir: PathBuf,
+    },
     /// Admits a VM arriving by live migration and starts its receiving VMM. It is not
     /// recorded in the store until `Arrived`; if its VMM ends before, it stays `Failed`
     /// until `DeleteVm`.
@@ -193,6 +223,28 @@ pub enum HostMsg {
     /// Sent by a VmSupervisor after every change of its VM.
     #[doc(hidden)]
     VmChanged(VmReport),
+    /// The rest of a request, once a VmSupervisor has answered it beside the mailbox.
+    #[doc(hidden)]
+    Then(Then),
+    /// Tries the records that could not be saved again.
+    #[doc(hidden)]
+    Flush,
+}
+
+/// What a request does with a VmSupervisor's answer, inside the host.
+pub struct Then(Box<dyn ThenFn>);
+
+/// The body of a [`Then`].
+pub trait ThenFn: FnOnce(&ActorRef<HostMsg>, &mut HostState) + Send {}
+impl<F: FnOnce(&ActorRef<HostMsg>, &mut HostState) + Send> ThenFn for F {}
+
+/// A VM's supervisor, as the host holds it.
+enum Supervisor {
+    Running(ActorRef<VmMsg>),
+    /// Being started, restarted or re-adopting the VMM, from a task.
+    Starting,
+    /// The host gave the VM up.
+    GaveUp,
 }
 
 struct VmEntry {
@@ -201,12 +253,10 @@ struct VmEntry {
     /// Arriving by migration: not in the store yet.
     incoming: bool,
     paths: VmPaths,
-    /// `None` once the host gave up restarting its supervisor.
-    actor: Option<ActorRef<VmMsg>>,
+    supervisor: Supervisor,
     last: VmReport,
     /// Restart intensity of this VM's supervisor.
     actor_restarts: RestartTracker,
-    supervisor_restarts: u32,
 }
 
 pub struct HostState {
@@ -217,22 +267,79 @@ pub struct HostState {
     events: broadcast::Sender<(u64, Event)>,
     /// Sequence numbers of events when there is no store.
     event_seq: u64,
+    /// VMs whose record could not be saved last time (tried again every `FLUSH_EVERY`).
+    unsaved: BTreeSet<String>,
+}
+
+/// Answers `reply` with the error and returns, or goes on with the value.
+macro_rules! or_reply {
+    ($result:expr, $reply:expr) => {
+        match $result {
+            Ok(value) => value,
+            Err(e) => {
+                let _ = $reply.send(Err(e));
+                return;
+            }
+        }
+    };
 }
 
 impl HostState {
-    /// Writes a VM's record (when there is a store). A failure is logged: the VM runs on,
-    /// and the next change writes the record again.
-    fn persist(&self, name: &str) {
-        let (Some(store), Some(entry)) = (&self.store, self.vms.get(name)) else { return };
+    /// Saves a VM's record (when there is a store). A failure is the caller's error, and
+    /// the record is tried again later.
+    fn save(&mut self, name: &str) -> Result<(), HostError> {
+        let (Some(store), Some(entry)) = (&self.store, self.vms.get(name)) else {
+            self.unsaved.remove(name);
+            return Ok(());
+        };
         if entry.incoming {
-            return;
+            return Ok(());
         }
         let info = &entry.last.info;
         let record =
             VmRecord { spec: entry.spec.clone(), desired: entry.desired, pid: info.pid, restarts: info.restarts };
-        if let Err(e) = store.put_vm(&record) {
-            tracing::error!(vm = %name, "cannot save the VM's record: {e}");
+        match store.put_vm(&record) {
+            Ok(()) => {
+                self.unsaved.remove(name);
+                Ok(())
+            }
+            Err(e) => {
+                self.unsaved.insert(name.to_string());
+                Err(e.into())
+            }
         }
+    }
+
+    /// As `save`, for what no caller waits on (a new pid, a restart count): a failure is
+    /// logged, the VM runs on, and the record is tried again later.
+    fn persist(&mut self, name: &str) {
+        if let Err(e) = self.save(name) {
+            tracing::error!(vm = %name, "{}; trying again every {FLUSH_EVERY:?}", crate::error_chain(&e));
+        }
+    }
+
+    /// Saves again what could not be saved, until the first failure.
+    fn flush(&mut self) {
+        let names: Vec<String> = self.unsaved.iter().cloned().collect();
+        for name in names {
+            if self.save(&name).is_err() {
+                return;
+            }
+            tracing::info!(vm = %name, "the VM's record is saved again");
+        }
+    }
+
+    /// Sets a VM's desired state and saves it; answers the state before. When it cannot
+    /// be saved, nothing changes.
+    fn set_desired(&mut self, name: &str, desired: DesiredState) -> Result<DesiredState, HostError> {
+        let before = std::mem::replace(&mut self.entry(name)?.desired, desired);
+        if let Err(e) = self.save(name) {
+            if let Some(entry) = self.vms.get_mut(name) {
+                entry.desired = before;
+            }
+            return Err(e);
+        }
+        Ok(before)
     }
 
     /// Records an event in the store and tells the watchers.
@@ -244,7 +351,7 @@ impl HostState {
             Some(store) => match store.append_event(&event) {
                 Ok(seq) => seq,
                 Err(e) => {
-                    tracing::error!(vm, "cannot record an event: {e}");
+                    tracing::error!(vm, "cannot record an event: {}", crate::error_chain(&e));
                     return;
                 }
             },
@@ -300,24 +407,38 @@ impl HostState {
         if paths.socket.as_os_str().len() > MAX_SOCKET_PATH {
             return Err(HostError::SocketPath(paths.socket));
         }
+        // A VMM this host does not know (left by a lost store) would keep the socket.
+        if paths.socket.exists()
+            && let Some(pid) = VmmProcess::serving(&paths.socket)
+        {
+            return Err(HostError::Orphan { pid, socket: paths.socket });
+        }
         Ok(paths)
     }
 
     fn name_of(&self, id: ActorId) -> Option<String> {
-        self.vms.iter().find(|(_, e)| e.actor.as_ref().is_some_and(|a| a.get_id() == id)).map(|(n, _)| n.clone())
+        self.vms
+            .iter()
+            .find(|(_, e)| matches!(&e.supervisor, Supervisor::Running(a) if a.get_id() == id))
+            .map(|(n, _)| n.clone())
     }
 
     fn actor(&self, name: &str) -> Result<ActorRef<VmMsg>, HostError> {
         let entry = self.vms.get(name).ok_or_else(|| HostError::NotFound(name.to_string()))?;
-        entry.actor.clone().ok_or_else(|| HostError::GaveUp {
-            name: name.to_string(),
-            restarts: self.config.actor_restarts,
-            window: self.config.actor_restart_window,
-        })
+        match &entry.supervisor {
+            Supervisor::Running(actor) => Ok(actor.clone()),
+            Supervisor::Starting => Err(HostError::Restarting(name.to_string())),
+            Supervisor::GaveUp => Err(HostError::GaveUp {
+                name: name.to_string(),
+                restarts: self.config.actor_restarts,
+                window: self.config.actor_restart_window,
+            }),
+        }
     }
 }
 
-/// The event a change of phase makes, if any (`Starting` makes none: the boot's outcome does).
+/// The event a change of phase makes, if any (`Starting` and `Stopping` make none: the
+/// outcome does).
 fn phase_event(before: VmPhase, now: VmPhase) -> Option<EventKind> {
     match (before, now) {
         (b, n) if b == n => None,
@@ -326,12 +447,28 @@ fn phase_event(before: VmPhase, now: VmPhase) -> Option<EventKind> {
         (_, VmPhase::Paused) => Some(EventKind::Paused),
         (_, VmPhase::Stopped) => Some(EventKind::Stopped),
         (_, VmPhase::Failed) => Some(EventKind::Failed),
-        (_, VmPhase::Starting) => None,
+        (_, VmPhase::Starting | VmPhase::Stopping) => None,
     }
 }
 
 fn unanswered(name: &str, e: impl std::fmt::Display) -> HostError {
     HostError::Unresponsive { name: name.to_string(), reason: e.to_string() }
+}
+
+/// Asks a VM's supervisor from a task beside the host's mailbox, and finishes with `then`
+/// inside the host once it has answered (or `wait` has passed).
+fn beside<T, M, F>(myself: &ActorRef<HostMsg>, name: &str, actor: ActorRef<VmMsg>, wait: Duration, msg: M, then: F)
+where
+    T: Send + 'static,
+    M: FnOnce(RpcReplyPort<T>) -> VmMsg + Send + 'static,
+    F: FnOnce(&ActorRef<HostMsg>, &mut HostState, Result<T, HostError>) + Send + 'static,
+{
+    let (me, name) = (myself.clone(), name.to_string());
+    tokio::spawn(async move {
+        let answer = ractor::call_t!(actor, msg, wait.as_millis() as u64).map_err(|e| unanswered(&name, e));
+        // A host that stopped meanwhile drops `then`, and with it the caller's reply port.
+        let _ = me.cast(HostMsg::Then(Then(Box::new(move |myself, state| then(myself, state, answer)))));
+    });
 }
 
 pub struct HostSupervisor;
@@ -361,7 +498,8 @@ impl HostSupervisor {
     }
 
     /// Admits `spec`, records it, and starts its supervisor: booting the VM when `start`,
-    /// else holding it `Stopped`. A refusal or a failed start changes nothing.
+    /// else holding it `Stopped`. A refusal or a failed start changes nothing; so does a
+    /// record that cannot be saved.
     async fn create(
         myself: &ActorRef<HostMsg>,
         state: &mut HostState,
@@ -390,7 +528,8 @@ impl HostSupervisor {
         Ok(info)
     }
 
-    /// Starts a VM's supervisor (fresh, or adopting a running VMM) and takes it in.
+    /// Starts a new VM's supervisor and takes it in (a fresh one starts at once: no VMM to
+    /// wait for).
     async fn start_entry(
         myself: &ActorRef<HostMsg>,
         state: &mut HostState,
@@ -405,75 +544,142 @@ impl HostSupervisor {
         let actor = Self::spawn_vm(myself, &state.config, &spec, &paths, adopt, incoming).await?;
         let info = ractor::call_t!(actor, VmMsg::GetInfo, CHILD_CALL_TIMEOUT.as_millis() as u64)
             .map_err(|e| unanswered(&spec.name, e))?;
-        let intensity = RestartPolicy::OnFailure {
-            max_restarts: state.config.actor_restarts,
-            window: state.config.actor_restart_window,
+        let entry = VmEntry {
+            desired,
+            incoming: is_incoming,
+            paths,
+            supervisor: Supervisor::Running(actor),
+            last: VmReport { info: info.clone(), tracker },
+            actor_restarts: RestartTracker::new(Self::intensity(&state.config)),
+            spec,
+        };
+        state.vms.insert(entry.spec.name.clone(), entry);
+        Ok(info)
+    }
+
+    /// The restart intensity of a VM's supervisor, as a restart policy.
+    fn intensity(config: &HostConfig) -> RestartPolicy {
+        RestartPolicy::OnFailure {
+            max_restarts: config.actor_restarts,
+            window: config.actor_restart_window,
             backoff_initial: Duration::ZERO,
             backoff_max: Duration::ZERO,
-        };
-        let last = VmReport { info: info.clone(), tracker };
-        state.vms.insert(
-            spec.name.clone(),
-            VmEntry {
-                spec,
-                desired,
-                incoming: is_incoming,
-                paths,
-                actor: Some(actor),
-                last,
-                actor_restarts: RestartTracker::new(intensity),
-                supervisor_restarts: 0,
-            },
-        );
-        Ok(info)
+        }
     }
 
-    /// Boots a stopped VM and makes running its desired state.
-    async fn start(state: &mut HostState, name: &str) -> Result<VmInfo, HostError> {
-        let actor = state.actor(name)?;
-        let info = ractor::call_t!(actor, VmMsg::Start, CHILD_CALL_TIMEOUT.as_millis() as u64)
-            .map_err(|e| unanswered(name, e))??;
-        let entry = state.entry(name)?;
-        entry.desired = DesiredState::Running;
-        entry.last.info = info.clone();
-        state.persist(name);
-        Ok(info)
+    /// Asks VM `name`'s supervisor beside the mailbox, and answers `reply` with what
+    /// `finish` makes of its answer, inside the host.
+    fn relay<T, M, F>(
+        myself: &ActorRef<HostMsg>,
+        state: &HostState,
+        (name, wait): (String, Duration),
+        msg: M,
+        reply: RpcReplyPort<Result<VmInfo, HostError>>,
+        finish: F,
+    ) where
+        T: Send + 'static,
+        M: FnOnce(RpcReplyPort<T>) -> VmMsg + Send + 'static,
+        F: FnOnce(&mut HostState, &str, Result<T, HostError>) -> Result<VmInfo, HostError> + Send + 'static,
+    {
+        let actor = or_reply!(state.actor(&name), reply);
+        let who = name.clone();
+        beside(myself, &who, actor, wait, msg, move |_, state, answer| {
+            let _ = reply.send(finish(state, &name, answer));
+        });
     }
 
-    /// Shuts a VM down and makes stopped its desired state (written first, so that a host
-    /// that dies during the shutdown does not boot it again).
-    async fn stop(state: &mut HostState, name: &str) -> Result<VmInfo, HostError> {
-        let actor = state.actor(name);
-        state.entry(name)?.desired = DesiredState::Stopped;
-        state.persist(name);
-        let info = match actor {
-            Ok(actor) => {
-                let timeout = state.config.stop_timeout;
-                let wait = timeout + Duration::from_secs(10);
-                ractor::call_t!(actor, |reply| VmMsg::Stop { timeout, reply }, wait.as_millis() as u64)
-                    .map_err(|e| unanswered(name, e))??
+    /// Boots a stopped VM (or continues it from a snapshot) and makes running its desired
+    /// state, saved first: a start that cannot be saved is refused.
+    fn start(
+        myself: &ActorRef<HostMsg>,
+        state: &mut HostState,
+        name: String,
+        from: Option<PathBuf>,
+        reply: RpcReplyPort<Result<VmInfo, HostError>>,
+    ) {
+        or_reply!(state.actor(&name), reply);
+        if let (Some(from), Some(store)) = (&from, &state.store)
+            && let Some(of) = or_reply!(store.snapshot_of(from).map_err(HostError::from), reply)
+            && of != name
+        {
+            let _ = reply.send(Err(HostError::SnapshotOf { dir: from.clone(), of, name }));
+            return;
+        }
+        let before = or_reply!(state.set_desired(&name, DesiredState::Running), reply);
+        let finish = move |state: &mut HostState, name: &str, answer: Result<Result<VmInfo, VmError>, HostError>| {
+            let result = answer.and_then(|r| r.map_err(HostError::from));
+            match (&result, state.vms.get_mut(name)) {
+                (Ok(info), Some(entry)) => entry.last.info = info.clone(),
+                (Err(_), Some(entry)) => entry.desired = before,
+                (_, None) => {}
             }
-            Err(HostError::GaveUp { .. }) => state.entry(name)?.last.info.clone(),
-            Err(e) => return Err(e),
+            state.persist(name);
+            result
         };
-        state.entry(name)?.last.info = info.clone();
-        state.persist(name);
-        Ok(info)
+        let call = (name, CHILD_CALL_TIMEOUT);
+        match from {
+            Some(from) => Self::relay(myself, state, call, |reply| VmMsg::Restore { from, reply }, reply, finish),
+            None => Self::relay(myself, state, call, VmMsg::Start, reply, finish),
+        }
     }
 
-    /// Stops a VM, stops its supervisor and forgets the VM.
-    async fn delete(state: &mut HostState, name: &str) -> Result<VmInfo, HostError> {
-        let info = Self::stop(state, name).await?;
+    /// Shuts a VM down; with `delete`, then forgets it. Its desired state becomes stopped
+    /// first, saved (a host that dies during the shutdown does not boot it again; a stop
+    /// that cannot be saved is refused and the VM runs on).
+    fn stop(
+        myself: &ActorRef<HostMsg>,
+        state: &mut HostState,
+        name: String,
+        delete: bool,
+        reply: RpcReplyPort<Result<VmInfo, HostError>>,
+    ) {
+        let gave_up = match state.actor(&name) {
+            Ok(_) => false,
+            Err(HostError::GaveUp { .. }) => true,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
+        };
+        or_reply!(state.set_desired(&name, DesiredState::Stopped), reply);
+        if gave_up {
+            let result = state.entry(&name).map(|e| e.last.info.clone());
+            let _ = reply.send(result.and_then(|info| Self::stopped(state, &name, info, delete)));
+            return;
+        }
+        let timeout = state.config.stop_timeout;
+        let call = (name, timeout + crate::vm::STOP_OVERHEAD);
+        let msg = move |reply| VmMsg::Stop { timeout, reply };
+        Self::relay(myself, state, call, msg, reply, move |state, name, answer| {
+            let info = answer?.map_err(HostError::from)?;
+            Self::stopped(state, name, info, delete)
+        });
+    }
+
+    /// The end of a stop: the VM's info kept, and with `delete` the VM forgotten (a
+    /// deletion that cannot be saved is an error; the VM stays, stopped).
+    fn stopped(state: &mut HostState, name: &str, info: VmInfo, delete: bool) -> Result<VmInfo, HostError> {
+        state.entry(name)?.last.info = info.clone();
+        if !delete {
+            state.persist(name);
+            return Ok(info);
+        }
         if let Some(store) = &state.store {
             store.delete_vm(name)?;
         }
-        // Removed from the map first, so its supervisor's end is not taken for a failure.
-        if let Some(actor) = state.vms.remove(name).and_then(|e| e.actor) {
-            actor.stop(Some("VM deleted".into()));
-        }
+        Self::forget(state, name, "VM deleted");
         state.event(name, EventKind::Deleted, "stopped and deleted".into());
         tracing::info!(vm = %name, "VM deleted");
         Ok(info)
+    }
+
+    /// Removes a VM from the host (removed from the map first, so that its supervisor's
+    /// end is not taken for a failure).
+    fn forget(state: &mut HostState, name: &str, why: &str) {
+        state.unsaved.remove(name);
+        if let Some(VmEntry { supervisor: Supervisor::Running(actor), .. }) = state.vms.remove(name) {
+            actor.stop(Some(why.into()));
+        }
     }
 
     async fn receive(
@@ -490,33 +696,59 @@ impl HostSupervisor {
         Ok(info)
     }
 
-    async fn arrived(state: &mut HostState, name: &str) -> Result<VmInfo, HostError> {
-        let actor = state.actor(name)?;
-        let info = ractor::call_t!(actor, VmMsg::Arrived, CHILD_CALL_TIMEOUT.as_millis() as u64)
-            .map_err(|e| unanswered(name, e))?;
-        let entry = state.entry(name)?;
-        entry.incoming = false;
-        entry.last.info = info.clone();
-        state.persist(name);
-        state.event(name, EventKind::MigratedIn, "arrived by live migration".into());
-        Ok(info)
+    fn arrived(
+        myself: &ActorRef<HostMsg>,
+        state: &HostState,
+        name: String,
+        reply: RpcReplyPort<Result<VmInfo, HostError>>,
+    ) {
+        let call = (name, CHILD_CALL_TIMEOUT * 2);
+        Self::relay(myself, state, call, VmMsg::Arrived, reply, |state, name, answer| {
+            let info = answer?;
+            let entry = state.entry(name)?;
+            entry.incoming = false;
+            entry.last.info = info.clone();
+            state.save(name)?;
+            state.event(name, EventKind::MigratedIn, "arrived by live migration".into());
+            Ok(info)
+        });
     }
 
-    async fn departed(state: &mut HostState, name: &str) -> Result<VmInfo, HostError> {
-        let actor = state.actor(name)?;
-        let info = ractor::call_t!(actor, VmMsg::GetInfo, CHILD_CALL_TIMEOUT.as_millis() as u64)
-            .map_err(|e| unanswered(name, e))?;
-        if info.pid.is_some() {
-            return Err(HostError::Vm(VmError::Busy { name: name.into(), phase: info.phase, what: "forget" }));
-        }
-        if let Some(store) = &state.store {
-            store.delete_vm(name)?;
-        }
-        if let Some(actor) = state.vms.remove(name).and_then(|e| e.actor) {
-            actor.stop(Some("VM migrated away".into()));
-        }
-        state.event(name, EventKind::MigratedOut, "left by live migration".into());
-        Ok(info)
+    fn departed(
+        myself: &ActorRef<HostMsg>,
+        state: &HostState,
+        name: String,
+        reply: RpcReplyPort<Result<VmInfo, HostError>>,
+    ) {
+        Self::relay(myself, state, (name, CHILD_CALL_TIMEOUT), VmMsg::GetInfo, reply, |state, name, answer| {
+            let info = answer?;
+            if info.pid.is_some() {
+                return Err(HostError::Vm(VmError::Busy { name: name.into(), phase: info.phase, what: "forget" }));
+            }
+            if let Some(store) = &state.store {
+                store.delete_vm(name)?;
+            }
+            Self::forget(state, name, "VM migrated away");
+            state.event(name, EventKind::MigratedOut, "left by live migration".into());
+            Ok(info)
+        });
+    }
+
+    /// One VM, fresh from its supervisor (asked from a task); its last report while the
+    /// supervisor does not answer, is starting, or was given up.
+    fn get_vm(state: &HostState, name: String, reply: RpcReplyPort<Result<VmInfo, HostError>>) {
+        let Some(last) = state.vms.get(&name).map(|e| e.last.info.clone()) else {
+            let _ = reply.send(Err(HostError::NotFound(name)));
+            return;
+        };
+        let Ok(actor) = state.actor(&name) else {
+            let _ = reply.send(Ok(last));
+            return;
+        };
+        tokio::spawn(async move {
+            let info = ractor::call_t!(actor, VmMsg::GetInfo, CHILD_CALL_TIMEOUT.as_millis() as u64).unwrap_or(last);
+            let _ = reply.send(Ok(info));
+        });
     }
 
     fn events(state: &HostState, after: u64, limit: usize) -> Result<EventFeed, HostError> {
@@ -530,14 +762,12 @@ impl HostSupervisor {
         Ok(EventFeed { past, live: receiver })
     }
 
-    /// A VmSupervisor died (`why`): restart it in adopt mode, within the restart intensity.
-    async fn child_died(myself: &ActorRef<HostMsg>, state: &mut HostState, cell: &ActorCell, why: &str) {
-        let Some(name) = state.name_of(cell.get_id()) else {
-            return; // a VM that was stopped and removed on purpose
-        };
+    /// A VM's supervisor ended (`why`): started again in adopt mode, within the restart
+    /// intensity; past it, the host gives the VM up.
+    fn restart_supervisor(myself: &ActorRef<HostMsg>, state: &mut HostState, name: &str, why: &str) {
         let config = state.config.clone();
-        let Some(entry) = state.vms.get_mut(&name) else { return };
-        entry.actor = None;
+        let Some(entry) = state.vms.get_mut(name) else { return };
+        entry.supervisor = Supervisor::Starting;
         // The intensity tracker sees every supervisor death as a failure.
         if entry.actor_restarts.on_exit(ProcessExit::Unknown, Instant::now()) == Decision::GiveUp {
             tracing::error!(
@@ -549,56 +779,126 @@ impl HostSupervisor {
             Self::give_up(entry);
             return;
         }
-        entry.supervisor_restarts += 1;
         let adopt = entry.last.adopt();
         tracing::warn!(vm = %name, pid = ?adopt.pid, "its supervisor failed ({why}); restarting it to re-adopt the VM");
-        match Self::spawn_vm(myself, &config, &entry.spec, &entry.paths, Some(adopt), None).await {
-            Ok(actor) => entry.actor = Some(actor),
+        Self::start_supervisor(myself, &config, entry, adopt, false);
+    }
+
+    /// Starts a VM's supervisor in adopt mode from a task (adopting waits on the VMM's
+    /// control socket, up to `vm::ADOPT_TIMEOUT` for a VMM that does not answer); the
+    /// supervisor is the VM's once `supervisor_started` runs.
+    fn start_supervisor(myself: &ActorRef<HostMsg>, config: &HostConfig, entry: &VmEntry, adopt: Adopt, readopt: bool) {
+        let (me, config, spec, paths) = (myself.clone(), config.clone(), entry.spec.clone(), entry.paths.clone());
+        let hint = adopt.pid;
+        tokio::spawn(async move {
+            let started = match Self::spawn_vm(&me, &config, &spec, &paths, Some(adopt), None).await {
+                Ok(actor) => match ractor::call_t!(actor, VmMsg::GetInfo, CHILD_CALL_TIMEOUT.as_millis() as u64) {
+                    Ok(info) => Ok((actor, info)),
+                    Err(e) => {
+                        actor.stop(None);
+                        Err(unanswered(&spec.name, e))
+                    }
+                },
+                Err(e) => Err(e),
+            };
+            let then = move |myself: &ActorRef<HostMsg>, state: &mut HostState| {
+                Self::supervisor_started(myself, state, &spec.name, started, hint, readopt);
+            };
+            let _ = me.cast(HostMsg::Then(Then(Box::new(then))));
+        });
+    }
+
+    fn supervisor_started(
+        myself: &ActorRef<HostMsg>,
+        state: &mut HostState,
+        name: &str,
+        started: Result<(ActorRef<VmMsg>, VmInfo), HostError>,
+        hint: Option<u32>,
+        readopt: bool,
+    ) {
+        let Some(entry) = state.vms.get_mut(name) else {
+            if let Ok((actor, _)) = started {
+                actor.stop(Some("VM deleted".into()));
+            }
+            return;
+        };
+        match started {
+            // It ended before the host took it (its end was not known as this VM's yet).
+            Ok((actor, _)) if matches!(actor.get_status(), ActorStatus::Stopping | ActorStatus::Stopped) => {
+                Self::restart_supervisor(myself, state, name, "it ended right after it started");
+            }
+            Ok((actor, info)) => {
+                entry.supervisor = Supervisor::Running(actor);
+                if readopt {
+                    let what = match (info.pid.is_some() && info.pid == hint, hint) {
+                        (true, _) => "re-adopted its running VMM process",
+                        (false, Some(_)) => "its VMM process was gone",
+                        (false, None) => "taken back",
+                    };
+                    tracing::info!(vm = %name, pid = ?info.pid, "{what}");
+                    state.persist(name);
+                    state.event(name, EventKind::Adopted, what.into());
+                }
+            }
             Err(e) => {
-                tracing::error!(vm = %name, "cannot restart its supervisor: {e}; giving up on this VM");
+                tracing::error!(vm = %name, "cannot start its supervisor: {e}; giving up on this VM");
                 Self::give_up(entry);
+                if readopt {
+                    state.event(name, EventKind::Failed, format!("cannot take it back: {e}"));
+                }
             }
         }
     }
 
-    /// Takes back every VM of the store: a VMM process still running it is adopted (the
-    /// guest never notices the host's restart); a VM whose process ended meanwhile goes to
-    /// its restart policy as an exit while nobody watched.
-    async fn readopt(myself: &ActorRef<HostMsg>, state: &mut HostState) -> Result<(), HostError> {
+    /// Takes back every VM of the store, each from a task: a VMM process still running it
+    /// is adopted (the guest never notices the host's restart); a VM whose process ended
+    /// meanwhile goes to its restart policy as an exit while nobody watched. Until its
+    /// supervisor runs, a VM is listed as the store last knew it. VMMs in the runtime
+    /// directory that no VM of the store names are reported.
+    fn readopt(myself: &ActorRef<HostMsg>, state: &mut HostState) -> Result<(), HostError> {
         let Some(store) = &state.store else { return Ok(()) };
         let records = store.list_vms()?;
         for record in records {
-            let name = record.spec.name.clone();
             let paths = VmPaths::new(&state.config.runtime_dir, &record.spec);
             let phase = match (record.pid, record.desired) {
                 (Some(_), _) => VmPhase::Running,
                 (None, DesiredState::Running) => VmPhase::Starting,
                 (None, DesiredState::Stopped) => VmPhase::Stopped,
             };
-            let adopt = Adopt {
-                pid: record.pid,
+            let tracker = RestartTracker::new(record.spec.restart);
+            let adopt =
+                Adopt { pid: record.pid, phase, restarts: record.restarts, last_exit: None, tracker: tracker.clone() };
+            let info = VmInfo {
+                name: record.spec.name.clone(),
                 phase,
+                pid: record.pid,
                 restarts: record.restarts,
                 last_exit: None,
-                tracker: RestartTracker::new(record.spec.restart),
+                error: None,
+                socket: paths.socket.clone(),
+                serial_log: paths.serial.clone(),
+                spec: record.spec.clone(),
             };
-            match Self::start_entry(myself, state, record.spec.clone(), record.desired, paths, Some(adopt), None).await
-            {
-                Ok(info) => {
-                    let same = info.pid.is_some() && info.pid == record.pid;
-                    let what = match (same, record.pid) {
-                        (true, _) => "re-adopted its running VMM process",
-                        (false, Some(_)) => "its VMM process was gone",
-                        (false, None) => "taken back",
-                    };
-                    tracing::info!(vm = %name, pid = ?info.pid, "{what}");
-                    state.persist(&name);
-                    state.event(&name, EventKind::Adopted, what.into());
-                }
-                Err(e) => {
-                    tracing::error!(vm = %name, "cannot take the VM back: {e}");
-                    state.event(&name, EventKind::Failed, format!("cannot take it back: {e}"));
-                }
+            let entry = VmEntry {
+                spec: record.spec,
+                desired: record.desired,
+                incoming: false,
+                paths,
+                supervisor: Supervisor::Starting,
+                last: VmReport { info, tracker },
+                actor_restarts: RestartTracker::new(Self::intensity(&state.config)),
+            };
+            Self::start_supervisor(myself, &state.config, &entry, adopt, true);
+            state.vms.insert(entry.spec.name.clone(), entry);
+        }
+        let known: BTreeSet<&Path> = state.vms.values().map(|e| e.paths.socket.as_path()).collect();
+        for (pid, socket) in VmmProcess::running_in(&state.config.runtime_dir) {
+            if !known.contains(socket.as_path()) {
+                tracing::error!(
+                    pid,
+                    socket = %socket.display(),
+                    "a VMM process runs that no VM of the state store names: nobody supervises it; stop it (kill {pid}) or restore the store it belongs to"
+                );
             }
         }
         Ok(())
@@ -613,9 +913,31 @@ impl HostSupervisor {
         {
             let _ = process.signal(libc::SIGKILL);
         }
+        entry.supervisor = Supervisor::GaveUp;
         entry.last.info.pid = None;
         entry.last.info.phase = VmPhase::Failed;
         entry.last.info.error = Some("its supervisor kept failing; the host gave up on it".into());
+    }
+
+    fn vm_changed(state: &mut HostState, report: VmReport) {
+        let Some(entry) = state.vms.get_mut(&report.info.name) else { return };
+        let before = std::mem::replace(&mut entry.last, report).info;
+        let now = entry.last.info.clone();
+        if now.pid != before.pid || now.restarts != before.restarts {
+            state.persist(&now.name);
+        }
+        if now.restarts > before.restarts {
+            let exit = now.last_exit.map_or_else(|| "an unknown exit".to_string(), |e| e.to_string());
+            state.event(&now.name, EventKind::Restarted, format!("restart {} after {exit}", now.restarts));
+        }
+        if let Some(kind) = phase_event(before.phase, now.phase) {
+            let message = match (&now.error, now.last_exit) {
+                (Some(error), _) => format!("{}: {error}", now.phase),
+                (None, Some(exit)) if kind != EventKind::Paused => format!("{} ({exit})", now.phase),
+                _ => now.phase.to_string(),
+            };
+            state.event(&now.name, kind, message);
+        }
     }
 }
 
@@ -625,8 +947,7 @@ impl Actor for HostSupervisor {
     type Arguments = HostConfig;
 
     async fn pre_start(&self, myself: ActorRef<HostMsg>, config: HostConfig) -> Result<HostState, ActorProcessingErr> {
-        std::fs::create_dir_all(&config.runtime_dir)
-            .map_err(|source| HostError::RuntimeDir { path: config.runtime_dir.clone(), source })?;
+        create_runtime_dir(&config.runtime_dir)?;
         if !config.vmm_binary.is_file() {
             return Err(HostError::VmmBinary(config.vmm_binary.clone()).into());
         }
@@ -636,9 +957,13 @@ impl Actor for HostSupervisor {
         };
         tracing::info!(vcpus = capacity.vcpus, mem_mib = capacity.mem_mib, "host supervisor started");
         let store = config.data_dir.as_deref().map(Store::open).transpose()?;
+        if store.is_some() {
+            myself.send_interval(FLUSH_EVERY, || HostMsg::Flush);
+        }
         let (events, _) = broadcast::channel(EVENT_BACKLOG);
-        let mut state = HostState { config, capacity, vms: BTreeMap::new(), store, events, event_seq: 0 };
-        Self::readopt(&myself, &mut state).await?;
+        let mut state =
+            HostState { config, capacity, vms: BTreeMap::new(), store, events, event_seq: 0, unsaved: BTreeSet::new() };
+        Self::readopt(&myself, &mut state)?;
         Ok(state)
     }
 
@@ -655,75 +980,38 @@ impl Actor for HostSupervisor {
             HostMsg::DefineVm(spec, reply) => {
                 let _ = reply.send(Self::create(&myself, state, spec, false).await);
             }
-            HostMsg::StartVm(name, reply) => {
-                let _ = reply.send(Self::start(state, &name).await);
-            }
-            HostMsg::StopVm(name, reply) => {
-                let _ = reply.send(Self::stop(state, &name).await);
-            }
-            HostMsg::DeleteVm(name, reply) => {
-                let _ = reply.send(Self::delete(state, &name).await);
+            HostMsg::StartVm(name, reply) => Self::start(&myself, state, name, None, reply),
+            HostMsg::RestoreVm { name, from, reply } => Self::start(&myself, state, name, Some(from), reply),
+            HostMsg::StopVm(name, reply) => Self::stop(&myself, state, name, false, reply),
+            HostMsg::DeleteVm(name, reply) => Self::stop(&myself, state, name, true, reply),
+            HostMsg::SnapshotTaken { name, dir } => {
+                if let Some(store) = &state.store
+                    && let Err(e) = store.put_snapshot(&dir, &name)
+                {
+                    tracing::error!(vm = %name, dir = %dir.display(), "cannot record whose snapshot it is: {}", crate::error_chain(&e));
+                }
             }
             HostMsg::ReceiveVm { spec, incoming, reply } => {
                 let _ = reply.send(Self::receive(&myself, state, spec, incoming).await);
             }
-            HostMsg::Arrived(name, reply) => {
-                let _ = reply.send(Self::arrived(state, &name).await);
-            }
-            HostMsg::Departed(name, reply) => {
-                let _ = reply.send(Self::departed(state, &name).await);
-            }
+            HostMsg::Arrived(name, reply) => Self::arrived(&myself, state, name, reply),
+            HostMsg::Departed(name, reply) => Self::departed(&myself, state, name, reply),
             HostMsg::Events { after, limit, reply } => {
                 let _ = reply.send(Self::events(state, after, limit));
             }
             HostMsg::ListVms(reply) => {
                 let _ = reply.send(state.vms.values().map(|e| e.last.info.clone()).collect());
             }
-            HostMsg::GetVm(name, reply) => {
-                let result = match state.actor(&name) {
-                    // A supervisor that just died answers nothing until it is restarted:
-                    // its last report stands in.
-                    Ok(actor) => match ractor::call_t!(actor, VmMsg::GetInfo, CHILD_CALL_TIMEOUT.as_millis() as u64) {
-                        Ok(info) => Ok(info),
-                        Err(e) => state
-                            .vms
-                            .get(&name)
-                            .map(|entry| entry.last.info.clone())
-                            .ok_or_else(|| unanswered(&name, e)),
-                    },
-                    Err(HostError::GaveUp { .. }) => {
-                        state.vms.get(&name).map(|e| e.last.info.clone()).ok_or(HostError::NotFound(name))
-                    }
-                    Err(e) => Err(e),
-                };
-                let _ = reply.send(result);
-            }
+            HostMsg::GetVm(name, reply) => Self::get_vm(state, name, reply),
             HostMsg::VmActor(name, reply) => {
                 let _ = reply.send(state.actor(&name));
             }
             HostMsg::HostInfo(reply) => {
                 let _ = reply.send(state.info());
             }
-            HostMsg::VmChanged(report) => {
-                let Some(entry) = state.vms.get_mut(&report.info.name) else { return Ok(()) };
-                let before = std::mem::replace(&mut entry.last, report).info;
-                let now = entry.last.info.clone();
-                if now.pid != before.pid || now.restarts != before.restarts {
-                    state.persist(&now.name);
-                }
-                if now.restarts > before.restarts {
-                    let exit = now.last_exit.map_or_else(|| "an unknown exit".to_string(), |e| e.to_string());
-                    state.event(&now.name, EventKind::Restarted, format!("restart {} after {exit}", now.restarts));
-                }
-                if let Some(kind) = phase_event(before.phase, now.phase) {
-                    let message = match (&now.error, now.last_exit) {
-                        (Some(error), _) => format!("{}: {error}", now.phase),
-                        (None, Some(exit)) if kind != EventKind::Paused => format!("{} ({exit})", now.phase),
-                        _ => now.phase.to_string(),
-                    };
-                    state.event(&now.name, kind, message);
-                }
-            }
+            HostMsg::VmChanged(report) => Self::vm_changed(state, report),
+            HostMsg::Then(Then(then)) => then(&myself, state),
+            HostMsg::Flush => state.flush(),
         }
         Ok(())
     }
@@ -735,16 +1023,26 @@ impl Actor for HostSupervisor {
         state: &mut HostState,
     ) -> Result<(), ActorProcessingErr> {
         // Overridden on purpose: ractor's default stops the supervisor when a child fails.
-        match event {
-            SupervisionEvent::ActorFailed(cell, err) => {
-                Self::child_died(&myself, state, &cell, &format!("failed: {err}")).await;
-            }
+        let (cell, why) = match event {
+            SupervisionEvent::ActorFailed(cell, err) => (cell, format!("failed: {err}")),
             SupervisionEvent::ActorTerminated(cell, _, reason) => {
-                let why = format!("terminated: {}", reason.as_deref().unwrap_or("no reason"));
-                Self::child_died(&myself, state, &cell, &why).await;
+                (cell, format!("terminated: {}", reason.as_deref().unwrap_or("no reason")))
             }
-            SupervisionEvent::ActorStarted(_) | SupervisionEvent::ProcessGroupChanged(_) => {}
+            SupervisionEvent::ActorStarted(_) | SupervisionEvent::ProcessGroupChanged(_) => return Ok(()),
+        };
+        // A VM that was stopped and removed on purpose is not in the map any more.
+        if let Some(name) = state.name_of(cell.get_id()) {
+            Self::restart_supervisor(&myself, state, &name, &why);
         }
         Ok(())
     }
+}
+
+/// The runtime directory, readable by the daemon's user only: it holds the VMs' control
+/// sockets (whoever can connect commands the VMM), consoles and logs.
+fn create_runtime_dir(dir: &Path) -> Result<(), HostError> {
+    use std::os::unix::fs::PermissionsExt;
+    let fail = |source| HostError::RuntimeDir { path: dir.to_owned(), source };
+    std::fs::create_dir_all(dir).map_err(fail)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(fail)
 }
