@@ -91,12 +91,9 @@ pub enum DaemonError {
     Join { addr: String, reason: String },
     #[error(transparent)]
     Store(#[from] novacron_actors::store::StoreError),
-    #[error("refusing to start; {advice}")]
-    Untrusted {
-        advice: String,
-        #[source]
-        source: Box<novacron_actors::store::StoreError>,
-    },
+    /// Shown whole (the store's error first): its kinds carry no deeper cause.
+    #[error("{store}; refusing to start: {advice}")]
+    Untrusted { store: Box<novacron_actors::store::StoreError>, advice: String },
     #[error("--listen {0} is not a concrete address other hosts can reach; give an IP, e.g. 10.0.0.5:7700")]
     Unreachable(SocketAddr),
 }
@@ -157,7 +154,7 @@ fn check_store(data_dir: &Path) -> Result<(), DaemonError> {
         Ok(_) => Ok(()),
         Err(source) if source.is_damaged() => {
             let advice = untrusted_advice(&data_dir.join(RUNTIME_SUBDIR), &data_dir.join(STORE_FILE));
-            Err(DaemonError::Untrusted { advice, source: Box::new(source) })
+            Err(DaemonError::Untrusted { store: Box::new(source), advice })
         }
         Err(e) => Err(e.into()),
     }
@@ -193,9 +190,10 @@ fn untrusted_advice(runtime_dir: &Path, store: &Path) -> String {
         })
         .collect();
     let pids: Vec<String> = running.iter().filter_map(|(_, pid)| pid.map(|p| p.to_string())).collect();
+    let (count, verb) =
+        if running.len() == 1 { ("1 VMM".to_string(), "runs") } else { (format!("{} VMMs", running.len()), "run") };
     format!(
-        "{} VMM(s) of this data dir still run: {}; a new store would not know them: restore {} from a backup, or stop them (kill {}) and move it away",
-        running.len(),
+        "{count} of this data dir still {verb}: {}; a new store would not know them: restore {} from a backup, or stop them (kill {}) and move it away",
         listed.join(", "),
         store.display(),
         pids.join(" ")
