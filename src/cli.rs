@@ -268,16 +268,10 @@ pub fn main() -> i32 {
         Command::Daemon(_) => init_logging_at(tracing::Level::INFO),
         _ => init_logging(),
     }
-    if matches!(cli.command, Command::Vm(_) | Command::Host(_) | Command::Events(_)) {
-        // A client ends quietly, like other Unix tools, when the reader of its output
-        // goes away (`novacron vm list | head`). Only clients: a daemon or a VMM must
-        // not die because a peer closed a socket, so they keep Rust's default (ignored).
-        // SAFETY: setting a signal's disposition is async-signal-safe; no other thread
-        // runs yet.
-        unsafe {
-            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-        }
-    }
+    // SIGPIPE keeps Rust's disposition (ignored) in every command: a socket the peer
+    // closed is then an error the command reports in one line, not a silent death. A
+    // client whose stdout reader went away (`novacron vm list | head`) still ends quietly:
+    // see `remote::out_line`.
     match cli.command {
         Command::Demo(args) => crate::demo::run(&args),
         Command::Vmm(cmd) => vmm_command(cmd, cli.remote.output()),

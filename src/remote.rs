@@ -13,6 +13,29 @@ use std::time::Duration;
 const EXIT_FAILED: i32 = 1;
 const EXIT_USAGE: i32 = 2;
 
+/// `println!` for the commands' output, without its panic: see [`out_line`].
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::remote::out_line(format_args!($($arg)*))
+    };
+}
+
+/// Writes a line on stdout. When its reader has gone (`novacron vm list | head`) the
+/// command ends quietly with status 0, as it would have by SIGPIPE; another failure (a full
+/// disk) is one line on stderr and status 1. SIGPIPE itself stays ignored, so that a
+/// connection the daemon closes is an error with a message, never a silent death.
+pub fn out_line(line: std::fmt::Arguments) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout.write_fmt(line).and_then(|()| stdout.write_all(b"\n")) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        let _ = writeln!(std::io::stderr(), "novacron: cannot write the output: {e}");
+        std::process::exit(EXIT_FAILED);
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Output {
     Table,
@@ -340,19 +363,25 @@ fn status_text(s: &tonic::Status) -> String {
 }
 
 fn print_json<T: serde::Serialize>(value: &T) {
-    println!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
+    out!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
 }
 
 fn vm_table(vms: &[pb::Vm]) {
-    println!(
+    out!(
         "{:<20} {:<9} {:>5} {:>9} {:>8} {:>8}  {:<12} LAST EXIT",
-        "NAME", "PHASE", "VCPUS", "MEMORY", "PID", "RESTARTS", "HOST"
+        "NAME",
+        "PHASE",
+        "VCPUS",
+        "MEMORY",
+        "PID",
+        "RESTARTS",
+        "HOST"
     );
     for vm in vms {
         let spec = vm.spec.clone().unwrap_or_default();
         let pid = if vm.pid == 0 { "-".to_string() } else { vm.pid.to_string() };
         let last = if vm.error.is_empty() { vm.last_exit.clone() } else { vm.error.clone() };
-        println!(
+        out!(
             "{:<20} {:<9} {:>5} {:>9} {:>8} {:>8}  {:<12} {}",
             spec.name,
             vm.phase,
@@ -373,16 +402,13 @@ fn show_vm(vm: &pb::Vm, output: Output) {
             vm_table(std::slice::from_ref(vm));
             let spec = vm.spec.clone().unwrap_or_default();
             let restart = spec.restart.unwrap_or_default();
-            println!("restart policy: {}", restart.kind);
+            out!("restart policy: {}", restart.kind);
             if !spec.cmdline.is_empty() {
-                println!("command line:   {}", spec.cmdline);
+                out!("command line:   {}", spec.cmdline);
             }
-            println!(
-                "kernel:         {}",
-                if spec.kernel.is_empty() { "the bundled test guest" } else { &spec.kernel }
-            );
-            println!("serial log:     {}", vm.serial_log);
-            println!("control socket: {}", vm.control_socket);
+            out!("kernel:         {}", if spec.kernel.is_empty() { "the bundled test guest" } else { &spec.kernel });
+            out!("serial log:     {}", vm.serial_log);
+            out!("control socket: {}", vm.control_socket);
         }
     }
 }
@@ -397,7 +423,7 @@ fn operation_line(op: &pb::Operation) -> String {
 fn print_operation(op: &pb::Operation, output: Output) {
     match output {
         Output::Json => print_json(op),
-        Output::Table => println!("{}", operation_line(op)),
+        Output::Table => out!("{}", operation_line(op)),
     }
 }
 
@@ -451,7 +477,7 @@ pub fn vm(remote: &Remote, cmd: VmCommand) -> i32 {
     let output = remote.output;
     let print = move |vm: pb::Vm, done: &str| match output {
         Output::Json => print_json(&vm),
-        Output::Table => println!("VM {} {done} ({})", vm.spec.unwrap_or_default().name, vm.phase),
+        Output::Table => out!("VM {} {done} ({})", vm.spec.unwrap_or_default().name, vm.phase),
     };
     match cmd {
         VmCommand::Create(a) => {
@@ -576,14 +602,19 @@ pub fn host(remote: &Remote, cmd: HostCommand) -> i32 {
             match output {
                 Output::Json => print_json(&cluster.hosts),
                 Output::Table => {
-                    println!(
+                    out!(
                         "{:<16} {:<22} {:<8} {:>11} {:>19} {:>5}  LABELS",
-                        "NAME", "ADDRESS", "STATE", "VCPUS USED", "MEMORY USED", "VMS"
+                        "NAME",
+                        "ADDRESS",
+                        "STATE",
+                        "VCPUS USED",
+                        "MEMORY USED",
+                        "VMS"
                     );
                     for h in &cluster.hosts {
                         let mut labels: Vec<String> = h.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
                         labels.sort();
-                        println!(
+                        out!(
                             "{:<16} {:<22} {:<8} {:>11} {:>19} {:>5}  {}{}",
                             h.name,
                             h.address,
@@ -609,9 +640,9 @@ pub fn events(remote: &Remote, a: EventsArgs) -> i32 {
         let mut stream = c.watch_events(request).await?.into_inner();
         while let Some(e) = stream.message().await? {
             match output {
-                Output::Json => println!("{}", serde_json::to_string(&e).unwrap_or_default()),
+                Output::Json => out!("{}", serde_json::to_string(&e).unwrap_or_default()),
                 Output::Table => {
-                    println!("{:>6} {} {:<12} {:<10} {:<20} {}", e.seq, time(e.at_ms), e.host, e.kind, e.vm, e.message)
+                    out!("{:>6} {} {:<12} {:<10} {:<20} {}", e.seq, time(e.at_ms), e.host, e.kind, e.vm, e.message)
                 }
             }
         }

@@ -66,10 +66,7 @@ impl VmmProcess {
     /// supervisor's terminal or process group never reach it: the guest outlives the
     /// daemon.
     pub fn spawn(launch: &Launch) -> Result<Self, ProcessError> {
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&launch.log)
+        let log = private_file(&launch.log, false)
             .map_err(|source| ProcessError::Log { path: launch.log.clone(), source })?;
         let mut cmd = Command::new(&launch.binary);
         cmd.args(&launch.args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
@@ -99,6 +96,32 @@ impl VmmProcess {
         want.extend_from_slice(socket.as_os_str().as_encoded_bytes());
         want.push(0);
         cmdline.windows(want.len()).any(|w| w == want.as_slice())
+    }
+
+    /// Every running VMM whose control socket (`--api-sock`) is in `dir`, as (pid, socket):
+    /// the VMMs of a runtime directory, whether or not a host knows them.
+    pub fn running_in(dir: &Path) -> Vec<(u32, PathBuf)> {
+        let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+        let mut found: Vec<(u32, PathBuf)> = entries
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+            .filter_map(|pid| {
+                // A zombie's command line is empty: it runs nothing any more.
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+                let mut args = cmdline.split(|b| *b == 0);
+                args.find(|a| *a == b"--api-sock")?;
+                let socket = PathBuf::from(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(args.next()?));
+                (socket.parent() == Some(dir)).then_some((pid, socket))
+            })
+            .collect();
+        found.sort();
+        found
+    }
+
+    /// The VMM serving `socket`, if one runs.
+    pub fn serving(socket: &Path) -> Option<u32> {
+        let dir = socket.parent()?;
+        Self::running_in(dir).into_iter().find(|(_, s)| s == socket).map(|(pid, _)| pid)
     }
 
     pub fn pid(&self) -> u32 {
@@ -186,6 +209,17 @@ impl VmmProcess {
         }
         Ok(())
     }
+}
+
+/// Opens `path` for appending (or truncated, with `truncate`), readable by its owner only,
+/// also when it existed with another mode: a VMM's log and console show what the guest and
+/// the VMM say, which is nobody else's business.
+pub fn private_file(path: &Path, truncate: bool) -> io::Result<std::fs::File> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let file =
+        OpenOptions::new().create(true).append(!truncate).write(true).truncate(truncate).mode(0o600).open(path)?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    Ok(file)
 }
 
 fn pidfd_open(pid: u32) -> Result<OwnedFd, ProcessError> {

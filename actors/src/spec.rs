@@ -2,6 +2,8 @@
 
 use crate::supervisor::policy::RestartPolicy;
 use novacron_vmm::arch::x86_64::layout::CMDLINE_MAX_SIZE;
+use novacron_vmm::boot::loader::MAX_KERNEL_SIZE;
+use novacron_vmm::boot::{LoadError, load_kernel};
 use novacron_vmm::config::{MAX_VCPUS, MIN_MEM_MIB};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -97,6 +99,9 @@ impl VmSpec {
         if self.cmdline.len() >= CMDLINE_MAX_SIZE {
             return Err(SpecError::Cmdline { len: self.cmdline.len(), max: CMDLINE_MAX_SIZE - 1 });
         }
+        if let Some(at) = self.cmdline.bytes().position(|b| b == 0) {
+            return Err(SpecError::CmdlineNul { at });
+        }
         if let Some(kernel) = &self.kernel
             && !kernel.is_file()
         {
@@ -108,6 +113,32 @@ impl VmSpec {
             return Err(SpecError::Policy);
         }
         self.placement.validate()
+    }
+
+    /// Checks that the kernel file is one the VMM can boot in this VM, by loading it as the
+    /// VMM would (into a scratch guest memory of the VM's size: pages are only touched
+    /// where the kernel goes). It reads the whole file: call it off the async threads. The
+    /// error says what kind of file it is not, never its bytes (the daemon may read files
+    /// the caller cannot).
+    pub fn check_kernel(&self) -> Result<(), SpecError> {
+        let Some(path) = &self.kernel else { return Ok(()) };
+        let unusable = |reason: String| SpecError::KernelUnusable { path: path.clone(), reason };
+        let len = std::fs::metadata(path).map_err(|e| unusable(e.to_string()))?.len();
+        if len > MAX_KERNEL_SIZE {
+            return Err(unusable(format!(
+                "it is {} MiB, more than the {} MiB a kernel may be",
+                len >> 20,
+                MAX_KERNEL_SIZE >> 20
+            )));
+        }
+        let image = std::fs::read(path).map_err(|e| unusable(e.to_string()))?;
+        let memory =
+            novacron_vmm::vstate::memory::create(self.mem_mib << 20).map_err(|e| unusable(crate::error_chain(&e)))?;
+        match load_kernel(&memory, &image) {
+            Ok(_) => Ok(()),
+            Err(LoadError::NotAKernel(_)) => Err(SpecError::NotAKernel(path.clone())),
+            Err(e) => Err(unusable(e.to_string())),
+        }
     }
 }
 
@@ -136,8 +167,14 @@ pub enum SpecError {
     Memory { mem_mib: u64, min: u64, max: u64 },
     #[error("the kernel command line is {len} bytes; at most {max} fit")]
     Cmdline { len: usize, max: usize },
+    #[error("the kernel command line has a NUL byte (at byte {at}); the kernel would see only what comes before it")]
+    CmdlineNul { at: usize },
     #[error("kernel {0} is not a file; give an existing kernel path or none for the test guest")]
     Kernel(PathBuf),
+    #[error("kernel {0} is not a kernel: give an ELF (vmlinux or PVH) or a Linux bzImage, or none for the test guest")]
+    NotAKernel(PathBuf),
+    #[error("kernel {path} cannot be booted: {reason}")]
+    KernelUnusable { path: PathBuf, reason: String },
     #[error(
         "an on-failure restart policy needs max_restarts of at least 1 and a window longer than 0 (use `never` for no restarts)"
     )]
@@ -197,5 +234,32 @@ mod tests {
         assert_eq!(spec.validate(), Err(SpecError::Rule("App Web".into())));
         spec.placement.anti_affinity = (0..17).map(|i| format!("g{i}")).collect();
         assert!(matches!(spec.validate(), Err(SpecError::TooManyRules { n: 17, .. })));
+    }
+
+    #[test]
+    fn test_validate_nul_in_cmdline_is_refused_with_its_place() {
+        let mut spec = VmSpec::new("vm", 1, 64);
+        spec.cmdline = "console=ttyS0\0init=/evil".into();
+        assert_eq!(spec.validate(), Err(SpecError::CmdlineNul { at: 13 }));
+    }
+
+    #[test]
+    fn test_check_kernel_accepts_the_test_guest_and_refuses_other_files_without_their_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let guest = dir.path().join("guest.elf");
+        std::fs::write(&guest, novacron_guest_image::ELF).unwrap();
+        let text = dir.path().join("secret.txt");
+        std::fs::write(&text, "hello world, a secret").unwrap();
+        let mut spec = VmSpec::new("vm", 1, 32);
+
+        spec.kernel = Some(guest);
+        let good = spec.check_kernel();
+        spec.kernel = Some(text.clone());
+        let bad = spec.check_kernel().unwrap_err();
+
+        assert_eq!(good, Ok(()));
+        assert_eq!(bad, SpecError::NotAKernel(text));
+        assert!(!bad.to_string().contains("68 65"), "no bytes of the file: {bad}");
+        assert_eq!(VmSpec::new("vm", 1, 32).check_kernel(), Ok(()), "the bundled test guest");
     }
 }

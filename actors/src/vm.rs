@@ -22,6 +22,9 @@ pub const ADOPT_TIMEOUT: Duration = Duration::from_secs(5);
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// After `Stop`'s own timeout ran out and SIGKILL was sent: how long to wait for the end.
 const KILL_WAIT: Duration = Duration::from_secs(5);
+/// How much longer than its own timeout a `Stop` may take to answer: the shutdown request,
+/// the wait after SIGKILL, and a margin.
+pub const STOP_OVERHEAD: Duration = Duration::from_secs(5 + 5 + 5);
 
 /// Where a VM's files live: `<runtime dir>/<name>.sock`, `.serial` and `.vmm.log`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,6 +52,8 @@ pub enum VmPhase {
     Starting,
     Running,
     Paused,
+    /// Its VMM is being shut down (`Stop`); `Stopped` once it has ended.
+    Stopping,
     /// No process: it was stopped or powered off, and the policy does not restart it.
     Stopped,
     /// No process: it failed and the policy gave up (or it could not be started).
@@ -61,6 +66,7 @@ impl std::fmt::Display for VmPhase {
             VmPhase::Starting => "starting",
             VmPhase::Running => "running",
             VmPhase::Paused => "paused",
+            VmPhase::Stopping => "stopping",
             VmPhase::Stopped => "stopped",
             VmPhase::Failed => "failed",
         })
@@ -104,6 +110,8 @@ pub enum VmError {
     Start { name: String, reason: String },
     #[error("cannot {what} VM {name} while it is {phase}; stop it first")]
     Busy { name: String, phase: VmPhase, what: &'static str },
+    #[error("VM {name} is stopping; wait for its stop to end, then try again")]
+    Stopping { name: String },
     #[error(
         "cannot re-adopt the VMM process {pid} of VM {name}: {reason}; stop that process by hand if it is still running"
     )]
@@ -221,6 +229,9 @@ pub enum VmMsg {
     PausedBy {
         generation: u64,
     },
+    /// The rest of a request whose VMM call ran beside the actor.
+    #[doc(hidden)]
+    Then(VmThen),
     /// The process of `generation` has ended.
     #[doc(hidden)]
     Exited {
@@ -243,6 +254,15 @@ pub enum VmMsg {
     },
 }
 
+/// What a request does with its VMM's answer, inside the VM's supervisor.
+pub struct VmThen(Box<dyn FnOnce(&mut VmSupervisorState) + Send>);
+
+/// Hands `then` back to the actor `me` (a VMM call ran beside it).
+fn then(me: &ActorRef<VmMsg>, then: impl FnOnce(&mut VmSupervisorState) + Send + 'static) {
+    // An actor that ended meanwhile drops `then`, and with it the caller's reply port.
+    let _ = me.cast(VmMsg::Then(VmThen(Box::new(then))));
+}
+
 /// A task that is cancelled with its owner.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
@@ -259,6 +279,14 @@ struct Running {
     _tasks: Vec<AbortOnDrop>,
 }
 
+/// A `Stop` under way: its VMM is being shut down from a task.
+struct Stopping {
+    pid: u32,
+    /// Every `Stop` asked meanwhile; all are answered when the VMM has ended.
+    replies: Vec<RpcReplyPort<Result<VmInfo, VmError>>>,
+    _task: AbortOnDrop,
+}
+
 pub struct VmSupervisorState {
     spec: VmSpec,
     paths: VmPaths,
@@ -271,6 +299,7 @@ pub struct VmSupervisorState {
     /// Counts process starts and ends; messages of an older generation are stale.
     generation: u64,
     process: Option<Running>,
+    stopping: Option<Stopping>,
     /// Adopt found the process gone, with this exit: the policy decides in `post_start`.
     ended_while_away: Option<ProcessExit>,
     host: Option<ActorRef<HostMsg>>,
@@ -286,7 +315,7 @@ impl VmSupervisorState {
         VmInfo {
             name: self.spec.name.clone(),
             phase: self.phase,
-            pid: self.process.as_ref().map(|r| r.process.pid()),
+            pid: self.process.as_ref().map(|r| r.process.pid()).or(self.stopping.as_ref().map(|s| s.pid)),
             restarts: self.restarts,
             last_exit: self.last_exit,
             error: self.error.clone(),
@@ -310,10 +339,6 @@ impl VmSupervisorState {
 
     fn not_running(&self) -> VmError {
         VmError::NotRunning { name: self.spec.name.clone(), phase: self.phase }
-    }
-
-    fn control_error(&self, e: ClientError) -> VmError {
-        control_error(&self.spec.name, e)
     }
 }
 
@@ -373,7 +398,8 @@ fn receive_launch(paths: &VmPaths, binary: &Path, incoming: &Incoming) -> Launch
 }
 
 /// The VMM truncates its serial file when it starts: keep the previous boot's console as
-/// `<serial>.prev` so a crash's last words survive the restart.
+/// `<serial>.prev` so a crash's last words survive the restart. The new one is made here,
+/// readable by the daemon's user only (the VMM opens it as it is).
 fn rotate_serial(serial: &Path) {
     if serial.exists() {
         let mut prev = serial.as_os_str().to_owned();
@@ -381,6 +407,9 @@ fn rotate_serial(serial: &Path) {
         if let Err(e) = std::fs::rename(serial, &prev) {
             tracing::warn!("cannot keep the previous serial log {}: {e}", serial.display());
         }
+    }
+    if let Err(e) = crate::process::private_file(serial, true) {
+        tracing::warn!("cannot make the serial log {}: {e}", serial.display());
     }
 }
 
@@ -431,6 +460,22 @@ fn phase_of(state: VmState) -> VmPhase {
         VmState::Running => VmPhase::Running,
         VmState::Paused => VmPhase::Paused,
     }
+}
+
+/// `shutdown` through the control socket; SIGKILL if the VMM still runs `timeout` later.
+/// Answers its exit, if it could be collected.
+async fn shut_down(name: &str, socket: &Path, process: &VmmProcess, timeout: Duration) -> Option<ProcessExit> {
+    if let Err(e) = api_call(socket, Request::Shutdown, CALL_TIMEOUT).await {
+        tracing::warn!(vm = %name, "shutdown request failed ({e}); will kill the process");
+    }
+    if !process.wait_exited(timeout).await {
+        tracing::warn!(vm = %name, "VMM still running {timeout:?} after shutdown; sending SIGKILL");
+        if let Err(e) = process.signal(libc::SIGKILL) {
+            tracing::error!(vm = %name, "{e}");
+        }
+        process.wait_exited(KILL_WAIT).await;
+    }
+    process.reap()
 }
 
 pub struct VmSupervisor;
@@ -503,38 +548,97 @@ impl VmSupervisor {
         }
     }
 
-    async fn stop(state: &mut VmSupervisorState, timeout: Duration) -> VmInfo {
+    /// Shuts the VMM down from a task (the guest's shutdown takes a while, a hung VMM the
+    /// whole timeout); the actor answers everything else meanwhile, phase `Stopping`.
+    fn stop(
+        myself: &ActorRef<VmMsg>,
+        state: &mut VmSupervisorState,
+        timeout: Duration,
+        reply: RpcReplyPort<Result<VmInfo, VmError>>,
+    ) {
+        if let Some(stopping) = &mut state.stopping {
+            stopping.replies.push(reply);
+            return;
+        }
         state.generation += 1; // cancels a pending restart and the watcher's message
-        let Some(running) = state.process.take() else {
+        let Some(Running { process, _tasks }) = state.process.take() else {
             if state.phase == VmPhase::Starting {
                 state.phase = VmPhase::Stopped;
             }
-            return state.info();
+            let _ = reply.send(Ok(state.info()));
+            return;
         };
-        let process = running.process;
-        if let Err(e) = api_call(&state.paths.socket, Request::Shutdown, CALL_TIMEOUT).await {
-            tracing::warn!(vm = %state.spec.name, "shutdown request failed ({e}); will kill the process");
-        }
-        if !process.wait_exited(timeout).await {
-            tracing::warn!(vm = %state.spec.name, "VMM still running {timeout:?} after shutdown; sending SIGKILL");
-            if let Err(e) = process.signal(libc::SIGKILL) {
-                tracing::error!(vm = %state.spec.name, "{e}");
-            }
-            process.wait_exited(KILL_WAIT).await;
-        }
-        state.last_exit = process.reap().or(state.last_exit);
-        state.phase = VmPhase::Stopped;
-        state.info()
+        drop(_tasks);
+        state.phase = VmPhase::Stopping;
+        let pid = process.pid();
+        let (me, socket, name, generation) =
+            (myself.clone(), state.paths.socket.clone(), state.spec.name.clone(), state.generation);
+        let task = tokio::spawn(async move {
+            let exit = shut_down(&name, &socket, &process, timeout).await;
+            then(&me, move |state| {
+                if generation != state.generation {
+                    return;
+                }
+                let Some(stopping) = state.stopping.take() else { return };
+                state.last_exit = exit.or(state.last_exit);
+                state.phase = VmPhase::Stopped;
+                let info = state.info();
+                for reply in stopping.replies {
+                    let _ = reply.send(Ok(info.clone()));
+                }
+            });
+        });
+        state.stopping = Some(Stopping { pid, replies: vec![reply], _task: AbortOnDrop(task) });
     }
 
-    async fn control(state: &mut VmSupervisorState, request: Request) -> Result<VmInfo, VmError> {
+    /// Pauses or resumes the VMM from a task; the phase changes when it has answered.
+    fn control(
+        myself: &ActorRef<VmMsg>,
+        state: &mut VmSupervisorState,
+        request: Request,
+        reply: RpcReplyPort<Result<VmInfo, VmError>>,
+    ) {
         if state.process.is_none() || !matches!(state.phase, VmPhase::Running | VmPhase::Paused) {
-            return Err(state.not_running());
+            let _ = reply.send(Err(state.not_running()));
+            return;
         }
-        let paused = request == Request::Pause;
-        api_call(&state.paths.socket, request, CALL_TIMEOUT).await.map_err(|e| state.control_error(e))?;
-        state.phase = if paused { VmPhase::Paused } else { VmPhase::Running };
-        Ok(state.info())
+        let phase = if request == Request::Pause { VmPhase::Paused } else { VmPhase::Running };
+        let (me, socket, name, generation) =
+            (myself.clone(), state.paths.socket.clone(), state.spec.name.clone(), state.generation);
+        tokio::spawn(async move {
+            let answer = api_call(&socket, request, CALL_TIMEOUT).await.map_err(|e| control_error(&name, e));
+            then(&me, move |state| {
+                let result = answer.map(|_| {
+                    if generation == state.generation {
+                        state.phase = phase;
+                    }
+                    state.info()
+                });
+                let _ = reply.send(result);
+            });
+        });
+    }
+
+    /// The incoming migration completed: the VM is this host's, and its phase is what its
+    /// VMM says (asked from a task).
+    fn arrived(myself: &ActorRef<VmMsg>, state: &mut VmSupervisorState, reply: RpcReplyPort<VmInfo>) {
+        state.incoming = None;
+        if state.process.is_none() {
+            let _ = reply.send(state.info());
+            return;
+        }
+        let (me, socket, generation) = (myself.clone(), state.paths.socket.clone(), state.generation);
+        tokio::spawn(async move {
+            let status = api_call(&socket, Request::Status, CALL_TIMEOUT).await.ok().and_then(|r| r.status);
+            then(&me, move |state| {
+                if let Some(status) = status
+                    && generation == state.generation
+                {
+                    state.phase = phase_of(status.state);
+                }
+                let _ = reply.send(state.info());
+            });
+        });
     }
 
     /// Takes over the VMM process that serves the VM's control socket. The socket is the
@@ -617,6 +721,7 @@ impl Actor for VmSupervisor {
             error: None,
             generation: 0,
             process: None,
+            stopping: None,
             ended_while_away: None,
             host: args.host,
             reported: None,
@@ -666,11 +771,10 @@ impl Actor for VmSupervisor {
             VmMsg::GetInfo(reply) => {
                 let _ = reply.send(state.info());
             }
-            VmMsg::Pause(reply) => {
-                let _ = reply.send(Self::control(state, Request::Pause).await);
-            }
-            VmMsg::Resume(reply) => {
-                let _ = reply.send(Self::control(state, Request::Resume).await);
+            VmMsg::Pause(reply) => Self::control(&myself, state, Request::Pause, reply),
+            VmMsg::Resume(reply) => Self::control(&myself, state, Request::Resume, reply),
+            VmMsg::Start(reply) if state.stopping.is_some() => {
+                let _ = reply.send(Err(VmError::Stopping { name: state.spec.name.clone() }));
             }
             VmMsg::Start(reply) => {
                 if state.process.is_none() {
@@ -684,11 +788,11 @@ impl Actor for VmSupervisor {
                 };
                 let _ = reply.send(result);
             }
-            VmMsg::Stop { timeout, reply } => {
-                let _ = reply.send(Ok(Self::stop(state, timeout).await));
-            }
+            VmMsg::Stop { timeout, reply } => Self::stop(&myself, state, timeout, reply),
             VmMsg::Restore { from, reply } => {
-                let result = if state.process.is_some() {
+                let result = if state.stopping.is_some() {
+                    Err(VmError::Stopping { name: state.spec.name.clone() })
+                } else if state.process.is_some() {
                     Err(VmError::Busy { name: state.spec.name.clone(), phase: state.phase, what: "restore" })
                 } else {
                     Self::start_process(&myself, state, Some(&from));
@@ -729,16 +833,8 @@ impl Actor for VmSupervisor {
             VmMsg::StayedAfterAll { generation } if generation == state.generation => {
                 state.leaving = false;
             }
-            VmMsg::Arrived(reply) => {
-                state.incoming = None;
-                if state.process.is_some()
-                    && let Ok(response) = api_call(&state.paths.socket, Request::Status, CALL_TIMEOUT).await
-                    && let Some(status) = response.status
-                {
-                    state.phase = phase_of(status.state);
-                }
-                let _ = reply.send(state.info());
-            }
+            VmMsg::Arrived(reply) => Self::arrived(&myself, state, reply),
+            VmMsg::Then(VmThen(then)) => then(state),
             VmMsg::Crash => panic!("VmSupervisor {}: crash injected by a test", state.spec.name),
             VmMsg::Exited { generation } if generation == state.generation => {
                 let exit = match state.process.as_ref().map(|r| r.process.reap()) {

@@ -4,8 +4,10 @@
 //! daemon's token (`<data dir>/token`, made at first start) as `authorization: Bearer
 //! TOKEN`. Anything else is refused with UNAUTHENTICATED before any handler runs.
 
+use crate::listen::Gate;
 use novacron_migration::tls::{CA_CERT, NODE_CERT, NODE_KEY};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic::{Request, Status};
 
@@ -13,6 +15,9 @@ use tonic::{Request, Status};
 pub const TOKEN_FILE: &str = "token";
 /// Random bytes in a token (hex-encoded in the file).
 const TOKEN_BYTES: usize = 32;
+/// The largest token file read. The daemon's own is 65 bytes; a token rides in a header of
+/// every call, and a header of megabytes makes the daemon close the connection.
+pub const MAX_TOKEN_FILE: u64 = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
@@ -25,6 +30,14 @@ pub enum AuthError {
     },
     #[error("the token file {0} is empty; delete it and the daemon makes a new one")]
     EmptyToken(PathBuf),
+    #[error(
+        "the token file {path} is {len} bytes, more than the {MAX_TOKEN_FILE} a token file may be: give the daemon's <data dir>/token"
+    )]
+    TokenTooLong { path: PathBuf, len: u64 },
+    #[error(
+        "the token file {0} does not hold a token (one word of printable ASCII): give the daemon's <data dir>/token"
+    )]
+    NotAToken(PathBuf),
 }
 
 fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> AuthError {
@@ -55,13 +68,26 @@ pub fn load_or_create_token(data_dir: &Path) -> Result<String, AuthError> {
     Ok(token)
 }
 
-/// A token file's token (surrounding whitespace ignored).
+/// A token file's token (surrounding whitespace ignored), checked before it is used: at
+/// most `MAX_TOKEN_FILE` bytes, one word of printable ASCII (what a header may carry).
 pub fn read_token(path: &Path) -> Result<String, AuthError> {
-    let token = std::fs::read_to_string(path).map_err(io("read", path))?.trim().to_string();
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(io("read", path))?;
+    let mut bytes = Vec::new();
+    // One byte more than allowed tells a file that is too long, whatever its size says.
+    file.take(MAX_TOKEN_FILE + 1).read_to_end(&mut bytes).map_err(io("read", path))?;
+    if bytes.len() as u64 > MAX_TOKEN_FILE {
+        let len = std::fs::metadata(path).map_or(bytes.len() as u64, |m| m.len());
+        return Err(AuthError::TokenTooLong { path: path.to_owned(), len });
+    }
+    let token = bytes.trim_ascii();
     if token.is_empty() {
         return Err(AuthError::EmptyToken(path.to_owned()));
     }
-    Ok(token)
+    if !token.iter().all(u8::is_ascii_graphic) {
+        return Err(AuthError::NotAToken(path.to_owned()));
+    }
+    Ok(String::from_utf8_lossy(token).into_owned())
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, AuthError> {
@@ -80,14 +106,24 @@ pub fn server_tls(tls_dir: &Path) -> Result<ServerTlsConfig, AuthError> {
 #[derive(Clone)]
 pub struct Authenticator {
     bearer: String,
+    /// Told of each connection that authenticates, so that it stops counting as pending.
+    gate: Option<Arc<Gate>>,
 }
 
 impl Authenticator {
-    pub fn new(token: &str) -> Self {
-        Authenticator { bearer: format!("Bearer {token}") }
+    pub fn new(token: &str, gate: Option<Arc<Gate>>) -> Self {
+        Authenticator { bearer: format!("Bearer {token}"), gate }
     }
 
     pub fn check(&self, request: &Request<()>) -> Result<(), Status> {
+        self.verify(request)?;
+        if let Some(gate) = &self.gate {
+            gate.authenticated(request.remote_addr());
+        }
+        Ok(())
+    }
+
+    fn verify(&self, request: &Request<()>) -> Result<(), Status> {
         // TLS verified the chain up to the cluster CA; presenting one is enough.
         if request.peer_certs().is_some_and(|certs| !certs.is_empty()) {
             return Ok(());
@@ -134,7 +170,7 @@ mod tests {
 
     #[test]
     fn only_the_exact_bearer_token_passes_without_a_certificate() {
-        let auth = Authenticator::new("abc123");
+        let auth = Authenticator::new("abc123", None);
         let with = |value: &str| {
             let mut r = Request::new(());
             r.metadata_mut().insert("authorization", value.parse().unwrap());
@@ -146,5 +182,26 @@ mod tests {
             assert_eq!(err.code(), tonic::Code::Unauthenticated, "{bad:?}");
         }
         assert!(auth.check(&Request::new(())).is_err());
+    }
+
+    #[test]
+    fn token_files_that_are_not_tokens_are_refused_before_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str, bytes: &[u8]| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, bytes).unwrap();
+            path
+        };
+        let huge = file("huge", &vec![b'a'; 1 << 20]);
+        let spaced = file("spaced", b"two words\n");
+        let binary = file("binary", &[0xff, 0xfe, 0x00, 0x41]);
+        let good = file("good", b"  0123abcd\n");
+
+        let too_long = read_token(&huge).unwrap_err();
+        assert!(matches!(too_long, AuthError::TokenTooLong { len: 1_048_576, .. }), "{too_long}");
+        assert!(too_long.to_string().contains("1048576 bytes"), "{too_long}");
+        assert!(matches!(read_token(&spaced), Err(AuthError::NotAToken(_))));
+        assert!(matches!(read_token(&binary), Err(AuthError::NotAToken(_))));
+        assert_eq!(read_token(&good).unwrap(), "0123abcd");
     }
 }

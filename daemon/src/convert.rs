@@ -3,11 +3,13 @@
 
 use crate::pb;
 use novacron_actors::spec::validate_name;
-use novacron_actors::store::{Event, EventKind};
+use novacron_actors::store::{Event, EventKind, StoreError};
 use novacron_actors::vm::VmError;
 use novacron_actors::{HostError, HostInfo, PlacementRules, RestartPolicy, VmInfo, VmSpec};
 use novacron_devices::virtio::LimitTarget;
 use novacron_vmm::api::{LimitChange, Request as VmmRequest};
+use novacron_vmm::config::KernelSource;
+use novacron_vmm::snapshot::MachineSpec;
 use std::path::PathBuf;
 use std::time::Duration;
 use tonic::Status;
@@ -114,6 +116,30 @@ pub fn limit_request(r: &pb::SetLimitRequest) -> Result<VmmRequest, Status> {
     Ok(VmmRequest::SetLimit { device: r.device.clone(), target, bandwidth, ops })
 }
 
+/// How a snapshot's machine differs from the VM it would continue, if it does: vCPUs,
+/// memory, kernel, and devices (a daemon's VMs have no disks, networks or entropy device).
+pub fn snapshot_mismatch(spec: &VmSpec, machine: &MachineSpec) -> Option<String> {
+    let mut diffs = Vec::new();
+    if machine.vcpus != spec.vcpus {
+        diffs.push(format!("it has {} vCPUs, the VM {}", machine.vcpus, spec.vcpus));
+    }
+    if machine.mem_mib != spec.mem_mib {
+        diffs.push(format!("it has {} MiB of memory, the VM {} MiB", machine.mem_mib, spec.mem_mib));
+    }
+    let kernel = spec.kernel.clone().map_or(KernelSource::TestGuest, KernelSource::File).to_string();
+    if machine.kernel != kernel {
+        diffs.push(format!("it booted kernel {}, the VM boots {kernel}", machine.kernel));
+    }
+    let devices = [("disks", machine.disks.len()), ("network interfaces", machine.nets.len())];
+    for (what, n) in devices.into_iter().filter(|(_, n)| *n > 0) {
+        diffs.push(format!("it has {n} {what}, the VM none"));
+    }
+    if machine.rng.is_some() {
+        diffs.push("it has an entropy device, the VM none".into());
+    }
+    (!diffs.is_empty()).then(|| diffs.join("; "))
+}
+
 pub fn spec_to_pb(spec: &VmSpec) -> pb::VmSpec {
     pb::VmSpec {
         name: spec.name.clone(),
@@ -205,11 +231,20 @@ pub fn host_error(e: HostError) -> Status {
         HostError::AlreadyExists(_) => Status::already_exists(message),
         HostError::NoCapacity { .. } => Status::resource_exhausted(message),
         HostError::NotFound(_) => Status::not_found(message),
-        HostError::GaveUp { .. } => Status::failed_precondition(message),
+        HostError::GaveUp { .. } | HostError::SnapshotOf { .. } | HostError::Orphan { .. } => {
+            Status::failed_precondition(message)
+        }
         HostError::Vm(e) => vm_error_code(&e, message),
-        HostError::Unresponsive { .. } => Status::unavailable(message),
+        HostError::Unresponsive { .. } | HostError::Restarting(_) => Status::unavailable(message),
+        HostError::Store(e) => store_error(&e, message),
         _ => Status::internal(message),
     }
+}
+
+/// A store that could not save: the operator's to fix (free space, check the disk) and
+/// the caller's to retry; nothing was changed.
+pub fn store_error(e: &StoreError, message: String) -> Status {
+    if e.is_full() { Status::resource_exhausted(message) } else { Status::unavailable(message) }
 }
 
 pub fn vm_error(e: VmError) -> Status {
@@ -219,7 +254,7 @@ pub fn vm_error(e: VmError) -> Status {
 
 fn vm_error_code(e: &VmError, message: String) -> Status {
     match e {
-        VmError::NotRunning { .. } | VmError::Busy { .. } | VmError::Refused { .. } => {
+        VmError::NotRunning { .. } | VmError::Busy { .. } | VmError::Refused { .. } | VmError::Stopping { .. } => {
             Status::failed_precondition(message)
         }
         VmError::Control { .. } => Status::unavailable(message),

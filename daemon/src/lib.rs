@@ -5,6 +5,7 @@
 //!   of the cluster CA, or the daemon's token).
 //! - [`client`]: connecting to a daemon (the CLI, tests and benches use it).
 //! - [`convert`]: requests checked and turned into the actors' types (fuzzed).
+//! - [`listen`]: the port's connections until they authenticate (limited and timed out).
 //! - [`run`]: the daemon itself.
 //!
 //! `docs/daemon.md` describes every call, its errors and the files of a data dir.
@@ -13,6 +14,7 @@ pub mod auth;
 pub mod client;
 mod cluster;
 pub mod convert;
+pub mod listen;
 mod migrate;
 mod operations;
 pub mod run;

@@ -262,13 +262,14 @@ pub async fn receive(svc: &ControlService, r: pb::ReceiveVmRequest) -> Result<pb
     let socket = runtime_dir.join(format!("{}.sock", spec.name));
     let name = spec.name.clone();
     let incoming = Incoming { listen: listen.clone(), tls_dir: svc.tls_dir.clone() };
-    // The socket of an earlier VM of this name would look like the new one's.
-    let _ = std::fs::remove_file(&socket);
+    // Nothing is removed before the host admits the VM: a refused receive leaves the
+    // socket of a VM of that name alone.
     ask(&svc.host, |reply| HostMsg::ReceiveVm { spec, incoming, reply }).await?.map_err(host_error)?;
     // The VMM binds its control socket right after its QUIC listener: once the socket
-    // exists, the source can connect.
+    // accepts, the source can connect (a stale socket file of an ended VMM refuses, and
+    // the new VMM replaces it).
     let deadline = Instant::now() + RECEIVER_START;
-    while !socket.exists() {
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
         if Instant::now() > deadline {
             let _ = ask(&svc.host, |reply| HostMsg::DeleteVm(name.clone(), reply)).await;
             return Err(Status::unavailable(format!(

@@ -7,15 +7,18 @@ use crate::auth::{Authenticator, load_or_create_token, server_tls};
 use crate::client::{Client, Connect};
 use crate::cluster::{ClusterArgs, ClusterSupervisor};
 use crate::convert::HostIdentity;
+use crate::listen::Gate;
 use crate::operations::Operations;
 use crate::pb;
 use crate::pb::control_server::ControlServer;
 use crate::service::ControlService;
 use novacron_actors::placement::{Policy, Strategy};
-use novacron_actors::store::Store;
+use novacron_actors::process::VmmProcess;
+use novacron_actors::store::{STORE_FILE, Store};
 use novacron_actors::{Capacity, HostConfig, HostSupervisor};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,6 +52,8 @@ pub struct DaemonArgs {
 
 /// How long open calls get to end after SIGTERM.
 const DRAIN: Duration = Duration::from_secs(2);
+/// How long a client may take over its TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a joining daemon keeps trying to reach the primary.
 const JOIN_PATIENCE: Duration = Duration::from_secs(60);
 
@@ -86,6 +91,9 @@ pub enum DaemonError {
     Join { addr: String, reason: String },
     #[error(transparent)]
     Store(#[from] novacron_actors::store::StoreError),
+    /// Shown whole (the store's error first): its kinds carry no deeper cause.
+    #[error("{store}; refusing to start: {advice}")]
+    Untrusted { store: Box<novacron_actors::store::StoreError>, advice: String },
     #[error("--listen {0} is not a concrete address other hosts can reach; give an IP, e.g. 10.0.0.5:7700")]
     Unreachable(SocketAddr),
 }
@@ -130,6 +138,73 @@ fn tls_dir(args: &DaemonArgs, name: &str) -> Result<PathBuf, DaemonError> {
     Ok(dir)
 }
 
+/// Opens the state store once before anything else, and refuses a store that cannot be
+/// trusted (emptied, damaged, a record that does not decode), saying which VMMs of this
+/// data dir still run: a daemon started on it would not know them, and they would run
+/// unsupervised (and block VMs of their names).
+fn check_store(data_dir: &Path) -> Result<(), DaemonError> {
+    // redb may panic on a damaged file; the store catches it, and this keeps the panic's
+    // message (and backtrace) off the one line that says what is wrong. Nothing else runs
+    // yet that could panic meanwhile.
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let opened = Store::open(data_dir);
+    std::panic::set_hook(hook);
+    match opened {
+        Ok(_) => Ok(()),
+        Err(source) if source.is_damaged() => {
+            let advice = untrusted_advice(&data_dir.join(RUNTIME_SUBDIR), &data_dir.join(STORE_FILE));
+            Err(DaemonError::Untrusted { store: Box::new(source), advice })
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// What to do about a store that cannot be trusted, given the VMMs still running.
+fn untrusted_advice(runtime_dir: &Path, store: &Path) -> String {
+    let mut running: Vec<(String, Option<u32>)> = VmmProcess::running_in(runtime_dir)
+        .into_iter()
+        .map(|(pid, socket)| (vm_of_socket(&socket), Some(pid)))
+        .collect();
+    // A socket that answers though no process names it (a VMM started another way).
+    if let Ok(entries) = std::fs::read_dir(runtime_dir) {
+        for path in entries.flatten().map(|e| e.path()) {
+            let name = vm_of_socket(&path);
+            let is_socket = path.extension().is_some_and(|e| e == "sock");
+            if is_socket && !running.iter().any(|(n, _)| *n == name) && UnixStream::connect(&path).is_ok() {
+                running.push((name, None));
+            }
+        }
+    }
+    if running.is_empty() {
+        return format!(
+            "no VMM of this data dir runs: move {} away to start with an empty store, or restore it from a backup",
+            store.display()
+        );
+    }
+    let listed: Vec<String> = running
+        .iter()
+        .map(|(name, pid)| match pid {
+            Some(pid) => format!("{name} (pid {pid})"),
+            None => format!("{name} (its socket answers)"),
+        })
+        .collect();
+    let pids: Vec<String> = running.iter().filter_map(|(_, pid)| pid.map(|p| p.to_string())).collect();
+    let (count, verb) =
+        if running.len() == 1 { ("1 VMM".to_string(), "runs") } else { (format!("{} VMMs", running.len()), "run") };
+    format!(
+        "{count} of this data dir still {verb}: {}; a new store would not know them: restore {} from a backup, or stop them (kill {}) and move it away",
+        listed.join(", "),
+        store.display(),
+        pids.join(" ")
+    )
+}
+
+/// The VM a control socket `<runtime dir>/NAME.sock` is of.
+fn vm_of_socket(socket: &Path) -> String {
+    socket.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
 fn create_dir(path: &Path) -> Result<(), DaemonError> {
     std::fs::create_dir_all(path).map_err(|source| DaemonError::DataDir { path: path.to_owned(), source })
 }
@@ -145,6 +220,7 @@ async fn serve(args: &DaemonArgs) -> Result<(), DaemonError> {
     create_dir(&args.data_dir)?;
     let data_dir = std::path::absolute(&args.data_dir)
         .map_err(|source| DaemonError::DataDir { path: args.data_dir.clone(), source })?;
+    check_store(&data_dir)?;
     let name = args.name.clone().unwrap_or_else(host_name);
     let tls_dir = tls_dir(args, &name)?;
     let tls = server_tls(&tls_dir)?;
@@ -213,8 +289,10 @@ async fn serve(args: &DaemonArgs) -> Result<(), DaemonError> {
         cluster: cluster.clone(),
         primary,
         tls_dir: tls_dir.clone(),
+        snapshots: Default::default(),
     };
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let gate = Arc::new(Gate::default());
+    let incoming = crate::listen::Incoming::new(listener, gate.clone());
     // The one line scripts and tests wait for.
     println!(
         "novacron daemon: host {name} listening on {addr}; data dir {}; token in {}",
@@ -239,9 +317,9 @@ async fn serve(args: &DaemonArgs) -> Result<(), DaemonError> {
         }
     };
     let server = tonic::transport::Server::builder()
-        .tls_config(tls)
+        .tls_config(tls.timeout(TLS_HANDSHAKE_TIMEOUT))
         .map_err(DaemonError::Serve)?
-        .add_service(ControlServer::with_interceptor(service, Authenticator::new(&token)))
+        .add_service(ControlServer::with_interceptor(service, Authenticator::new(&token, Some(gate))))
         .serve_with_incoming_shutdown(incoming, signalled);
     // Open streams (`events --follow`) get a moment to end, not a veto.
     let result = tokio::select! {

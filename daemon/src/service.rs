@@ -7,12 +7,13 @@ use crate::cluster::{ClusterMsg, Route};
 use crate::convert::{self, HostIdentity, host_error, invalid, vm_error, vm_to_pb};
 use crate::operations::Operations;
 use crate::pb::{self, control_server::Control};
-use novacron_actors::{HostError, HostMsg, VmMsg};
+use novacron_actors::{HostError, HostMsg, VmMsg, VmSpec};
 use novacron_vmm::api::Request as VmmRequest;
 use ractor::ActorRef;
-use std::path::PathBuf;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
@@ -36,6 +37,8 @@ pub struct ControlService {
     pub primary: Option<Client>,
     /// This node's certificates: for other daemons and for migrations.
     pub tls_dir: PathBuf,
+    /// Directories a snapshot is being written into now: a second one is refused.
+    pub snapshots: Arc<Mutex<BTreeSet<PathBuf>>>,
 }
 
 /// Marks a request one daemon passes to another: it is served where it arrives, never
@@ -68,13 +71,22 @@ fn split<T>(request: Request<T>) -> (bool, T) {
 
 /// Defines (and starts) a VM on this daemon's host.
 pub async fn create_local(host: &ActorRef<HostMsg>, request: pb::CreateVmRequest, me: &str) -> Result<pb::Vm, Status> {
-    let spec = convert::spec_from_pb(request.spec)?;
+    let spec = checked_kernel(convert::spec_from_pb(request.spec)?).await?;
     let result = if request.start.unwrap_or(true) {
         ask(host, |r| HostMsg::CreateVm(spec, r)).await?
     } else {
         ask(host, |r| HostMsg::DefineVm(spec, r)).await?
     };
     Ok(vm_to_pb(&result.map_err(host_error)?, me))
+}
+
+/// The spec, once its kernel is known to be one this host's VMM boots (checked off the
+/// async threads: it reads the whole file).
+pub async fn checked_kernel(spec: VmSpec) -> Result<VmSpec, Status> {
+    tokio::task::spawn_blocking(move || spec.check_kernel().map(|()| spec))
+        .await
+        .map_err(|e| Status::internal(format!("the kernel check failed: {e}")))?
+        .map_err(invalid)
 }
 
 type Stream_<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -215,6 +227,53 @@ fn dir_arg(what: &str, dir: &str) -> Result<std::path::PathBuf, Status> {
     Ok(path)
 }
 
+/// A snapshot goes into a new or empty directory only, as the proto says: writing into one
+/// that holds files would mix two snapshots, or overwrite what is there.
+fn fresh_dir(dir: &Path) -> Result<(), Status> {
+    match std::fs::read_dir(dir) {
+        Ok(mut entries) => match entries.next() {
+            None => Ok(()),
+            Some(entry) => {
+                let first = entry.map(|e| e.file_name().to_string_lossy().into_owned()).unwrap_or_default();
+                Err(invalid(format!(
+                    "the snapshot directory {} is not empty (it holds {first:?}); give a new or empty directory",
+                    dir.display()
+                )))
+            }
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => {
+            Err(invalid(format!("the snapshot directory {} is a file, not a directory", dir.display())))
+        }
+        Err(e) => Err(invalid(format!("cannot use the snapshot directory {}: {e}", dir.display()))),
+    }
+}
+
+/// Marks a directory as being written into until dropped.
+struct Writing {
+    dirs: Arc<Mutex<BTreeSet<PathBuf>>>,
+    dir: PathBuf,
+}
+
+impl Writing {
+    fn start(dirs: &Arc<Mutex<BTreeSet<PathBuf>>>, dir: &Path) -> Result<Writing, Status> {
+        // Each change is one insert or one removal: a panic elsewhere leaves the set whole.
+        if !dirs.lock().unwrap_or_else(|e| e.into_inner()).insert(dir.to_owned()) {
+            return Err(Status::failed_precondition(format!(
+                "a snapshot is being written into {} already; wait for it, or give another directory",
+                dir.display()
+            )));
+        }
+        Ok(Writing { dirs: dirs.clone(), dir: dir.to_owned() })
+    }
+}
+
+impl Drop for Writing {
+    fn drop(&mut self) {
+        self.dirs.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.dir);
+    }
+}
+
 #[tonic::async_trait]
 impl Control for ControlService {
     async fn create_vm(&self, request: Request<pb::CreateVmRequest>) -> Result<Response<pb::Vm>, Status> {
@@ -345,6 +404,9 @@ impl Control for ControlService {
         if info.pid.is_none() {
             return Err(vm_error(novacron_actors::VmError::NotRunning { name: info.name, phase: info.phase }));
         }
+        let writing = Writing::start(&self.snapshots, &dir)?;
+        fresh_dir(&dir)?;
+        let (host, name) = (self.host.clone(), request.name.clone());
         let progress = self.operations.start("snapshot", &request.name, "writing the snapshot");
         let operation = progress.snapshot();
         let vmm_request = VmmRequest::Snapshot { dir: dir.to_string_lossy().into_owned(), paused: request.paused };
@@ -361,11 +423,13 @@ impl Control for ControlService {
                         Some(r) => r.summary(&dir),
                         None => format!("snapshot written to {}", dir.display()),
                     };
+                    let _ = host.cast(HostMsg::SnapshotTaken { name, dir: dir.clone() });
                     progress.succeed(&message);
                 }
                 Ok(Err(e)) => progress.fail(&novacron_actors::error_chain(&e)),
                 Err(e) => progress.fail(&format!("the VM's supervisor did not answer: {e}")),
             }
+            drop(writing);
         });
         Ok(Response::new(operation))
     }
@@ -376,13 +440,28 @@ impl Control for ControlService {
             return hop.client.restore_vm(hop.request(request)).await;
         }
         let from = dir_arg("the snapshot directory", &request.dir)?;
-        if !from.join("state.bin").is_file() {
-            return Err(invalid(format!("{} holds no snapshot (no state.bin)", from.display())));
+        let name = convert::name(&request.name)?;
+        let vm = ask(&self.host, |r| HostMsg::GetVm(name.clone(), r)).await?.map_err(host_error)?;
+        // The snapshot's machine must be this VM's: its VMM takes its shape from the
+        // snapshot, and the daemon reports the VM's spec.
+        let dir = from.clone();
+        let snapshot = tokio::task::spawn_blocking(move || novacron_vmm::snapshot::read(&dir))
+            .await
+            .map_err(|e| Status::internal(format!("reading the snapshot failed: {e}")))?
+            .map_err(|e| {
+                invalid(format!(
+                    "{} holds no snapshot this daemon can read: {}",
+                    from.display(),
+                    novacron_actors::error_chain(&e)
+                ))
+            })?;
+        if let Some(mismatch) = convert::snapshot_mismatch(&vm.spec, &snapshot.state.spec) {
+            return Err(Status::failed_precondition(format!(
+                "the snapshot in {} is not of VM {name}'s shape: {mismatch}",
+                from.display()
+            )));
         }
-        let actor = self.vm_actor(&request.name).await?;
-        let info = ractor::call_t!(actor, |reply| VmMsg::Restore { from, reply }, HOST_TIMEOUT.as_millis() as u64)
-            .map_err(unavailable)?
-            .map_err(vm_error)?;
+        let info = ask(&self.host, |reply| HostMsg::RestoreVm { name, from, reply }).await?.map_err(host_error)?;
         Ok(Response::new(vm_to_pb(&info, &self.me.name)))
     }
 

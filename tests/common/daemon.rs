@@ -17,6 +17,8 @@ pub struct Daemon {
     pub name: String,
     /// More arguments of every start (labels, --join, --tls-dir, ...).
     pub extra: Vec<String>,
+    /// File systems mounted on the data dir (unmounted when dropped).
+    mounts: Vec<PathBuf>,
 }
 
 impl Daemon {
@@ -54,11 +56,50 @@ impl Daemon {
         daemon
     }
 
-    fn new(name: &str, extra: &[&str]) -> Daemon {
+    /// A daemon's data dir and arguments, not started yet (`restart` starts it).
+    pub fn new(name: &str, extra: &[&str]) -> Daemon {
         // Short: control socket paths must fit in 107 bytes.
         let dir = tempfile::Builder::new().prefix("ncd").tempdir_in("/tmp").unwrap();
         let extra = extra.iter().map(|s| s.to_string()).collect();
-        Daemon { child: None, dir, addr: String::new(), name: name.into(), extra }
+        Daemon { child: None, dir, addr: String::new(), name: name.into(), extra, mounts: Vec::new() }
+    }
+
+    /// Mounts a tmpfs of `size` (e.g. "16m") on the data dir, before the daemon starts.
+    pub fn mount_tmpfs(&mut self, size: &str) {
+        let dir = self.dir.path().to_owned();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"])
+            .arg(&dir)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "mount -t tmpfs (tests run as root): {}", stderr(&out));
+        self.mounts.push(dir);
+    }
+
+    /// Starts the daemon expecting it to refuse to start; answers its exit code and its
+    /// stderr. A daemon that starts instead is killed and fails the test.
+    pub fn start_refused(&mut self) -> (Option<i32>, String) {
+        let mut child = self.command("127.0.0.1:0").stderr(Stdio::piped()).spawn().unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        if line.contains("listening on") {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the daemon started: {line}");
+        }
+        let out = child.wait_with_output().unwrap();
+        (out.status.code(), stderr(&out))
+    }
+
+    /// Runs `call` with a gRPC client of this daemon (its node certificate), on a runtime
+    /// of its own.
+    pub fn grpc<T>(&self, call: impl AsyncFnOnce(novacron_daemon::client::Client) -> T) -> T {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            let connect =
+                novacron_daemon::client::Connect { endpoint: self.addr.clone(), tls_dir: self.tls_dir(), token: None };
+            call(connect.connect().await.unwrap()).await
+        })
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -69,19 +110,25 @@ impl Daemon {
         self.dir.path().join("tls")
     }
 
-    /// (Re)starts the daemon process on the same data dir, listening on `listen`.
-    pub fn restart(&mut self, listen: &str) {
-        let mut child = novacron()
-            .args(["daemon", "--listen", listen, "--name", &self.name, "--data-dir"])
+    /// The daemon's command line on this data dir, its stdout piped (the line it prints
+    /// when it listens).
+    fn command(&self, listen: &str) -> std::process::Command {
+        let mut cmd = novacron();
+        cmd.args(["daemon", "--listen", listen, "--name", &self.name, "--data-dir"])
             .arg(self.dir.path())
             .arg("--vmm-binary")
             .arg(novacron_guest_image::binaries::vmm_binary())
             .args(&self.extra)
             .env("NOVACRON_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(self.dir.path().join("daemon.log")).unwrap())
-            .spawn()
-            .unwrap();
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped());
+        cmd
+    }
+
+    /// (Re)starts the daemon process on the same data dir, listening on `listen`.
+    pub fn restart(&mut self, listen: &str) {
+        let log = std::fs::File::create(self.dir.path().join("daemon.log")).unwrap();
+        let mut child = self.command(listen).stderr(log).spawn().unwrap();
         let mut line = String::new();
         BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
         let addr = line.split(" listening on ").nth(1).and_then(|rest| rest.split(';').next());
@@ -160,13 +207,44 @@ impl Daemon {
     pub fn vmm_pids(&self) -> Vec<u32> {
         novacron_guest_image::binaries::vmm_pids_under(self.dir.path())
     }
+
+    /// The VMM processes of VM `vm` on this daemon's host (by the control socket their
+    /// command line names).
+    pub fn vmm_pids_of(&self, vm: &str) -> Vec<u32> {
+        let socket = format!("/{vm}.sock\0");
+        let serves = |pid: &u32| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            String::from_utf8_lossy(&cmdline).contains(&socket)
+        };
+        self.vmm_pids().into_iter().filter(serves).collect()
+    }
 }
 
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill();
         novacron_guest_image::binaries::kill_vmms_under(self.dir.path());
+        for dir in &self.mounts {
+            // Lazily: a VMM just killed may still hold a file open for a moment.
+            let _ = std::process::Command::new("umount").arg("-l").arg(dir).status();
+        }
     }
+}
+
+/// CPU time a process has used (user and system), from /proc/PID/stat.
+pub fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
+    let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf has no memory effects.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    Duration::from_millis(ticks * 1000 / per_second)
+}
+
+/// The file descriptors a process has open now.
+pub fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
 }
 
 /// The heartbeat numbers and boot count in a serial log so far.

@@ -56,14 +56,46 @@ pub fn init_logging() {
 }
 
 /// Logging to stderr at `$NOVACRON_LOG` (error, warn, info, debug, trace), else `default`.
+/// A log line that cannot be written (stderr is a file on a full disk) is dropped and
+/// counted, never a panic: `eprintln!` panics on a failed write, and tracing-subscriber
+/// reports its own write errors with `eprintln!`, so neither may end a guest.
 pub fn init_logging_at(default: tracing::Level) {
     let level = std::env::var("NOVACRON_LOG").ok().and_then(|v| v.parse().ok()).unwrap_or(default);
-    let _ = tracing_subscriber::fmt().with_max_level(level).with_writer(std::io::stderr).with_target(false).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(|| LossyStderr)
+        .with_target(false)
+        .log_internal_errors(false)
+        .try_init();
+}
+
+/// Writes to the log that failed since the process started (their lines are lost).
+pub static LOST_LOG_WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Stderr that swallows (and counts) its write errors.
+struct LossyStderr;
+
+impl Write for LossyStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if std::io::stderr().write_all(buf).is_err() {
+            LOST_LOG_WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// One line on stderr, as `eprintln!` but without its panic when stderr cannot be written.
+pub fn say(line: std::fmt::Arguments) {
+    let _ = writeln!(LossyStderr, "{line}");
 }
 
 /// Builds and runs one VM; returns the process exit status.
 fn fail(what: &str, e: &dyn std::error::Error) -> i32 {
-    eprintln!("novacron: {what}: {}", error_chain(e));
+    say(format_args!("novacron: {what}: {}", error_chain(e)));
     EXIT_BUILD_FAILED
 }
 
@@ -143,8 +175,8 @@ pub(crate) fn run_machine(machine: &mut crate::machine::Machine, api: Option<Api
     let _ = std::io::stdout().flush();
     match &exit {
         VmExit::PowerOff | VmExit::Reset | VmExit::Shutdown => tracing::info!("{exit}"),
-        VmExit::Migrated(_) => eprintln!("novacron: {exit}"),
-        _ => eprintln!("novacron: VM stopped: {exit}"),
+        VmExit::Migrated(_) => say(format_args!("novacron: {exit}")),
+        _ => say(format_args!("novacron: VM stopped: {exit}")),
     }
     exit.code()
 }
