@@ -150,7 +150,7 @@ impl DestinationVm for Incoming {
 /// Receives one VM and runs it; returns the process exit status.
 pub fn receive_vm(args: &ReceiveArgs) -> i32 {
     let fail = |what: &str, e: &dyn std::fmt::Display| {
-        eprintln!("novacron: {what}: {e}");
+        crate::process::say(format_args!("novacron: {what}: {e}"));
         crate::process::EXIT_BUILD_FAILED
     };
     let addr = match super::resolve(&args.listen) {
@@ -166,7 +166,11 @@ pub fn receive_vm(args: &ReceiveArgs) -> i32 {
         Some(dir) => match crate::snapshot::read(dir).map(|s| s.memory_path()) {
             Ok(path) => match BaseImage::open(&path) {
                 Ok(b) => {
-                    eprintln!("novacron: base image {} holds {} pages", path.display(), b.pages());
+                    crate::process::say(format_args!(
+                        "novacron: base image {} holds {} pages",
+                        path.display(),
+                        b.pages()
+                    ));
                     Some(b)
                 }
                 Err(e) => return fail("cannot use the base snapshot", &e),
@@ -185,13 +189,13 @@ pub fn receive_vm(args: &ReceiveArgs) -> i32 {
         Err(e) => return fail("cannot open the control socket", &crate::process::error_chain(&e)),
     };
     let shown = listener.local_addr().map(|a| a.to_string()).unwrap_or_else(|| args.listen.clone());
-    eprintln!("novacron: waiting for a migration on {shown}");
+    crate::process::say(format_args!("novacron: waiting for a migration on {shown}"));
     let mut link = match listener.accept() {
         Ok(l) => l,
         Err(e) => return fail("no migration arrived", &e),
     };
     let peer = link.peer();
-    eprintln!("novacron: receiving a VM from {peer}");
+    crate::process::say(format_args!("novacron: receiving a VM from {peer}"));
     let mut incoming = Incoming {
         claim_from: args.claim_from.clone(),
         host: HostSide {
@@ -212,13 +216,13 @@ pub fn receive_vm(args: &ReceiveArgs) -> i32 {
             return fail("the migration failed; nothing runs here", &e);
         }
     };
-    eprintln!(
+    crate::process::say(format_args!(
         "novacron: VM received from {peer} ({} pages, {} KiB on the stream, memory digest {}); {}",
         report.pages_received,
         report.bytes_received >> 10,
         &report.memory_digest[..16],
         if incoming.run.paused { "paused, as it was at the source (resume it to run)" } else { "running" }
-    );
+    ));
     // The source closes the connection once it has read Running.
     std::thread::spawn(move || link.wait_closed(Duration::from_secs(2)));
     let Some(mut machine) = incoming.machine.take() else {
