@@ -38,6 +38,9 @@ enum Command {
     /// Run the host daemon: the supervisors of this host's VMs, their state store, and the
     /// gRPC control port the `vm`, `host` and `events` commands talk to.
     Daemon(crate::remote::DaemonArgs),
+    /// The host's keeper (started by the daemon; see docs/ha.md): holds the host's lease in
+    /// the cluster store and gives the VMMs of the VMs the host owns their run permits.
+    Keeper(novacron_cluster::process::KeeperArgs),
     /// Create and control VMs through a daemon (--endpoint).
     #[command(subcommand)]
     Vm(crate::remote::VmCommand),
@@ -265,7 +268,7 @@ pub fn main() -> i32 {
     };
     // A daemon tells what it does; a command says only what went wrong.
     match cli.command {
-        Command::Daemon(_) => init_logging_at(tracing::Level::INFO),
+        Command::Daemon(_) | Command::Keeper(_) => init_logging_at(tracing::Level::INFO),
         _ => init_logging(),
     }
     // SIGPIPE keeps Rust's disposition (ignored) in every command: a socket the peer
@@ -276,6 +279,13 @@ pub fn main() -> i32 {
         Command::Demo(args) => crate::demo::run(&args),
         Command::Vmm(cmd) => vmm_command(cmd, cli.remote.output()),
         Command::Daemon(args) => crate::remote::daemon(args),
+        Command::Keeper(args) => match novacron_cluster::process::run(&args) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("novacron keeper: {}", novacron_vmm::process::error_chain(&e));
+                1
+            }
+        },
         Command::Vm(cmd) => crate::remote::vm(&cli.remote, cmd),
         Command::Host(cmd) => crate::remote::host(&cli.remote, cmd),
         Command::Events(args) => crate::remote::events(&cli.remote, args),

@@ -83,10 +83,20 @@ pub struct DaemonArgs {
     /// vCPUs the VMs may have per physical CPU (memory is never overcommitted).
     #[arg(long, value_name = "RATIO", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
     cpu_overcommit: u32,
-    /// Join the cluster of the daemon at ADDR (its primary). Without it, this daemon is
-    /// the primary of a cluster of its own that others can join.
-    #[arg(long, value_name = "ADDR")]
+    /// On the embedded store: join the cluster whose first daemon (which holds the store)
+    /// listens at ADDR. Without it (and without --etcd) this daemon holds the store of a
+    /// cluster of its own that others can join. Not highly available: see docs/ha.md.
+    #[arg(long, value_name = "ADDR", conflicts_with = "etcd")]
     join: Option<String>,
+    /// Keep the cluster's state in etcd (its client URLs, comma-separated; TLS with the
+    /// cluster CA of --tls-dir): any daemon can then lead, and the cluster survives the
+    /// loss of any machine.
+    #[arg(long, value_name = "URL", value_delimiter = ',')]
+    etcd: Vec<String>,
+    /// The host lease's time to live in seconds: a host cut off for longer is failed over
+    /// (its guests pause themselves a second before). See docs/ha.md.
+    #[arg(long, value_name = "SECS", default_value_t = 3, value_parser = clap::value_parser!(u64).range(2..=600))]
+    lease_ttl: u64,
     /// A label of this host for placement rules, KEY=VALUE (repeat for more).
     #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
     labels: Vec<(String, String)>,
@@ -287,6 +297,8 @@ pub fn daemon(a: DaemonArgs) -> i32 {
         vmm_binary: a.vmm_binary,
         cpu_overcommit: a.cpu_overcommit,
         join: a.join,
+        etcd: a.etcd,
+        lease_ttl: a.lease_ttl,
         labels: a.labels.into_iter().collect(),
         strategy: match a.placement {
             Strategy::Spread => novacron_daemon::Strategy::Spread,

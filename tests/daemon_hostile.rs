@@ -241,21 +241,29 @@ fn kvm_an_emptied_store_is_refused_naming_the_vmms_that_still_run() {
     wait_heartbeat(&serial_of(&web), beat + 3);
     assert_eq!(d.vmm_pids(), [pid], "the guest runs on, once");
 
-    // As it says: a store moved away gives an empty one, and the VMM it does not know
-    // blocks its name with the way out, rather than a second VMM failing on its socket.
+    // As it says: a store moved away gives an empty one. The cluster's record still has
+    // the VM, so no other VM takes its name; the VMM the new store does not know blocks the
+    // record's VM from being made again here, with the way out, rather than a second VMM
+    // failing on its socket.
     std::fs::rename(&store, d.data_dir().join("state.redb.damaged")).unwrap();
     d.restart("127.0.0.1:0");
-    refused(&d, &["vm", "create", "web", "--mem", "32"], &[&format!("VMM process {pid} serves"), "kill"]);
+    refused(&d, &["vm", "create", "web", "--mem", "32"], &["already exists"]);
+    let deadline = Instant::now() + common::TIMEOUT;
+    while !d.log().contains(&format!("VMM process {pid} serves")) {
+        assert!(Instant::now() < deadline, "the orphan was not reported: {}", d.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert_eq!(d.vmm_pids(), [pid]);
     // SAFETY: kill has no memory effects; the pid is this test's VMM.
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-    let deadline = Instant::now() + common::TIMEOUT;
-    while !d.vmm_pids().is_empty() {
+    while !d.vmm_pids().iter().all(|p| *p != pid) {
         assert!(Instant::now() < deadline, "the VMM did not end");
         std::thread::sleep(Duration::from_millis(20));
     }
-    create(&d, "web", WORKLOAD);
-    running(&d, "web");
+    // Then the daemon makes the VM again from the cluster's record, by itself.
+    let again = running(&d, "web");
+    assert_ne!(pid_of(&again), pid);
+    assert_eq!(d.vmm_pids(), [pid_of(&again)], "one VMM");
 }
 
 #[test]

@@ -145,6 +145,9 @@ pub enum EventKind {
     MigratedIn,
     /// Left for another host by live migration.
     MigratedOut,
+    /// Paused by itself for want of a run permit (`VmPhase::Fenced`). New kinds go last:
+    /// the events already stored are read by their position.
+    Fenced,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -52,6 +52,10 @@ pub enum VmPhase {
     Starting,
     Running,
     Paused,
+    /// Its VMM runs but has no run permit from the host's keeper (the host has no lease in
+    /// the cluster store, or the cluster moved the VM away): the guest is paused by itself,
+    /// and goes on once permitted.
+    Fenced,
     /// Its VMM is being shut down (`Stop`); `Stopped` once it has ended.
     Stopping,
     /// No process: it was stopped or powered off, and the policy does not restart it.
@@ -66,6 +70,7 @@ impl std::fmt::Display for VmPhase {
             VmPhase::Starting => "starting",
             VmPhase::Running => "running",
             VmPhase::Paused => "paused",
+            VmPhase::Fenced => "fenced",
             VmPhase::Stopping => "stopping",
             VmPhase::Stopped => "stopped",
             VmPhase::Failed => "failed",
@@ -173,6 +178,10 @@ pub struct VmSupervisorArgs {
     pub host: Option<ActorRef<HostMsg>>,
     /// Start the VMM as the destination of a live migration instead of booting.
     pub incoming: Option<Incoming>,
+    /// In a cluster: the host keeper's socket. Every VMM then runs its guest only under
+    /// the keeper's run permits (`--require-permit`), and a migration's destination asks
+    /// the keeper to claim the VM at the commit (`--claim-from`).
+    pub keeper: Option<PathBuf>,
 }
 
 /// A VM arriving by live migration: its VMM listens on `listen` (QUIC) with the
@@ -241,7 +250,13 @@ pub enum VmMsg {
     #[doc(hidden)]
     Ready {
         generation: u64,
-        state: VmState,
+        phase: VmPhase,
+    },
+    /// The VMM of `generation` changed its run state by itself (its permit).
+    #[doc(hidden)]
+    RunState {
+        generation: u64,
+        phase: VmPhase,
     },
     #[doc(hidden)]
     StartTimedOut {
@@ -308,6 +323,7 @@ pub struct VmSupervisorState {
     incoming: Option<Incoming>,
     /// Migrating away: the VMM's end is the migration's success, not a failure.
     leaving: bool,
+    keeper: Option<PathBuf>,
 }
 
 impl VmSupervisorState {
@@ -349,7 +365,14 @@ fn control_error(name: &str, e: ClientError) -> VmError {
     }
 }
 
-fn launch(spec: &VmSpec, paths: &VmPaths, binary: &Path) -> Launch {
+/// Under a keeper, the VMM runs only with its permits.
+fn permit_args(args: &mut Vec<std::ffi::OsString>, keeper: Option<&Path>) {
+    if keeper.is_some() {
+        args.push("--require-permit".into());
+    }
+}
+
+fn launch(spec: &VmSpec, paths: &VmPaths, binary: &Path, keeper: Option<&Path>) -> Launch {
     let mut args: Vec<std::ffi::OsString> = vec![
         "--vcpus".into(),
         spec.vcpus.to_string().into(),
@@ -366,12 +389,13 @@ fn launch(spec: &VmSpec, paths: &VmPaths, binary: &Path) -> Launch {
     if !spec.cmdline.is_empty() {
         args.extend(["--cmdline".into(), spec.cmdline.clone().into()]);
     }
+    permit_args(&mut args, keeper);
     Launch { binary: binary.to_owned(), args, log: paths.log.clone() }
 }
 
 /// The same VM continued from the snapshot in `from` (its shape comes from the snapshot).
-fn restore_launch(paths: &VmPaths, binary: &Path, from: &Path) -> Launch {
-    let args = vec![
+fn restore_launch(paths: &VmPaths, binary: &Path, from: &Path, keeper: Option<&Path>) -> Launch {
+    let mut args = vec![
         "--api-sock".into(),
         paths.socket.clone().into(),
         "--serial-file".into(),
@@ -379,12 +403,13 @@ fn restore_launch(paths: &VmPaths, binary: &Path, from: &Path) -> Launch {
         "--restore-from".into(),
         from.into(),
     ];
+    permit_args(&mut args, keeper);
     Launch { binary: binary.to_owned(), args, log: paths.log.clone() }
 }
 
 /// The VM as the destination of a live migration (its shape comes from the source).
-fn receive_launch(paths: &VmPaths, binary: &Path, incoming: &Incoming) -> Launch {
-    let args = vec![
+fn receive_launch(paths: &VmPaths, binary: &Path, incoming: &Incoming, keeper: Option<&Path>) -> Launch {
+    let mut args = vec![
         "--api-sock".into(),
         paths.socket.clone().into(),
         "--serial-file".into(),
@@ -394,6 +419,10 @@ fn receive_launch(paths: &VmPaths, binary: &Path, incoming: &Incoming) -> Launch
         "--tls-dir".into(),
         incoming.tls_dir.clone().into(),
     ];
+    permit_args(&mut args, keeper);
+    if let Some(keeper) = keeper {
+        args.extend(["--claim-from".into(), keeper.into()]);
+    }
     Launch { binary: binary.to_owned(), args, log: paths.log.clone() }
 }
 
@@ -434,7 +463,7 @@ fn probe_start(myself: &ActorRef<VmMsg>, socket: PathBuf, generation: u64) -> Ab
             if let Ok(resp) = api_call(&socket, Request::Status, CALL_TIMEOUT).await
                 && let Some(status) = resp.status
             {
-                let _ = me.cast(VmMsg::Ready { generation, state: status.state });
+                let _ = me.cast(VmMsg::Ready { generation, phase: phase_of(&status) });
                 return;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -455,11 +484,39 @@ fn reap_zombie(pid: u32) -> ProcessExit {
     }
 }
 
-fn phase_of(state: VmState) -> VmPhase {
-    match state {
+fn phase_of(status: &novacron_vmm::api::VmStatus) -> VmPhase {
+    match status.state {
+        _ if status.permit.is_some_and(|p| p.fenced) => VmPhase::Fenced,
         VmState::Running => VmPhase::Running,
         VmState::Paused => VmPhase::Paused,
     }
+}
+
+/// Whether a VM in `phase` has a VMM that answers (to pause, resume, snapshot, migrate).
+fn answering(phase: VmPhase) -> bool {
+    matches!(phase, VmPhase::Running | VmPhase::Paused | VmPhase::Fenced)
+}
+
+/// Follows the VMM's run state (fenced, permitted, paused, resumed: the VMM changes it by
+/// itself under a permit) through its `watch` connection, for as long as it runs.
+fn watch_run_state(myself: &ActorRef<VmMsg>, socket: PathBuf, generation: u64) -> AbortOnDrop {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let me = myself.clone();
+    AbortOnDrop(tokio::spawn(async move {
+        let Ok(stream) = tokio::net::UnixStream::connect(&socket).await else { return };
+        let (read, mut write) = stream.into_split();
+        if write.write_all(b"{\"version\":1,\"op\":\"watch\"}\n").await.is_err() {
+            return;
+        }
+        let mut lines = tokio::io::BufReader::new(read).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Ok(response) = novacron_vmm::api::client::parse_response(&line)
+                && let Some(status) = response.status
+            {
+                let _ = me.cast(VmMsg::RunState { generation, phase: phase_of(&status) });
+            }
+        }
+    }))
 }
 
 /// `shutdown` through the control socket; SIGKILL if the VMM still runs `timeout` later.
@@ -485,8 +542,10 @@ impl VmSupervisor {
         state.generation += 1;
         rotate_serial(&state.paths.serial);
         let launch = match (restore, &state.incoming) {
-            (Some(from), _) => restore_launch(&state.paths, &state.launch.binary, from),
-            (None, Some(incoming)) => receive_launch(&state.paths, &state.launch.binary, incoming),
+            (Some(from), _) => restore_launch(&state.paths, &state.launch.binary, from, state.keeper.as_deref()),
+            (None, Some(incoming)) => {
+                receive_launch(&state.paths, &state.launch.binary, incoming, state.keeper.as_deref())
+            }
             (None, None) => state.launch.clone(),
         };
         let started = VmmProcess::spawn(&launch).and_then(|process| {
@@ -598,7 +657,7 @@ impl VmSupervisor {
         request: Request,
         reply: RpcReplyPort<Result<VmInfo, VmError>>,
     ) {
-        if state.process.is_none() || !matches!(state.phase, VmPhase::Running | VmPhase::Paused) {
+        if state.process.is_none() || !answering(state.phase) {
             let _ = reply.send(Err(state.not_running()));
             return;
         }
@@ -634,7 +693,7 @@ impl VmSupervisor {
                 if let Some(status) = status
                     && generation == state.generation
                 {
-                    state.phase = phase_of(status.state);
+                    state.phase = phase_of(&status);
                 }
                 let _ = reply.send(state.info());
             });
@@ -692,7 +751,7 @@ impl VmSupervisor {
             .and_then(|r| r.status)
             .filter(|s| s.pid == pid)
             .ok_or_else(|| VmError::Adopt { name: name.clone(), pid, reason: "it stopped answering".into() })?;
-        state.phase = phase_of(status.state);
+        state.phase = phase_of(&status);
         state.process = Some(Running { process, _tasks: Vec::new() });
         tracing::info!(vm = %name, pid, "re-adopted the running VMM process");
         Ok(())
@@ -709,7 +768,7 @@ impl Actor for VmSupervisor {
         _myself: ActorRef<VmMsg>,
         args: VmSupervisorArgs,
     ) -> Result<VmSupervisorState, ActorProcessingErr> {
-        let launch = launch(&args.spec, &args.paths, &args.vmm_binary);
+        let launch = launch(&args.spec, &args.paths, &args.vmm_binary, args.keeper.as_deref());
         let mut state = VmSupervisorState {
             tracker: RestartTracker::new(args.spec.restart),
             spec: args.spec,
@@ -727,6 +786,7 @@ impl Actor for VmSupervisor {
             reported: None,
             incoming: args.incoming,
             leaving: false,
+            keeper: args.keeper,
         };
         if let Some(adopt) = args.adopt {
             state.phase = adopt.phase;
@@ -754,6 +814,9 @@ impl Actor for VmSupervisor {
             let watcher = watch_exit(&myself, &running.process, state.generation)
                 .map_err(|source| VmError::Process { name: state.spec.name.clone(), source })?;
             running._tasks.push(watcher);
+            if state.keeper.is_some() {
+                running._tasks.push(watch_run_state(&myself, state.paths.socket.clone(), state.generation));
+            }
         } else if state.phase == VmPhase::Starting {
             Self::start_process(&myself, state, None);
         }
@@ -806,7 +869,7 @@ impl Actor for VmSupervisor {
                 let _ = reply.send(result);
             }
             VmMsg::Control { request, timeout, reply } => {
-                if state.process.is_none() || !matches!(state.phase, VmPhase::Running | VmPhase::Paused) {
+                if state.process.is_none() || !answering(state.phase) {
                     let _ = reply.send(Err(state.not_running()));
                 } else {
                     let pauses = matches!(request, Request::Snapshot { paused: true, .. });
@@ -844,10 +907,20 @@ impl Actor for VmSupervisor {
                 };
                 Self::after_exit(&myself, state, exit);
             }
-            VmMsg::Ready { generation, state: vm_state } if generation == state.generation => {
+            VmMsg::Ready { generation, phase } if generation == state.generation => {
                 if state.phase == VmPhase::Starting {
-                    state.phase = phase_of(vm_state);
+                    state.phase = phase;
                     tracing::info!(vm = %state.spec.name, "VMM answers on its control socket");
+                }
+                if state.keeper.is_some()
+                    && let Some(running) = state.process.as_mut()
+                {
+                    running._tasks.push(watch_run_state(&myself, state.paths.socket.clone(), generation));
+                }
+            }
+            VmMsg::RunState { generation, phase } if generation == state.generation => {
+                if answering(state.phase) {
+                    state.phase = phase;
                 }
             }
             VmMsg::StartTimedOut { generation } if generation == state.generation => {
@@ -868,6 +941,7 @@ impl Actor for VmSupervisor {
             }
             VmMsg::Exited { .. }
             | VmMsg::Ready { .. }
+            | VmMsg::RunState { .. }
             | VmMsg::StartTimedOut { .. }
             | VmMsg::RestartNow { .. }
             | VmMsg::PausedBy { .. }

@@ -107,6 +107,15 @@ impl Candidate {
         }
     }
 
+    /// Ends the tenure of lease `lease` (a previous incarnation of this candidate's host,
+    /// known dead).
+    pub async fn revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
+        match self.store.revoke(lease).await {
+            Ok(()) | Err(StoreError::LeaseGone(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Waits until there is no leader (or `limit` passes): the moment to campaign.
     pub async fn wait_vacant(&self, limit: Duration) -> Result<(), RecordError> {
         let listing_rev = match self.store.get(LEADER).await? {

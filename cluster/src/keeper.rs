@@ -76,6 +76,9 @@ pub struct Keeper {
     config: KeeperConfig,
     store: Arc<dyn Store>,
     shared: Arc<Mutex<Shared>>,
+    /// The VMs this host owned (with their epochs) when the records were last read: on
+    /// this host's own embedded store, what is permitted while the store cannot be read.
+    owned: Mutex<BTreeMap<String, u64>>,
 }
 
 fn lock(shared: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
@@ -84,7 +87,7 @@ fn lock(shared: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
 
 impl Keeper {
     pub fn new(config: KeeperConfig, store: Arc<dyn Store>) -> Self {
-        Keeper { config, store, shared: Arc::new(Mutex::new(Shared::default())) }
+        Keeper { config, store, shared: Arc::new(Mutex::new(Shared::default())), owned: Mutex::new(BTreeMap::new()) }
     }
 
     /// Runs until `stop` says so (then it revokes nothing: a keeper that stops on purpose
@@ -151,7 +154,14 @@ impl Keeper {
         let records = match self.store.list(records::VMS).await {
             Ok(listing) => listing.kvs,
             Err(e) if self.config.store_is_local => {
-                tracing::debug!("cannot read the VM records: {e}");
+                // Nobody decides anything while this host's own store is away: what it owned
+                // it still owns.
+                tracing::debug!("cannot read the VM records: {e}; permitting what this host owned");
+                let owned = self.owned.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                let run_dir = self.config.run_dir.clone();
+                let _ =
+                    tokio::task::spawn_blocking(move || permit_and_evict(&run_dir, &owned, &BTreeMap::new(), until))
+                        .await;
                 return Ok(());
             }
             Err(e) => return Err(RecordError::from(e).into()),
@@ -173,6 +183,7 @@ impl Keeper {
                 elsewhere.insert(name.to_string(), record.epoch);
             }
         }
+        *self.owned.lock().unwrap_or_else(|p| p.into_inner()) = owned.clone();
         let run_dir = self.config.run_dir.clone();
         // Blocking socket calls, off the runtime's threads.
         let _ = tokio::task::spawn_blocking(move || permit_and_evict(&run_dir, &owned, &elsewhere, until)).await;
@@ -296,6 +307,8 @@ async fn serve_claims(
             let mut line = String::new();
             let mut reader = BufReader::new(read).take(4096);
             let answer = match reader.read_line(&mut line).await {
+                // A look at whether the keeper runs (the daemon's), not a claim.
+                Ok(0) => return,
                 Ok(_) => match serde_json::from_str::<ClaimRequest>(&line) {
                     Ok(request) => claim(&config, store.as_ref(), &shared, &request).await,
                     Err(e) => Err(format!("not a claim request: {e}")),

@@ -68,6 +68,19 @@ pub struct VmRecord {
     pub rest: serde_json::Map<String, serde_json::Value>,
 }
 
+/// `hosts/HOST`: a member of the cluster, written by its daemon when it starts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostRecord {
+    pub name: String,
+    /// Its control port.
+    pub address: String,
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Taken out of placement (`host cordon`): no new VM goes there.
+    #[serde(default)]
+    pub cordoned: bool,
+}
+
 /// `alive/HOST`: kept under the host's lease by its keeper.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AliveRecord {

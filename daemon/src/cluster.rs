@@ -1,32 +1,37 @@
-//! The ClusterSupervisor: an actor on the cluster's primary daemon (the one started
-//! without `--join`). It owns the hosts' view: who is in the cluster, who is up, what
-//! each holds (a poll of every host every 500 ms, the primary's own host included). From
-//! that view it places new VMs (`actors::placement`), tells the control port which host
-//! holds a VM, refuses a second migration of a VM, and when a host stays silent for 3 s
-//! it starts that host's VMs again on the others (cold boot from their spec), once: a VM
-//! started elsewhere is remembered, and if its old host comes back holding it, the old
-//! copy is deleted there (and a re-joining host is told to forget it before it starts).
+//! The ClusterSupervisor: an actor on the cluster's leader (`ha::leadership`), started for
+//! one tenure. It owns the hosts' view: who is in the cluster (`hosts/*` in the cluster
+//! store), who is up (whose keeper holds its lease: `alive/*`), and what each holds (a poll
+//! of every host every 500 ms, its own included, for phases and capacity). From that view
+//! it places new VMs (`actors::placement`), tells the control port which host holds a VM
+//! and refuses a second migration of a VM. When a host's lease has been gone for the
+//! failover wait, it moves that host's VMs that should run to other hosts: each by a
+//! compare-and-swap of its record (this tenure still leads, the host is still gone, the
+//! record unchanged) that raises its epoch, then a create on the new host. The old host's
+//! guests fenced themselves before that (`docs/ha.md`), and when it comes back its keeper
+//! and daemon drop the copies it held (`ha::reconcile`).
 
 use crate::client::Client;
 use crate::convert::{self, HostIdentity};
+use crate::ha::records as vm_records;
 use crate::pb;
 use novacron_actors::placement::{HostState as PlacementState, Placement, PlacementRequest, Policy};
-use novacron_actors::{Capacity, HostMsg, VmSpec};
+use novacron_actors::store::DesiredState;
+use novacron_actors::{Capacity, HostMsg, RestartPolicy, VmSpec};
+use novacron_cluster::election::Tenure;
+use novacron_cluster::records::{self as keys, HostRecord, alive_key, vm_key};
+use novacron_cluster::timing::Timing;
+use novacron_store::{Compare, Op, Store, Txn};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tonic::Status;
 
-/// How often every host is asked for its state.
+/// How often every host is asked for its state (and the store for the members).
 pub const POLL: Duration = Duration::from_millis(500);
-/// A host not heard from for this long is down; its VMs go elsewhere.
-pub const DOWN_AFTER: Duration = Duration::from_secs(3);
 /// One poll's longest wait.
 const POLL_TIMEOUT: Duration = Duration::from_secs(2);
-/// The members file in the primary's data dir.
-const MEMBERS_FILE: &str = "cluster-members.json";
 
 /// Where a VM or a host is reached: this daemon (`client: None`) or another one.
 #[derive(Clone)]
@@ -36,22 +41,16 @@ pub struct Route {
     pub client: Option<Client>,
 }
 
-/// A member as the members file keeps it (the primary's own host is not in it).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-struct MemberRecord {
-    name: String,
-    address: String,
-    labels: BTreeMap<String, String>,
-}
-
 struct Member {
-    record: MemberRecord,
+    record: HostRecord,
     client: Option<Client>,
     local: bool,
-    last_ok: Instant,
+    /// Its keeper holds its lease.
     up: bool,
-    /// Its daemon stopped on purpose: not polled for liveness until it joins again.
-    away: bool,
+    /// Since when this leader has seen its lease gone.
+    absent_since: Option<Instant>,
+    /// Its VMs were moved elsewhere during this absence.
+    failed_over: bool,
     polling: bool,
     info: Option<pb::Host>,
     vms: Vec<pb::Vm>,
@@ -82,16 +81,25 @@ pub struct ClusterArgs {
     pub me: HostIdentity,
     pub host: ActorRef<HostMsg>,
     pub tls_dir: PathBuf,
-    pub data_dir: PathBuf,
     pub policy: Policy,
+    pub store: Arc<dyn Store>,
+    pub tenure: Tenure,
+    pub timing: Timing,
 }
 
 pub struct ClusterState {
     args: ClusterArgs,
     members: BTreeMap<String, Member>,
-    /// VMs started elsewhere after their host went down: VM -> the host it left.
-    moved: BTreeMap<String, String>,
+    /// The VM records as last read, for failovers.
+    records: Vec<vm_records::Vm>,
     migrating: BTreeSet<String>,
+}
+
+/// The cluster's members and their VMs as the store has them now.
+pub struct Membership {
+    hosts: Vec<HostRecord>,
+    alive: BTreeSet<String>,
+    records: Vec<vm_records::Vm>,
 }
 
 pub enum ClusterMsg {
@@ -132,6 +140,8 @@ pub enum ClusterMsg {
     #[doc(hidden)]
     Tick,
     #[doc(hidden)]
+    Membership(Box<Result<Membership, String>>),
+    #[doc(hidden)]
     Polled {
         host: String,
         started: Instant,
@@ -142,42 +152,14 @@ pub enum ClusterMsg {
 
 pub struct ClusterSupervisor;
 
-fn members_path(state: &ClusterState) -> PathBuf {
-    state.args.data_dir.join(MEMBERS_FILE)
-}
-
-/// Writes the members file (atomically: a new file renamed over the old one).
-fn save_members(state: &ClusterState) {
-    let records: Vec<&MemberRecord> = state.members.values().filter(|m| !m.local).map(|m| &m.record).collect();
-    let path = members_path(state);
-    let tmp = path.with_extension("json.new");
-    let written = serde_json::to_vec_pretty(&records)
-        .map_err(std::io::Error::other)
-        .and_then(|bytes| std::fs::write(&tmp, bytes))
-        .and_then(|()| std::fs::rename(&tmp, &path));
-    if let Err(e) = written {
-        tracing::error!("cannot save the cluster's members to {}: {e}", path.display());
-    }
-}
-
-fn load_members(path: &std::path::Path) -> Vec<MemberRecord> {
-    match std::fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
-            tracing::error!("the members file {} is damaged ({e}); hosts must join again", path.display());
-            Vec::new()
-        }),
-        Err(_) => Vec::new(),
-    }
-}
-
-fn new_member(record: MemberRecord, local: bool) -> Member {
+fn new_member(record: HostRecord, local: bool) -> Member {
     Member {
         record,
         client: None,
         local,
-        last_ok: Instant::now(),
-        up: true,
-        away: false,
+        up: false,
+        absent_since: None,
+        failed_over: false,
         polling: false,
         info: None,
         vms: Vec::new(),
@@ -227,59 +209,135 @@ impl ClusterSupervisor {
         }
     }
 
-    /// Hosts silent for longer than `DOWN_AFTER` go down; their VMs go elsewhere.
-    async fn check_liveness(state: &mut ClusterState) {
+    /// Reads the members, their leases and the VM records; the answer comes back as
+    /// `Membership`.
+    fn read_membership(myself: &ActorRef<ClusterMsg>, state: &ClusterState) {
+        let (me, store) = (myself.clone(), state.args.store.clone());
+        tokio::spawn(async move {
+            let read = async {
+                let hosts = store.list(keys::HOSTS).await.map_err(|e| e.to_string())?;
+                let alive = store.list(keys::ALIVE).await.map_err(|e| e.to_string())?;
+                let records = vm_records::list(store.as_ref()).await.map_err(|e| e.message().to_string())?;
+                let hosts =
+                    hosts.kvs.iter().filter_map(|kv| serde_json::from_slice::<HostRecord>(&kv.value).ok()).collect();
+                let alive =
+                    alive.kvs.iter().filter_map(|kv| keys::name_of(&kv.key, keys::ALIVE).map(str::to_string)).collect();
+                Ok::<_, String>(Membership { hosts, alive, records })
+            };
+            let _ = me.cast(ClusterMsg::Membership(Box::new(read.await)));
+        });
+    }
+
+    /// Takes in the store's view of the members: new hosts, who holds a lease; hosts whose
+    /// lease has been gone for the failover wait have their VMs moved.
+    fn members_read(state: &mut ClusterState, read: Membership, myself: &ActorRef<ClusterMsg>) {
         let now = Instant::now();
-        let dead: Vec<String> = state
-            .members
-            .values()
-            .filter(|m| m.up && !m.local && !m.away && now.duration_since(m.last_ok) > DOWN_AFTER)
-            .map(|m| m.record.name.clone())
-            .collect();
-        for name in dead {
-            let Some(member) = state.members.get_mut(&name) else { continue };
-            member.up = false;
+        for record in read.hosts {
+            let local = record.name == state.args.me.name;
+            match state.members.get_mut(&record.name) {
+                Some(m) if m.record.address != record.address => *m = new_member(record, local),
+                Some(m) => m.record = record,
+                None => {
+                    tracing::info!(host = %record.name, address = %record.address, "a member of the cluster");
+                    state.members.insert(record.name.clone(), new_member(record, local));
+                }
+            }
+        }
+        state.records = read.records;
+        let mut gone = Vec::new();
+        for member in state.members.values_mut() {
+            let up = read.alive.contains(&member.record.name);
+            if up {
+                if !member.up {
+                    tracing::info!(host = %member.record.name, "host holds its lease: up");
+                }
+                member.absent_since = None;
+                member.failed_over = false;
+            } else {
+                if member.up {
+                    tracing::warn!(host = %member.record.name, "host's lease is gone: down");
+                }
+                let since = *member.absent_since.get_or_insert(now);
+                if !member.failed_over && now.duration_since(since) >= state.args.timing.failover_wait {
+                    member.failed_over = true;
+                    gone.push(member.record.name.clone());
+                }
+            }
+            member.up = up;
             if let Some(info) = &mut member.info {
-                info.state = "down".into();
+                info.state = if up { "up".into() } else { "down".into() };
             }
-            let vms = std::mem::take(&mut member.vms);
-            tracing::warn!(host = %name, vms = vms.len(), "host not heard from for {DOWN_AFTER:?}: down");
-            for vm in vms {
-                Self::fail_over(state, &name, vm).await;
-            }
+        }
+        for host in gone {
+            Self::fail_over(state, &host, myself);
         }
     }
 
-    /// Starts a dead host's VM on another host, if its policy wants it running.
-    async fn fail_over(state: &mut ClusterState, dead: &str, vm: pb::Vm) {
-        let Some(spec) = vm.spec.clone() else { return };
-        let policy = spec.restart.as_ref().map_or("on-failure", |r| r.kind.as_str());
-        let wanted = matches!(vm.phase.as_str(), "running" | "paused" | "starting");
-        if !wanted || policy == "never" || state.moved.contains_key(&spec.name) {
-            tracing::info!(vm = %spec.name, host = dead, phase = %vm.phase, policy, "not started elsewhere");
-            return;
+    /// Moves the VMs of a host whose lease is gone, that should run, to the others.
+    fn fail_over(state: &mut ClusterState, dead: &str, myself: &ActorRef<ClusterMsg>) {
+        let owned: Vec<vm_records::Vm> =
+            state.records.iter().filter(|r| r.record.owner == dead && r.record.moving_to.is_none()).cloned().collect();
+        tracing::warn!(host = dead, vms = owned.len(), "failing the host's VMs over");
+        if let Some(member) = state.members.get_mut(dead) {
+            member.vms.clear();
         }
-        let route = match Self::place(state, &request_of(&spec)) {
-            Ok(route) => route,
-            Err(e) => {
-                tracing::error!(vm = %spec.name, "cannot start it elsewhere: {}", e.message());
-                return;
+        for vm in owned {
+            let name = vm.spec.name.clone();
+            if vm.desired != DesiredState::Running || vm.spec.restart == RestartPolicy::Never {
+                tracing::info!(vm = %name, host = dead, "not started elsewhere (stopped, or restart policy never)");
+                continue;
             }
-        };
-        let request = pb::CreateVmRequest { spec: Some(spec.clone()), start: Some(true) };
-        let created = match &route.client {
-            None => crate::service::create_local(&state.args.host, request, &state.args.me.name).await,
-            Some(client) => client.clone().create_vm(crate::service::forwarded(request)).await.map(|r| r.into_inner()),
-        };
-        match created {
-            Ok(created) => {
-                tracing::warn!(vm = %spec.name, from = dead, to = %route.host, "started again on another host");
-                state.moved.insert(spec.name.clone(), dead.to_string());
-                if let Some(member) = state.members.get_mut(&route.host) {
-                    member.add(created);
+            let route = match Self::place(state, &PlacementRequest::for_spec(&vm.spec)) {
+                Ok(route) => route,
+                Err(e) => {
+                    tracing::error!(vm = %name, "cannot start it elsewhere: {}", e.message());
+                    continue;
                 }
+            };
+            let placeholder = pb::Vm {
+                spec: Some(convert::spec_to_pb(&vm.spec)),
+                host: route.host.clone(),
+                phase: "starting".into(),
+                ..Default::default()
+            };
+            if let Some(member) = state.members.get_mut(&route.host) {
+                member.add(placeholder);
             }
-            Err(e) => tracing::error!(vm = %spec.name, to = %route.host, "cannot start it there: {}", e.message()),
+            let (args_store, tenure, host, me) =
+                (state.args.store.clone(), state.args.tenure, state.args.host.clone(), state.args.me.name.clone());
+            let dead = dead.to_string();
+            let myself = myself.clone();
+            tokio::spawn(async move {
+                let moved = move_vm(args_store.as_ref(), &tenure, &dead, &vm, &route.host).await;
+                match moved {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        tracing::warn!(vm = %name, "not moved: its record or its host's lease changed meanwhile");
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::error!(vm = %name, "cannot move it: {}", e.message());
+                        return;
+                    }
+                }
+                let request = pb::CreateVmRequest { spec: Some(convert::spec_to_pb(&vm.spec)), start: Some(true) };
+                let created = match &route.client {
+                    None => crate::service::create_local(&host, request, &me).await,
+                    Some(client) => {
+                        client.clone().create_vm(crate::service::forwarded(request)).await.map(|r| r.into_inner())
+                    }
+                };
+                match created {
+                    Ok(created) => {
+                        tracing::warn!(vm = %name, from = %dead, to = %route.host, "started again on another host");
+                        let _ = myself.cast(ClusterMsg::Created { host: route.host.clone(), vm: Box::new(created) });
+                    }
+                    // The new owner's daemon creates it from the record by itself.
+                    Err(e) => {
+                        tracing::warn!(vm = %name, to = %route.host, "cannot start it there now: {}", e.message())
+                    }
+                }
+            });
         }
     }
 
@@ -335,43 +393,18 @@ impl ClusterSupervisor {
         routes.remove(&id).ok_or_else(|| Status::internal("placement chose a host it was not given"))
     }
 
+    /// The VM's owner by its record; else the host the view last saw it on.
     fn locate(state: &ClusterState, vm: &str) -> Option<Route> {
+        let owner = state.records.iter().find(|r| r.spec.name == vm).map(|r| r.record.owner.clone());
+        if let Some(member) = owner.and_then(|o| state.members.get(&o)).filter(|m| m.reachable()) {
+            return Some(member.route());
+        }
         state
             .members
             .values()
             .filter(|m| m.reachable())
-            // A stopped daemon's VMs still exist: asked for, its last report answers.
-            .find(|m| (m.up || m.away) && m.vms.iter().any(|v| vm_name(v) == vm))
+            .find(|m| m.vms.iter().any(|v| vm_name(v) == vm))
             .map(Member::route)
-    }
-
-    /// VMs a host reports that the cluster started elsewhere while it was away: deleted
-    /// there, so that each VM runs once.
-    fn fence(state: &ClusterState, host: &str, vms: &[pb::Vm], client: Option<Client>) {
-        for vm in vms {
-            let name = vm_name(vm);
-            if state.moved.get(name).is_some_and(|left| left == host) {
-                tracing::warn!(
-                    vm = name,
-                    host,
-                    "the host came back holding a VM that now runs elsewhere; deleting it there"
-                );
-                let request = pb::VmRef { name: name.to_string() };
-                match client.clone() {
-                    Some(mut c) => {
-                        tokio::spawn(async move {
-                            let _ = c.delete_vm(crate::service::forwarded(request)).await;
-                        });
-                    }
-                    None => {
-                        let host = state.args.host.clone();
-                        tokio::spawn(async move {
-                            let _ = ractor::call!(host, HostMsg::DeleteVm, request.name);
-                        });
-                    }
-                }
-            }
-        }
     }
 }
 
@@ -419,10 +452,11 @@ impl Actor for ClusterSupervisor {
         args: ClusterArgs,
     ) -> Result<ClusterState, ActorProcessingErr> {
         let mut members = BTreeMap::new();
-        let me = MemberRecord {
+        let me = HostRecord {
             name: args.me.name.clone(),
             address: args.me.address.clone(),
             labels: args.me.labels.clone(),
+            cordoned: false,
         };
         let mut local = new_member(me, true);
         // Known at once, so that VMs can be placed here from the first request.
@@ -431,12 +465,11 @@ impl Actor for ClusterSupervisor {
             Err(e) => tracing::warn!("cannot read this host's state yet: {e}"),
         }
         members.insert(local.record.name.clone(), local);
-        for record in load_members(&args.data_dir.join(MEMBERS_FILE)) {
-            tracing::info!(host = %record.name, address = %record.address, "a member of the cluster, from the members file");
-            members.insert(record.name.clone(), new_member(record, false));
-        }
+        tracing::info!(tenure = args.tenure.revision, "the cluster supervisor starts for this tenure");
+        let state = ClusterState { args, members, records: Vec::new(), migrating: BTreeSet::new() };
+        Self::read_membership(&myself, &state);
         myself.send_interval(POLL, || ClusterMsg::Tick);
-        Ok(ClusterState { args, members, moved: BTreeMap::new(), migrating: BTreeSet::new() })
+        Ok(state)
     }
 
     async fn handle(
@@ -447,27 +480,25 @@ impl Actor for ClusterSupervisor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             ClusterMsg::Tick => {
-                Self::check_liveness(state).await;
+                Self::read_membership(&myself, state);
                 Self::poll(&myself, state);
             }
+            ClusterMsg::Membership(read) => match *read {
+                Ok(read) => Self::members_read(state, read, &myself),
+                Err(e) => tracing::warn!("cannot read the cluster's members from the store: {e}"),
+            },
             ClusterMsg::Polled { host, started, result, client } => {
                 let Some(member) = state.members.get_mut(&host) else { return Ok(()) };
                 member.polling = false;
                 match *result {
-                    Ok(_) if member.away => {}
                     Ok((mut info, vms)) => {
-                        if !member.up {
-                            tracing::info!(host = %host, "host is up again");
-                        }
-                        info.state = "up".into();
+                        // Up or down is the lease's word, not the poll's.
+                        info.state = if member.up { "up".into() } else { "down".into() };
                         info.primary = member.local;
-                        member.up = true;
-                        member.last_ok = Instant::now();
                         member.info = Some(info);
                         if client.is_some() {
-                            member.client = client.clone();
+                            member.client = client;
                         }
-                        let vms_copy = vms.clone();
                         member.vms = vms;
                         member.recent.retain(|(at, _)| *at > started);
                         for (_, vm) in &member.recent {
@@ -475,7 +506,6 @@ impl Actor for ClusterSupervisor {
                                 member.vms.push(vm.clone());
                             }
                         }
-                        Self::fence(state, &host, &vms_copy, client);
                     }
                     // The client is kept: its channel reconnects by itself.
                     Err(e) => tracing::debug!(host = %host, "poll failed: {e}"),
@@ -529,7 +559,7 @@ impl Actor for ClusterSupervisor {
                 let _ = reply.send(hosts);
             }
             ClusterMsg::Routes(reply) => {
-                let routes = state.members.values().filter(|m| (m.up || m.away) && m.reachable());
+                let routes = state.members.values().filter(|m| m.up && m.reachable());
                 let _ = reply.send(routes.map(Member::route).collect());
             }
             ClusterMsg::CheckTarget { vm, source, target, reply } => {
@@ -540,8 +570,6 @@ impl Actor for ClusterSupervisor {
             }
             ClusterMsg::MigrationStarting(vm, reply) => {
                 let result = if state.migrating.insert(vm.clone()) {
-                    // Wherever it lands now is where it belongs.
-                    state.moved.remove(&vm);
                     Ok(())
                 } else {
                     Err(Status::failed_precondition(format!(
@@ -568,57 +596,56 @@ impl Actor for ClusterSupervisor {
     }
 }
 
-/// A host joins (or joins again): recorded, polled from now on, and told which of its VMs
-/// run elsewhere now.
+/// A host joins (the daemons of this version write their record themselves; this is for
+/// a caller that asks): its record goes into the store.
 fn join(state: &mut ClusterState, request: pb::JoinRequest) -> Result<pb::JoinReply, Status> {
     convert::name(&request.name)
         .map_err(|_| Status::invalid_argument(format!("host name {:?} is not valid (a-z, 0-9, '-')", request.name)))?;
-    if request.name == state.args.me.name {
-        return Err(Status::already_exists(format!(
-            "{} is the primary's own name; give the joining daemon another --name",
-            request.name
-        )));
-    }
     if request.address.parse::<std::net::SocketAddr>().is_err() {
         return Err(Status::invalid_argument(format!("address {:?} is not IP:PORT", request.address)));
     }
-    let record = MemberRecord {
+    if request.leaving {
+        // A daemon that stops leaves its keeper running: its VMs run on, nothing to do.
+        return Ok(pb::JoinReply { evicted: Vec::new(), primary: state.args.me.name.clone() });
+    }
+    let record = HostRecord {
         name: request.name.clone(),
         address: request.address,
         labels: request.labels.into_iter().collect(),
+        cordoned: false,
     };
-    if request.leaving {
-        let member = state
-            .members
-            .get_mut(&request.name)
-            .ok_or_else(|| Status::not_found(format!("host {} is not in the cluster", request.name)))?;
-        member.away = true;
-        member.up = false;
-        if let Some(info) = &mut member.info {
-            info.state = "stopped".into();
+    let store = state.args.store.clone();
+    tokio::spawn(async move {
+        if let Err(e) = crate::ha::write_host_record(store.as_ref(), record).await {
+            tracing::warn!("cannot record a joining host: {}", novacron_actors::error_chain(&e));
         }
-        tracing::info!(host = %request.name, "host's daemon stops on purpose; its VMs are left where they are");
-        return Ok(pb::JoinReply { evicted: Vec::new(), primary: state.args.me.name.clone() });
+    });
+    Ok(pb::JoinReply { evicted: Vec::new(), primary: state.args.me.name.clone() })
+}
+
+/// Moves `vm` from `dead` to `to`: its record's owner and a new epoch, only if this tenure
+/// still leads, `dead`'s lease is still gone and the record is as it was read.
+async fn move_vm(
+    store: &dyn Store,
+    tenure: &Tenure,
+    dead: &str,
+    vm: &vm_records::Vm,
+    to: &str,
+) -> Result<bool, Status> {
+    let mut record = vm.record.clone();
+    record.owner = to.to_string();
+    record.epoch += 1;
+    record.moving_to = None;
+    let key = vm_key(&vm.spec.name);
+    let value = keys::encode(&key, &record).map_err(|e| Status::internal(e.to_string()))?;
+    let txn = Txn::new()
+        .when(tenure.guard())
+        .when(Compare::absent(alive_key(dead)))
+        .when(Compare::unchanged_since(&key, vm.mod_revision))
+        .then(Op::put(&key, value));
+    let outcome = store.txn(txn).await.map_err(|e| Status::unavailable(e.to_string()))?;
+    if outcome.succeeded {
+        tracing::warn!(vm = %vm.spec.name, from = dead, to, epoch = record.epoch, "the VM's ownership moved");
     }
-    let evicted: Vec<String> =
-        request.vms.into_iter().filter(|vm| state.moved.get(vm).is_some_and(|left| *left == request.name)).collect();
-    let known = state.members.get(&record.name).map(|m| m.record.clone());
-    if known.as_ref() != Some(&record) {
-        // New, or back at another address: a new client; what it held stays known.
-        let vms = state.members.remove(&record.name).map(|m| m.vms).unwrap_or_default();
-        let mut member = new_member(record.clone(), false);
-        member.vms = vms;
-        state.members.insert(record.name.clone(), member);
-        save_members(state);
-    } else if let Some(member) = state.members.get_mut(&record.name) {
-        // It just spoke: up (the next poll brings its figures).
-        member.last_ok = Instant::now();
-        member.away = false;
-        member.up = true;
-        if let Some(info) = &mut member.info {
-            info.state = "up".into();
-        }
-    }
-    tracing::info!(host = %record.name, address = %record.address, evicted = evicted.len(), "host joined");
-    Ok(pb::JoinReply { evicted, primary: state.args.me.name.clone() })
+    Ok(outcome.succeeded)
 }

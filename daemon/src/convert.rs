@@ -182,6 +182,7 @@ pub fn event_kind(kind: EventKind) -> &'static str {
         EventKind::Deleted => "deleted",
         EventKind::MigratedIn => "migrated-in",
         EventKind::MigratedOut => "migrated-out",
+        EventKind::Fenced => "fenced",
     }
 }
 

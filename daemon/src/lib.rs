@@ -14,6 +14,7 @@ pub mod auth;
 pub mod client;
 mod cluster;
 pub mod convert;
+pub mod ha;
 pub mod listen;
 mod migrate;
 mod operations;

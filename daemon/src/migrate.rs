@@ -14,6 +14,7 @@
 use crate::client::{Client, Connect};
 use crate::cluster::ClusterMsg;
 use crate::convert::{self, host_error, invalid, vm_error};
+use crate::ha::records;
 use crate::operations::Progress;
 use crate::pb;
 use crate::service::{ControlService, ask, forwarded, unavailable};
@@ -116,8 +117,23 @@ pub async fn migrate_out(svc: &ControlService, r: pb::MigrateVmRequest) -> Resul
     let mut target = connect.connect().await.map_err(|e| {
         Status::unavailable(format!("cannot reach the target host: {}", novacron_actors::error_chain(&e)))
     })?;
+    // The record says where the VM goes: only that host's keeper may claim it at the commit.
+    let record =
+        records::get(svc.store.as_ref(), &r.name).await?.filter(|vm| vm.record.owner == svc.me.name).ok_or_else(
+            || Status::failed_precondition(format!("VM {} is not this host's by the cluster's records", r.name)),
+        )?;
+    if !records::update(svc.store.as_ref(), &record, |rec| rec.moving_to = Some(r.to_host.clone())).await? {
+        return Err(Status::aborted(format!("VM {}'s record changed meanwhile; try again", r.name)));
+    }
+    let outgoing = Outgoing::start(svc, &r.name);
     let receive = pb::ReceiveVmRequest { spec: Some(convert::spec_to_pb(&info.spec)) };
-    let listen = target.receive_vm(forwarded(receive)).await?.into_inner().listen;
+    let listen = match target.receive_vm(forwarded(receive)).await {
+        Ok(answer) => answer.into_inner().listen,
+        Err(e) => {
+            outgoing.failed().await;
+            return Err(e);
+        }
+    };
 
     let progress = svc.operations.start("migrate", &r.name, &format!("connecting to {listen}"));
     let op = progress.snapshot();
@@ -136,9 +152,57 @@ pub async fn migrate_out(svc: &ControlService, r: pb::MigrateVmRequest) -> Resul
     let (host, name, socket) = (svc.host.clone(), r.name.clone(), info.socket.clone());
     tokio::spawn(async move {
         let result = follow(&actor, request, &socket, &progress).await;
+        let moved = result.is_ok();
         finish(result, &host, &actor, &mut target, &name, progress).await;
+        if moved { outgoing.moved() } else { outgoing.failed().await }
     });
     Ok(op)
+}
+
+/// A VM migrating out of this host: in the reconciler's leaving set while it goes, and
+/// its record's `moving_to` cleared again if it does not go.
+struct Outgoing {
+    store: std::sync::Arc<dyn novacron_store::Store>,
+    leaving: crate::ha::reconcile::Leaving,
+    me: String,
+    name: String,
+}
+
+impl Outgoing {
+    fn start(svc: &ControlService, name: &str) -> Outgoing {
+        svc.leaving.lock().unwrap_or_else(|p| p.into_inner()).insert(name.to_string());
+        Outgoing {
+            store: svc.store.clone(),
+            leaving: svc.leaving.clone(),
+            me: svc.me.name.clone(),
+            name: name.to_string(),
+        }
+    }
+
+    fn done(&self) {
+        self.leaving.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.name);
+    }
+
+    /// The target's keeper claimed the VM at the commit: its record says so already.
+    fn moved(self) {
+        self.done();
+    }
+
+    /// The VM stays: the record no longer names a target (if it still names this host).
+    async fn failed(self) {
+        self.done();
+        match records::get(self.store.as_ref(), &self.name).await {
+            Ok(Some(vm)) if vm.record.owner == self.me && vm.record.moving_to.is_some() => {
+                if let Err(e) = records::update(self.store.as_ref(), &vm, |r| r.moving_to = None).await {
+                    tracing::warn!(vm = %self.name, "cannot clear the failed migration from the record: {}", e.message());
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(vm = %self.name, "cannot read the record after a failed migration: {}", e.message())
+            }
+        }
+    }
 }
 
 /// Runs the VMM's migration, updating `progress` from its status meanwhile.

@@ -4,18 +4,22 @@
 //! dir takes them back.
 
 use crate::auth::{Authenticator, load_or_create_token, server_tls};
-use crate::client::{Client, Connect};
-use crate::cluster::{ClusterArgs, ClusterSupervisor};
+use crate::cluster::ClusterArgs;
 use crate::convert::HostIdentity;
+use crate::ha::leadership::{Campaigner, Leadership};
+use crate::ha::reconcile::Leaving;
+use crate::ha::{ClusterStore, KeeperProcess, StoreMode};
 use crate::listen::Gate;
 use crate::operations::Operations;
-use crate::pb;
 use crate::pb::control_server::ControlServer;
 use crate::service::ControlService;
 use novacron_actors::placement::{Policy, Strategy};
 use novacron_actors::process::VmmProcess;
 use novacron_actors::store::{STORE_FILE, Store};
 use novacron_actors::{Capacity, HostConfig, HostSupervisor};
+use novacron_cluster::election::Candidate;
+use novacron_cluster::records::HostRecord;
+use novacron_cluster::timing::Timing;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::os::unix::net::UnixStream;
@@ -41,21 +45,26 @@ pub struct DaemonArgs {
     pub vmm_binary: Option<PathBuf>,
     /// vCPUs the host's VMs may have per physical CPU (memory is never overcommitted).
     pub cpu_overcommit: u32,
-    /// The control port of a daemon of the cluster to join (its primary); `None`: this
-    /// daemon is the primary of its own cluster.
+    /// On the embedded store: the control port of the cluster's first daemon, which holds
+    /// the store; `None`: this daemon holds it (or the store is etcd).
     pub join: Option<String>,
     /// This host's labels (`zone=a`), for placement rules.
     pub labels: BTreeMap<String, String>,
-    /// On the primary: how new VMs are spread over the hosts.
+    /// On the leader: how new VMs are spread over the hosts.
     pub strategy: Strategy,
+    /// The cluster store on etcd: its client URLs (TLS with the cluster CA). Empty: the
+    /// embedded store (this daemon's, or with `join` the first daemon's).
+    pub etcd: Vec<String>,
+    /// The host lease's time to live in seconds (`docs/ha.md`).
+    pub lease_ttl: u64,
 }
 
+/// How long the daemon waits for its keeper to hold the host's lease before it says it is up.
+const KEEPER_START: Duration = Duration::from_secs(10);
 /// How long open calls get to end after SIGTERM.
 const DRAIN: Duration = Duration::from_secs(2);
 /// How long a client may take over its TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a joining daemon keeps trying to reach the primary.
-const JOIN_PATIENCE: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -96,6 +105,12 @@ pub enum DaemonError {
     Untrusted { store: Box<novacron_actors::store::StoreError>, advice: String },
     #[error("--listen {0} is not a concrete address other hosts can reach; give an IP, e.g. 10.0.0.5:7700")]
     Unreachable(SocketAddr),
+    #[error(transparent)]
+    Ha(#[from] crate::ha::HaError),
+    #[error(transparent)]
+    Timing(#[from] novacron_cluster::timing::TimingError),
+    #[error("--join and --etcd do not go together: on etcd every daemon reaches the store itself")]
+    JoinAndEtcd,
 }
 
 fn host_name() -> String {
@@ -247,83 +262,121 @@ async fn serve(args: &DaemonArgs) -> Result<(), DaemonError> {
         labels: args.labels.clone(),
         primary: args.join.is_none(),
     };
-    // A member joins before it takes its VMs back: VMs the cluster started elsewhere while
-    // this host was away are forgotten, not started a second time.
-    let primary = match &args.join {
-        Some(addr) => Some(join(addr, &me, &tls_dir, &data_dir).await?),
-        None => None,
+    let mode = match (&args.join, args.etcd.is_empty()) {
+        (Some(_), false) => return Err(DaemonError::JoinAndEtcd),
+        (Some(addr), true) => StoreMode::Joined(addr.clone()),
+        (None, false) => StoreMode::Etcd(args.etcd.clone()),
+        (None, true) => StoreMode::Embedded,
     };
+    let timing = Timing::from_ttl(Duration::from_secs(args.lease_ttl))?;
+    let cluster_store = ClusterStore::open(mode.clone(), &data_dir, &tls_dir, &addr.to_string(), timing).await?;
+    let store = cluster_store.store.clone();
+    let host_record =
+        HostRecord { name: name.clone(), address: addr.to_string(), labels: args.labels.clone(), cordoned: false };
+    crate::ha::write_host_record(store.as_ref(), host_record).await?;
+    let keeper = KeeperProcess::new(&cluster_store, &name, &addr.to_string(), &data_dir, &tls_dir)?;
 
     let mut config = HostConfig::new(data_dir.join(RUNTIME_SUBDIR), vmm_binary);
     config.data_dir = Some(data_dir.clone());
     config.capacity = Some(Capacity { vcpus: physical.vcpus.saturating_mul(args.cpu_overcommit.max(1)), ..physical });
+    config.keeper = Some(keeper.socket().to_owned());
     let (host, host_task) = ractor::Actor::spawn(None, HostSupervisor, config)
         .await
         .map_err(|e| DaemonError::Host(novacron_actors::error_chain(&e)))?;
-    let cluster = match primary {
-        Some(_) => None,
-        None => {
-            let policy = Policy {
-                cpu_overcommit_permille: args.cpu_overcommit.max(1).saturating_mul(1000),
-                mem_overcommit_permille: 1000,
-                strategy: args.strategy,
-            };
-            let cluster_args = ClusterArgs {
-                me: me.clone(),
-                host: host.clone(),
-                tls_dir: tls_dir.clone(),
-                data_dir: data_dir.clone(),
-                policy,
-            };
-            let (cluster, _) = ractor::Actor::spawn(None, ClusterSupervisor, cluster_args)
-                .await
-                .map_err(|e| DaemonError::Host(novacron_actors::error_chain(&e)))?;
-            Some(cluster)
+
+    let policy = Policy {
+        cpu_overcommit_permille: args.cpu_overcommit.max(1).saturating_mul(1000),
+        mem_overcommit_permille: 1000,
+        strategy: args.strategy,
+    };
+    let leadership = Leadership::default();
+    let cluster_args = {
+        let (me, host, tls_dir, store) = (me.clone(), host.clone(), tls_dir.clone(), store.clone());
+        move |tenure| ClusterArgs {
+            me: me.clone(),
+            host: host.clone(),
+            tls_dir: tls_dir.clone(),
+            policy,
+            store: store.clone(),
+            tenure,
+            timing,
         }
     };
+    let candidate = || Candidate::new(store.clone(), &name, &addr.to_string(), timing.ttl);
+    let campaigner = Campaigner {
+        candidate: candidate(),
+        host: name.clone(),
+        cluster_args: Box::new(cluster_args),
+        tls_dir: tls_dir.clone(),
+        timing,
+        may_lead: mode.elects(),
+    };
+    let leaving = Leaving::default();
 
     let service = ControlService {
         host: host.clone(),
         me,
         operations: Arc::new(Operations::new(&name)),
-        cluster: cluster.clone(),
-        primary,
+        leadership: leadership.clone(),
+        store: store.clone(),
+        leaving: leaving.clone(),
         tls_dir: tls_dir.clone(),
         snapshots: Default::default(),
     };
     let gate = Arc::new(Gate::default());
     let incoming = crate::listen::Incoming::new(listener, gate.clone());
-    // The one line scripts and tests wait for.
+    let stopping = Arc::new(tokio::sync::Notify::new());
+    let signalled = {
+        let (stopping, leadership, candidate) = (stopping.clone(), leadership.clone(), candidate());
+        async move {
+            shutdown_signal().await;
+            // Another daemon leads at once. The keeper stays: the VMs run on, and nothing
+            // fails over while the daemon is away.
+            crate::ha::leadership::step_down(&candidate, &leadership).await;
+            stopping.notify_one();
+        }
+    };
+    let authenticator = Authenticator::new(&token, Some(gate));
+    let mut router = tonic::transport::Server::builder()
+        .tls_config(tls.timeout(TLS_HANDSHAKE_TIMEOUT))
+        .map_err(DaemonError::Serve)?
+        .add_service(ControlServer::with_interceptor(service, authenticator.clone()));
+    // The embedded store, served to the other daemons and the keepers.
+    if let Some(served) = &cluster_store.service {
+        use tonic::service::interceptor::InterceptedService;
+        router = router
+            .add_service(InterceptedService::new(served.kv(), authenticator.clone()))
+            .add_service(InterceptedService::new(served.watch(), authenticator.clone()))
+            .add_service(InterceptedService::new(served.lease(), authenticator.clone()))
+            .add_service(InterceptedService::new(served.cluster(), authenticator.clone()))
+            .add_service(InterceptedService::new(served.maintenance(), authenticator.clone()));
+    }
+    let server = router.serve_with_incoming_shutdown(incoming, signalled);
+    let server = tokio::spawn(server);
+    // With the port open (the keeper of the store's own host reaches the store there).
+    keeper.keep_running();
+    crate::ha::reconcile::run(store.clone(), host.clone(), name.clone(), leaving);
+    let leadership_view = leadership.clone();
+    crate::ha::leadership::start(campaigner, leadership).await;
+    wait_for_lease(store.as_ref(), &name).await;
+    wait_until_placeable(&leadership_view, &name).await;
+    // The one line scripts and tests wait for: the port is open, the host's keeper holds
+    // its lease (VMs may run here) and the cluster's leader is known.
     println!(
         "novacron daemon: host {name} listening on {addr}; data dir {}; token in {}",
         data_dir.display(),
         data_dir.join(crate::auth::TOKEN_FILE).display()
     );
     tracing::info!(%addr, host = %name, "control port open");
-    let stopping = Arc::new(tokio::sync::Notify::new());
-    let signalled = {
-        let (stopping, cluster, primary, me) =
-            (stopping.clone(), cluster.clone(), service.primary.clone(), service.me.clone());
-        async move {
-            shutdown_signal().await;
-            // No decisions while stopping: a host that stops is not a host that died.
-            if let Some(cluster) = cluster {
-                cluster.stop(None);
-            }
-            if let Some(primary) = primary {
-                leave(primary, &me).await;
-            }
-            stopping.notify_one();
+    let server = async {
+        match server.await {
+            Ok(served) => served.map_err(DaemonError::Serve),
+            Err(e) => Err(DaemonError::Host(format!("the control port's task ended: {e}"))),
         }
     };
-    let server = tonic::transport::Server::builder()
-        .tls_config(tls.timeout(TLS_HANDSHAKE_TIMEOUT))
-        .map_err(DaemonError::Serve)?
-        .add_service(ControlServer::with_interceptor(service, Authenticator::new(&token, Some(gate))))
-        .serve_with_incoming_shutdown(incoming, signalled);
     // Open streams (`events --follow`) get a moment to end, not a veto.
     let result = tokio::select! {
-        result = server => result.map_err(DaemonError::Serve),
+        result = server => result,
         () = async { stopping.notified().await; tokio::time::sleep(DRAIN).await } => Ok(()),
     };
     tracing::info!("daemon stopping; the VMs keep running and the next daemon on this data dir takes them back");
@@ -332,65 +385,31 @@ async fn serve(args: &DaemonArgs) -> Result<(), DaemonError> {
     result
 }
 
-/// Tells the primary that this host's daemon stops on purpose (its VMs run on): it is not
-/// taken for dead, and its VMs are not started elsewhere, until it joins again.
-async fn leave(mut primary: Client, me: &HostIdentity) {
-    let request = pb::JoinRequest {
-        name: me.name.clone(),
-        address: me.address.clone(),
-        labels: me.labels.clone().into_iter().collect(),
-        vms: Vec::new(),
-        leaving: true,
-    };
-    match tokio::time::timeout(Duration::from_secs(2), primary.join_cluster(request)).await {
-        Ok(Ok(_)) => tracing::info!("told the cluster's primary that this daemon stops"),
-        _ => {
-            tracing::warn!("cannot tell the cluster's primary that this daemon stops; it will take this host for dead")
+/// Waits (a while) until the host's keeper holds its lease.
+async fn wait_for_lease(store: &dyn novacron_store::Store, name: &str) {
+    let key = novacron_cluster::records::alive_key(name);
+    let deadline = tokio::time::Instant::now() + KEEPER_START;
+    while tokio::time::Instant::now() < deadline {
+        if let Ok(Some(_)) = store.get(&key).await {
+            return;
         }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    tracing::warn!("the host's keeper holds no lease yet (see keeper.log in the data dir); VMs here wait for it");
 }
 
-/// Joins the cluster of the daemon at `addr` (retrying while it does not answer) and
-/// forgets the VMs it says now run elsewhere. Answers a client of the primary.
-async fn join(addr: &str, me: &HostIdentity, tls_dir: &Path, data_dir: &Path) -> Result<Client, DaemonError> {
-    let fail = |reason: String| DaemonError::Join { addr: addr.to_string(), reason };
-    // The store is opened and closed again: the HostSupervisor opens it next.
-    let vms: Vec<String> = {
-        let store = Store::open(data_dir)?;
-        store.list_vms()?.into_iter().map(|r| r.spec.name).collect()
-    };
-    let connect = Connect { endpoint: addr.to_string(), tls_dir: tls_dir.to_owned(), token: None };
-    let deadline = tokio::time::Instant::now() + JOIN_PATIENCE;
-    let mut primary = loop {
-        match connect.connect().await {
-            Ok(client) => break client,
-            Err(e) if tokio::time::Instant::now() < deadline => {
-                tracing::warn!(
-                    "cannot reach the cluster at {addr} yet ({}); retrying",
-                    novacron_actors::error_chain(&e)
-                );
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-            Err(e) => return Err(fail(novacron_actors::error_chain(&e))),
+/// On the leader, waits (a while) until its ClusterSupervisor sees this host up, so that
+/// the first VM created can be placed here.
+async fn wait_until_placeable(leadership: &Leadership, name: &str) {
+    let Some(cluster) = leadership.cluster() else { return };
+    let deadline = tokio::time::Instant::now() + KEEPER_START;
+    while tokio::time::Instant::now() < deadline {
+        let hosts = ractor::call_t!(cluster, crate::cluster::ClusterMsg::Hosts, 2000).unwrap_or_default();
+        if hosts.iter().any(|h| h.name == name && h.state == "up") {
+            return;
         }
-    };
-    let request = pb::JoinRequest {
-        name: me.name.clone(),
-        address: me.address.clone(),
-        labels: me.labels.clone().into_iter().collect(),
-        vms,
-        leaving: false,
-    };
-    let reply = primary.join_cluster(request).await.map_err(|s| fail(s.message().to_string()))?.into_inner();
-    if !reply.evicted.is_empty() {
-        let store = Store::open(data_dir)?;
-        for vm in &reply.evicted {
-            tracing::warn!(vm, "the cluster started this VM on another host while this one was away; forgetting it");
-            store.delete_vm(vm)?;
-        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    tracing::info!(primary = %reply.primary, "joined the cluster");
-    Ok(primary)
 }
 
 async fn shutdown_signal() {

@@ -5,9 +5,14 @@
 use crate::client::Client;
 use crate::cluster::{ClusterMsg, Route};
 use crate::convert::{self, HostIdentity, host_error, invalid, vm_error, vm_to_pb};
+use crate::ha::leadership::Leadership;
+use crate::ha::reconcile::Leaving;
+use crate::ha::records;
 use crate::operations::Operations;
 use crate::pb::{self, control_server::Control};
+use novacron_actors::store::DesiredState;
 use novacron_actors::{HostError, HostMsg, VmMsg, VmSpec};
+use novacron_store::Store;
 use novacron_vmm::api::Request as VmmRequest;
 use ractor::ActorRef;
 use std::collections::BTreeSet;
@@ -31,10 +36,12 @@ pub struct ControlService {
     pub host: ActorRef<HostMsg>,
     pub me: HostIdentity,
     pub operations: Arc<Operations>,
-    /// On the cluster's primary.
-    pub cluster: Option<ActorRef<ClusterMsg>>,
-    /// On a member: the primary, for what concerns the whole cluster.
-    pub primary: Option<Client>,
+    /// Who leads the cluster: this daemon (its ClusterSupervisor) or another (a client).
+    pub leadership: Leadership,
+    /// The cluster store.
+    pub store: Arc<dyn Store>,
+    /// VMs migrating out of this host now.
+    pub leaving: Leaving,
     /// This node's certificates: for other daemons and for migrations.
     pub tls_dir: PathBuf,
     /// Directories a snapshot is being written into now: a second one is refused.
@@ -105,16 +112,26 @@ where
 }
 
 impl ControlService {
+    /// The ClusterSupervisor, when this daemon leads.
+    pub fn cluster(&self) -> Option<ActorRef<ClusterMsg>> {
+        self.leadership.cluster()
+    }
+
+    /// The leader, when another daemon leads.
+    fn primary(&self) -> Option<Client> {
+        self.leadership.leader_client()
+    }
+
     /// Another daemon to pass a request about VM `name` to, or `None` to serve it here.
     async fn route_vm(&self, name: &str, forwarded: bool) -> Option<Hop> {
         if forwarded {
             return None;
         }
-        if let Some(cluster) = &self.cluster {
+        if let Some(cluster) = &self.cluster() {
             let route = ractor::call_t!(cluster, |r| ClusterMsg::Locate(name.to_string(), r), 5000).ok().flatten();
             return route.and_then(|r| r.client).map(|client| Hop { client, mark: true });
         }
-        let primary = self.primary.clone()?;
+        let primary = self.primary()?;
         let here = ask(&self.host, |r| HostMsg::VmActor(name.to_string(), r)).await.ok()?;
         if here.is_ok() { None } else { Some(Hop { client: primary, mark: false }) }
     }
@@ -126,7 +143,7 @@ impl ControlService {
         answer: Result<Response<pb::Vm>, Status>,
         name: &str,
     ) -> Result<Response<pb::Vm>, Status> {
-        let (Err(e), Some(cluster)) = (&answer, &self.cluster) else { return answer };
+        let (Err(e), Some(cluster)) = (&answer, &self.cluster()) else { return answer };
         if e.code() != tonic::Code::NotFound {
             return answer;
         }
@@ -146,7 +163,7 @@ impl ControlService {
 
     /// On a member, for what concerns the whole cluster: the primary.
     fn to_primary(&self, forwarded: bool) -> Option<Client> {
-        if forwarded { None } else { self.primary.clone() }
+        if forwarded { None } else { self.primary() }
     }
 
     /// The daemon of the host named by an operation id (`<host>-<n>`), or `None` for here.
@@ -155,13 +172,13 @@ impl ControlService {
         if forwarded || host == self.me.name {
             return Ok(None);
         }
-        if let Some(cluster) = &self.cluster {
+        if let Some(cluster) = &self.cluster() {
             let route = ractor::call_t!(cluster, |r| ClusterMsg::HostRoute(host.to_string(), r), 5000)
                 .map_err(unavailable)?
                 .ok_or_else(|| Status::not_found(format!("operation {id:?}: no host {host:?} is up in the cluster")))?;
             return Ok(route.client.map(|client| Hop { client, mark: true }));
         }
-        Ok(self.primary.clone().map(|client| Hop { client, mark: false }))
+        Ok(self.primary().map(|client| Hop { client, mark: false }))
     }
 
     pub async fn vm_actor(&self, name: &str) -> Result<ActorRef<VmMsg>, Status> {
@@ -281,18 +298,29 @@ impl Control for ControlService {
         if fwd {
             return Ok(Response::new(create_local(&self.host, request, &self.me.name).await?));
         }
-        if let Some(mut primary) = self.primary.clone() {
+        if let Some(mut primary) = self.primary() {
             return primary.create_vm(request).await;
         }
-        let Some(cluster) = &self.cluster else {
-            return Ok(Response::new(create_local(&self.host, request, &self.me.name).await?));
+        let (Some(cluster), Some(tenure)) = (self.cluster(), self.leadership.tenure()) else {
+            return Err(self.leadership.vacant());
         };
         // Checked here: a bad spec is refused before any host is chosen.
         let spec = convert::spec_from_pb(request.spec.clone())?;
-        let route = ractor::call_t!(cluster, |r| ClusterMsg::Place(Box::new(spec), r), 5000).map_err(unavailable)??;
-        let vm = match route.client {
-            None => create_local(&self.host, request, &self.me.name).await?,
-            Some(mut client) => client.create_vm(forwarded(request)).await?.into_inner(),
+        let route =
+            ractor::call_t!(cluster, |r| ClusterMsg::Place(Box::new(spec.clone()), r), 5000).map_err(unavailable)??;
+        let desired = if request.start.unwrap_or(true) { DesiredState::Running } else { DesiredState::Stopped };
+        // The record first: the host's keeper permits the VM only once it names the host.
+        records::create(self.store.as_ref(), &tenure, &spec, &route.host, desired).await?;
+        let created = match route.client {
+            None => create_local(&self.host, request, &self.me.name).await,
+            Some(mut client) => client.create_vm(forwarded(request)).await.map(|r| r.into_inner()),
+        };
+        let vm = match created {
+            Ok(vm) => vm,
+            Err(e) => {
+                let _ = records::delete(self.store.as_ref(), &route.host, &spec.name).await;
+                return Err(e);
+            }
         };
         let _ = cluster.cast(ClusterMsg::Created { host: route.host, vm: Box::new(vm.clone()) });
         Ok(Response::new(vm))
@@ -303,7 +331,9 @@ impl Control for ControlService {
         if let Some(mut hop) = self.route_vm(&r.name, fwd).await {
             return hop.client.start_vm(hop.request(r)).await;
         }
-        self.host_call(&r.name, HostMsg::StartVm).await
+        let answer = self.host_call(&r.name, HostMsg::StartVm).await?;
+        records::set_desired(self.store.as_ref(), &self.me.name, &r.name, DesiredState::Running).await;
+        Ok(answer)
     }
 
     async fn stop_vm(&self, request: Request<pb::VmRef>) -> Result<Response<pb::Vm>, Status> {
@@ -311,7 +341,9 @@ impl Control for ControlService {
         if let Some(mut hop) = self.route_vm(&r.name, fwd).await {
             return hop.client.stop_vm(hop.request(r)).await;
         }
-        self.host_call(&r.name, HostMsg::StopVm).await
+        let answer = self.host_call(&r.name, HostMsg::StopVm).await?;
+        records::set_desired(self.store.as_ref(), &self.me.name, &r.name, DesiredState::Stopped).await;
+        Ok(answer)
     }
 
     async fn pause_vm(&self, request: Request<pb::VmRef>) -> Result<Response<pb::Vm>, Status> {
@@ -335,10 +367,14 @@ impl Control for ControlService {
         let name = r.name.clone();
         let answer = match self.route_vm(&r.name, fwd).await {
             Some(mut hop) => hop.client.delete_vm(hop.request(r)).await,
-            None => self.host_call(&r.name, HostMsg::DeleteVm).await,
+            None => {
+                let answer = self.host_call(&r.name, HostMsg::DeleteVm).await?;
+                records::delete(self.store.as_ref(), &self.me.name, &name).await?;
+                Ok(answer)
+            }
         };
         if answer.is_ok()
-            && let Some(cluster) = &self.cluster
+            && let Some(cluster) = &self.cluster()
         {
             let _ = cluster.cast(ClusterMsg::Deleted(name));
         }
@@ -352,7 +388,7 @@ impl Control for ControlService {
         }
         let local = ask(&self.host, HostMsg::ListVms).await?;
         let mut vms: Vec<pb::Vm> = local.iter().map(|i| vm_to_pb(i, &self.me.name)).collect();
-        if !fwd && let Some(cluster) = &self.cluster {
+        if !fwd && let Some(cluster) = &self.cluster() {
             let routes: Vec<Route> = ractor::call_t!(cluster, ClusterMsg::Routes, 5000).map_err(unavailable)?;
             for route in routes {
                 let Some(mut client) = route.client else { continue };
@@ -376,7 +412,7 @@ impl Control for ControlService {
         if let Some(mut hop) = self.route_vm(&r.name, fwd).await {
             let answer = hop.client.get_vm(hop.request(r.clone())).await;
             // A host that does not answer: what it said last, marked as such.
-            if let (Err(e), Some(cluster)) = (&answer, &self.cluster)
+            if let (Err(e), Some(cluster)) = (&answer, &self.cluster())
                 && e.code() == tonic::Code::Unavailable
             {
                 let route = ractor::call_t!(cluster, |reply| ClusterMsg::Locate(r.name.clone(), reply), 5000);
@@ -573,7 +609,7 @@ impl Control for ControlService {
         if let Some(mut primary) = self.to_primary(fwd) {
             return primary.cluster_info(r).await;
         }
-        if let Some(cluster) = &self.cluster {
+        if let Some(cluster) = &self.cluster() {
             let hosts = ractor::call_t!(cluster, ClusterMsg::Hosts, 5000).map_err(unavailable)?;
             return Ok(Response::new(pb::Cluster { hosts }));
         }
@@ -594,19 +630,17 @@ impl Control for ControlService {
         if let Some(mut primary) = self.to_primary(fwd) {
             return primary.migrate_vm(r).await;
         }
-        let Some(cluster) = &self.cluster else {
-            return Err(Status::failed_precondition(
-                "this daemon is not in a cluster: start the other hosts' daemons with --join this daemon's address",
-            ));
+        let Some(cluster) = &self.cluster() else {
+            return Err(self.leadership.vacant());
         };
         Ok(Response::new(crate::migrate::orchestrate(self, cluster, r).await?))
     }
 
     async fn join_cluster(&self, request: Request<pb::JoinRequest>) -> Result<Response<pb::JoinReply>, Status> {
         let r = request.into_inner();
-        let Some(cluster) = &self.cluster else {
+        let Some(cluster) = &self.cluster() else {
             return Err(Status::failed_precondition(format!(
-                "host {} is not the cluster's primary; join the daemon that was started without --join",
+                "host {} does not lead the cluster; ask the leader (`novacron host list`)",
                 self.me.name
             )));
         };

@@ -166,6 +166,16 @@ impl Daemon {
         }
     }
 
+    /// The whole host dies: its daemon, its keeper and its VMMs (the guests with them).
+    pub fn kill_host(&mut self) {
+        self.kill();
+        novacron_guest_image::binaries::kill_vmms_under(self.dir.path());
+    }
+
+    pub fn keeper_pids(&self) -> Vec<u32> {
+        novacron_guest_image::binaries::keeper_pids_under(self.dir.path())
+    }
+
     /// The CLI with this daemon's endpoint and a certificate of its cluster.
     pub fn cli(&self, args: &[&str]) -> Output {
         novacron().arg("--endpoint").arg(&self.addr).arg("--tls-dir").arg(self.tls_dir()).args(args).output().unwrap()

@@ -82,6 +82,9 @@ pub struct HostConfig {
     /// Where the state store lives (`state.redb`): with one, the VMs survive a restart of
     /// the host (their VMM processes are re-adopted). `None`: nothing is kept.
     pub data_dir: Option<PathBuf>,
+    /// In a cluster: the host keeper's socket; every VMM then runs under its permits
+    /// (`VmSupervisorArgs::keeper`).
+    pub keeper: Option<PathBuf>,
 }
 
 impl HostConfig {
@@ -95,6 +98,7 @@ impl HostConfig {
             actor_restart_window: Duration::from_secs(10),
             stop_timeout: Duration::from_secs(10),
             data_dir: None,
+            keeper: None,
         }
     }
 }
@@ -268,6 +272,7 @@ fn phase_event(before: VmPhase, now: VmPhase) -> Option<EventKind> {
         (_, VmPhase::Paused) => Some(EventKind::Paused),
         (_, VmPhase::Stopped) => Some(EventKind::Stopped),
         (_, VmPhase::Failed) => Some(EventKind::Failed),
+        (_, VmPhase::Fenced) => Some(EventKind::Fenced),
         (_, VmPhase::Starting | VmPhase::Stopping) => None,
     }
 }
@@ -310,6 +315,7 @@ impl HostSupervisor {
             adopt,
             host: Some(myself.clone()),
             incoming,
+            keeper: config.keeper.clone(),
         };
         // Unnamed: actor names are process-global, and several hosts may share a process.
         let (actor, _) = Actor::spawn_linked(None, VmSupervisor, args, myself.get_cell())

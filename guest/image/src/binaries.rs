@@ -65,6 +65,17 @@ fn newer_than(path: &Path, time: std::time::SystemTime) -> bool {
 /// `novacron-vmm` processes whose command line names `dir` (e.g. a test's runtime
 /// directory, where their control sockets are).
 pub fn vmm_pids_under(dir: &Path) -> Vec<u32> {
+    pids_under(dir, |program, _| program.ends_with("novacron-vmm"))
+}
+
+/// Host keepers (`novacron keeper`) whose command line names `dir` (a daemon's data dir).
+pub fn keeper_pids_under(dir: &Path) -> Vec<u32> {
+    pids_under(dir, |program, first| program.ends_with("novacron") && first == Some("keeper"))
+}
+
+/// Processes whose command line names `dir` and whose program (and first argument)
+/// `wanted` accepts.
+fn pids_under(dir: &Path, wanted: impl Fn(&str, Option<&str>) -> bool) -> Vec<u32> {
     let needle = dir.to_string_lossy().into_owned();
     let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
     entries
@@ -74,16 +85,17 @@ pub fn vmm_pids_under(dir: &Path) -> Vec<u32> {
             let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
             let cmdline = String::from_utf8_lossy(&cmdline);
             // The program itself, not e.g. a daemon given --vmm-binary .../novacron-vmm.
-            let program = cmdline.split('\0').next().unwrap_or_default();
-            program.ends_with("novacron-vmm") && cmdline.contains(&needle)
+            let mut words = cmdline.split('\0');
+            let program = words.next().unwrap_or_default();
+            wanted(program, words.next()) && cmdline.contains(&needle)
         })
         .collect()
 }
 
-/// SIGKILLs every `novacron-vmm` process whose command line names `dir` (a test's or a
-/// demo's directory), so that nothing it started outlives it.
+/// SIGKILLs every `novacron-vmm` process and keeper whose command line names `dir` (a
+/// test's or a demo's directory), so that nothing it started outlives it.
 pub fn kill_vmms_under(dir: &Path) {
-    for pid in vmm_pids_under(dir) {
+    for pid in vmm_pids_under(dir).into_iter().chain(keeper_pids_under(dir)) {
         // SAFETY: kill has no memory effects; the pid runs a VMM whose command line names
         // this caller's own directory.
         unsafe { libc::kill(pid as i32, libc::SIGKILL) };
