@@ -320,6 +320,7 @@ async fn serve(args: &DaemonArgs) -> Result<(), DaemonError> {
         leadership: leadership.clone(),
         store: store.clone(),
         leaving: leaving.clone(),
+        peers: Default::default(),
         tls_dir: tls_dir.clone(),
         snapshots: Default::default(),
     };

@@ -42,10 +42,37 @@ pub struct ControlService {
     pub store: Arc<dyn Store>,
     /// VMs migrating out of this host now.
     pub leaving: Leaving,
+    /// Clients of the other daemons, by host.
+    pub peers: Peers,
     /// This node's certificates: for other daemons and for migrations.
     pub tls_dir: PathBuf,
     /// Directories a snapshot is being written into now: a second one is refused.
     pub snapshots: Arc<Mutex<BTreeSet<PathBuf>>>,
+}
+
+/// Clients of the other hosts' daemons, made once per address (from `hosts/HOST`).
+#[derive(Default)]
+pub struct Peers {
+    clients: tokio::sync::Mutex<std::collections::HashMap<String, (String, Client)>>,
+}
+
+impl Peers {
+    /// A client of host `name`'s daemon, if it is a member and can be reached.
+    pub async fn client(&self, store: &dyn Store, name: &str, tls_dir: &Path) -> Option<Client> {
+        let kv = store.get(&novacron_cluster::records::host_key(name)).await.ok()??;
+        let record: novacron_cluster::records::HostRecord = serde_json::from_slice(&kv.value).ok()?;
+        let mut clients = self.clients.lock().await;
+        if let Some((address, client)) = clients.get(name)
+            && *address == record.address
+        {
+            return Some(client.clone());
+        }
+        let connect =
+            crate::client::Connect { endpoint: record.address.clone(), tls_dir: tls_dir.to_owned(), token: None };
+        let client = connect.connect().await.ok()?;
+        clients.insert(name.to_string(), (record.address, client.clone()));
+        Some(client)
+    }
 }
 
 /// Marks a request one daemon passes to another: it is served where it arrives, never
@@ -122,18 +149,33 @@ impl ControlService {
         self.leadership.leader_client()
     }
 
-    /// Another daemon to pass a request about VM `name` to, or `None` to serve it here.
-    async fn route_vm(&self, name: &str, forwarded: bool) -> Option<Hop> {
+    /// Another daemon to pass a request about VM `name` to, or `None` to serve it here:
+    /// the VM's owner by its record in the cluster store (no leader needed); a VM the
+    /// records do not name is looked for as before (here, then through the leader).
+    async fn route_vm(&self, name: &str, forwarded: bool) -> Result<Option<Hop>, Status> {
         if forwarded {
-            return None;
+            return Ok(None);
+        }
+        if let Ok(Some(vm)) = records::get(self.store.as_ref(), name).await {
+            // Its owner, or the host it is migrating to (asked about the VM it receives).
+            if vm.record.owner == self.me.name || vm.record.moving_to.as_deref() == Some(self.me.name.as_str()) {
+                return Ok(None);
+            }
+            return match self.peers.client(self.store.as_ref(), &vm.record.owner, &self.tls_dir).await {
+                Some(client) => Ok(Some(Hop { client, mark: true })),
+                None => Err(Status::unavailable(format!(
+                    "host {}, which holds VM {name}, does not answer; its guest runs on as it did (see `novacron host list`)",
+                    vm.record.owner
+                ))),
+            };
         }
         if let Some(cluster) = &self.cluster() {
             let route = ractor::call_t!(cluster, |r| ClusterMsg::Locate(name.to_string(), r), 5000).ok().flatten();
-            return route.and_then(|r| r.client).map(|client| Hop { client, mark: true });
+            return Ok(route.and_then(|r| r.client).map(|client| Hop { client, mark: true }));
         }
-        let primary = self.primary()?;
-        let here = ask(&self.host, |r| HostMsg::VmActor(name.to_string(), r)).await.ok()?;
-        if here.is_ok() { None } else { Some(Hop { client: primary, mark: false }) }
+        let Some(primary) = self.primary() else { return Ok(None) };
+        let here = ask(&self.host, |r| HostMsg::VmActor(name.to_string(), r)).await?;
+        Ok(if here.is_ok() { None } else { Some(Hop { client: primary, mark: false }) })
     }
 
     /// On the primary, a VM not found where the view put it (it moved, or was created,
@@ -328,7 +370,7 @@ impl Control for ControlService {
 
     async fn start_vm(&self, request: Request<pb::VmRef>) -> Result<Response<pb::Vm>, Status> {
         let (fwd, r) = split(request);
-        if let Some(mut hop) = self.route_vm(&r.name, fwd).await {
+        if let Some(mut hop) = self.route_vm(&r.name, fwd).await? {
             return hop.client.start_vm(hop.request(r)).await;
         }
         let answer = self.host_call(&r.name, HostMsg::StartVm).await?;
@@ -338,7 +380,7 @@ impl Control for ControlService {
 
     async fn stop_vm(&self, request: Request<pb::VmRef>) -> Result<Response<pb::Vm>, Status> {
         let (fwd, r) = split(request);
-        if let Some(mut hop) = self.route_vm(&r.name, fwd).await {
+        if let Some(mut hop) = self.route_vm(&r.name, fwd).await? {
             return hop.client.stop_vm(hop.request(r)).await;
         }
         let answer = self.host_call(&r.name, HostMsg::StopVm).await?;
@@ -348,7 +390,7 @@ impl Control for ControlService {
 
     async fn pause_vm(&self, request: Request<pb::VmRef>) -> Result<Response<pb::Vm>, Status> {
         let (fwd, r) = split(request);
-        if let Some(mut hop) = self.route_vm(&r.name, fwd).await {
+        if let Some(mut hop) = self.route_vm(&r.name, fwd).await? {
             return hop.client.pause_vm(hop.request(r)).await;
         }
         self.vm_call(&r.name, VmMsg::Pause).await
@@ -356,7 +398,7 @@ impl Control for ControlService {
 
     async fn resume_vm(&self, request: Request<pb::VmRef>) -> Result<Response<pb::Vm>, Status> {
         let (fwd, r) = split(request);
-        if let Some(mut hop) = self.route_vm(&r.name, fwd).await {
+        if let Some(mut hop) = self.route_vm(&r.name, fwd).await? {
             return hop.client.resume_vm(hop.request(r)).await;
         }
         self.vm_call(&r.name, VmMsg::Resume).await
@@ -365,7 +407,7 @@ impl Control for ControlService {
     async fn delete_vm(&self, request: Request<pb::VmRef>) -> Result<Response<pb::Vm>, Status> {
         let (fwd, r) = split(request);
         let name = r.name.clone();
-        let answer = match self.route_vm(&r.name, fwd).await {
+        let answer = match self.route_vm(&r.name, fwd).await? {
             Some(mut hop) => hop.client.delete_vm(hop.request(r)).await,
             None => {
                 let answer = self.host_call(&r.name, HostMsg::DeleteVm).await?;
@@ -409,7 +451,7 @@ impl Control for ControlService {
 
     async fn get_vm(&self, request: Request<pb::VmRef>) -> Result<Response<pb::Vm>, Status> {
         let (fwd, r) = split(request);
-        if let Some(mut hop) = self.route_vm(&r.name, fwd).await {
+        if let Some(mut hop) = self.route_vm(&r.name, fwd).await? {
             let answer = hop.client.get_vm(hop.request(r.clone())).await;
             // A host that does not answer: what it said last, marked as such.
             if let (Err(e), Some(cluster)) = (&answer, &self.cluster())
@@ -430,7 +472,7 @@ impl Control for ControlService {
 
     async fn snapshot_vm(&self, request: Request<pb::SnapshotRequest>) -> Result<Response<pb::Operation>, Status> {
         let (fwd, request) = split(request);
-        if let Some(mut hop) = self.route_vm(&request.name, fwd).await {
+        if let Some(mut hop) = self.route_vm(&request.name, fwd).await? {
             return hop.client.snapshot_vm(hop.request(request)).await;
         }
         let dir = dir_arg("the snapshot directory", &request.dir)?;
@@ -472,7 +514,7 @@ impl Control for ControlService {
 
     async fn restore_vm(&self, request: Request<pb::RestoreRequest>) -> Result<Response<pb::Vm>, Status> {
         let (fwd, request) = split(request);
-        if let Some(mut hop) = self.route_vm(&request.name, fwd).await {
+        if let Some(mut hop) = self.route_vm(&request.name, fwd).await? {
             return hop.client.restore_vm(hop.request(request)).await;
         }
         let from = dir_arg("the snapshot directory", &request.dir)?;
@@ -503,7 +545,7 @@ impl Control for ControlService {
 
     async fn set_limit(&self, request: Request<pb::SetLimitRequest>) -> Result<Response<pb::Vm>, Status> {
         let (fwd, r) = split(request);
-        if let Some(mut hop) = self.route_vm(&r.name, fwd).await {
+        if let Some(mut hop) = self.route_vm(&r.name, fwd).await? {
             return hop.client.set_limit(hop.request(r)).await;
         }
         let request = convert::limit_request(&r)?;

@@ -56,6 +56,24 @@ impl Daemon {
         daemon
     }
 
+    /// A daemon of a cluster on etcd (`etcd`: its client URLs), with a certificate of the
+    /// CA in `ca_dir` (etcd's too).
+    pub fn on_etcd(name: &str, ca_dir: &Path, etcd: &[String], extra: &[&str]) -> Daemon {
+        let mut daemon = Self::new(name, extra);
+        let tls = daemon.tls_dir();
+        let out = novacron()
+            .args(["certs", "issue", "--name", name, "--ca-dir"])
+            .arg(ca_dir)
+            .arg("--out")
+            .arg(&tls)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        daemon.extra.extend(["--tls-dir".to_string(), tls.display().to_string(), "--etcd".into(), etcd.join(",")]);
+        daemon.restart("127.0.0.1:0");
+        daemon
+    }
+
     /// A daemon's data dir and arguments, not started yet (`restart` starts it).
     pub fn new(name: &str, extra: &[&str]) -> Daemon {
         // Short: control socket paths must fit in 107 bytes.

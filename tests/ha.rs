@@ -1,0 +1,240 @@
+//! The HA control plane with real parts: a three-member etcd cluster on loopback (mutual
+//! TLS with the cluster CA), three real daemons on it, real VMMs running the test guest.
+//! Any daemon can lead and another takes over when it dies; a daemon that crashes and
+//! comes back costs its guests nothing; a host that is really gone is failed over once,
+//! and a checker that samples every VMM of the cluster every 50 ms never sees two copies
+//! of a VM running.
+
+mod common;
+
+use common::daemon::{Daemon, pid_of, str_of, wait_heartbeat};
+use novacron_guest_image::watch::kvm_or_skip;
+use novacron_store::testing::{EtcdCluster, etcd_or_skip};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+const WORKLOAD: &str = "ws=2 rate=100 verify=500 hb=100";
+
+/// A CA, an etcd cluster with the CA's node certificate, and three daemons on it.
+struct Cluster {
+    hosts: Vec<Daemon>,
+    _etcd: EtcdCluster,
+    _ca: tempfile::TempDir,
+}
+
+fn cluster() -> Option<Cluster> {
+    if !etcd_or_skip() {
+        return None;
+    }
+    let ca = tempfile::tempdir().unwrap();
+    novacron_migration::tls::init(ca.path(), "etcd").unwrap();
+    let etcd = EtcdCluster::start(3, Some(ca.path())).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(etcd.wait_ready(Duration::from_secs(30))).unwrap();
+    let urls = etcd.endpoints();
+    let hosts =
+        ["h1", "h2", "h3"].iter().map(|name| Daemon::on_etcd(name, ca.path(), &urls, &["--label", "zone=a"])).collect();
+    let cluster = Cluster { hosts, _etcd: etcd, _ca: ca };
+    cluster.wait_all_up(0);
+    Some(cluster)
+}
+
+impl Cluster {
+    /// Waits until the daemon `via` lists every host up and a leader.
+    fn wait_all_up(&self, via: usize) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = self.hosts[via].cli(&["host", "list", "--output", "json"]);
+            let hosts: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+            let list = hosts.as_array().cloned().unwrap_or_default();
+            let up = list.iter().filter(|h| str_of(h, "state") == "up").count();
+            let leader = list.iter().find(|h| h["primary"] == true).map(|h| str_of(h, "name").to_string());
+            if let (3, Some(leader)) = (up, leader) {
+                return leader;
+            }
+            assert!(Instant::now() < deadline, "the hosts never all came up with a leader: {hosts}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn index(&self, name: &str) -> usize {
+        self.hosts.iter().position(|d| d.name == name).unwrap()
+    }
+
+    /// Every VMM process of the cluster.
+    fn dirs(&self) -> Vec<PathBuf> {
+        self.hosts.iter().map(|d| d.dir.path().to_owned()).collect()
+    }
+}
+
+/// How many VMMs of `vm` run (not stopped, not a zombie), across the data dirs.
+fn copies_running(dirs: &[PathBuf], vm: &str) -> usize {
+    let sock = format!("/{vm}.sock");
+    dirs.iter()
+        .flat_map(|d| novacron_guest_image::binaries::vmm_pids_under(d))
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let state = stat.rsplit_once(')').map(|(_, r)| r.trim_start().chars().next().unwrap_or('?'));
+            String::from_utf8_lossy(&cmdline).contains(&sock) && !matches!(state, Some('Z' | 'T'))
+        })
+        .count()
+}
+
+/// Samples every 50 ms, until dropped, how many copies of each VM run and heartbeat:
+/// a copy counts if its VMM runs and its serial log grew since the sample before.
+struct Checker {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<(usize, usize)>>,
+}
+
+impl Checker {
+    fn start(dirs: Vec<PathBuf>, vms: Vec<String>) -> Checker {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let (mut samples, mut most) = (0, 0);
+            let mut sizes: std::collections::BTreeMap<PathBuf, u64> = Default::default();
+            while !flag.load(Ordering::Relaxed) {
+                for vm in &vms {
+                    let mut beating = 0;
+                    for dir in &dirs {
+                        let log = dir.join("run").join(format!("{vm}.serial"));
+                        let size = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
+                        let grew = sizes.insert(log, size).is_some_and(|before| size > before);
+                        if grew && copies_running(std::slice::from_ref(dir), vm) > 0 {
+                            beating += 1;
+                        }
+                    }
+                    most = most.max(beating);
+                }
+                samples += 1;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            (samples, most)
+        });
+        Checker { stop, thread: Some(thread) }
+    }
+
+    /// (samples taken, the most copies of one VM seen running and heartbeating at once).
+    fn finish(mut self) -> (usize, usize) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.take().map(|t| t.join().unwrap()).unwrap_or_default()
+    }
+}
+
+fn serial_of(v: &serde_json::Value) -> PathBuf {
+    PathBuf::from(str_of(v, "serial_log"))
+}
+
+fn create(d: &Daemon, name: &str, restart: &str) -> serde_json::Value {
+    d.ok(&["vm", "create", name, "--mem", "32", "--cmdline", WORKLOAD, "--restart", restart]);
+    d.wait_vm(name, "ran", |v| str_of(v, "phase") == "running")
+}
+
+#[test]
+fn kvm_etcd_the_leader_daemon_killed_another_leads_and_running_vms_are_untouched() {
+    if !kvm_or_skip("kvm_etcd_the_leader_daemon_killed_another_leads_and_running_vms_are_untouched") {
+        return;
+    }
+    let Some(mut c) = cluster() else { return };
+    let leader = c.wait_all_up(0);
+    let vm = create(&c.hosts[0], "web", "always");
+    let (host, pid) = (str_of(&vm, "host").to_string(), pid_of(&vm));
+    let log = serial_of(&vm);
+    let seen = wait_heartbeat(&log, 2);
+    let checker = Checker::start(c.dirs(), vec!["web".into()]);
+
+    let killed = c.index(&leader);
+    c.hosts[killed].kill();
+    let other = (killed + 1) % 3;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let new_leader = loop {
+        let out = c.hosts[other].cli(&["host", "list", "--output", "json"]);
+        let hosts: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+        let leader = hosts
+            .as_array()
+            .and_then(|l| l.iter().find(|h| h["primary"] == true))
+            .map(|h| str_of(h, "name").to_string());
+        if let Some(l) = leader.filter(|l| *l != c.hosts[killed].name) {
+            break l;
+        }
+        assert!(Instant::now() < deadline, "no new leader: {hosts}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let second = c.hosts[other].ok(&["vm", "create", "after", "--mem", "32", "--cmdline", WORKLOAD]);
+    let after = c.hosts[other].wait_vm("after", "ran", |v| str_of(v, "phase") == "running");
+    wait_heartbeat(&log, seen + 5);
+    // The old leader's daemon comes back as a follower; its host's VM ran on all along.
+    c.hosts[killed].restart("127.0.0.1:0");
+    let (samples, most) = checker.finish();
+
+    assert_ne!(new_leader, leader);
+    assert!(second.contains("after"), "{second}");
+    assert_ne!(str_of(&after, "host"), "", "{after}");
+    let still = c.hosts[other].vm("web");
+    assert_eq!((str_of(&still, "host"), pid_of(&still)), (host.as_str(), pid), "the running VM is untouched");
+    assert!(samples > 20 && most <= 1, "{most} copies of web at once in {samples} samples");
+}
+
+#[test]
+fn kvm_etcd_a_daemon_crashed_and_back_within_the_bound_costs_its_guests_nothing() {
+    if !kvm_or_skip("kvm_etcd_a_daemon_crashed_and_back_within_the_bound_costs_its_guests_nothing") {
+        return;
+    }
+    let Some(mut c) = cluster() else { return };
+    let vm = create(&c.hosts[0], "web", "always");
+    let (host, pid) = (str_of(&vm, "host").to_string(), pid_of(&vm));
+    let log = serial_of(&vm);
+    let seen = wait_heartbeat(&log, 2);
+    let checker = Checker::start(c.dirs(), vec!["web".into()]);
+    let i = c.index(&host);
+
+    // A service manager's restart delay: 5 s, longer than the lease.
+    c.hosts[i].kill();
+    std::thread::sleep(Duration::from_secs(5));
+    c.hosts[i].restart("127.0.0.1:0");
+    wait_heartbeat(&log, seen + 10);
+    let (samples, most) = checker.finish();
+    let via = (i + 1) % 3;
+    let after = c.hosts[via].vm("web");
+    let (beats, boots) = common::daemon::serial(&log);
+
+    assert_eq!((str_of(&after, "host"), pid_of(&after)), (host.as_str(), pid), "no failover, no restart");
+    assert_eq!(boots, 1, "never rebooted");
+    assert!(beats.windows(2).all(|w| w[1] == w[0] + 1), "the heartbeat sequence has no hole: {beats:?}");
+    assert!(samples > 20 && most <= 1, "{most} copies of web at once");
+    assert_eq!(copies_running(&c.dirs(), "web"), 1);
+}
+
+#[test]
+fn kvm_etcd_a_host_that_is_gone_is_failed_over_once_and_never_runs_a_vm_twice() {
+    if !kvm_or_skip("kvm_etcd_a_host_that_is_gone_is_failed_over_once_and_never_runs_a_vm_twice") {
+        return;
+    }
+    let Some(mut c) = cluster() else { return };
+    let vm = create(&c.hosts[0], "web", "always");
+    let host = str_of(&vm, "host").to_string();
+    let i = c.index(&host);
+    let checker = Checker::start(c.dirs(), vec!["web".into()]);
+    let via = (i + 1) % 3;
+
+    c.hosts[i].kill_host();
+    let gone = Instant::now();
+    let moved = c.hosts[via].wait_vm("web", "moved", |v| str_of(v, "host") != host && str_of(v, "phase") == "running");
+    let took = gone.elapsed();
+    wait_heartbeat(&serial_of(&moved), 0);
+    c.hosts[i].restart("127.0.0.1:0");
+    let deadline = Instant::now() + common::TIMEOUT;
+    while !c.hosts[i].vmm_pids().is_empty() || !c.hosts[i].log().contains("another host owns this VM now") {
+        assert!(Instant::now() < deadline, "the returned host kept its copy");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (samples, most) = checker.finish();
+
+    assert!(took < Duration::from_secs(15), "failed over in {took:?}");
+    assert!(samples > 20 && most <= 1, "{most} copies of web at once in {samples} samples");
+    assert_eq!(copies_running(&c.dirs(), "web"), 1, "one copy in the cluster");
+}
