@@ -44,9 +44,12 @@ enum Command {
     /// Create and control VMs through a daemon (--endpoint).
     #[command(subcommand)]
     Vm(crate::remote::VmCommand),
-    /// The cluster's hosts.
+    /// The cluster's hosts: list, cordon, uncordon, drain.
     #[command(subcommand)]
     Host(crate::remote::HostCommand),
+    /// The cluster as a whole: its leader, store, leases and VM ownership.
+    #[command(subcommand)]
+    Cluster(crate::remote::ClusterCommand),
     /// The daemon's events (VMs created, started, restarted, failed, ...).
     Events(crate::remote::EventsArgs),
     /// Run one VM in a VMM process and control it through its control socket, with no
@@ -288,6 +291,7 @@ pub fn main() -> i32 {
         },
         Command::Vm(cmd) => crate::remote::vm(&cli.remote, cmd),
         Command::Host(cmd) => crate::remote::host(&cli.remote, cmd),
+        Command::Cluster(cmd) => crate::remote::cluster(&cli.remote, cmd),
         Command::Events(args) => crate::remote::events(&cli.remote, args),
         Command::Certs(cmd) => crate::migrate::certs(cmd),
     }

@@ -267,6 +267,25 @@ pub enum VmCommand {
 pub enum HostCommand {
     /// The cluster's hosts and what their VMs use.
     List,
+    /// Take a host out of placement: no new VM and no failover goes there.
+    Cordon { host: String },
+    /// Put a cordoned host back into placement.
+    Uncordon { host: String },
+    /// Cordon a host and live-migrate every VM it holds to the others, by the placement
+    /// rules; refused up front, saying which VM fits nowhere, when they cannot all go.
+    Drain {
+        host: String,
+        /// Print the operation and return instead of following it.
+        #[arg(long)]
+        no_wait: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ClusterCommand {
+    /// The leader, the cluster store's members and health, every host with its lease and
+    /// cordon, and every VM's owner and ownership epoch (from the store: no leader needed).
+    Status,
 }
 
 #[derive(Args)]
@@ -642,6 +661,71 @@ pub fn host(remote: &Remote, cmd: HostCommand) -> i32 {
             }
             Ok(())
         }),
+        HostCommand::Cordon { host } => with_client(remote, "cordon the host", async move |mut c| {
+            let h = c.cordon_host(pb::CordonRequest { host, cordoned: true }).await?.into_inner();
+            print_host_status(&h, output);
+            Ok(())
+        }),
+        HostCommand::Uncordon { host } => with_client(remote, "uncordon the host", async move |mut c| {
+            let h = c.cordon_host(pb::CordonRequest { host, cordoned: false }).await?.into_inner();
+            print_host_status(&h, output);
+            Ok(())
+        }),
+        HostCommand::Drain { host, no_wait } => with_client(remote, "drain the host", async move |mut c| {
+            let op = c.drain_host(pb::DrainRequest { host }).await?.into_inner();
+            started(&mut c, op, no_wait, output).await
+        }),
+    }
+}
+
+fn print_host_status(h: &pb::HostStatus, output: Output) {
+    match output {
+        Output::Json => print_json(h),
+        Output::Table => out!(
+            "host {}: {}{}",
+            h.name,
+            if h.alive { "up" } else { "down" },
+            if h.cordoned { ", cordoned (no new VMs)" } else { ", in placement" }
+        ),
+    }
+}
+
+pub fn cluster(remote: &Remote, cmd: ClusterCommand) -> i32 {
+    let output = remote.output;
+    match cmd {
+        ClusterCommand::Status => with_client(remote, "read the cluster's status", async move |mut c| {
+            let status = c.cluster_status(pb::ClusterStatusRequest {}).await?.into_inner();
+            match output {
+                Output::Json => print_json(&status),
+                Output::Table => print_cluster_status(&status),
+            }
+            Ok(())
+        }),
+    }
+}
+
+fn print_cluster_status(s: &pb::ClusterStatus) {
+    let leader = if s.leader.is_empty() { "none (an election is under way)" } else { &s.leader };
+    out!("leader:   {leader}");
+    out!("store:    {} at revision {}", s.store_kind, s.revision);
+    for m in &s.store {
+        let health = if m.healthy { "healthy" } else { "NOT ANSWERING" };
+        out!("  {:<16} {:<28} {}{}", m.name, m.endpoint, health, if m.leader { ", leader" } else { "" });
+    }
+    out!("{:<16} {:<22} {:<6} {:<9}", "HOST", "ADDRESS", "LEASE", "PLACEMENT");
+    for h in &s.hosts {
+        out!(
+            "{:<16} {:<22} {:<6} {:<9}{}",
+            h.name,
+            h.address,
+            if h.alive { "held" } else { "GONE" },
+            if h.cordoned { "cordoned" } else { "yes" },
+            if h.leader { "  (leader)" } else { "" }
+        );
+    }
+    out!("{:<20} {:<16} {:>6} {:<9} MIGRATING TO", "VM", "OWNER", "EPOCH", "DESIRED");
+    for v in &s.vms {
+        out!("{:<20} {:<16} {:>6} {:<9} {}", v.name, v.owner, v.epoch, v.desired, v.moving_to);
     }
 }
 

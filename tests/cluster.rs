@@ -247,3 +247,60 @@ fn kvm_a_daemon_stopped_on_purpose_is_not_taken_for_dead() {
     assert_eq!(member.vmm_pids(), [pid_of(&before)]);
     assert_eq!(serial(&log).1, 1, "never rebooted");
 }
+
+#[test]
+fn kvm_a_drained_hosts_vms_all_move_and_keep_verifying_and_an_impossible_drain_moves_nothing() {
+    if !kvm_or_skip("kvm_a_drained_hosts_vms_all_move_and_keep_verifying_and_an_impossible_drain_moves_nothing") {
+        return;
+    }
+    let (h1, h2, h3) = three_hosts();
+    h1.ok(&["host", "cordon", "h1"]);
+    h1.ok(&["host", "cordon", "h3"]);
+    let names = ["d1", "d2", "d3"];
+    for name in names {
+        h1.ok(&["vm", "create", name, "--mem", "32", "--cmdline", WORKLOAD]);
+    }
+    let before: Vec<serde_json::Value> =
+        names.iter().map(|n| h1.wait_vm(n, "ran", |v| str_of(v, "phase") == "running")).collect();
+    assert!(before.iter().all(|v| str_of(v, "host") == "h2"), "all on the one host not cordoned");
+    let logs: Vec<PathBuf> = before.iter().map(|v| PathBuf::from(str_of(v, "serial_log"))).collect();
+    let seen: Vec<u64> = logs.iter().map(|l| wait_heartbeat(l, 1)).collect();
+
+    // Nowhere to go: refused up front, saying which, and nothing moves.
+    let refused = h1.cli(&["host", "drain", "h2"]);
+    let err = stderr(&refused);
+    assert!(!refused.status.success());
+    assert!(names.iter().all(|n| err.contains(&format!("VM {n} "))) && err.contains("nothing was moved"), "{err}");
+    assert!(names.iter().all(|n| host_of(&h1, n) == "h2"));
+
+    h1.ok(&["host", "uncordon", "h1"]);
+    h1.ok(&["host", "uncordon", "h3"]);
+    let drained = h1.ok(&["host", "drain", "h2"]);
+    assert!(drained.contains("drained: 3 VMs moved"), "{drained}");
+    let status: serde_json::Value = serde_json::from_str(&h1.ok(&["cluster", "status", "--output", "json"])).unwrap();
+
+    assert!(h2.vmm_pids().is_empty(), "nothing left on the drained host");
+    for (i, name) in names.iter().enumerate() {
+        let after = h1.vm(name);
+        let dst = PathBuf::from(str_of(&after, "serial_log"));
+        assert_ne!(str_of(&after, "host"), "h2");
+        // The guest went on (its heartbeat sequence, no boot) and verifies its memory there.
+        let deadline = Instant::now() + common::TIMEOUT;
+        while !std::fs::read_to_string(&dst).unwrap_or_default().contains("VERIFY OK") {
+            assert!(Instant::now() < deadline, "{name}: no VERIFY OK after the drain");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let (beats, boots) = serial(&dst);
+        assert_eq!(boots, 0, "{name}: not booted again");
+        assert!(beats[0] > seen[i], "{name}: the sequence goes on");
+    }
+    let total: usize = [&h1, &h3].iter().map(|d| d.vmm_pids().len()).sum();
+    assert_eq!(total, 3, "one VMM per VM");
+    let hosts = status["hosts"].as_array().unwrap();
+    let h2_status = hosts.iter().find(|h| h["name"] == "h2").unwrap();
+    assert_eq!(h2_status["cordoned"], true, "{status}");
+    for vm in status["vms"].as_array().unwrap() {
+        assert_ne!(vm["owner"], "h2", "{status}");
+        assert_eq!(vm["epoch"], 2, "one change of owner each: {status}");
+    }
+}

@@ -130,6 +130,13 @@ pub enum ClusterMsg {
     },
     /// The VMs a host held when it last answered (for hosts that do not answer now).
     Cached(String, RpcReplyPort<Vec<pb::Vm>>),
+    /// A host's cordon changed (in the store already): known at once.
+    Cordoned {
+        host: String,
+        cordoned: bool,
+    },
+    /// Where each VM of a host would go if it were drained (see `plan_drain`).
+    PlanDrain(String, RpcReplyPort<Result<Vec<(String, Route)>, Status>>),
     /// Refused while the VM is migrating already.
     MigrationStarting(String, RpcReplyPort<Result<(), Status>>),
     /// A migration ended; when it moved the VM, from which host to which.
@@ -264,8 +271,13 @@ impl ClusterSupervisor {
                 }
             }
             member.up = up;
+            let word = match (up, member.record.cordoned) {
+                (false, _) => "down",
+                (true, true) => "cordoned",
+                (true, false) => "up",
+            };
             if let Some(info) = &mut member.info {
-                info.state = if up { "up".into() } else { "down".into() };
+                info.state = word.into();
             }
         }
         for host in gone {
@@ -368,6 +380,17 @@ impl ClusterSupervisor {
         request: &PlacementRequest,
         eligible: impl Fn(&str) -> bool,
     ) -> Result<Route, Status> {
+        let (placement, mut routes) = Self::placement_of(state, eligible)?;
+        let id = placement.place(request).map_err(|e| Status::resource_exhausted(e.to_string()))?;
+        routes.remove(&id).ok_or_else(|| Status::internal("placement chose a host it was not given"))
+    }
+
+    /// The placement of the view: every host that has answered, those that are down,
+    /// cordoned or not `eligible` taking nothing new; and where each host is reached.
+    fn placement_of(
+        state: &ClusterState,
+        eligible: impl Fn(&str) -> bool,
+    ) -> Result<(Placement, BTreeMap<novacron_actors::placement::HostId, Route>), Status> {
         let mut placement = Placement::new(state.args.policy).map_err(|e| Status::internal(e.to_string()))?;
         let mut routes = BTreeMap::new();
         // A host is placed on once it has answered a poll (so it has a client, or is this one).
@@ -377,8 +400,10 @@ impl ClusterSupervisor {
             let Ok(id) = placement.add_host(member.record.name.clone(), capacity, member.record.labels.clone()) else {
                 continue;
             };
-            if !member.up || !eligible(&member.record.name) {
+            if !member.up {
                 let _ = placement.set_state(id, PlacementState::Down);
+            } else if member.record.cordoned || !eligible(&member.record.name) {
+                let _ = placement.set_state(id, PlacementState::Draining);
             }
             // Every VM a host holds counts, stopped ones too: they keep their share.
             for vm in &member.vms {
@@ -389,8 +414,42 @@ impl ClusterSupervisor {
             }
             routes.insert(id, member.route());
         }
-        let id = placement.place(request).map_err(|e| Status::resource_exhausted(e.to_string()))?;
-        routes.remove(&id).ok_or_else(|| Status::internal("placement chose a host it was not given"))
+        Ok((placement, routes))
+    }
+
+    /// Where each VM of `host` goes when it is drained, all of them placed together; or
+    /// which do not fit anywhere else (then nothing may move).
+    fn plan_drain(state: &ClusterState, host: &str) -> Result<Vec<(String, Route)>, Status> {
+        if !state.members.contains_key(host) {
+            return Err(Status::not_found(format!("no host {host:?} in the cluster; see `novacron cluster status`")));
+        }
+        let (mut placement, routes) = Self::placement_of(state, |name| name != host)?;
+        let mut plan = Vec::new();
+        let mut refused = Vec::new();
+        for vm in state.records.iter().filter(|r| r.record.owner == host && r.record.moving_to.is_none()) {
+            let mut request = PlacementRequest::for_spec(&vm.spec);
+            // Its own groups on the host it leaves do not count against it.
+            request.vm = format!("{} (moving)", vm.spec.name);
+            match placement.place(&request) {
+                Ok(id) => {
+                    let _ = placement.commit(id, &request);
+                    if let Some(route) = routes.get(&id) {
+                        plan.push((vm.spec.name.clone(), route.clone()));
+                    }
+                }
+                Err(e) => refused.push(format!(
+                    "VM {} ({} vCPUs / {} MiB) fits on no other host: {e}",
+                    vm.spec.name, vm.spec.vcpus, vm.spec.mem_mib
+                )),
+            }
+        }
+        if !refused.is_empty() {
+            return Err(Status::failed_precondition(format!(
+                "cannot drain host {host}: {}; nothing was moved",
+                refused.join("; ")
+            )));
+        }
+        Ok(plan)
     }
 
     /// The VM's owner by its record; else the host the view last saw it on.
@@ -493,7 +552,11 @@ impl Actor for ClusterSupervisor {
                 match *result {
                     Ok((mut info, vms)) => {
                         // Up or down is the lease's word, not the poll's.
-                        info.state = if member.up { "up".into() } else { "down".into() };
+                        info.state = match (member.up, member.record.cordoned) {
+                            (false, _) => "down".into(),
+                            (true, true) => "cordoned".into(),
+                            (true, false) => "up".into(),
+                        };
                         info.primary = member.local;
                         member.info = Some(info);
                         if client.is_some() {
@@ -561,6 +624,14 @@ impl Actor for ClusterSupervisor {
             ClusterMsg::Routes(reply) => {
                 let routes = state.members.values().filter(|m| m.up && m.reachable());
                 let _ = reply.send(routes.map(Member::route).collect());
+            }
+            ClusterMsg::Cordoned { host, cordoned } => {
+                if let Some(member) = state.members.get_mut(&host) {
+                    member.record.cordoned = cordoned;
+                }
+            }
+            ClusterMsg::PlanDrain(host, reply) => {
+                let _ = reply.send(Self::plan_drain(state, &host));
             }
             ClusterMsg::CheckTarget { vm, source, target, reply } => {
                 let _ = reply.send(Self::check_target(state, &vm, &source, &target));

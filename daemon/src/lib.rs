@@ -14,6 +14,7 @@ pub mod auth;
 pub mod client;
 mod cluster;
 pub mod convert;
+mod drain;
 pub mod ha;
 pub mod listen;
 mod migrate;

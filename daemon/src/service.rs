@@ -678,6 +678,44 @@ impl Control for ControlService {
         Ok(Response::new(crate::migrate::orchestrate(self, cluster, r).await?))
     }
 
+    async fn cluster_status(
+        &self,
+        _: Request<pb::ClusterStatusRequest>,
+    ) -> Result<Response<pb::ClusterStatus>, Status> {
+        Ok(Response::new(crate::ha::ops::status(self.store.as_ref()).await?))
+    }
+
+    async fn cordon_host(&self, request: Request<pb::CordonRequest>) -> Result<Response<pb::HostStatus>, Status> {
+        let (fwd, r) = split(request);
+        convert::name(&r.host).map_err(|_| invalid(format!("host name {:?} is not valid", r.host)))?;
+        // Through the leader, so that its next placement knows.
+        if let Some(mut primary) = self.to_primary(fwd) {
+            return primary.cordon_host(r).await;
+        }
+        let status = crate::ha::ops::cordon(self.store.as_ref(), &r.host, r.cordoned).await?;
+        if let Some(cluster) = self.cluster() {
+            let _ = cluster.cast(ClusterMsg::Cordoned { host: r.host, cordoned: r.cordoned });
+        }
+        Ok(Response::new(status))
+    }
+
+    async fn drain_host(&self, request: Request<pb::DrainRequest>) -> Result<Response<pb::Operation>, Status> {
+        let (fwd, r) = split(request);
+        convert::name(&r.host).map_err(|_| invalid(format!("host name {:?} is not valid", r.host)))?;
+        if let Some(mut primary) = self.to_primary(fwd) {
+            return primary.drain_host(r).await;
+        }
+        let Some(cluster) = self.cluster() else { return Err(self.leadership.vacant()) };
+        let plan = ractor::call_t!(cluster, |reply| ClusterMsg::PlanDrain(r.host.clone(), reply), 5000)
+            .map_err(unavailable)??;
+        crate::ha::ops::cordon(self.store.as_ref(), &r.host, true).await?;
+        let progress =
+            self.operations.start("drain", "", &format!("draining host {}: {} VMs to move", r.host, plan.len()));
+        let op = progress.snapshot();
+        crate::drain::run(plan, r.host, self.me.address.clone(), self.tls_dir.clone(), progress);
+        Ok(Response::new(op))
+    }
+
     async fn join_cluster(&self, request: Request<pb::JoinRequest>) -> Result<Response<pb::JoinReply>, Status> {
         let r = request.into_inner();
         let Some(cluster) = &self.cluster() else {

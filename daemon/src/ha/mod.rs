@@ -7,6 +7,7 @@
 //! - [`reconcile`]: this host's VMs brought in line with the records.
 
 pub mod leadership;
+pub mod ops;
 pub mod reconcile;
 pub mod records;
 
