@@ -166,9 +166,10 @@ fn kvm_etcd_the_leader_daemon_killed_another_leads_and_running_vms_are_untouched
     };
     let second = c.hosts[other].ok(&["vm", "create", "after", "--mem", "32", "--cmdline", WORKLOAD]);
     let after = c.hosts[other].wait_vm("after", "ran", |v| str_of(v, "phase") == "running");
-    wait_heartbeat(&log, seen + 5);
+    let beat = wait_heartbeat(&log, seen + 5);
     // The old leader's daemon comes back as a follower; its host's VM ran on all along.
     c.hosts[killed].restart("127.0.0.1:0");
+    wait_heartbeat(&log, beat + 5);
     let (samples, most) = checker.finish();
 
     assert_ne!(new_leader, leader);

@@ -223,6 +223,8 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.stop();
+        // Its host's keeper outlives it by design.
+        novacron_guest_image::binaries::kill_vmms_under(self.dir.path());
     }
 }
 

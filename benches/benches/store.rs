@@ -166,22 +166,6 @@ async fn bench(writes: usize, elections: usize) -> Result<(), Error> {
 }
 
 fn main() {
-    let mut writes = DEFAULT_WRITES;
-    let mut elections = DEFAULT_ELECTIONS;
-    for arg in std::env::args().skip(1) {
-        if let Some(n) = arg.strip_prefix("--elections=") {
-            elections = n.parse().unwrap_or(DEFAULT_ELECTIONS);
-        } else if let Ok(n) = arg.parse() {
-            writes = n;
-        }
-    }
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build();
-    let result = match runtime {
-        Ok(rt) => rt.block_on(bench(writes, elections)),
-        Err(e) => Err(Error::from(e.to_string())),
-    };
-    if let Err(e) = result {
-        eprintln!("store bench: {e}");
-        std::process::exit(1);
-    }
+    let (writes, elections) = novacron_benches::count_args(DEFAULT_WRITES, "elections", DEFAULT_ELECTIONS);
+    novacron_benches::run_async("store bench", || bench(writes, elections));
 }

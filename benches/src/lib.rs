@@ -433,3 +433,31 @@ pub mod tally {
         rates().into_iter().find(|(k, _)| *k == name).map(|(_, r)| r)
     }
 }
+
+/// A bench's arguments: a count (`default` when absent) and `--NAME=N` (`named_default`).
+pub fn count_args(default: usize, name: &str, named_default: usize) -> (usize, usize) {
+    let (mut count, mut named) = (default, named_default);
+    let flag = format!("--{name}=");
+    for arg in std::env::args().skip(1) {
+        if let Some(n) = arg.strip_prefix(&flag) {
+            named = n.parse().unwrap_or(named_default);
+        } else if let Ok(n) = arg.parse() {
+            count = n;
+        }
+    }
+    (count, named)
+}
+
+/// Runs a bench's async body on two worker threads; a failure ends the process with
+/// `what: error` and exit code 1.
+pub fn run_async<F: std::future::Future<Output = Result<(), Error>>>(what: &str, body: impl FnOnce() -> F) {
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build();
+    let result = match runtime {
+        Ok(rt) => rt.block_on(body()),
+        Err(e) => Err(Error::from(e.to_string())),
+    };
+    if let Err(e) = result {
+        eprintln!("{what}: {e}");
+        std::process::exit(1);
+    }
+}

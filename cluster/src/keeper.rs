@@ -45,6 +45,10 @@ pub struct KeeperConfig {
     /// The store is this host's embedded store (see the module doc).
     pub store_is_local: bool,
     pub timing: Timing,
+    /// Where the host's daemon writes its pid: when that daemon dies while it leads the
+    /// cluster, the keeper ends its tenure at once, so that another daemon leads within
+    /// moments instead of after the leadership lease's TTL.
+    pub daemon_pid_file: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -99,6 +103,41 @@ impl Keeper {
         tokio::select! {
             result = self.rounds(stop) => result,
             () = claims => Ok(()),
+            () = self.watch_daemon() => Ok(()),
+        }
+    }
+
+    /// Waits for the host's daemon to die, again and again; each time, ends its tenure if
+    /// it led the cluster (a dead daemon can neither lead nor step down).
+    async fn watch_daemon(&self) {
+        let Some(pid_file) = self.config.daemon_pid_file.clone() else { return std::future::pending().await };
+        loop {
+            let pid = std::fs::read_to_string(&pid_file).ok().and_then(|s| s.trim().parse::<u32>().ok());
+            let watched = pid.and_then(|pid| novacron_actors::process::VmmProcess::adopt(pid).ok());
+            match watched.as_ref().and_then(|p| p.exited().ok()) {
+                Some(exited) => {
+                    let _ = exited.await;
+                    self.daemon_died().await;
+                }
+                None => tokio::time::sleep(self.config.timing.renew).await,
+            }
+            // A pid file left by the daemon that just died: wait for its successor's.
+            while std::fs::read_to_string(&pid_file).ok().and_then(|s| s.trim().parse::<u32>().ok()) == pid {
+                tokio::time::sleep(self.config.timing.renew).await;
+            }
+        }
+    }
+
+    async fn daemon_died(&self) {
+        let leader = match self.store.get(records::LEADER).await {
+            Ok(Some(kv)) => serde_json::from_slice::<crate::election::LeaderRecord>(&kv.value).ok(),
+            _ => None,
+        };
+        if let Some(leader) = leader.filter(|l| l.host == self.config.host) {
+            tracing::warn!(host = %self.config.host, "this host's daemon died while it led the cluster; ending its tenure");
+            if let Err(e) = self.store.revoke(leader.lease).await {
+                tracing::warn!("cannot end the dead daemon's tenure: {}", error_chain(&e));
+            }
         }
     }
 
@@ -108,7 +147,10 @@ impl Keeper {
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
-                _ = stop.changed() => return Ok(()),
+                _ = stop.changed() => {
+                    self.last_permits().await;
+                    return Ok(());
+                }
             }
             match self.round().await {
                 Err(e @ KeeperError::DuplicateHost { .. }) => return Err(e),
@@ -116,6 +158,24 @@ impl Keeper {
                 Ok(()) => {}
             }
         }
+    }
+
+    /// On this host's own embedded store, what this host owned is permitted once more as
+    /// the keeper stops, so that a daemon replacing its keeper (it listens elsewhere now)
+    /// gives the next keeper a whole fence time to take over. On another store nothing is
+    /// sent: the lease is not renewed any more.
+    async fn last_permits(&self) {
+        if !self.config.store_is_local || lock(&self.shared).permit_until.is_none() {
+            return;
+        }
+        self.permit_owned(boottime_ms() + self.config.timing.fence.as_millis() as u64).await;
+    }
+
+    /// Permits what this host owned when the records were last read.
+    async fn permit_owned(&self, until: u64) {
+        let owned = self.owned.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let run_dir = self.config.run_dir.clone();
+        let _ = tokio::task::spawn_blocking(move || permit_and_evict(&run_dir, &owned, &BTreeMap::new(), until)).await;
     }
 
     fn bind_claims(&self) -> Result<tokio::net::UnixListener, KeeperError> {
@@ -157,11 +217,7 @@ impl Keeper {
                 // Nobody decides anything while this host's own store is away: what it owned
                 // it still owns.
                 tracing::debug!("cannot read the VM records: {e}; permitting what this host owned");
-                let owned = self.owned.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                let run_dir = self.config.run_dir.clone();
-                let _ =
-                    tokio::task::spawn_blocking(move || permit_and_evict(&run_dir, &owned, &BTreeMap::new(), until))
-                        .await;
+                self.permit_owned(until).await;
                 return Ok(());
             }
             Err(e) => return Err(RecordError::from(e).into()),

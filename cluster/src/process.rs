@@ -11,6 +11,8 @@ use std::time::Duration;
 
 /// The keeper's file of the lease it holds, in the data dir.
 pub const LEASE_FILE: &str = "keeper.lease";
+/// The daemon's pid, in the data dir (the keeper watches it).
+pub const DAEMON_PID_FILE: &str = "daemon.pid";
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct KeeperArgs {
@@ -84,6 +86,7 @@ pub fn run(args: &KeeperArgs) -> Result<(), KeeperProcessError> {
                 lease_file: args.data_dir.join(LEASE_FILE),
                 store_is_local: args.local_store,
                 timing,
+                daemon_pid_file: Some(args.data_dir.join(DAEMON_PID_FILE)),
             },
             store,
         );

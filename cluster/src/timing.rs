@@ -25,10 +25,15 @@ pub enum TimingError {
 }
 
 pub const DEFAULT_TTL: Duration = Duration::from_secs(3);
+/// How long before the lease's TTL a permit ends (T − F).
+const FENCE_BEFORE_TTL: Duration = Duration::from_secs(1);
+/// W.
+const FAILOVER_WAIT: Duration = Duration::from_millis(500);
 
 impl Timing {
     /// The times for a lease of `ttl`: renew six times per TTL, let permits run a second
-    /// short of it, and wait a second more than it before failing over.
+    /// short of it (a renewal may fail for most of a second while etcd elects a leader),
+    /// and wait half a second more than it before failing over.
     pub fn from_ttl(ttl: Duration) -> Result<Timing, TimingError> {
         if ttl.subsec_nanos() != 0 {
             return Err(TimingError::NotWholeSeconds(ttl));
@@ -36,8 +41,7 @@ impl Timing {
         if ttl < Duration::from_secs(2) {
             return Err(TimingError::TooShort(ttl));
         }
-        let second = Duration::from_secs(1);
-        Ok(Timing { ttl, renew: ttl / 6, fence: ttl - second, failover_wait: second })
+        Ok(Timing { ttl, renew: ttl / 6, fence: ttl - FENCE_BEFORE_TTL, failover_wait: FAILOVER_WAIT })
     }
 
     /// How long a stale copy has been paused, at the least, when the new one starts:
@@ -52,8 +56,8 @@ impl Default for Timing {
         Timing {
             ttl: DEFAULT_TTL,
             renew: DEFAULT_TTL / 6,
-            fence: DEFAULT_TTL - Duration::from_secs(1),
-            failover_wait: Duration::from_secs(1),
+            fence: DEFAULT_TTL.saturating_sub(FENCE_BEFORE_TTL),
+            failover_wait: FAILOVER_WAIT,
         }
     }
 }
@@ -68,7 +72,7 @@ mod tests {
             let t = Timing::from_ttl(Duration::from_secs(secs)).unwrap();
             assert!(t.fence < t.ttl, "permits end before the lease can");
             assert!(t.renew * 2 < t.fence, "a missed renewal does not fence");
-            assert!(t.margin() >= Duration::from_secs(2), "{t:?}");
+            assert!(t.margin() >= Duration::from_millis(1500), "{t:?}");
         }
         assert_eq!(Timing::from_ttl(DEFAULT_TTL).unwrap(), Timing::default());
     }

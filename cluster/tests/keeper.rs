@@ -40,6 +40,7 @@ impl Host {
             run_dir,
             store_is_local: false,
             timing: Timing::default(),
+            daemon_pid_file: None,
         };
         Host { config, stop: None, task: None }
     }

@@ -30,6 +30,8 @@ use tonic::Status;
 
 /// How often every host is asked for its state (and the store for the members).
 pub const POLL: Duration = Duration::from_millis(500);
+/// After a failover wait, a little more, so that the read comes after it has passed.
+const LEASE_RECHECK: Duration = Duration::from_millis(10);
 /// One poll's longest wait.
 const POLL_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -52,6 +54,8 @@ struct Member {
     /// Its VMs were moved elsewhere during this absence.
     failed_over: bool,
     polling: bool,
+    /// Its last poll was answered: new VMs may be placed on it.
+    answering: bool,
     info: Option<pb::Host>,
     vms: Vec<pb::Vm>,
     /// VMs created or moved here since a poll began: a poll that started before them
@@ -63,6 +67,12 @@ impl Member {
     /// Has been reached (or is this host): requests can go to it.
     fn reachable(&self) -> bool {
         self.local || self.client.is_some()
+    }
+
+    /// Reached, and its daemon answered the last poll: a host whose daemon is gone (its
+    /// keeper may still hold the lease) takes nothing new.
+    fn placeable(&self) -> bool {
+        self.local || (self.client.is_some() && self.answering)
     }
 
     /// A VM that is here now, known before the next poll says so.
@@ -146,6 +156,10 @@ pub enum ClusterMsg {
     },
     #[doc(hidden)]
     Tick,
+    /// A lease came or went (the watch of `alive/`), or a failover wait ran out: the
+    /// members are read again now, not at the next tick.
+    #[doc(hidden)]
+    Leases,
     #[doc(hidden)]
     Membership(Box<Result<Membership, String>>),
     #[doc(hidden)]
@@ -159,6 +173,31 @@ pub enum ClusterMsg {
 
 pub struct ClusterSupervisor;
 
+/// Tells the supervisor each time a host's lease comes or goes, until the supervisor stops.
+/// A watch that breaks (the store away) is opened again; the ticks go on meanwhile.
+fn watch_leases(supervisor: ActorRef<ClusterMsg>, store: Arc<dyn Store>) {
+    tokio::spawn(async move {
+        loop {
+            let from = match store.list(keys::ALIVE).await {
+                Ok(listing) => listing.revision + 1,
+                Err(_) => 0,
+            };
+            let watch = if from > 0 { store.watch(keys::ALIVE, from).await.ok() } else { None };
+            if let Some(mut watch) = watch {
+                while watch.next().await.is_ok() {
+                    if supervisor.cast(ClusterMsg::Leases).is_err() {
+                        return;
+                    }
+                }
+            }
+            if supervisor.get_status() != ractor::ActorStatus::Running {
+                return;
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    });
+}
+
 fn new_member(record: HostRecord, local: bool) -> Member {
     Member {
         record,
@@ -168,6 +207,7 @@ fn new_member(record: HostRecord, local: bool) -> Member {
         absent_since: None,
         failed_over: false,
         polling: false,
+        answering: false,
         info: None,
         vms: Vec::new(),
         recent: Vec::new(),
@@ -263,6 +303,11 @@ impl ClusterSupervisor {
             } else {
                 if member.up {
                     tracing::warn!(host = %member.record.name, "host's lease is gone: down");
+                }
+                if member.absent_since.is_none() {
+                    // Read again as soon as the wait has passed, not at the tick after it.
+                    let wait = state.args.timing.failover_wait + LEASE_RECHECK;
+                    myself.send_after(wait, || ClusterMsg::Leases);
                 }
                 let since = *member.absent_since.get_or_insert(now);
                 if !member.failed_over && now.duration_since(since) >= state.args.timing.failover_wait {
@@ -393,8 +438,8 @@ impl ClusterSupervisor {
     ) -> Result<(Placement, BTreeMap<novacron_actors::placement::HostId, Route>), Status> {
         let mut placement = Placement::new(state.args.policy).map_err(|e| Status::internal(e.to_string()))?;
         let mut routes = BTreeMap::new();
-        // A host is placed on once it has answered a poll (so it has a client, or is this one).
-        for member in state.members.values().filter(|m| m.reachable()) {
+        // A host is placed on while it answers its polls (or is this one).
+        for member in state.members.values().filter(|m| m.placeable()) {
             let Some(info) = &member.info else { continue };
             let capacity = Capacity { vcpus: info.cpus, mem_mib: info.mem_mib };
             let Ok(id) = placement.add_host(member.record.name.clone(), capacity, member.record.labels.clone()) else {
@@ -528,6 +573,7 @@ impl Actor for ClusterSupervisor {
         let state = ClusterState { args, members, records: Vec::new(), migrating: BTreeSet::new() };
         Self::read_membership(&myself, &state);
         myself.send_interval(POLL, || ClusterMsg::Tick);
+        watch_leases(myself.clone(), state.args.store.clone());
         Ok(state)
     }
 
@@ -542,6 +588,7 @@ impl Actor for ClusterSupervisor {
                 Self::read_membership(&myself, state);
                 Self::poll(&myself, state);
             }
+            ClusterMsg::Leases => Self::read_membership(&myself, state),
             ClusterMsg::Membership(read) => match *read {
                 Ok(read) => Self::members_read(state, read, &myself),
                 Err(e) => tracing::warn!("cannot read the cluster's members from the store: {e}"),
@@ -549,6 +596,7 @@ impl Actor for ClusterSupervisor {
             ClusterMsg::Polled { host, started, result, client } => {
                 let Some(member) = state.members.get_mut(&host) else { return Ok(()) };
                 member.polling = false;
+                member.answering = result.is_ok();
                 match *result {
                     Ok((mut info, vms)) => {
                         // Up or down is the lease's word, not the poll's.

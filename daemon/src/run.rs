@@ -275,6 +275,10 @@ async fn serve(args: &DaemonArgs) -> Result<(), DaemonError> {
         HostRecord { name: name.clone(), address: addr.to_string(), labels: args.labels.clone(), cordoned: false };
     crate::ha::write_host_record(store.as_ref(), host_record).await?;
     let keeper = KeeperProcess::new(&cluster_store, &name, &addr.to_string(), &data_dir, &tls_dir)?;
+    // For the keeper: it ends this daemon's tenure when this daemon dies.
+    let pid_file = data_dir.join(novacron_cluster::process::DAEMON_PID_FILE);
+    std::fs::write(&pid_file, std::process::id().to_string())
+        .map_err(|source| DaemonError::DataDir { path: pid_file.clone(), source })?;
 
     let mut config = HostConfig::new(data_dir.join(RUNTIME_SUBDIR), vmm_binary);
     config.data_dir = Some(data_dir.clone());
@@ -359,7 +363,7 @@ async fn serve(args: &DaemonArgs) -> Result<(), DaemonError> {
     crate::ha::reconcile::run(store.clone(), host.clone(), name.clone(), leaving);
     let leadership_view = leadership.clone();
     crate::ha::leadership::start(campaigner, leadership).await;
-    wait_for_lease(store.as_ref(), &name).await;
+    wait_for_lease(store.as_ref(), &name, &keeper).await;
     wait_until_placeable(&leadership_view, &name).await;
     // The one line scripts and tests wait for: the port is open, the host's keeper holds
     // its lease (VMs may run here) and the cluster's leader is known.
@@ -386,12 +390,17 @@ async fn serve(args: &DaemonArgs) -> Result<(), DaemonError> {
     result
 }
 
-/// Waits (a while) until the host's keeper holds its lease.
-async fn wait_for_lease(store: &dyn novacron_store::Store, name: &str) {
+/// Waits (a while) until the host's keeper, the one running with this daemon's settings,
+/// holds its lease: not a keeper this daemon just replaced, whose record may still be
+/// there.
+async fn wait_for_lease(store: &dyn novacron_store::Store, name: &str, keeper: &KeeperProcess) {
     let key = novacron_cluster::records::alive_key(name);
     let deadline = tokio::time::Instant::now() + KEEPER_START;
     while tokio::time::Instant::now() < deadline {
-        if let Ok(Some(_)) = store.get(&key).await {
+        if let Ok(Some(kv)) = store.get(&key).await
+            && let Ok(alive) = novacron_cluster::records::decode::<novacron_cluster::records::AliveRecord>(&kv)
+            && keeper.current_pids().contains(&alive.pid)
+        {
             return;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;

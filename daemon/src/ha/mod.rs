@@ -152,6 +152,7 @@ pub async fn write_host_record(store: &dyn Store, mut record: HostRecord) -> Res
 
 /// The host's keeper, kept running by the daemon (in a session of its own: it outlives the
 /// daemon, which is the point of it).
+#[derive(Clone)]
 pub struct KeeperProcess {
     launch: Launch,
     socket: PathBuf,
@@ -233,15 +234,21 @@ impl KeeperProcess {
         }
     }
 
+    /// The pids of this data dir's keepers running with this daemon's settings.
+    pub fn current_pids(&self) -> Vec<u32> {
+        self.running_keepers().into_iter().filter(|(_, args)| *args == self.launch.args).map(|(pid, _)| pid).collect()
+    }
+
     /// Starts the keeper unless one runs for this data dir, and keeps it running.
-    pub fn keep_running(self) {
+    pub fn keep_running(&self) {
         self.replace_stale();
+        let this = self.clone();
         tokio::spawn(async move {
             let mut started: Option<VmmProcess> = None;
             loop {
-                let alive = self.running() || started.as_ref().is_some_and(|p| p.reap().is_none());
+                let alive = this.running() || started.as_ref().is_some_and(|p| p.reap().is_none());
                 if !alive {
-                    match VmmProcess::spawn(&self.launch) {
+                    match VmmProcess::spawn(&this.launch) {
                         Ok(p) => {
                             tracing::info!(pid = p.pid(), "started the host's keeper");
                             started = Some(p);
