@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::daemon::{Daemon, cpu_time, open_fds, pid_of, serial, str_of, wait_heartbeat};
+use common::daemon::{Daemon, cpu_time, open_fds, pid_of, refusal_line, serial, str_of, wait_heartbeat};
 use common::stderr;
 use novacron_daemon::pb;
 use novacron_guest_image::report::{GuestLine, parse};
@@ -198,14 +198,6 @@ fn kvm_a_full_data_dir_ends_no_guest_and_reports_no_unsaved_write() {
     assert_eq!(phase("idle") != "stopped", started, "the start is saved exactly when it said so");
     let again = d.vm("steady");
     assert_eq!((str_of(&again, "phase"), pid_of(&again)), ("running", pid_of(&steady)));
-}
-
-/// The line of the daemon's stderr that says why it did not start (its own, not a log line).
-fn refusal_line(err: &str) -> String {
-    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("novacron daemon: ")).collect();
-    assert_eq!(lines.len(), 1, "one line says why: {err}");
-    assert!(!err.contains("panicked"), "no panic: {err}");
-    lines[0].to_string()
 }
 
 /// A daemon with one running VM, killed as a crash would (its VMM runs on); answers the

@@ -273,6 +273,8 @@ async fn serve(args: &DaemonArgs) -> Result<(), DaemonError> {
     let store = cluster_store.store.clone();
     let host_record =
         HostRecord { name: name.clone(), address: addr.to_string(), labels: args.labels.clone(), cordoned: false };
+    let identity = novacron_cluster::process::identity(&data_dir);
+    crate::ha::check_name_free(store.as_ref(), &name, &identity).await?;
     crate::ha::write_host_record(store.as_ref(), host_record).await?;
     let keeper = KeeperProcess::new(&cluster_store, &name, &addr.to_string(), &data_dir, &tls_dir)?;
     // For the keeper: it ends this daemon's tenure when this daemon dies.

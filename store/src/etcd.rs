@@ -75,6 +75,40 @@ fn tls_config(dir: &Path) -> Result<ClientTlsConfig, StoreError> {
         .domain_name(SERVER_NAME))
 }
 
+/// An endpoint must be `http(s)://HOST:PORT` (tonic takes `HOST:PORT` for a URL with the
+/// scheme HOST, and fails only at the first call, with "invalid URI").
+fn check_url(url: &str) -> Result<(), StoreError> {
+    let bad = |reason| Err(StoreError::BadUrl { url: url.to_string(), reason });
+    let Some(rest) = url.strip_prefix("https://").or_else(|| url.strip_prefix("http://")) else {
+        return bad("no https:// or http://");
+    };
+    let authority = rest.strip_suffix('/').unwrap_or(rest);
+    match authority.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && !host.contains('/') && port.parse::<u16>().is_ok() => Ok(()),
+        _ => bad("not HOST:PORT after the scheme"),
+    }
+}
+
+/// The TLS error under a failed call, if the call failed in the handshake (a certificate
+/// one side does not trust), as rustls reports it.
+fn tls_failure(error: &StoreError) -> Option<String> {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = cause {
+        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+            return Some(tls.to_string());
+        }
+        if let Some(tls) = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|i| i.downcast_ref::<rustls::Error>())
+        {
+            return Some(tls.to_string());
+        }
+        cause = e.source();
+    }
+    None
+}
+
 /// Whether a failed call never reached the member (so sending it elsewhere is safe).
 fn not_sent(status: &tonic::Status) -> bool {
     status.code() == tonic::Code::Unavailable
@@ -86,6 +120,9 @@ impl EtcdStore {
         let endpoints = config.endpoints.join(",");
         if config.endpoints.is_empty() {
             return Err(StoreError::Protocol { op: "connect", reason: "no etcd endpoint given".into() });
+        }
+        for url in &config.endpoints {
+            check_url(url)?;
         }
         let tls = config.tls_dir.as_deref().map(tls_config).transpose()?;
         let mut links = Vec::new();
@@ -102,9 +139,12 @@ impl EtcdStore {
         store
             .unary("status", pb::StatusRequest {}, |c, r| async move { MaintenanceClient::new(c).status(r).await })
             .await
-            .map_err(|e| StoreError::Protocol {
-                op: "connect",
-                reason: format!("no member of {endpoints} answered: {}", novacron_migration::error_chain(&e)),
+            .map_err(|e| match tls_failure(&e) {
+                Some(reason) => StoreError::TlsRefused { endpoints: endpoints.clone(), reason },
+                None => StoreError::Protocol {
+                    op: "connect",
+                    reason: format!("no member of {endpoints} answered: {}", novacron_migration::error_chain(&e)),
+                },
             })?;
         Ok(store)
     }
@@ -497,5 +537,26 @@ impl Store for EtcdStore {
 
     fn health(&self) -> BoxFuture<'_, Result<Health, StoreError>> {
         Box::pin(self.health_now())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_endpoints_must_be_urls_with_a_port() {
+        for good in ["https://127.0.0.1:2379", "http://etcd-1:2379/", "https://[::1]:2379"] {
+            assert!(check_url(good).is_ok(), "{good}");
+        }
+        for (bad, why) in [
+            ("etcd.example:2379", "no https:// or http://"),
+            ("https://etcd.example", "not HOST:PORT after the scheme"),
+            ("https://:2379", "not HOST:PORT after the scheme"),
+            ("https://etcd:99999", "not HOST:PORT after the scheme"),
+            ("https://etcd:2379/v3/kv", "not HOST:PORT after the scheme"),
+        ] {
+            assert!(matches!(check_url(bad), Err(StoreError::BadUrl { reason, .. }) if reason == why), "{bad}");
+        }
     }
 }

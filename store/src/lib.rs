@@ -254,6 +254,10 @@ pub enum StoreError {
         #[source]
         source: tonic::transport::Error,
     },
+    #[error("etcd endpoint {url} is not a URL ({reason}): give https://HOST:PORT")]
+    BadUrl { url: String, reason: &'static str },
+    #[error("the TLS handshake with {endpoints} failed: {reason}")]
+    TlsRefused { endpoints: String, reason: String },
     #[error("etcd {op} failed")]
     Etcd {
         op: &'static str,

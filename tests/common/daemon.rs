@@ -59,6 +59,13 @@ impl Daemon {
     /// A daemon of a cluster on etcd (`etcd`: its client URLs), with a certificate of the
     /// CA in `ca_dir` (etcd's too).
     pub fn on_etcd(name: &str, ca_dir: &Path, etcd: &[String], extra: &[&str]) -> Daemon {
+        let mut daemon = Self::for_etcd(name, ca_dir, etcd, extra);
+        daemon.restart("127.0.0.1:0");
+        daemon
+    }
+
+    /// As `on_etcd`, not started yet.
+    pub fn for_etcd(name: &str, ca_dir: &Path, etcd: &[String], extra: &[&str]) -> Daemon {
         let mut daemon = Self::new(name, extra);
         let tls = daemon.tls_dir();
         let out = novacron()
@@ -70,7 +77,6 @@ impl Daemon {
             .unwrap();
         assert!(out.status.success(), "{}", stderr(&out));
         daemon.extra.extend(["--tls-dir".to_string(), tls.display().to_string(), "--etcd".into(), etcd.join(",")]);
-        daemon.restart("127.0.0.1:0");
         daemon
     }
 
@@ -308,4 +314,13 @@ pub fn str_of<'a>(v: &'a serde_json::Value, key: &str) -> &'a str {
 
 pub fn pid_of(v: &serde_json::Value) -> u32 {
     v["pid"].as_u64().unwrap_or(0) as u32
+}
+
+/// The one line a refused daemon prints to say why (its logs aside); fails the test unless
+/// there is exactly one, and on a panic.
+pub fn refusal_line(err: &str) -> String {
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("novacron daemon: ")).collect();
+    assert_eq!(lines.len(), 1, "one line says why: {err}");
+    assert!(!err.contains("panicked"), "no panic: {err}");
+    lines[0].to_string()
 }

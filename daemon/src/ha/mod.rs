@@ -63,6 +63,18 @@ pub enum HaError {
         #[source]
         source: StoreError,
     },
+    #[error(
+        "--etcd {url} is not a URL ({reason}): give etcd's client URLs as https://HOST:PORT[,https://HOST:PORT...]"
+    )]
+    BadUrl { url: String, reason: &'static str },
+    #[error(
+        "the cluster store at {endpoints} and this node do not trust each other's certificates ({reason}): the certificate in {tls_dir} must be of the cluster's CA (novacron certs issue --ca-dir CLUSTER_CA_DIR --out {tls_dir})"
+    )]
+    Certificate { endpoints: String, tls_dir: PathBuf, reason: String },
+    #[error(
+        "host name {host} is in use by another daemon ({other}); give this daemon another --name, or stop the other one"
+    )]
+    DuplicateHost { host: String, other: String },
     #[error("cannot write this host's record in the cluster store")]
     HostRecord(#[source] StoreError),
     #[error("cannot start the host's keeper")]
@@ -92,8 +104,13 @@ impl ClusterStore {
         address: &str,
         timing: Timing,
     ) -> Result<ClusterStore, HaError> {
-        let connect_err =
-            |endpoints: String, source| HaError::Connect { endpoints, tls_dir: tls_dir.to_owned(), source };
+        let connect_err = |endpoints: String, source| match source {
+            StoreError::BadUrl { url, reason } => HaError::BadUrl { url, reason },
+            StoreError::TlsRefused { endpoints, reason } => {
+                HaError::Certificate { endpoints, tls_dir: tls_dir.to_owned(), reason }
+            }
+            source => HaError::Connect { endpoints, tls_dir: tls_dir.to_owned(), source },
+        };
         let (store, service): (Arc<dyn Store>, _) = match &mode {
             StoreMode::Embedded => {
                 let store: Arc<dyn Store> =
@@ -107,6 +124,10 @@ impl ClusterStore {
                 let store = loop {
                     match EtcdStore::connect(&config).await {
                         Ok(s) => break s,
+                        // Waiting mends neither a wrong address nor a wrong certificate.
+                        Err(e @ (StoreError::BadUrl { .. } | StoreError::TlsRefused { .. })) => {
+                            return Err(connect_err(addr.clone(), e));
+                        }
                         Err(e) if tokio::time::Instant::now() < deadline => {
                             tracing::warn!("cannot reach the cluster at {addr} yet ({e}); retrying");
                             tokio::time::sleep(Duration::from_secs(1)).await;
@@ -133,6 +154,21 @@ impl ClusterStore {
             StoreMode::Joined(addr) => vec![format!("https://{addr}")],
             StoreMode::Etcd(urls) => urls.clone(),
         }
+    }
+}
+
+/// Refuses a host name whose lease another keeper holds (another machine, or another data
+/// dir on this one): two daemons under one name would each take the other's VMs for their
+/// own.
+pub async fn check_name_free(store: &dyn Store, host: &str, identity: &str) -> Result<(), HaError> {
+    let key = novacron_cluster::records::alive_key(host);
+    let Some(kv) = store.get(&key).await.map_err(HaError::HostRecord)? else { return Ok(()) };
+    match novacron_cluster::records::decode::<novacron_cluster::records::AliveRecord>(&kv) {
+        Ok(alive) if alive.identity != identity => Err(HaError::DuplicateHost {
+            host: host.to_string(),
+            other: format!("its keeper is pid {} for {}", alive.pid, alive.identity),
+        }),
+        _ => Ok(()),
     }
 }
 
