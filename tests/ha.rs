@@ -20,7 +20,7 @@ const WORKLOAD: &str = "ws=2 rate=100 verify=500 hb=100";
 /// A CA, an etcd cluster with the CA's node certificate, and three daemons on it.
 struct Cluster {
     hosts: Vec<Daemon>,
-    _etcd: EtcdCluster,
+    etcd: EtcdCluster,
     _ca: tempfile::TempDir,
 }
 
@@ -36,7 +36,7 @@ fn cluster() -> Option<Cluster> {
     let urls = etcd.endpoints();
     let hosts =
         ["h1", "h2", "h3"].iter().map(|name| Daemon::on_etcd(name, ca.path(), &urls, &["--label", "zone=a"])).collect();
-    let cluster = Cluster { hosts, _etcd: etcd, _ca: ca };
+    let cluster = Cluster { hosts, etcd, _ca: ca };
     cluster.wait_all_up(0);
     Some(cluster)
 }
@@ -55,6 +55,57 @@ impl Cluster {
                 return leader;
             }
             assert!(Instant::now() < deadline, "the hosts never all came up with a leader: {hosts}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// SIGKILLs etcd's leader member; answers it (to start again with `etcd_back`).
+    fn kill_etcd_leader(&mut self) -> usize {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(self.etcd.kill_leader()).unwrap()
+    }
+
+    fn etcd_back(&mut self, member: usize) {
+        self.etcd.start_member(member).unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(self.etcd.wait_ready(Duration::from_secs(30))).unwrap();
+    }
+
+    /// Starts a live migration of `vm` to `to` through `via`, slowed to `bandwidth`, and
+    /// answers its operation id.
+    fn start_migration(&self, via: usize, vm: &str, to: &str, bandwidth: &str) -> String {
+        let op =
+            self.hosts[via].json(&["vm", "migrate", vm, "--to-host", to, "--max-bandwidth", bandwidth, "--no-wait"]);
+        str_of(&op, "id").to_string()
+    }
+
+    /// Waits for operation `id` to end, asking `via` (errors count as "not yet": the
+    /// store may be electing); answers its final state.
+    fn operation_end(&self, via: usize, id: &str) -> serde_json::Value {
+        let deadline = Instant::now() + common::TIMEOUT;
+        loop {
+            let out = self.hosts[via].cli(&["vm", "operation", id, "--output", "json"]);
+            let op: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+            if out.status.success() && str_of(&op, "state") != "running" {
+                return op;
+            }
+            assert!(Instant::now() < deadline, "operation {id} never ended: {op}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits until exactly one VMM of `vm` runs in the cluster, on the host its record
+    /// names, and its guest heartbeats there; answers that host.
+    fn settled(&self, via: usize, vm: &str) -> String {
+        let deadline = Instant::now() + common::TIMEOUT;
+        loop {
+            let shown = self.hosts[via].wait_vm(vm, "ran", |v| str_of(v, "phase") == "running");
+            let host = str_of(&shown, "host").to_string();
+            if copies_running(&self.dirs(), vm) == 1 && self.hosts[self.index(&host)].vmm_pids_of(vm).len() == 1 {
+                wait_heartbeat(&serial_of(&shown), 0);
+                return host;
+            }
+            assert!(Instant::now() < deadline, "{vm} never settled on one host: {shown}");
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -238,4 +289,103 @@ fn kvm_etcd_a_host_that_is_gone_is_failed_over_once_and_never_runs_a_vm_twice() 
     assert!(took < Duration::from_secs(15), "failed over in {took:?}");
     assert!(samples > 20 && most <= 1, "{most} copies of web at once in {samples} samples");
     assert_eq!(copies_running(&c.dirs(), "web"), 1, "one copy in the cluster");
+}
+
+#[test]
+fn kvm_etcd_its_leader_killed_during_a_migration_and_during_a_failover_loses_nothing_and_runs_nothing_twice() {
+    if !kvm_or_skip(
+        "kvm_etcd_its_leader_killed_during_a_migration_and_during_a_failover_loses_nothing_and_runs_nothing_twice",
+    ) {
+        return;
+    }
+    let Some(mut c) = cluster() else { return };
+    let web = create(&c.hosts[0], "web", "always");
+    let from = str_of(&web, "host").to_string();
+    let to = c.hosts.iter().map(|h| h.name.clone()).find(|n| *n != from).unwrap();
+    let checker = Checker::start(c.dirs(), vec!["web".into(), "db".into()]);
+
+    // etcd's leader dies while the VM's pages are on their way (the commit's CAS comes
+    // after the election, or fails and the source keeps the VM).
+    let via = c.index(&from);
+    let id = c.start_migration(via, "web", &to, "100k");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(str_of(&c.hosts[via].json(&["vm", "operation", &id]), "state"), "running", "mid-migration");
+    let member = c.kill_etcd_leader();
+    let migrated = c.operation_end(via, &id);
+    c.etcd_back(member);
+    let web_host = c.settled(via, "web");
+    let outcome = str_of(&migrated, "state").to_string();
+    assert_eq!(web_host == to, outcome == "succeeded", "the record and the outcome agree: {migrated}");
+
+    // etcd's leader dies while the leader waits out a dead host's lease.
+    let db = create(&c.hosts[0], "db", "always");
+    let db_from = str_of(&db, "host").to_string();
+    let dead = c.index(&db_from);
+    let via = (dead + 1) % 3;
+    c.hosts[dead].kill_host();
+    std::thread::sleep(Duration::from_millis(1500));
+    let member = c.kill_etcd_leader();
+    let moved =
+        c.hosts[via].wait_vm("db", "failed over", |v| str_of(v, "host") != db_from && str_of(v, "phase") == "running");
+    c.etcd_back(member);
+    wait_heartbeat(&serial_of(&moved), 0);
+    let (samples, most) = checker.finish();
+
+    assert!(samples > 20 && most <= 1, "{most} copies of one VM at once in {samples} samples");
+    assert_eq!(copies_running(&c.dirs(), "db"), 1, "db runs once: {moved}");
+    let names: Vec<String> = c.hosts[via]
+        .json(&["vm", "list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| str_of(&v["spec"], "name").to_string())
+        .collect();
+    assert_eq!(names, ["db", "web"], "nothing lost, nothing doubled");
+}
+
+#[test]
+fn kvm_etcd_the_leader_daemon_killed_mid_migration_leaves_the_vm_on_exactly_one_side() {
+    if !kvm_or_skip("kvm_etcd_the_leader_daemon_killed_mid_migration_leaves_the_vm_on_exactly_one_side") {
+        return;
+    }
+    let Some(mut c) = cluster() else { return };
+    let leader = c.wait_all_up(0);
+    let l = c.index(&leader);
+    // The VM goes to the leader's host: the others are cordoned while it is placed.
+    let others: Vec<String> = c.hosts.iter().map(|h| h.name.clone()).filter(|n| *n != leader).collect();
+    for name in &others {
+        c.hosts[l].ok(&["host", "cordon", name]);
+    }
+    let vm = create(&c.hosts[l], "web", "always");
+    for name in &others {
+        c.hosts[l].ok(&["host", "uncordon", name]);
+    }
+    assert_eq!(str_of(&vm, "host"), leader);
+    let log = serial_of(&vm);
+    let seen = wait_heartbeat(&log, 2);
+    let checker = Checker::start(c.dirs(), vec!["web".into()]);
+
+    let to = others[0].clone();
+    let id = c.start_migration(l, "web", &to, "100k");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(str_of(&c.hosts[l].json(&["vm", "operation", &id]), "state"), "running", "killed mid-migration");
+    c.hosts[l].kill();
+    let via = c.index(&to);
+    let host = c.settled(via, "web");
+    c.hosts[l].restart("127.0.0.1:0");
+    let log_now = serial_of(&c.hosts[via].vm("web"));
+    let beat = wait_heartbeat(&log_now, wait_heartbeat(&log_now, 0) + 10);
+    let host_after = c.settled(via, "web");
+    let (samples, most) = checker.finish();
+
+    assert!(host == leader || host == to, "{host}");
+    assert_eq!(host_after, host, "the old leader's return changes nothing");
+    assert!(beat > seen, "the guest went on");
+    let (beats, boots) = common::daemon::serial(&serial_of(&c.hosts[via].vm("web")));
+    if host == leader {
+        assert_eq!(boots, 1, "kept, never booted again");
+    } else {
+        assert!(boots == 0 && beats.first().is_some_and(|b| *b > seen), "moved, not booted: {beats:?}");
+    }
+    assert!(samples > 20 && most <= 1, "{most} copies of web at once in {samples} samples");
 }

@@ -272,18 +272,8 @@ async fn daemon_failover(b: &mut Bench, round: usize) -> Result<Duration, Error>
 async fn etcd_election(b: &mut Bench) -> Result<Duration, Error> {
     let quick = novacron_store::etcd::EtcdConfig { timeout: Duration::from_millis(100), ..b.etcd.config() };
     let store = EtcdStore::connect(&quick).await?;
-    let health = store.health().await?;
-    let leader = health.members.iter().find(|m| m.leader).ok_or("etcd has no leader")?;
-    let i = b.etcd.members.iter().position(|m| m.name == leader.name).ok_or("no such member")?;
-    b.etcd.kill_member(i);
-    let t0 = Instant::now();
-    while store.txn(Txn::new().then(Op::put("/bench/election", "x"))).await.is_err() {
-        if t0.elapsed() > Duration::from_secs(30) {
-            return Err("no etcd write within 30 s".into());
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    let took = t0.elapsed();
+    let i = b.etcd.kill_leader().await?;
+    let took = novacron_store::testing::until_a_write(&store, Duration::from_secs(30)).await?;
     b.etcd.start_member(i)?;
     b.etcd.wait_ready(Duration::from_secs(30)).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;

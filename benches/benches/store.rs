@@ -78,22 +78,10 @@ fn etcdctl_writes(endpoints: &[String], n: usize) -> Result<Vec<Duration>, Error
 
 /// SIGKILL of etcd's leader to the first write accepted again; the member comes back after.
 async fn election(cluster: &mut EtcdCluster, store: &EtcdStore) -> Result<Duration, Error> {
-    let health = store.health().await.map_err(|e| Error::from(e.to_string()))?;
-    let leader = health.members.iter().find(|m| m.leader).ok_or_else(|| Error::from("etcd has no leader"))?;
-    let index =
-        cluster.members.iter().position(|m| m.name == leader.name).ok_or_else(|| Error::from("no such member"))?;
-    cluster.kill_member(index);
-    let killed = Instant::now();
-    loop {
-        if store.txn(Txn::new().then(Op::put("/bench/election", "x"))).await.is_ok() {
-            break;
-        }
-        if killed.elapsed() > Duration::from_secs(30) {
-            return Err(Error::from("no write within 30 s of killing etcd's leader"));
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    let took = killed.elapsed();
+    let index = cluster.kill_leader().await.map_err(|e| Error::from(e.to_string()))?;
+    let took = novacron_store::testing::until_a_write(store, Duration::from_secs(30))
+        .await
+        .map_err(|e| Error::from(e.to_string()))?;
     cluster.start_member(index).map_err(|e| Error::from(e.to_string()))?;
     cluster.wait_ready(Duration::from_secs(30)).await.map_err(|e| Error::from(e.to_string()))?;
     // Let the member catch up before the next round.

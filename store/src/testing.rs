@@ -38,6 +38,10 @@ pub enum ClusterError {
     Dir(#[source] std::io::Error),
     #[error("etcd did not elect a leader within {0:?}")]
     NoLeader(Duration),
+    #[error("cannot ask etcd which member leads")]
+    Store(#[source] crate::StoreError),
+    #[error("etcd has no leader now")]
+    NoLeaderNow,
 }
 
 fn free_port() -> u16 {
@@ -139,6 +143,18 @@ impl EtcdCluster {
         EtcdConfig { endpoints: self.endpoints(), tls_dir: self.tls_dir.clone(), timeout: DEFAULT_TIMEOUT }
     }
 
+    /// SIGKILLs the member that leads now; answers its index (`start_member` starts it
+    /// again).
+    pub async fn kill_leader(&mut self) -> Result<usize, ClusterError> {
+        use crate::Store;
+        let store = crate::etcd::EtcdStore::connect(&self.config()).await.map_err(ClusterError::Store)?;
+        let health = store.health().await.map_err(ClusterError::Store)?;
+        let leader = health.members.iter().find(|m| m.leader).ok_or(ClusterError::NoLeaderNow)?;
+        let i = self.members.iter().position(|m| m.name == leader.name).ok_or(ClusterError::NoLeaderNow)?;
+        self.kill_member(i);
+        Ok(i)
+    }
+
     /// Waits until a write through the store succeeds (a leader is elected).
     pub async fn wait_ready(&self, limit: Duration) -> Result<(), ClusterError> {
         use crate::{Op, Store, Txn};
@@ -161,4 +177,18 @@ impl Drop for EtcdCluster {
             self.kill_member(i);
         }
     }
+}
+
+/// Tries a write through `store` every 2 ms until one is accepted; answers how long that
+/// took (a failover's length, seen by a client).
+pub async fn until_a_write(store: &dyn crate::Store, limit: Duration) -> Result<Duration, ClusterError> {
+    use crate::{Op, Txn};
+    let started = Instant::now();
+    while store.txn(Txn::new().then(Op::put("/novacron-test/write", "x"))).await.is_err() {
+        if started.elapsed() > limit {
+            return Err(ClusterError::NoLeader(limit));
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    Ok(started.elapsed())
 }

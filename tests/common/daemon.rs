@@ -164,6 +164,23 @@ impl Daemon {
         self.child = Some(child);
     }
 
+    /// The ends of the daemon's, the keeper's and the VMMs' logs, for a failed test.
+    fn print_log_tails(&self) {
+        let run = self.dir.path().join("run");
+        let vmm_logs = std::fs::read_dir(&run).into_iter().flatten().flatten().map(|e| e.path());
+        let logs = [self.dir.path().join("daemon.log"), self.dir.path().join("keeper.log")]
+            .into_iter()
+            .chain(vmm_logs.filter(|p| p.extension().is_some_and(|e| e == "log")));
+        for log in logs {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            eprintln!("--- {} ({}), the last lines of {}:", self.name, self.addr, log.display());
+            for line in &lines[lines.len().saturating_sub(25)..] {
+                eprintln!("{line}");
+            }
+        }
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
     }
@@ -256,6 +273,9 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.print_log_tails();
+        }
         self.kill();
         novacron_guest_image::binaries::kill_vmms_under(self.dir.path());
         for dir in &self.mounts {

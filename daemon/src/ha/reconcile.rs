@@ -8,6 +8,10 @@
 //!   been missing for two rounds (the leader writes a record just before it asks the host
 //!   to create the VM: that request must not meet a VM made here from the record).
 //!
+//! - a VM that arrived here by live migration, owned here now (this host's keeper claimed
+//!   it at the commit), whose source daemon never said so (it died mid-migration), is
+//!   taken as arrived: its phase is what its VMM says.
+//!
 //! A VM migrating out of this host is left alone until its migration ends.
 
 use super::records;
@@ -50,6 +54,10 @@ async fn round(
     let local_names: BTreeSet<&str> = local.iter().map(|v| v.name.as_str()).collect();
     for vm in &local {
         let Some(record) = records.iter().find(|r| r.spec.name == vm.name) else { continue };
+        if record.record.owner == me && record.record.moving_to.is_none() && vm.phase == VmPhase::Starting {
+            // Harmless for a VM booting here: its phase stays until its VMM answers.
+            let _ = ask(host, |r| HostMsg::Arrived(vm.name.clone(), r)).await;
+        }
         let owned_elsewhere = record.record.owner != me && record.record.moving_to.as_deref() != Some(me);
         let migrating = leaving.lock().unwrap_or_else(|p| p.into_inner()).contains(&vm.name);
         if owned_elsewhere && !migrating {
