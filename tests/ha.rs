@@ -389,3 +389,74 @@ fn kvm_etcd_the_leader_daemon_killed_mid_migration_leaves_the_vm_on_exactly_one_
     }
     assert!(samples > 20 && most <= 1, "{most} copies of web at once in {samples} samples");
 }
+
+#[test]
+fn kvm_etcd_a_host_cut_off_fences_itself_before_its_vm_runs_elsewhere_and_drops_the_stale_copy_when_healed() {
+    let test =
+        "kvm_etcd_a_host_cut_off_fences_itself_before_its_vm_runs_elsewhere_and_drops_the_stale_copy_when_healed";
+    if !kvm_or_skip(test) || !etcd_or_skip() {
+        return;
+    }
+    // h3 runs in a network namespace of its own, on a link to the root namespace, where
+    // etcd and the other daemons are.
+    let link = match common::netns::Link::new("ha", 200 + (std::process::id() % 50) as u8) {
+        Ok(link) => link,
+        Err(e) => {
+            assert!(std::env::var_os("NOVACRON_REQUIRE_KVM").is_none(), "{test}: network namespaces: {e}");
+            eprintln!("\n*** SKIPPED {test}: network namespaces are not usable here: {e} ***\n");
+            return;
+        }
+    };
+    let ca = tempfile::tempdir().unwrap();
+    novacron_migration::tls::init(ca.path(), "etcd").unwrap();
+    let etcd = EtcdCluster::start_also_on(3, Some(ca.path()), Some(link.root_ip)).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(etcd.wait_ready(Duration::from_secs(30))).unwrap();
+    let urls = etcd.endpoints();
+    let mut hosts: Vec<Daemon> = ["h1", "h2"].iter().map(|name| Daemon::on_etcd(name, ca.path(), &urls, &[])).collect();
+    let mut cut_off = Daemon::for_etcd("h3", ca.path(), &etcd.endpoints_on(link.root_ip), &[]);
+    cut_off.netns = Some(link.ns.clone());
+    cut_off.restart(&format!("{}:0", link.ns_ip));
+    hosts.push(cut_off);
+    let c = Cluster { hosts, etcd, _ca: ca };
+    c.wait_all_up(0);
+    for name in ["h1", "h2"] {
+        c.hosts[0].ok(&["host", "cordon", name]);
+    }
+    let vm = create(&c.hosts[0], "web", "always");
+    for name in ["h1", "h2"] {
+        c.hosts[0].ok(&["host", "uncordon", name]);
+    }
+    assert_eq!(str_of(&vm, "host"), "h3");
+    let stale_log = serial_of(&vm);
+    wait_heartbeat(&stale_log, 2);
+    let checker = Checker::start(c.dirs(), vec!["web".into()]);
+
+    link.set_up(false).unwrap();
+    let moved =
+        c.hosts[0].wait_vm("web", "failed over", |v| str_of(v, "host") != "h3" && str_of(v, "phase") == "running");
+    wait_heartbeat(&serial_of(&moved), 0);
+    let still = std::fs::metadata(&stale_log).unwrap().len();
+    std::thread::sleep(Duration::from_millis(1000));
+    let stale_quiet = std::fs::metadata(&stale_log).unwrap().len() == still;
+    let stale_there = !c.hosts[2].vmm_pids_of("web").is_empty();
+
+    link.set_up(true).unwrap();
+    let deadline = Instant::now() + common::TIMEOUT;
+    loop {
+        let hosts = c.hosts[0].json(&["host", "list"]);
+        let h3_up = hosts.as_array().unwrap().iter().any(|h| str_of(h, "name") == "h3" && str_of(h, "state") == "up");
+        if h3_up && c.hosts[2].vmm_pids_of("web").is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "h3 never rejoined without its stale copy: {hosts}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (samples, most) = checker.finish();
+
+    assert!(stale_there && stale_quiet, "the cut-off copy was there and paused (fenced) while the new one ran");
+    assert!(samples > 20 && most <= 1, "{most} copies of web at once in {samples} samples");
+    assert_eq!(copies_running(&c.dirs(), "web"), 1, "one copy in the cluster");
+    drop(c);
+    drop(link);
+}

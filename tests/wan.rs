@@ -15,6 +15,7 @@
 
 mod common;
 
+use common::netns::{Link, run};
 use common::{Host, SLOW, TIMEOUT, assert_moved, assert_source_runs, certs, novacron, stderr, wait_until_going};
 use novacron_guest_image::report::GuestLine;
 use novacron_guest_image::watch::{Watched, kvm_or_skip};
@@ -45,36 +46,12 @@ fn novacron_in(ns: &str) -> Command {
 // ---------------------------------------------------------------------------------------
 // The topology
 
-/// Runs `prog args`, turning a failure into its stderr.
-fn run(prog: &str, args: &[&str]) -> Result<(), String> {
-    let out =
-        Command::new(prog).args(args).stdin(Stdio::null()).output().map_err(|e| format!("cannot run {prog}: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!("`{prog} {}` failed ({}): {}", args.join(" "), out.status, stderr(&out).trim()))
-    }
-}
-
-/// One namespace joined to the root namespace by a veth pair on 10.77.`octet`.0/24:
-/// the namespace's end is .2, the root's .1.
-struct Side {
-    ns: String,
-    /// The veth end in the root namespace.
-    root_if: String,
-    /// The veth end in the namespace.
-    ns_if: String,
-    /// Address of the root's end (where the relay listens for this side).
-    root_ip: Ipv4Addr,
-    /// Address of the namespace's end (where a receiver in it listens).
-    ns_ip: Ipv4Addr,
-}
-
-/// Two namespaces, A and B, each with its shaped veth pair. Dropping it deletes both
-/// (also on panic: declare it before the processes that run in it, so that it goes last).
+/// Two namespaces, A and B, each with its veth pair shaped by `tbf`. Dropping it deletes
+/// both (also on panic: declare it before the processes that run in it, so that it goes
+/// last).
 struct Wan {
-    a: Side,
-    b: Side,
+    a: Link,
+    b: Link,
 }
 
 impl Wan {
@@ -82,34 +59,15 @@ impl Wan {
     /// processes apart.
     fn new(slot: u32) -> Result<Wan, String> {
         let pid = std::process::id();
-        let base = (pid % 31) * 8 + slot * 2;
-        let side = |tag: &str, octet: u32| Side {
-            ns: format!("novacron-wan-{pid}-{slot}{tag}"),
-            root_if: format!("nwr{pid}{slot}{tag}"),
-            ns_if: format!("nwn{pid}{slot}{tag}"),
-            root_ip: Ipv4Addr::new(10, 77, octet as u8, 1),
-            ns_ip: Ipv4Addr::new(10, 77, octet as u8, 2),
-        };
-        let wan = Wan { a: side("a", base), b: side("b", base + 1) };
-        // From here on, Drop cleans up whatever part was made.
-        for s in [&wan.a, &wan.b] {
-            Self::make(s)?;
+        let base = ((pid % 31) * 8 + slot * 2) as u8;
+        let a = Link::new(&format!("{slot}a"), base)?;
+        let b = Link::new(&format!("{slot}b"), base + 1)?;
+        for s in [&a, &b] {
+            let mut tc = vec!["netns", "exec", &s.ns, "tc", "qdisc", "add", "dev", &s.ns_if, "root", "tbf"];
+            tc.extend(SHAPE);
+            run("ip", &tc)?;
         }
-        Ok(wan)
-    }
-
-    fn make(s: &Side) -> Result<(), String> {
-        let (root_cidr, ns_cidr) = (format!("{}/24", s.root_ip), format!("{}/24", s.ns_ip));
-        run("ip", &["netns", "add", &s.ns])?;
-        run("ip", &["-n", &s.ns, "link", "set", "lo", "up"])?;
-        run("ip", &["link", "add", &s.root_if, "type", "veth", "peer", "name", &s.ns_if, "netns", &s.ns])?;
-        run("ip", &["addr", "add", &root_cidr, "dev", &s.root_if])?;
-        run("ip", &["link", "set", &s.root_if, "up"])?;
-        run("ip", &["-n", &s.ns, "addr", "add", &ns_cidr, "dev", &s.ns_if])?;
-        run("ip", &["-n", &s.ns, "link", "set", &s.ns_if, "up"])?;
-        let mut tc = vec!["netns", "exec", &s.ns, "tc", "qdisc", "add", "dev", &s.ns_if, "root", "tbf"];
-        tc.extend(SHAPE);
-        run("ip", &tc)
+        Ok(Wan { a, b })
     }
 
     /// Sets up the topology, or says why the test cannot run: skipped loudly (None), or a
@@ -127,17 +85,6 @@ impl Wan {
                 );
                 None
             }
-        }
-    }
-}
-
-impl Drop for Wan {
-    fn drop(&mut self) {
-        for s in [&self.a, &self.b] {
-            let _ = run("ip", &["netns", "del", &s.ns]);
-            // The kernel destroys the namespace's links asynchronously; do not leave the
-            // root's end behind meanwhile.
-            let _ = run("ip", &["link", "del", &s.root_if]);
         }
     }
 }

@@ -12,6 +12,9 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 /// The control port when none is given.
 pub const DEFAULT_ENDPOINT: &str = "127.0.0.1:7700";
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// HTTP/2 pings on every connection: how often, and how long an answer may take.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A connected client.
 pub type Client = ControlClient<InterceptedService<Channel, BearerToken>>;
@@ -79,6 +82,12 @@ impl Connect {
             .map_err(|_| ClientError::Endpoint(self.endpoint.clone()))?
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
+            // A connection whose peer is cut off fails its calls within seconds, rather
+            // than when TCP gives up minutes later (a request passed to a host that was
+            // cut off would hang until then).
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true)
             .tls_config(tls)
             .map_err(|source| ClientError::Connect { endpoint: self.endpoint.clone(), source })?;
         let channel = endpoint

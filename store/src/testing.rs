@@ -74,6 +74,16 @@ impl EtcdCluster {
     /// certificate of that cluster CA, and the members present theirs. Peers talk plain
     /// HTTP on loopback.
     pub fn start(n: usize, tls_dir: Option<&Path>) -> Result<EtcdCluster, ClusterError> {
+        Self::start_also_on(n, tls_dir, None)
+    }
+
+    /// As `start`, with the members' client ports open on `also` too (the address of a
+    /// link to a network namespace, whose hosts reach etcd there: `endpoints_on`).
+    pub fn start_also_on(
+        n: usize,
+        tls_dir: Option<&Path>,
+        also: Option<std::net::Ipv4Addr>,
+    ) -> Result<EtcdCluster, ClusterError> {
         use novacron_migration::tls::{CA_CERT, NODE_CERT, NODE_KEY};
         let dir = tempfile::tempdir().map_err(ClusterError::Dir)?;
         let scheme = if tls_dir.is_some() { "https" } else { "http" };
@@ -83,10 +93,14 @@ impl EtcdCluster {
         let mut members = Vec::new();
         for (i, (client, peer)) in ports.iter().enumerate() {
             let client_url = format!("{scheme}://127.0.0.1:{client}");
+            let listen = match also {
+                Some(ip) => format!("{client_url},{scheme}://{ip}:{client}"),
+                None => client_url.clone(),
+            };
             let mut args = vec![
                 format!("--name=m{i}"),
                 format!("--data-dir={}", dir.path().join(format!("m{i}")).display()),
-                format!("--listen-client-urls={client_url}"),
+                format!("--listen-client-urls={listen}"),
                 format!("--advertise-client-urls={client_url}"),
                 format!("--listen-peer-urls=http://127.0.0.1:{peer}"),
                 format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer}"),
@@ -137,6 +151,11 @@ impl EtcdCluster {
 
     pub fn endpoints(&self) -> Vec<String> {
         self.members.iter().map(|m| m.client_url.clone()).collect()
+    }
+
+    /// The client URLs on the address given to `start_also_on`.
+    pub fn endpoints_on(&self, ip: std::net::Ipv4Addr) -> Vec<String> {
+        self.members.iter().map(|m| m.client_url.replace("127.0.0.1", &ip.to_string())).collect()
     }
 
     pub fn config(&self) -> EtcdConfig {

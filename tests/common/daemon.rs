@@ -19,6 +19,8 @@ pub struct Daemon {
     pub extra: Vec<String>,
     /// File systems mounted on the data dir (unmounted when dropped).
     mounts: Vec<PathBuf>,
+    /// The network namespace the daemon runs in (and its keeper and VMMs with it).
+    pub netns: Option<String>,
 }
 
 impl Daemon {
@@ -85,7 +87,7 @@ impl Daemon {
         // Short: control socket paths must fit in 107 bytes.
         let dir = tempfile::Builder::new().prefix("ncd").tempdir_in("/tmp").unwrap();
         let extra = extra.iter().map(|s| s.to_string()).collect();
-        Daemon { child: None, dir, addr: String::new(), name: name.into(), extra, mounts: Vec::new() }
+        Daemon { child: None, dir, addr: String::new(), name: name.into(), extra, mounts: Vec::new(), netns: None }
     }
 
     /// Mounts a tmpfs of `size` (e.g. "16m") on the data dir, before the daemon starts.
@@ -137,7 +139,15 @@ impl Daemon {
     /// The daemon's command line on this data dir, its stdout piped (the line it prints
     /// when it listens).
     fn command(&self, listen: &str) -> std::process::Command {
-        let mut cmd = novacron();
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                // `ip netns exec` execs the daemon: the child's pid is the daemon's.
+                let mut cmd = std::process::Command::new("ip");
+                cmd.args(["netns", "exec", ns]).arg(env!("CARGO_BIN_EXE_novacron"));
+                cmd
+            }
+            None => novacron(),
+        };
         cmd.args(["daemon", "--listen", listen, "--name", &self.name, "--data-dir"])
             .arg(self.dir.path())
             .arg("--vmm-binary")

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod daemon;
+pub mod netns;
 pub mod vmm;
 
 use novacron_guest_image::report::GuestLine;
