@@ -15,6 +15,7 @@
 
 mod common;
 
+use common::Rng;
 use common::netns::{Link, run};
 use common::{Host, SLOW, TIMEOUT, assert_moved, assert_source_runs, certs, novacron, stderr, wait_until_going};
 use novacron_guest_image::report::GuestLine;
@@ -91,24 +92,6 @@ impl Wan {
 
 // ---------------------------------------------------------------------------------------
 // The relay: delay and loss in user space
-
-/// splitmix64: a seeded, reproducible loss pattern.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// True with probability `p`.
-    fn chance(&mut self, p: f64) -> bool {
-        ((self.next() >> 11) as f64) < p * (1u64 << 53) as f64
-    }
-}
 
 struct Datagram {
     due: Instant,

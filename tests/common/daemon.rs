@@ -265,6 +265,12 @@ impl Daemon {
         }
     }
 
+    /// The names `vm list` gives, in its order.
+    pub fn vm_names(&self) -> Vec<String> {
+        let listed = self.json(&["vm", "list"]);
+        listed.as_array().into_iter().flatten().map(|v| str_of(&v["spec"], "name").to_string()).collect()
+    }
+
     pub fn vmm_pids(&self) -> Vec<u32> {
         novacron_guest_image::binaries::vmm_pids_under(self.dir.path())
     }
