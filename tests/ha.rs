@@ -140,6 +140,44 @@ impl Cluster {
     }
 }
 
+/// A namespace and its link for h3, or None when the test is skipped (loudly; it fails
+/// instead when NOVACRON_REQUIRE_KVM is set).
+fn link_or_skip(test: &str, tag: &str) -> Option<common::netns::Link> {
+    match common::netns::Link::new(tag, 200 + (std::process::id() % 25) as u8 * 2 + (tag == "ch") as u8) {
+        Ok(link) => Some(link),
+        Err(e) => {
+            assert!(std::env::var_os("NOVACRON_REQUIRE_KVM").is_none(), "{test}: network namespaces: {e}");
+            eprintln!("\n*** SKIPPED {test}: network namespaces are not usable here: {e} ***\n");
+            None
+        }
+    }
+}
+
+/// As `cluster`, with h3 in the network namespace of `link`: cutting the link cuts it off
+/// from etcd and the other daemons, which listen on the root's end of the link so that
+/// every daemon reaches every other while it is up.
+fn cluster_with_h3_apart(link: &common::netns::Link) -> Cluster {
+    let ca = tempfile::tempdir().unwrap();
+    novacron_migration::tls::init(ca.path(), "etcd").unwrap();
+    let etcd = EtcdCluster::start_also_on(3, Some(ca.path()), Some(link.root_ip)).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(etcd.wait_ready(Duration::from_secs(30))).unwrap();
+    let mut hosts = Vec::new();
+    for (name, urls, ip) in [
+        ("h1", etcd.endpoints(), link.root_ip),
+        ("h2", etcd.endpoints(), link.root_ip),
+        ("h3", etcd.endpoints_on(link.root_ip), link.ns_ip),
+    ] {
+        let mut d = Daemon::for_etcd(name, ca.path(), &urls, &[]);
+        if name == "h3" {
+            d.netns = Some(link.ns.clone());
+        }
+        d.restart(&format!("{ip}:0"));
+        hosts.push(d);
+    }
+    Cluster { hosts, etcd: Some(etcd), _ca: ca }
+}
+
 /// How many VMMs of `vm` run (not stopped, not a zombie), across the data dirs.
 fn copies_running(dirs: &[PathBuf], vm: &str) -> usize {
     let sock = format!("/{vm}.sock");
@@ -425,28 +463,8 @@ fn kvm_etcd_a_host_cut_off_fences_itself_before_its_vm_runs_elsewhere_and_drops_
     if !kvm_or_skip(test) || !etcd_or_skip() {
         return;
     }
-    // h3 runs in a network namespace of its own, on a link to the root namespace, where
-    // etcd and the other daemons are.
-    let link = match common::netns::Link::new("ha", 200 + (std::process::id() % 50) as u8) {
-        Ok(link) => link,
-        Err(e) => {
-            assert!(std::env::var_os("NOVACRON_REQUIRE_KVM").is_none(), "{test}: network namespaces: {e}");
-            eprintln!("\n*** SKIPPED {test}: network namespaces are not usable here: {e} ***\n");
-            return;
-        }
-    };
-    let ca = tempfile::tempdir().unwrap();
-    novacron_migration::tls::init(ca.path(), "etcd").unwrap();
-    let etcd = EtcdCluster::start_also_on(3, Some(ca.path()), Some(link.root_ip)).unwrap();
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    runtime.block_on(etcd.wait_ready(Duration::from_secs(30))).unwrap();
-    let urls = etcd.endpoints();
-    let mut hosts: Vec<Daemon> = ["h1", "h2"].iter().map(|name| Daemon::on_etcd(name, ca.path(), &urls, &[])).collect();
-    let mut cut_off = Daemon::for_etcd("h3", ca.path(), &etcd.endpoints_on(link.root_ip), &[]);
-    cut_off.netns = Some(link.ns.clone());
-    cut_off.restart(&format!("{}:0", link.ns_ip));
-    hosts.push(cut_off);
-    let c = Cluster { hosts, etcd: Some(etcd), _ca: ca };
+    let Some(link) = link_or_skip(test, "ha") else { return };
+    let c = cluster_with_h3_apart(&link);
     c.wait_all_up(0);
     let vm = c.create_on("h3", "web");
     let stale_log = serial_of(&vm);
@@ -484,7 +502,8 @@ fn kvm_etcd_a_host_cut_off_fences_itself_before_its_vm_runs_elsewhere_and_drops_
 
 /// A bounded, seeded chaos run: for NOVACRON_CHAOS_SECS (45 by default) random SIGKILLs
 /// of daemons (back 0–6 s later), VMMs and etcd members (back 0–3 s later, one at a time),
-/// with creates and deletes through random daemons in between. Then, with everything
+/// cuts of h3's link (it runs in a network namespace; healed 1–7 s later), with creates
+/// and deletes through random daemons in between. Then, with everything
 /// back: never two copies of a VM ran at once; every VM acknowledged as created (and not
 /// deleted) runs exactly once; none acknowledged as deleted is there. The seed is printed
 /// (NOVACRON_CHAOS_SEED replays a run).
@@ -499,7 +518,13 @@ fn kvm_etcd_chaos_never_runs_a_vm_twice_loses_no_acknowledged_change_and_ends_wi
     });
     let secs = std::env::var("NOVACRON_CHAOS_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(45);
     eprintln!("chaos: seed {seed} (NOVACRON_CHAOS_SEED={seed} replays it), {secs} s");
-    let Some(mut c) = cluster() else { return };
+    let test = "kvm_etcd_chaos_never_runs_a_vm_twice_loses_no_acknowledged_change_and_ends_with_every_vm_running";
+    if !etcd_or_skip() {
+        return;
+    }
+    let Some(link) = link_or_skip(test, "ch") else { return };
+    let mut c = cluster_with_h3_apart(&link);
+    c.wait_all_up(0);
     let mut rng = common::Rng(seed);
     let mut names: Vec<String> = (0..4).map(|i| format!("vm{i}")).collect();
     for name in &names {
@@ -514,15 +539,24 @@ fn kvm_etcd_chaos_never_runs_a_vm_twice_loses_no_acknowledged_change_and_ends_wi
     // Daemons and the etcd member that are down, with when they come back.
     let mut down: Vec<(usize, Instant)> = Vec::new();
     let mut etcd_down: Option<(usize, Instant)> = None;
+    // When h3's cut link heals.
+    let mut cut: Option<Instant> = None;
     let end = Instant::now() + Duration::from_secs(secs);
     let mut log = Vec::new();
     while Instant::now() < end {
         let now = Instant::now();
-        for (i, _) in down.iter().filter(|(_, back)| *back <= now) {
-            c.hosts[*i].restart("127.0.0.1:0");
+        if cut.is_some_and(|back| back <= now) {
+            link.set_up(true).unwrap();
+            cut = None;
+            log.push("h3's link healed".into());
+        }
+        // A daemon cut off from the store would refuse to start: h3's waits for its link.
+        let due = |(i, back): &(usize, Instant)| *back <= now && !(*i == 2 && cut.is_some());
+        for (i, _) in down.iter().filter(|d| due(d)) {
+            c.hosts[*i].start_again();
             log.push(format!("daemon {} back", c.hosts[*i].name));
         }
-        down.retain(|(_, back)| *back > now);
+        down.retain(|d| !due(d));
         if let Some((m, back)) = etcd_down
             && back <= now
         {
@@ -530,9 +564,11 @@ fn kvm_etcd_chaos_never_runs_a_vm_twice_loses_no_acknowledged_change_and_ends_wi
             etcd_down = None;
             log.push(format!("etcd m{m} back"));
         }
-        let up: Vec<usize> = (0..3).filter(|i| !down.iter().any(|(d, _)| d == i)).collect();
+        // Calls go through the daemons that run and are not cut off.
+        let up: Vec<usize> =
+            (0..3).filter(|i| !down.iter().any(|(d, _)| d == i) && !(*i == 2 && cut.is_some())).collect();
         let via = up[rng.below(up.len() as u64) as usize];
-        match rng.below(5) {
+        match rng.below(6) {
             0 if up.len() > 1 => {
                 let i = up[rng.below(up.len() as u64) as usize];
                 c.hosts[i].kill();
@@ -587,12 +623,20 @@ fn kvm_etcd_chaos_never_runs_a_vm_twice_loses_no_acknowledged_change_and_ends_wi
                     uncertain.push(name);
                 }
             }
+            5 if cut.is_none() => {
+                link.set_up(false).unwrap();
+                cut = Some(now + Duration::from_millis(1000 + rng.below(6000)));
+                log.push("h3's link cut".into());
+            }
             _ => {}
         }
         std::thread::sleep(Duration::from_millis(500 + rng.below(1500)));
     }
+    if cut.take().is_some() {
+        link.set_up(true).unwrap();
+    }
     for (i, _) in std::mem::take(&mut down) {
-        c.hosts[i].restart("127.0.0.1:0");
+        c.hosts[i].start_again();
     }
     if let Some((m, _)) = etcd_down.take() {
         c.etcd_back(m);

@@ -191,6 +191,12 @@ impl Daemon {
         }
     }
 
+    /// Starts the daemon again on the address it listened on before (another port).
+    pub fn start_again(&mut self) {
+        let ip = self.addr.rsplit_once(':').map_or("127.0.0.1", |(ip, _)| ip).to_string();
+        self.restart(&format!("{ip}:0"));
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
     }
