@@ -26,6 +26,19 @@ fn store_status(e: RecordError) -> Status {
     }
 }
 
+/// As `store_status`, for a write: one the store did not confirm in time may still take
+/// effect (etcd commits what its leader had taken once it has a quorum again), so the
+/// caller is told to look before trying again.
+fn write_status(e: RecordError, name: &str) -> Status {
+    match &e {
+        RecordError::Store(novacron_store::StoreError::Timeout { .. }) => Status::unavailable(format!(
+            "the cluster store: {}; the change may still take effect once the store has a quorum again: see `novacron vm show {name}` before trying again",
+            novacron_actors::error_chain(&e)
+        )),
+        _ => store_status(e),
+    }
+}
+
 pub fn record_for(owner: &str, epoch: u64, spec: &VmSpec, desired: DesiredState) -> Result<VmRecord, Status> {
     let mut rest = serde_json::Map::new();
     rest.insert("spec".into(), serde_json::to_value(spec).map_err(|e| Status::internal(e.to_string()))?);
@@ -74,7 +87,7 @@ pub async fn create(
     let key = vm_key(&spec.name);
     let value = encoded(&spec.name, &record_for(owner, 1, spec, desired)?)?;
     let txn = Txn::new().when(tenure.guard()).when(Compare::absent(&key)).then(Op::put(&key, value));
-    let outcome = store.txn(txn).await.map_err(|e| store_status(e.into()))?;
+    let outcome = store.txn(txn).await.map_err(|e| write_status(e.into(), &spec.name))?;
     if !outcome.succeeded {
         return Err(match get(store, &spec.name).await? {
             Some(vm) => Status::already_exists(format!(
@@ -95,7 +108,7 @@ pub async fn update(store: &dyn Store, vm: &Vm, change: impl FnOnce(&mut VmRecor
     let txn = Txn::new()
         .when(Compare::unchanged_since(&key, vm.mod_revision))
         .then(Op::put(&key, encoded(&vm.spec.name, &record)?));
-    Ok(store.txn(txn).await.map_err(|e| store_status(e.into()))?.succeeded)
+    Ok(store.txn(txn).await.map_err(|e| write_status(e.into(), &vm.spec.name))?.succeeded)
 }
 
 /// Records the desired state of a VM this host owns (best effort: the local store has it
