@@ -503,14 +503,14 @@ fn kvm_etcd_a_host_cut_off_fences_itself_before_its_vm_runs_elsewhere_and_drops_
 /// A bounded, seeded chaos run: for NOVACRON_CHAOS_SECS (45 by default) random SIGKILLs
 /// of daemons (back 0–6 s later), VMMs and etcd members (back 0–3 s later, one at a time),
 /// cuts of h3's link (it runs in a network namespace; healed 1–7 s later), with creates
-/// and deletes through random daemons in between. Then, with everything
-/// back: never two copies of a VM ran at once; every VM acknowledged as created (and not
-/// deleted) runs exactly once; none acknowledged as deleted is there. The seed is printed
+/// and deletes through random daemons in between. Then, with everything back: never two
+/// copies of a VM ran at once; every VM acknowledged as created (and not deleted) runs
+/// exactly once; none acknowledged as deleted is there. The seed is printed
 /// (NOVACRON_CHAOS_SEED replays a run).
 #[test]
 fn kvm_etcd_chaos_never_runs_a_vm_twice_loses_no_acknowledged_change_and_ends_with_every_vm_running() {
-    if !kvm_or_skip("kvm_etcd_chaos_never_runs_a_vm_twice_loses_no_acknowledged_change_and_ends_with_every_vm_running")
-    {
+    let test = "kvm_etcd_chaos_never_runs_a_vm_twice_loses_no_acknowledged_change_and_ends_with_every_vm_running";
+    if !kvm_or_skip(test) || !etcd_or_skip() {
         return;
     }
     let seed = std::env::var("NOVACRON_CHAOS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
@@ -518,10 +518,6 @@ fn kvm_etcd_chaos_never_runs_a_vm_twice_loses_no_acknowledged_change_and_ends_wi
     });
     let secs = std::env::var("NOVACRON_CHAOS_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(45);
     eprintln!("chaos: seed {seed} (NOVACRON_CHAOS_SEED={seed} replays it), {secs} s");
-    let test = "kvm_etcd_chaos_never_runs_a_vm_twice_loses_no_acknowledged_change_and_ends_with_every_vm_running";
-    if !etcd_or_skip() {
-        return;
-    }
     let Some(link) = link_or_skip(test, "ch") else { return };
     let mut c = cluster_with_h3_apart(&link);
     c.wait_all_up(0);
