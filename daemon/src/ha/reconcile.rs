@@ -12,6 +12,12 @@
 //!   it at the commit), whose source daemon never said so (it died mid-migration), is
 //!   taken as arrived: its phase is what its VMM says.
 //!
+//! - a VM held here, fenced, that has no record at all (it was deleted in the cluster
+//!   while this host was cut off or its daemon away; its keeper gives it no permit, so it
+//!   could only sit fenced) is deleted here, once it has been so for two rounds. A VM
+//!   without a record that runs (a VMM from before the cluster store, which needs no
+//!   permit) or is stopped is left alone.
+//!
 //! A VM migrating out of this host is left alone until its migration ends.
 
 use super::records;
@@ -31,29 +37,48 @@ pub type Leaving = Arc<Mutex<BTreeSet<String>>>;
 
 pub fn run(store: Arc<dyn Store>, host: ActorRef<HostMsg>, me: String, leaving: Leaving) {
     tokio::spawn(async move {
-        let mut missing = BTreeSet::new();
+        let (mut missing, mut unrecorded) = (BTreeSet::new(), BTreeSet::new());
         loop {
             tokio::time::sleep(EVERY).await;
-            if let Err(e) = round(store.as_ref(), &host, &me, &leaving, &mut missing).await {
+            let seen = Seen { missing: &mut missing, unrecorded: &mut unrecorded };
+            if let Err(e) = round(store.as_ref(), &host, &me, &leaving, seen).await {
                 tracing::debug!("reconciling with the cluster's records: {}", e.message());
             }
         }
     });
 }
 
-/// One round; `missing` is what the last round found owned here but absent.
+/// What the round before found: VMs owned here but absent, and VMs here with no record.
+struct Seen<'a> {
+    missing: &'a mut BTreeSet<String>,
+    unrecorded: &'a mut BTreeSet<String>,
+}
+
+/// One round.
 async fn round(
     store: &dyn Store,
     host: &ActorRef<HostMsg>,
     me: &str,
     leaving: &Leaving,
-    missing: &mut BTreeSet<String>,
+    seen: Seen<'_>,
 ) -> Result<(), tonic::Status> {
     let records = records::list(store).await?;
     let local = ask(host, HostMsg::ListVms).await?;
     let local_names: BTreeSet<&str> = local.iter().map(|v| v.name.as_str()).collect();
+    let mut unrecorded = BTreeSet::new();
     for vm in &local {
-        let Some(record) = records.iter().find(|r| r.spec.name == vm.name) else { continue };
+        let Some(record) = records.iter().find(|r| r.spec.name == vm.name) else {
+            if vm.phase != VmPhase::Fenced {
+                continue;
+            }
+            if seen.unrecorded.contains(&vm.name) {
+                tracing::warn!(vm = %vm.name, "the cluster has no record of this VM (it was deleted meanwhile); deleting it here");
+                let _ = ask(host, |r| HostMsg::DeleteVm(vm.name.clone(), r)).await;
+            } else {
+                unrecorded.insert(vm.name.clone());
+            }
+            continue;
+        };
         if record.record.owner == me && record.record.moving_to.is_none() && vm.phase == VmPhase::Starting {
             // Harmless for a VM booting here: its phase stays until its VMM answers.
             let _ = ask(host, |r| HostMsg::Arrived(vm.name.clone(), r)).await;
@@ -76,8 +101,9 @@ async fn round(
         .map(|r| r.spec.name.clone())
         .collect();
     let long_absent: Vec<&records::Vm> =
-        records.iter().filter(|r| absent.contains(&r.spec.name) && missing.contains(&r.spec.name)).collect();
-    *missing = absent;
+        records.iter().filter(|r| absent.contains(&r.spec.name) && seen.missing.contains(&r.spec.name)).collect();
+    *seen.missing = absent;
+    *seen.unrecorded = unrecorded;
     for record in long_absent {
         let spec = record.spec.clone();
         let name = spec.name.clone();
