@@ -26,14 +26,7 @@ struct Cluster {
 }
 
 fn cluster() -> Option<Cluster> {
-    if !etcd_or_skip() {
-        return None;
-    }
-    let ca = tempfile::tempdir().unwrap();
-    novacron_migration::tls::init(ca.path(), "etcd").unwrap();
-    let etcd = EtcdCluster::start(3, Some(ca.path())).unwrap();
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    runtime.block_on(etcd.wait_ready(Duration::from_secs(30))).unwrap();
+    let (etcd, ca) = common::etcd_with_ca(None)?;
     let urls = etcd.endpoints();
     let hosts =
         ["h1", "h2", "h3"].iter().map(|name| Daemon::on_etcd(name, ca.path(), &urls, &["--label", "zone=a"])).collect();
@@ -66,14 +59,12 @@ impl Cluster {
 
     /// SIGKILLs etcd's leader member; answers it (to start again with `etcd_back`).
     fn kill_etcd_leader(&mut self) -> usize {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        runtime.block_on(self.etcd().kill_leader()).unwrap()
+        common::block_on(self.etcd().kill_leader()).unwrap()
     }
 
     fn etcd_back(&mut self, member: usize) {
         self.etcd().start_member(member).unwrap();
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        runtime.block_on(self.etcd().wait_ready(Duration::from_secs(30))).unwrap();
+        common::block_on(self.etcd().wait_ready(Duration::from_secs(30))).unwrap();
     }
 
     /// Starts a live migration of `vm` to `to` through `via`, slowed to `bandwidth`, and
@@ -156,12 +147,8 @@ fn link_or_skip(test: &str, tag: &str) -> Option<common::netns::Link> {
 /// As `cluster`, with h3 in the network namespace of `link`: cutting the link cuts it off
 /// from etcd and the other daemons, which listen on the root's end of the link so that
 /// every daemon reaches every other while it is up.
-fn cluster_with_h3_apart(link: &common::netns::Link) -> Cluster {
-    let ca = tempfile::tempdir().unwrap();
-    novacron_migration::tls::init(ca.path(), "etcd").unwrap();
-    let etcd = EtcdCluster::start_also_on(3, Some(ca.path()), Some(link.root_ip)).unwrap();
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    runtime.block_on(etcd.wait_ready(Duration::from_secs(30))).unwrap();
+fn cluster_with_h3_apart(link: &common::netns::Link) -> Option<Cluster> {
+    let (etcd, ca) = common::etcd_with_ca(Some(link.root_ip))?;
     let mut hosts = Vec::new();
     for (name, urls, ip) in [
         ("h1", etcd.endpoints(), link.root_ip),
@@ -175,7 +162,7 @@ fn cluster_with_h3_apart(link: &common::netns::Link) -> Cluster {
         d.restart(&format!("{ip}:0"));
         hosts.push(d);
     }
-    Cluster { hosts, etcd: Some(etcd), _ca: ca }
+    Some(Cluster { hosts, etcd: Some(etcd), _ca: ca })
 }
 
 /// How many VMMs of `vm` run (not stopped, not a zombie), across the data dirs.
@@ -464,7 +451,7 @@ fn kvm_etcd_a_host_cut_off_fences_itself_before_its_vm_runs_elsewhere_and_drops_
         return;
     }
     let Some(link) = link_or_skip(test, "ha") else { return };
-    let c = cluster_with_h3_apart(&link);
+    let Some(c) = cluster_with_h3_apart(&link) else { return };
     c.wait_all_up(0);
     let vm = c.create_on("h3", "web");
     let stale_log = serial_of(&vm);
@@ -519,7 +506,7 @@ fn kvm_etcd_chaos_never_runs_a_vm_twice_loses_no_acknowledged_change_and_ends_wi
     let secs = std::env::var("NOVACRON_CHAOS_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(45);
     eprintln!("chaos: seed {seed} (NOVACRON_CHAOS_SEED={seed} replays it), {secs} s");
     let Some(link) = link_or_skip(test, "ch") else { return };
-    let mut c = cluster_with_h3_apart(&link);
+    let Some(mut c) = cluster_with_h3_apart(&link) else { return };
     c.wait_all_up(0);
     let mut rng = common::Rng(seed);
     let mut names: Vec<String> = (0..4).map(|i| format!("vm{i}")).collect();

@@ -9,31 +9,17 @@ mod common;
 use common::daemon::{Daemon, refusal_line, str_of};
 use common::stderr;
 use novacron_daemon::pb;
-use novacron_store::testing::{EtcdCluster, etcd_or_skip};
+use novacron_store::testing::EtcdCluster;
 use std::path::Path;
 use std::time::Duration;
 
-/// A CA and a three-member etcd cluster with its node certificate.
-fn etcd() -> Option<(EtcdCluster, tempfile::TempDir)> {
-    if !etcd_or_skip() {
-        return None;
-    }
-    let ca = tempfile::tempdir().unwrap();
-    novacron_migration::tls::init(ca.path(), "etcd").unwrap();
-    let etcd = EtcdCluster::start(3, Some(ca.path())).unwrap();
-    wait_ready(&etcd);
-    Some((etcd, ca))
-}
-
 fn wait_ready(etcd: &EtcdCluster) {
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    runtime.block_on(etcd.wait_ready(Duration::from_secs(30))).unwrap();
+    common::block_on(etcd.wait_ready(Duration::from_secs(30))).unwrap();
 }
 
 /// Every key under /novacron/ with its value, as etcdctl would list them.
 fn store_contents(etcd: &EtcdCluster) -> Vec<(String, Vec<u8>)> {
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    runtime.block_on(async {
+    common::block_on(async {
         use novacron_store::Store;
         let store = novacron_store::etcd::EtcdStore::connect(&etcd.config()).await.unwrap();
         let listing = store.list("/novacron/").await.unwrap();
@@ -69,7 +55,7 @@ fn etcd_urls_that_are_malformed_or_unreachable_are_refused_in_one_line() {
 
 #[test]
 fn without_quorum_calls_fail_fast_with_unavailable_a_new_daemon_is_refused_and_nothing_changes() {
-    let Some((mut etcd, ca)) = etcd() else { return };
+    let Some((mut etcd, ca)) = common::etcd_with_ca(None) else { return };
     let h1 = Daemon::on_etcd("h1", ca.path(), &etcd.endpoints(), &[]);
     h1.json(&["vm", "create", "before", "--mem", "32", "--no-start"]);
     let before = store_contents(&etcd);
@@ -114,7 +100,7 @@ fn without_quorum_calls_fail_fast_with_unavailable_a_new_daemon_is_refused_and_n
 
 #[test]
 fn a_certificate_of_another_ca_is_refused_by_etcd_and_by_a_cluster_it_tries_to_join() {
-    let Some((etcd, _ca)) = etcd() else { return };
+    let Some((etcd, _ca)) = common::etcd_with_ca(None) else { return };
     let other = tempfile::tempdir().unwrap();
     novacron_migration::tls::init(other.path(), "other").unwrap();
     let mut d = Daemon::for_etcd("h1", other.path(), &etcd.endpoints(), &[]);
@@ -139,7 +125,7 @@ fn a_certificate_of_another_ca_is_refused_by_etcd_and_by_a_cluster_it_tries_to_j
 
 #[test]
 fn a_host_name_in_use_is_refused_and_the_host_that_holds_it_is_untouched() {
-    let Some((etcd, ca)) = etcd() else { return };
+    let Some((etcd, ca)) = common::etcd_with_ca(None) else { return };
     let h1 = Daemon::on_etcd("h1", ca.path(), &etcd.endpoints(), &[]);
     let held = hosts_and_leases(&etcd);
     let mut again = Daemon::for_etcd("h1", ca.path(), &etcd.endpoints(), &[]);

@@ -111,8 +111,9 @@ impl Keeper {
     /// it led the cluster (a dead daemon can neither lead nor step down).
     async fn watch_daemon(&self) {
         let Some(pid_file) = self.config.daemon_pid_file.clone() else { return std::future::pending().await };
+        let read_pid = || std::fs::read_to_string(&pid_file).ok().and_then(|s| s.trim().parse::<u32>().ok());
         loop {
-            let pid = std::fs::read_to_string(&pid_file).ok().and_then(|s| s.trim().parse::<u32>().ok());
+            let pid = read_pid();
             let watched = pid.and_then(|pid| novacron_actors::process::VmmProcess::adopt(pid).ok());
             match watched.as_ref().and_then(|p| p.exited().ok()) {
                 Some(exited) => {
@@ -122,7 +123,7 @@ impl Keeper {
                 None => tokio::time::sleep(self.config.timing.renew).await,
             }
             // A pid file left by the daemon that just died: wait for its successor's.
-            while std::fs::read_to_string(&pid_file).ok().and_then(|s| s.trim().parse::<u32>().ok()) == pid {
+            while read_pid() == pid {
                 tokio::time::sleep(self.config.timing.renew).await;
             }
         }

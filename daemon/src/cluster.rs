@@ -178,12 +178,9 @@ pub struct ClusterSupervisor;
 fn watch_leases(supervisor: ActorRef<ClusterMsg>, store: Arc<dyn Store>) {
     tokio::spawn(async move {
         loop {
-            let from = match store.list(keys::ALIVE).await {
-                Ok(listing) => listing.revision + 1,
-                Err(_) => 0,
-            };
-            let watch = if from > 0 { store.watch(keys::ALIVE, from).await.ok() } else { None };
-            if let Some(mut watch) = watch {
+            if let Ok(listing) = store.list(keys::ALIVE).await
+                && let Ok(mut watch) = store.watch(keys::ALIVE, listing.revision + 1).await
+            {
                 while watch.next().await.is_ok() {
                     if supervisor.cast(ClusterMsg::Leases).is_err() {
                         return;

@@ -401,7 +401,7 @@ async fn wait_for_lease(store: &dyn novacron_store::Store, name: &str, keeper: &
     while tokio::time::Instant::now() < deadline {
         if let Ok(Some(kv)) = store.get(&key).await
             && let Ok(alive) = novacron_cluster::records::decode::<novacron_cluster::records::AliveRecord>(&kv)
-            && keeper.current_pids().contains(&alive.pid)
+            && keeper.is_current(alive.pid)
         {
             return;
         }

@@ -120,8 +120,7 @@ impl Daemon {
     /// Runs `call` with a gRPC client of this daemon (its node certificate), on a runtime
     /// of its own.
     pub fn grpc<T>(&self, call: impl AsyncFnOnce(novacron_daemon::client::Client) -> T) -> T {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        runtime.block_on(async {
+        super::block_on(async {
             let connect =
                 novacron_daemon::client::Connect { endpoint: self.addr.clone(), tls_dir: self.tls_dir(), token: None };
             call(connect.connect().await.unwrap()).await

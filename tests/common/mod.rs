@@ -123,3 +123,24 @@ impl Rng {
         self.next() % n
     }
 }
+
+/// Runs `future` to its end on a runtime of its own (the tests are synchronous).
+pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(future)
+}
+
+/// A new cluster CA and a three-member etcd cluster with its node certificate, ready for
+/// writes; `also`: an address the members' client ports listen on too
+/// (`EtcdCluster::start_also_on`). None when etcd is not installed (the test is skipped).
+pub fn etcd_with_ca(
+    also: Option<std::net::Ipv4Addr>,
+) -> Option<(novacron_store::testing::EtcdCluster, tempfile::TempDir)> {
+    if !novacron_store::testing::etcd_or_skip() {
+        return None;
+    }
+    let ca = tempfile::tempdir().unwrap();
+    novacron_migration::tls::init(ca.path(), "etcd").unwrap();
+    let etcd = novacron_store::testing::EtcdCluster::start_also_on(3, Some(ca.path()), also).unwrap();
+    block_on(etcd.wait_ready(Duration::from_secs(30))).unwrap();
+    Some((etcd, ca))
+}

@@ -75,6 +75,12 @@ pub enum HaError {
         "host name {host} is in use by another daemon ({other}); give this daemon another --name, or stop the other one"
     )]
     DuplicateHost { host: String, other: String },
+    #[error("cannot read from the cluster store whether host name {host} is free")]
+    NameCheck {
+        host: String,
+        #[source]
+        source: StoreError,
+    },
     #[error("cannot write this host's record in the cluster store")]
     HostRecord(#[source] StoreError),
     #[error("cannot start the host's keeper")]
@@ -162,7 +168,8 @@ impl ClusterStore {
 /// own.
 pub async fn check_name_free(store: &dyn Store, host: &str, identity: &str) -> Result<(), HaError> {
     let key = novacron_cluster::records::alive_key(host);
-    let Some(kv) = store.get(&key).await.map_err(HaError::HostRecord)? else { return Ok(()) };
+    let read = store.get(&key).await.map_err(|source| HaError::NameCheck { host: host.to_string(), source })?;
+    let Some(kv) = read else { return Ok(()) };
     match novacron_cluster::records::decode::<novacron_cluster::records::AliveRecord>(&kv) {
         Ok(alive) if alive.identity != identity => Err(HaError::DuplicateHost {
             host: host.to_string(),
@@ -236,22 +243,25 @@ impl KeeperProcess {
 
     /// Keepers of this data dir running now, with their command lines.
     fn running_keepers(&self) -> Vec<(u32, Vec<std::ffi::OsString>)> {
-        let Some(data_dir) = self.launch.args.get(2) else { return Vec::new() };
         let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
         entries
             .flatten()
             .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-            .filter_map(|pid| {
-                let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-                let words: Vec<std::ffi::OsString> = raw
-                    .split(|&b| b == 0)
-                    .filter(|w| !w.is_empty())
-                    .map(|w| std::ffi::OsString::from(String::from_utf8_lossy(w).into_owned()))
-                    .collect();
-                let is_ours = words.get(1).is_some_and(|w| w == "keeper") && words.get(3) == Some(data_dir);
-                is_ours.then(|| (pid, words[1..].to_vec()))
-            })
+            .filter_map(|pid| Some((pid, self.keeper_args(pid)?)))
             .collect()
+    }
+
+    /// The arguments of process `pid` if it is a keeper of this data dir.
+    fn keeper_args(&self, pid: u32) -> Option<Vec<std::ffi::OsString>> {
+        let data_dir = self.launch.args.get(2)?;
+        let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let words: Vec<std::ffi::OsString> = raw
+            .split(|&b| b == 0)
+            .filter(|w| !w.is_empty())
+            .map(|w| std::ffi::OsString::from(String::from_utf8_lossy(w).into_owned()))
+            .collect();
+        let is_ours = words.get(1).is_some_and(|w| w == "keeper") && words.get(3) == Some(data_dir);
+        is_ours.then(|| words[1..].to_vec())
     }
 
     /// Ends a keeper of this data dir started with other arguments (the daemon listens
@@ -270,9 +280,9 @@ impl KeeperProcess {
         }
     }
 
-    /// The pids of this data dir's keepers running with this daemon's settings.
-    pub fn current_pids(&self) -> Vec<u32> {
-        self.running_keepers().into_iter().filter(|(_, args)| *args == self.launch.args).map(|(pid, _)| pid).collect()
+    /// Whether process `pid` is this data dir's keeper, running with this daemon's settings.
+    pub fn is_current(&self, pid: u32) -> bool {
+        self.keeper_args(pid).is_some_and(|args| args == self.launch.args)
     }
 
     /// Starts the keeper unless one runs for this data dir, and keeps it running.
