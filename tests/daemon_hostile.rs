@@ -299,8 +299,8 @@ fn idle_unauthenticated_connections_neither_exhaust_nor_spin_the_daemon() {
     // Few descriptors to spare: the idle connections below would take them all.
     let base = open_fds(pid);
     let limit = libc::rlimit { rlim_cur: (base + 32) as u64, rlim_max: (base + 32) as u64 };
-    // SAFETY: prlimit reads `limit` and writes nothing (no old-limit pointer); the pid is
-    // this test's daemon.
+    // The pid is this test's daemon.
+    // SAFETY: prlimit reads `limit` and writes nothing (no old-limit pointer).
     let rc = unsafe { libc::prlimit(pid as i32, libc::RLIMIT_NOFILE, &limit, std::ptr::null_mut()) };
     assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
 

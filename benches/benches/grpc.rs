@@ -128,8 +128,8 @@ impl Daemon {
         };
         let target = CString::new("/proc/cpuinfo")?;
         let root = CString::new("/")?;
-        // SAFETY: the closure runs in the forked child before exec and makes only system
-        // calls (async-signal-safe), on C strings made before the fork that outlive it.
+        // The closure runs in the forked child before exec.
+        // SAFETY: only async-signal-safe system calls, on C strings made before the fork.
         unsafe {
             cmd.pre_exec(move || {
                 // The daemon ends with this bench, even when the bench is killed.

@@ -360,9 +360,8 @@ pub mod netns {
         /// Makes `cmd` start inside this namespace.
         pub fn enter(&self, cmd: &mut Command) {
             let fd = self.file.as_raw_fd();
-            // SAFETY: the closure runs in the forked child before exec and only makes the
-            // setns system call (async-signal-safe) on a descriptor the child inherited
-            // open from `self.file`, which outlives the spawn.
+            // The closure runs in the forked child before exec; `self.file` outlives the spawn.
+            // SAFETY: only setns (async-signal-safe), on a descriptor the child inherited open.
             unsafe {
                 cmd.pre_exec(move || {
                     if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
