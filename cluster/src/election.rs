@@ -20,6 +20,11 @@ pub struct LeaderRecord {
     /// The leader's control port, where the others forward what only it decides.
     pub address: String,
     pub lease: LeaseId,
+    /// The leading daemon's process: a keeper that sees a daemon of its host die ends the
+    /// tenure only if that daemon held it, not a successor's that won meanwhile. 0 in
+    /// records from before it was kept (then the host is all the keeper can go by).
+    #[serde(default)]
+    pub pid: u32,
 }
 
 /// One leader's time in office.
@@ -63,7 +68,8 @@ impl Candidate {
             return Ok(Campaign::Lost(record));
         }
         let (lease, _) = self.store.grant(self.ttl).await?;
-        let record = LeaderRecord { host: self.host.clone(), address: self.address.clone(), lease };
+        let record =
+            LeaderRecord { host: self.host.clone(), address: self.address.clone(), lease, pid: std::process::id() };
         let value = records::encode(LEADER, &record)?;
         let txn = Txn::new()
             .when(Compare::absent(LEADER))

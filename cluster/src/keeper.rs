@@ -118,7 +118,7 @@ impl Keeper {
             match watched.as_ref().and_then(|p| p.exited().ok()) {
                 Some(exited) => {
                     let _ = exited.await;
-                    self.daemon_died().await;
+                    self.daemon_died(pid.unwrap_or(0)).await;
                 }
                 None => tokio::time::sleep(self.config.timing.renew).await,
             }
@@ -129,12 +129,13 @@ impl Keeper {
         }
     }
 
-    async fn daemon_died(&self) {
+    /// Ends the tenure of the daemon `pid` of this host, if it leads.
+    async fn daemon_died(&self, pid: u32) {
         let leader = match self.store.get(records::LEADER).await {
             Ok(Some(kv)) => serde_json::from_slice::<crate::election::LeaderRecord>(&kv.value).ok(),
             _ => None,
         };
-        if let Some(leader) = leader.filter(|l| l.host == self.config.host) {
+        if let Some(leader) = leader.filter(|l| held_by_dead_daemon(l, &self.config.host, pid)) {
             tracing::warn!(host = %self.config.host, "this host's daemon died while it led the cluster; ending its tenure");
             if let Err(e) = self.store.revoke(leader.lease).await {
                 tracing::warn!("cannot end the dead daemon's tenure: {}", error_chain(&e));
@@ -314,6 +315,12 @@ impl Keeper {
     }
 }
 
+/// Whether `leader` is the tenure of this host's daemon `pid`, which died: not that of a
+/// daemon that started after it and already won the office.
+fn held_by_dead_daemon(leader: &crate::election::LeaderRecord, host: &str, pid: u32) -> bool {
+    leader.host == host && (leader.pid == 0 || leader.pid == pid)
+}
+
 /// Permits the VMMs of owned VMs; shuts down those of VMs another host owns at a newer
 /// epoch than the one they run under.
 fn permit_and_evict(run_dir: &Path, owned: &BTreeMap<String, u64>, elsewhere: &BTreeMap<String, u64>, until: u64) {
@@ -443,4 +450,31 @@ async fn claim(
     }
     tracing::info!(vm = %name, from = %from, epoch = record.epoch, "claimed an arriving VM");
     Ok((record.epoch, until))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::election::LeaderRecord;
+
+    fn leader(host: &str, pid: u32) -> LeaderRecord {
+        LeaderRecord { host: host.into(), address: "127.0.0.1:7000".into(), lease: 7, pid }
+    }
+
+    #[test]
+    fn test_a_dead_daemon_ends_only_its_own_tenure() {
+        assert!(held_by_dead_daemon(&leader("h1", 41), "h1", 41));
+        // A successor daemon on the same host won the office before the keeper looked.
+        assert!(!held_by_dead_daemon(&leader("h1", 42), "h1", 41));
+        assert!(!held_by_dead_daemon(&leader("h2", 41), "h1", 41), "another host's leader");
+    }
+
+    #[test]
+    fn test_a_leader_record_from_before_the_pid_is_read_and_goes_by_host() {
+        let old = br#"{"host":"h1","address":"127.0.0.1:7000","lease":7}"#;
+        let record: LeaderRecord = serde_json::from_slice(old).unwrap();
+        assert_eq!(record.pid, 0);
+        assert!(held_by_dead_daemon(&record, "h1", 41));
+        assert!(!held_by_dead_daemon(&record, "h2", 41));
+    }
 }
