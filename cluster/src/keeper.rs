@@ -114,11 +114,11 @@ impl Keeper {
         let read_pid = || std::fs::read_to_string(&pid_file).ok().and_then(|s| s.trim().parse::<u32>().ok());
         loop {
             let pid = read_pid();
-            let watched = pid.and_then(|pid| novacron_actors::process::VmmProcess::adopt(pid).ok());
-            match watched.as_ref().and_then(|p| p.exited().ok()) {
-                Some(exited) => {
+            let watched = pid.and_then(|pid| novacron_actors::process::VmmProcess::adopt(pid).ok().map(|p| (pid, p)));
+            match watched.as_ref().and_then(|(pid, p)| p.exited().ok().map(|exited| (*pid, exited))) {
+                Some((pid, exited)) => {
                     let _ = exited.await;
-                    self.daemon_died(pid.unwrap_or(0)).await;
+                    self.daemon_died(pid).await;
                 }
                 None => tokio::time::sleep(self.config.timing.renew).await,
             }
