@@ -304,3 +304,61 @@ fn kvm_a_drained_hosts_vms_all_move_and_keep_verifying_and_an_impossible_drain_m
         assert_eq!(vm["epoch"], 2, "one change of owner each: {status}");
     }
 }
+
+/// Stops a daemon and its keeper: the host as it was before it ever knew a cluster store.
+fn stop_with_keeper(d: &mut Daemon) {
+    d.stop();
+    for pid in d.keeper_pids() {
+        // SAFETY: kill has no memory effects; the pid is this test's keeper.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !d.keeper_pids().is_empty() {
+        assert!(Instant::now() < deadline, "the keeper outlived SIGKILL");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A data dir whose VMs the cluster store has never recorded (from before the store, or
+/// moved to a new one): its VMs become the host's records, are not taken for VMs the
+/// cluster deleted (those are deleted on their host), and a VM of the same name elsewhere
+/// in the cluster makes the daemon refuse to join, saying which, with nothing changed.
+#[test]
+fn a_data_dir_from_before_the_cluster_store_keeps_its_vms_and_a_namesake_in_the_cluster_is_refused() {
+    let mut old = Daemon::start("old");
+    old.ok(&["vm", "create", "kept", "--mem", "32", "--no-start"]);
+    stop_with_keeper(&mut old);
+    std::fs::remove_file(old.data_dir().join("cluster.redb")).unwrap();
+    old.start_again();
+    // Two reconcile rounds (2 s each) and more: a VM without a record would be gone.
+    std::thread::sleep(Duration::from_secs(5));
+    let kept = old.vm("kept");
+    assert_eq!((str_of(&kept, "phase"), str_of(&kept, "host")), ("stopped", "old"), "{kept}");
+    assert_eq!(old.vm_names(), ["kept"]);
+
+    // Another cluster holds a VM "kept" too: joining it would make one name two VMs.
+    let other = Daemon::start("other");
+    other.ok(&["vm", "create", "kept", "--mem", "32", "--no-start"]);
+    stop_with_keeper(&mut old);
+    let tls = old.data_dir().join("joined-tls");
+    common::issue_cert("old", &other.tls_dir(), &tls);
+    let own = std::mem::replace(
+        &mut old.extra,
+        vec!["--tls-dir".into(), tls.display().to_string(), "--join".into(), other.addr.clone()],
+    );
+    let (code, err) = old.start_refused();
+    assert_ne!(code, Some(0));
+    assert!(
+        err.contains("VM kept of this data dir has a namesake in the cluster, on host other"),
+        "the refusal names the VM and the host: {err}"
+    );
+    assert!(old.keeper_pids().is_empty(), "a refused daemon starts no keeper: {err}");
+    let hosts = other.json(&["host", "list"]);
+    assert!(hosts.as_array().unwrap().iter().all(|h| h["name"] != "old"), "old never joined: {hosts}");
+    assert_eq!(str_of(&other.vm("kept"), "host"), "other");
+
+    // On its own store again, its VM is still there.
+    old.extra = own;
+    old.start_again();
+    assert_eq!(str_of(&old.vm("kept"), "host"), "old");
+}

@@ -10,7 +10,6 @@ use common::daemon::{Daemon, refusal_line, str_of};
 use common::stderr;
 use novacron_daemon::pb;
 use novacron_store::testing::EtcdCluster;
-use std::path::Path;
 use std::time::Duration;
 
 fn wait_ready(etcd: &EtcdCluster) {
@@ -115,7 +114,7 @@ fn a_certificate_of_another_ca_is_refused_by_etcd_and_by_a_cluster_it_tries_to_j
     let primary = Daemon::start("p1");
     let mut joining = Daemon::new("p2", &[]);
     let tls = joining.tls_dir();
-    issue_cert("p2", other.path(), &tls);
+    common::issue_cert("p2", other.path(), &tls);
     joining.extra.extend(["--tls-dir".into(), tls.display().to_string(), "--join".into(), primary.addr.clone()]);
     let line = refused(&mut joining);
     assert!(line.contains("do not trust each other's certificates") && line.contains(&primary.addr), "{line}");
@@ -135,11 +134,4 @@ fn a_host_name_in_use_is_refused_and_the_host_that_holds_it_is_untouched() {
     let hosts = h1.json(&["host", "list"]);
     let first = &hosts.as_array().unwrap()[0];
     assert_eq!((str_of(first, "address"), str_of(first, "state")), (h1.addr.as_str(), "up"));
-}
-
-fn issue_cert(name: &str, ca: &Path, out: &Path) {
-    let cmd =
-        common::novacron().args(["certs", "issue", "--name", name, "--ca-dir"]).arg(ca).arg("--out").arg(out).output();
-    let cmd = cmd.unwrap();
-    assert!(cmd.status.success(), "{}", stderr(&cmd));
 }

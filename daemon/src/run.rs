@@ -15,7 +15,7 @@ use crate::pb::control_server::ControlServer;
 use crate::service::ControlService;
 use novacron_actors::placement::{Policy, Strategy};
 use novacron_actors::process::VmmProcess;
-use novacron_actors::store::{STORE_FILE, Store};
+use novacron_actors::store::{STORE_FILE, Store, VmRecord as LocalVm};
 use novacron_actors::{Capacity, HostConfig, HostSupervisor};
 use novacron_cluster::election::Candidate;
 use novacron_cluster::records::HostRecord;
@@ -156,8 +156,8 @@ fn tls_dir(args: &DaemonArgs, name: &str) -> Result<PathBuf, DaemonError> {
 /// Opens the state store once before anything else, and refuses a store that cannot be
 /// trusted (emptied, damaged, a record that does not decode), saying which VMMs of this
 /// data dir still run: a daemon started on it would not know them, and they would run
-/// unsupervised (and block VMs of their names).
-fn check_store(data_dir: &Path) -> Result<(), DaemonError> {
+/// unsupervised (and block VMs of their names). Returns the VMs it holds.
+fn check_store(data_dir: &Path) -> Result<Vec<LocalVm>, DaemonError> {
     // redb may panic on a damaged file; the store catches it, and this keeps the panic's
     // message (and backtrace) off the one line that says what is wrong. Nothing else runs
     // yet that could panic meanwhile.
@@ -166,7 +166,7 @@ fn check_store(data_dir: &Path) -> Result<(), DaemonError> {
     let opened = Store::open(data_dir);
     std::panic::set_hook(hook);
     match opened {
-        Ok(_) => Ok(()),
+        Ok(store) => Ok(store.list_vms()?),
         Err(source) if source.is_damaged() => {
             let advice = untrusted_advice(&data_dir.join(RUNTIME_SUBDIR), &data_dir.join(STORE_FILE));
             Err(DaemonError::Untrusted { store: Box::new(source), advice })
@@ -235,7 +235,7 @@ async fn serve(args: &DaemonArgs) -> Result<(), DaemonError> {
     create_dir(&args.data_dir)?;
     let data_dir = std::path::absolute(&args.data_dir)
         .map_err(|source| DaemonError::DataDir { path: args.data_dir.clone(), source })?;
-    check_store(&data_dir)?;
+    let local_vms = check_store(&data_dir)?;
     let name = args.name.clone().unwrap_or_else(host_name);
     let tls_dir = tls_dir(args, &name)?;
     let tls = server_tls(&tls_dir)?;
@@ -275,6 +275,7 @@ async fn serve(args: &DaemonArgs) -> Result<(), DaemonError> {
         HostRecord { name: name.clone(), address: addr.to_string(), labels: args.labels.clone(), cordoned: false };
     let identity = novacron_cluster::process::identity(&data_dir);
     crate::ha::check_name_free(store.as_ref(), &name, &identity).await?;
+    crate::ha::import_vms(store.as_ref(), &name, &local_vms).await?;
     crate::ha::write_host_record(store.as_ref(), host_record).await?;
     let keeper = KeeperProcess::new(&cluster_store, &name, &addr.to_string(), &data_dir, &tls_dir)?;
     // For the keeper: it ends this daemon's tenure when this daemon dies.

@@ -40,14 +40,7 @@ impl Daemon {
     pub fn join(name: &str, primary: &Daemon, extra: &[&str]) -> Daemon {
         let mut daemon = Self::new(name, extra);
         let tls = daemon.tls_dir();
-        let out = novacron()
-            .args(["certs", "issue", "--name", name, "--ca-dir"])
-            .arg(primary.tls_dir())
-            .arg("--out")
-            .arg(&tls)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", stderr(&out));
+        super::issue_cert(name, &primary.tls_dir(), &tls);
         daemon.extra.extend([
             "--tls-dir".to_string(),
             tls.display().to_string(),
@@ -70,14 +63,7 @@ impl Daemon {
     pub fn for_etcd(name: &str, ca_dir: &Path, etcd: &[String], extra: &[&str]) -> Daemon {
         let mut daemon = Self::new(name, extra);
         let tls = daemon.tls_dir();
-        let out = novacron()
-            .args(["certs", "issue", "--name", name, "--ca-dir"])
-            .arg(ca_dir)
-            .arg("--out")
-            .arg(&tls)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", stderr(&out));
+        super::issue_cert(name, ca_dir, &tls);
         daemon.extra.extend(["--tls-dir".to_string(), tls.display().to_string(), "--etcd".into(), etcd.join(",")]);
         daemon
     }

@@ -144,3 +144,10 @@ pub fn etcd_with_ca(
     block_on(etcd.wait_ready(Duration::from_secs(30))).unwrap();
     Some((etcd, ca))
 }
+
+/// Issues a certificate for `name` from the CA in `ca` into `out` (`novacron certs issue`).
+pub fn issue_cert(name: &str, ca: &std::path::Path, out: &std::path::Path) {
+    let cmd = novacron().args(["certs", "issue", "--name", name, "--ca-dir"]).arg(ca).arg("--out").arg(out).output();
+    let cmd = cmd.unwrap();
+    assert!(cmd.status.success(), "{}", stderr(&cmd));
+}

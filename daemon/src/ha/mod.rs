@@ -12,6 +12,7 @@ pub mod reconcile;
 pub mod records;
 
 use novacron_actors::process::{Launch, VmmProcess};
+use novacron_actors::store::VmRecord as LocalVm;
 use novacron_cluster::keeper::CLAIM_SOCKET;
 use novacron_cluster::records::{HostRecord, host_key};
 use novacron_cluster::timing::Timing;
@@ -83,6 +84,18 @@ pub enum HaError {
     },
     #[error("cannot write this host's record in the cluster store")]
     HostRecord(#[source] StoreError),
+    #[error(
+        "cannot put VM {vm} of this data dir into the cluster's records; start the daemon again once the store answers"
+    )]
+    Import {
+        vm: String,
+        #[source]
+        source: tonic::Status,
+    },
+    #[error(
+        "VM {vm} of this data dir has a namesake in the cluster, on host {owner}: one name cannot be two VMs; delete one of them (or start this daemon on its own store) and start it again"
+    )]
+    ImportConflict { vm: String, owner: String },
     #[error("cannot start the host's keeper")]
     Keeper(#[source] novacron_actors::process::ProcessError),
 }
@@ -177,6 +190,37 @@ pub async fn check_name_free(store: &dyn Store, host: &str, identity: &str) -> R
         }),
         _ => Ok(()),
     }
+}
+
+/// Puts the VMs of this data dir into the cluster's records, as this host's, when the
+/// host is new to the store (a data dir from before the cluster store, or a host moved to
+/// a new store). Done before the host's record is written, so a daemon stopped half-way
+/// does it again. From then on a VM here without a record is one the cluster deleted.
+pub async fn import_vms(store: &dyn Store, host: &str, local: &[LocalVm]) -> Result<(), HaError> {
+    if store.get(&host_key(host)).await.map_err(HaError::HostRecord)?.is_some() {
+        return Ok(());
+    }
+    // Namesakes first, so that a refused host leaves no records behind (a host without a
+    // host record is never failed over, but its records would block those names).
+    for vm in local {
+        let name = vm.spec.name.clone();
+        match records::get(store, &name).await {
+            Ok(Some(other)) if other.record.owner != host => {
+                return Err(HaError::ImportConflict { vm: name, owner: other.record.owner });
+            }
+            Ok(_) => {}
+            Err(source) => return Err(HaError::Import { vm: name, source }),
+        }
+    }
+    for vm in local {
+        let name = vm.spec.name.clone();
+        match records::import(store, host, &vm.spec, vm.desired).await {
+            Ok(None) => tracing::info!(vm = %name, "a VM of this data dir is in the cluster's records now"),
+            Ok(Some(owner)) => return Err(HaError::ImportConflict { vm: name, owner }),
+            Err(source) => return Err(HaError::Import { vm: name, source }),
+        }
+    }
+    Ok(())
 }
 
 /// Writes (or updates) this host's record, keeping a cordon already set.

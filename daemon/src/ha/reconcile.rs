@@ -12,11 +12,12 @@
 //!   it at the commit), whose source daemon never said so (it died mid-migration), is
 //!   taken as arrived: its phase is what its VMM says.
 //!
-//! - a VM held here, fenced, that has no record at all (it was deleted in the cluster
-//!   while this host was cut off or its daemon away; its keeper gives it no permit, so it
-//!   could only sit fenced) is deleted here, once it has been so for two rounds. A VM
-//!   without a record that runs (a VMM from before the cluster store, which needs no
-//!   permit) or is stopped is left alone.
+//! - a VM held here that has no record at all (it was deleted in the cluster while this
+//!   host was cut off or its daemon away; its keeper gives it no permit, so it could only
+//!   sit fenced, failed or stopped) is deleted here, once it has been so for two rounds
+//!   and a read of its key alone finds nothing. The VMs of a data dir from before the
+//!   cluster store are put into the records when the host first joins (`import_vms`), so
+//!   none of them is taken for one the cluster deleted.
 //!
 //! A VM migrating out of this host is left alone until its migration ends.
 
@@ -68,14 +69,11 @@ async fn round(
     let mut unrecorded = BTreeSet::new();
     for vm in &local {
         let Some(record) = records.iter().find(|r| r.spec.name == vm.name) else {
-            if vm.phase != VmPhase::Fenced {
-                continue;
-            }
-            if seen.unrecorded.contains(&vm.name) {
-                tracing::warn!(vm = %vm.name, "the cluster has no record of this VM (it was deleted meanwhile); deleting it here");
-                let _ = ask(host, |r| HostMsg::DeleteVm(vm.name.clone(), r)).await;
-            } else {
+            if !seen.unrecorded.contains(&vm.name) {
                 unrecorded.insert(vm.name.clone());
+            } else if unrecorded_still(store, &vm.name).await? {
+                tracing::warn!(vm = %vm.name, phase = %vm.phase, "the cluster has no record of this VM (it was deleted meanwhile); deleting it here");
+                let _ = ask(host, |r| HostMsg::DeleteVm(vm.name.clone(), r)).await;
             }
             continue;
         };
@@ -120,4 +118,14 @@ async fn round(
         }
     }
     Ok(())
+}
+
+/// Whether VM `name` still has no record, by a read of its key alone (a listing leaves out
+/// records that do not decode; those are not deletions).
+async fn unrecorded_still(store: &dyn Store, name: &str) -> Result<bool, tonic::Status> {
+    let key = novacron_cluster::records::vm_key(name);
+    let read = store.get(&key).await;
+    Ok(read
+        .map_err(|e| tonic::Status::unavailable(format!("the cluster store: {}", novacron_actors::error_chain(&e))))?
+        .is_none())
 }

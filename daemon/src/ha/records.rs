@@ -100,6 +100,24 @@ pub async fn create(
     Ok(())
 }
 
+/// Records a VM this host already holds (from before it knew this store) as its own, at
+/// epoch 1, if no VM of that name is recorded. Returns the other host that owns a VM of
+/// that name, if one does.
+pub async fn import(
+    store: &dyn Store,
+    me: &str,
+    spec: &VmSpec,
+    desired: DesiredState,
+) -> Result<Option<String>, Status> {
+    let key = vm_key(&spec.name);
+    let value = encoded(&spec.name, &record_for(me, 1, spec, desired)?)?;
+    let txn = Txn::new().when(Compare::absent(&key)).then(Op::put(&key, value));
+    if store.txn(txn).await.map_err(|e| write_status(e.into(), &spec.name))?.succeeded {
+        return Ok(None);
+    }
+    Ok(get(store, &spec.name).await?.map(|vm| vm.record.owner).filter(|owner| owner != me))
+}
+
 /// Writes `vm` back with `change` applied, if nobody changed it since it was read.
 pub async fn update(store: &dyn Store, vm: &Vm, change: impl FnOnce(&mut VmRecord)) -> Result<bool, Status> {
     let mut record = vm.record.clone();
