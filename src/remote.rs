@@ -286,6 +286,13 @@ pub enum ClusterCommand {
     /// The leader, the cluster store's members and health, every host with its lease and
     /// cordon, and every VM's owner and ownership epoch (from the store: no leader needed).
     Status,
+    /// The cluster's event log: what its leaders decided (leading, hosts down and back,
+    /// failovers and the VMs they moved), from the store.
+    Events {
+        /// Only events after this sequence number.
+        #[arg(long, value_name = "SEQ", default_value_t = 0)]
+        after: u64,
+    },
 }
 
 #[derive(Args)]
@@ -698,6 +705,18 @@ pub fn cluster(remote: &Remote, cmd: ClusterCommand) -> i32 {
             match output {
                 Output::Json => print_json(&status),
                 Output::Table => print_cluster_status(&status),
+            }
+            Ok(())
+        }),
+        ClusterCommand::Events { after } => with_client(remote, "read the cluster's event log", async move |mut c| {
+            let reply = c.cluster_events(pb::ClusterEventsRequest { after_seq: after }).await?.into_inner();
+            for e in &reply.events {
+                match output {
+                    Output::Json => out!("{}", serde_json::to_string(e).unwrap_or_default()),
+                    Output::Table => {
+                        out!("{:>6} {} {:<12} {:<10} {:<20} {}", e.seq, time(e.at_ms), e.host, e.kind, e.vm, e.message)
+                    }
+                }
             }
             Ok(())
         }),

@@ -221,6 +221,21 @@ impl Checker {
     }
 }
 
+/// The cluster's event log as `cluster events` gives it, waiting until `ok` holds of it
+/// (the leader writes its events from a task of their own).
+fn wait_events(d: &Daemon, what: &str, ok: impl Fn(&[serde_json::Value]) -> bool) -> Vec<serde_json::Value> {
+    let deadline = Instant::now() + common::TIMEOUT;
+    loop {
+        let out = d.ok(&["cluster", "events", "--output", "json"]);
+        let events: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        if ok(&events) {
+            return events;
+        }
+        assert!(Instant::now() < deadline, "the event log never had {what}: {out}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn serial_of(v: &serde_json::Value) -> PathBuf {
     PathBuf::from(str_of(v, "serial_log"))
 }
@@ -260,6 +275,8 @@ fn kvm_etcd_the_leader_daemon_killed_another_leads_and_running_vms_are_untouched
         assert!(Instant::now() < deadline, "no new leader: {hosts}");
         std::thread::sleep(Duration::from_millis(100));
     };
+    let leading = |e: &serde_json::Value, host: &str| e["kind"] == "leading" && e["host"] == host;
+    let events = wait_events(&c.hosts[other], "the new leader's tenure", |e| e.iter().any(|e| leading(e, &new_leader)));
     let second = c.hosts[other].ok(&["vm", "create", "after", "--mem", "32", "--cmdline", WORKLOAD]);
     let after = c.hosts[other].wait_vm("after", "ran", |v| str_of(v, "phase") == "running");
     let beat = wait_heartbeat(&log, seen + 5);
@@ -269,6 +286,13 @@ fn kvm_etcd_the_leader_daemon_killed_another_leads_and_running_vms_are_untouched
     let (samples, most) = checker.finish();
 
     assert_ne!(new_leader, leader);
+    // The new leader's log carries on from the old one's, in a later tenure.
+    let old = events.iter().position(|e| leading(e, &leader)).expect("the first leader's tenure is logged");
+    let new = events.iter().position(|e| leading(e, &new_leader)).unwrap();
+    let at = |i: usize| (events[i]["seq"].as_u64().unwrap(), events[i]["tenure"].as_i64().unwrap());
+    assert!(old < new && at(old).0 < at(new).0 && at(old).1 < at(new).1, "{events:?}");
+    assert!(events.windows(2).all(|w| w[0]["seq"].as_u64() < w[1]["seq"].as_u64()), "in order: {events:?}");
+    assert!(!events.iter().any(|e| e["kind"] == "host-down"), "a dead daemon is not a dead host: {events:?}");
     assert!(second.contains("after"), "{second}");
     assert_ne!(str_of(&after, "host"), "", "{after}");
     let still = c.hosts[other].vm("web");
@@ -352,7 +376,25 @@ fn kvm_etcd_a_host_that_is_gone_is_failed_over_once_and_never_runs_a_vm_twice() 
         std::thread::sleep(Duration::from_millis(100));
     }
     let (samples, most) = checker.finish();
+    let moved_to = str_of(&moved, "host").to_string();
+    let back = |e: &serde_json::Value| e["kind"] == "host-up" && e["host"] == host.as_str();
+    let events = wait_events(&c.hosts[via], "the move and the return", |e| e.iter().any(back));
+    let kinds: Vec<(&str, &str, &str)> = events
+        .iter()
+        .filter(|e| e["kind"] != "leading")
+        .map(|e| (str_of(e, "kind"), str_of(e, "host"), str_of(e, "vm")))
+        .collect();
 
+    assert_eq!(
+        kinds,
+        [
+            ("host-down", host.as_str(), ""),
+            ("failover", host.as_str(), ""),
+            ("moved", moved_to.as_str(), "web"),
+            ("host-up", host.as_str(), "")
+        ],
+        "the log tells the failover: {events:?}"
+    );
     assert!(took < Duration::from_secs(15), "failed over in {took:?}");
     assert!(samples > 20 && most <= 1, "{most} copies of web at once in {samples} samples");
     assert_eq!(copies_running(&c.dirs(), "web"), 1, "one copy in the cluster");

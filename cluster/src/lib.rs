@@ -2,6 +2,7 @@
 //! lease and fencing times, and the host's keeper. The daemon's leader logic builds on these.
 
 pub mod election;
+pub mod events;
 pub mod keeper;
 pub mod process;
 pub mod records;

@@ -18,6 +18,7 @@ use novacron_actors::placement::{HostState as PlacementState, Placement, Placeme
 use novacron_actors::store::DesiredState;
 use novacron_actors::{Capacity, HostMsg, RestartPolicy, VmSpec};
 use novacron_cluster::election::Tenure;
+use novacron_cluster::events::EventWriter;
 use novacron_cluster::records::{self as keys, HostRecord, alive_key, vm_key};
 use novacron_cluster::timing::Timing;
 use novacron_store::{Compare, Op, Store, Txn};
@@ -53,6 +54,8 @@ struct Member {
     absent_since: Option<Instant>,
     /// Its VMs were moved elsewhere during this absence.
     failed_over: bool,
+    /// Its loss of lease is in the event log (so is its return, then).
+    logged_down: bool,
     polling: bool,
     /// Its last poll was answered: new VMs may be placed on it.
     answering: bool,
@@ -103,6 +106,8 @@ pub struct ClusterState {
     /// The VM records as last read, for failovers.
     records: Vec<vm_records::Vm>,
     migrating: BTreeSet<String>,
+    /// The cluster's event log, as this tenure writes it.
+    events: EventWriter,
 }
 
 /// The cluster's members and their VMs as the store has them now.
@@ -203,6 +208,7 @@ fn new_member(record: HostRecord, local: bool) -> Member {
         up: false,
         absent_since: None,
         failed_over: false,
+        logged_down: false,
         polling: false,
         answering: false,
         info: None,
@@ -279,7 +285,12 @@ impl ClusterSupervisor {
         for record in read.hosts {
             let local = record.name == state.args.me.name;
             match state.members.get_mut(&record.name) {
-                Some(m) if m.record.address != record.address => *m = new_member(record, local),
+                Some(m) if m.record.address != record.address => {
+                    // Restarted on another port: the same host (its absence in the log too).
+                    let logged_down = m.logged_down;
+                    *m = new_member(record, local);
+                    m.logged_down = logged_down;
+                }
                 Some(m) => m.record = record,
                 None => {
                     tracing::info!(host = %record.name, address = %record.address, "a member of the cluster");
@@ -295,11 +306,18 @@ impl ClusterSupervisor {
                 if !member.up {
                     tracing::info!(host = %member.record.name, "host holds its lease: up");
                 }
+                if std::mem::take(&mut member.logged_down) {
+                    let host = &member.record.name;
+                    state.events.record("host-up", Some(host), None, format!("host {host} holds its lease again"));
+                }
                 member.absent_since = None;
                 member.failed_over = false;
             } else {
                 if member.up {
                     tracing::warn!(host = %member.record.name, "host's lease is gone: down");
+                    let host = &member.record.name;
+                    state.events.record("host-down", Some(host), None, format!("host {host}'s lease is gone"));
+                    member.logged_down = true;
                 }
                 if member.absent_since.is_none() {
                     // Read again as soon as the wait has passed, not at the tick after it.
@@ -309,6 +327,11 @@ impl ClusterSupervisor {
                 let since = *member.absent_since.get_or_insert(now);
                 if !member.failed_over && now.duration_since(since) >= state.args.timing.failover_wait {
                     member.failed_over = true;
+                    if !std::mem::replace(&mut member.logged_down, true) {
+                        // Gone before this tenure began: logged before its failover.
+                        let host = &member.record.name;
+                        state.events.record("host-down", Some(host), None, format!("host {host}'s lease is gone"));
+                    }
                     gone.push(member.record.name.clone());
                 }
             }
@@ -332,6 +355,8 @@ impl ClusterSupervisor {
         let owned: Vec<vm_records::Vm> =
             state.records.iter().filter(|r| r.record.owner == dead && r.record.moving_to.is_none()).cloned().collect();
         tracing::warn!(host = dead, vms = owned.len(), "failing the host's VMs over");
+        let message = format!("failing over the VMs of host {dead}: {}", owned.len());
+        state.events.record("failover", Some(dead), None, message);
         if let Some(member) = state.members.get_mut(dead) {
             member.vms.clear();
         }
@@ -345,6 +370,8 @@ impl ClusterSupervisor {
                 Ok(route) => route,
                 Err(e) => {
                     tracing::error!(vm = %name, "cannot start it elsewhere: {}", e.message());
+                    let message = format!("VM {name} of host {dead} cannot start elsewhere: {}", e.message());
+                    state.events.record("stuck", Some(dead), Some(&name), message);
                     continue;
                 }
             };
@@ -360,11 +387,14 @@ impl ClusterSupervisor {
             let (args_store, tenure, host, me) =
                 (state.args.store.clone(), state.args.tenure, state.args.host.clone(), state.args.me.name.clone());
             let dead = dead.to_string();
-            let myself = myself.clone();
+            let (myself, events) = (myself.clone(), state.events.clone());
             tokio::spawn(async move {
                 let moved = move_vm(args_store.as_ref(), &tenure, &dead, &vm, &route.host).await;
                 match moved {
-                    Ok(true) => {}
+                    Ok(true) => {
+                        let message = format!("VM {name} moved from host {dead} to host {}", route.host);
+                        events.record("moved", Some(&route.host), Some(&name), message);
+                    }
                     Ok(false) => {
                         tracing::warn!(vm = %name, "not moved: its record or its host's lease changed meanwhile");
                         return;
@@ -567,7 +597,10 @@ impl Actor for ClusterSupervisor {
         }
         members.insert(local.record.name.clone(), local);
         tracing::info!(tenure = args.tenure.revision, "the cluster supervisor starts for this tenure");
-        let state = ClusterState { args, members, records: Vec::new(), migrating: BTreeSet::new() };
+        let events = EventWriter::start(args.store.clone(), args.tenure);
+        let message = format!("{} leads the cluster (tenure {})", args.me.name, args.tenure.revision);
+        events.record("leading", Some(&args.me.name), None, message);
+        let state = ClusterState { args, members, records: Vec::new(), migrating: BTreeSet::new(), events };
         Self::read_membership(&myself, &state);
         myself.send_interval(POLL, || ClusterMsg::Tick);
         watch_leases(myself.clone(), state.args.store.clone());

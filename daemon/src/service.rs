@@ -685,6 +685,13 @@ impl Control for ControlService {
         Ok(Response::new(crate::ha::ops::status(self.store.as_ref()).await?))
     }
 
+    async fn cluster_events(
+        &self,
+        request: Request<pb::ClusterEventsRequest>,
+    ) -> Result<Response<pb::ClusterEventsReply>, Status> {
+        Ok(Response::new(crate::ha::ops::events(self.store.as_ref(), request.into_inner().after_seq).await?))
+    }
+
     async fn cordon_host(&self, request: Request<pb::CordonRequest>) -> Result<Response<pb::HostStatus>, Status> {
         let (fwd, r) = split(request);
         convert::name(&r.host).map_err(|_| invalid(format!("host name {:?} is not valid", r.host)))?;

@@ -1,5 +1,5 @@
 //! The cluster as an operator sees and changes it: its status read from the store (any
-//! daemon answers, with or without a leader), and cordoning a host.
+//! daemon answers, with or without a leader), its event log, and cordoning a host.
 
 use super::records;
 use crate::pb;
@@ -11,6 +11,26 @@ use tonic::Status;
 
 fn unavailable(e: impl std::fmt::Display) -> Status {
     Status::unavailable(format!("the cluster store: {e}; try again"))
+}
+
+/// The cluster's event log after `after`, from the store.
+pub async fn events(store: &dyn Store, after: u64) -> Result<pb::ClusterEventsReply, Status> {
+    let events = novacron_cluster::events::read(store, after)
+        .await
+        .map_err(|e| unavailable(novacron_actors::error_chain(&e)))?;
+    let events = events
+        .into_iter()
+        .map(|(seq, e)| pb::ClusterEvent {
+            seq,
+            at_ms: e.at_ms,
+            kind: e.kind,
+            host: e.host.unwrap_or_default(),
+            vm: e.vm.unwrap_or_default(),
+            message: e.message,
+            tenure: e.tenure,
+        })
+        .collect();
+    Ok(pb::ClusterEventsReply { events })
 }
 
 /// The cluster's status, from the store.
