@@ -90,7 +90,9 @@ pub struct DaemonArgs {
     join: Option<String>,
     /// Keep the cluster's state in etcd (its client URLs, comma-separated; TLS with the
     /// cluster CA of --tls-dir): any daemon can then lead, and the cluster survives the
-    /// loss of any machine.
+    /// loss of any machine. Give every member's URL, and run etcd with an election timeout
+    /// of 500 ms or more (its default is 1000): guests run on through a loss of quorum only
+    /// then (docs/ha.md).
     #[arg(long, value_name = "URL", value_delimiter = ',')]
     etcd: Vec<String>,
     /// The host lease's time to live in seconds: a host cut off for longer is failed over

@@ -381,7 +381,8 @@ fn kvm_etcd_a_host_that_is_gone_is_failed_over_once_and_never_runs_a_vm_twice() 
     let events = wait_events(&c.hosts[via], "the move and the return", |e| e.iter().any(back));
     let kinds: Vec<(&str, &str, &str)> = events
         .iter()
-        .filter(|e| e["kind"] != "leading")
+        // A failover held while the store was slow to answer (a loaded machine) is right too.
+        .filter(|e| e["kind"] != "leading" && e["kind"] != "failover-held")
         .map(|e| (str_of(e, "kind"), str_of(e, "host"), str_of(e, "vm")))
         .collect();
 
@@ -527,6 +528,124 @@ fn kvm_etcd_a_host_cut_off_fences_itself_before_its_vm_runs_elsewhere_and_drops_
     assert_eq!(copies_running(&c.dirs(), "web"), 1, "one copy in the cluster");
     drop(c);
     drop(link);
+}
+
+/// The last heartbeat the guest wrote to `log`, 0 before the first.
+fn last_heartbeat(log: &std::path::Path) -> u64 {
+    common::daemon::serial(log).0.last().copied().unwrap_or(0)
+}
+
+/// Whether a write to etcd is accepted now (within the store's timeout).
+fn etcd_writes(etcd: &EtcdCluster) -> bool {
+    let config = etcd.config();
+    common::block_on(async move {
+        use novacron_store::{Op, Store, Txn};
+        match novacron_store::etcd::EtcdStore::connect(&config).await {
+            Ok(store) => store.txn(Txn::new().then(Op::put("/novacron-test/quorum", "?"))).await.is_ok(),
+            Err(_) => false,
+        }
+    })
+}
+
+/// Waits until the guest's heartbeats stop (none for 2 s) or go on again (`going`: one
+/// above the last seen); answers the last one.
+fn wait_heartbeats(log: &std::path::Path, going: bool, what: &str) -> u64 {
+    let deadline = Instant::now() + common::TIMEOUT;
+    let mut last = (last_heartbeat(log), Instant::now());
+    loop {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = last_heartbeat(log);
+        if now != last.0 {
+            if going {
+                return now;
+            }
+            last = (now, Instant::now());
+        } else if !going && last.1.elapsed() > Duration::from_secs(2) {
+            return now;
+        }
+        assert!(Instant::now() < deadline, "{what}: the heartbeats stayed at {now}");
+    }
+}
+
+/// All three etcd members are cut off from each other (each in a network namespace whose
+/// peer link is down) but not from the hosts: etcd has no quorum for longer than a lease's
+/// TTL, and the guest runs on through it, on its host, once. Then two members are killed:
+/// the one left cannot say whether the others elect, so the guest pauses (fenced) until
+/// they are back, and runs on there.
+#[test]
+fn kvm_etcd_guests_run_on_through_a_loss_of_quorum_and_pause_only_when_most_members_are_gone() {
+    let test = "kvm_etcd_guests_run_on_through_a_loss_of_quorum_and_pause_only_when_most_members_are_gone";
+    if !kvm_or_skip(test) || !etcd_or_skip() {
+        return;
+    }
+    let apart = match common::netns::EtcdApart::new(150 + (std::process::id() % 25) as u8 * 3) {
+        Ok(apart) => apart,
+        Err(e) => {
+            assert!(std::env::var_os("NOVACRON_REQUIRE_KVM").is_none(), "{test}: network namespaces: {e}");
+            eprintln!("\n*** SKIPPED {test}: network namespaces are not usable here: {e} ***\n");
+            return;
+        }
+    };
+    let ca = tempfile::tempdir().unwrap();
+    novacron_migration::tls::init(ca.path(), "etcd").unwrap();
+    let etcd = EtcdCluster::start_placed(Some(ca.path()), &apart.places()).unwrap();
+    common::block_on(etcd.wait_ready(Duration::from_secs(30))).unwrap();
+    let urls = etcd.endpoints();
+    let hosts = ["h1", "h2", "h3"].iter().map(|name| Daemon::on_etcd(name, ca.path(), &urls, &[])).collect();
+    let mut c = Cluster { hosts, etcd: Some(etcd), _ca: ca };
+    c.wait_all_up(0);
+    let vm = c.create_on("h1", "web");
+    let log = serial_of(&vm);
+    wait_heartbeat(&log, 2);
+    let checker = Checker::start(c.dirs(), vec!["web".into()]);
+
+    for i in 0..3 {
+        apart.cut_peers(i, true).unwrap();
+    }
+    let cut = Instant::now();
+    // Twice the lease's TTL without a quorum: the permits of the last renewal ran out
+    // long before.
+    let at_cut = last_heartbeat(&log);
+    std::thread::sleep(Duration::from_secs(5));
+    let late = last_heartbeat(&log);
+    std::thread::sleep(Duration::from_secs(1));
+    let later = last_heartbeat(&log);
+    let no_quorum = !etcd_writes(c.etcd());
+    let outage = cut.elapsed();
+    for i in 0..3 {
+        apart.cut_peers(i, false).unwrap();
+    }
+    common::block_on(c.etcd().wait_ready(Duration::from_secs(30))).unwrap();
+    c.wait_all_up(0);
+    let stayed = c.settled(0, "web");
+    let events = c.hosts[0].ok(&["cluster", "events", "--output", "json"]);
+
+    assert!(no_quorum, "etcd took a write {outage:?} after its members were cut off from each other");
+    assert!(
+        late > at_cut && later > late,
+        "the guest ran through the loss of quorum: heartbeats {at_cut}, {late}, {later}"
+    );
+    assert_eq!(stayed, "h1", "the VM stayed where it ran");
+    assert!(!events.contains("\"failover\""), "nothing was failed over: {events}");
+
+    // Two of three members gone: the guest pauses (its permit runs out) and runs again
+    // when they are back.
+    c.etcd().kill_member(1);
+    c.etcd().kill_member(2);
+    let paused_at = wait_heartbeats(&log, false, "the guest never paused with two members of three gone");
+    c.etcd().start_member(1).unwrap();
+    c.etcd().start_member(2).unwrap();
+    common::block_on(c.etcd().wait_ready(Duration::from_secs(30))).unwrap();
+    let resumed = wait_heartbeats(&log, true, "the guest never ran again with the members back");
+    let settled = c.settled(0, "web");
+    let (samples, most) = checker.finish();
+
+    assert!(resumed > paused_at, "heartbeats {paused_at} then {resumed}");
+    assert_eq!(settled, "h1");
+    assert!(samples > 20 && most <= 1, "{most} copies of web at once in {samples} samples");
+    assert_eq!(copies_running(&c.dirs(), "web"), 1, "one copy in the cluster");
+    drop(c);
+    drop(apart);
 }
 
 /// A bounded, seeded chaos run: for NOVACRON_CHAOS_SECS (45 by default) random SIGKILLs

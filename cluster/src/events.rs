@@ -25,7 +25,8 @@ pub fn event_key(seq: u64) -> String {
 pub struct ClusterEvent {
     /// Wall-clock milliseconds since the Unix epoch, for people reading the log.
     pub at_ms: u64,
-    /// What happened, one word: "leading", "host-down", "failover", "moved", "stuck", "host-up".
+    /// What happened, one word: "leading", "host-down", "failover-held", "failover", "moved",
+    /// "stuck", "host-up".
     pub kind: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,

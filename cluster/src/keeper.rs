@@ -11,9 +11,17 @@
 //! A lease that expired is replaced, and `alive/HOST` written again, before the records are
 //! read and anything is permitted: the leader's failover compares `alive/HOST` absent, so
 //! either it moved a VM before that write (and the read shows the new owner) or it fails.
+//!
+//! A renewal that is slow or fails because the store is away is bridged: the keeper asks
+//! each member on its own whether it has a leader. When a strict majority has none, and
+//! each still has `alive/HOST` under this host's lease, no leader can be elected but after
+//! that poll, and a new leader gives every lease its full TTL: what this host owned is
+//! permitted until `t + F`, `t` the time the poll was sent. So running guests go on
+//! through a loss of quorum (`docs/ha.md`, "While the store has no quorum"; the leader's
+//! side of the argument is `steady.rs`).
 
 use crate::records::{self, AliveRecord, RecordError, VmRecord, alive_key, vm_key};
-use crate::timing::Timing;
+use crate::timing::{LEADER_POLL_WITHIN, Timing};
 use novacron_store::{Compare, LeaseId, Op, OpResult, Revision, Store, StoreError, Txn};
 use novacron_vmm::api::Request;
 use novacron_vmm::api::client::call;
@@ -31,6 +39,8 @@ pub const CLAIM_SOCKET: &str = "keeper.sock";
 const VMM_TIMEOUT: Duration = Duration::from_secs(1);
 /// A claim needs a permit that holds at least this long.
 const CLAIM_MIN_LEFT_MS: u64 = 200;
+/// A renewal not answered within this is bridged (see the module doc).
+const SLOW_RENEWAL: Duration = Duration::from_millis(250);
 
 #[derive(Debug, Clone)]
 pub struct KeeperConfig {
@@ -83,6 +93,8 @@ pub struct Keeper {
     /// The VMs this host owned (with their epochs) when the records were last read: on
     /// this host's own embedded store, what is permitted while the store cannot be read.
     owned: Mutex<BTreeMap<String, u64>>,
+    /// Bridged permits since the last renewal (for the log).
+    bridged: std::sync::atomic::AtomicU32,
 }
 
 fn lock(shared: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
@@ -91,7 +103,13 @@ fn lock(shared: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
 
 impl Keeper {
     pub fn new(config: KeeperConfig, store: Arc<dyn Store>) -> Self {
-        Keeper { config, store, shared: Arc::new(Mutex::new(Shared::default())), owned: Mutex::new(BTreeMap::new()) }
+        Keeper {
+            config,
+            store,
+            shared: Arc::new(Mutex::new(Shared::default())),
+            owned: Mutex::new(BTreeMap::new()),
+            bridged: Default::default(),
+        }
     }
 
     /// Runs until `stop` says so (then it revokes nothing: a keeper that stops on purpose
@@ -198,16 +216,25 @@ impl Keeper {
     /// One round: renew (or take) the lease, then permit what this host owns.
     async fn round(&self) -> Result<(), KeeperError> {
         let sent = boottime_ms();
-        let renewed = self.renew().await;
+        let renewed = self.renew_bridged().await;
         let until = match renewed {
-            Ok(()) => Some(sent + self.config.timing.fence.as_millis() as u64),
+            Ok(()) => {
+                let bridged = self.bridged.swap(0, std::sync::atomic::Ordering::Relaxed);
+                if bridged > 0 {
+                    tracing::info!(host = %self.config.host, bridged, "the host's lease is renewed again");
+                }
+                Some(sent + self.config.timing.fence.as_millis() as u64)
+            }
             Err(e @ KeeperError::DuplicateHost { .. }) => return Err(e),
             Err(e) if self.config.store_is_local => {
                 tracing::debug!("the local store did not answer ({e}); permits go on");
                 Some(sent + self.config.timing.fence.as_millis() as u64)
             }
             Err(e) => {
-                tracing::warn!("cannot renew the host's lease: {}; no new permits", error_chain(&e));
+                tracing::warn!("cannot renew the host's lease: {}", error_chain(&e));
+                if store_away(&e) {
+                    self.bridge().await;
+                }
                 None
             }
         };
@@ -246,6 +273,49 @@ impl Keeper {
         // Blocking socket calls, off the runtime's threads.
         let _ = tokio::task::spawn_blocking(move || permit_and_evict(&run_dir, &owned, &elsewhere, until)).await;
         Ok(())
+    }
+
+    /// Renews the lease, bridging while the renewal is slow (see the module doc).
+    async fn renew_bridged(&self) -> Result<(), KeeperError> {
+        if self.config.store_is_local {
+            return self.renew().await;
+        }
+        let renewal = self.renew();
+        tokio::select! {
+            renewed = renewal => renewed,
+            never = self.bridge_from(SLOW_RENEWAL) => match never {},
+        }
+    }
+
+    /// Bridges after `delay`, then every R, until dropped.
+    async fn bridge_from(&self, delay: Duration) -> std::convert::Infallible {
+        tokio::time::sleep(delay).await;
+        loop {
+            self.bridge().await;
+            tokio::time::sleep(self.config.timing.renew).await;
+        }
+    }
+
+    /// Permits what this host owned until `t + F` if, at `t`, a strict majority of the
+    /// store's members has no leader and still has `alive/HOST` under this host's lease.
+    async fn bridge(&self) {
+        let Some((lease, _)) = lock(&self.shared).lease else { return };
+        let asked = boottime_ms();
+        let alive = alive_key(&self.config.host);
+        let poll = self.store.poll_leaderless(&alive, lease, LEADER_POLL_WITHIN).await;
+        if !poll.majority_leaderless() {
+            tracing::debug!(?poll, "no majority of the store's members is without a leader: no permits");
+            return;
+        }
+        if self.bridged.fetch_add(1, std::sync::atomic::Ordering::Relaxed) == 0 {
+            tracing::warn!(
+                host = %self.config.host,
+                leaderless = poll.leaderless_holding,
+                voters = poll.voters,
+                "the store has no leader: permitting this host's VMs on (a leader elected from here gives the host's lease its full TTL)"
+            );
+        }
+        self.permit_owned(asked + self.config.timing.fence.as_millis() as u64).await;
     }
 
     /// Renews the lease, or takes a new one (and writes `alive/HOST` under it).
@@ -313,6 +383,12 @@ impl Keeper {
         }
         Ok(outcome.revision)
     }
+}
+
+/// Whether a renewal failed because the store cannot be reached or has no quorum (not
+/// because the lease is gone).
+fn store_away(error: &KeeperError) -> bool {
+    matches!(error, KeeperError::Record(RecordError::Store(e)) if e.is_unavailable())
 }
 
 /// Whether `leader` is the tenure of this host's daemon `pid`, which died: not that of a

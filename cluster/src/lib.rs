@@ -6,4 +6,5 @@ pub mod events;
 pub mod keeper;
 pub mod process;
 pub mod records;
+pub mod steady;
 pub mod timing;

@@ -14,7 +14,24 @@ pub struct Timing {
     pub fence: Duration,
     /// W: how long the leader waits, after a host's lease is gone, before failing it over.
     pub failover_wait: Duration,
+    /// S: how long the store must have answered every read on time before the leader
+    /// fails a host over (`steady.rs`): longer than a permit a keeper gave while the
+    /// store had no leader can hold.
+    pub steady: Duration,
 }
+
+/// How often the leader's daemon reads the store to know that it is steady.
+pub const STEADY_READ_EVERY: Duration = Duration::from_millis(100);
+/// A read answered later than this after it was sent counts as the store being unsteady.
+pub const STEADY_ON_TIME: Duration = Duration::from_millis(250);
+/// How long a keeper waits for each member's answers when it asks whether they have a
+/// leader. This and the two above add up to the shortest election timeout etcd may have
+/// (`ELECTION_TIMEOUT_AT_LEAST`): a member that lost its leader has not heard from it for
+/// an election timeout, and within that time one of the leader daemon's reads must have
+/// been sent and gone unanswered.
+pub const LEADER_POLL_WITHIN: Duration = Duration::from_millis(150);
+/// The shortest etcd election timeout the bridging of permits is sound for.
+pub const ELECTION_TIMEOUT_AT_LEAST: Duration = Duration::from_millis(500);
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TimingError {
@@ -29,6 +46,8 @@ pub const DEFAULT_TTL: Duration = Duration::from_secs(3);
 const FENCE_BEFORE_TTL: Duration = Duration::from_secs(1);
 /// W.
 const FAILOVER_WAIT: Duration = Duration::from_millis(500);
+/// S − F: the margin of S over the longest permit.
+const STEADY_AFTER_FENCE: Duration = Duration::from_secs(1);
 
 impl Timing {
     /// The times for a lease of `ttl`: renew six times per TTL, let permits run a second
@@ -41,7 +60,8 @@ impl Timing {
         if ttl < Duration::from_secs(2) {
             return Err(TimingError::TooShort(ttl));
         }
-        Ok(Timing { ttl, renew: ttl / 6, fence: ttl - FENCE_BEFORE_TTL, failover_wait: FAILOVER_WAIT })
+        let fence = ttl - FENCE_BEFORE_TTL;
+        Ok(Timing { ttl, renew: ttl / 6, fence, failover_wait: FAILOVER_WAIT, steady: fence + STEADY_AFTER_FENCE })
     }
 
     /// How long a stale copy has been paused, at the least, when the new one starts:
@@ -58,6 +78,7 @@ impl Default for Timing {
             renew: DEFAULT_TTL / 6,
             fence: DEFAULT_TTL.saturating_sub(FENCE_BEFORE_TTL),
             failover_wait: FAILOVER_WAIT,
+            steady: DEFAULT_TTL.saturating_sub(FENCE_BEFORE_TTL) + STEADY_AFTER_FENCE,
         }
     }
 }
@@ -75,6 +96,19 @@ mod tests {
             assert!(t.margin() >= Duration::from_millis(1500), "{t:?}");
         }
         assert_eq!(Timing::from_ttl(DEFAULT_TTL).unwrap(), Timing::default());
+    }
+
+    #[test]
+    fn test_a_bridged_permit_ends_before_a_failover_the_leader_could_decide_after_it() {
+        // A permit given at t (members leaderless) holds until t + F. The leader daemon's
+        // last read that went unanswered was sent at t − ON_TIME − READ_EVERY at the
+        // latest, so it fails over at t − ON_TIME − READ_EVERY + S at the earliest.
+        assert_eq!(LEADER_POLL_WITHIN + STEADY_ON_TIME + STEADY_READ_EVERY, ELECTION_TIMEOUT_AT_LEAST);
+        for secs in [2, 3, 10, 60] {
+            let t = Timing::from_ttl(Duration::from_secs(secs)).unwrap();
+            let earliest_failover = t.steady - STEADY_ON_TIME - STEADY_READ_EVERY;
+            assert!(earliest_failover >= t.fence + Duration::from_millis(500), "{t:?}");
+        }
     }
 
     #[test]

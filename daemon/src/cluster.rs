@@ -20,6 +20,7 @@ use novacron_actors::{Capacity, HostMsg, RestartPolicy, VmSpec};
 use novacron_cluster::election::Tenure;
 use novacron_cluster::events::EventWriter;
 use novacron_cluster::records::{self as keys, HostRecord, alive_key, vm_key};
+use novacron_cluster::steady::StoreMonitor;
 use novacron_cluster::timing::Timing;
 use novacron_store::{Compare, Op, Store, Txn};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
@@ -54,6 +55,9 @@ struct Member {
     absent_since: Option<Instant>,
     /// Its VMs were moved elsewhere during this absence.
     failed_over: bool,
+    /// Its failover waits for the store to have been steady until then (a read of the
+    /// members is due at that time).
+    held_until: Option<Instant>,
     /// Its loss of lease is in the event log (so is its return, then).
     logged_down: bool,
     polling: bool,
@@ -98,6 +102,8 @@ pub struct ClusterArgs {
     pub store: Arc<dyn Store>,
     pub tenure: Tenure,
     pub timing: Timing,
+    /// How long the store has answered every read on time (this daemon's, across tenures).
+    pub steady: StoreMonitor,
 }
 
 pub struct ClusterState {
@@ -208,6 +214,7 @@ fn new_member(record: HostRecord, local: bool) -> Member {
         up: false,
         absent_since: None,
         failed_over: false,
+        held_until: None,
         logged_down: false,
         polling: false,
         answering: false,
@@ -312,6 +319,7 @@ impl ClusterSupervisor {
                 }
                 member.absent_since = None;
                 member.failed_over = false;
+                member.held_until = None;
             } else {
                 if member.up {
                     tracing::warn!(host = %member.record.name, "host's lease is gone: down");
@@ -325,8 +333,12 @@ impl ClusterSupervisor {
                     myself.send_after(wait, || ClusterMsg::Leases);
                 }
                 let since = *member.absent_since.get_or_insert(now);
-                if !member.failed_over && now.duration_since(since) >= state.args.timing.failover_wait {
+                let waited = now.duration_since(since) >= state.args.timing.failover_wait;
+                // Held while the store was unsteady too recently (see `steady.rs`).
+                if !member.failed_over && waited && Self::store_steady(&state.args, &state.events, member, now, myself)
+                {
                     member.failed_over = true;
+                    member.held_until = None;
                     if !std::mem::replace(&mut member.logged_down, true) {
                         // Gone before this tenure began: logged before its failover.
                         let host = &member.record.name;
@@ -348,6 +360,36 @@ impl ClusterSupervisor {
         for host in gone {
             Self::fail_over(state, &host, myself);
         }
+    }
+
+    /// Whether the store has been steady for S, so that `member`'s failover may go ahead;
+    /// if not, a read of the members is due when it will have been.
+    fn store_steady(
+        args: &ClusterArgs,
+        events: &EventWriter,
+        member: &mut Member,
+        now: Instant,
+        myself: &ActorRef<ClusterMsg>,
+    ) -> bool {
+        let steady = args.steady.steady_for();
+        if steady >= args.timing.steady {
+            return true;
+        }
+        if member.held_until.is_none_or(|until| now >= until) {
+            let left = args.timing.steady - steady;
+            if member.held_until.is_none() {
+                let host = &member.record.name;
+                let message = format!(
+                    "host {host}'s failover waits until the store has answered every read on time for {:?} (it has for {steady:?})",
+                    args.timing.steady
+                );
+                tracing::warn!("{message}");
+                events.record("failover-held", Some(host), None, message);
+            }
+            member.held_until = Some(now + left);
+            myself.send_after(left + LEASE_RECHECK, || ClusterMsg::Leases);
+        }
+        false
     }
 
     /// Moves the VMs of a host whose lease is gone, that should run, to the others.

@@ -19,6 +19,7 @@ use novacron_actors::store::{STORE_FILE, Store, VmRecord as LocalVm};
 use novacron_actors::{Capacity, HostConfig, HostSupervisor};
 use novacron_cluster::election::Candidate;
 use novacron_cluster::records::HostRecord;
+use novacron_cluster::steady::StoreMonitor;
 use novacron_cluster::timing::Timing;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -297,6 +298,7 @@ async fn serve(args: &DaemonArgs) -> Result<(), DaemonError> {
         strategy: args.strategy,
     };
     let leadership = Leadership::default();
+    let steady = StoreMonitor::start(store.clone());
     let cluster_args = {
         let (me, host, tls_dir, store) = (me.clone(), host.clone(), tls_dir.clone(), store.clone());
         move |tenure| ClusterArgs {
@@ -307,6 +309,7 @@ async fn serve(args: &DaemonArgs) -> Result<(), DaemonError> {
             store: store.clone(),
             tenure,
             timing,
+            steady: steady.clone(),
         }
     };
     let candidate = || Candidate::new(store.clone(), &name, &addr.to_string(), timing.ttl);

@@ -9,8 +9,8 @@
 //! timeout instead of waiting.
 
 use crate::{
-    BoxFuture, Cmp, Compare, EventKind, Health, KeyValue, LeaseId, Listing, Member, Op, OpResult, Revision, Store,
-    StoreError, Txn, TxnOutcome, Watch, WatchEvent, check_distinct_keys, prefix_end, ttl_seconds,
+    BoxFuture, Cmp, Compare, EventKind, Health, KeyValue, LeaderPoll, LeaseId, Listing, Member, Op, OpResult, Revision,
+    Store, StoreError, Txn, TxnOutcome, Watch, WatchEvent, check_distinct_keys, prefix_end, ttl_seconds,
 };
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -315,6 +315,60 @@ impl EtcdStore {
     }
 }
 
+/// One member's answers to a leader poll: its status, its list of members and its own
+/// (serializable) read of the polled key.
+type PollAnswer = (pb::StatusResponse, pb::MemberListResponse, pb::RangeResponse);
+
+impl EtcdStore {
+    /// See `Store::poll_leaderless`. Each member's answers are its own: Status and
+    /// MemberList need no leader in etcd 3.4, and a serializable read is served from the
+    /// member's applied state.
+    async fn poll_leaderless_now(&self, key: &str, lease: LeaseId, within: Duration) -> LeaderPoll {
+        let mut asks = tokio::task::JoinSet::new();
+        for link in &self.links {
+            let (channel, read) =
+                (link.channel.clone(), pb::RangeRequest { serializable: true, ..range(key, Vec::new()) });
+            asks.spawn(tokio::time::timeout(within, ask_member(channel, read)));
+        }
+        let mut answers = Vec::new();
+        while let Some(answer) = asks.join_next().await {
+            match answer {
+                Ok(Ok(Ok(answer))) => answers.push(answer),
+                Ok(Ok(Err(status))) => tracing::debug!("a member did not answer the leader poll: {status}"),
+                _ => tracing::debug!("a member did not answer the leader poll within {within:?}"),
+            }
+        }
+        tally_leaderless(&answers, lease)
+    }
+}
+
+async fn ask_member(channel: Channel, read: pb::RangeRequest) -> Result<PollAnswer, tonic::Status> {
+    let (status, members, held) = tokio::join!(
+        async { MaintenanceClient::new(channel.clone()).status(pb::StatusRequest {}).await },
+        async { ClusterClient::new(channel.clone()).member_list(pb::MemberListRequest {}).await },
+        async { KvClient::new(channel.clone()).range(read).await },
+    );
+    Ok((status?.into_inner(), members?.into_inner(), held?.into_inner()))
+}
+
+/// Counts the distinct voting members that have no leader and hold the key under `lease`,
+/// out of the most voters any member lists.
+fn tally_leaderless(answers: &[PollAnswer], lease: LeaseId) -> LeaderPoll {
+    let mut voters = 0;
+    let mut leaderless = std::collections::BTreeSet::new();
+    for (status, members, held) in answers {
+        let voting: std::collections::BTreeSet<u64> =
+            members.members.iter().filter(|m| !m.is_learner).map(|m| m.id).collect();
+        voters = voters.max(voting.len());
+        let id = status.header.as_ref().map_or(0, |h| h.member_id);
+        let holds = held.kvs.first().is_some_and(|kv| kv.lease == lease);
+        if status.leader == 0 && holds && voting.contains(&id) {
+            leaderless.insert(id);
+        }
+    }
+    LeaderPoll { voters, leaderless_holding: leaderless.len() }
+}
+
 /// `https://127.0.0.1:2379` and `http://127.0.0.1:2379/` name the same member.
 fn same_endpoint(a: &str, b: &str) -> bool {
     let strip = |u: &str| u.split("://").nth(1).unwrap_or(u).trim_end_matches('/').to_string();
@@ -419,12 +473,7 @@ fn op_to_pb(op: &Op) -> pb::RequestOp {
             key: prefix.as_bytes().to_vec(),
             range_end: prefix_end(prefix.as_bytes()),
         }),
-        Op::Get { key } => Request::RequestRange(pb::RangeRequest {
-            key: key.as_bytes().to_vec(),
-            range_end: Vec::new(),
-            limit: 0,
-            revision: 0,
-        }),
+        Op::Get { key } => Request::RequestRange(range(key, Vec::new())),
     };
     pb::RequestOp { request: Some(request) }
 }
@@ -441,6 +490,11 @@ fn result_from_pb(r: pb::ResponseOp) -> Result<OpResult, StoreError> {
     })
 }
 
+/// A linearizable read of `[key, range_end)` (an empty end: `key` alone).
+fn range(key: &str, range_end: Vec<u8>) -> pb::RangeRequest {
+    pb::RangeRequest { key: key.as_bytes().to_vec(), range_end, ..Default::default() }
+}
+
 /// etcd says a lease is gone with NOT_FOUND and "requested lease not found".
 fn lease_gone(id: LeaseId) -> impl FnOnce(StoreError) -> StoreError {
     move |e| match e {
@@ -452,8 +506,7 @@ fn lease_gone(id: LeaseId) -> impl FnOnce(StoreError) -> StoreError {
 impl Store for EtcdStore {
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<KeyValue>, StoreError>> {
         Box::pin(async move {
-            let request =
-                pb::RangeRequest { key: key.as_bytes().to_vec(), range_end: Vec::new(), limit: 0, revision: 0 };
+            let request = range(key, Vec::new());
             let response = self.unary("get", request, |c, r| async move { KvClient::new(c).range(r).await }).await?;
             response.kvs.into_iter().next().map(|kv| kv_from_pb(kv, "get")).transpose()
         })
@@ -461,12 +514,7 @@ impl Store for EtcdStore {
 
     fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Listing, StoreError>> {
         Box::pin(async move {
-            let request = pb::RangeRequest {
-                key: prefix.as_bytes().to_vec(),
-                range_end: prefix_end(prefix.as_bytes()),
-                limit: 0,
-                revision: 0,
-            };
+            let request = range(prefix, prefix_end(prefix.as_bytes()));
             let response = self.unary("list", request, |c, r| async move { KvClient::new(c).range(r).await }).await?;
             let revision = response.header.map_or(0, |h| h.revision);
             let kvs = response.kvs.into_iter().map(|kv| kv_from_pb(kv, "list")).collect::<Result<_, _>>()?;
@@ -538,6 +586,10 @@ impl Store for EtcdStore {
     fn health(&self) -> BoxFuture<'_, Result<Health, StoreError>> {
         Box::pin(self.health_now())
     }
+
+    fn poll_leaderless<'a>(&'a self, key: &'a str, lease: LeaseId, within: Duration) -> BoxFuture<'a, LeaderPoll> {
+        Box::pin(self.poll_leaderless_now(key, lease, within))
+    }
 }
 
 #[cfg(test)]
@@ -558,5 +610,41 @@ mod tests {
         ] {
             assert!(matches!(check_url(bad), Err(StoreError::BadUrl { reason, .. }) if reason == why), "{bad}");
         }
+    }
+
+    fn answer(id: u64, leader: u64, voters: &[u64], learner: u64, lease: Option<LeaseId>) -> PollAnswer {
+        let header = Some(pb::ResponseHeader { member_id: id, ..Default::default() });
+        let mut members: Vec<pb::Member> = voters.iter().map(|&id| pb::Member { id, ..Default::default() }).collect();
+        members.push(pb::Member { id: learner, is_learner: true, ..Default::default() });
+        let kvs = lease.map(|lease| pb::KeyValue { key: b"k".to_vec(), lease, ..Default::default() }).into_iter();
+        (
+            pb::StatusResponse { header, leader, ..Default::default() },
+            pb::MemberListResponse { header, members },
+            pb::RangeResponse { header, kvs: kvs.collect(), ..Default::default() },
+        )
+    }
+
+    #[test]
+    fn test_a_leader_poll_counts_distinct_leaderless_voters_that_hold_the_key() {
+        let voters = [1, 2, 3];
+        let two = [answer(1, 0, &voters, 9, Some(7)), answer(2, 0, &voters, 9, Some(7))];
+        assert_eq!(tally_leaderless(&two, 7), LeaderPoll { voters: 3, leaderless_holding: 2 });
+        // The same member through two endpoints counts once.
+        let twice = [answer(1, 0, &voters, 9, Some(7)), answer(1, 0, &voters, 9, Some(7))];
+        assert_eq!(tally_leaderless(&twice, 7).leaderless_holding, 1);
+        // A member that knows a leader, one whose state has the key under another lease
+        // (this host's lease was revoked and the key written again) or none, and a learner
+        // do not count.
+        let not = [
+            answer(1, 2, &voters, 9, Some(7)),
+            answer(2, 0, &voters, 9, Some(8)),
+            answer(3, 0, &voters, 9, None),
+            answer(9, 0, &voters, 9, Some(7)),
+        ];
+        assert_eq!(tally_leaderless(&not, 7), LeaderPoll { voters: 3, leaderless_holding: 0 });
+        // The most voters any member lists: one that missed a member's addition does not
+        // shrink the majority.
+        let grown = [answer(1, 0, &[1, 2, 3], 9, Some(7)), answer(2, 0, &[1, 2, 3, 4, 5], 9, Some(7))];
+        assert!(!tally_leaderless(&grown, 7).majority_leaderless());
     }
 }

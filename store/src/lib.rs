@@ -246,6 +246,26 @@ pub struct Health {
     pub revision: Revision,
 }
 
+/// What the store's members each said of their leader, asked one by one
+/// (`Store::poll_leaderless`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LeaderPoll {
+    /// The voting members of the store's cluster, as the members that answered list them
+    /// (0: the store has no members that elect a leader).
+    pub voters: usize,
+    /// Distinct voting members that answered in time that they have no leader, and whose
+    /// own state still has the asked key under the asked lease.
+    pub leaderless_holding: usize,
+}
+
+impl LeaderPoll {
+    /// Whether a strict majority of the voters has no leader: every leader elected from
+    /// here on needs one of their votes, so it is elected after this poll.
+    pub fn majority_leaderless(&self) -> bool {
+        self.voters > 0 && self.leaderless_holding * 2 > self.voters
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("cannot connect to etcd at {endpoints}")]
@@ -324,6 +344,13 @@ pub trait Store: Send + Sync {
     /// The changes under `prefix` from revision `from` (inclusive) on.
     fn watch<'a>(&'a self, prefix: &'a str, from: Revision) -> BoxFuture<'a, Result<Watch, StoreError>>;
     fn health(&self) -> BoxFuture<'_, Result<Health, StoreError>>;
+    /// Asks every member on its own, each within `within` and without its leader, whether
+    /// it has a leader and whether its own state has `key` under `lease`. A store without
+    /// members that elect a leader (the embedded one) answers an empty poll.
+    fn poll_leaderless<'a>(&'a self, key: &'a str, lease: LeaseId, within: Duration) -> BoxFuture<'a, LeaderPoll> {
+        let _ = (key, lease, within);
+        Box::pin(async { LeaderPoll::default() })
+    }
 }
 
 /// The end of the key range of every key that starts with `prefix` (etcd's `range_end`):
@@ -386,6 +413,15 @@ mod tests {
         assert!(!Compare::unchanged_since("k", 4).holds(Some(&kv)));
         assert!(!Compare::Value { key: "k".into(), cmp: Cmp::Equal, value: vec![] }.holds(None));
         assert!(Compare::Version { key: "k".into(), cmp: Cmp::Greater, version: 1 }.holds(Some(&kv)));
+    }
+
+    #[test]
+    fn test_a_leaderless_poll_needs_a_strict_majority_of_the_voters() {
+        let poll = |voters, leaderless_holding| LeaderPoll { voters, leaderless_holding }.majority_leaderless();
+        assert!(poll(3, 2) && poll(3, 3) && poll(1, 1) && poll(5, 3));
+        assert!(!poll(3, 1), "one member of three may be the one cut off");
+        assert!(!poll(4, 2), "the other two of four cannot elect, but a half is not a majority");
+        assert!(!poll(0, 0), "a store without members that elect");
     }
 
     #[test]

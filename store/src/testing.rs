@@ -14,6 +14,8 @@ pub const ELECTION_MS: u64 = 500;
 pub struct EtcdMember {
     pub name: String,
     pub client_url: String,
+    /// The network namespace it runs in (`start_placed`), or the root's.
+    netns: Option<String>,
     args: Vec<String>,
     child: Option<Child>,
 }
@@ -44,6 +46,56 @@ pub enum ClusterError {
     NoLeaderNow,
 }
 
+/// Where a member of `EtcdCluster::start_placed` runs: a network namespace, the address
+/// its clients reach it at and the address its peers do (each on a link of its own, so
+/// that a test can cut the members off from each other and leave them to their clients).
+#[derive(Debug, Clone)]
+pub struct MemberPlace {
+    pub netns: String,
+    pub client_ip: std::net::Ipv4Addr,
+    pub peer_ip: std::net::Ipv4Addr,
+}
+
+/// The ports of a member in a namespace of its own (etcd's).
+const PLACED_CLIENT_PORT: u16 = 2379;
+const PLACED_PEER_PORT: u16 = 2380;
+
+/// Where one member listens, and where its clients and peers reach it.
+struct MemberUrls {
+    listen_clients: String,
+    client_url: String,
+    peer_url: String,
+    netns: Option<String>,
+}
+
+/// Member `i`'s command line.
+fn member_args(i: usize, dir: &Path, urls: &MemberUrls, initial: &str, tls_dir: Option<&Path>) -> Vec<String> {
+    use novacron_migration::tls::{CA_CERT, NODE_CERT, NODE_KEY};
+    let mut args = vec![
+        format!("--name=m{i}"),
+        format!("--data-dir={}", dir.join(format!("m{i}")).display()),
+        format!("--listen-client-urls={}", urls.listen_clients),
+        format!("--advertise-client-urls={}", urls.client_url),
+        format!("--listen-peer-urls={}", urls.peer_url),
+        format!("--initial-advertise-peer-urls={}", urls.peer_url),
+        format!("--initial-cluster={initial}"),
+        "--initial-cluster-state=new".into(),
+        format!("--initial-cluster-token=novacron-test-{}", std::process::id()),
+        format!("--heartbeat-interval={HEARTBEAT_MS}"),
+        format!("--election-timeout={ELECTION_MS}"),
+        "--pre-vote".into(),
+        "--logger=zap".into(),
+        "--log-level=error".into(),
+    ];
+    if let Some(tls) = tls_dir {
+        args.push(format!("--cert-file={}", tls.join(NODE_CERT).display()));
+        args.push(format!("--key-file={}", tls.join(NODE_KEY).display()));
+        args.push(format!("--trusted-ca-file={}", tls.join(CA_CERT).display()));
+        args.push("--client-cert-auth".into());
+    }
+    args
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0)
 }
@@ -69,6 +121,10 @@ pub fn etcd_or_skip() -> bool {
     false
 }
 
+fn scheme(tls_dir: Option<&Path>) -> &'static str {
+    if tls_dir.is_some() { "https" } else { "http" }
+}
+
 impl EtcdCluster {
     /// Starts `n` members; with `tls_dir` (a NovaCron TLS directory) clients must present a
     /// certificate of that cluster CA, and the members present theirs. Peers talk plain
@@ -84,45 +140,57 @@ impl EtcdCluster {
         tls_dir: Option<&Path>,
         also: Option<std::net::Ipv4Addr>,
     ) -> Result<EtcdCluster, ClusterError> {
-        use novacron_migration::tls::{CA_CERT, NODE_CERT, NODE_KEY};
+        let scheme = scheme(tls_dir);
+        let urls = (0..n)
+            .map(|_| {
+                let (client, peer) = (free_port(), free_port());
+                let client_url = format!("{scheme}://127.0.0.1:{client}");
+                let listen_clients = match also {
+                    Some(ip) => format!("{client_url},{scheme}://{ip}:{client}"),
+                    None => client_url.clone(),
+                };
+                MemberUrls { listen_clients, client_url, peer_url: format!("http://127.0.0.1:{peer}"), netns: None }
+            })
+            .collect();
+        Self::start_members(tls_dir, urls)
+    }
+
+    /// A member in each of `places`, talking to its peers and its clients at the addresses
+    /// given there.
+    pub fn start_placed(tls_dir: Option<&Path>, places: &[MemberPlace]) -> Result<EtcdCluster, ClusterError> {
+        let scheme = scheme(tls_dir);
+        let urls = places
+            .iter()
+            .map(|place| {
+                let client_url = format!("{scheme}://{}:{PLACED_CLIENT_PORT}", place.client_ip);
+                MemberUrls {
+                    listen_clients: client_url.clone(),
+                    client_url,
+                    peer_url: format!("http://{}:{PLACED_PEER_PORT}", place.peer_ip),
+                    netns: Some(place.netns.clone()),
+                }
+            })
+            .collect();
+        Self::start_members(tls_dir, urls)
+    }
+
+    fn start_members(tls_dir: Option<&Path>, urls: Vec<MemberUrls>) -> Result<EtcdCluster, ClusterError> {
         let dir = tempfile::tempdir().map_err(ClusterError::Dir)?;
-        let scheme = if tls_dir.is_some() { "https" } else { "http" };
-        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
-        let initial: Vec<String> =
-            ports.iter().enumerate().map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}")).collect();
-        let mut members = Vec::new();
-        for (i, (client, peer)) in ports.iter().enumerate() {
-            let client_url = format!("{scheme}://127.0.0.1:{client}");
-            let listen = match also {
-                Some(ip) => format!("{client_url},{scheme}://{ip}:{client}"),
-                None => client_url.clone(),
-            };
-            let mut args = vec![
-                format!("--name=m{i}"),
-                format!("--data-dir={}", dir.path().join(format!("m{i}")).display()),
-                format!("--listen-client-urls={listen}"),
-                format!("--advertise-client-urls={client_url}"),
-                format!("--listen-peer-urls=http://127.0.0.1:{peer}"),
-                format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer}"),
-                format!("--initial-cluster={}", initial.join(",")),
-                "--initial-cluster-state=new".into(),
-                format!("--initial-cluster-token=novacron-test-{}", std::process::id()),
-                format!("--heartbeat-interval={HEARTBEAT_MS}"),
-                format!("--election-timeout={ELECTION_MS}"),
-                "--pre-vote".into(),
-                "--logger=zap".into(),
-                "--log-level=error".into(),
-            ];
-            if let Some(tls) = tls_dir {
-                args.push(format!("--cert-file={}", tls.join(NODE_CERT).display()));
-                args.push(format!("--key-file={}", tls.join(NODE_KEY).display()));
-                args.push(format!("--trusted-ca-file={}", tls.join(CA_CERT).display()));
-                args.push("--client-cert-auth".into());
-            }
-            members.push(EtcdMember { name: format!("m{i}"), client_url, args, child: None });
-        }
+        let initial: Vec<String> = urls.iter().enumerate().map(|(i, u)| format!("m{i}={}", u.peer_url)).collect();
+        let initial = initial.join(",");
+        let members = urls
+            .into_iter()
+            .enumerate()
+            .map(|(i, u)| EtcdMember {
+                name: format!("m{i}"),
+                args: member_args(i, dir.path(), &u, &initial, tls_dir),
+                client_url: u.client_url,
+                netns: u.netns,
+                child: None,
+            })
+            .collect();
         let mut cluster = EtcdCluster { members, tls_dir: tls_dir.map(Path::to_owned), _dir: dir };
-        for i in 0..n {
+        for i in 0..cluster.members.len() {
             cluster.start_member(i)?;
         }
         Ok(cluster)
@@ -130,7 +198,16 @@ impl EtcdCluster {
 
     pub fn start_member(&mut self, i: usize) -> Result<(), ClusterError> {
         let m = &mut self.members[i];
-        let child = Command::new("etcd")
+        let mut command = match &m.netns {
+            // `ip netns exec` execs etcd: the child is the member.
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "etcd"]);
+                c
+            }
+            None => Command::new("etcd"),
+        };
+        let child = command
             .args(&m.args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

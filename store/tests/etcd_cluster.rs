@@ -130,3 +130,36 @@ async fn etcd_watch_ends_with_an_error_when_its_member_dies() {
     let e = ended.expect("the watch reports the loss instead of hanging").expect_err("an error, not an event");
     assert!(!matches!(e, StoreError::Compacted(_)), "{e}");
 }
+
+/// A leader poll asks each member on its own: with a leader, none counts; with two of three
+/// members killed, the one left has no leader but is no majority; a key under another
+/// lease is not held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_leader_poll_counts_only_leaderless_members_that_hold_the_key() {
+    let Some(mut cluster) = cluster(None).await else { return };
+    let store = EtcdStore::connect(&cluster.config()).await.unwrap();
+    let (lease, _) = store.grant(Duration::from_secs(30)).await.unwrap();
+    let put = Op::Put { key: "/k/alive".into(), value: b"h1".to_vec(), lease: Some(lease) };
+    store.txn(Txn::new().then(put)).await.unwrap();
+    let within = Duration::from_millis(500);
+
+    let led = store.poll_leaderless("/k/alive", lease, within).await;
+    cluster.kill_member(1);
+    cluster.kill_member(2);
+    // The one left loses its leader after an election timeout (or was the leader, and
+    // steps down after one).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let alone = loop {
+        let poll = store.poll_leaderless("/k/alive", lease, within).await;
+        if poll.leaderless_holding == 1 || Instant::now() > deadline {
+            break poll;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let other_lease = store.poll_leaderless("/k/alive", lease + 1, within).await;
+
+    assert_eq!(led, novacron_store::LeaderPoll { voters: 3, leaderless_holding: 0 }, "every member knows its leader");
+    assert_eq!(alone, novacron_store::LeaderPoll { voters: 3, leaderless_holding: 1 });
+    assert!(!alone.majority_leaderless(), "one of three cannot say the others do not decide");
+    assert_eq!(other_lease.leaderless_holding, 0, "the key is not under that lease");
+}

@@ -67,3 +67,68 @@ impl Drop for Link {
         let _ = run("ip", &["link", "del", &self.root_if]);
     }
 }
+
+/// Three namespaces for three etcd members, each with two links: one to the root
+/// namespace, where the members' clients reach them (`Link`), and one to a bridge in a
+/// namespace of its own, where the members reach each other on 10.78.0.0/24. Cutting a
+/// member's bridge port cuts it off from its peers and leaves it to its clients.
+pub struct EtcdApart {
+    pub clients: Vec<Link>,
+    hub: String,
+    /// The bridge's port of each member.
+    ports: Vec<String>,
+}
+
+impl EtcdApart {
+    /// `first_octet`: the client links are on 10.77.`first_octet + i`.0/24.
+    pub fn new(first_octet: u8) -> Result<EtcdApart, String> {
+        let pid = std::process::id();
+        let hub = format!("novacron-{pid}-eh");
+        run("ip", &["netns", "add", &hub])?;
+        let mut apart = EtcdApart { clients: Vec::new(), hub: hub.clone(), ports: Vec::new() };
+        run("ip", &["-n", &hub, "link", "add", "br0", "type", "bridge"])?;
+        run("ip", &["-n", &hub, "link", "set", "br0", "up"])?;
+        for i in 0..3u8 {
+            let link = Link::new(&format!("e{i}"), first_octet + i)?;
+            let (member_if, port) = (format!("nvp{pid}e{i}"), format!("nvb{pid}e{i}"));
+            let ns = link.ns.clone();
+            apart.clients.push(link);
+            run(
+                "ip",
+                &["link", "add", &member_if, "netns", &ns, "type", "veth", "peer", "name", &port, "netns", &hub],
+            )?;
+            apart.ports.push(port.clone());
+            run("ip", &["-n", &ns, "addr", "add", &format!("{}/24", Self::peer_ip(i)), "dev", &member_if])?;
+            run("ip", &["-n", &ns, "link", "set", &member_if, "up"])?;
+            run("ip", &["-n", &hub, "link", "set", &port, "master", "br0"])?;
+            run("ip", &["-n", &hub, "link", "set", &port, "up"])?;
+        }
+        Ok(apart)
+    }
+
+    fn peer_ip(i: u8) -> Ipv4Addr {
+        Ipv4Addr::new(10, 78, 0, 2 + i)
+    }
+
+    pub fn places(&self) -> Vec<novacron_store::testing::MemberPlace> {
+        (0..self.clients.len())
+            .map(|i| novacron_store::testing::MemberPlace {
+                netns: self.clients[i].ns.clone(),
+                client_ip: self.clients[i].ns_ip,
+                peer_ip: Self::peer_ip(i as u8),
+            })
+            .collect()
+    }
+
+    /// Cuts member `i` off from its peers (`cut`) or joins it to them again.
+    pub fn cut_peers(&self, i: usize, cut: bool) -> Result<(), String> {
+        run("ip", &["-n", &self.hub, "link", "set", &self.ports[i], if cut { "down" } else { "up" }])
+    }
+}
+
+impl Drop for EtcdApart {
+    fn drop(&mut self) {
+        // The bridge's ports go with it, and their peers in the members' namespaces.
+        let _ = run("ip", &["netns", "del", &self.hub]);
+    }
+}
