@@ -680,14 +680,18 @@ impl HostSupervisor {
     /// Takes back every VM of the store, each from a task: a VMM process still running it
     /// is adopted (the guest never notices the host's restart); a VM whose process ended
     /// meanwhile goes to its restart policy as an exit while nobody watched. Until its
-    /// supervisor runs, a VM is listed as the store last knew it. VMMs in the runtime
+    /// supervisor runs, a VM is listed as the store last knew it, or as starting if its
+    /// process is gone. VMMs in the runtime
     /// directory that no VM of the store names are reported.
     fn readopt(myself: &ActorRef<HostMsg>, state: &mut HostState) -> Result<(), HostError> {
         let Some(store) = &state.store else { return Ok(()) };
         let records = store.list_vms()?;
         for record in records {
             let paths = VmPaths::new(&state.config.runtime_dir, &record.spec);
-            let phase = match (record.pid, record.desired) {
+            // Listed as running only while that process still serves the VM: one that
+            // ended while nobody watched is listed as starting until its policy decides.
+            let alive = record.pid.filter(|pid| VmmProcess::is_vmm_of(*pid, &paths.socket));
+            let phase = match (alive, record.desired) {
                 (Some(_), _) => VmPhase::Running,
                 (None, DesiredState::Running) => VmPhase::Starting,
                 (None, DesiredState::Stopped) => VmPhase::Stopped,
@@ -698,7 +702,7 @@ impl HostSupervisor {
             let info = VmInfo {
                 name: record.spec.name.clone(),
                 phase,
-                pid: record.pid,
+                pid: alive,
                 restarts: record.restarts,
                 last_exit: None,
                 error: None,
