@@ -588,6 +588,12 @@ impl VmSupervisor {
             state.error = Some(format!("the incoming migration failed: its VMM {exit}"));
             return;
         }
+        if exit == ProcessExit::Code(novacron_vmm::runtime::EVICTED_EXIT_CODE) {
+            // Its host's keeper found another host owning the VM: a restart would be a copy.
+            tracing::warn!(vm = %state.spec.name, "VMM process evicted: another host owns the VM now; not restarted");
+            state.phase = VmPhase::Stopped;
+            return;
+        }
         match state.tracker.on_exit(exit, Instant::now()) {
             Decision::Restart { after } => {
                 state.restarts += 1;

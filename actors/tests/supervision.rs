@@ -1,7 +1,8 @@
 //! The supervisors against real VMM processes running the test guest on KVM: a SIGKILLed
 //! VMM is restarted by its VmSupervisor while a neighbour runs on undisturbed; a panicked
 //! VmSupervisor is restarted by the HostSupervisor and re-adopts the running guest; the
-//! `never` and bounded `on-failure` policies give up when they should; admission refuses
+//! `never` and bounded `on-failure` policies give up when they should; an evicted VMM (its
+//! keeper found another host owning the VM) is never restarted, even under `always`; admission refuses
 //! what does not fit or is malformed, and changes nothing; a host restarted on the same
 //! state store re-adopts its running VMs and restarts the one that died meanwhile.
 
@@ -163,6 +164,40 @@ async fn kvm_never_and_spent_on_failure_policies_leave_killed_vms_down() {
     assert_eq!((once_later.phase, once_later.restarts, once_later.pid), (VmPhase::Failed, 1, None));
     assert_eq!((never_later.phase, never_later.pid), (VmPhase::Failed, None));
     assert!(!socket_answers, "no VMM is serving the given-up VM's socket");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kvm_an_evicted_vmm_is_not_restarted_even_under_always_while_a_shut_down_one_is() {
+    if !kvm_or_skip("kvm_an_evicted_vmm_is_not_restarted_even_under_always_while_a_shut_down_one_is") {
+        return;
+    }
+    use novacron_vmm::api::{Request, client::call};
+    let host = Host::start(|_| {}).await;
+    let mut shut = spec("shut");
+    shut.restart = RestartPolicy::Always;
+    let mut evicted = spec("evicted");
+    evicted.restart = RestartPolicy::Always;
+    let shut = host.create(shut).await.unwrap();
+    let evicted = host.create(evicted).await.unwrap();
+    host.wait_running("shut").await;
+    host.wait_running("evicted").await;
+
+    let call_timeout = Duration::from_secs(2);
+    call(&shut.socket, Request::Shutdown, call_timeout).unwrap();
+    call(&evicted.socket, Request::Evict { owner_epoch: 2 }, call_timeout).unwrap();
+    let restarted = host.wait_vm("shut", "restarted", |i| i.restarts == 1 && i.phase == VmPhase::Running).await;
+    let stopped = host.wait_vm("evicted", "stopped", |i| i.phase == VmPhase::Stopped).await;
+    // Long enough for a wrongly scheduled restart (the `always` delay is 100 ms) to show.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let later = host.get("evicted").await;
+
+    assert_eq!(restarted.last_exit, Some(ProcessExit::Code(0)), "a shutdown is restarted under always");
+    assert_eq!(stopped.last_exit, Some(ProcessExit::Code(novacron_vmm::runtime::EVICTED_EXIT_CODE)));
+    assert_eq!((later.phase, later.restarts, later.pid), (VmPhase::Stopped, 0, None), "never restarted");
+    assert!(vmm_pids_under(host.dir.path()).iter().all(|pid| {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        !String::from_utf8_lossy(&cmdline).contains("evicted.sock")
+    }));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -424,7 +424,10 @@ fn permit_and_evict(run_dir: &Path, owned: &BTreeMap<String, u64>, elsewhere: &B
             .is_some_and(|m| m.error.is_none());
         if permit.epoch < *epoch && !migrating {
             tracing::warn!(vm = %name, running = permit.epoch, owner_epoch = epoch, "a stale copy: another host owns the VM now; shutting it down");
-            let _ = call(&sock, Request::Shutdown, VMM_TIMEOUT);
+            // An older VMM knows no eviction: shut it down; the reconcile deletes a restart.
+            if call(&sock, Request::Evict { owner_epoch: *epoch }, VMM_TIMEOUT).is_err() {
+                let _ = call(&sock, Request::Shutdown, VMM_TIMEOUT);
+            }
         }
     }
 }

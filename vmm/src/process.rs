@@ -175,6 +175,7 @@ pub(crate) fn run_machine(machine: &mut crate::machine::Machine, api: Option<Api
     let _ = std::io::stdout().flush();
     match &exit {
         VmExit::PowerOff | VmExit::Reset | VmExit::Shutdown => tracing::info!("{exit}"),
+        VmExit::Evicted(_) => tracing::warn!("{exit}"),
         VmExit::Migrated(_) => say(format_args!("novacron: {exit}")),
         _ => say(format_args!("novacron: VM stopped: {exit}")),
     }

@@ -33,6 +33,8 @@ pub enum VmExit {
     Reset,
     /// `shutdown` on the control socket.
     Shutdown,
+    /// `evict` on the control socket: another host owns the VM at this epoch.
+    Evicted(u64),
     /// SIGINT, SIGTERM or SIGHUP.
     Signal(i32),
     Vcpu {
@@ -43,10 +45,16 @@ pub enum VmExit {
     Migrated(String),
 }
 
+/// The exit status of a VMM evicted because another host owns its VM: not a failure, and
+/// not to be restarted (a restart would be a second copy, fenced until it too is evicted).
+pub const EVICTED_EXIT_CODE: i32 = 4;
+
 impl VmExit {
-    /// 0 for an orderly end; 128+n for signal n; 2 for a guest crash; 3 for a KVM or VMM fault.
+    /// 0 for an orderly end; 128+n for signal n; 2 for a guest crash; 3 for a KVM or VMM
+    /// fault; `EVICTED_EXIT_CODE` for an eviction.
     pub fn code(&self) -> i32 {
         match self {
+            VmExit::Evicted(_) => EVICTED_EXIT_CODE,
             VmExit::PowerOff | VmExit::Reset | VmExit::Shutdown | VmExit::Migrated(_) => 0,
             VmExit::Signal(s) => 128 + s,
             VmExit::Vcpu { stop: VcpuStop::PowerOff | VcpuStop::Reset, .. } => 0,
@@ -64,6 +72,7 @@ impl std::fmt::Display for VmExit {
                 f.write_str("the guest reset the machine (the VM ends; restarting it is the supervisor's job)")
             }
             VmExit::Shutdown => f.write_str("shut down through the control socket"),
+            VmExit::Evicted(epoch) => write!(f, "evicted: another host owns the VM now (epoch {epoch})"),
             VmExit::Signal(s) => write!(f, "stopped by signal {s}"),
             VmExit::Vcpu { index, stop } => write!(f, "vCPU {index}: {stop}"),
             VmExit::Migrated(to) => write!(f, "the VM moved to {to} and runs there now"),
@@ -164,8 +173,8 @@ enum Answer {
     Now(Response),
     /// The answer comes later (a migration's outcome).
     Later,
-    /// Answer, then end the VM.
-    Stop(Response),
+    /// Answer, then end the VM so.
+    Stop(Response, VmExit),
 }
 
 fn no_migration() -> ApiError {
@@ -242,7 +251,8 @@ impl Loop {
                 self.watchers.push(conn);
                 Answer::Now(Response::status(machine.status()))
             }
-            Request::Shutdown => Answer::Stop(Response::done()),
+            Request::Shutdown => Answer::Stop(Response::done(), VmExit::Shutdown),
+            Request::Evict { owner_epoch } => Answer::Stop(Response::done(), VmExit::Evicted(owner_epoch)),
             Request::Snapshot { dir, paused } => {
                 let started = std::time::Instant::now();
                 if let Err(e) = crate::api::check_snapshot_dir("dir", &dir) {
@@ -543,7 +553,7 @@ pub fn run(machine: &mut Machine, mut api: Option<ApiServer>) -> Result<VmExit, 
                     let id = token - TOKEN_CONN_BASE;
                     let incoming = api.as_mut().map(|s| s.read(id));
                     let Some(incoming) = incoming else { continue };
-                    let mut shutdown = false;
+                    let mut stop = None;
                     for request in incoming.requests {
                         let answer = match request {
                             Ok(r) => lp.handle_request(machine, r, id)?,
@@ -552,8 +562,8 @@ pub fn run(machine: &mut Machine, mut api: Option<ApiServer>) -> Result<VmExit, 
                         lp.sync_devices(machine)?;
                         let response = match answer {
                             Answer::Now(r) => r,
-                            Answer::Stop(r) => {
-                                shutdown = true;
+                            Answer::Stop(r, exit) => {
+                                stop = Some(exit);
                                 r
                             }
                             Answer::Later => continue,
@@ -570,8 +580,8 @@ pub fn run(machine: &mut Machine, mut api: Option<ApiServer>) -> Result<VmExit, 
                         }
                         server.close(id);
                     }
-                    if shutdown {
-                        break 'outer VmExit::Shutdown;
+                    if let Some(exit) = stop {
+                        break 'outer exit;
                     }
                 }
             }

@@ -37,6 +37,12 @@ pub enum Request {
     Pause,
     Resume,
     Shutdown,
+    /// Ends the VM because another host owns it now at epoch `owner_epoch` (its host's
+    /// keeper found this copy stale): the VMM exits with `runtime::EVICTED_EXIT_CODE`, which
+    /// its supervisor does not restart, whatever the restart policy.
+    Evict {
+        owner_epoch: u64,
+    },
     /// Writes a snapshot into `dir` on the VMM's host; the VM resumes afterwards unless
     /// `paused`.
     Snapshot {
@@ -401,6 +407,7 @@ mod tests {
             (r#"{"op":"pause","version":1}"#, Request::Pause),
             (r#"{"version":1,"op":"resume"}"#, Request::Resume),
             (r#"{"version":1,"op":"shutdown"}"#, Request::Shutdown),
+            (r#"{"version":1,"op":"evict","owner_epoch":3}"#, Request::Evict { owner_epoch: 3 }),
         ] {
             assert_eq!(parse_request(line.as_bytes()), Ok(want));
         }
