@@ -93,6 +93,9 @@ pub struct VmInfo {
     pub socket: PathBuf,
     pub serial_log: PathBuf,
     pub spec: VmSpec,
+    /// It came as the destination of a live migration that has not completed here
+    /// (`Arrived`): still receiving, or failed receiving.
+    pub receiving: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -338,6 +341,7 @@ impl VmSupervisorState {
             socket: self.paths.socket.clone(),
             serial_log: self.paths.serial.clone(),
             spec: self.spec.clone(),
+            receiving: self.incoming.is_some(),
         }
     }
 

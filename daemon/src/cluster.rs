@@ -394,8 +394,9 @@ impl ClusterSupervisor {
 
     /// Moves the VMs of a host whose lease is gone, that should run, to the others.
     fn fail_over(state: &mut ClusterState, dead: &str, myself: &ActorRef<ClusterMsg>) {
-        let owned: Vec<vm_records::Vm> =
-            state.records.iter().filter(|r| r.record.owner == dead && r.record.moving_to.is_none()).cloned().collect();
+        // Its VMs migrating out too: a target's claim and this move are both guarded by
+        // the record, so exactly one of them takes the VM.
+        let owned: Vec<vm_records::Vm> = state.records.iter().filter(|r| r.record.owner == dead).cloned().collect();
         tracing::warn!(host = dead, vms = owned.len(), "failing the host's VMs over");
         let message = format!("failing over the VMs of host {dead}: {}", owned.len());
         state.events.record("failover", Some(dead), None, message);

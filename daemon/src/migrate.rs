@@ -122,10 +122,20 @@ pub async fn migrate_out(svc: &ControlService, r: pb::MigrateVmRequest) -> Resul
         records::get(svc.store.as_ref(), &r.name).await?.filter(|vm| vm.record.owner == svc.me.name).ok_or_else(
             || Status::failed_precondition(format!("VM {} is not this host's by the cluster's records", r.name)),
         )?;
-    if !records::update(svc.store.as_ref(), &record, |rec| rec.moving_to = Some(r.to_host.clone())).await? {
-        return Err(Status::aborted(format!("VM {}'s record changed meanwhile; try again", r.name)));
-    }
+    // Leaving before the record names the target: the reconciler clears a target that no
+    // migration from here follows.
     let outgoing = Outgoing::start(svc, &r.name);
+    match records::update(svc.store.as_ref(), &record, |rec| rec.moving_to = Some(r.to_host.clone())).await {
+        Ok(true) => {}
+        Ok(false) => {
+            outgoing.done();
+            return Err(Status::aborted(format!("VM {}'s record changed meanwhile; try again", r.name)));
+        }
+        Err(e) => {
+            outgoing.done();
+            return Err(e);
+        }
+    }
     let receive = pb::ReceiveVmRequest { spec: Some(convert::spec_to_pb(&info.spec)) };
     let listen = match target.receive_vm(forwarded(receive)).await {
         Ok(answer) => answer.into_inner().listen,

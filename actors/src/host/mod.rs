@@ -709,6 +709,7 @@ impl HostSupervisor {
                 socket: paths.socket.clone(),
                 serial_log: paths.serial.clone(),
                 spec: record.spec.clone(),
+                receiving: false,
             };
             let entry = VmEntry {
                 spec: record.spec,

@@ -19,6 +19,13 @@
 //!   cluster store are put into the records when the host first joins (`import_vms`), so
 //!   none of them is taken for one the cluster deleted.
 //!
+//! - a VM that failed to arrive here by live migration is deleted here, and the record's
+//!   target cleared if it still names this host (its source's daemon does that, unless it
+//!   died meanwhile); a VM owned here whose record names a target while no migration runs
+//!   from here (the daemon that started it died) has the target cleared too. A record
+//!   left naming a target would keep a later `vm show` on the target, and the target's
+//!   keeper ready to claim a VM that no longer comes.
+//!
 //! A VM migrating out of this host is left alone until its migration ends.
 
 use super::records;
@@ -77,12 +84,32 @@ async fn round(
             }
             continue;
         };
+        if vm.receiving && vm.phase == VmPhase::Failed {
+            // Its receiver failed, so no claim can come from here: the migration is over.
+            // Its source's daemon clears the record, unless it died meanwhile: then no one
+            // else would. If this host owns the VM now (a failover put it here), the VM is
+            // created here from the record once its receiver is gone.
+            if record.record.moving_to.as_deref() == Some(me) {
+                clear_migration(store, record, "its receiver here failed").await;
+            }
+            tracing::warn!(vm = %vm.name, owner = %record.record.owner, "the migration to this host failed; deleting its receiver");
+            let _ = ask(host, |r| HostMsg::DeleteVm(vm.name.clone(), r)).await;
+            continue;
+        }
+        let migrating = leaving.lock().unwrap_or_else(|p| p.into_inner()).contains(&vm.name);
+        if record.record.owner == me
+            && record.record.moving_to.is_some()
+            && !migrating
+            && !vmm_migrating(&vm.socket).await
+        {
+            // A migration this daemon no longer follows (its daemon before it died), over.
+            clear_migration(store, record, "no migration runs from here").await;
+        }
         if record.record.owner == me && record.record.moving_to.is_none() && vm.phase == VmPhase::Starting {
             // Harmless for a VM booting here: its phase stays until its VMM answers.
             let _ = ask(host, |r| HostMsg::Arrived(vm.name.clone(), r)).await;
         }
         let owned_elsewhere = record.record.owner != me && record.record.moving_to.as_deref() != Some(me);
-        let migrating = leaving.lock().unwrap_or_else(|p| p.into_inner()).contains(&vm.name);
         if owned_elsewhere && !migrating {
             tracing::warn!(
                 vm = %vm.name,
@@ -118,6 +145,30 @@ async fn round(
         }
     }
     Ok(())
+}
+
+/// Takes the migration out of `record` (`to` cleared), if the record is as it was read: a
+/// claim that won meanwhile, or a new migration, changed it and stays.
+async fn clear_migration(store: &dyn Store, record: &records::Vm, why: &str) {
+    match records::update(store, record, |r| r.moving_to = None).await {
+        Ok(true) => {
+            tracing::warn!(vm = %record.spec.name, to = ?record.record.moving_to, "a migration that is over: cleared from the record ({why})")
+        }
+        Ok(false) => {}
+        Err(e) => {
+            tracing::debug!(vm = %record.spec.name, "cannot clear the migration from the record: {}", e.message())
+        }
+    }
+}
+
+/// Whether the VMM at `socket` runs a migration now (one that failed has its error).
+async fn vmm_migrating(socket: &std::path::Path) -> bool {
+    let request = novacron_vmm::api::Request::MigrateStatus;
+    match novacron_actors::process::api_call(socket, request, Duration::from_secs(2)).await {
+        Ok(response) => response.migration.is_some_and(|m| m.error.is_none()),
+        // Unsure (busy, or between processes): leave the record for the next round.
+        Err(_) => true,
+    }
 }
 
 /// Whether VM `name` still has no record, by a read of its key alone (a listing leaves out
