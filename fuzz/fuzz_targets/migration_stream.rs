@@ -13,27 +13,28 @@
 //!   it also goes to `page::apply_delta` on its own;
 //! - `DELTA_MARKER`: the rest is one delta, applied to a page;
 //! - anything else: a stream of frames (`length (u32 LE) | postcard Message`), read as
-//!   `transport::read_frames` reads them (MAX_FRAME, stop at the first error), each message
-//!   handled much as `destination::receive` does: Hello sizes the memory, Pages are
-//!   applied (later batches too after one is refused, unlike the real receiver, so that
-//!   the fuzzer is not stuck behind one bad batch), State builds, Verify compares digests,
-//!   Commit starts.
+//!   `transport::read_frames` reads them (MAX_FRAME, stop at the first error), each given
+//!   to the real `DestinationMachine` a millisecond after the one before, with its actions
+//!   done on the fuzz VM as `destination::receive` does them; then its timer fires after
+//!   the message timeout. A receive that fails stays failed, one that ends has started the
+//!   VM it built, and the digest matches memory after every frame.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use novacron_migration::destination::{BaseImage, DestinationVm, PageWriter};
+use novacron_migration::destination::{
+    Action, BaseImage, DestinationMachine, DestinationVm, Event, GuestPages, MESSAGE_TIMEOUT, PageWriter, Step, VmFault,
+};
 use novacron_migration::digest::MemoryDigest;
 use novacron_migration::page::{self, PAGE_SIZE, ZERO_HASH};
 use novacron_migration::protocol::{self, Hello, MAX_FRAME, Message, PageBatch, PageEntry};
 use novacron_migration::stream;
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 const BATCH_MARKER: u8 = 0xfe;
 const DELTA_MARKER: u8 = 0xfd;
 /// The fuzz VM's memory.
 const VM_PAGES: usize = 64;
-/// The most pages a Hello may make the writer take: past VM_PAGES, `page()` says None.
-const MAX_WRITER_PAGES: u64 = 2 * VM_PAGES as u64;
 /// Pages of the base image (`base_image`), some of them zero.
 const BASE_PAGES: usize = 8;
 const MAX_PIECES: usize = 512;
@@ -52,27 +53,32 @@ impl FuzzVm {
     }
 }
 
+impl GuestPages for FuzzVm {
+    fn page(&mut self, page: u64) -> Option<&mut [u8]> {
+        if self.built {
+            return None;
+        }
+        self.mem.get_mut(usize::try_from(page).ok()?).map(|p| &mut p[..])
+    }
+}
+
 impl DestinationVm for FuzzVm {
-    fn prepare(&mut self, hello: &Hello) -> Result<(), String> {
+    fn prepare(&mut self, hello: &Hello) -> Result<(), VmFault> {
         let bytes = hello.regions.iter().try_fold(0u64, |sum, r| sum.checked_add(*r)).ok_or("regions overflow")?;
         if bytes > (VM_PAGES * PAGE_SIZE) as u64 {
-            return Err(format!("{bytes} bytes of RAM, the fuzz VM has {}", VM_PAGES * PAGE_SIZE));
+            return Err(format!("{bytes} bytes of RAM, the fuzz VM has {}", VM_PAGES * PAGE_SIZE).into());
         }
         self.prepared = true;
         Ok(())
     }
 
-    fn page(&mut self, page: u64) -> Option<&mut [u8]> {
-        self.mem.get_mut(usize::try_from(page).ok()?).map(|p| &mut p[..])
-    }
-
-    fn build(&mut self, state: &[u8]) -> Result<(), String> {
-        stream::decode(state).map_err(|e| e.to_string())?;
+    fn build(&mut self, state: &[u8]) -> Result<(), VmFault> {
+        stream::decode(state)?;
         self.built = true;
         Ok(())
     }
 
-    fn start(&mut self) -> Result<(), String> {
+    fn start(&mut self) -> Result<(), VmFault> {
         if !self.built {
             return Err("not built".into());
         }
@@ -115,7 +121,7 @@ fn base_image() -> &'static BaseImage {
 
 /// The digest must stand for exactly what memory holds: every non-zero page, by its
 /// number and hash, and nothing the writer did not write.
-fn check_digest(vm: &FuzzVm, writer: &PageWriter) {
+fn check_digest(vm: &FuzzVm, digest: MemoryDigest) {
     let mut expected = MemoryDigest::default();
     for (i, p) in vm.mem.iter().enumerate() {
         let h = page::hash(p);
@@ -123,7 +129,7 @@ fn check_digest(vm: &FuzzVm, writer: &PageWriter) {
             expected.replace(i as u64, &ZERO_HASH, &h);
         }
     }
-    assert_eq!(expected, writer.digest(), "the memory digest differs from the memory written");
+    assert_eq!(expected, digest, "the memory digest differs from the memory written");
 }
 
 /// Applies `delta` to a copy of `old` on its own: refused, the page is as it was;
@@ -156,40 +162,45 @@ fn frames(mut data: &[u8]) -> Vec<Message> {
     messages
 }
 
-/// Handles the messages much as the destination's receive loop does.
-fn receive(messages: &[Message]) {
+/// Gives the messages to the real destination machine, a millisecond apart, doing its
+/// actions on the fuzz VM as the driver does; then lets its timer fire.
+fn receive(messages: Vec<Message>) {
     let mut vm = FuzzVm::new();
-    let mut writer: Option<PageWriter> = None;
-    let mut state: Option<&[u8]> = None;
-    for message in messages {
-        match message {
-            Message::Hello(hello) if writer.is_none() => {
-                let _ = vm.prepare(hello);
-                let pages = hello.regions.iter().map(|r| r / PAGE_SIZE as u64).fold(0u64, u64::saturating_add);
-                writer = Some(PageWriter::new(pages.min(MAX_WRITER_PAGES)).expect("page writer"));
-            }
-            Message::Pages(batch) => {
-                let w = writer.get_or_insert_with(|| PageWriter::new(VM_PAGES as u64).expect("page writer"));
-                let _ = w.apply(&mut vm, Some(base_image()), batch);
-                check_digest(&vm, w);
-            }
-            Message::State(s) => {
-                state = Some(s);
-                let _ = vm.build(s);
-            }
-            Message::Verify(theirs) => {
-                if let (Some(w), Some(s)) = (&writer, state) {
-                    let same = (w.digest().bytes() == theirs.memory, *blake3::hash(s).as_bytes() == theirs.state);
-                    std::hint::black_box(same);
+    let start = Instant::now();
+    let mut machine = DestinationMachine::new(start, Some(base_image()));
+    let mut now = start;
+    let events = messages.into_iter().map(|message| Event::Frame { len: 1, message }).chain([Event::Timer]);
+    for event in events {
+        if matches!(event, Event::Timer) {
+            now += MESSAGE_TIMEOUT + Duration::from_secs(1);
+        } else {
+            now += Duration::from_millis(1);
+        }
+        let was = machine.step();
+        let mut next = Some(event);
+        while let Some(event) = next.take() {
+            match machine.handle(now, event, &mut vm) {
+                Some(Action::Prepare(hello)) => next = Some(Event::Prepared(vm.prepare(&hello))),
+                Some(Action::Build(state)) => next = Some(Event::Built(vm.build(&state))),
+                Some(Action::Start) => next = Some(Event::Started(vm.start())),
+                Some(Action::Fail(e)) => {
+                    std::hint::black_box(e.to_string());
+                    assert_eq!(machine.step(), Step::Failed, "a failed receive says so");
                 }
+                Some(Action::Send(_)) | None => {}
             }
-            Message::Commit => {
-                let _ = vm.start();
-            }
-            _ => {}
+        }
+        if let Some(digest) = machine.digest() {
+            check_digest(&vm, digest);
+        }
+        if matches!(was, Step::Done | Step::Failed) {
+            assert_eq!(machine.step(), was, "a receive that ended took another event");
         }
     }
-    std::hint::black_box((vm.prepared, vm.built, vm.started));
+    match machine.step() {
+        Step::Done => assert!(vm.built && vm.started && machine.report().is_some(), "done without a running VM"),
+        step => assert!(step == Step::Failed && !vm.started, "{step:?} after the timeout, or a VM started"),
+    }
 }
 
 /// Takes `n` bytes (fewer if the input ends).
@@ -284,7 +295,7 @@ fn apply_pieces(rest: &[u8]) {
     }
     writer.apply(&mut vm, None, &warm.finish(None)).expect("a batch the encoder made is refused");
     let _ = writer.apply(&mut vm, offer_base.then(base_image), &batch);
-    check_digest(&vm, &writer);
+    check_digest(&vm, writer.digest());
     for (i, delta) in deltas.iter().enumerate() {
         check_delta(&vm.mem[i % VM_PAGES], delta);
     }
@@ -297,6 +308,6 @@ fuzz_target!(|data: &[u8]| {
             check_delta(&[0u8; PAGE_SIZE], &data[1..]);
             check_delta(base_page(0), &data[1..]);
         }
-        _ => receive(&frames(data)),
+        _ => receive(frames(data)),
     }
 });

@@ -11,7 +11,8 @@
 //! - [`tls`]: the cluster CA, node certificates, mutual-TLS configurations.
 //! - [`transport`]: the QUIC link the engines talk over.
 //! - [`source`] and [`destination`]: the pre-copy engine's two ends, over traits the VMM
-//!   implements for a real VM.
+//!   implements for a real VM. The destination is a sans-I/O state machine
+//!   (`destination::DestinationMachine`) with a driver around it.
 //!
 //! The VMM (`novacron-vmm`) captures and restores the state that goes into sections and
 //! owns the VM; this crate decides what to send when and checks what arrives.

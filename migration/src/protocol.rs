@@ -27,6 +27,9 @@ use crate::page::{self, PAGE_SIZE, PageHash};
 use serde::{Deserialize, Serialize};
 
 pub const PROTOCOL_VERSION: u16 = 1;
+/// The oldest version a destination still receives from (N-1 once there is an N), so that
+/// a rolling upgrade can move VMs from old VMMs to new ones.
+pub const OLDEST_PROTOCOL_VERSION: u16 = 1;
 /// No frame is longer: the largest is a batch of uncompressed pages.
 pub const MAX_FRAME: usize = 8 << 20;
 /// Pages per batch.

@@ -17,17 +17,18 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Runs the test guest, snapshots it paused after a few heartbeats and verdicts, and
 /// returns the last heartbeat it printed before the snapshot.
-fn snapshot_of(vcpus: u8, cmdline: &str, dir: &Path, extra: &[String]) -> u64 {
+fn snapshot_of(vcpus: u8, mem_mib: u64, cmdline: &str, dir: &Path, extra: &[String]) -> u64 {
     let sock = dir.join("src.sock");
     let mut cmd = vmm();
-    cmd.args(["--vcpus", &vcpus.to_string(), "--mem", "128", "--cmdline", cmdline]).arg("--api-sock").arg(&sock);
+    cmd.args(["--vcpus", &vcpus.to_string(), "--mem", &mem_mib.to_string(), "--cmdline", cmdline]);
+    cmd.arg("--api-sock").arg(&sock);
     cmd.args(extra);
     let mut vm = Watched::spawn(cmd).unwrap();
     vm.wait_verified(2, TIMEOUT).unwrap();
     let reply =
         call(&sock, Request::Snapshot { dir: dir.join("snap").to_string_lossy().into(), paused: true }, CALL_TIMEOUT);
     let report = reply.unwrap().snapshot.unwrap();
-    assert!(report.pages_written > 0 && report.memory_bytes == 128 << 20, "{report:?}");
+    assert!(report.pages_written > 0 && report.memory_bytes == mem_mib << 20, "{report:?}");
     // Lines already on their way are read; a paused VM prints nothing more.
     while let Ok(Some(_)) = vm.next_line(Duration::from_millis(300)) {}
     let last = *vm.heartbeats().last().unwrap();
@@ -42,11 +43,18 @@ fn restore(dir: &Path) -> Watched {
     Watched::spawn(cmd).unwrap()
 }
 
+const WORKLOAD: &str = "ws=8 rate=2000 verify=300 hb=100";
+
 fn continues_where_it_stopped(vcpus: u8) {
     let dir = tempfile::tempdir().unwrap();
-    let last = snapshot_of(vcpus, "ws=8 rate=2000 verify=300 hb=100", dir.path(), &[]);
+    let last = snapshot_of(vcpus, 128, WORKLOAD, dir.path(), &[]);
+    let restored = restore(dir.path());
+    goes_on_from(restored, last, vcpus);
+}
 
-    let mut restored = restore(dir.path());
+/// The restored guest's first heartbeat follows `last`, its memory verifies on all
+/// `vcpus`, and it never booted again.
+fn goes_on_from(mut restored: Watched, last: u64, vcpus: u8) {
     let first = restored
         .wait_for("a heartbeat after restore", TIMEOUT, |l| matches!(l.parsed, GuestLine::Heartbeat(_)))
         .unwrap();
@@ -87,7 +95,7 @@ fn kvm_snapshot_with_devices_restores_them_and_refuses_a_changed_disk() {
     let disk = dir.path().join("disk.img");
     std::fs::File::create(&disk).unwrap().set_len(1 << 20).unwrap();
     let extra = vec!["--rng".to_string(), "--disk".to_string(), format!("path={}", disk.display())];
-    let last = snapshot_of(1, "ws=4 verify=300 hb=100 blk=8 rng=64", dir.path(), &extra);
+    let last = snapshot_of(1, 128, "ws=4 verify=300 hb=100 blk=8 rng=64", dir.path(), &extra);
 
     let mut restored = restore(dir.path());
     let first = restored.wait_for("a heartbeat", TIMEOUT, |l| matches!(l.parsed, GuestLine::Heartbeat(_))).unwrap();
@@ -108,7 +116,7 @@ fn kvm_damaged_snapshots_are_refused_with_one_line() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    snapshot_of(1, "ws=4 verify=300 hb=100", dir.path(), &[]);
+    snapshot_of(1, 128, "ws=4 verify=300 hb=100", dir.path(), &[]);
     let snap = dir.path().join("snap");
     let state = std::fs::read(snap.join("state.bin")).unwrap();
     let memory_len = std::fs::metadata(snap.join("memory.bin")).unwrap().len();
@@ -184,7 +192,7 @@ fn kvm_snapshot_over_the_snapshot_a_vm_runs_from_keeps_the_vm_and_the_snapshot()
     }
     let dir = tempfile::tempdir().unwrap();
     let snap = dir.path().join("snap");
-    let first_last = snapshot_of(1, "ws=8 rate=2000 verify=300 hb=100", dir.path(), &[]);
+    let first_last = snapshot_of(1, 128, WORKLOAD, dir.path(), &[]);
     let sock = dir.path().join("restored.sock");
     let mut cmd = vmm();
     cmd.arg("--restore-from").arg(&snap).arg("--api-sock").arg(&sock);
@@ -268,7 +276,7 @@ fn kvm_fifo_in_a_snapshot_is_refused_without_waiting_on_it() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    snapshot_of(1, "ws=4 verify=300 hb=100", dir.path(), &[]);
+    snapshot_of(1, 128, "ws=4 verify=300 hb=100", dir.path(), &[]);
     let snap = dir.path().join("snap");
     let fifo = |name: &str| {
         std::fs::remove_file(snap.join(name)).unwrap();
@@ -291,4 +299,40 @@ fn kvm_fifo_in_a_snapshot_is_refused_without_waiting_on_it() {
         assert!(stderr.contains(&format!("{name} is not a regular file")), "{stderr}");
         assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
     }
+}
+
+/// The committed snapshot a format-1 VMM wrote (`tests/fixtures/snapshot-v1`: state.bin,
+/// memory.bin compressed, and the last heartbeat before it). Once the snapshot format or
+/// a section moves on, it is the N-1 snapshot this build must still restore; it stays as
+/// it is. `NOVACRON_WRITE_FIXTURES=1` writes it anew, for a new version.
+const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/snapshot-v1");
+
+#[test]
+fn kvm_the_committed_v1_snapshot_restores_and_the_guest_goes_on() {
+    if !kvm_or_skip("kvm_the_committed_v1_snapshot_restores_and_the_guest_goes_on") {
+        return;
+    }
+    let fixture = Path::new(FIXTURE);
+    if std::env::var_os("NOVACRON_WRITE_FIXTURES").is_some() {
+        let dir = tempfile::tempdir().unwrap();
+        let last = snapshot_of(1, 32, WORKLOAD, dir.path(), &[]);
+        std::fs::create_dir_all(fixture).unwrap();
+        std::fs::copy(dir.path().join("snap/state.bin"), fixture.join("state.bin")).unwrap();
+        let memory = std::fs::read(dir.path().join("snap/memory.bin")).unwrap();
+        std::fs::write(fixture.join("memory.bin.zst"), zstd::bulk::compress(&memory, 19).unwrap()).unwrap();
+        std::fs::write(fixture.join("last-heartbeat"), format!("{last}\n")).unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("snap");
+    std::fs::create_dir(&snap).unwrap();
+    std::fs::copy(fixture.join("state.bin"), snap.join("state.bin")).unwrap();
+    let compressed = std::fs::read(fixture.join("memory.bin.zst")).unwrap();
+    let memory = zstd::bulk::decompress(&compressed, 32 << 20).unwrap();
+    std::fs::write(snap.join("memory.bin"), memory).unwrap();
+    let last: u64 = std::fs::read_to_string(fixture.join("last-heartbeat")).unwrap().trim().parse().unwrap();
+    let snapshot = novacron_vmm::snapshot::read(&snap).unwrap();
+    assert_eq!((snapshot.state.spec.vcpus, snapshot.state.spec.mem_mib), (1, 32));
+    assert_eq!(snapshot.memory.file, "memory.bin");
+
+    goes_on_from(restore(dir.path()), last, 1);
 }

@@ -11,7 +11,7 @@ use crate::config::{HostSide, VmConfig};
 use crate::machine::Machine;
 use crate::snapshot::{MachineSpec, RunState, SavedState};
 use crate::vstate::memory::{self, GuestMemory};
-use novacron_migration::destination::{self, BaseImage, DestinationVm};
+use novacron_migration::destination::{self, BaseImage, DestinationVm, GuestPages, VmFault};
 use novacron_migration::page::PAGE_SIZE;
 use novacron_migration::protocol::Hello;
 use novacron_migration::stream;
@@ -68,24 +68,45 @@ struct Incoming {
     run: RunState,
 }
 
-impl DestinationVm for Incoming {
-    fn prepare(&mut self, hello: &Hello) -> Result<(), String> {
-        let spec: MachineSpec =
-            postcard::from_bytes(&hello.machine).map_err(|e| format!("the machine description is not valid: {e}"))?;
-        VmConfig::check_spec(&spec).map_err(|e| e.to_string())?;
-        let expected: Vec<u64> =
-            crate::arch::x86_64::layout::ram_ranges(spec.mem_mib << 20).iter().map(|r| r.1).collect();
-        if hello.regions != expected {
-            return Err(format!("RAM regions {:?} do not fit {} MiB", hello.regions, spec.mem_mib));
-        }
-        let memory = memory::create(spec.mem_mib << 20).map_err(|e| crate::process::error_chain(&e))?;
-        self.ram = memory.iter().map(|r| (r.as_ptr(), r.len() as usize)).collect();
-        self.memory = Some(memory);
-        tracing::info!(vcpus = spec.vcpus, mem_mib = spec.mem_mib, "receiving a VM");
-        self.spec = Some(spec);
-        Ok(())
-    }
+/// Why the VMM could not take the VM in (the engine keeps it as the source of its
+/// `ReceiveError::{Prepare, Build, Start}`).
+#[derive(Debug, thiserror::Error)]
+enum IncomingError {
+    #[error("the machine description is not valid")]
+    Machine(#[source] postcard::Error),
+    #[error("the machine cannot run here")]
+    Spec(#[source] crate::config::ConfigError),
+    #[error("RAM regions {regions:?} do not fit {mem_mib} MiB")]
+    Regions { regions: Vec<u64>, mem_mib: u64 },
+    #[error("cannot make guest memory")]
+    Memory(#[source] memory::MemoryError),
+    #[error("the VM state")]
+    State(#[source] stream::StreamError),
+    #[error("the VM state")]
+    Saved(#[source] crate::snapshot::SnapshotError),
+    #[error("the VM state describes another machine than the Hello did")]
+    OtherMachine,
+    #[error("no memory was prepared")]
+    NotPrepared,
+    #[error("the serial console file")]
+    Serial(#[source] std::io::Error),
+    #[error("cannot route stop signals to the event loop")]
+    Signals(#[source] crate::runtime::RuntimeError),
+    #[error("cannot build the machine")]
+    Build(#[source] crate::builder::BuildError),
+    #[error("the VM was not built")]
+    NotBuilt,
+    #[error("the disk images")]
+    DiskLocks(#[source] crate::api::ApiError),
+    #[error("the keeper's claim")]
+    Claim(#[source] crate::permit::ClaimError),
+    #[error("the run permit")]
+    Permit(#[source] crate::api::ApiError),
+    #[error("cannot resume the VM")]
+    Resume(#[source] crate::api::ApiError),
+}
 
+impl GuestPages for Incoming {
     fn page(&mut self, page: u64) -> Option<&mut [u8]> {
         if self.machine.is_some() {
             return None; // the VM exists: its memory is no longer ours to write
@@ -103,30 +124,62 @@ impl DestinationVm for Incoming {
         }
         None
     }
+}
 
-    fn build(&mut self, state: &[u8]) -> Result<(), String> {
-        let sections = stream::decode(state).map_err(|e| format!("the VM state: {e}"))?;
-        let saved = SavedState::from_sections(&sections).map_err(|e| crate::process::error_chain(&e))?;
-        if Some(&saved.spec) != self.spec.as_ref() {
-            return Err("the VM state describes another machine than the Hello did".into());
+impl DestinationVm for Incoming {
+    fn prepare(&mut self, hello: &Hello) -> Result<(), VmFault> {
+        Ok(self.prepare_memory(hello)?)
+    }
+
+    fn build(&mut self, state: &[u8]) -> Result<(), VmFault> {
+        Ok(self.build_machine(state)?)
+    }
+
+    fn start(&mut self) -> Result<(), VmFault> {
+        Ok(self.start_machine()?)
+    }
+}
+
+impl Incoming {
+    fn prepare_memory(&mut self, hello: &Hello) -> Result<(), IncomingError> {
+        let spec: MachineSpec = postcard::from_bytes(&hello.machine).map_err(IncomingError::Machine)?;
+        VmConfig::check_spec(&spec).map_err(IncomingError::Spec)?;
+        let expected: Vec<u64> =
+            crate::arch::x86_64::layout::ram_ranges(spec.mem_mib << 20).iter().map(|r| r.1).collect();
+        if hello.regions != expected {
+            return Err(IncomingError::Regions { regions: hello.regions.clone(), mem_mib: spec.mem_mib });
         }
-        let memory = self.memory.clone().ok_or("no memory was prepared")?;
+        let memory = memory::create(spec.mem_mib << 20).map_err(IncomingError::Memory)?;
+        self.ram = memory.iter().map(|r| (r.as_ptr(), r.len() as usize)).collect();
+        self.memory = Some(memory);
+        tracing::info!(vcpus = spec.vcpus, mem_mib = spec.mem_mib, "receiving a VM");
+        self.spec = Some(spec);
+        Ok(())
+    }
+
+    fn build_machine(&mut self, state: &[u8]) -> Result<(), IncomingError> {
+        let sections = stream::decode(state).map_err(IncomingError::State)?;
+        let saved = SavedState::from_sections(&sections).map_err(IncomingError::Saved)?;
+        if Some(&saved.spec) != self.spec.as_ref() {
+            return Err(IncomingError::OtherMachine);
+        }
+        let memory = self.memory.clone().ok_or(IncomingError::NotPrepared)?;
         self.run = saved.run;
         let config = VmConfig::from_spec(&saved.spec, self.host.clone());
-        let serial = crate::process::serial_output(&config).map_err(|e| format!("the serial console file: {e}"))?;
+        let serial = crate::process::serial_output(&config).map_err(IncomingError::Serial)?;
         // From here on threads inherit the mask: stop signals reach the event loop only.
-        crate::runtime::block_stop_signals().map_err(|e| e.to_string())?;
+        crate::runtime::block_stop_signals().map_err(IncomingError::Signals)?;
         let machine = builder::build(&config, serial, Source::Migration { state: Box::new(saved), memory })
-            .map_err(|e| crate::process::error_chain(&e))?;
+            .map_err(IncomingError::Build)?;
         self.machine = Some(machine);
         Ok(())
     }
 
     /// The source has committed and let go of the disk images: take them, then run the
     /// VM, unless it was paused at the source.
-    fn start(&mut self) -> Result<(), String> {
-        let machine = self.machine.as_mut().ok_or("the VM was not built")?;
-        machine.take_disk_locks().map_err(|e| e.to_string())?;
+    fn start_machine(&mut self) -> Result<(), IncomingError> {
+        let machine = self.machine.as_mut().ok_or(IncomingError::NotBuilt)?;
+        machine.take_disk_locks().map_err(IncomingError::DiskLocks)?;
         if machine.fenced() {
             // Under a permit: it runs when its host's keeper permits the new epoch.
             machine.set_run_when_permitted(!self.run.paused);
@@ -135,15 +188,15 @@ impl DestinationVm for Incoming {
                 return Ok(());
             };
             let (epoch, until_ms) =
-                crate::permit::claim(keeper, api_sock, CLAIM_TIMEOUT).map_err(|e| crate::process::error_chain(&e))?;
+                crate::permit::claim(keeper, api_sock, CLAIM_TIMEOUT).map_err(IncomingError::Claim)?;
             tracing::info!(epoch, "the keeper claimed the VM for this host");
-            return machine.grant_permit(epoch, until_ms).map_err(|e| e.to_string());
+            return machine.grant_permit(epoch, until_ms).map_err(IncomingError::Permit);
         }
         if self.run.paused {
             tracing::info!("the VM was paused at the source: it stays paused here");
             return Ok(());
         }
-        machine.resume().map_err(|e| e.to_string())
+        machine.resume().map_err(IncomingError::Resume)
     }
 }
 
@@ -213,7 +266,7 @@ pub fn receive_vm(args: &ReceiveArgs) -> i32 {
         Ok(r) => r,
         Err(e) => {
             link.close(Duration::from_millis(300));
-            return fail("the migration failed; nothing runs here", &e);
+            return fail("the migration failed; nothing runs here", &crate::process::error_chain(&e));
         }
     };
     crate::process::say(format_args!(

@@ -1,0 +1,433 @@
+//! The destination machine driven by a scripted source under simulated time: a whole
+//! receive, and a failure at every step, each asserting which error it is.
+
+use super::*;
+use crate::page::{self, ZERO_HASH};
+use crate::protocol::BatchBuilder;
+
+const PAGES: usize = 8;
+/// Each frame's length, as the driver would count it.
+const FRAME: u64 = 100;
+
+#[derive(Debug, thiserror::Error)]
+#[error("the test VM refuses to {0}")]
+struct TestFault(&'static str);
+
+/// Guest memory and the VM steps, failing the one named in `fail`.
+#[derive(Default)]
+struct TestVm {
+    mem: Vec<Vec<u8>>,
+    built: Option<Vec<u8>>,
+    started: bool,
+    fail: Option<&'static str>,
+}
+
+impl TestVm {
+    fn failing(step: &'static str) -> Self {
+        TestVm { fail: Some(step), ..TestVm::default() }
+    }
+
+    fn step(&self, step: &'static str) -> Result<(), VmFault> {
+        if self.fail == Some(step) {
+            return Err(Box::new(TestFault(step)));
+        }
+        Ok(())
+    }
+}
+
+impl GuestPages for TestVm {
+    fn page(&mut self, page: u64) -> Option<&mut [u8]> {
+        if self.built.is_some() {
+            return None;
+        }
+        self.mem.get_mut(usize::try_from(page).ok()?).map(|p| &mut p[..])
+    }
+}
+
+impl DestinationVm for TestVm {
+    fn prepare(&mut self, hello: &Hello) -> Result<(), VmFault> {
+        self.step("prepare")?;
+        self.mem = vec![vec![0; PAGE_SIZE]; (hello.regions.iter().sum::<u64>() / PAGE_SIZE as u64) as usize];
+        Ok(())
+    }
+
+    fn build(&mut self, state: &[u8]) -> Result<(), VmFault> {
+        self.step("build")?;
+        self.built = Some(state.to_vec());
+        Ok(())
+    }
+
+    fn start(&mut self) -> Result<(), VmFault> {
+        self.step("start")?;
+        self.started = true;
+        Ok(())
+    }
+}
+
+fn hello(version: u16, pages: usize) -> Message {
+    Message::Hello(Hello { version, machine: b"machine".to_vec(), regions: vec![(pages * PAGE_SIZE) as u64] })
+}
+
+/// Page `i` as the source holds it: some non-zero pattern.
+fn content(i: usize) -> Vec<u8> {
+    (0..PAGE_SIZE).map(|b| (b * (i + 7) + i) as u8 | 1).collect()
+}
+
+/// Pages 1 and 3 full, page 5 a copy of page 1, page 2 zero (it was zero already).
+fn pages() -> Message {
+    let mut batch = BatchBuilder::default();
+    batch.full(1, &content(1));
+    batch.full(3, &content(3));
+    batch.copy(5, 1);
+    batch.zero(2);
+    Message::Pages(batch.finish(None))
+}
+
+const STATE: &[u8] = b"the VM's saved state";
+
+/// The digests of what `pages()` and `STATE` make.
+fn digests() -> Digests {
+    let mut memory = MemoryDigest::default();
+    for (i, p) in [(1, content(1)), (3, content(3)), (5, content(1))] {
+        memory.replace(i, &ZERO_HASH, &page::hash(&p));
+    }
+    Digests { memory: memory.bytes(), state: *blake3::hash(STATE).as_bytes() }
+}
+
+/// A destination machine and its VM, with a simulated clock.
+struct Run {
+    machine: DestinationMachine<'static>,
+    vm: TestVm,
+    now: Instant,
+    start: Instant,
+}
+
+impl Run {
+    fn new(vm: TestVm) -> Self {
+        let start = Instant::now();
+        Run { machine: DestinationMachine::new(start, None), vm, now: start, start }
+    }
+
+    /// Handles `event` `after` the last one, doing VM steps as the driver does; answers
+    /// what was sent, and the failure if there was one.
+    fn event(&mut self, after: Duration, event: Event) -> (Vec<Message>, Option<ReceiveError>) {
+        self.now += after;
+        let (mut sent, mut next) = (Vec::new(), Some(event));
+        while let Some(event) = next.take() {
+            match self.machine.handle(self.now, event, &mut self.vm) {
+                None => {}
+                Some(Action::Send(m)) => sent.push(m),
+                Some(Action::Prepare(hello)) => next = Some(Event::Prepared(self.vm.prepare(&hello))),
+                Some(Action::Build(state)) => next = Some(Event::Built(self.vm.build(&state))),
+                Some(Action::Start) => next = Some(Event::Started(self.vm.start())),
+                Some(Action::Fail(e)) => return (sent, Some(e)),
+            }
+        }
+        (sent, None)
+    }
+
+    fn frame(&mut self, message: Message) -> (Vec<Message>, Option<ReceiveError>) {
+        self.event(Duration::from_millis(10), Event::Frame { message, len: FRAME })
+    }
+
+    /// Sends the frames, which must all be taken without a failure.
+    fn frames(&mut self, messages: impl IntoIterator<Item = Message>) {
+        for m in messages {
+            let name = m.name();
+            let (_, failed) = self.frame(m);
+            assert!(failed.is_none(), "{name}: {failed:?}");
+        }
+    }
+
+    /// The frame that must fail the receive; answers the error.
+    fn fails(&mut self, message: Message) -> ReceiveError {
+        let (_, failed) = self.frame(message);
+        self.failed(failed)
+    }
+
+    fn failed(&mut self, failed: Option<ReceiveError>) -> ReceiveError {
+        let Some(e) = failed else { panic!("the receive went on at {:?}", self.machine.step()) };
+        assert_eq!(self.machine.step(), Step::Failed);
+        assert!(!self.vm.started, "nothing runs after a failure");
+        // A failed receive takes nothing more.
+        let (sent, again) = self.frame(Message::Commit);
+        assert!(sent.is_empty() && again.is_none());
+        assert!(self.machine.report().is_none());
+        e
+    }
+}
+
+/// The fault the VM gave, as the source of `e`.
+fn vm_fault(e: &ReceiveError) -> Option<&TestFault> {
+    std::error::Error::source(e)?.downcast_ref::<TestFault>()
+}
+
+#[test]
+fn test_a_whole_receive_writes_the_pages_checks_both_digests_and_runs_the_vm_only_on_commit() {
+    let mut run = Run::new(TestVm::default());
+
+    let (welcome, _) = run.frame(hello(PROTOCOL_VERSION, PAGES));
+    assert!(matches!(&welcome[..], [Message::Welcome(w)] if w.base.is_empty()), "{welcome:?}");
+    assert_eq!(run.machine.step(), Step::Receiving);
+    let (received, _) = run.frame(pages());
+    assert!(matches!(received[..], [Message::Received(n)] if n == 2 * FRAME), "{received:?}");
+    let (sent, _) = run.frame(Message::State(STATE.to_vec()));
+    assert!(sent.is_empty());
+    let (ready, _) = run.frame(Message::Verify(digests()));
+    assert!(matches!(&ready[..], [Message::Ready(d)] if *d == digests()), "{ready:?}");
+    assert_eq!((run.machine.step(), run.vm.built.as_deref(), run.vm.started), (Step::Commit, Some(STATE), false));
+    let (running, _) = run.frame(Message::Commit);
+
+    assert!(matches!(running[..], [Message::Running]), "{running:?}");
+    assert!(run.vm.started);
+    assert_eq!(run.machine.step(), Step::Done);
+    for (i, page) in run.vm.mem.iter().enumerate() {
+        let want = match i {
+            1 | 5 => content(1),
+            3 => content(3),
+            _ => vec![0; PAGE_SIZE],
+        };
+        assert!(*page == want, "page {i}");
+    }
+    let report = run.machine.report().unwrap();
+    assert_eq!(report.pages_received, 4);
+    assert_eq!(report.bytes_received, 5 * FRAME);
+    assert_eq!(report.memory_digest, hex(&digests().memory));
+    // From Hello to Running: four frames 10 ms apart.
+    assert_eq!(report.total_ms, 40);
+    assert_eq!(run.now.duration_since(run.start), Duration::from_millis(50));
+}
+
+#[test]
+fn test_a_version_outside_the_window_is_refused_and_names_both_ends() {
+    for version in [OLDEST_PROTOCOL_VERSION - 1, PROTOCOL_VERSION + 1] {
+        let mut run = Run::new(TestVm::default());
+        let e = run.fails(hello(version, PAGES));
+        assert!(matches!(e, ReceiveError::Version(v) if v == version), "{e}");
+        assert!(e.to_string().contains("upgrade the older"), "{e}");
+        assert!(run.vm.mem.is_empty(), "no memory was made");
+    }
+    for version in OLDEST_PROTOCOL_VERSION..=PROTOCOL_VERSION {
+        let mut run = Run::new(TestVm::default());
+        run.frames([hello(version, PAGES)]);
+        assert_eq!(run.machine.step(), Step::Receiving, "version {version} is in the window");
+    }
+}
+
+#[test]
+fn test_regions_past_16_tib_are_refused_before_the_vm_makes_memory() {
+    let mut run = Run::new(TestVm::default());
+    let e = run.fails(Message::Hello(Hello { version: PROTOCOL_VERSION, machine: vec![], regions: vec![u64::MAX, 1] }));
+    assert!(matches!(&e, ReceiveError::Regions(r) if *r == [u64::MAX, 1]), "{e}");
+    let mut run = Run::new(TestVm::default());
+    let e = run.fails(hello(PROTOCOL_VERSION, (MAX_PAGES + 1) as usize));
+    assert!(matches!(e, ReceiveError::Regions(_)), "{e}");
+}
+
+#[test]
+fn test_a_vm_step_that_fails_fails_the_receive_and_keeps_the_vms_error_as_its_source() {
+    let mut run = Run::new(TestVm::failing("prepare"));
+    let e = run.fails(hello(PROTOCOL_VERSION, PAGES));
+    assert!(matches!(e, ReceiveError::Prepare(_)), "{e}");
+    assert_eq!(vm_fault(&e).map(|f| f.0), Some("prepare"));
+    assert_eq!(crate::error_chain(&e), "cannot make the VM's memory: the test VM refuses to prepare");
+
+    let mut run = Run::new(TestVm::failing("build"));
+    run.frames([hello(PROTOCOL_VERSION, PAGES), pages(), Message::State(STATE.to_vec())]);
+    let e = run.fails(Message::Verify(digests()));
+    assert!(matches!(e, ReceiveError::Build(_)), "{e}");
+    assert_eq!(vm_fault(&e).map(|f| f.0), Some("build"));
+
+    let mut run = Run::new(TestVm::failing("start"));
+    run.frames([hello(PROTOCOL_VERSION, PAGES), pages(), Message::State(STATE.to_vec()), Message::Verify(digests())]);
+    let e = run.fails(Message::Commit);
+    assert!(matches!(e, ReceiveError::Start(_)), "{e}");
+    assert_eq!(vm_fault(&e).map(|f| f.0), Some("start"));
+}
+
+#[test]
+fn test_a_message_out_of_its_step_is_refused_and_says_what_was_due() {
+    let script =
+        || [hello(PROTOCOL_VERSION, PAGES), pages(), Message::State(STATE.to_vec()), Message::Verify(digests())];
+    // (messages taken first, the stray one, what was due)
+    let cases: Vec<(usize, Message, &str)> = vec![
+        (0, pages(), "Hello"),
+        (0, Message::Commit, "Hello"),
+        (1, hello(PROTOCOL_VERSION, PAGES), "Pages, State or Verify"),
+        (1, Message::Commit, "Pages, State or Verify"),
+        (1, Message::Running, "Pages, State or Verify"),
+        (2, Message::Welcome(Welcome { base: vec![] }), "Pages, State or Verify"),
+        (4, pages(), "Commit"),
+        (4, Message::State(STATE.to_vec()), "Commit"),
+        (4, Message::Verify(digests()), "Commit"),
+    ];
+    for (taken, stray, due) in cases {
+        let got = stray.name();
+        let mut run = Run::new(TestVm::default());
+        run.frames(script().into_iter().take(taken));
+        let e = run.fails(stray);
+        assert!(
+            matches!(e, ReceiveError::Unexpected { expected, got: g } if expected == due && g == got),
+            "after {taken} messages, {got}: {e}"
+        );
+    }
+    // Verify with no State before it.
+    let mut run = Run::new(TestVm::default());
+    run.frames([hello(PROTOCOL_VERSION, PAGES), pages()]);
+    let e = run.fails(Message::Verify(digests()));
+    assert!(matches!(e, ReceiveError::Unexpected { expected: "State", got: "Verify" }), "{e}");
+}
+
+#[test]
+fn test_a_digest_that_differs_fails_before_the_vm_is_built() {
+    for wrong in ["memory", "state"] {
+        let mut run = Run::new(TestVm::default());
+        run.frames([hello(PROTOCOL_VERSION, PAGES), pages(), Message::State(STATE.to_vec())]);
+        let mut theirs = digests();
+        match wrong {
+            "memory" => theirs.memory[0] ^= 1,
+            _ => theirs.state[0] ^= 1,
+        }
+        let e = run.fails(Message::Verify(theirs));
+        match wrong {
+            "memory" => assert!(matches!(e, ReceiveError::MemoryDigest { .. }), "{e}"),
+            _ => assert!(matches!(e, ReceiveError::StateDigest { .. }), "{e}"),
+        }
+        assert!(e.to_string().starts_with(&format!("{wrong} digest mismatch")), "{e}");
+        assert!(run.vm.built.is_none(), "not built on a mismatch");
+    }
+}
+
+#[test]
+fn test_a_bad_batch_fails_the_receive() {
+    let mut run = Run::new(TestVm::default());
+    run.frames([hello(PROTOCOL_VERSION, PAGES)]);
+    let mut batch = BatchBuilder::default();
+    batch.full(PAGES as u64, &content(0));
+    let e = run.fails(Message::Pages(batch.finish(None)));
+    assert!(matches!(&e, ReceiveError::BadBatch(why) if why.contains("outside")), "{e}");
+
+    let mut run = Run::new(TestVm::default());
+    run.frames([hello(PROTOCOL_VERSION, PAGES)]);
+    let mut batch = BatchBuilder::default();
+    batch.base(1, 0);
+    let e = run.fails(Message::Pages(batch.finish(None)));
+    assert!(matches!(&e, ReceiveError::BadBatch(why) if why.contains("offered none")), "{e}");
+}
+
+#[test]
+fn test_a_silent_source_times_out_at_the_deadline_and_not_before() {
+    let mut run = Run::new(TestVm::default());
+    let (sent, failed) = run.event(HELLO_TIMEOUT - Duration::from_millis(1), Event::Timer);
+    assert!(sent.is_empty() && failed.is_none(), "early timers are ignored");
+    let (_, failed) = run.event(Duration::from_millis(1), Event::Timer);
+    let e = run.failed(failed);
+    assert!(matches!(e, ReceiveError::Timeout { waiting: "Hello", after } if after == HELLO_TIMEOUT), "{e}");
+
+    // Every frame moves the deadline on: a source that keeps sending is never timed out.
+    let mut run = Run::new(TestVm::default());
+    run.frames([hello(PROTOCOL_VERSION, PAGES)]);
+    for _ in 0..3 {
+        let (_, failed) = run.event(MESSAGE_TIMEOUT - Duration::from_secs(1), Event::Timer);
+        assert!(failed.is_none());
+        run.frames([pages()]);
+    }
+    assert_eq!(run.machine.deadline(), run.now + MESSAGE_TIMEOUT);
+    let (_, failed) = run.event(MESSAGE_TIMEOUT, Event::Timer);
+    let e = run.failed(failed);
+    assert!(matches!(e, ReceiveError::Timeout { waiting: "Pages, State or Verify", .. }), "{e}");
+
+    // Built and ready, the commit that never comes.
+    let mut run = Run::new(TestVm::default());
+    run.frames([hello(PROTOCOL_VERSION, PAGES), pages(), Message::State(STATE.to_vec()), Message::Verify(digests())]);
+    let (_, failed) = run.event(MESSAGE_TIMEOUT, Event::Timer);
+    let e = run.failed(failed);
+    assert!(matches!(e, ReceiveError::Timeout { waiting: "Commit", .. }), "{e}");
+    assert!(run.vm.built.is_some() && !run.vm.started, "built, never run");
+}
+
+/// The committed session a version-1 source sent (`fixtures/session-v1.bin`: frames of
+/// `v1_session()`). Once the protocol is at 2, it is the N-1 stream a rolling upgrade
+/// must still receive; it stays as it is.
+const SESSION_V1: &[u8] = include_bytes!("../../fixtures/session-v1.bin");
+
+/// Page 3 as the second batch changes it: a few words of `content(3)`.
+fn content_3_changed() -> Vec<u8> {
+    let mut page = content(3);
+    page[8..16].copy_from_slice(b"changed!");
+    page[2000..2004].copy_from_slice(&[0, 0, 0, 0]);
+    page
+}
+
+/// The memory the session leaves: page 1 zeroed again, 3 changed by a delta, 5 a copy of
+/// page 1's first content, 6 full.
+fn v1_memory() -> Vec<Vec<u8>> {
+    let mut mem = vec![vec![0; PAGE_SIZE]; PAGES];
+    (mem[3], mem[5], mem[6]) = (content_3_changed(), content(1), content(6));
+    mem
+}
+
+fn digest_of(mem: &[Vec<u8>]) -> [u8; 32] {
+    let mut digest = MemoryDigest::default();
+    for (i, p) in mem.iter().enumerate().filter(|(_, p)| p.iter().any(|b| *b != 0)) {
+        digest.replace(i as u64, &ZERO_HASH, &page::hash(p));
+    }
+    digest.bytes()
+}
+
+/// A version-1 session: every kind of page entry, a raw batch and a zstd one.
+fn v1_session() -> Vec<Message> {
+    let mut second = BatchBuilder::default();
+    assert!(second.delta(3, &content(3), &content_3_changed(), 1024));
+    second.full(6, &content(6));
+    second.zero(1);
+    let mut zstd = zstd::bulk::Compressor::new(1).unwrap();
+    let second = second.finish(Some(&mut zstd));
+    assert!(second.compressed, "the second batch is the zstd one");
+    let digests = Digests { memory: digest_of(&v1_memory()), state: *blake3::hash(STATE).as_bytes() };
+    vec![
+        hello(1, PAGES),
+        pages(),
+        Message::Pages(second),
+        Message::State(STATE.to_vec()),
+        Message::Verify(digests),
+        Message::Commit,
+    ]
+}
+
+fn frames(messages: &[Message]) -> Vec<u8> {
+    messages.iter().flat_map(|m| crate::protocol::encode_frame(m).unwrap()).collect()
+}
+
+#[test]
+fn test_the_committed_v1_session_is_received_to_a_running_vm() {
+    let mut run = Run::new(TestVm::default());
+    let mut rest = SESSION_V1;
+    while !rest.is_empty() {
+        let len = crate::protocol::frame_len(rest[..4].try_into().unwrap()).unwrap();
+        let message = crate::protocol::decode_message(&rest[4..4 + len]).unwrap();
+        rest = &rest[4 + len..];
+        let (_, failed) = run.event(Duration::from_millis(1), Event::Frame { message, len: 4 + len as u64 });
+        assert!(failed.is_none(), "{failed:?}");
+    }
+
+    assert_eq!(run.machine.step(), Step::Done);
+    assert!(run.vm.started && run.vm.built.as_deref() == Some(STATE));
+    assert!(run.vm.mem == v1_memory(), "the memory the v1 session describes");
+    let report = run.machine.report().unwrap();
+    assert_eq!((report.pages_received, report.bytes_received), (7, SESSION_V1.len() as u64));
+}
+
+/// While this build speaks version 1, what it sends for the session is the fixture byte
+/// for byte: a change to the wire format needs a new protocol version (and this fixture
+/// kept as the N-1 stream). `NOVACRON_WRITE_FIXTURES=1` writes it anew, for a new version.
+#[test]
+fn test_this_build_sends_the_v1_session_as_committed_while_it_speaks_v1() {
+    let now = frames(&v1_session());
+    if std::env::var_os("NOVACRON_WRITE_FIXTURES").is_some() {
+        std::fs::write(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/session-v1.bin"), &now).unwrap();
+    }
+    if PROTOCOL_VERSION == 1 {
+        assert!(now == SESSION_V1, "the v1 wire format changed: bump PROTOCOL_VERSION and keep the fixture");
+    }
+}

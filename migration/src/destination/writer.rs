@@ -1,0 +1,169 @@
+//! Guest memory as a migration fills it: the page writer, which checks every entry of a
+//! batch before it writes the memory it names and keeps the memory digest, and the base
+//! image a destination may offer (an earlier snapshot's memory.bin).
+
+use super::ReceiveError;
+use crate::digest::MemoryDigest;
+use crate::page::{self, PAGE_SIZE, PageHash, ZERO_HASH};
+use crate::protocol::{PageBatch, PageEntry};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+/// The guest memory a migration writes into (the VMM's fresh memory, or a test's pages).
+pub trait GuestPages {
+    /// Page `page` (PAGE_SIZE bytes), or None past the end of memory. Nothing runs in the
+    /// guest while the engine writes pages.
+    fn page(&mut self, page: u64) -> Option<&mut [u8]>;
+}
+
+/// A snapshot's memory.bin this side already holds: its non-zero pages' hashes, offered to
+/// the source so that it sends references instead of those pages.
+pub struct BaseImage {
+    path: PathBuf,
+    file: File,
+    pub(super) hashes: Vec<PageHash>,
+    /// The file page of each hash.
+    pages: Vec<u64>,
+}
+
+impl BaseImage {
+    /// Reads and hashes every page of `path` (holes and zero pages are left out).
+    pub fn open(path: &Path) -> Result<Self, ReceiveError> {
+        let base_err = |source: std::io::Error| ReceiveError::Base { path: path.to_owned(), source };
+        let file = crate::open_regular(path).map_err(|e| match e {
+            crate::OpenError::Io(source) => base_err(source),
+            crate::OpenError::NotAFile => base_err(std::io::Error::other("it is not a regular file")),
+        })?;
+        let len = file.metadata().map_err(base_err)?.len();
+        let mut chunk = vec![0u8; 2 << 20];
+        let (mut hashes, mut pages) = (Vec::new(), Vec::new());
+        let mut at = 0u64;
+        while at < len {
+            let n = (len - at).min(chunk.len() as u64) as usize;
+            file.read_exact_at(&mut chunk[..n], at).map_err(base_err)?;
+            for (i, p) in chunk[..n].chunks_exact(PAGE_SIZE).enumerate() {
+                let h = page::hash(p);
+                if h != ZERO_HASH {
+                    hashes.push(h);
+                    pages.push(at / PAGE_SIZE as u64 + i as u64);
+                }
+            }
+            at += n as u64;
+        }
+        Ok(BaseImage { path: path.to_owned(), file, hashes, pages })
+    }
+
+    pub fn pages(&self) -> usize {
+        self.hashes.len()
+    }
+
+    fn read(&self, index: u32, into: &mut [u8]) -> Result<PageHash, ReceiveError> {
+        let i = index as usize;
+        let (Some(&page), Some(&hash)) = (self.pages.get(i), self.hashes.get(i)) else {
+            return Err(ReceiveError::BadBatch(format!("base page {index} of {}", self.hashes.len())));
+        };
+        self.file
+            .read_exact_at(into, page * PAGE_SIZE as u64)
+            .map_err(|source| ReceiveError::Base { path: self.path.clone(), source })?;
+        Ok(hash)
+    }
+}
+
+/// Applies page batches to guest memory and keeps the digest of what it wrote. Every
+/// entry is checked before the memory it names is written; an error leaves the pages of
+/// earlier entries written (the receive is then abandoned as a whole).
+pub struct PageWriter {
+    pages: u64,
+    hashes: Vec<PageHash>,
+    digest: MemoryDigest,
+    decompressor: zstd::bulk::Decompressor<'static>,
+    scratch: Vec<u8>,
+    received: u64,
+}
+
+fn page<M: GuestPages>(memory: &mut M, pages: u64, page: u64) -> Result<&mut [u8], ReceiveError> {
+    match memory.page(page) {
+        Some(p) if p.len() == PAGE_SIZE && page < pages => Ok(p),
+        _ => Err(ReceiveError::BadBatch(format!("page {page} is outside the VM's {pages} pages"))),
+    }
+}
+
+impl PageWriter {
+    /// A writer for a VM of `pages` pages whose memory is all zeroes.
+    pub fn new(pages: u64) -> Result<Self, ReceiveError> {
+        Ok(PageWriter {
+            pages,
+            hashes: vec![ZERO_HASH; pages as usize],
+            digest: MemoryDigest::default(),
+            decompressor: zstd::bulk::Decompressor::new().map_err(ReceiveError::Zstd)?,
+            scratch: vec![0; PAGE_SIZE],
+            received: 0,
+        })
+    }
+
+    /// The digest of everything written so far.
+    pub fn digest(&self) -> MemoryDigest {
+        self.digest
+    }
+
+    /// Page entries applied so far.
+    pub fn received(&self) -> u64 {
+        self.received
+    }
+
+    /// Applies a batch to `memory` (`base`: the base image offered in Welcome).
+    pub fn apply<M: GuestPages>(
+        &mut self,
+        memory: &mut M,
+        base: Option<&BaseImage>,
+        batch: &PageBatch,
+    ) -> Result<(), ReceiveError> {
+        let data = batch.raw_data(&mut self.decompressor).map_err(|e| ReceiveError::BadBatch(e.to_string()))?;
+        let pages = self.pages;
+        let mut at = 0usize;
+        for entry in &batch.entries {
+            let page_no = entry.page();
+            let hash = match *entry {
+                PageEntry::Zero { .. } => {
+                    page(memory, pages, page_no)?.fill(0);
+                    ZERO_HASH
+                }
+                PageEntry::Full { .. } => {
+                    let bytes = &data[at..at + PAGE_SIZE];
+                    at += PAGE_SIZE;
+                    page(memory, pages, page_no)?.copy_from_slice(bytes);
+                    page::hash(bytes)
+                }
+                PageEntry::Delta { len, .. } => {
+                    let delta = &data[at..at + len as usize];
+                    at += len as usize;
+                    let target = page(memory, pages, page_no)?;
+                    page::apply_delta(target, delta)
+                        .map_err(|e| ReceiveError::BadBatch(format!("page {page_no}: {e}")))?;
+                    page::hash(target)
+                }
+                PageEntry::Base { base: index, .. } => {
+                    let image =
+                        base.ok_or_else(|| ReceiveError::BadBatch("a base page, but this side offered none".into()))?;
+                    let hash = image.read(index, &mut self.scratch)?;
+                    page(memory, pages, page_no)?.copy_from_slice(&self.scratch);
+                    hash
+                }
+                PageEntry::Copy { from, .. } => {
+                    if from >= pages || from == page_no {
+                        return Err(ReceiveError::BadBatch(format!("page {page_no} copies from page {from}")));
+                    }
+                    self.scratch.copy_from_slice(page(memory, pages, from)?);
+                    page(memory, pages, page_no)?.copy_from_slice(&self.scratch);
+                    self.hashes[from as usize]
+                }
+            };
+            let old = self.hashes[page_no as usize];
+            self.digest.replace(page_no, &old, &hash);
+            self.hashes[page_no as usize] = hash;
+            self.received += 1;
+        }
+        Ok(())
+    }
+}
