@@ -122,8 +122,8 @@ fn fenced(sock: &Path) -> bool {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kvm_keeper_permits_what_its_host_owns_and_shuts_down_a_stale_copy() {
-    if !kvm_or_skip("kvm_keeper_permits_what_its_host_owns_and_shuts_down_a_stale_copy") {
+async fn kvm_keeper_permits_what_its_host_owns_and_evicts_a_stale_copy() {
+    if !kvm_or_skip("kvm_keeper_permits_what_its_host_owns_and_evicts_a_stale_copy") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -142,7 +142,11 @@ async fn kvm_keeper_permits_what_its_host_owns_and_shuts_down_a_stale_copy() {
 
     assert!(beat.is_ok(), "the owned VM runs: {beat:?}");
     let (status, printed) = stale.unwrap();
-    assert_eq!(status.code(), Some(0), "the stale copy was shut down");
+    assert_eq!(
+        status.code(),
+        Some(novacron_vmm::runtime::EVICTED_EXIT_CODE),
+        "the stale copy was evicted (an exit its supervisor never restarts)"
+    );
     assert_eq!(printed, 0, "the stale copy never ran its guest");
     let alive = store.get(&records::alive_key("h1")).await.unwrap().unwrap();
     assert_ne!(alive.lease, 0, "alive/h1 is under the host's lease");

@@ -54,6 +54,31 @@ impl DirtySet {
         self.words.iter().map(|w| u64::from(w.count_ones())).sum()
     }
 
+    /// Adds every page of `other` (of the same memory).
+    pub fn add_all(&mut self, other: &DirtySet) {
+        for (w, o) in self.words.iter_mut().zip(&other.words) {
+            *w |= o;
+        }
+    }
+
+    /// Moves the lowest `n` pages (fewer if the set has fewer) out of the set into `into`,
+    /// which it empties first. `scan` is where to look from (a word index, 0 at first): the
+    /// set is taken apart in order without looking at the words it emptied again.
+    pub fn take_first(&mut self, n: usize, scan: &mut usize, into: &mut Vec<u64>) {
+        into.clear();
+        while let Some(word) = self.words.get_mut(*scan) {
+            while *word != 0 && into.len() < n {
+                let bit = word.trailing_zeros() as u64;
+                *word &= *word - 1;
+                into.push(*scan as u64 * 64 + bit);
+            }
+            if into.len() == n {
+                return;
+            }
+            *scan += 1;
+        }
+    }
+
     pub fn clear(&mut self) {
         self.words.iter_mut().for_each(|w| *w = 0);
     }
@@ -76,6 +101,28 @@ impl DirtySet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_take_first_moves_pages_out_in_order_and_add_all_joins_sets() {
+        let mut set = DirtySet::new(200);
+        for p in [3, 64, 65, 130, 199] {
+            set.set(p);
+        }
+        let mut other = DirtySet::new(200);
+        other.set(0);
+        other.set(65);
+        set.add_all(&other);
+        let (mut scan, mut taken, mut all) = (0, Vec::new(), Vec::new());
+        loop {
+            set.take_first(2, &mut scan, &mut taken);
+            if taken.is_empty() {
+                break;
+            }
+            all.extend_from_slice(&taken);
+        }
+        assert_eq!(all, [0, 3, 64, 65, 130, 199]);
+        assert_eq!(set.count(), 0);
+    }
 
     #[test]
     fn bitmaps_merge_at_their_region_offset() {

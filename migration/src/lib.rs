@@ -29,6 +29,9 @@ pub mod throttle;
 pub mod tls;
 pub mod transport;
 
+#[cfg(test)]
+mod pair_tests;
+
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
     #[error(transparent)]

@@ -349,6 +349,13 @@ impl Link {
     pub fn send(&mut self, message: &Message) -> Result<usize, LinkError> {
         let frame = protocol::encode_frame(message)?;
         let len = frame.len();
+        self.send_frame(frame)?;
+        Ok(len)
+    }
+
+    /// Queues a frame (`protocol::encode_frame`'s); blocks while the queue is full.
+    pub fn send_frame(&mut self, frame: Vec<u8>) -> Result<(), LinkError> {
+        let len = frame.len();
         let sent = match &self.out {
             Some(out) => out.blocking_send(frame).is_ok(),
             None => false,
@@ -357,7 +364,7 @@ impl Link {
             return Err(self.writer_error());
         }
         self.queued += len as u64;
-        Ok(len)
+        Ok(())
     }
 
     /// Frame bytes handed to `send` so far; `stats.sent` counts those the writer has

@@ -1,0 +1,467 @@
+//! Whole migrations between the two sans-I/O machines in one process, under simulated
+//! time: a guest that keeps writing, a link with latency and a rate, and a loss of the link
+//! at every frame, a cancel at every step and a VM failure at every step. Whatever
+//! happens, the VM runs on exactly one side at the end, or (a commit whose answer was lost)
+//! is paused at the source and runs nowhere else unconfirmed.
+
+use crate::destination::{self, Action, DestinationMachine, DestinationVm, GuestPages, ReceiveError, VmFault};
+use crate::dirty::DirtySet;
+use crate::page::PAGE_SIZE;
+use crate::protocol::{self, Hello, Message};
+use crate::source::{MigrateError, Report, SourceAction, SourceEvent, SourceMachine, SourceOptions};
+use crate::transport::LinkError;
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+const PAGES: usize = 256;
+const STATE: &[u8] = b"vcpus, devices, clocks";
+
+/// The VM at the source: its pages, and a guest that writes `rate` pages per second while
+/// it runs, round-robin over the first half of memory.
+struct SourceVm {
+    mem: Vec<Vec<u8>>,
+    rate: f64,
+    written: f64,
+    next: usize,
+    last: Instant,
+    dirty: DirtySet,
+    paused: bool,
+    /// Calls to the VM so far, and the one that is to fail.
+    calls: usize,
+    fail_at: Option<usize>,
+}
+
+impl SourceVm {
+    fn new(now: Instant, rate: f64) -> Self {
+        let mem = (0..PAGES).map(|i| if i % 4 == 3 { vec![0; PAGE_SIZE] } else { content(i) }).collect();
+        SourceVm {
+            mem,
+            rate,
+            written: 0.0,
+            next: 0,
+            last: now,
+            dirty: DirtySet::new(PAGES as u64),
+            paused: false,
+            calls: 0,
+            fail_at: None,
+        }
+    }
+
+    /// The guest runs until `now`.
+    fn run_until(&mut self, now: Instant) {
+        if !self.paused {
+            self.written += now.saturating_duration_since(self.last).as_secs_f64() * self.rate;
+            while self.written >= 1.0 {
+                let page = self.next % (PAGES / 2);
+                self.mem[page][8..16].copy_from_slice(&(self.next as u64).to_le_bytes());
+                self.dirty.set(page as u64);
+                self.next += 1;
+                self.written -= 1.0;
+            }
+        }
+        self.last = now;
+    }
+
+    fn call(&mut self, what: &str) -> Result<(), String> {
+        self.calls += 1;
+        match self.fail_at == Some(self.calls) {
+            true => Err(format!("the test VM fails to {what}")),
+            false => Ok(()),
+        }
+    }
+}
+
+/// Page `page`'s first content: bytes no two pages share and zstd cannot shrink much.
+fn content(page: usize) -> Vec<u8> {
+    let mut x = (page as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) + 1;
+    (0..PAGE_SIZE)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// The VM at the destination.
+#[derive(Default)]
+struct DestVm {
+    mem: Vec<Vec<u8>>,
+    built: bool,
+    running: bool,
+}
+
+impl GuestPages for DestVm {
+    fn page(&mut self, page: u64) -> Option<&mut [u8]> {
+        if self.built {
+            return None;
+        }
+        self.mem.get_mut(usize::try_from(page).ok()?).map(|p| &mut p[..])
+    }
+}
+
+impl DestinationVm for DestVm {
+    fn prepare(&mut self, hello: &Hello) -> Result<(), VmFault> {
+        self.mem = vec![vec![0; PAGE_SIZE]; (hello.regions.iter().sum::<u64>() / PAGE_SIZE as u64) as usize];
+        Ok(())
+    }
+
+    fn build(&mut self, state: &[u8]) -> Result<(), VmFault> {
+        if state != STATE {
+            return Err("another state".into());
+        }
+        self.built = true;
+        Ok(())
+    }
+
+    fn start(&mut self) -> Result<(), VmFault> {
+        self.running = true;
+        Ok(())
+    }
+}
+
+/// What travels one way: frames, or the end of the connection with a reason.
+enum Item {
+    Frame(Vec<u8>),
+    Closed(LinkError),
+}
+
+/// One direction of the link: latency plus the time to put each frame on it.
+struct Way {
+    queue: VecDeque<(Instant, Item)>,
+    free_at: Instant,
+    latency: Duration,
+    bytes_per_sec: f64,
+}
+
+impl Way {
+    fn new(now: Instant, latency: Duration, bytes_per_sec: f64) -> Self {
+        Way { queue: VecDeque::new(), free_at: now, latency, bytes_per_sec }
+    }
+
+    fn push(&mut self, now: Instant, item: Item) {
+        let len = match &item {
+            Item::Frame(f) => f.len(),
+            Item::Closed(_) => 0,
+        };
+        let start = self.free_at.max(now);
+        self.free_at = start + Duration::from_secs_f64(len as f64 / self.bytes_per_sec);
+        self.queue.push_back((self.free_at + self.latency, item));
+    }
+
+    fn due(&mut self, now: Instant) -> Option<Item> {
+        if self.queue.front().is_some_and(|(at, _)| *at <= now) {
+            return self.queue.pop_front().map(|(_, item)| item);
+        }
+        None
+    }
+
+    fn next_at(&self) -> Option<Instant> {
+        self.queue.front().map(|(at, _)| *at)
+    }
+}
+
+/// Where to break a run: the link after this many frames (both ways), a cancel at the
+/// source after this many of its events, a VM call at the source.
+#[derive(Default, Clone, Copy)]
+struct Trouble {
+    cut_after_frames: Option<usize>,
+    cancel_after_events: Option<usize>,
+    vm_fails_at_call: Option<usize>,
+}
+
+struct Outcome {
+    source: Result<Report, MigrateError>,
+    destination: Option<Result<(), ReceiveError>>,
+    source_paused: bool,
+    source_mem: Vec<Vec<u8>>,
+    dest: DestVm,
+    /// Frames the run sent (both ways), VM calls and source events it made.
+    frames: usize,
+    calls: usize,
+    events: usize,
+}
+
+fn run(options: SourceOptions, rate: f64, latency: Duration, trouble: Trouble) -> Outcome {
+    let start = Instant::now();
+    let mut now = start;
+    let mut vm = SourceVm::new(now, rate);
+    vm.fail_at = trouble.vm_fails_at_call;
+    let regions = vec![(PAGES * PAGE_SIZE) as u64];
+    let mut source = SourceMachine::new(now, b"machine".to_vec(), regions, options).unwrap();
+    source.set_link(latency * 2, 0);
+    let mut dest_vm = DestVm::default();
+    let mut dest = DestinationMachine::new(now, None);
+    let mut dest_result: Option<Result<(), ReceiveError>> = None;
+    let (mut to_dest, mut to_source) = (Way::new(now, latency, 100e6), Way::new(now, latency, 100e6));
+    let (mut frames, mut events) = (0usize, 0usize);
+    let mut buf = Vec::new();
+    let (mut cut, mut cancelled) = (false, false);
+    let mut finished = None;
+    while finished.is_none() {
+        // The source's actions, each answered at once (the VM is local).
+        while let Some(action) = source.poll() {
+            vm.run_until(now);
+            let event = match action {
+                SourceAction::Send(frame) => {
+                    frames += 1;
+                    if !cut {
+                        to_dest.push(now, Item::Frame(frame));
+                    }
+                    None
+                }
+                SourceAction::StartDirtyLog => Some(SourceEvent::DirtyLogStarted(vm.call("log").map(|()| None))),
+                SourceAction::ReadPages(pages) => {
+                    let read = vm.call("read");
+                    buf.clear();
+                    for p in &pages {
+                        buf.extend_from_slice(&vm.mem[*p as usize]);
+                    }
+                    Some(SourceEvent::PagesRead(read.map(|()| &buf[..])))
+                }
+                SourceAction::Harvest => {
+                    let harvest =
+                        vm.call("harvest").map(|()| std::mem::replace(&mut vm.dirty, DirtySet::new(PAGES as u64)));
+                    Some(SourceEvent::Harvested(harvest))
+                }
+                SourceAction::PauseAndSave => {
+                    let saved = vm.call("save").map(|()| STATE.to_vec());
+                    vm.paused = saved.is_ok();
+                    Some(SourceEvent::Saved(saved))
+                }
+                SourceAction::Throttle(_) | SourceAction::ReleaseDisks => None,
+                SourceAction::Abort { reason, resume, .. } => {
+                    to_dest.push(now, Item::Closed(LinkError::PeerAborted(reason)));
+                    if resume {
+                        vm.paused = false;
+                    }
+                    None
+                }
+                SourceAction::Finish(result) => {
+                    finished = Some(result);
+                    break;
+                }
+            };
+            if let Some(event) = event {
+                events += 1;
+                source.handle(now, event);
+            }
+            if trouble.cancel_after_events.is_some_and(|n| events >= n) && !cancelled {
+                cancelled = true;
+                source.handle(now, SourceEvent::Cancel);
+            }
+        }
+        if finished.is_some() {
+            break;
+        }
+        if trouble.cut_after_frames.is_some_and(|n| frames >= n) && !cut {
+            // Nothing more arrives either way; both ends learn it at once.
+            cut = true;
+            to_dest.queue.clear();
+            to_source.queue.clear();
+            to_dest.push(now, Item::Closed(LinkError::Lost("cut".into())));
+            to_source.push(now, Item::Closed(LinkError::Lost("cut".into())));
+        }
+        if trouble.cancel_after_events.is_some_and(|n| events >= n) && !cancelled {
+            cancelled = true;
+            source.handle(now, SourceEvent::Cancel);
+            continue;
+        }
+        // What arrives now, each way.
+        if let Some(item) = to_dest.due(now) {
+            deliver_to_dest(now, item, &mut dest, &mut dest_vm, &mut dest_result, &mut to_source, &mut frames, cut);
+            continue;
+        }
+        if let Some(item) = to_source.due(now) {
+            events += 1;
+            match item {
+                Item::Frame(f) => source.handle(now, SourceEvent::Frame(decode(&f))),
+                Item::Closed(e) => source.handle(now, SourceEvent::LinkFailed(e)),
+            }
+            continue;
+        }
+        // Nothing to do now: time passes to the next arrival or deadline.
+        let next =
+            [to_dest.next_at(), to_source.next_at(), source.deadline(), dest_result.is_none().then(|| dest.deadline())]
+                .into_iter()
+                .flatten()
+                .min()
+                .expect("a run always waits for something");
+        now = next.max(now);
+        source.handle(now, SourceEvent::Timer);
+        if dest_result.is_none()
+            && let Some(Action::Fail(e)) = dest.handle(now, destination::Event::Timer, &mut dest_vm)
+        {
+            dest_result = Some(Err(e));
+        }
+        assert!(now.duration_since(start) < Duration::from_secs(3600), "a run that never ends");
+    }
+    // What is still on its way to the destination reaches it (an abort, the last frames).
+    while let Some((at, item)) = to_dest.queue.pop_front() {
+        deliver_to_dest(at.max(now), item, &mut dest, &mut dest_vm, &mut dest_result, &mut to_source, &mut frames, cut);
+    }
+    Outcome {
+        source: finished.expect("the loop ends when the source has finished"),
+        destination: dest_result,
+        source_paused: vm.paused,
+        source_mem: vm.mem,
+        dest: dest_vm,
+        frames,
+        calls: vm.calls,
+        events,
+    }
+}
+
+fn decode(frame: &[u8]) -> Message {
+    protocol::decode_message(&frame[4..]).unwrap()
+}
+
+#[allow(clippy::too_many_arguments)]
+fn deliver_to_dest(
+    now: Instant,
+    item: Item,
+    dest: &mut DestinationMachine<'_>,
+    vm: &mut DestVm,
+    result: &mut Option<Result<(), ReceiveError>>,
+    to_source: &mut Way,
+    frames: &mut usize,
+    cut: bool,
+) {
+    if result.is_some() {
+        return;
+    }
+    let mut next = match item {
+        Item::Frame(f) => Some(destination::Event::Frame { len: f.len() as u64, message: decode(&f) }),
+        Item::Closed(e) => {
+            *result = Some(Err(e.into()));
+            return;
+        }
+    };
+    while let Some(event) = next.take() {
+        match dest.handle(now, event, vm) {
+            None => {}
+            Some(Action::Send(m)) => {
+                *frames += 1;
+                if !cut {
+                    to_source.push(now, Item::Frame(protocol::encode_frame(&m).unwrap()));
+                }
+                if matches!(m, Message::Running) {
+                    *result = Some(Ok(()));
+                }
+            }
+            Some(Action::Prepare(hello)) => next = Some(destination::Event::Prepared(vm.prepare(&hello))),
+            Some(Action::Build(state)) => next = Some(destination::Event::Built(vm.build(&state))),
+            Some(Action::Start) => next = Some(destination::Event::Started(vm.start())),
+            Some(Action::Fail(e)) => {
+                to_source.push(now, Item::Closed(LinkError::PeerAborted(crate::error_chain(&e))));
+                *result = Some(Err(e));
+            }
+        }
+    }
+}
+
+/// Exactly one side runs the VM, or none runs it unconfirmed while the source holds it paused.
+fn one_copy(o: &Outcome) {
+    let here = !o.source_paused;
+    let there = o.dest.running;
+    match &o.source {
+        Ok(_) => assert!(there && !here, "moved: runs there only"),
+        Err(e) if e.committed() => assert!(!here, "a commit whose answer was lost stays paused here: {e}"),
+        Err(e) => assert!(here && !there, "failed before the commit: runs here only: {e}"),
+    }
+}
+
+fn options() -> SourceOptions {
+    SourceOptions { downtime: Duration::from_millis(50), ..SourceOptions::default() }
+}
+
+#[test]
+fn test_a_migration_of_a_busy_guest_moves_exactly_its_memory_at_the_pause() {
+    let o = run(options(), 5000.0, Duration::from_millis(1), Trouble::default());
+    let report = o.source.as_ref().unwrap();
+    assert_eq!(o.destination.as_ref().map(|r| r.is_ok()), Some(true));
+    one_copy(&o);
+    assert!(o.dest.mem == o.source_mem, "the destination holds the memory as it was at the pause");
+    assert!(report.rounds >= 2, "a guest that writes needs more than one round: {report:?}");
+    assert!(report.digests_matched && report.pages.full > 0);
+    // Zero pages are never sent (but those the guest wrote before round 0 read them).
+    assert!(report.pages.empty > 0 && report.pages.empty <= (PAGES / 4) as u64, "{report:?}");
+    assert_eq!(report.pages.zero, 0);
+}
+
+#[test]
+fn test_a_link_lost_at_any_frame_leaves_the_vm_on_one_side() {
+    let whole = run(options(), 5000.0, Duration::from_millis(1), Trouble::default());
+    assert!(whole.source.is_ok());
+    for cut in 0..=whole.frames {
+        let o = run(
+            options(),
+            5000.0,
+            Duration::from_millis(1),
+            Trouble { cut_after_frames: Some(cut), ..Trouble::default() },
+        );
+        one_copy(&o);
+        if let Err(e) = &o.source {
+            assert!(matches!(e, MigrateError::Link(_) | MigrateError::CommitUnconfirmed(_)), "cut at {cut}: {e}");
+        }
+    }
+}
+
+#[test]
+fn test_a_cancel_at_any_step_before_the_commit_leaves_the_vm_running_here() {
+    let whole = run(options(), 5000.0, Duration::from_millis(1), Trouble::default());
+    let mut cancelled = 0;
+    for at in 0..whole.events {
+        let o = run(
+            options(),
+            5000.0,
+            Duration::from_millis(1),
+            Trouble { cancel_after_events: Some(at), ..Trouble::default() },
+        );
+        one_copy(&o);
+        match &o.source {
+            Err(MigrateError::Cancelled) => {
+                cancelled += 1;
+                assert!(matches!(&o.destination, Some(Err(ReceiveError::SourceAborted(_)))), "the destination is told");
+            }
+            Ok(_) => {}
+            Err(e) => panic!("a cancel at event {at} gave {e}"),
+        }
+    }
+    assert!(cancelled > 0);
+}
+
+#[test]
+fn test_a_vm_that_fails_at_any_call_fails_the_migration_and_runs_on_here() {
+    let whole = run(options(), 5000.0, Duration::from_millis(1), Trouble::default());
+    for at in 1..=whole.calls {
+        let o = run(
+            options(),
+            5000.0,
+            Duration::from_millis(1),
+            Trouble { vm_fails_at_call: Some(at), ..Trouble::default() },
+        );
+        one_copy(&o);
+        assert!(matches!(&o.source, Err(MigrateError::Vm(why)) if why.contains("the test VM fails")), "call {at}");
+        assert!(
+            matches!(&o.destination, Some(Err(ReceiveError::SourceAborted(_)))),
+            "call {at}: the destination is told"
+        );
+    }
+}
+
+#[test]
+fn test_a_long_link_still_converges_and_counts_its_round_trips() {
+    let o = run(
+        SourceOptions { downtime: Duration::from_millis(300), ..options() },
+        500.0,
+        Duration::from_millis(50),
+        Trouble::default(),
+    );
+    let report = o.source.as_ref().unwrap();
+    one_copy(&o);
+    assert!(o.dest.mem == o.source_mem);
+    // The pause spans at least the two round trips of Verify/Ready and Commit/Running.
+    assert!(report.downtime_us >= 200_000, "{report:?}");
+}

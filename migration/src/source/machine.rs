@@ -1,0 +1,557 @@
+//! The source's side of the protocol, without I/O: it takes events (a frame arrived, the
+//! timer fired, pages were read, the VM paused and saved, a harvest of the dirty logs, a
+//! cancel) with the time they happened, and queues actions (send this frame, read these
+//! pages, harvest, pause and save, throttle, release the disks, resume, finish). It reads
+//! no clock and owns no socket; the driver (`super::migrate`) does both.
+
+use super::{
+    Convergence, DRAIN_ALLOWANCE, DRAIN_STEP, Fault, MigrateError, Next, PageCost, PageCounts, Phase, Progress,
+    READY_TIMEOUT, RUNNING_TIMEOUT, Report, RoundFigures, SWITCHOVER_OVERHEAD, SourceOptions, SwitchoverTimes,
+    WELCOME_TIMEOUT,
+};
+use crate::digest::hex;
+use crate::dirty::DirtySet;
+use crate::encoder::PageEncoder;
+use crate::page::PAGE_SIZE;
+use crate::protocol::{self, BATCH_PAGES, Digests, Hello, Message, PROTOCOL_VERSION};
+use crate::transport::LinkError;
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+/// What happened, for the machine to handle.
+#[derive(Debug)]
+pub enum SourceEvent<'a> {
+    Frame(Message),
+    /// The link failed (or the destination aborted: `LinkError::PeerAborted`).
+    LinkFailed(LinkError),
+    /// The deadline (`SourceMachine::deadline`) may have passed.
+    Timer,
+    Cancel,
+    /// The answer to `StartDirtyLog`, with the pages the VM may have touched if it knows.
+    DirtyLogStarted(Result<Option<DirtySet>, String>),
+    /// The answer to `ReadPages`: PAGE_SIZE bytes per page, in the order asked.
+    PagesRead(Result<&'a [u8], String>),
+    /// The answer to `Harvest`: the pages written since the harvest before.
+    Harvested(Result<DirtySet, String>),
+    /// The answer to `PauseAndSave`: the state stream of the paused VM.
+    Saved(Result<Vec<u8>, String>),
+}
+
+/// What the driver is to do.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SourceAction {
+    /// Put this frame on the link.
+    Send(Vec<u8>),
+    /// Turn the VM's dirty logging on; answer `DirtyLogStarted`.
+    StartDirtyLog,
+    /// Read these pages; answer `PagesRead`.
+    ReadPages(Vec<u64>),
+    /// Answer `Harvested`.
+    Harvest,
+    /// Answer `Saved`.
+    PauseAndSave,
+    Throttle(u8),
+    /// Just before Commit: let go of the disk images' locks.
+    ReleaseDisks,
+    /// After a failure before Commit: end the link with this reason, the dirty log off,
+    /// the VM running again if it was paused (`resume`).
+    Abort {
+        reason: String,
+        dirty_log: bool,
+        resume: bool,
+    },
+    /// The end; nothing follows.
+    Finish(Result<Report, MigrateError>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceStep {
+    Welcome,
+    StartingLog,
+    /// Reading and sending a round's pages.
+    Sending,
+    /// Waiting until what was sent has arrived (all but the allowance).
+    Draining,
+    Harvesting,
+    /// Nothing of the rounds may still wait at the destination before the pause.
+    FinalDrain,
+    Saving,
+    LastHarvest,
+    SendingLast,
+    Ready,
+    Running,
+    Done,
+    Failed,
+}
+
+/// When the switchover's steps happened.
+#[derive(Debug, Default, Clone, Copy)]
+struct Switchover {
+    paused: Option<Instant>,
+    saved: Option<Instant>,
+    sent: Option<Instant>,
+    ready: Option<Instant>,
+    commit: Option<Instant>,
+    last_pages: u64,
+}
+
+pub struct SourceMachine {
+    options: SourceOptions,
+    step: SourceStep,
+    started: Instant,
+    deadline: Option<Instant>,
+    actions: VecDeque<SourceAction>,
+    encoder: PageEncoder,
+    pages: u64,
+    /// What the round (or the switchover) still has to read.
+    dirty: DirtySet,
+    /// Where in `dirty` reading goes on (`DirtySet::take_first`).
+    scan: usize,
+    reading: Vec<u64>,
+    round: u32,
+    round_start: Instant,
+    round_queued: u64,
+    round_entries: u64,
+    round_pages: u64,
+    cost: PageCost,
+    convergence: Convergence,
+    /// Frame bytes handed to the driver, and those the destination said it applied.
+    queued: u64,
+    acked: u64,
+    pages_sent: u64,
+    rtt: Duration,
+    bandwidth_limit: u64,
+    dirty_log: bool,
+    paused: bool,
+    committed: bool,
+    state: Option<Vec<u8>>,
+    ours: Option<Digests>,
+    switchover: Switchover,
+    progress: Progress,
+}
+
+impl SourceMachine {
+    /// A migration of a VM of `machine` and `regions` that starts at `now` by sending Hello.
+    pub fn new(
+        now: Instant,
+        machine: Vec<u8>,
+        regions: Vec<u64>,
+        options: SourceOptions,
+    ) -> Result<Self, MigrateError> {
+        let pages = regions.iter().map(|r| r / PAGE_SIZE as u64).sum();
+        let mut encoder = PageEncoder::new(pages, options.delta_cache, options.compress)
+            .map_err(|e| MigrateError::Vm(format!("zstd: {e}")))?;
+        if options.fault == Some(Fault::FlipPageByte) {
+            encoder.flip_next_full_page();
+        }
+        let mut m = SourceMachine {
+            convergence: Convergence::new(&options),
+            options,
+            step: SourceStep::Welcome,
+            started: now,
+            deadline: Some(now + WELCOME_TIMEOUT),
+            actions: VecDeque::new(),
+            encoder,
+            pages,
+            dirty: DirtySet::new(pages),
+            scan: 0,
+            reading: Vec::new(),
+            round: 0,
+            round_start: now,
+            round_queued: 0,
+            round_entries: 0,
+            round_pages: 0,
+            cost: PageCost::default(),
+            queued: 0,
+            acked: 0,
+            pages_sent: 0,
+            rtt: Duration::ZERO,
+            bandwidth_limit: 0,
+            dirty_log: false,
+            paused: false,
+            committed: false,
+            state: None,
+            ours: None,
+            switchover: Switchover::default(),
+            progress: Progress { total_pages: pages, phase: Phase::Connecting, ..Progress::default() },
+        };
+        m.send(&Message::Hello(Hello { version: PROTOCOL_VERSION, machine, regions }))?;
+        Ok(m)
+    }
+
+    pub fn step(&self) -> SourceStep {
+        self.step
+    }
+
+    /// Pages of guest memory.
+    pub fn pages(&self) -> u64 {
+        self.pages
+    }
+
+    /// When the machine wants `SourceEvent::Timer` at the latest (None: it waits for its
+    /// own actions' answers, not for the destination).
+    pub fn deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
+
+    /// The figures to show.
+    pub fn progress(&self) -> &Progress {
+        &self.progress
+    }
+
+    /// The link's round trip and bandwidth limit (bytes/s, 0: none) as the driver sees them.
+    pub fn set_link(&mut self, rtt: Duration, bandwidth_limit: u64) {
+        self.rtt = rtt;
+        self.bandwidth_limit = bandwidth_limit;
+    }
+
+    /// The next action, if any.
+    pub fn poll(&mut self) -> Option<SourceAction> {
+        self.actions.pop_front()
+    }
+
+    /// Handles `event`, which happened at `now`.
+    pub fn handle(&mut self, now: Instant, event: SourceEvent<'_>) {
+        if matches!(self.step, SourceStep::Done | SourceStep::Failed) {
+            return;
+        }
+        self.progress.elapsed_ms = now.saturating_duration_since(self.started).as_millis() as u64;
+        if let Err(e) = self.next(now, event) {
+            self.fail(e);
+        }
+    }
+
+    fn next(&mut self, now: Instant, event: SourceEvent<'_>) -> Result<(), MigrateError> {
+        use SourceEvent as E;
+        use SourceStep as S;
+        match (self.step, event) {
+            (_, E::Timer) => match self.deadline {
+                Some(deadline) if now >= deadline => Err(self.timed_out()),
+                _ => Ok(()),
+            },
+            (_, E::Cancel) => Err(MigrateError::Cancelled),
+            (_, E::LinkFailed(e)) => Err(e.into()),
+            (_, E::Frame(Message::Received(bytes))) => {
+                self.acked = self.acked.max(bytes);
+                if matches!(self.step, S::Draining | S::FinalDrain) {
+                    self.deadline = Some(now + DRAIN_STEP);
+                    self.check_drained(now)?;
+                }
+                Ok(())
+            }
+            (S::Welcome, E::Frame(Message::Welcome(w))) => {
+                self.encoder.set_base(&w.base);
+                if !w.base.is_empty() {
+                    tracing::info!(pages = w.base.len(), "the destination holds a base image");
+                }
+                self.deadline = None;
+                self.step = S::StartingLog;
+                self.actions.push_back(SourceAction::StartDirtyLog);
+                Ok(())
+            }
+            (S::StartingLog, E::DirtyLogStarted(started)) => {
+                let touched = started.map_err(MigrateError::Vm)?;
+                self.dirty_log = true;
+                self.progress.phase = Phase::Precopy;
+                self.dirty = match touched {
+                    Some(touched) => {
+                        self.encoder.skip_untouched(self.pages.saturating_sub(touched.count()));
+                        touched
+                    }
+                    None => DirtySet::all(self.pages),
+                };
+                self.begin_round(now)
+            }
+            (S::Sending | S::SendingLast, E::PagesRead(read)) => {
+                let data = read.map_err(MigrateError::Vm)?;
+                let pages = std::mem::take(&mut self.reading);
+                if data.len() != pages.len() * PAGE_SIZE {
+                    return Err(MigrateError::Vm(format!("{} bytes read for {} pages", data.len(), pages.len())));
+                }
+                for (page, content) in pages.iter().zip(data.chunks_exact(PAGE_SIZE)) {
+                    self.encoder.add(*page, content);
+                    self.progress.remaining_pages = self.progress.remaining_pages.saturating_sub(1);
+                    if self.encoder.batch_full() {
+                        self.flush()?;
+                    }
+                }
+                self.read_more(now)
+            }
+            (S::Harvesting, E::Harvested(harvest)) => {
+                self.dirty = harvest.map_err(MigrateError::Vm)?;
+                self.after_round(now)
+            }
+            (S::Saving, E::Saved(saved)) => {
+                let state = saved.map_err(MigrateError::Vm)?;
+                self.paused = true;
+                self.switchover.saved = Some(now);
+                self.state = Some(state);
+                self.step = S::LastHarvest;
+                self.actions.push_back(SourceAction::Harvest);
+                Ok(())
+            }
+            (S::LastHarvest, E::Harvested(harvest)) => {
+                // Pages written since the last harvest, up to the pause (saving the vCPUs may
+                // have completed an I/O that wrote memory, so this is after it).
+                self.dirty.add_all(&harvest.map_err(MigrateError::Vm)?);
+                self.switchover.last_pages = self.dirty.count();
+                self.step = S::SendingLast;
+                self.scan = 0;
+                self.read_more(now)
+            }
+            (S::Ready, E::Frame(Message::Ready(theirs))) => {
+                self.switchover.ready = Some(now);
+                let ours = self.ours.ok_or(MigrateError::Unexpected { expected: "State", got: "Ready" })?;
+                if theirs.memory != ours.memory {
+                    return Err(MigrateError::MemoryDigest { ours: hex(&ours.memory), theirs: hex(&theirs.memory) });
+                }
+                if theirs.state != ours.state {
+                    return Err(MigrateError::StateDigest { ours: hex(&ours.state), theirs: hex(&theirs.state) });
+                }
+                // From here on the VM may run there: no cancel, no resume here.
+                self.committed = true;
+                self.switchover.commit = Some(now);
+                self.actions.push_back(SourceAction::ReleaseDisks);
+                self.send(&Message::Commit)?;
+                self.step = S::Running;
+                self.deadline = Some(now + RUNNING_TIMEOUT);
+                Ok(())
+            }
+            (S::Running, E::Frame(Message::Running)) => {
+                let report = self.report(now);
+                self.step = S::Done;
+                self.deadline = None;
+                self.progress.phase = Phase::Done;
+                self.actions.push_back(SourceAction::Throttle(0));
+                self.actions.push_back(SourceAction::Finish(Ok(report)));
+                Ok(())
+            }
+            (S::Running, E::Frame(other)) => {
+                Err(MigrateError::CommitUnconfirmed(LinkError::Lost(format!("it answered {} to Commit", other.name()))))
+            }
+            (step, E::Frame(other)) => {
+                let expected = match step {
+                    S::Welcome => "Welcome",
+                    S::Ready => "Ready",
+                    _ => "Received",
+                };
+                Err(MigrateError::Unexpected { expected, got: other.name() })
+            }
+            (step, event) => {
+                Err(MigrateError::Vm(format!("an answer out of turn at {step:?}: {}", event_name(&event))))
+            }
+        }
+    }
+
+    fn timed_out(&self) -> MigrateError {
+        let after = match self.step {
+            SourceStep::Welcome => WELCOME_TIMEOUT,
+            SourceStep::Ready => READY_TIMEOUT,
+            SourceStep::Running => RUNNING_TIMEOUT,
+            _ => DRAIN_STEP,
+        };
+        MigrateError::Link(LinkError::Timeout(after))
+    }
+
+    /// Ends the migration with `e`: before the commit the VM goes on here as before.
+    fn fail(&mut self, e: MigrateError) {
+        let e = match e {
+            // After Commit, any failure leaves the end unknown.
+            MigrateError::Link(l) if self.committed => MigrateError::CommitUnconfirmed(l),
+            MigrateError::DestinationAborted(r) if self.committed => {
+                MigrateError::CommitUnconfirmed(LinkError::PeerAborted(r))
+            }
+            MigrateError::Cancelled if self.committed => return,
+            other => other,
+        };
+        self.step = SourceStep::Failed;
+        self.deadline = None;
+        self.progress.phase = Phase::Failed;
+        self.actions.clear();
+        self.actions.push_back(SourceAction::Throttle(0));
+        if !e.committed() {
+            self.actions.push_back(SourceAction::Abort {
+                reason: e.to_string(),
+                dirty_log: self.dirty_log,
+                resume: self.paused,
+            });
+        }
+        self.actions.push_back(SourceAction::Finish(Err(e)));
+    }
+
+    fn send(&mut self, message: &Message) -> Result<(), MigrateError> {
+        let frame = protocol::encode_frame(message).map_err(|e| MigrateError::Link(LinkError::from(e)))?;
+        self.queued += frame.len() as u64;
+        self.progress.bytes_sent = self.queued;
+        self.actions.push_back(SourceAction::Send(frame));
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), MigrateError> {
+        let Some((batch, count)) = self.encoder.take_batch() else { return Ok(()) };
+        self.send(&Message::Pages(batch))?;
+        self.pages_sent += count;
+        self.progress.pages_sent = self.pages_sent;
+        Ok(())
+    }
+
+    fn begin_round(&mut self, now: Instant) -> Result<(), MigrateError> {
+        self.step = SourceStep::Sending;
+        self.scan = 0;
+        self.round_start = now;
+        self.round_queued = self.queued;
+        self.round_entries = self.pages_sent;
+        self.round_pages = self.dirty.count();
+        self.progress.round = self.round;
+        self.progress.remaining_pages = self.round_pages;
+        // Reading is the driver's work: no deadline until it is done.
+        self.deadline = None;
+        self.read_more(now)
+    }
+
+    /// Asks for the next pages of the set, or goes on once it is sent.
+    fn read_more(&mut self, now: Instant) -> Result<(), MigrateError> {
+        self.dirty.take_first(BATCH_PAGES, &mut self.scan, &mut self.reading);
+        if !self.reading.is_empty() {
+            self.actions.push_back(SourceAction::ReadPages(self.reading.clone()));
+            return Ok(());
+        }
+        self.flush()?;
+        if self.step == SourceStep::SendingLast {
+            return self.send_state(now);
+        }
+        self.drain(now, SourceStep::Draining)
+    }
+
+    fn drain(&mut self, now: Instant, step: SourceStep) -> Result<(), MigrateError> {
+        self.step = step;
+        self.deadline = Some(now + DRAIN_STEP);
+        self.check_drained(now)
+    }
+
+    fn check_drained(&mut self, now: Instant) -> Result<(), MigrateError> {
+        let allowance = if self.step == SourceStep::FinalDrain { 0 } else { DRAIN_ALLOWANCE };
+        if self.queued > self.acked + allowance {
+            return Ok(());
+        }
+        self.deadline = None;
+        match self.step {
+            SourceStep::Draining => {
+                let round_time = now.saturating_duration_since(self.round_start);
+                self.cost.learn(round_time, self.pages_sent - self.round_entries, self.queued - self.round_queued);
+                self.step = SourceStep::Harvesting;
+                self.actions.push_back(SourceAction::Harvest);
+            }
+            SourceStep::FinalDrain => {
+                self.progress.phase = Phase::Switchover;
+                self.switchover.paused = Some(now);
+                self.step = SourceStep::Saving;
+                self.actions.push_back(SourceAction::PauseAndSave);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// The decision after a round: another, with or without a throttle, or the switchover.
+    fn after_round(&mut self, now: Instant) -> Result<(), MigrateError> {
+        let round_time = now.saturating_duration_since(self.round_start).as_secs_f64().max(1e-6);
+        let dirty = self.dirty.count();
+        let figures = RoundFigures {
+            sent_pages: self.round_pages,
+            dirty_pages: dirty,
+            dirty_rate: (dirty as f64 / round_time) as u64,
+            bandwidth: ((self.queued - self.round_queued) as f64 / round_time) as u64,
+            transfer: self.cost.estimate(dirty, self.bandwidth_limit),
+            floor: self.rtt * 2 + SWITCHOVER_OVERHEAD,
+        };
+        let estimate = figures.transfer.saturating_add(figures.floor);
+        tracing::info!(
+            round = self.round,
+            sent = self.round_pages,
+            dirty,
+            dirty_rate = figures.dirty_rate,
+            bandwidth = figures.bandwidth,
+            estimate_ms = estimate.as_millis() as u64,
+            throttle = self.convergence.throttle,
+            "round done"
+        );
+        self.progress.dirty_rate = figures.dirty_rate;
+        self.progress.bandwidth = figures.bandwidth;
+        self.progress.estimated_downtime_ms = estimate.as_millis().min(u128::from(u64::MAX)) as u64;
+        self.progress.remaining_pages = dirty;
+        self.round += 1;
+        let rtt = self.rtt;
+        match self.convergence.after_round(&figures, || rtt)? {
+            Next::Switchover => self.drain(now, SourceStep::FinalDrain),
+            Next::Another => self.begin_round(now),
+            Next::Throttle(percent) => {
+                tracing::info!(percent, "auto-converge: throttling the vCPUs");
+                self.actions.push_back(SourceAction::Throttle(percent));
+                self.progress.throttle_percent = percent;
+                self.begin_round(now)
+            }
+        }
+    }
+
+    /// The last pages are out: the state and both digests follow.
+    fn send_state(&mut self, now: Instant) -> Result<(), MigrateError> {
+        let mut state = self.state.take().ok_or(MigrateError::Vm("no state was saved".into()))?;
+        let ours = Digests { memory: self.encoder.digest(), state: *blake3::hash(&state).as_bytes() };
+        if self.options.fault == Some(Fault::FlipStateByte) {
+            let at = state.len() / 2;
+            state[at] ^= 0x01;
+            tracing::warn!("test fault: flipping a byte of the state on the way");
+        }
+        self.ours = Some(ours);
+        self.send(&Message::State(state))?;
+        self.send(&Message::Verify(ours))?;
+        self.switchover.sent = Some(now);
+        self.step = SourceStep::Ready;
+        self.deadline = Some(now + READY_TIMEOUT);
+        Ok(())
+    }
+
+    fn report(&self, now: Instant) -> Report {
+        let s = self.switchover;
+        let us = |from: Option<Instant>, to: Option<Instant>| match (from, to) {
+            (Some(a), Some(b)) => b.saturating_duration_since(a).as_micros() as u64,
+            _ => 0,
+        };
+        let ours = self.ours.unwrap_or(Digests { memory: [0; 32], state: [0; 32] });
+        let counts: PageCounts = self.encoder.counts();
+        Report {
+            total_ms: now.saturating_duration_since(self.started).as_millis() as u64,
+            downtime_us: us(s.paused, Some(now)),
+            switchover: SwitchoverTimes {
+                pause_and_save_us: us(s.paused, s.saved),
+                last_pages_us: us(s.saved, s.sent),
+                destination_ready_us: us(s.sent, s.ready),
+                commit_us: us(s.commit, Some(now)),
+                last_pages: s.last_pages,
+            },
+            rounds: self.round,
+            bytes_sent: self.queued,
+            wire_bytes: 0,
+            pages: counts,
+            bytes_saved: (counts.base + counts.copy) * PAGE_SIZE as u64,
+            throttle_max: self.convergence.throttle_max,
+            memory_digest: hex(&ours.memory),
+            state_digest: hex(&ours.state),
+            digests_matched: true,
+        }
+    }
+}
+
+fn event_name(event: &SourceEvent<'_>) -> &'static str {
+    match event {
+        SourceEvent::Frame(m) => m.name(),
+        SourceEvent::LinkFailed(_) => "a link failure",
+        SourceEvent::Timer => "the timer",
+        SourceEvent::Cancel => "a cancel",
+        SourceEvent::DirtyLogStarted(_) => "the dirty log started",
+        SourceEvent::PagesRead(_) => "pages read",
+        SourceEvent::Harvested(_) => "a harvest",
+        SourceEvent::Saved(_) => "the saved state",
+    }
+}
