@@ -32,6 +32,10 @@ pub mod transport;
 #[cfg(test)]
 mod pair_tests;
 
+/// Why the VMM could not do what an engine asked (pause, read memory, build the VM...),
+/// with its causes: the engines keep it as the `#[source]` of their own errors.
+pub type VmFault = Box<dyn std::error::Error + Send + Sync + 'static>;
+
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
     #[error(transparent)]

@@ -62,14 +62,19 @@ impl SourceVm {
         self.last = now;
     }
 
-    fn call(&mut self, what: &str) -> Result<(), String> {
+    fn call(&mut self, what: &'static str) -> Result<(), VmFault> {
         self.calls += 1;
         match self.fail_at == Some(self.calls) {
-            true => Err(format!("the test VM fails to {what}")),
+            true => Err(Box::new(TestVmFails(what))),
             false => Ok(()),
         }
     }
 }
+
+/// The test VM's failure at the step it names.
+#[derive(Debug, thiserror::Error)]
+#[error("the test VM fails to {0}")]
+struct TestVmFails(&'static str);
 
 /// Page `page`'s first content: bytes no two pages share and zstd cannot shrink much.
 fn content(page: usize) -> Vec<u8> {
@@ -443,7 +448,17 @@ fn test_a_vm_that_fails_at_any_call_fails_the_migration_and_runs_on_here() {
             Trouble { vm_fails_at_call: Some(at), ..Trouble::default() },
         );
         one_copy(&o);
-        assert!(matches!(&o.source, Err(MigrateError::Vm(why)) if why.contains("the test VM fails")), "call {at}");
+        let e = o.source.as_ref().expect_err("the migration fails");
+        let cause = std::error::Error::source(e).and_then(|c| c.downcast_ref::<TestVmFails>());
+        assert!(cause.is_some(), "call {at}: the VM's fault is the cause: {e:?}");
+        let step = match e {
+            MigrateError::StartDirtyLog(_) => "log",
+            MigrateError::ReadPages(_) => "read",
+            MigrateError::Harvest(_) => "harvest",
+            MigrateError::PauseAndSave(_) => "save",
+            _ => "another step",
+        };
+        assert_eq!(cause.map(|c| c.0), Some(step), "call {at}: the error names the step that failed");
         assert!(
             matches!(&o.destination, Some(Err(ReceiveError::SourceAborted(_)))),
             "call {at}: the destination is told"

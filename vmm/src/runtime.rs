@@ -350,7 +350,7 @@ impl Loop {
                         m.was_running = was_running;
                     }
                     if was_running && let Err(e) = machine.pause() {
-                        let _ = reply.send(Err(e.to_string()));
+                        let _ = reply.send(Err(e));
                         continue;
                     }
                     self.switchover = true;
@@ -367,14 +367,14 @@ impl Loop {
                             let _ = machine.resume();
                         }
                     }
-                    let _ = reply.send(state.map_err(|e| e.to_string()));
+                    let _ = reply.send(state);
                 }
                 EngineRequest::Resume(reply) => {
                     self.switchover = false;
                     self.sync_devices(machine)?;
                     let was_running = self.migration.as_ref().is_some_and(|m| m.was_running);
                     let r = if was_running && machine.state() == VmState::Paused { machine.resume() } else { Ok(()) };
-                    let _ = reply.send(r.map_err(|e| e.to_string()));
+                    let _ = reply.send(r);
                 }
                 EngineRequest::Throttle(percent) => machine.set_throttle(percent),
                 EngineRequest::Finished(outcome) => return Ok(Some(outcome)),
@@ -418,7 +418,7 @@ impl Loop {
             }
             Err(e) => {
                 let what = if e.committed() { "the migration's end is unknown" } else { "the migration failed" };
-                let message = format!("{what}: {e}");
+                let message = format!("{what}: {}", novacron_migration::error_chain(&e));
                 if e.committed() {
                     // The VM stays paused, but the operator may resume it here once they
                     // know it does not run at the destination: give the devices back.
@@ -427,7 +427,7 @@ impl Loop {
                         tracing::error!("cannot poll the devices again: {err}");
                     }
                 } else {
-                    tracing::info!("migration failed; the VM goes on here: {e}");
+                    tracing::info!("{message}; the VM goes on here");
                 }
                 status.error = Some(message.clone());
                 let mut r = Response::error(ApiError::new(ErrorKind::Internal, message));

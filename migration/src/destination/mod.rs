@@ -24,8 +24,7 @@ use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-/// Why the VMM could not do a step, with its causes.
-pub type VmFault = Box<dyn std::error::Error + Send + Sync + 'static>;
+pub use crate::VmFault;
 
 /// What the engine needs from the VM it receives. The VMM implements it.
 pub trait DestinationVm: GuestPages {

@@ -94,7 +94,7 @@ impl Driver<'_> {
                     vm.stop_dirty_log();
                 }
                 if resume && let Err(e) = vm.resume() {
-                    tracing::error!("cannot resume the VM after a failed migration: {e}");
+                    tracing::error!("cannot resume the VM after a failed migration: {}", crate::error_chain(&*e));
                 }
                 return None;
             }

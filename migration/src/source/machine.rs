@@ -9,6 +9,7 @@ use super::{
     READY_TIMEOUT, RUNNING_TIMEOUT, Report, RoundFigures, SWITCHOVER_OVERHEAD, SourceOptions, SwitchoverTimes,
     WELCOME_TIMEOUT,
 };
+use crate::VmFault;
 use crate::digest::hex;
 use crate::dirty::DirtySet;
 use crate::encoder::PageEncoder;
@@ -28,17 +29,17 @@ pub enum SourceEvent<'a> {
     Timer,
     Cancel,
     /// The answer to `StartDirtyLog`, with the pages the VM may have touched if it knows.
-    DirtyLogStarted(Result<Option<DirtySet>, String>),
+    DirtyLogStarted(Result<Option<DirtySet>, VmFault>),
     /// The answer to `ReadPages`: PAGE_SIZE bytes per page, in the order asked.
-    PagesRead(Result<&'a [u8], String>),
+    PagesRead(Result<&'a [u8], VmFault>),
     /// The answer to `Harvest`: the pages written since the harvest before.
-    Harvested(Result<DirtySet, String>),
+    Harvested(Result<DirtySet, VmFault>),
     /// The answer to `PauseAndSave`: the state stream of the paused VM.
-    Saved(Result<Vec<u8>, String>),
+    Saved(Result<Vec<u8>, VmFault>),
 }
 
 /// What the driver is to do.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum SourceAction {
     /// Put this frame on the link.
     Send(Vec<u8>),
@@ -139,8 +140,8 @@ impl SourceMachine {
         options: SourceOptions,
     ) -> Result<Self, MigrateError> {
         let pages = regions.iter().map(|r| r / PAGE_SIZE as u64).sum();
-        let mut encoder = PageEncoder::new(pages, options.delta_cache, options.compress)
-            .map_err(|e| MigrateError::Vm(format!("zstd: {e}")))?;
+        let mut encoder =
+            PageEncoder::new(pages, options.delta_cache, options.compress).map_err(MigrateError::Compressor)?;
         if options.fault == Some(Fault::FlipPageByte) {
             encoder.flip_next_full_page();
         }
@@ -250,7 +251,7 @@ impl SourceMachine {
                 Ok(())
             }
             (S::StartingLog, E::DirtyLogStarted(started)) => {
-                let touched = started.map_err(MigrateError::Vm)?;
+                let touched = started.map_err(MigrateError::StartDirtyLog)?;
                 self.dirty_log = true;
                 self.progress.phase = Phase::Precopy;
                 self.dirty = match touched {
@@ -263,10 +264,11 @@ impl SourceMachine {
                 self.begin_round(now)
             }
             (S::Sending | S::SendingLast, E::PagesRead(read)) => {
-                let data = read.map_err(MigrateError::Vm)?;
+                let data = read.map_err(MigrateError::ReadPages)?;
                 let pages = std::mem::take(&mut self.reading);
                 if data.len() != pages.len() * PAGE_SIZE {
-                    return Err(MigrateError::Vm(format!("{} bytes read for {} pages", data.len(), pages.len())));
+                    let short = format!("{} bytes read for {} pages", data.len(), pages.len());
+                    return Err(MigrateError::ReadPages(short.into()));
                 }
                 for (page, content) in pages.iter().zip(data.chunks_exact(PAGE_SIZE)) {
                     self.encoder.add(*page, content);
@@ -278,11 +280,11 @@ impl SourceMachine {
                 self.read_more(now)
             }
             (S::Harvesting, E::Harvested(harvest)) => {
-                self.dirty = harvest.map_err(MigrateError::Vm)?;
+                self.dirty = harvest.map_err(MigrateError::Harvest)?;
                 self.after_round(now)
             }
             (S::Saving, E::Saved(saved)) => {
-                let state = saved.map_err(MigrateError::Vm)?;
+                let state = saved.map_err(MigrateError::PauseAndSave)?;
                 self.paused = true;
                 self.switchover.saved = Some(now);
                 self.state = Some(state);
@@ -293,7 +295,7 @@ impl SourceMachine {
             (S::LastHarvest, E::Harvested(harvest)) => {
                 // Pages written since the last harvest, up to the pause (saving the vCPUs may
                 // have completed an I/O that wrote memory, so this is after it).
-                self.dirty.add_all(&harvest.map_err(MigrateError::Vm)?);
+                self.dirty.add_all(&harvest.map_err(MigrateError::Harvest)?);
                 self.switchover.last_pages = self.dirty.count();
                 self.step = S::SendingLast;
                 self.scan = 0;
@@ -337,9 +339,7 @@ impl SourceMachine {
                 };
                 Err(MigrateError::Unexpected { expected, got: other.name() })
             }
-            (step, event) => {
-                Err(MigrateError::Vm(format!("an answer out of turn at {step:?}: {}", event_name(&event))))
-            }
+            (step, event) => Err(MigrateError::OutOfTurn { step, event: event_name(&event) }),
         }
     }
 
@@ -496,7 +496,10 @@ impl SourceMachine {
 
     /// The last pages are out: the state and both digests follow.
     fn send_state(&mut self, now: Instant) -> Result<(), MigrateError> {
-        let mut state = self.state.take().ok_or(MigrateError::Vm("no state was saved".into()))?;
+        let mut state = self
+            .state
+            .take()
+            .ok_or(MigrateError::OutOfTurn { step: self.step, event: "the last pages before a state" })?;
         let ours = Digests { memory: self.encoder.digest(), state: *blake3::hash(&state).as_bytes() };
         if self.options.fault == Some(Fault::FlipStateByte) {
             let at = state.len() / 2;

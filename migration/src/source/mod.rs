@@ -26,6 +26,7 @@ mod machine;
 pub use driver::migrate;
 pub use machine::{SourceAction, SourceEvent, SourceMachine, SourceStep};
 
+use crate::VmFault;
 use crate::dirty::DirtySet;
 use crate::transport::LinkError;
 use serde::{Deserialize, Serialize};
@@ -40,11 +41,11 @@ pub trait SourceVm {
     /// RAM region sizes in bytes; pages are numbered across them in order.
     fn regions(&self) -> Vec<u64>;
     /// Copies page `page` into `buf` (PAGE_SIZE bytes).
-    fn read_page(&self, page: u64, buf: &mut [u8]) -> Result<(), String>;
-    fn start_dirty_log(&mut self) -> Result<(), String>;
+    fn read_page(&self, page: u64, buf: &mut [u8]) -> Result<(), VmFault>;
+    fn start_dirty_log(&mut self) -> Result<(), VmFault>;
     /// Adds the pages written since the last call (by the guest and by the VMM's devices)
     /// to `dirty`, and clears the logs.
-    fn harvest_dirty(&mut self, dirty: &mut DirtySet) -> Result<(), String>;
+    fn harvest_dirty(&mut self, dirty: &mut DirtySet) -> Result<(), VmFault>;
     fn stop_dirty_log(&mut self);
     /// Pages that may hold something other than zeroes, when the VM knows (memory the
     /// guest never touched is zeroes and need not even be read). Called after
@@ -53,8 +54,8 @@ pub trait SourceVm {
         None
     }
     /// Pauses the VM and returns its state as a state stream. On error the VM runs on.
-    fn pause_and_save(&mut self) -> Result<Vec<u8>, String>;
-    fn resume(&mut self) -> Result<(), String>;
+    fn pause_and_save(&mut self) -> Result<Vec<u8>, VmFault>;
+    fn resume(&mut self) -> Result<(), VmFault>;
     /// Keeps the vCPUs out of the guest for this share of the time (0 = off).
     fn set_throttle(&mut self, percent: u8);
     /// Lets go of what only the side that runs the VM may hold (its disk images' locks),
@@ -216,7 +217,7 @@ pub struct Report {
     pub digests_matched: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
     #[error(transparent)]
     Link(LinkError),
@@ -224,8 +225,19 @@ pub enum MigrateError {
     DestinationAborted(String),
     #[error("the destination answered {got} where {expected} was due")]
     Unexpected { expected: &'static str, got: &'static str },
-    #[error("the VM: {0}")]
-    Vm(String),
+    #[error("cannot turn the VM's dirty log on")]
+    StartDirtyLog(#[source] VmFault),
+    #[error("cannot read the VM's memory")]
+    ReadPages(#[source] VmFault),
+    #[error("cannot read the VM's dirty log")]
+    Harvest(#[source] VmFault),
+    #[error("cannot pause the VM and save its state")]
+    PauseAndSave(#[source] VmFault),
+    #[error("cannot set up the page compressor")]
+    Compressor(#[source] std::io::Error),
+    /// The driver answered what the machine did not ask: a bug in the driver.
+    #[error("the migration engine got {event} at step {step:?}, which it did not ask for")]
+    OutOfTurn { step: SourceStep, event: &'static str },
     #[error("cancelled")]
     Cancelled,
     #[error(
@@ -453,29 +465,29 @@ mod tests {
     #[test]
     fn a_round_that_fits_switches_over() {
         let mut c = Convergence::new(&options(false));
-        assert_eq!(c.after_round(&round(10, 40, 6), RTT), Ok(Next::Switchover));
+        assert!(matches!(c.after_round(&round(10, 40, 6), RTT), Ok(Next::Switchover)));
     }
 
     #[test]
     fn rounds_that_fit_go_on_while_they_halve_and_are_worth_a_round() {
         let mut c = Convergence::new(&options(false));
         let halving = |sent, dirty, transfer_ms| RoundFigures { sent_pages: sent, ..round(dirty, transfer_ms, 6) };
-        assert_eq!(c.after_round(&halving(8000, 700, 12), RTT), Ok(Next::Another));
+        assert!(matches!(c.after_round(&halving(8000, 700, 12), RTT), Ok(Next::Another)));
         // Under a millisecond of pages left: not worth another round.
-        assert_eq!(c.after_round(&halving(700, 60, 0), RTT), Ok(Next::Switchover));
+        assert!(matches!(c.after_round(&halving(700, 60, 0), RTT), Ok(Next::Switchover)));
         // Not halving: switch over now.
         let mut c = Convergence::new(&options(false));
-        assert_eq!(c.after_round(&halving(700, 400, 12), RTT), Ok(Next::Switchover));
+        assert!(matches!(c.after_round(&halving(700, 400, 12), RTT), Ok(Next::Switchover)));
     }
 
     #[test]
     fn shrinking_rounds_go_on_and_rounds_that_do_not_shrink_give_up_without_auto_converge() {
         let mut c = Convergence::new(&options(false));
         for dirty in [10_000, 5_000, 2_500] {
-            assert_eq!(c.after_round(&round(dirty, 500, 6), RTT), Ok(Next::Another));
+            assert!(matches!(c.after_round(&round(dirty, 500, 6), RTT), Ok(Next::Another)));
         }
         for _ in 0..4 {
-            assert_eq!(c.after_round(&round(2_500, 500, 6), RTT), Ok(Next::Another));
+            assert!(matches!(c.after_round(&round(2_500, 500, 6), RTT), Ok(Next::Another)));
         }
         let err = c.after_round(&round(2_500, 500, 6), RTT).unwrap_err();
         assert!(matches!(err, MigrateError::NotConverging { limit_ms: 50, .. }), "{err}");
@@ -495,7 +507,7 @@ mod tests {
             assert!(c.rounds < 100, "it never gives up");
         };
         assert_eq!(throttles, vec![20, 30, 40, 50, 60, 70, 80, 90, 99]);
-        assert_eq!(err, MigrateError::NotConvergingThrottled(99));
+        assert!(matches!(err, MigrateError::NotConvergingThrottled(99)), "{err}");
         assert_eq!(c.throttle_max, 99);
     }
 
@@ -503,10 +515,10 @@ mod tests {
     fn round_trips_longer_than_the_limit_stop_the_migration_with_the_figure() {
         let mut c = Convergence::new(&options(true));
         // The pages would take 10 ms; two 40 ms round trips do not fit 50 ms.
-        assert_eq!(c.after_round(&round(100, 10, 85), RTT), Ok(Next::Another));
-        assert_eq!(c.after_round(&round(100, 10, 85), RTT), Ok(Next::Another));
+        assert!(matches!(c.after_round(&round(100, 10, 85), RTT), Ok(Next::Another)));
+        assert!(matches!(c.after_round(&round(100, 10, 85), RTT), Ok(Next::Another)));
         let err = c.after_round(&round(100, 10, 85), RTT).unwrap_err();
-        assert_eq!(err, MigrateError::DowntimeBelowFloor { rtt_us: 40_000, floor_ms: 86 });
+        assert!(matches!(err, MigrateError::DowntimeBelowFloor { rtt_us: 40_000, floor_ms: 86 }), "{err}");
         assert!(err.to_string().contains("at least 86 ms"), "{err}");
     }
 

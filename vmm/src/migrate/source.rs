@@ -11,6 +11,7 @@ use crate::disk_locks::DiskLocks;
 use crate::machine::Machine;
 use crate::vstate::memory::GuestMemory;
 use crate::vstate::vm::Vm;
+use novacron_migration::VmFault;
 use novacron_migration::dirty::DirtySet;
 use novacron_migration::page::PAGE_SIZE;
 use novacron_migration::source::{self, Control, Fault, MigrateError, Report, SourceOptions, SourceVm};
@@ -32,9 +33,9 @@ const VMM_ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 /// What the engine asks of the VMM thread.
 pub enum EngineRequest {
     /// Pause the VM (if it runs), stop device work, and answer with the state stream.
-    PauseAndSave(Sender<Result<Vec<u8>, String>>),
+    PauseAndSave(Sender<Result<Vec<u8>, ApiError>>),
     /// Undo PauseAndSave: the migration failed before its commit.
-    Resume(Sender<Result<(), String>>),
+    Resume(Sender<Result<(), ApiError>>),
     Throttle(u8),
     /// The engine is done; the link is closed.
     Finished(Result<Report, MigrateError>),
@@ -76,6 +77,32 @@ impl Migration {
             let _ = t.join();
         }
     }
+}
+
+/// Why the VM could not do what the engine asked (the engine keeps it as the source of its
+/// `MigrateError`).
+#[derive(Debug, thiserror::Error)]
+enum VmSideError {
+    #[error("the VM has ended")]
+    Ended,
+    #[error("the VMM did not {what} within {timeout:?}")]
+    NoAnswer { what: &'static str, timeout: Duration },
+    #[error("the VMM could not {what}")]
+    Refused {
+        what: &'static str,
+        #[source]
+        source: ApiError,
+    },
+    #[error("page {0} is not in guest RAM")]
+    NotInRam(u64),
+    #[error("reading page {page}")]
+    ReadPage {
+        page: u64,
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+    #[error("KVM's dirty log")]
+    DirtyLog(#[source] crate::vstate::vm::VmError),
 }
 
 fn bad(msg: impl Into<String>) -> ApiError {
@@ -154,7 +181,7 @@ fn run_engine(
     };
     match &result {
         Ok(r) => tracing::info!(downtime_us = r.downtime_us, total_ms = r.total_ms, "migration done"),
-        Err(e) => tracing::warn!("migration failed: {e}"),
+        Err(e) => tracing::warn!("migration failed: {}", novacron_migration::error_chain(e)),
     }
     side.ask(EngineRequest::Finished(result));
 }
@@ -207,15 +234,16 @@ impl VmSide {
 
     fn ask_and_wait<T>(
         &self,
-        make: impl FnOnce(Sender<Result<T, String>>) -> EngineRequest,
-        what: &str,
-    ) -> Result<T, String> {
+        make: impl FnOnce(Sender<Result<T, ApiError>>) -> EngineRequest,
+        what: &'static str,
+    ) -> Result<T, VmFault> {
         let (tx, rx) = channel();
         if !self.ask(make(tx)) {
-            return Err("the VM has ended".into());
+            return Err(VmSideError::Ended.into());
         }
-        rx.recv_timeout(VMM_ANSWER_TIMEOUT)
-            .map_err(|_| format!("the VMM did not {what} within {VMM_ANSWER_TIMEOUT:?}"))?
+        let answer = rx.recv_timeout(VMM_ANSWER_TIMEOUT);
+        let answer = answer.map_err(|_| VmSideError::NoAnswer { what, timeout: VMM_ANSWER_TIMEOUT })?;
+        Ok(answer.map_err(|source| VmSideError::Refused { what, source })?)
     }
 }
 
@@ -228,20 +256,20 @@ impl SourceVm for VmSide {
         self.regions.iter().map(|r| r.bytes).collect()
     }
 
-    fn read_page(&self, page: u64, buf: &mut [u8]) -> Result<(), String> {
+    fn read_page(&self, page: u64, buf: &mut [u8]) -> Result<(), VmFault> {
         let region = self
             .regions
             .iter()
             .rev()
             .find(|r| r.first_page <= page)
             .filter(|r| (page - r.first_page) * (PAGE_SIZE as u64) < r.bytes)
-            .ok_or_else(|| format!("page {page} is not in guest RAM"))?;
+            .ok_or(VmSideError::NotInRam(page))?;
         let addr = region.start.0 + (page - region.first_page) * PAGE_SIZE as u64;
-        self.memory.read_slice(buf, GuestAddress(addr)).map_err(|e| format!("reading page {page}: {e}"))
+        Ok(self.memory.read_slice(buf, GuestAddress(addr)).map_err(|source| VmSideError::ReadPage { page, source })?)
     }
 
-    fn start_dirty_log(&mut self) -> Result<(), String> {
-        self.vm.set_dirty_logging(&self.memory, true).map_err(|e| crate::process::error_chain(&e))?;
+    fn start_dirty_log(&mut self) -> Result<(), VmFault> {
+        self.vm.set_dirty_logging(&self.memory, true).map_err(VmSideError::DirtyLog)?;
         // Round 0 sends everything: what the VMM wrote before now does not matter.
         for r in self.memory.iter() {
             let _ = vmm_writes(r).get_and_reset();
@@ -249,10 +277,10 @@ impl SourceVm for VmSide {
         Ok(())
     }
 
-    fn harvest_dirty(&mut self, dirty: &mut DirtySet) -> Result<(), String> {
+    fn harvest_dirty(&mut self, dirty: &mut DirtySet) -> Result<(), VmFault> {
         for (slot, (region, mem)) in self.regions.iter().zip(self.memory.iter()).enumerate() {
             let pages = region.bytes / PAGE_SIZE as u64;
-            let log = self.vm.dirty_log(slot as u32, region.bytes).map_err(|e| crate::process::error_chain(&e))?;
+            let log = self.vm.dirty_log(slot as u32, region.bytes).map_err(VmSideError::DirtyLog)?;
             dirty.or_bitmap(region.first_page, &log, pages);
             // The devices' own writes (virtio rings, disk reads, received frames).
             dirty.or_bitmap(region.first_page, &vmm_writes(mem).get_and_reset(), pages);
@@ -279,11 +307,11 @@ impl SourceVm for VmSide {
         }
     }
 
-    fn pause_and_save(&mut self) -> Result<Vec<u8>, String> {
+    fn pause_and_save(&mut self) -> Result<Vec<u8>, VmFault> {
         self.ask_and_wait(EngineRequest::PauseAndSave, "pause and save the VM")
     }
 
-    fn resume(&mut self) -> Result<(), String> {
+    fn resume(&mut self) -> Result<(), VmFault> {
         self.ask_and_wait(EngineRequest::Resume, "resume the VM")
     }
 
