@@ -3,6 +3,7 @@
 
 use clap::{Args, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use novacron_migration::compression::CompressionReport;
 use novacron_migration::source::{Fault, Phase, Progress, Report};
 use novacron_vmm::api::client::{ClientError, call};
 use novacron_vmm::api::{MigrateRequest, MigrationStatus, Request, VmState};
@@ -29,7 +30,10 @@ pub enum OnOff {
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Compress {
-    Zstd,
+    /// Per batch: raw, zstd-1 or zstd-3, whichever the measured link and compression
+    /// rates say is quickest.
+    #[value(alias = "zstd")]
+    Auto,
     None,
 }
 
@@ -62,7 +66,8 @@ pub struct MigrateArgs {
     /// Throttle the vCPUs when the migration does not converge (else give up).
     #[arg(long, value_enum, default_value = "on")]
     auto_converge: OnOff,
-    #[arg(long, value_enum, default_value = "zstd")]
+    /// Compress page data where that shortens the transfer.
+    #[arg(long, value_enum, default_value = "auto")]
     compress: Compress,
     /// MiB of sent pages kept to send changes as deltas.
     #[arg(long, value_name = "MIB", default_value_t = 64)]
@@ -204,6 +209,31 @@ pub fn watch_progress(socket: PathBuf, id: String, done: Arc<AtomicBool>) {
     bar.finish_and_clear();
 }
 
+/// What each codec carried, and the rates the choices were made from.
+fn compression_line(c: &CompressionReport) -> String {
+    let used = [("raw", c.raw), ("zstd-1", c.zstd1), ("zstd-3", c.zstd3)];
+    let mut parts: Vec<String> = used
+        .iter()
+        .filter(|(_, u)| u.batches > 0)
+        .map(|(name, u)| {
+            format!("{name} {} batches, {} to {}", u.batches, human_bytes(u.bytes_in), human_bytes(u.bytes_out))
+        })
+        .collect();
+    if parts.is_empty() {
+        parts.push("no page data".into());
+    }
+    let rate = |r: u64| if r == 0 { "not measured".to_string() } else { format!("{}/s", human_bytes(r)) };
+    format!(
+        "{}; link {}, zstd-1 {} at {:.2}, zstd-3 {} at {:.2}",
+        parts.join(", "),
+        rate(c.link_rate),
+        rate(c.zstd1_speed),
+        c.zstd1_ratio_permille as f64 / 1000.0,
+        rate(c.zstd3_speed),
+        c.zstd3_ratio_permille as f64 / 1000.0
+    )
+}
+
 fn print_report(r: &Report, to: &str) {
     let pause = r.downtime_us as f64 / 1000.0;
     println!("migrated to {to} in {} ms", r.total_ms);
@@ -231,6 +261,7 @@ fn print_report(r: &Report, to: &str) {
     if r.bytes_saved > 0 {
         println!("  saved           {} not sent (the destination had those pages)", human_bytes(r.bytes_saved));
     }
+    println!("  compression     {}", compression_line(&r.compression));
     if r.throttle_max > 0 {
         println!("  throttle        vCPUs throttled up to {}% (auto-converge)", r.throttle_max);
     }
@@ -263,7 +294,7 @@ pub fn migrate(a: MigrateArgs) -> i32 {
         max_bandwidth: a.max_bandwidth.unwrap_or(0),
         downtime_ms: a.downtime_ms,
         auto_converge: a.auto_converge == OnOff::On,
-        compress: a.compress == Compress::Zstd,
+        compress: a.compress == Compress::Auto,
         delta_cache_mib: a.delta_cache,
         keep_snapshot,
         fault,

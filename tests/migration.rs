@@ -178,6 +178,9 @@ fn kvm_migrate_bandwidth_limit_holds_and_can_change() {
     let r = report(&migrate(&src, &addr, &tls, &["--max-bandwidth", "2M", "--compress", "none"]));
     let rate = r["bytes_sent"].as_f64().unwrap() / (r["total_ms"].as_f64().unwrap() / 1000.0);
     assert!((rate / 2e6 - 1.0).abs() < 0.10, "average {rate:.0} bytes/s for a 2 MB/s limit: {r}");
+    let c = &r["compression"];
+    assert!(c["raw"]["batches"].as_u64().unwrap() > 0, "{c}");
+    assert_eq!((c["zstd1"]["batches"].as_u64(), c["zstd3"]["batches"].as_u64()), (Some(0), Some(0)), "off: {c}");
     assert_moved(src, &mut dst);
 
     // Back the other way, starting at 1 MB/s (8 s) and raised to 50 MB/s after a second.
@@ -198,6 +201,28 @@ fn kvm_migrate_bandwidth_limit_holds_and_can_change() {
     report(&out);
     assert!(started.elapsed() < Duration::from_secs(5), "the raised limit did not apply: {:?}", started.elapsed());
     assert_moved(src, &mut back);
+}
+
+#[test]
+fn kvm_migrate_over_a_slow_link_compresses_and_the_report_says_how() {
+    if !kvm_or_skip("kvm_migrate_over_a_slow_link_compresses_and_the_report_says_how") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let tls = certs(dir.path(), "tls");
+    let src = source(dir.path(), 1, 128, "ws=8 rate=100 verify=300 hb=100");
+    let (mut dst, addr) = receiver(dir.path(), &tls, &[]);
+    // The test guest's pages hold a few words each: zstd shrinks them far faster than
+    // 2 MB/s carries them, so the batches go compressed.
+    let r = report(&migrate(&src, &addr, &tls, &["--max-bandwidth", "2M"]));
+    assert_moved(src, &mut dst);
+    let c = &r["compression"];
+    let carried = |codec: &str, field: &str| c[codec][field].as_u64().unwrap();
+    let zstd_in = carried("zstd1", "bytes_in") + carried("zstd3", "bytes_in");
+    assert!(zstd_in > 4 * carried("raw", "bytes_in"), "a slow link gets compressed pages: {c}");
+    assert!(carried("zstd3", "bytes_out") < carried("zstd3", "bytes_in") / 4, "{c}");
+    assert!(c["zstd1_speed"].as_u64().unwrap() > 2_000_000 && c["zstd3_speed"].as_u64().unwrap() > 0, "{c}");
+    assert!(r["bytes_sent"].as_u64().unwrap() < 4 << 20, "8 MiB of working set sent in under 4 MiB: {r}");
 }
 
 /// A link too slow for the guest's writes: pages go whole (no compression, no deltas) at

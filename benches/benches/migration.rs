@@ -294,6 +294,18 @@ impl Bench {
             "switchover (µs): pause and save {}, last {} pages {}, destination ready {}, commit {}",
             sw["pause_and_save_us"], sw["last_pages"], sw["last_pages_us"], sw["destination_ready_us"], sw["commit_us"]
         ));
+        let c = &report["compression"];
+        s.round_log.push(format!(
+            "compression: raw {} / zstd-1 {} / zstd-3 {} batches; link {} MiB/s, zstd-1 {} MiB/s at {}‰, zstd-3 {} MiB/s at {}‰",
+            c["raw"]["batches"],
+            c["zstd1"]["batches"],
+            c["zstd3"]["batches"],
+            c["link_rate"].as_u64().unwrap_or(0) >> 20,
+            c["zstd1_speed"].as_u64().unwrap_or(0) >> 20,
+            c["zstd1_ratio_permille"],
+            c["zstd3_speed"].as_u64().unwrap_or(0) >> 20,
+            c["zstd3_ratio_permille"]
+        ));
         finish(&mut s, &src, &mut dst, t0, wire_before, verify_ms)
     }
 

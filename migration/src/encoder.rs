@@ -4,16 +4,20 @@
 //! Each page goes one of these ways: skipped when its content is what was sent last, a
 //! reference to a page of the destination's base image, a reference to another page with
 //! the same content, a word-level delta against the last sent copy, or whole. Pages
-//! collect into batches whose data is compressed with zstd level 1. The memory digest
-//! follows every page sent, so at the switchover it describes what the destination holds.
+//! collect into batches whose data goes raw or through zstd, as `compression::Chooser`
+//! decides from the figures measured here (each compression's time and ratio) and the
+//! link's rate. The memory digest follows every page sent, so at the switchover it
+//! describes what the destination holds.
 //!
 //! Kept apart from the engine so that the benchmarks time exactly this code.
 
+use crate::compression::{Chooser, Codec, CompressionReport};
 use crate::digest::MemoryDigest;
 use crate::page::{self, DeltaCache, PAGE_SIZE, PageHash, ZERO_HASH};
 use crate::protocol::{BATCH_PAGES, BatchBuilder, MAX_FRAME, PageBatch};
 use crate::source::PageCounts;
 use std::collections::HashMap;
+use std::time::Instant;
 
 /// A delta is used when it is at most this large; otherwise the page goes whole.
 const DELTA_BUDGET: usize = PAGE_SIZE / 4;
@@ -28,7 +32,9 @@ pub struct PageEncoder {
     /// The destination's base image: content to its page index there.
     base: HashMap<PageHash, u32>,
     batch: BatchBuilder,
-    compressor: Option<zstd::bulk::Compressor<'static>>,
+    /// A compressor per level of `Codec::LEVELS`.
+    compressors: Vec<zstd::bulk::Compressor<'static>>,
+    chooser: Chooser,
     counts: PageCounts,
     /// Test fault: flip a byte of the next page sent whole, after it was hashed.
     flip_next_full: bool,
@@ -46,7 +52,12 @@ impl PageEncoder {
             seen: HashMap::new(),
             base: HashMap::new(),
             batch: BatchBuilder::default(),
-            compressor: if compress { Some(zstd::bulk::Compressor::new(1)?) } else { None },
+            compressors: Codec::LEVELS
+                .iter()
+                .filter_map(|c| c.zstd_level())
+                .map(zstd::bulk::Compressor::new)
+                .collect::<std::io::Result<_>>()?,
+            chooser: Chooser::new(compress),
             counts: PageCounts::default(),
             flip_next_full: false,
         })
@@ -131,7 +142,34 @@ impl PageEncoder {
             return None;
         }
         let count = self.batch.len() as u64;
-        Some((self.batch.finish(self.compressor.as_mut()), count))
+        let raw_len = self.batch.data_len();
+        let codec = self.chooser.choose(raw_len);
+        let compressor = match codec {
+            Codec::Raw => None,
+            Codec::Zstd1 => self.compressors.get_mut(0),
+            Codec::Zstd3 => self.compressors.get_mut(1),
+        };
+        // The compression's own time, measured here: the chooser weighs it against the link.
+        let started = Instant::now();
+        let batch = self.batch.finish(compressor);
+        let sent_as = if batch.compressed { codec } else { Codec::Raw };
+        self.chooser.record(codec, sent_as, raw_len, batch.data.len(), started.elapsed());
+        Some((batch, count))
+    }
+
+    /// A measured delivery rate of the link (bytes/s), and its configured limit (0: none).
+    pub fn link_sample(&mut self, bytes_per_s: f64) {
+        self.chooser.add_link_sample(bytes_per_s);
+    }
+
+    /// The link's configured limit (bytes/s, 0: none) and round trip.
+    pub fn set_link(&mut self, limit: u64, rtt: std::time::Duration) {
+        self.chooser.set_limit(limit);
+        self.chooser.set_rtt(rtt);
+    }
+
+    pub fn compression(&self) -> CompressionReport {
+        self.chooser.report()
     }
 
     /// The digest of the memory the destination holds once every batch taken arrived.

@@ -6,6 +6,7 @@
 //! - [`digest`]: the incremental memory digest both ends of a migration keep.
 //! - [`dirty`]: page sets (a round's dirty pages).
 //! - [`encoder`]: the source's per-page work: the cheapest way to send each page.
+//! - [`compression`]: which compression (none, zstd-1, zstd-3) each batch gets.
 //! - [`protocol`]: the migration's messages and frames.
 //! - [`throttle`]: the bandwidth limit.
 //! - [`tls`]: the cluster CA, node certificates, mutual-TLS configurations.
@@ -17,6 +18,7 @@
 //! The VMM (`novacron-vmm`) captures and restores the state that goes into sections and
 //! owns the VM; this crate decides what to send when and checks what arrives.
 
+pub mod compression;
 pub mod destination;
 pub mod digest;
 pub mod dirty;

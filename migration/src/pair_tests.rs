@@ -244,7 +244,7 @@ fn run(options: SourceOptions, rate: f64, latency: Duration, trouble: Trouble) -
                     None
                 }
                 SourceAction::Finish(result) => {
-                    finished = Some(result);
+                    finished = Some(*result);
                     break;
                 }
             };

@@ -377,7 +377,7 @@ impl Loop {
                     let _ = reply.send(r);
                 }
                 EngineRequest::Throttle(percent) => machine.set_throttle(percent),
-                EngineRequest::Finished(outcome) => return Ok(Some(outcome)),
+                EngineRequest::Finished(outcome) => return Ok(Some(*outcome)),
             }
         }
         Ok(None)

@@ -99,7 +99,7 @@ impl Driver<'_> {
                 return None;
             }
             SourceAction::Finish(result) => {
-                return Some(result.map(|mut report| {
+                return Some((*result).map(|mut report| {
                     report.wire_bytes = self.link.wire_bytes();
                     report
                 }));

@@ -5,9 +5,9 @@
 //! no clock and owns no socket; the driver (`super::migrate`) does both.
 
 use super::{
-    Convergence, DRAIN_ALLOWANCE, DRAIN_STEP, Fault, MigrateError, Next, PageCost, PageCounts, Phase, Progress,
-    READY_TIMEOUT, RUNNING_TIMEOUT, Report, RoundFigures, SWITCHOVER_OVERHEAD, SourceOptions, SwitchoverTimes,
-    WELCOME_TIMEOUT,
+    Convergence, DRAIN_ALLOWANCE, DRAIN_STEP, DeliveryRate, Fault, MigrateError, Next, PageCost, PageCounts, Phase,
+    Progress, READY_TIMEOUT, RUNNING_TIMEOUT, Report, RoundFigures, SWITCHOVER_OVERHEAD, SourceOptions,
+    SwitchoverTimes, WELCOME_TIMEOUT,
 };
 use crate::VmFault;
 use crate::digest::hex;
@@ -62,7 +62,8 @@ pub enum SourceAction {
         resume: bool,
     },
     /// The end; nothing follows.
-    Finish(Result<Report, MigrateError>),
+    /// (Boxed: a report is large, and actions are many.)
+    Finish(Box<Result<Report, MigrateError>>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,6 +120,7 @@ pub struct SourceMachine {
     /// Frame bytes handed to the driver, and those the destination said it applied.
     queued: u64,
     acked: u64,
+    delivery: DeliveryRate,
     pages_sent: u64,
     rtt: Duration,
     bandwidth_limit: u64,
@@ -165,6 +167,7 @@ impl SourceMachine {
             cost: PageCost::default(),
             queued: 0,
             acked: 0,
+            delivery: DeliveryRate::default(),
             pages_sent: 0,
             rtt: Duration::ZERO,
             bandwidth_limit: 0,
@@ -204,6 +207,7 @@ impl SourceMachine {
     pub fn set_link(&mut self, rtt: Duration, bandwidth_limit: u64) {
         self.rtt = rtt;
         self.bandwidth_limit = bandwidth_limit;
+        self.encoder.set_link(bandwidth_limit, rtt);
     }
 
     /// The next action, if any.
@@ -234,6 +238,9 @@ impl SourceMachine {
             (_, E::LinkFailed(e)) => Err(e.into()),
             (_, E::Frame(Message::Received(bytes))) => {
                 self.acked = self.acked.max(bytes);
+                if let Some(rate) = self.delivery.receipt(now, self.acked, self.queued) {
+                    self.encoder.link_sample(rate);
+                }
                 if matches!(self.step, S::Draining | S::FinalDrain) {
                     self.deadline = Some(now + DRAIN_STEP);
                     self.check_drained(now)?;
@@ -325,7 +332,7 @@ impl SourceMachine {
                 self.deadline = None;
                 self.progress.phase = Phase::Done;
                 self.actions.push_back(SourceAction::Throttle(0));
-                self.actions.push_back(SourceAction::Finish(Ok(report)));
+                self.actions.push_back(SourceAction::Finish(Box::new(Ok(report))));
                 Ok(())
             }
             (S::Running, E::Frame(other)) => {
@@ -376,7 +383,7 @@ impl SourceMachine {
                 resume: self.paused,
             });
         }
-        self.actions.push_back(SourceAction::Finish(Err(e)));
+        self.actions.push_back(SourceAction::Finish(Box::new(Err(e))));
     }
 
     fn send(&mut self, message: &Message) -> Result<(), MigrateError> {
@@ -539,6 +546,7 @@ impl SourceMachine {
             pages: counts,
             bytes_saved: (counts.base + counts.copy) * PAGE_SIZE as u64,
             throttle_max: self.convergence.throttle_max,
+            compression: self.encoder.compression(),
             memory_digest: hex(&ours.memory),
             state_digest: hex(&ours.state),
             digests_matched: true,

@@ -27,6 +27,7 @@ pub use driver::migrate;
 pub use machine::{SourceAction, SourceEvent, SourceMachine, SourceStep};
 
 use crate::VmFault;
+use crate::compression::CompressionReport;
 use crate::dirty::DirtySet;
 use crate::transport::LinkError;
 use serde::{Deserialize, Serialize};
@@ -81,7 +82,7 @@ pub struct SourceOptions {
     /// The longest pause allowed for the switchover.
     pub downtime: Duration,
     pub auto_converge: bool,
-    /// zstd level 1 on page data.
+    /// Compress page data where that shortens the transfer (`compression::Chooser`).
     pub compress: bool,
     /// Bytes of last-sent pages kept for deltas (0: no deltas).
     pub delta_cache: usize,
@@ -211,6 +212,9 @@ pub struct Report {
     /// Page bytes that base and copy references kept off the wire.
     pub bytes_saved: u64,
     pub throttle_max: u8,
+    /// Which compression each batch got, and the figures behind the choices.
+    #[serde(default)]
+    pub compression: CompressionReport,
     pub memory_digest: String,
     pub state_digest: String,
     /// Both sides computed the same digests (a report is only made when they did).
@@ -297,6 +301,46 @@ impl Control {
 
     pub fn snapshot(&self) -> Progress {
         self.progress.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// A backlog of at least this many bytes keeps the link busy, so that the receipts
+/// measure the link and not how fast this side produces.
+const RATE_BACKLOG: u64 = 1 << 20;
+/// A delivery-rate sample spans at least this many bytes and this long: receipts come in
+/// bursts when the link's thread gets the CPU late, and a span inside a burst would
+/// measure the burst.
+const RATE_SAMPLE: u64 = 1 << 20;
+const RATE_SPAN: Duration = Duration::from_millis(5);
+
+/// The link's delivery rate, from the destination's receipts (what it applied, so the
+/// destination's own speed is in it), over spans during which a backlog waited.
+#[derive(Debug, Default)]
+struct DeliveryRate {
+    /// Where the current span began: the time and the bytes acknowledged then.
+    mark: Option<(std::time::Instant, u64)>,
+}
+
+impl DeliveryRate {
+    /// A receipt for `acked` bytes at `now`, with `queued` bytes handed to the link so
+    /// far; a sample in bytes/s when a span is complete.
+    fn receipt(&mut self, now: std::time::Instant, acked: u64, queued: u64) -> Option<f64> {
+        if queued.saturating_sub(acked) < RATE_BACKLOG {
+            // The link waited for this side: the span would measure the source.
+            self.mark = None;
+            return None;
+        }
+        match self.mark {
+            Some((at, from)) if acked >= from + RATE_SAMPLE && now.saturating_duration_since(at) >= RATE_SPAN => {
+                self.mark = Some((now, acked));
+                Some((acked - from) as f64 / now.saturating_duration_since(at).as_secs_f64())
+            }
+            Some(_) => None,
+            None => {
+                self.mark = Some((now, acked));
+                None
+            }
+        }
     }
 }
 
@@ -461,6 +505,28 @@ mod tests {
     }
 
     const RTT: fn() -> Duration = || Duration::from_millis(40);
+
+    #[test]
+    fn the_delivery_rate_is_sampled_only_while_a_backlog_waits() {
+        let t0 = std::time::Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut d = DeliveryRate::default();
+        // 8 MiB queued, acknowledged at 1 MiB per 10 ms: 100 MiB/s.
+        let queued = 8 << 20;
+        assert_eq!(d.receipt(at(0), 0, queued), None, "the first receipt marks the span");
+        assert_eq!(d.receipt(at(5), 512 << 10, queued), None, "half a sample is not one");
+        let rate = d.receipt(at(10), 1 << 20, queued).unwrap();
+        assert!((rate / (100.0 * 1048576.0) - 1.0).abs() < 1e-9, "{rate}");
+        // A burst: 3 MiB of receipts within a millisecond is no sample by itself.
+        assert_eq!(d.receipt(at(11), 4 << 20, queued), None);
+        let rate = d.receipt(at(40), 4 << 20, queued).unwrap();
+        assert!((rate / (100.0 * 1048576.0) - 1.0).abs() < 1e-9, "{rate}");
+        // The backlog runs dry: the link waited for this side, no sample spans that.
+        assert_eq!(d.receipt(at(50), 5 << 20, (5 << 20) + 1000), None);
+        assert_eq!(d.receipt(at(1000), 6 << 20, 12 << 20), None, "a new span starts after the gap");
+        let rate = d.receipt(at(1010), 7 << 20, 12 << 20).unwrap();
+        assert!((rate / (100.0 * 1048576.0) - 1.0).abs() < 1e-9, "the gap is not in the sample: {rate}");
+    }
 
     #[test]
     fn a_round_that_fits_switches_over() {

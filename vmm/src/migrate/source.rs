@@ -38,7 +38,7 @@ pub enum EngineRequest {
     Resume(Sender<Result<(), ApiError>>),
     Throttle(u8),
     /// The engine is done; the link is closed.
-    Finished(Result<Report, MigrateError>),
+    Finished(Box<Result<Report, MigrateError>>),
 }
 
 /// A running migration, as the VMM thread holds it.
@@ -183,7 +183,7 @@ fn run_engine(
         Ok(r) => tracing::info!(downtime_us = r.downtime_us, total_ms = r.total_ms, "migration done"),
         Err(e) => tracing::warn!("migration failed: {}", novacron_migration::error_chain(e)),
     }
-    side.ask(EngineRequest::Finished(result));
+    side.ask(EngineRequest::Finished(Box::new(result)));
 }
 
 /// The pages of a region that the VMM itself wrote (vm-memory marks them).
