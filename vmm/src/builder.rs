@@ -8,8 +8,9 @@ use crate::arch::x86_64::{acpi, mptable};
 use crate::boot::{self, initrd, linux, pvh};
 use crate::config::{KernelSource, VmConfig};
 use crate::disk_locks::DiskLocks;
-use crate::machine::{Controls, Machine, StopEvents};
+use crate::machine::{Controls, Machine, StartClock, StopEvents};
 use crate::permit::RunPermit;
+use crate::snapshot::lazy::LazyMemory;
 use crate::snapshot::{self, MachineSpec, SavedState};
 use crate::virtio;
 use crate::vstate::kvm::{self, KvmError};
@@ -24,7 +25,8 @@ use novacron_devices::virtio::block::lock::LockError;
 use novacron_devices::{Bus, BusError};
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, channel};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
@@ -152,7 +154,7 @@ struct PhaseTimer(std::time::Instant);
 
 impl PhaseTimer {
     fn mark(&mut self, phase: &str) {
-        let now = std::time::Instant::now();
+        let now = Instant::now();
         tracing::debug!(phase, us = (now - self.0).as_micros() as u64, "start-up phase done");
         self.0 = now;
     }
@@ -162,9 +164,10 @@ impl PhaseTimer {
 pub enum Source {
     /// Boot the configured kernel.
     Boot,
-    /// Continue a snapshot's state in `memory`, which holds the guest's RAM; the
-    /// configuration was made from the state's machine spec.
-    Restore { state: Box<SavedState>, memory: GuestMemory },
+    /// Continue a snapshot's state in `memory`, which holds the guest's RAM (or will:
+    /// `lazy` fills it while the guest runs); the configuration was made from the state's
+    /// machine spec.
+    Restore { state: Box<SavedState>, memory: GuestMemory, lazy: Option<LazyMemory> },
     /// The same for a migration's destination: the vCPUs are set up but wait, and the
     /// disk images stay unlocked, until the source commits (`Machine::take_disk_locks`,
     /// then `Machine::resume`).
@@ -178,12 +181,20 @@ pub enum Source {
 /// threads start: one of them reads KVM's supported CPUID while this thread creates the
 /// interrupt controllers; each then creates and configures its own vCPU while this thread
 /// loads the guest and wires the devices. Then every vCPU is told to start.
-pub fn build(config: &VmConfig, serial_out: SerialOutput, source: Source) -> Result<Machine, BuildError> {
-    let mut timer = PhaseTimer(std::time::Instant::now());
-    let (memory, restore, incoming) = match source {
-        Source::Boot => (None, None, false),
-        Source::Restore { state, memory } => (Some(memory), Some(state), false),
-        Source::Migration { state, memory } => (Some(memory), Some(state), true),
+///
+/// `began` is when the boot or restore began (the status's `first_instruction_us` counts
+/// from it).
+pub fn build(
+    config: &VmConfig,
+    serial_out: SerialOutput,
+    source: Source,
+    began: Instant,
+) -> Result<Machine, BuildError> {
+    let mut timer = PhaseTimer(Instant::now());
+    let (memory, restore, incoming, lazy) = match source {
+        Source::Boot => (None, None, false, None),
+        Source::Restore { state, memory, lazy } => (Some(memory), Some(state), false, lazy),
+        Source::Migration { state, memory } => (Some(memory), Some(state), true, None),
     };
     let disk_locks = Arc::new(DiskLocks::new(&config.disks));
     if !incoming {
@@ -254,12 +265,19 @@ pub fn build(config: &VmConfig, serial_out: SerialOutput, source: Source) -> Res
     wait_for_setup(&setup_rx, config.vcpus)?;
     timer.mark("vCPUs configured");
     let throttle = Arc::new(Throttle::default());
+    let first_run = Arc::new(OnceLock::new());
     for (v, init) in vcpus.iter().zip(inits.drain(..)) {
         // A command queued before the start is the first thing the thread does.
         if paused && !v.send(VcpuCommand::Pause) {
             return Err(BuildError::VcpuGone(v.index));
         }
-        let start = VcpuStart { buses: buses.clone(), init, throttle: throttle.clone(), permit: permit.clone() };
+        let start = VcpuStart {
+            buses: buses.clone(),
+            init,
+            throttle: throttle.clone(),
+            permit: permit.clone(),
+            first_run: first_run.clone(),
+        };
         if !v.start(start) {
             return Err(BuildError::VcpuGone(v.index));
         }
@@ -288,7 +306,7 @@ pub fn build(config: &VmConfig, serial_out: SerialOutput, source: Source) -> Res
         buses,
         vm,
         memory,
-        Controls { throttle, permit, disk_locks, state },
+        Controls { throttle, permit, disk_locks, state, start: StartClock { began, first_run }, lazy },
     ))
 }
 

@@ -1,9 +1,10 @@
 //! A running VM as the VMM thread sees it: the vCPU handles, the devices it must flush, the
 //! event fds through which the guest asks to stop, and pause/resume across all vCPUs.
 
-use crate::api::{ApiError, ErrorKind, PermitStatus, VmState, VmStatus};
+use crate::api::{ApiError, ErrorKind, MemoryLoadStatus, PermitStatus, VmState, VmStatus};
 use crate::disk_locks::DiskLocks;
 use crate::permit::RunPermit;
+use crate::snapshot::lazy::LazyMemory;
 use crate::snapshot::{self, MachineSpec, RunState, SavedState, SnapshotStats};
 use crate::virtio::VirtioSlot;
 use crate::vstate::memory::GuestMemory;
@@ -15,7 +16,7 @@ use novacron_devices::rate_limiter::BucketUpdate;
 use novacron_devices::virtio::LimitTarget;
 use novacron_devices::virtio::persist::TransportState;
 use std::sync::mpsc::Receiver;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -40,6 +41,14 @@ pub(crate) struct Controls {
     pub permit: Arc<RunPermit>,
     pub disk_locks: Arc<DiskLocks>,
     pub state: VmState,
+    pub start: StartClock,
+    pub lazy: Option<LazyMemory>,
+}
+
+/// When the boot or restore began, and when a vCPU first entered the guest.
+pub(crate) struct StartClock {
+    pub began: Instant,
+    pub first_run: Arc<OnceLock<Instant>>,
 }
 
 pub struct Machine {
@@ -62,7 +71,10 @@ pub struct Machine {
     fenced: bool,
     /// Whether a fenced VM runs again once permitted (it ran when it was fenced).
     run_when_permitted: bool,
-    // Dropped last, in this order: the buses (devices), the VM fd, then guest memory.
+    start: StartClock,
+    // Dropped last, in this order: the loader of a lazy restore (once the vCPUs are
+    // gone: one may wait on it), the buses (devices), the VM fd, then guest memory.
+    lazy: Option<LazyMemory>,
     _buses: Arc<IoBuses>,
     vm: Arc<Vm>,
     memory: GuestMemory,
@@ -86,7 +98,7 @@ impl Machine {
         memory: GuestMemory,
         controls: Controls,
     ) -> Self {
-        let Controls { throttle, permit, disk_locks, state } = controls;
+        let Controls { throttle, permit, disk_locks, state, start, lazy } = controls;
         // A VMM that needs a permit starts fenced; it runs once the first one comes.
         let fenced = permit.required() && !permit.allows_now();
         Machine {
@@ -105,6 +117,8 @@ impl Machine {
             permit,
             fenced,
             run_when_permitted: fenced,
+            start,
+            lazy,
             _buses: buses,
             vm,
             memory,
@@ -129,6 +143,21 @@ impl Machine {
                 epoch: self.permit.epoch(),
                 left_ms: self.permit.left().map_or(0, |d| d.as_millis() as u64),
                 fenced: self.fenced,
+            }),
+            first_instruction_us: self
+                .start
+                .first_run
+                .get()
+                .map(|at| at.saturating_duration_since(self.start.began).as_micros() as u64),
+            memory_load: self.lazy.as_ref().map(|l| {
+                let f = l.progress();
+                MemoryLoadStatus {
+                    loaded_mib: f.loaded_bytes >> 20,
+                    total_mib: f.total_bytes >> 20,
+                    on_demand_chunks: f.on_demand_chunks,
+                    elapsed_ms: f.elapsed_ms,
+                    done: f.done,
+                }
             }),
         }
     }
@@ -318,6 +347,11 @@ impl Machine {
     }
 
     /// The disk locks, for the migration engine (which hands them over at the commit).
+    /// Whether all of guest memory is in: false while a lazy restore still loads it.
+    pub fn memory_complete(&self) -> bool {
+        self.lazy.as_ref().is_none_or(|l| l.progress().done)
+    }
+
     pub fn disk_locks(&self) -> Arc<DiskLocks> {
         self.disk_locks.clone()
     }

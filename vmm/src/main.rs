@@ -10,6 +10,9 @@ struct Cli {
     /// devices come from the snapshot; --api-sock and --serial-file apply).
     #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "cmdline", "disks", "nets", "rng"])]
     restore_from: Option<std::path::PathBuf>,
+    /// With --restore-from: how the snapshot's memory comes in (as `vmm restore --memory`).
+    #[arg(long, value_enum, value_name = "HOW", requires = "restore_from", default_value_t = novacron_vmm::process::RestoreMemory::Auto)]
+    restore_memory: novacron_vmm::process::RestoreMemory,
     /// Receive the VM from a live migration on ADDR (QUIC) instead of booting; the VM's
     /// shape comes from the source; --api-sock and --serial-file apply.
     #[arg(long, value_name = "ADDR", conflicts_with_all = ["kernel", "initrd", "cmdline", "disks", "nets", "rng", "restore_from"])]
@@ -40,12 +43,13 @@ fn main() {
             };
             novacron_vmm::migrate::destination::receive_vm(&args)
         }
-        Ok(Cli { vm, restore_from: Some(from), .. }) => {
+        Ok(Cli { vm, restore_from: Some(from), restore_memory, .. }) => {
             let args = novacron_vmm::process::RestoreArgs {
                 from,
                 api_sock: vm.api_sock,
                 serial_file: vm.serial_file,
                 require_permit: vm.require_permit,
+                memory: restore_memory,
             };
             novacron_vmm::process::restore_vm(&args)
         }

@@ -9,12 +9,17 @@ use crate::api::server::ApiServer;
 use crate::builder::{self, Source};
 use crate::config::{HostSide, VmArgs, VmConfig};
 use crate::runtime::{self, VmExit};
-use crate::snapshot;
+use crate::snapshot::lazy::{LazyMemory, LoadError, Prefetch};
+use crate::snapshot::{self, Snapshot, SnapshotError};
+use crate::vstate::memory::GuestMemory;
 use novacron_devices::legacy::SerialOutput;
 use std::io::Write;
 use std::path::PathBuf;
+use std::time::Instant;
 
 pub const EXIT_BUILD_FAILED: i32 = 1;
+/// A KVM or VMM fault stopped the VM (as `VmExit::code` says for a vCPU's).
+pub const EXIT_VMM_FAULT: i32 = 3;
 
 /// Exit status for a bad command line (as clap uses).
 pub const EXIT_USAGE: i32 = 2;
@@ -101,8 +106,9 @@ fn fail(what: &str, e: &dyn std::error::Error) -> i32 {
 
 /// Builds and runs one VM; returns the process exit status.
 pub fn run_vm(args: &VmArgs) -> i32 {
+    let began = Instant::now();
     match VmConfig::from_args(args) {
-        Ok(config) => run(&config, Source::Boot),
+        Ok(config) => run(&config, Source::Boot, began),
         Err(e) => fail("invalid VM configuration", &e),
     }
 }
@@ -122,10 +128,24 @@ pub struct RestoreArgs {
     /// Run the restored guest only under a run permit (as `vmm run --require-permit`).
     #[arg(long, requires = "api_sock")]
     pub require_permit: bool,
+    /// How the snapshot's memory comes in: `lazy` runs the guest at once and loads the
+    /// memory behind it, checking each 2 MiB as it comes (a damaged chunk then stops the
+    /// VM); `eager` checks all of it before the guest runs; `auto` is lazy where this host
+    /// allows a userfaultfd, else eager.
+    #[arg(long, value_enum, default_value_t = RestoreMemory::Auto)]
+    pub memory: RestoreMemory,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestoreMemory {
+    Auto,
+    Lazy,
+    Eager,
 }
 
 /// Restores a snapshot in this process and runs it; returns the process exit status.
 pub fn restore_vm(args: &RestoreArgs) -> i32 {
+    let began = Instant::now();
     let snapshot = match snapshot::read(&args.from) {
         Ok(s) => s,
         Err(e) => return fail("cannot restore", &e),
@@ -133,7 +153,7 @@ pub fn restore_vm(args: &RestoreArgs) -> i32 {
     if let Err(e) = VmConfig::check_spec(&snapshot.state.spec) {
         return fail("cannot restore this snapshot here", &e);
     }
-    let memory = match snapshot::map_memory(&snapshot) {
+    let (memory, lazy) = match map_snapshot_memory(&snapshot, args.memory) {
         Ok(m) => m,
         Err(e) => return fail("cannot restore", &e),
     };
@@ -143,10 +163,36 @@ pub fn restore_vm(args: &RestoreArgs) -> i32 {
         require_permit: args.require_permit,
     };
     let config = VmConfig::from_spec(&snapshot.state.spec, host);
-    run(&config, Source::Restore { state: Box::new(snapshot.state), memory })
+    run(&config, Source::Restore { state: Box::new(snapshot.state), memory, lazy }, began)
 }
 
-fn run(config: &VmConfig, source: Source) -> i32 {
+/// The guest memory of a restore, mapped as `how` says.
+fn map_snapshot_memory(
+    snapshot: &Snapshot,
+    how: RestoreMemory,
+) -> Result<(GuestMemory, Option<LazyMemory>), SnapshotError> {
+    if how == RestoreMemory::Eager {
+        return Ok((snapshot::map_memory(snapshot)?, None));
+    }
+    match snapshot::lazy::map_lazily(&snapshot.dir, &snapshot.memory, Prefetch::InOrder, memory_lost) {
+        Ok((memory, lazy)) => Ok((memory, Some(lazy))),
+        Err(e @ SnapshotError::Userfault(_)) if how == RestoreMemory::Auto => {
+            tracing::warn!("{}; restoring eagerly", error_chain(&e));
+            Ok((snapshot::map_memory(snapshot)?, None))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// A lazy restore cannot complete the guest's memory: the VM cannot go on, and the pages
+/// it waits for never come, so the process ends here.
+fn memory_lost(e: &LoadError) {
+    say(format_args!("novacron: VM stopped: its memory cannot be restored: {}", error_chain(e)));
+    let _ = std::io::stdout().flush();
+    std::process::exit(EXIT_VMM_FAULT);
+}
+
+fn run(config: &VmConfig, source: Source, began: Instant) -> i32 {
     let serial = match serial_output(config) {
         Ok(s) => s,
         Err(e) => return fail("cannot open the serial console file", &e),
@@ -158,7 +204,7 @@ fn run(config: &VmConfig, source: Source) -> i32 {
         Ok(a) => a,
         Err(e) => return fail("cannot open the control socket", &e),
     };
-    let mut machine = match builder::build(config, serial, source) {
+    let mut machine = match builder::build(config, serial, source, began) {
         Ok(m) => m,
         Err(e) => return fail("cannot start the VM", &e),
     };

@@ -38,17 +38,25 @@ fn snapshot_of(vcpus: u8, mem_mib: u64, cmdline: &str, dir: &Path, extra: &[Stri
 }
 
 fn restore(dir: &Path) -> Watched {
+    restore_with(dir, "auto", None)
+}
+
+/// Restores `dir`/snap with `--restore-memory how`, with a control socket if given.
+fn restore_with(dir: &Path, how: &str, sock: Option<&Path>) -> Watched {
     let mut cmd = vmm();
-    cmd.arg("--restore-from").arg(dir.join("snap"));
+    cmd.arg("--restore-from").arg(dir.join("snap")).args(["--restore-memory", how]);
+    if let Some(sock) = sock {
+        cmd.arg("--api-sock").arg(sock);
+    }
     Watched::spawn(cmd).unwrap()
 }
 
 const WORKLOAD: &str = "ws=8 rate=2000 verify=300 hb=100";
 
-fn continues_where_it_stopped(vcpus: u8) {
+fn continues_where_it_stopped(vcpus: u8, how: &str) {
     let dir = tempfile::tempdir().unwrap();
     let last = snapshot_of(vcpus, 128, WORKLOAD, dir.path(), &[]);
-    let restored = restore(dir.path());
+    let restored = restore_with(dir.path(), how, None);
     goes_on_from(restored, last, vcpus);
 }
 
@@ -75,15 +83,83 @@ fn goes_on_from(mut restored: Watched, last: u64, vcpus: u8) {
 #[test]
 fn kvm_snapshot_restore_1_vcpu_continues_and_verifies() {
     if kvm_or_skip("kvm_snapshot_restore_1_vcpu_continues_and_verifies") {
-        continues_where_it_stopped(1);
+        continues_where_it_stopped(1, "eager");
     }
 }
 
 #[test]
 fn kvm_snapshot_restore_4_vcpus_continues_and_verifies() {
     if kvm_or_skip("kvm_snapshot_restore_4_vcpus_continues_and_verifies") {
-        continues_where_it_stopped(4);
+        continues_where_it_stopped(4, "lazy");
     }
+}
+
+#[test]
+fn kvm_lazy_restore_runs_at_once_loads_every_chunk_and_the_guest_verifies() {
+    if !kvm_or_skip("kvm_lazy_restore_runs_at_once_loads_every_chunk_and_the_guest_verifies") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let last = snapshot_of(2, 128, WORKLOAD, dir.path(), &[]);
+    let sock = dir.path().join("lazy.sock");
+    let mut restored = restore_with(dir.path(), "lazy", Some(&sock));
+    let first = restored.wait_for("a heartbeat", TIMEOUT, |l| matches!(l.parsed, GuestLine::Heartbeat(_))).unwrap();
+    let mut status = call(&sock, Request::Status, CALL_TIMEOUT).unwrap().status.unwrap();
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while !status.memory_load.is_some_and(|m| m.done) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        status = call(&sock, Request::Status, CALL_TIMEOUT).unwrap().status.unwrap();
+    }
+    // The snapshot's files may go once everything is in: the VM no longer needs them.
+    std::fs::remove_dir_all(dir.path().join("snap")).unwrap();
+    let verified = restored.wait_verified(2, TIMEOUT);
+
+    assert_eq!(first.parsed, GuestLine::Heartbeat(last + 1), "the sequence goes on");
+    let load = status.memory_load.expect("a lazy restore reports its loader");
+    assert!(load.done, "{load:?}");
+    assert_eq!((load.loaded_mib, load.total_mib), (128, 128), "every chunk is in: {load:?}");
+    assert!(status.first_instruction_us.is_some(), "the guest ran: {status:?}");
+    assert!(verified.is_ok(), "the guest's memory verifies on both vCPUs: {verified:?}");
+    assert!(!restored.seen.iter().any(|l| matches!(l.parsed, GuestLine::VerifyFail { .. })), "no failed verdict");
+}
+
+/// Runs the VMM in a mount namespace where /dev/userfaultfd is /dev/null, so that a
+/// userfaultfd cannot be created (as on a host that does not allow one).
+fn vmm_without_userfaultfd(args: &[&std::ffi::OsStr]) -> std::process::Command {
+    let vmm = std::path::PathBuf::from(env!("CARGO_BIN_EXE_novacron-vmm"));
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.args([
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        "mount --bind /dev/null /dev/userfaultfd && exec \"$@\"",
+        "sh",
+    ]);
+    cmd.arg(vmm).args(args);
+    cmd
+}
+
+#[test]
+fn kvm_restore_without_a_userfaultfd_refuses_lazy_and_falls_back_on_auto() {
+    if !kvm_or_skip("kvm_restore_without_a_userfaultfd_refuses_lazy_and_falls_back_on_auto") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let last = snapshot_of(1, 64, WORKLOAD, dir.path(), &[]);
+    let snap = dir.path().join("snap");
+    let args = |how: &'static str| -> Vec<&std::ffi::OsStr> {
+        vec!["--restore-from".as_ref(), snap.as_os_str(), "--restore-memory".as_ref(), how.as_ref()]
+    };
+    let refused = vmm_without_userfaultfd(&args("lazy")).output().unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    let fallback = Watched::spawn(vmm_without_userfaultfd(&args("auto"))).unwrap();
+
+    assert_eq!(refused.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("cannot serve the guest's memory lazily") && stderr.contains("userfaultfd"), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    goes_on_from(fallback, last, 1);
 }
 
 #[test]
@@ -126,10 +202,11 @@ fn kvm_damaged_snapshots_are_refused_with_one_line() {
         f.read_exact_at(&mut b, at).unwrap();
         f.write_all_at(&[b[0] ^ 0x40], at).unwrap();
     };
-    let attempt = || {
-        let out = vmm().arg("--restore-from").arg(&snap).output().unwrap();
+    let attempt_with = |how: &str| {
+        let out = vmm().arg("--restore-from").arg(&snap).args(["--restore-memory", how]).output().unwrap();
         (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
     };
+    let attempt = || attempt_with("auto");
 
     flip("state.bin", state.len() as u64 / 2);
     let state_flipped = attempt();
@@ -137,12 +214,20 @@ fn kvm_damaged_snapshots_are_refused_with_one_line() {
     let state_truncated = attempt();
     std::fs::write(snap.join("state.bin"), &state).unwrap();
     flip("memory.bin", memory_len / 3);
-    let memory_flipped = attempt();
+    let chunk = memory_len / 3 / (2 << 20);
+    let memory_flipped = attempt_with("eager");
+    // Lazily, the guest starts first; the damaged chunk is found when it is loaded, and
+    // stops the VM before anything could read it.
+    let memory_flipped_lazily = attempt_with("lazy");
 
-    for ((code, stderr), needle) in
-        [(state_flipped, "checksum"), (state_truncated, "truncated"), (memory_flipped, "memory.bin chunk")]
-    {
-        assert_eq!(code, Some(1), "{stderr}");
+    let damaged_chunk = format!("memory.bin chunk {chunk} fails its checksum");
+    for ((code, stderr), expected_code, needle) in [
+        (state_flipped, 1, "checksum"),
+        (state_truncated, 1, "truncated"),
+        (memory_flipped, 1, damaged_chunk.as_str()),
+        (memory_flipped_lazily, 3, damaged_chunk.as_str()),
+    ] {
+        assert_eq!(code, Some(expected_code), "{stderr}");
         assert!(stderr.contains(needle), "{needle:?} not in {stderr}");
         assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
     }
@@ -301,18 +386,29 @@ fn kvm_fifo_in_a_snapshot_is_refused_without_waiting_on_it() {
     }
 }
 
-/// The committed snapshot a format-1 VMM wrote (`tests/fixtures/snapshot-v1`: state.bin,
-/// memory.bin compressed, and the last heartbeat before it). Once the snapshot format or
-/// a section moves on, it is the N-1 snapshot this build must still restore; it stays as
-/// it is. `NOVACRON_WRITE_FIXTURES=1` writes it anew, for a new version.
-const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/snapshot-v1");
+/// The committed snapshots a format-1 VMM wrote (`tests/fixtures/snapshot-v1-VENDOR`:
+/// state.bin, memory.bin compressed, and the last heartbeat before it), one per CPU
+/// vendor, since a VM's vCPU state moves only between CPUs of one vendor. Once the
+/// snapshot format or a section moves on, they are the N-1 snapshots this build must still
+/// restore; they stay as they are. `NOVACRON_WRITE_FIXTURES=1` writes this host's anew, for
+/// a new version.
+fn fixture() -> std::path::PathBuf {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap();
+    let vendor = cpuinfo.lines().find_map(|l| l.strip_prefix("vendor_id")).unwrap_or_default();
+    let name = match vendor.trim_start_matches([' ', '\t', ':']) {
+        "GenuineIntel" => "intel",
+        "AuthenticAMD" => "amd",
+        other => panic!("no committed snapshot for CPU vendor {other:?}: write one with NOVACRON_WRITE_FIXTURES=1"),
+    };
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(format!("snapshot-v1-{name}"))
+}
 
 #[test]
 fn kvm_the_committed_v1_snapshot_restores_and_the_guest_goes_on() {
     if !kvm_or_skip("kvm_the_committed_v1_snapshot_restores_and_the_guest_goes_on") {
         return;
     }
-    let fixture = Path::new(FIXTURE);
+    let fixture = &fixture();
     if std::env::var_os("NOVACRON_WRITE_FIXTURES").is_some() {
         let dir = tempfile::tempdir().unwrap();
         let last = snapshot_of(1, 32, WORKLOAD, dir.path(), &[]);

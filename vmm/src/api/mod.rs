@@ -249,6 +249,25 @@ pub struct VmStatus {
     /// For a VMM started with --require-permit: its run permit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub permit: Option<PermitStatus>,
+    /// Microseconds from the start of the boot or restore to the guest's first
+    /// instruction (a vCPU entering the guest); none before that.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_instruction_us: Option<u64>,
+    /// For a lazily restored VM: how much of its memory the loader has put in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_load: Option<MemoryLoadStatus>,
+}
+
+/// A lazy restore's loader (`snapshot::lazy`).
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryLoadStatus {
+    pub loaded_mib: u64,
+    pub total_mib: u64,
+    /// Chunks loaded because the guest or the VMM touched them first (the rest prefetched).
+    pub on_demand_chunks: u64,
+    /// Until everything was in, or so far.
+    pub elapsed_ms: u64,
+    pub done: bool,
 }
 
 /// A VMM's run permit (`crate::permit`).

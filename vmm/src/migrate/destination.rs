@@ -169,8 +169,9 @@ impl Incoming {
         let serial = crate::process::serial_output(&config).map_err(IncomingError::Serial)?;
         // From here on threads inherit the mask: stop signals reach the event loop only.
         crate::runtime::block_stop_signals().map_err(IncomingError::Signals)?;
-        let machine = builder::build(&config, serial, Source::Migration { state: Box::new(saved), memory })
-            .map_err(IncomingError::Build)?;
+        let source = Source::Migration { state: Box::new(saved), memory };
+        let machine =
+            builder::build(&config, serial, source, std::time::Instant::now()).map_err(IncomingError::Build)?;
         self.machine = Some(machine);
         Ok(())
     }

@@ -139,7 +139,8 @@ pub fn start(machine: &Machine, request: &MigrateRequest) -> Result<Migration, A
         Some(Fault::TruncateAfter(n)) => Some(TruncateAfter(n)),
         _ => None,
     };
-    let side = VmSide::new(memory, vm, machine_bytes, (tx, engine_notify), machine.disk_locks());
+    let complete = machine.memory_complete();
+    let side = VmSide::new(memory, vm, machine_bytes, (tx, engine_notify), machine.disk_locks(), complete);
     let (engine_control, engine_bandwidth) = (control.clone(), bandwidth.clone());
     let thread = std::thread::Builder::new()
         .name("migration".into())
@@ -207,6 +208,9 @@ struct VmSide {
     requests: Sender<EngineRequest>,
     notify: EventFd,
     disk_locks: Arc<DiskLocks>,
+    /// False while a lazy restore still loads the memory: pages it has not put in yet
+    /// look untouched, but hold the snapshot's contents.
+    memory_complete: bool,
 }
 
 impl VmSide {
@@ -216,6 +220,7 @@ impl VmSide {
         machine: Vec<u8>,
         (requests, notify): (Sender<EngineRequest>, EventFd),
         disk_locks: Arc<DiskLocks>,
+        memory_complete: bool,
     ) -> Self {
         let mut regions = Vec::new();
         let mut first_page = 0;
@@ -223,7 +228,7 @@ impl VmSide {
             regions.push(Region { start: r.start_addr(), bytes: r.len(), first_page });
             first_page += r.len() / PAGE_SIZE as u64;
         }
-        VmSide { memory, vm, regions, machine, requests, notify, disk_locks }
+        VmSide { memory, vm, regions, machine, requests, notify, disk_locks, memory_complete }
     }
 
     fn ask(&self, request: EngineRequest) -> bool {
@@ -289,6 +294,9 @@ impl SourceVm for VmSide {
     }
 
     fn touched_pages(&self) -> Option<DirtySet> {
+        if !self.memory_complete {
+            return None;
+        }
         let total = self.regions.iter().map(|r| r.bytes / PAGE_SIZE as u64).sum();
         let mut touched = DirtySet::new(total);
         for (region, mem) in self.regions.iter().zip(self.memory.iter()) {

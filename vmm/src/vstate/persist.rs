@@ -38,6 +38,59 @@ pub enum StateError {
     List(&'static str),
     #[error("a saved {what} state has version {found}; this VMM reads {expected}")]
     Version { what: &'static str, found: u16, expected: u16 },
+    #[error(
+        "the VM was saved on a {saved} CPU and this host's is {host}: a VM moves only between hosts of one CPU \
+         vendor"
+    )]
+    CpuVendor { saved: String, host: String },
+    #[error(
+        "the saved vCPU holds XSAVE state component {0} in use, which this host's CPU does not have: restore it \
+         on a host with the same CPU features"
+    )]
+    XsaveComponent(u32),
+}
+
+/// The CPU vendor (CPUID leaf 0: "GenuineIntel", "AuthenticAMD"), if the list has it.
+fn vendor(cpuid: &[kvm_cpuid_entry2]) -> Option<String> {
+    let leaf = cpuid.iter().find(|e| e.function == 0 && e.index == 0)?;
+    let bytes: Vec<u8> = [leaf.ebx, leaf.edx, leaf.ecx].iter().flat_map(|r| r.to_le_bytes()).collect();
+    Some(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// The XSAVE components (XCR0 bits) a CPUID list supports (leaf 0xD's first subleaf); x87
+/// and SSE when it does not say.
+fn xcr0_of(cpuid: &[kvm_cpuid_entry2]) -> u64 {
+    cpuid
+        .iter()
+        .find(|e| e.function == 0xd && e.index == 0)
+        .map_or(0b11, |e| u64::from(e.eax) | (u64::from(e.edx) << 32))
+}
+
+/// Where XSTATE_BV (the components an XSAVE area holds) sits in it, in 32-bit words.
+const XSTATE_BV_WORD: usize = 512 / 4;
+
+/// The saved XSAVE area, without the components this host's CPU lacks (`supported`:
+/// its XCR0 bits) when they hold nothing (their init state, all zeroes, as PKRU at 0 on a
+/// host with protection keys). A component that holds something cannot be dropped.
+/// Component offsets come from the saved CPUID (leaf 0xD), as the saving host laid it out.
+fn fit_xsave(xsave: &kvm_xsave, cpuid: &[kvm_cpuid_entry2], supported: u64) -> Result<kvm_xsave, StateError> {
+    let mut fitted = kvm_xsave { region: xsave.region, ..Default::default() };
+    let bv = u64::from(xsave.region[XSTATE_BV_WORD]) | (u64::from(xsave.region[XSTATE_BV_WORD + 1]) << 32);
+    // x87 and SSE (bits 0 and 1) are on every x86-64 host.
+    let foreign = bv & !supported & !0b11;
+    for component in (2..64).filter(|c| foreign & (1u64 << c) != 0) {
+        let layout = cpuid.iter().find(|e| e.function == 0xd && e.index == component);
+        let (size, offset) = layout.map_or((0, 0), |e| (e.eax as usize, e.ebx as usize));
+        let words = xsave.region.get(offset / 4..(offset + size) / 4);
+        match words {
+            Some(w) if size > 0 && offset % 4 == 0 && w.iter().all(|&x| x == 0) => {}
+            _ => return Err(StateError::XsaveComponent(component)),
+        }
+    }
+    let kept = bv & !foreign;
+    fitted.region[XSTATE_BV_WORD] = kept as u32;
+    fitted.region[XSTATE_BV_WORD + 1] = (kept >> 32) as u32;
+    Ok(fitted)
 }
 
 fn ioctl<T>(what: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, StateError> {
@@ -110,10 +163,19 @@ impl VcpuState {
 
     /// Puts the state into a fresh vCPU, in the order KVM needs: CPUID first, the LAPIC
     /// before the MSRs (the TSC deadline depends on it), pending events last.
-    pub fn restore(&self, fd: &VcpuFd) -> Result<(), StateError> {
+    /// `host` is what this host's KVM supports (KVM_GET_SUPPORTED_CPUID): the CPU vendor
+    /// must be the saving host's, and XSAVE components it lacks must be unused
+    /// (`fit_xsave`).
+    pub fn restore(&self, fd: &VcpuFd, host: &[kvm_cpuid_entry2]) -> Result<(), StateError> {
         if self.version != VCPU_STATE_VERSION {
             return Err(StateError::Version { what: "vCPU", found: self.version, expected: VCPU_STATE_VERSION });
         }
+        if let (Some(saved), Some(host)) = (vendor(&self.cpuid), vendor(host))
+            && saved != host
+        {
+            return Err(StateError::CpuVendor { saved, host });
+        }
+        let xsave = fit_xsave(&self.xsave, &self.cpuid, xcr0_of(host))?;
         let cpuid = CpuId::from_entries(&self.cpuid).map_err(|_| StateError::List("CPUID"))?;
         ioctl("KVM_SET_CPUID2", fd.set_cpuid2(&cpuid))?;
         ioctl("KVM_SET_MP_STATE", fd.set_mp_state(self.mp_state))?;
@@ -121,7 +183,7 @@ impl VcpuState {
         ioctl("KVM_SET_SREGS", fd.set_sregs(&self.sregs))?;
         // SAFETY: `check_xsave_size` made sure this host's XSAVE area fits the 4 KiB of
         // `kvm_xsave`, so KVM reads no further than the struct we pass.
-        ioctl("KVM_SET_XSAVE", unsafe { fd.set_xsave(&self.xsave) })?;
+        ioctl("KVM_SET_XSAVE", unsafe { fd.set_xsave(&xsave) })?;
         ioctl("KVM_SET_XCRS", fd.set_xcrs(&self.xcrs))?;
         ioctl("KVM_SET_DEBUGREGS", fd.set_debug_regs(&self.debugregs))?;
         ioctl("KVM_SET_LAPIC", fd.set_lapic(&self.lapic))?;
@@ -177,5 +239,53 @@ impl VmState {
         ioctl("KVM_SET_PIT2", vm.set_pit2(&self.pit))?;
         let clock = kvm_clock_data { clock: self.clock.clock, ..Default::default() };
         ioctl("KVM_SET_CLOCK", vm.set_clock(&clock))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn leaf(function: u32, index: u32, eax: u32, ebx: u32, ecx: u32, edx: u32) -> kvm_cpuid_entry2 {
+        kvm_cpuid_entry2 { function, index, eax, ebx, ecx, edx, ..Default::default() }
+    }
+
+    /// CPUID as a host with x87, SSE, AVX and PKRU (component 9: 8 bytes at 2688) says it.
+    fn saved_cpuid() -> Vec<kvm_cpuid_entry2> {
+        vec![leaf(0xd, 0, 0x207, 0, 0, 0), leaf(0xd, 9, 8, 2688, 0, 0)]
+    }
+
+    fn xsave_with(bv: u64) -> kvm_xsave {
+        let mut x = kvm_xsave::default();
+        x.region[XSTATE_BV_WORD] = bv as u32;
+        x.region[XSTATE_BV_WORD + 1] = (bv >> 32) as u32;
+        x
+    }
+
+    #[test]
+    fn an_unused_component_the_host_lacks_is_dropped_and_a_used_one_refused() {
+        let cpuid = saved_cpuid();
+        // PKRU at its init value (0) on a host without protection keys: dropped.
+        let fitted = fit_xsave(&xsave_with(0x207), &cpuid, 0x7).unwrap();
+        assert_eq!(fitted.region[XSTATE_BV_WORD], 0x7);
+        // A host that has it keeps it.
+        assert_eq!(fit_xsave(&xsave_with(0x207), &cpuid, 0x207).unwrap().region[XSTATE_BV_WORD], 0x207);
+        // PKRU in use cannot be dropped.
+        let mut used = xsave_with(0x207);
+        used.region[2688 / 4] = 0x5555_5554;
+        assert!(matches!(fit_xsave(&used, &cpuid, 0x7), Err(StateError::XsaveComponent(9))));
+        // A component whose layout the saved CPUID does not give is refused too.
+        assert!(matches!(fit_xsave(&xsave_with(1 << 17 | 0x3), &cpuid, 0x7), Err(StateError::XsaveComponent(17))));
+    }
+
+    #[test]
+    fn the_vendor_and_xcr0_come_from_the_cpuid_list() {
+        // "AuthenticAMD" in EBX, EDX, ECX.
+        let amd =
+            leaf(0, 0, 0x10, u32::from_le_bytes(*b"Auth"), u32::from_le_bytes(*b"cAMD"), u32::from_le_bytes(*b"enti"));
+        assert_eq!(vendor(&[amd]).as_deref(), Some("AuthenticAMD"));
+        assert_eq!(vendor(&[]), None);
+        assert_eq!(xcr0_of(&saved_cpuid()), 0x207);
+        assert_eq!(xcr0_of(&[]), 0b11);
     }
 }

@@ -187,6 +187,8 @@ pub struct VcpuStart {
     pub init: VcpuInit,
     pub throttle: Arc<Throttle>,
     pub permit: Arc<RunPermit>,
+    /// When a vCPU of this VM first entered the guest (set once, by the first to do so).
+    pub first_run: Arc<OnceLock<Instant>>,
 }
 
 /// How long a throttled vCPU runs the guest before it naps.
@@ -307,9 +309,9 @@ pub fn spawn(
             let Ok(Handover::Start(start)) = handover.recv() else { return };
             let registers = match start.init {
                 VcpuInit::Boot(boot, start_info) => vcpu.set_boot_registers(boot, start_info),
-                VcpuInit::Restore(state) => {
-                    state.restore(&vcpu.fd).map_err(|e| VcpuError::Restore { index, source: e })
-                }
+                VcpuInit::Restore(state) => cpuid.get().and_then(|host| {
+                    state.restore(&vcpu.fd, host.as_slice()).map_err(|e| VcpuError::Restore { index, source: e })
+                }),
                 VcpuInit::WaitForSipi => Ok(()),
             };
             let failed = registers.is_err();
@@ -325,6 +327,7 @@ pub fn spawn(
                 host: cpuid,
                 throttle: start.throttle,
                 permit: start.permit,
+                first_run: start.first_run,
             };
             let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runner.run(&reporter)));
             if let Err(panic) = outcome {
@@ -373,6 +376,7 @@ struct Runner {
     host: Arc<HostQueries>,
     throttle: Arc<Throttle>,
     permit: Arc<RunPermit>,
+    first_run: Arc<OnceLock<Instant>>,
 }
 
 /// How often a vCPU without a valid run permit looks again (the VMM thread pauses it
@@ -451,6 +455,9 @@ impl Runner {
 
     fn run_once(&mut self, run_ptr: *mut kvm_run) -> Next {
         let buses = &*self.buses;
+        if self.first_run.get().is_none() {
+            let _ = self.first_run.set(Instant::now());
+        }
         let result = self.vcpu.fd.run();
         match result {
             Ok(VcpuExit::IoOut(port, data)) => {

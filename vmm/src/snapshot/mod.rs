@@ -25,6 +25,8 @@
 //! memory file removed (unlinked: a VM restored from it keeps its mapping). A failure
 //! before that removes what this write created and leaves the old snapshot as it was.
 
+pub mod lazy;
+
 use crate::vstate::memory::GuestMemory;
 use crate::vstate::persist::{VcpuState, VmState};
 use novacron_devices::legacy::SerialState;
@@ -99,6 +101,8 @@ pub enum SnapshotError {
     MemoryChecksum { file: String, chunk: usize },
     #[error("cannot map the memory image")]
     Map(String),
+    #[error("cannot serve the guest's memory lazily (restore with --memory eager instead)")]
+    Userfault(#[source] crate::vstate::uffd::UffdError),
     #[error("{path} is not a regular file")]
     NotAFile { path: PathBuf },
     #[error("{path} is {bytes} bytes, more than a state file can be")]
