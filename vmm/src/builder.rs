@@ -284,6 +284,9 @@ pub fn build(
     }
     wait_for_setup(&setup_rx, config.vcpus)?;
     timer.mark("vCPUs started");
+    if let Some(lazy) = &lazy {
+        lazy.start_prefetch();
+    }
 
     let spec = MachineSpec {
         vcpus: config.vcpus,

@@ -174,7 +174,8 @@ fn map_snapshot_memory(
     if how == RestoreMemory::Eager {
         return Ok((snapshot::map_memory(snapshot)?, None));
     }
-    match snapshot::lazy::map_lazily(&snapshot.dir, &snapshot.memory, Prefetch::InOrder, memory_lost) {
+    let first = snapshot::lazy::first_touched(&snapshot.state);
+    match snapshot::lazy::map_lazily(&snapshot.dir, &snapshot.memory, Prefetch::InOrder, &first, memory_lost) {
         Ok((memory, lazy)) => Ok((memory, Some(lazy))),
         Err(e @ SnapshotError::Userfault(_)) if how == RestoreMemory::Auto => {
             tracing::warn!("{}; restoring eagerly", error_chain(&e));

@@ -89,12 +89,19 @@ impl LoadProgress {
 pub struct LazyMemory {
     progress: Arc<LoadProgress>,
     stop: Arc<AtomicBool>,
+    go: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl LazyMemory {
     pub fn progress(&self) -> LoadFigures {
         self.progress.figures()
+    }
+
+    /// Lets the prefetch begin. Until then only faults are served: the VM is being built,
+    /// and a loader reading ahead would take the CPU its build needs.
+    pub fn start_prefetch(&self) {
+        self.go.store(true, Ordering::Release);
     }
 }
 
@@ -124,13 +131,35 @@ pub enum Prefetch {
     None,
 }
 
+/// KVM's paravirtual MSRs that hold a guest-physical address (low bits are flags): the
+/// clock, steal time, async page faults, PV EOI. Restoring them makes KVM write there.
+const GPA_MSRS: [u32; 5] = [0x12, 0x4b56_4d01, 0x4b56_4d02, 0x4b56_4d03, 0x4b56_4d04];
+
+/// Guest-physical addresses a restored VM touches first: the pages KVM's paravirtual
+/// MSRs name (KVM writes them while the vCPU state goes in), and each vCPU's instruction
+/// and stack pointers taken as physical addresses (right for an identity-mapped kernel; a
+/// chunk loaded a little early otherwise, or none when they are outside guest memory).
+pub fn first_touched(state: &super::SavedState) -> Vec<u64> {
+    let mut addresses = Vec::new();
+    for vcpu in &state.vcpus {
+        addresses.extend(
+            vcpu.msrs.iter().filter(|m| GPA_MSRS.contains(&m.index) && m.data & 1 != 0).map(|m| m.data & !0x3f),
+        );
+        addresses.extend([vcpu.regs.rip, vcpu.regs.rsp]);
+    }
+    addresses
+}
+
 /// Maps fresh guest memory for the snapshot memory `info` (in directory `dir`) and starts
-/// the loader that fills it. Nothing is read here: the guest can start at once. `on_lost`
-/// gets the error that makes the memory impossible to complete, and must end the process.
+/// the loader that fills it. Nothing is read here: the guest can start at once. The
+/// chunks holding the guest-physical addresses `first` load first, while the VM is built;
+/// the rest as `prefetch` says. `on_lost` gets the error that makes the memory impossible
+/// to complete, and must end the process.
 pub fn map_lazily(
     dir: &std::path::Path,
     info: &MemoryInfo,
     prefetch: Prefetch,
+    first: &[u64],
     on_lost: impl FnOnce(&LoadError) + Send + 'static,
 ) -> Result<(GuestMemory, LazyMemory), SnapshotError> {
     let path = dir.join(&info.file);
@@ -142,11 +171,18 @@ pub fn map_lazily(
     }
     let memory = memory::create(total).map_err(|e| SnapshotError::Map(crate::process::error_chain(&e)))?;
     let mut pieces = Vec::new();
+    let mut first_chunks = Vec::new();
     let mut offset = 0;
     for region in memory.iter() {
         pieces.push(Piece { file_offset: offset, host: region.as_ptr() as usize, len: region.len() });
+        let gpa = region.start_addr().0;
+        for &a in first.iter().filter(|&&a| a >= gpa && a - gpa < region.len()) {
+            first_chunks.push(((offset + a - gpa) / CHUNK_BYTES) as usize);
+        }
         offset += region.len();
     }
+    first_chunks.sort_unstable();
+    first_chunks.dedup();
     if offset != total {
         return Err(SnapshotError::Inconsistent(format!("{offset} bytes of guest memory for {total} in the snapshot")));
     }
@@ -163,6 +199,7 @@ pub fn map_lazily(
         started: Instant::now(),
     });
     let stop = Arc::new(AtomicBool::new(false));
+    let go = Arc::new(AtomicBool::new(false));
     let loader = Loader {
         uffd,
         file,
@@ -171,18 +208,20 @@ pub fn map_lazily(
         crcs: info.chunk_crcs.clone(),
         loaded: vec![false; info.chunk_crcs.len()],
         prefetch,
+        first: first_chunks,
         _memory: memory.clone(),
         total,
         buf: Vec::new(),
         zero_crc: None,
         progress: progress.clone(),
         stop: stop.clone(),
+        go: go.clone(),
     };
     let thread = std::thread::Builder::new()
         .name("memory-loader".into())
         .spawn(move || loader.run(on_lost))
         .map_err(io("start the memory loader for", &path))?;
-    Ok((memory, LazyMemory { progress, stop, thread: Some(thread) }))
+    Ok((memory, LazyMemory { progress, stop, go, thread: Some(thread) }))
 }
 
 /// How long a loader without prefetching waits on the fd between looks at its stop flag.
@@ -197,6 +236,8 @@ struct Loader {
     crcs: Vec<u32>,
     loaded: Vec<bool>,
     prefetch: Prefetch,
+    /// Chunks to load before the others (`first_touched`), as soon as no fault waits.
+    first: Vec<usize>,
     /// The memory it fills: its mappings last as long as the loader.
     _memory: GuestMemory,
     total: u64,
@@ -205,7 +246,13 @@ struct Loader {
     zero_crc: Option<u32>,
     progress: Arc<LoadProgress>,
     stop: Arc<AtomicBool>,
+    /// Set once the prefetch may begin (`LazyMemory::start_prefetch`).
+    go: Arc<AtomicBool>,
 }
+
+/// How long a loader waits for a fault before it looks at its flags again, until the
+/// prefetch begins.
+const GO_POLL_MS: i32 = 1;
 
 impl Loader {
     fn run(mut self, on_lost: impl FnOnce(&LoadError)) {
@@ -230,6 +277,8 @@ impl Loader {
     }
 
     fn serve(&mut self) -> Result<(), LoadError> {
+        // Touched now, while the VM is built, so that the first fault does not pay for it.
+        self.buf = vec![0xff; CHUNK_BYTES as usize];
         let mut faults = Vec::new();
         let mut next = 0;
         loop {
@@ -245,16 +294,26 @@ impl Loader {
                     let page = address & !(PAGE as u64 - 1);
                     self.uffd.wake(page as *mut u8, PAGE).map_err(LoadError::Fill)?;
                 } else {
-                    self.load(chunk)?;
+                    self.load(chunk, Some(address))?;
                     self.progress.on_demand.fetch_add(1, Ordering::Relaxed);
                 }
             }
             if !faults.is_empty() {
                 continue;
             }
+            if let Some(chunk) = self.first.pop() {
+                if !self.loaded[chunk] {
+                    self.load(chunk, None)?;
+                }
+                continue;
+            }
             if self.prefetch == Prefetch::None {
                 // Only faults give work: wait for one, looking at the stop flag now and then.
                 self.uffd.wait(STOP_POLL_MS).map_err(LoadError::Fill)?;
+                continue;
+            }
+            if !self.go.load(Ordering::Acquire) {
+                self.uffd.wait(GO_POLL_MS).map_err(LoadError::Fill)?;
                 continue;
             }
             while next < self.loaded.len() && self.loaded[next] {
@@ -274,20 +333,27 @@ impl Loader {
                 return Ok(());
             }
             // One chunk, then the faults that came meanwhile go first.
-            self.load(next)?;
+            self.load(next, None)?;
         }
     }
 
-    /// The chunk of the memory file that holds guest address `address`.
-    fn chunk_of(&self, address: u64) -> Option<usize> {
+    /// Where in the memory file the byte at host address `address` of guest memory is.
+    fn file_offset_of(&self, address: u64) -> Option<u64> {
         let a = address as usize;
         let p = self.pieces.iter().find(|p| a >= p.host && ((a - p.host) as u64) < p.len)?;
-        let chunk = ((p.file_offset + (a - p.host) as u64) / CHUNK_BYTES) as usize;
+        Some(p.file_offset + (a - p.host) as u64)
+    }
+
+    /// The chunk of the memory file that holds host address `address` of guest memory.
+    fn chunk_of(&self, address: u64) -> Option<usize> {
+        let chunk = (self.file_offset_of(address)? / CHUNK_BYTES) as usize;
         (chunk < self.loaded.len()).then_some(chunk)
     }
 
-    /// Reads `chunk`, checks its CRC, and fills the guest pages it holds.
-    fn load(&mut self, chunk: usize) -> Result<(), LoadError> {
+    /// Reads `chunk`, checks its CRC, and fills the guest pages it holds; the page at
+    /// `fault` (a guest address that waits) first, so that its thread goes on before the
+    /// rest of the chunk is copied.
+    fn load(&mut self, chunk: usize, fault: Option<u64>) -> Result<(), LoadError> {
         let at = chunk as u64 * CHUNK_BYTES;
         let n = (self.total - at).min(CHUNK_BYTES);
         let expected = self.crcs[chunk];
@@ -297,14 +363,21 @@ impl Loader {
                 return Err(LoadError::Checksum { file: self.name.clone(), chunk });
             }
         } else {
-            self.buf.resize(n as usize, 0);
-            self.file.read_exact_at(&mut self.buf, at).map_err(|source| LoadError::Read {
+            let buf = &mut self.buf[..n as usize];
+            self.file.read_exact_at(buf, at).map_err(|source| LoadError::Read {
                 file: self.name.clone(),
                 chunk,
                 source,
             })?;
-            if crc32fast::hash(&self.buf) != expected {
+            if crc32fast::hash(buf) != expected {
                 return Err(LoadError::Checksum { file: self.name.clone(), chunk });
+            }
+            if let Some(address) = fault {
+                let page = address & !(PAGE as u64 - 1);
+                if let Some(offset) = self.file_offset_of(page).filter(|o| (at..at + n).contains(o)) {
+                    let from = (offset - at) as usize;
+                    self.uffd.copy(page as *mut u8, &self.buf[from..from + PAGE]).map_err(LoadError::Fill)?;
+                }
             }
         }
         for p in &self.pieces {
@@ -397,13 +470,25 @@ mod tests {
         prefetch: Prefetch,
     ) -> Option<(GuestMemory, LazyMemory, Receiver<String>)> {
         let (lost, errors) = lost_channel();
-        match map_lazily(dir, info, prefetch, lost) {
+        match map_lazily(dir, info, prefetch, &[], lost) {
             Ok((memory, lazy)) => Some((memory, lazy, errors)),
             Err(SnapshotError::Userfault(e)) => {
                 eprintln!("skipped: {}", crate::process::error_chain(&e));
                 None
             }
             Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// The loader's figures once `ready` holds of them (or after a second, as they are).
+    fn settled(lazy: &LazyMemory, ready: impl Fn(&LoadFigures) -> bool) -> LoadFigures {
+        let deadline = Instant::now() + Duration::from_secs(1);
+        loop {
+            let p = lazy.progress();
+            if ready(&p) || Instant::now() > deadline {
+                return p;
+            }
+            std::thread::sleep(Duration::from_millis(1));
         }
     }
 
@@ -414,11 +499,12 @@ mod tests {
         let Some((memory, lazy, errors)) = map(dir.path(), &info, Prefetch::None) else { return };
         assert_eq!(lazy.progress().loaded_bytes, 0, "nothing is read up front");
         assert_eq!(word_of(&memory, 2), 3);
-        let p = lazy.progress();
+        // The faulting page comes first; the counts follow once the chunk is all in.
+        let p = settled(&lazy, |p| p.loaded_bytes == CHUNK_BYTES);
         assert_eq!((p.loaded_bytes, p.on_demand_chunks, p.done), (CHUNK_BYTES, 1, false));
         assert_eq!(word_of(&memory, HOLE), 0, "a hole reads as zeroes");
         assert_eq!(word_of(&memory, 2), 3, "a loaded chunk is not loaded again");
-        let p = lazy.progress();
+        let p = settled(&lazy, |p| p.loaded_bytes == 2 * CHUNK_BYTES);
         assert_eq!((p.loaded_bytes, p.on_demand_chunks), (2 * CHUNK_BYTES, 2));
         memory.write_obj(7u64, GuestAddress(8)).unwrap();
         assert_eq!(memory.read_obj::<u64>(GuestAddress(8)).unwrap(), 7, "a write to an unloaded chunk lands");
@@ -432,6 +518,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let info = memory_file(dir.path());
         let Some((memory, lazy, errors)) = map(dir.path(), &info, Prefetch::InOrder) else { return };
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(lazy.progress().loaded_bytes, 0, "no prefetch before it is let go");
+        lazy.start_prefetch();
         let deadline = Instant::now() + Duration::from_secs(20);
         while !lazy.progress().done {
             assert!(Instant::now() < deadline, "not loaded: {:?}", lazy.progress());
@@ -476,7 +565,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut info = memory_file(dir.path());
         info.region_sizes = vec![(CHUNKS + 1) * CHUNK_BYTES];
-        let err = map_lazily(dir.path(), &info, Prefetch::None, |_| {}).err().unwrap();
+        let err = map_lazily(dir.path(), &info, Prefetch::None, &[], |_| {}).err().unwrap();
         assert!(matches!(err, SnapshotError::Inconsistent(_)), "{err}");
     }
 }

@@ -1,4 +1,5 @@
-//! KVM state: the system handle and its capabilities, guest memory, the VM, the vCPUs.
+//! KVM state: the system handle and its capabilities, guest memory, the VM, the vCPUs,
+//! and userfaultfd (memory filled on first touch).
 
 pub mod kvm;
 pub mod memory;
