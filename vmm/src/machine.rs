@@ -346,12 +346,12 @@ impl Machine {
         })
     }
 
-    /// The disk locks, for the migration engine (which hands them over at the commit).
     /// Whether all of guest memory is in: false while a lazy restore still loads it.
     pub fn memory_complete(&self) -> bool {
         self.lazy.as_ref().is_none_or(|l| l.progress().done)
     }
 
+    /// The disk locks, for the migration engine (which hands them over at the commit).
     pub fn disk_locks(&self) -> Arc<DiskLocks> {
         self.disk_locks.clone()
     }

@@ -432,3 +432,20 @@ fn kvm_the_committed_v1_snapshot_restores_and_the_guest_goes_on() {
 
     goes_on_from(restore(dir.path()), last, 1);
 }
+
+#[test]
+fn a_lazy_restore_loads_first_the_pages_kvm_and_the_vcpu_touch_first() {
+    let fixture = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(fixture.join("state.bin"), dir.path().join("state.bin")).unwrap();
+    // Only the state is read here; the memory file need not exist.
+    let bytes = std::fs::read(dir.path().join("state.bin")).unwrap();
+    let (state, memory) = novacron_vmm::snapshot::parse_state(&bytes).unwrap();
+    let first = novacron_vmm::snapshot::lazy::first_touched(&state);
+    let total: u64 = memory.region_sizes.iter().sum();
+    let vcpu = &state.vcpus[0];
+    let clock = vcpu.msrs.iter().find(|m| m.index == 0x4b56_4d01).expect("the test guest uses KVM's clock");
+
+    assert!(first.contains(&(clock.data & !0x3f)), "the clock page: {first:x?}");
+    assert!(first.contains(&vcpu.regs.rip) && vcpu.regs.rip < total, "the code the vCPU runs: {first:x?}");
+}
