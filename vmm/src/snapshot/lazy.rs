@@ -14,7 +14,7 @@
 //! named. An eager restore (`snapshot::map_memory`) finds the same damage before the guest
 //! runs, at the cost of reading the whole file first.
 
-use super::{CHUNK_BYTES, MemoryInfo, SnapshotError, io, open_regular};
+use super::{CHUNK_BYTES, MemoryInfo, SnapshotError, io, open_memory};
 use crate::vstate::memory::{self, GuestMemory};
 use crate::vstate::uffd::{PAGE, UffdError, Userfault};
 use std::fs::File;
@@ -162,13 +162,8 @@ pub fn map_lazily(
     first: &[u64],
     on_lost: impl FnOnce(&LoadError) + Send + 'static,
 ) -> Result<(GuestMemory, LazyMemory), SnapshotError> {
+    let (file, total) = open_memory(dir, info)?;
     let path = dir.join(&info.file);
-    let file = open_regular(&path)?;
-    let total: u64 = info.region_sizes.iter().sum();
-    let len = file.metadata().map_err(io("read", &path))?.len();
-    if len != total {
-        return Err(SnapshotError::Inconsistent(format!("{} has {len} bytes, the snapshot says {total}", info.file)));
-    }
     let memory = memory::create(total).map_err(|e| SnapshotError::Map(crate::process::error_chain(&e)))?;
     let mut pieces = Vec::new();
     let mut first_chunks = Vec::new();

@@ -416,19 +416,24 @@ pub fn read(dir: &Path) -> Result<Snapshot, SnapshotError> {
     Ok(Snapshot { dir: dir.to_owned(), state, memory })
 }
 
+/// Opens the memory file that `info` (in `dir`) describes, if it is a regular file of the
+/// size the snapshot says; returns it with that size.
+fn open_memory(dir: &Path, info: &MemoryInfo) -> Result<(File, u64), SnapshotError> {
+    let path = dir.join(&info.file);
+    let file = open_regular(&path)?;
+    let total: u64 = info.region_sizes.iter().sum();
+    let len = file.metadata().map_err(io("read", &path))?.len();
+    if len != total {
+        return Err(SnapshotError::Inconsistent(format!("{} has {len} bytes, the snapshot says {total}", info.file)));
+    }
+    Ok((file, total))
+}
+
 /// Maps the memory file as the guest's RAM, privately: the guest's writes never reach the
 /// file. Every chunk is checked against its CRC first.
 pub fn map_memory(snapshot: &Snapshot) -> Result<GuestMemory, SnapshotError> {
+    let (file, total) = open_memory(&snapshot.dir, &snapshot.memory)?;
     let path = snapshot.memory_path();
-    let file = open_regular(&path)?;
-    let total: u64 = snapshot.memory.region_sizes.iter().sum();
-    let len = file.metadata().map_err(io("read", &path))?.len();
-    if len != total {
-        return Err(SnapshotError::Inconsistent(format!(
-            "{} has {len} bytes, the snapshot says {total}",
-            snapshot.memory.file
-        )));
-    }
     let mut buf = vec![0u8; CHUNK_BYTES as usize];
     for (chunk, expected) in snapshot.memory.chunk_crcs.iter().enumerate() {
         let at = chunk as u64 * CHUNK_BYTES;
