@@ -5,6 +5,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use novacron_migration::compression::CompressionReport;
 use novacron_migration::source::{Fault, Phase, Progress, Report};
+use novacron_migration::transport::TransportChoice;
 use novacron_vmm::api::client::{ClientError, call};
 use novacron_vmm::api::{MigrateRequest, MigrationStatus, Request, VmState};
 use novacron_vmm::migrate::default_tls_dir;
@@ -35,6 +36,27 @@ pub enum Compress {
     #[value(alias = "zstd")]
     Auto,
     None,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TransportArg {
+    /// TLS over TCP when the receiver's TCP handshake answers within 10 ms (loopback, a
+    /// LAN), QUIC otherwise.
+    Auto,
+    /// QUIC (quinn): for long or lossy links.
+    Quic,
+    /// TLS 1.3 over TCP: for loopback and LANs.
+    Tcp,
+}
+
+impl From<TransportArg> for TransportChoice {
+    fn from(t: TransportArg) -> Self {
+        match t {
+            TransportArg::Auto => TransportChoice::Auto,
+            TransportArg::Quic => TransportChoice::Quic,
+            TransportArg::Tcp => TransportChoice::Tcp,
+        }
+    }
 }
 
 /// Test-only faults, hidden from --help.
@@ -69,6 +91,9 @@ pub struct MigrateArgs {
     /// Compress page data where that shortens the transfer.
     #[arg(long, value_enum, default_value = "auto")]
     compress: Compress,
+    /// What carries the migration (the receiver takes either on its port).
+    #[arg(long, value_enum, default_value = "auto")]
+    transport: TransportArg,
     /// MiB of sent pages kept to send changes as deltas.
     #[arg(long, value_name = "MIB", default_value_t = 64)]
     delta_cache: u64,
@@ -250,9 +275,10 @@ fn print_report(r: &Report, to: &str) {
     );
     println!("  rounds          {}", r.rounds);
     println!(
-        "  on the stream   {} ({} on the wire with QUIC/TLS)",
+        "  on the stream   {} ({} on the wire with {})",
         human_bytes(r.bytes_sent),
-        human_bytes(r.wire_bytes)
+        human_bytes(r.wire_bytes),
+        r.transport
     );
     println!(
         "  pages           {} whole, {} delta, {} zeroed, {} from the base, {} duplicates; {} unchanged, {} never used",
@@ -297,6 +323,7 @@ pub fn migrate(a: MigrateArgs) -> i32 {
         compress: a.compress == Compress::Auto,
         delta_cache_mib: a.delta_cache,
         keep_snapshot,
+        transport: a.transport.into(),
         fault,
         id: Some(id.clone()),
     });

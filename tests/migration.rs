@@ -21,12 +21,13 @@ fn assert_discarded(dst: &mut Host, needle: &str) {
     assert!(dst.vm.seen.is_empty(), "the guest ran at the destination: {:?}", dst.vm.seen);
 }
 
-fn moves_and_verifies(vcpus: u8, cmdline: &str) -> serde_json::Value {
+/// `transport`: `--transport`'s value; on loopback `auto` is TLS over TCP.
+fn moves_and_verifies(vcpus: u8, cmdline: &str, transport: &str) -> serde_json::Value {
     let dir = tempfile::tempdir().unwrap();
     let tls = certs(dir.path(), "tls");
     let src = source(dir.path(), vcpus, 256, cmdline);
     let (mut dst, addr) = receiver(dir.path(), &tls, &[]);
-    let out = migrate(&src, &addr, &tls, &[]);
+    let out = migrate(&src, &addr, &tls, &["--transport", transport]);
     let r = report(&out);
     assert_moved(src, &mut dst);
     assert_eq!(r["digests_matched"], true, "{r}");
@@ -39,14 +40,25 @@ fn moves_and_verifies(vcpus: u8, cmdline: &str) -> serde_json::Value {
 #[test]
 fn kvm_migrate_1_vcpu_idle_continues_and_verifies() {
     if kvm_or_skip("kvm_migrate_1_vcpu_idle_continues_and_verifies") {
-        moves_and_verifies(1, "ws=16 rate=50 verify=300 hb=100");
+        let r = moves_and_verifies(1, "ws=16 rate=50 verify=300 hb=100", "quic");
+        assert_eq!(r["transport"], "quic", "{r}");
+    }
+}
+
+#[test]
+fn kvm_migrate_over_tls_over_tcp_continues_and_verifies() {
+    if kvm_or_skip("kvm_migrate_over_tls_over_tcp_continues_and_verifies") {
+        let r = moves_and_verifies(1, "ws=16 rate=50 verify=300 hb=100", "tcp");
+        assert_eq!(r["transport"], "tcp", "{r}");
+        assert!(r["wire_bytes"].as_u64().unwrap() > r["bytes_sent"].as_u64().unwrap(), "TLS adds bytes: {r}");
     }
 }
 
 #[test]
 fn kvm_migrate_4_vcpus_high_dirty_rate_continues_and_verifies() {
     if kvm_or_skip("kvm_migrate_4_vcpus_high_dirty_rate_continues_and_verifies") {
-        let r = moves_and_verifies(4, "ws=64 rate=20000 verify=300 hb=100");
+        let r = moves_and_verifies(4, "ws=64 rate=20000 verify=300 hb=100", "auto");
+        assert_eq!(r["transport"], "tcp", "auto on loopback: {r}");
         let p = &r["pages"];
         assert!(p["delta"].as_u64().unwrap() + p["unchanged"].as_u64().unwrap() > 0, "re-sent pages: {r}");
     }

@@ -7,13 +7,15 @@
 //!   memory digest, batch, zstd-1 per batch, frame), in GB/s of guest memory;
 //! - harvesting dirty pages for 1 GiB of guest memory: KVM's dirty log (a real KVM VM, no
 //!   vCPU) and the VMM's own bitmap;
-//! - the QUIC link (quinn, mutual TLS 1.3) on loopback against plain TCP with the same
-//!   frames, in the same run.
+//! - the migration's link on loopback, both transports (QUIC with quinn, and TLS 1.3 over
+//!   TCP; mutual TLS, the real `Link` of each) against plain TCP with the same frames, in
+//!   the same run.
 //!
 //!     cargo bench -p novacron-benches --bench codecs [-- FILTER]
 //!
 //! After criterion's own lines, a summary prints the pipeline against its target and the
-//! QUIC/TCP ratio (means over every timed iteration, warm-up included).
+//! QUIC/TCP and TLS-over-TCP/TCP ratios (means over every timed iteration, warm-up
+//! included).
 
 use criterion::{BatchSize, BenchmarkId, Criterion, Throughput};
 use novacron_benches::tally;
@@ -410,9 +412,13 @@ fn dirty_log(c: &mut Criterion) {
 }
 
 // ---------------------------------------------------------------------------------------
-// QUIC against TCP on loopback
+// The migration's link (both transports) against plain TCP on loopback
 
 const FRAME_PAYLOAD: usize = 1 << 20;
+const QUIC: &str = "QUIC (quinn, TLS 1.3), one stream";
+const TLS_TCP: &str = "TLS 1.3 over TCP (rustls), the migration's link";
+const TCP_FRAMES: &str = "TCP (std::net), same frames";
+const TCP_BYTES: &str = "TCP (std::net), bytes only (no encoding)";
 
 /// Sends `iters` frames with `send`, then waits for the receiver's ack of each: the time
 /// from the first send to the last ack.
@@ -434,7 +440,7 @@ fn payload() -> Vec<u8> {
 fn transport(c: &mut Criterion) {
     use novacron_migration::throttle::Bandwidth;
     use novacron_migration::tls::{Identity, init};
-    use novacron_migration::transport::{Listener, connect};
+    use novacron_migration::transport::{Listener, TransportChoice, connect};
     use std::io::{Read, Write};
 
     let dir = tempfile::tempdir().expect("temp dir");
@@ -445,34 +451,36 @@ fn transport(c: &mut Criterion) {
     let mut g = c.benchmark_group("loopback, 1 MiB frames");
     g.throughput(Throughput::Bytes(frame_len));
 
-    // QUIC: the migration's own link, both ends in this process (two runtimes, one
-    // worker each, as in the two VMMs).
-    let listener = Listener::bind("127.0.0.1:0".parse().expect("addr"), &Identity::load(dir.path()).expect("id"))
-        .expect("QUIC listener");
-    let addr = listener.local_addr().expect("local addr");
-    let (ack, acks) = std::sync::mpsc::channel::<()>();
-    let receiver = std::thread::spawn(move || {
-        let mut link = listener.accept().expect("accept");
-        while let Ok(m) = link.recv(Duration::from_secs(30)) {
-            black_box(m);
-            if ack.send(()).is_err() {
-                break;
+    // The migration's own link, both ends in this process (two runtimes, one worker each,
+    // as in the two VMMs), over each transport.
+    for (name, choice) in [(QUIC, TransportChoice::Quic), (TLS_TCP, TransportChoice::Tcp)] {
+        let listener = Listener::bind("127.0.0.1:0".parse().expect("addr"), &Identity::load(dir.path()).expect("id"))
+            .expect("listener");
+        let addr = listener.local_addr().expect("local addr");
+        let (ack, acks) = std::sync::mpsc::channel::<()>();
+        let receiver = std::thread::spawn(move || {
+            let mut link = listener.accept().expect("accept");
+            while let Ok(m) = link.recv(Duration::from_secs(30)) {
+                black_box(m);
+                if ack.send(()).is_err() {
+                    break;
+                }
             }
-        }
-    });
-    let mut link = connect(addr, &Identity::load(dir.path()).expect("id"), Bandwidth::new(0), None).expect("connect");
-    let name = "QUIC (quinn, TLS 1.3), one stream";
-    g.bench_function(name, |b| {
-        b.iter_custom(|iters| {
-            let t = sent_and_acked(iters, &acks, || {
-                link.send(&message).expect("send");
-            });
-            tally::record(name, iters * frame_len, t);
-            t
-        })
-    });
-    link.close(Duration::from_secs(2));
-    let _ = receiver.join();
+        });
+        let id = Identity::load(dir.path()).expect("id");
+        let mut link = connect(addr, &id, Bandwidth::new(0), None, choice).expect("connect");
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let t = sent_and_acked(iters, &acks, || {
+                    link.send(&message).expect("send");
+                });
+                tally::record(name, iters * frame_len, t);
+                t
+            })
+        });
+        link.close(Duration::from_secs(2));
+        let _ = receiver.join();
+    }
 
     // TCP: the same frames, encoded and decoded the same way.
     let tcp = std::net::TcpListener::bind("127.0.0.1:0").expect("TCP listener");
@@ -492,7 +500,7 @@ fn transport(c: &mut Criterion) {
         }
     });
     let mut s = std::net::TcpStream::connect(addr).expect("connect");
-    let name = "TCP (std::net), same frames";
+    let name = TCP_FRAMES;
     g.bench_function(name, |b| {
         b.iter_custom(|iters| {
             let t = sent_and_acked(iters, &acks, || {
@@ -521,7 +529,7 @@ fn transport(c: &mut Criterion) {
         }
     });
     let mut s = std::net::TcpStream::connect(addr).expect("connect");
-    let name = "TCP (std::net), bytes only (no encoding)";
+    let name = TCP_BYTES;
     g.bench_function(name, |b| {
         b.iter_custom(|iters| {
             let t = sent_and_acked(iters, &acks, || {
@@ -552,15 +560,13 @@ fn summary() {
             if r >= 2e9 { "met" } else { "NOT met" }
         );
     }
-    if let (Some(q), Some(t)) =
-        (tally::rate("QUIC (quinn, TLS 1.3), one stream"), tally::rate("TCP (std::net), same frames"))
-    {
-        println!("  QUIC / TCP on loopback, the same frames: {:.2}x", q / t);
-    }
-    if let (Some(q), Some(t)) =
-        (tally::rate("QUIC (quinn, TLS 1.3), one stream"), tally::rate("TCP (std::net), bytes only (no encoding)"))
-    {
-        println!("  QUIC / TCP carrying the bytes only: {:.2}x", q / t);
+    for link in [QUIC, TLS_TCP] {
+        if let (Some(l), Some(t)) = (tally::rate(link), tally::rate(TCP_FRAMES)) {
+            println!("  {link} / plain TCP on loopback, the same frames: {:.2}x", l / t);
+        }
+        if let (Some(l), Some(t)) = (tally::rate(link), tally::rate(TCP_BYTES)) {
+            println!("  {link} / plain TCP carrying the bytes only: {:.2}x", l / t);
+        }
     }
 }
 

@@ -317,6 +317,7 @@ fn migrate_request(to: &str, tls: &Path) -> Request {
         compress: true,
         delta_cache_mib: 64,
         keep_snapshot: None,
+        transport: Default::default(),
         fault: None,
         id: None,
     })

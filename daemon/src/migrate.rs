@@ -156,6 +156,7 @@ pub async fn migrate_out(svc: &ControlService, r: pb::MigrateVmRequest) -> Resul
         compress: true,
         delta_cache_mib: 64,
         keep_snapshot: None,
+        transport: Default::default(),
         fault: None,
         id: Some(op.id.clone()),
     });

@@ -13,7 +13,7 @@
 //!   it also goes to `page::apply_delta` on its own;
 //! - `DELTA_MARKER`: the rest is one delta, applied to a page;
 //! - anything else: a stream of frames (`length (u32 LE) | postcard Message`), read as
-//!   `transport::read_frames` reads them (MAX_FRAME, stop at the first error), each given
+//!   `transport::pump::read_frames` reads them (MAX_FRAME, stop at the first error), each given
 //!   to the real `DestinationMachine` a millisecond after the one before, with its actions
 //!   done on the fuzz VM as `destination::receive` does them; then its timer fires after
 //!   the message timeout. A receive that fails stays failed, one that ends has started the
@@ -148,7 +148,7 @@ fn check_delta(old: &[u8], delta: &[u8]) {
     assert_eq!(back, new, "a re-encoded delta gives another page");
 }
 
-/// The input as frames, as `transport::read_frames` reads them.
+/// The input as frames, as `transport::pump::read_frames` reads them.
 fn frames(mut data: &[u8]) -> Vec<Message> {
     let mut messages = Vec::new();
     while data.len() >= 4 {

@@ -30,6 +30,9 @@ const CA_NAME: &str = "NovaCron cluster CA";
 const VALIDITY: (i32, i32) = (2025, 2045);
 /// How long a silent peer is given before the migration fails over to the source.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(3);
+/// The largest UDP payload an endpoint takes (its transport parameter): as large as the
+/// datagrams MTU discovery may grow to.
+pub const MAX_UDP_PAYLOAD: u16 = MTU_UPPER_BOUND;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -128,6 +131,18 @@ pub fn issue(ca_dir: &Path, out: &Path, name: &str) -> Result<(), TlsError> {
     write_new(&out.join(NODE_CERT), &cert.pem(), false)
 }
 
+/// The ring provider with TLS 1.3's AES-128-GCM first (AES-256-GCM and ChaCha20 after):
+/// the quicker of the two AES suites, and the ciphers are a large part of a migration's
+/// CPU on a fast link.
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    use rustls::crypto::ring::cipher_suite::{
+        TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256,
+    };
+    let mut p = rustls::crypto::ring::default_provider();
+    p.cipher_suites = vec![TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256];
+    Arc::new(p)
+}
+
 /// A node's certificate, key and the CA it trusts, read from a TLS directory.
 pub struct Identity {
     ca: CertificateDer<'static>,
@@ -158,9 +173,10 @@ impl Identity {
         Ok(Arc::new(roots))
     }
 
-    /// QUIC server side: presents this node's certificate, requires the peer's.
-    pub fn server_config(&self) -> Result<quinn::ServerConfig, TlsError> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+    /// Server side (QUIC and TLS over TCP): presents this node's certificate, requires the
+    /// peer's, signed by the cluster CA; TLS 1.3 only, the ring provider.
+    pub fn rustls_server(&self) -> Result<rustls::ServerConfig, TlsError> {
+        let provider = provider();
         let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(self.roots()?, provider.clone())
             .build()
             .map_err(|e| TlsError::Config(e.to_string()))?;
@@ -171,16 +187,13 @@ impl Identity {
             .with_single_cert(self.chain.clone(), self.key.clone_key())
             .map_err(|e| TlsError::Config(format!("this node's certificate or key: {e}")))?;
         tls.alpn_protocols = vec![ALPN.to_vec()];
-        let quic =
-            quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
-        let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
-        config.transport_config(transport());
-        Ok(config)
+        Ok(tls)
     }
 
-    /// QUIC client side: presents this node's certificate, checks the server's.
-    pub fn client_config(&self) -> Result<quinn::ClientConfig, TlsError> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+    /// Client side (QUIC and TLS over TCP): presents this node's certificate, checks the
+    /// server's against the cluster CA and [`SERVER_NAME`].
+    pub fn rustls_client(&self) -> Result<rustls::ClientConfig, TlsError> {
+        let provider = provider();
         let mut tls = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| TlsError::Config(e.to_string()))?
@@ -188,17 +201,40 @@ impl Identity {
             .with_client_auth_cert(self.chain.clone(), self.key.clone_key())
             .map_err(|e| TlsError::Config(format!("this node's certificate or key: {e}")))?;
         tls.alpn_protocols = vec![ALPN.to_vec()];
-        let quic =
-            quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
+        Ok(tls)
+    }
+
+    /// QUIC server side.
+    pub fn server_config(&self) -> Result<quinn::ServerConfig, TlsError> {
+        let quic = quinn::crypto::rustls::QuicServerConfig::try_from(self.rustls_server()?)
+            .map_err(|e| TlsError::Config(e.to_string()))?;
+        let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
+        config.transport_config(transport());
+        Ok(config)
+    }
+
+    /// QUIC client side.
+    pub fn client_config(&self) -> Result<quinn::ClientConfig, TlsError> {
+        let quic = quinn::crypto::rustls::QuicClientConfig::try_from(self.rustls_client()?)
+            .map_err(|e| TlsError::Config(e.to_string()))?;
         let mut config = quinn::ClientConfig::new(Arc::new(quic));
         config.transport_config(transport());
         Ok(config)
     }
 }
 
+/// Datagrams grow (by MTU discovery, from quinn's safe 1200 bytes) up to this: a GSO batch
+/// of quinn's 10 datagrams must fit the kernel's 64 KiB, or sends fail (8000 here: loopback
+/// fell to 4 MiB/s). On loopback 6500-byte datagrams carry about three times 1452-byte
+/// ones; on a 1500-byte link the probes above it are lost and discovery stays at the
+/// path's MTU (`docs/migration.md`, "Transports").
+pub const MTU_UPPER_BOUND: u16 = 6500;
+
 /// One stream carries the whole migration: windows large enough for a fast link with
 /// some delay (64 MiB covers 1 GB/s at 50 ms), a short idle timeout so that a dead peer
-/// is noticed within seconds, and keep-alives so that a quiet but live one is not.
+/// is noticed within seconds, and keep-alives so that a quiet but live one is not. GSO
+/// stays on (quinn's default; without it loopback carried a third), and so does cubic
+/// (quinn's BBR measured no better on loopback, and far worse with the CPU contended).
 fn transport() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.max_concurrent_bidi_streams(1u32.into());
@@ -208,6 +244,9 @@ fn transport() -> Arc<quinn::TransportConfig> {
     t.send_window(64 << 20);
     t.keep_alive_interval(Some(Duration::from_millis(500)));
     t.max_idle_timeout(IDLE_TIMEOUT.try_into().ok());
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(MTU_UPPER_BOUND);
+    t.mtu_discovery_config(Some(mtu));
     Arc::new(t)
 }
 

@@ -1,4 +1,4 @@
-//! Drives a [`DestinationMachine`] over a QUIC link and a VM: the only part of the
+//! Drives a [`DestinationMachine`] over a link and a VM: the only part of the
 //! receive that waits, reads the clock or touches a socket.
 
 use super::{Action, DestinationMachine, DestinationVm, Event, ReceiveError, ReceiveReport};

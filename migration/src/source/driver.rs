@@ -1,4 +1,4 @@
-//! Drives a [`SourceMachine`] over a QUIC link and a VM: the only part of the sending end
+//! Drives a [`SourceMachine`] over a link and a VM: the only part of the sending end
 //! that waits, reads the clock or touches a socket.
 
 use super::{Control, MigrateError, Report, SourceAction, SourceEvent, SourceMachine, SourceOptions, SourceVm};
@@ -101,6 +101,7 @@ impl Driver<'_> {
             SourceAction::Finish(result) => {
                 return Some((*result).map(|mut report| {
                     report.wire_bytes = self.link.wire_bytes();
+                    report.transport = self.link.transport();
                     report
                 }));
             }

@@ -543,6 +543,7 @@ impl SourceMachine {
             rounds: self.round,
             bytes_sent: self.queued,
             wire_bytes: 0,
+            transport: Default::default(),
             pages: counts,
             bytes_saved: (counts.base + counts.copy) * PAGE_SIZE as u64,
             throttle_max: self.convergence.throttle_max,

@@ -205,9 +205,13 @@ pub struct Report {
     /// Where the downtime went.
     pub switchover: SwitchoverTimes,
     pub rounds: u32,
-    /// Frame bytes sent, and UDP bytes (with all QUIC and TLS overheads).
+    /// Frame bytes sent, and bytes on the wire (UDP payloads with all QUIC and TLS
+    /// overheads, or TLS records on TCP).
     pub bytes_sent: u64,
     pub wire_bytes: u64,
+    /// What carried the migration.
+    #[serde(default)]
+    pub transport: crate::transport::Transport,
     pub pages: PageCounts,
     /// Page bytes that base and copy references kept off the wire.
     pub bytes_saved: u64,

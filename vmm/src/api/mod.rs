@@ -21,6 +21,7 @@ pub mod server;
 use novacron_devices::rate_limiter::{BucketUpdate, TokenBucketConfig};
 use novacron_devices::virtio::LimitTarget;
 use novacron_migration::source::{Fault, Progress, Report};
+use novacron_migration::transport::TransportChoice;
 use serde::{Deserialize, Serialize};
 
 /// The protocol version this VMM speaks.
@@ -102,6 +103,10 @@ pub struct MigrateRequest {
     /// migration back: `vmm receive --base DIR`).
     #[serde(default)]
     pub keep_snapshot: Option<String>,
+    /// What carries the migration: `auto` (TLS over TCP to a near peer, QUIC to a far one),
+    /// `quic` or `tcp`.
+    #[serde(default)]
+    pub transport: TransportChoice,
     /// Tests only: a fault to inject.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fault: Option<Fault>,

@@ -17,7 +17,7 @@ use novacron_migration::page::PAGE_SIZE;
 use novacron_migration::source::{self, Control, Fault, MigrateError, Report, SourceOptions, SourceVm};
 use novacron_migration::throttle::Bandwidth;
 use novacron_migration::tls::Identity;
-use novacron_migration::transport::{self, TruncateAfter};
+use novacron_migration::transport::{self, TransportChoice, TruncateAfter};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, Sender, channel};
@@ -140,11 +140,15 @@ pub fn start(machine: &Machine, request: &MigrateRequest) -> Result<Migration, A
         _ => None,
     };
     let complete = machine.memory_complete();
+    let choice = request.transport;
     let side = VmSide::new(memory, vm, machine_bytes, (tx, engine_notify), machine.disk_locks(), complete);
     let (engine_control, engine_bandwidth) = (control.clone(), bandwidth.clone());
     let thread = std::thread::Builder::new()
         .name("migration".into())
-        .spawn(move || run_engine(side, addr, identity, engine_bandwidth, truncate, options, engine_control))
+        .spawn(move || {
+            let link = LinkArgs { addr, identity, bandwidth: engine_bandwidth, truncate, choice };
+            run_engine(side, link, options, engine_control)
+        })
         .map_err(|e| ApiError::new(ErrorKind::Internal, format!("cannot start the migration thread: {e}")))?;
     tracing::info!(to = %request.to, "migration started");
     Ok(Migration {
@@ -161,16 +165,18 @@ pub fn start(machine: &Machine, request: &MigrateRequest) -> Result<Migration, A
     })
 }
 
-fn run_engine(
-    mut side: VmSide,
+/// Where and how the engine connects.
+struct LinkArgs {
     addr: std::net::SocketAddr,
     identity: Identity,
     bandwidth: Bandwidth,
     truncate: Option<TruncateAfter>,
-    options: SourceOptions,
-    control: Control,
-) {
-    let result = match transport::connect(addr, &identity, bandwidth, truncate) {
+    choice: TransportChoice,
+}
+
+fn run_engine(mut side: VmSide, link: LinkArgs, options: SourceOptions, control: Control) {
+    let LinkArgs { addr, identity, bandwidth, truncate, choice } = link;
+    let result = match transport::connect(addr, &identity, bandwidth, truncate, choice) {
         Ok(mut link) => {
             let result = source::migrate(&mut side, &mut link, options, control);
             // After success the destination closes; after a failure give the Abort a moment.
@@ -181,7 +187,12 @@ fn run_engine(
         Err(e) => Err(MigrateError::Link(e)),
     };
     match &result {
-        Ok(r) => tracing::info!(downtime_us = r.downtime_us, total_ms = r.total_ms, "migration done"),
+        Ok(r) => tracing::info!(
+            downtime_us = r.downtime_us,
+            total_ms = r.total_ms,
+            transport = %r.transport,
+            "migration done"
+        ),
         Err(e) => tracing::warn!("migration failed: {}", novacron_migration::error_chain(e)),
     }
     side.ask(EngineRequest::Finished(Box::new(result)));
