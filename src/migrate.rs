@@ -4,7 +4,7 @@
 use clap::{Args, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use novacron_migration::compression::CompressionReport;
-use novacron_migration::source::{Fault, Phase, Progress, Report};
+use novacron_migration::source::{Fault, PassCost, Phase, Prediction, Progress, Report};
 use novacron_migration::transport::TransportChoice;
 use novacron_vmm::api::client::{ClientError, call};
 use novacron_vmm::api::{MigrateRequest, MigrationStatus, Request, VmState};
@@ -19,6 +19,8 @@ const EXIT_FAILED: i32 = 1;
 const EXIT_USAGE: i32 = 2;
 /// The VM moved, but --keep-snapshot could not be written.
 const EXIT_SNAPSHOT_NOT_KEPT: i32 = 3;
+/// A dry run predicts that the migration would not converge.
+const EXIT_WOULD_NOT_CONVERGE: i32 = 4;
 /// The migrate call waits for the whole migration.
 const MIGRATE_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 const POLL: Duration = Duration::from_millis(200);
@@ -101,6 +103,12 @@ pub struct MigrateArgs {
     /// this host (`vmm receive --base DIR`) sends only what changed.
     #[arg(long, value_name = "DIR")]
     keep_snapshot: Option<PathBuf>,
+    /// Measure the guest's dirty rate, the link and the page pipeline for about a
+    /// second, and predict the migration's total time, downtime and bytes, and whether
+    /// it converges (and else what would make it): nothing moves, the VM runs on, and the
+    /// receiver waits on. Exits 4 when it would not converge.
+    #[arg(long, conflicts_with = "keep_snapshot")]
+    dry_run: bool,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -298,6 +306,52 @@ fn print_report(r: &Report, to: &str) {
     );
 }
 
+fn print_prediction(p: &Prediction, to: &str) {
+    let m = &p.measured;
+    match &p.failure {
+        None => println!("dry run to {to}: the migration would converge in {} rounds", p.rounds),
+        Some(f) => println!("dry run to {to}: the migration would NOT converge: {f}"),
+    }
+    println!("  total           {} ms (predicted)", p.total_ms);
+    if p.converges {
+        println!("  downtime        {} ms", p.downtime_ms);
+    }
+    println!("  on the stream   {}", human_bytes(p.bytes));
+    if p.throttle_max > 0 {
+        println!("  throttle        vCPUs throttled up to {}% (auto-converge)", p.throttle_max);
+    }
+    let limit =
+        if m.bandwidth_limit == 0 { "no limit".into() } else { format!("limit {}/s", human_bytes(m.bandwidth_limit)) };
+    println!(
+        "  link            {}/s with {}, round trip {:.2} ms ({limit})",
+        human_bytes(m.link_bytes_per_s),
+        m.transport,
+        m.rtt_us as f64 / 1000.0
+    );
+    let (window_ms, dirtied) = m.dirty_curve.last().copied().unwrap_or_default();
+    println!(
+        "  guest           {} of {} pages touched; {dirtied} distinct pages written in {window_ms} ms",
+        m.touched_pages, m.pages
+    );
+    let pass = |c: &PassCost| {
+        let rate = |us: u64| human_bytes((c.pages * 4096 * 1_000_000).checked_div(us).unwrap_or(0));
+        format!(
+            "{}/s here, {}/s there, {:.0} B/page on the stream",
+            rate(c.source_us),
+            rate(c.destination_us),
+            c.bytes as f64 / c.pages.max(1) as f64
+        )
+    };
+    println!("  pipeline        round 0: {}", pass(&m.first_pass));
+    println!("                  later rounds: {}", pass(&m.later_pass));
+    if !p.advice.is_empty() {
+        println!("  would converge with:");
+        for a in &p.advice {
+            println!("    {a}");
+        }
+    }
+}
+
 pub fn migrate(a: MigrateArgs) -> i32 {
     let tls_dir = match absolute(&a.tls_dir.clone().unwrap_or_else(default_tls_dir)) {
         Ok(d) => d,
@@ -324,6 +378,7 @@ pub fn migrate(a: MigrateArgs) -> i32 {
         delta_cache_mib: a.delta_cache,
         keep_snapshot,
         transport: a.transport.into(),
+        dry_run: a.dry_run,
         fault,
         id: Some(id.clone()),
     });
@@ -337,6 +392,14 @@ pub fn migrate(a: MigrateArgs) -> i32 {
     let _ = watcher.join();
     match result {
         Ok(response) => match response.migration {
+            Some(MigrationStatus { prediction: Some(prediction), .. }) => {
+                if a.json {
+                    println!("{}", serde_json::to_string_pretty(&prediction).unwrap_or_default());
+                } else {
+                    print_prediction(&prediction, &a.to);
+                }
+                if prediction.converges { 0 } else { EXIT_WOULD_NOT_CONVERGE }
+            }
             Some(MigrationStatus { report: Some(report), arrived, keep_snapshot_error, .. }) => {
                 let paused = arrived == Some(VmState::Paused);
                 if a.json {

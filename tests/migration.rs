@@ -287,3 +287,65 @@ fn kvm_migrate_auto_converge_throttles_a_busy_guest_until_it_converges() {
     assert_eq!(r["digests_matched"], true);
     assert_moved(src, &mut dst);
 }
+
+/// `vmm migrate --dry-run --json`'s prediction.
+fn dry_run(src: &Host, addr: &str, tls: &Path, extra: &[&str]) -> (Option<i32>, serde_json::Value) {
+    let out = migrate(src, addr, tls, &[&["--dry-run"], extra].concat());
+    (out.status.code(), common::vmm::json_report(&out))
+}
+
+#[test]
+fn kvm_dry_run_predicts_from_what_it_measured_and_the_receiver_then_takes_the_migration() {
+    if !kvm_or_skip("kvm_dry_run_predicts_from_what_it_measured_and_the_receiver_then_takes_the_migration") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let tls = certs(dir.path(), "tls");
+    let mut src = source(dir.path(), 1, 256, "ws=16 rate=500 verify=300 hb=100");
+    let (mut dst, addr) = receiver(dir.path(), &tls, &[]);
+
+    let (code, p) = dry_run(&src, &addr, &tls, &[]);
+
+    assert_eq!(code, Some(0), "{p}");
+    assert_eq!(p["converges"], true, "{p}");
+    let m = &p["measured"];
+    assert_eq!(m["pages"], 65536, "{m}");
+    // The 16 MiB working set and the guest's own pages are touched; most memory is not.
+    let touched = m["touched_pages"].as_u64().unwrap();
+    assert!((4096..32768).contains(&touched), "{m}");
+    let (_, dirtied) = (m["dirty_curve"][5][0].as_u64().unwrap(), m["dirty_curve"][5][1].as_u64().unwrap());
+    assert!(dirtied >= 50, "500 pages/s over 400 ms are in the curve: {m}");
+    assert!(m["link_bytes_per_s"].as_u64().unwrap() > 0 && m["first_pass"]["pages"].as_u64().unwrap() > 0, "{m}");
+    assert!(p["total_ms"].as_u64().unwrap() > 0 && p["bytes"].as_u64().unwrap() > 0, "{p}");
+    // Nothing moved: the guest runs on here, and the receiver waits for the migration.
+    assert_source_runs(&mut src);
+    assert!(dst.vm.child.try_wait().unwrap().is_none(), "the receiver ended after the dry run");
+    let r = report(&migrate(&src, &addr, &tls, &[]));
+    assert_moved(src, &mut dst);
+    // Bytes, not speed: within a factor of three of what the migration then sent.
+    let (predicted, sent) = (p["bytes"].as_u64().unwrap() as f64, r["bytes_sent"].as_u64().unwrap() as f64);
+    assert!(predicted / sent > 0.33 && predicted / sent < 3.0, "predicted {predicted} bytes, sent {sent}");
+}
+
+#[test]
+fn kvm_dry_run_says_when_a_migration_would_not_converge_and_what_would_make_it() {
+    if !kvm_or_skip("kvm_dry_run_says_when_a_migration_would_not_converge_and_what_would_make_it") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let tls = certs(dir.path(), "tls");
+    let mut src = source(dir.path(), 2, 128, "ws=4 rate=2000 verify=300 hb=100");
+    let (mut dst, addr) = receiver(dir.path(), &tls, &[]);
+
+    let (code, p) = dry_run(&src, &addr, &tls, &OUTRUN);
+
+    assert_eq!(code, Some(4), "{p}");
+    assert_eq!(p["converges"], false, "{p}");
+    assert!(p["failure"].as_str().unwrap().contains("does not converge"), "{p}");
+    let advice: Vec<&str> = p["advice"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+    assert!(advice.iter().any(|a| a.starts_with("--auto-converge on")), "{advice:?}");
+    assert!(advice.iter().any(|a| a.starts_with("no --max-bandwidth")), "{advice:?}");
+    assert_eq!(p["measured"]["bandwidth_limit"], 2_000_000, "{p}");
+    assert_source_runs(&mut src);
+    assert!(dst.vm.child.try_wait().unwrap().is_none(), "the receiver ended after the dry run");
+}

@@ -318,6 +318,7 @@ fn migrate_request(to: &str, tls: &Path) -> Request {
         delta_cache_mib: 64,
         keep_snapshot: None,
         transport: Default::default(),
+        dry_run: false,
         fault: None,
         id: None,
     })

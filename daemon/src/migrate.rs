@@ -157,6 +157,7 @@ pub async fn migrate_out(svc: &ControlService, r: pb::MigrateVmRequest) -> Resul
         delta_cache_mib: 64,
         keep_snapshot: None,
         transport: Default::default(),
+        dry_run: false,
         fault: None,
         id: Some(op.id.clone()),
     });

@@ -193,12 +193,13 @@ fn receive(messages: Vec<Message>) {
         if let Some(digest) = machine.digest() {
             check_digest(&vm, digest);
         }
-        if matches!(was, Step::Done | Step::Failed) {
+        if matches!(was, Step::Done | Step::Failed | Step::Probed) {
             assert_eq!(machine.step(), was, "a receive that ended took another event");
         }
     }
     match machine.step() {
         Step::Done => assert!(vm.built && vm.started && machine.report().is_some(), "done without a running VM"),
+        Step::Probed => assert!(!vm.prepared && !vm.built, "a probe prepared or built a VM"),
         step => assert!(step == Step::Failed && !vm.started, "{step:?} after the timeout, or a VM started"),
     }
 }

@@ -17,6 +17,10 @@
 //!                                  ◀──  Running
 //! ```
 //!
+//! A dry run (`source::dry_run`) sends `Probe` frames instead of `Hello` (each answered
+//! with `Received`), then `ProbeDone`; the destination builds nothing and waits for a
+//! migration again. A destination older than these messages refuses the first one.
+//!
 //! Either side may abort at any point before `Commit` by closing the connection with an
 //! application close code and the reason (so that it overtakes pages queued behind a slow
 //! link); the source then resumes its VM and the destination discards everything. The destination checks
@@ -65,6 +69,11 @@ pub enum Message {
     /// measures the link by what arrived, not by what it queued, and lets no round end
     /// (nor the switchover begin) with a backlog still on its way.
     Received(u64),
+    /// Source to destination, for a dry run only: filler that measures the link. The
+    /// destination answers each with `Received`, and prepares and builds nothing.
+    Probe(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// The dry run's probe is over: the destination waits for a migration again.
+    ProbeDone,
 }
 
 impl Message {
@@ -79,6 +88,8 @@ impl Message {
             Message::Commit => "Commit",
             Message::Running => "Running",
             Message::Received(_) => "Received",
+            Message::Probe(_) => "Probe",
+            Message::ProbeDone => "ProbeDone",
         }
     }
 }

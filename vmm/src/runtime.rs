@@ -4,10 +4,9 @@
 use crate::api::server::ApiServer;
 use crate::api::{ApiError, ErrorKind, MigrationStatus, Request, Response, SnapshotReport, VmEvent, VmState};
 use crate::machine::Machine;
-use crate::migrate::source::{self, EngineRequest, Migration};
+use crate::migrate::source::{self, EngineRequest, Migration, Outcome};
 use crate::snapshot::RunState;
 use crate::vstate::vcpu::VcpuStop;
-use novacron_migration::source::{MigrateError, Report};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
@@ -177,6 +176,14 @@ enum Answer {
     Stop(Response, VmExit),
 }
 
+/// The answer to a migration or dry run that failed with `message`.
+fn failed(status: &mut MigrationStatus, message: String) -> Response {
+    status.error = Some(message.clone());
+    let mut r = Response::error(ApiError::new(ErrorKind::Internal, message));
+    r.migration = Some(status.clone());
+    r
+}
+
 fn no_migration() -> ApiError {
     ApiError::new(ErrorKind::InvalidState, "no migration is running")
 }
@@ -338,7 +345,7 @@ impl Loop {
     }
 
     /// Serves the migration engine's requests; returns its outcome once it has finished.
-    fn serve_engine(&mut self, machine: &mut Machine) -> Result<Option<Result<Report, MigrateError>>, RuntimeError> {
+    fn serve_engine(&mut self, machine: &mut Machine) -> Result<Option<Outcome>, RuntimeError> {
         let Some(m) = self.migration.as_mut() else { return Ok(None) };
         let _ = m.notify.read();
         let requests: Vec<EngineRequest> = m.requests.try_iter().collect();
@@ -388,13 +395,32 @@ impl Loop {
         &mut self,
         machine: &mut Machine,
         api: Option<&mut ApiServer>,
-        outcome: Result<Report, MigrateError>,
+        outcome: Outcome,
     ) -> Option<VmExit> {
         let mut m = self.migration.take()?;
         m.join();
         self.poller.remove(m.notify.as_raw_fd());
         machine.set_throttle(0);
         let mut status = m.status();
+        let outcome = match outcome {
+            Outcome::Migrated(outcome) => outcome,
+            Outcome::Predicted(prediction) => {
+                let response = match prediction {
+                    Ok(p) => {
+                        status.prediction = Some(p);
+                        Response { migration: Some(status.clone()), ..Response::done() }
+                    }
+                    Err(e) => {
+                        failed(&mut status, format!("the dry run failed: {}", novacron_migration::error_chain(&e)))
+                    }
+                };
+                if let (Some(server), Some(conn)) = (api, m.waiting) {
+                    server.reply(conn, &response);
+                }
+                self.last_migration = Some(status);
+                return None;
+            }
+        };
         let (response, exit) = match outcome {
             Ok(report) => {
                 if let Some(dir) = &m.keep_snapshot {
@@ -429,10 +455,7 @@ impl Loop {
                 } else {
                     tracing::info!("{message}; the VM goes on here");
                 }
-                status.error = Some(message.clone());
-                let mut r = Response::error(ApiError::new(ErrorKind::Internal, message));
-                r.migration = Some(status.clone());
-                (r, None)
+                (failed(&mut status, message), None)
             }
         };
         if let (Some(server), Some(conn)) = (api, m.waiting) {

@@ -1,25 +1,25 @@
 //! Drives a [`DestinationMachine`] over a link and a VM: the only part of the
 //! receive that waits, reads the clock or touches a socket.
 
-use super::{Action, DestinationMachine, DestinationVm, Event, ReceiveError, ReceiveReport};
+use super::{Action, DestinationMachine, DestinationVm, Event, ReceiveError, Received};
 use crate::destination::BaseImage;
 use crate::transport::{Link, LinkError};
 use std::time::Instant;
 
 /// Receives a migration over `link` into `vm`, offering `base` to the source. On an error
 /// the source is told why (unless the link itself failed or the source aborted), and
-/// nothing of the VM runs.
+/// nothing of the VM runs. A dry run's probe ends it too, with nothing built.
 pub fn receive<V: DestinationVm>(
     vm: &mut V,
     link: &mut Link,
     base: Option<&BaseImage>,
-) -> Result<ReceiveReport, ReceiveError> {
+) -> Result<Received, ReceiveError> {
     let mut machine = DestinationMachine::new(Instant::now(), base);
     // The answer to the VM step last asked for, handled before the link is read again.
     let mut pending: Option<Event> = None;
     loop {
-        if let Some(report) = machine.report() {
-            return Ok(report);
+        if let Some(outcome) = machine.outcome() {
+            return Ok(outcome);
         }
         let event = match pending.take() {
             Some(event) => event,

@@ -42,6 +42,8 @@ pub const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 pub const MESSAGE_TIMEOUT: Duration = Duration::from_secs(600);
 /// 16 TiB of guest memory, as snapshots allow.
 const MAX_PAGES: u64 = 1 << 32;
+/// A dry run's link probe is at most this long (it sends a few hundred milliseconds' worth).
+pub const MAX_PROBE_BYTES: u64 = 1 << 30;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReceiveError {
@@ -80,6 +82,8 @@ pub enum ReceiveError {
     },
     #[error("cannot start zstd")]
     Zstd(#[source] std::io::Error),
+    #[error("the source's link probe ran past {MAX_PROBE_BYTES} bytes")]
+    ProbeTooLong,
 }
 
 impl From<LinkError> for ReceiveError {
@@ -99,6 +103,15 @@ pub struct ReceiveReport {
     pub memory_digest: String,
     /// From Hello to Running.
     pub total_ms: u64,
+}
+
+/// How a receive ended well.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Received {
+    /// A VM arrived and runs here.
+    Vm(ReceiveReport),
+    /// A dry run measured the link with this many frame bytes; no VM came.
+    Probe { bytes: u64 },
 }
 
 /// What happened, for the machine to handle.
@@ -147,6 +160,10 @@ pub enum Action {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
     Hello,
+    /// A dry run's link probe: filler in, receipts out.
+    Probing,
+    /// The probe is over; nothing was built.
+    Probed,
     Preparing,
     /// Pages, the state, then Verify.
     Receiving,
@@ -162,12 +179,13 @@ impl Step {
     fn due(self) -> &'static str {
         match self {
             Step::Hello => "Hello",
+            Step::Probing => "Probe or ProbeDone",
             Step::Preparing => "the end of prepare",
             Step::Receiving => "Pages, State or Verify",
             Step::Building => "the end of build",
             Step::Commit => "Commit",
             Step::Starting => "the end of start",
-            Step::Done | Step::Failed => "nothing",
+            Step::Done | Step::Failed | Step::Probed => "nothing",
         }
     }
 }
@@ -219,6 +237,14 @@ impl<'b> DestinationMachine<'b> {
         self.writer.as_ref().map(PageWriter::digest)
     }
 
+    /// How the receive ended, once it has ended well.
+    pub fn outcome(&self) -> Option<Received> {
+        match self.step {
+            Step::Probed => Some(Received::Probe { bytes: self.consumed }),
+            _ => self.report().map(Received::Vm),
+        }
+    }
+
     /// The figures of a finished receive.
     pub fn report(&self) -> Option<ReceiveReport> {
         let (Some(started), Some(finished), Some(writer)) = (self.started, self.finished, &self.writer) else {
@@ -234,7 +260,7 @@ impl<'b> DestinationMachine<'b> {
 
     /// Handles `event`, which happened at `now`; pages go into `memory`.
     pub fn handle<M: GuestPages>(&mut self, now: Instant, event: Event, memory: &mut M) -> Option<Action> {
-        if matches!(self.step, Step::Done | Step::Failed) {
+        if matches!(self.step, Step::Done | Step::Failed | Step::Probed) {
             return None;
         }
         match self.next(now, event, memory) {
@@ -282,6 +308,17 @@ impl<'b> DestinationMachine<'b> {
                 self.started = Some(now);
                 self.step = Step::Preparing;
                 Ok(Some(Action::Prepare(hello)))
+            }
+            (Step::Hello | Step::Probing, Event::Frame { message: Message::Probe(_), .. }) => {
+                if self.consumed > MAX_PROBE_BYTES {
+                    return Err(ReceiveError::ProbeTooLong);
+                }
+                self.step = Step::Probing;
+                Ok(Some(Action::Send(Message::Received(self.consumed))))
+            }
+            (Step::Probing, Event::Frame { message: Message::ProbeDone, .. }) => {
+                self.step = Step::Probed;
+                Ok(None)
             }
             (Step::Preparing, Event::Prepared(done)) => {
                 done.map_err(ReceiveError::Prepare)?;

@@ -431,3 +431,45 @@ fn test_this_build_sends_the_v1_session_as_committed_while_it_speaks_v1() {
         assert!(now == SESSION_V1, "the v1 wire format changed: bump PROTOCOL_VERSION and keep the fixture");
     }
 }
+
+#[test]
+fn test_a_link_probe_answers_each_frame_with_a_receipt_and_builds_nothing() {
+    let mut run = Run::new(TestVm::default());
+
+    let (first, _) = run.frame(Message::Probe(vec![0xa5; 1000]));
+    let (second, _) = run.frame(Message::Probe(vec![0x5a; 1000]));
+    let (done, failed) = run.frame(Message::ProbeDone);
+
+    assert!(matches!(first[..], [Message::Received(n)] if n == FRAME), "{first:?}");
+    assert!(matches!(second[..], [Message::Received(n)] if n == 2 * FRAME), "{second:?}");
+    assert!(done.is_empty() && failed.is_none(), "{done:?} {failed:?}");
+    assert_eq!(run.machine.outcome(), Some(Received::Probe { bytes: 3 * FRAME }));
+    assert!(run.vm.mem.is_empty() && run.vm.built.is_none(), "a probe prepared or built a VM");
+    // A probe that ended takes nothing more.
+    let (sent, again) = run.frame(hello(PROTOCOL_VERSION, PAGES));
+    assert!(sent.is_empty() && again.is_none());
+    assert_eq!(run.machine.step(), Step::Probed);
+}
+
+#[test]
+fn test_a_probe_inside_a_migration_or_a_migration_inside_a_probe_is_refused() {
+    let mut run = Run::new(TestVm::default());
+    run.frames([hello(PROTOCOL_VERSION, PAGES)]);
+    let e = run.fails(Message::Probe(vec![1; 10]));
+    assert!(matches!(e, ReceiveError::Unexpected { expected: "Pages, State or Verify", got: "Probe" }), "{e}");
+
+    let mut run = Run::new(TestVm::default());
+    run.frames([Message::Probe(vec![1; 10])]);
+    let e = run.fails(hello(PROTOCOL_VERSION, PAGES));
+    assert!(matches!(e, ReceiveError::Unexpected { expected: "Probe or ProbeDone", got: "Hello" }), "{e}");
+}
+
+#[test]
+fn test_a_probe_longer_than_its_bound_is_refused() {
+    let mut run = Run::new(TestVm::default());
+    let (_, ok) =
+        run.event(Duration::from_millis(1), Event::Frame { message: Message::Probe(vec![]), len: MAX_PROBE_BYTES });
+    assert!(ok.is_none(), "{ok:?}");
+    let e = run.fails(Message::Probe(vec![]));
+    assert!(matches!(e, ReceiveError::ProbeTooLong), "{e}");
+}

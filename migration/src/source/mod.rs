@@ -21,9 +21,11 @@
 //! running there, and two running copies are worse than a paused one.
 
 mod driver;
+mod dry_run;
 mod machine;
 
 pub use driver::migrate;
+pub use dry_run::{Measured, PassCost, Prediction, dry_run, predict};
 pub use machine::{SourceAction, SourceEvent, SourceMachine, SourceStep};
 
 use crate::VmFault;
@@ -139,6 +141,8 @@ const DRAIN_STEP: Duration = Duration::from_secs(60);
 pub enum Phase {
     #[default]
     Connecting,
+    /// A dry run measures the guest, the pipeline and the link.
+    Measuring,
     Precopy,
     Switchover,
     Done,
@@ -249,6 +253,13 @@ pub enum MigrateError {
     #[error("cancelled")]
     Cancelled,
     #[error(
+        "the destination did not take the dry run's link probe ({0}); a VMM older than dry runs refuses it: \
+         upgrade it, or migrate without --dry-run"
+    )]
+    ProbeRefused(String),
+    #[error("the dry run's sample of pages did not go through the destination's page writer")]
+    DryRunApply(#[source] crate::destination::ReceiveError),
+    #[error(
         "the migration does not converge: the guest dirties {dirty_rate} pages/s, which at {bandwidth} bytes/s \
          needs about {estimate_ms} ms of downtime, more than the {limit_ms} ms allowed; allow more downtime \
          (--downtime-ms), more bandwidth (--max-bandwidth), or turn on --auto-converge"
@@ -299,7 +310,7 @@ pub struct Control {
 }
 
 impl Control {
-    fn update(&self, f: impl FnOnce(&mut Progress)) {
+    pub fn update(&self, f: impl FnOnce(&mut Progress)) {
         f(&mut self.progress.lock().unwrap_or_else(|p| p.into_inner()));
     }
 

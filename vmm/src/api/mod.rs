@@ -20,7 +20,7 @@ pub mod server;
 
 use novacron_devices::rate_limiter::{BucketUpdate, TokenBucketConfig};
 use novacron_devices::virtio::LimitTarget;
-use novacron_migration::source::{Fault, Progress, Report};
+use novacron_migration::source::{Fault, Prediction, Progress, Report};
 use novacron_migration::transport::TransportChoice;
 use serde::{Deserialize, Serialize};
 
@@ -107,6 +107,10 @@ pub struct MigrateRequest {
     /// `quic` or `tcp`.
     #[serde(default)]
     pub transport: TransportChoice,
+    /// Measure and predict only (`source::dry_run`): the VM runs on here, the receiver
+    /// gets a link probe and waits on; the answer's status holds the prediction.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dry_run: bool,
     /// Tests only: a fault to inject.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fault: Option<Fault>,
@@ -134,7 +138,13 @@ pub struct MigrationStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
     pub to: String,
+    /// A dry run, not a migration.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dry_run: bool,
     pub progress: Progress,
+    /// Set when a dry run ended well.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prediction: Option<Prediction>,
     /// Set when it ended well.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub report: Option<Report>,

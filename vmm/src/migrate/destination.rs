@@ -11,7 +11,7 @@ use crate::config::{HostSide, VmConfig};
 use crate::machine::Machine;
 use crate::snapshot::{MachineSpec, RunState, SavedState};
 use crate::vstate::memory::{self, GuestMemory};
-use novacron_migration::destination::{self, BaseImage, DestinationVm, GuestPages, VmFault};
+use novacron_migration::destination::{self, BaseImage, DestinationVm, GuestPages, Received, VmFault};
 use novacron_migration::page::PAGE_SIZE;
 use novacron_migration::protocol::Hello;
 use novacron_migration::stream;
@@ -233,7 +233,7 @@ pub fn receive_vm(args: &ReceiveArgs) -> i32 {
         },
         None => None,
     };
-    let listener = match Listener::bind(addr, &identity) {
+    let mut listener = match Listener::bind(addr, &identity) {
         Ok(l) => l,
         Err(e) => return fail("cannot listen", &e),
     };
@@ -242,34 +242,50 @@ pub fn receive_vm(args: &ReceiveArgs) -> i32 {
         Ok(a) => a,
         Err(e) => return fail("cannot open the control socket", &crate::process::error_chain(&e)),
     };
-    let shown = listener.local_addr().map(|a| a.to_string()).unwrap_or_else(|| args.listen.clone());
-    crate::process::say(format_args!("novacron: waiting for a migration on {shown}"));
-    let mut link = match listener.accept() {
-        Ok(l) => l,
-        Err(e) => return fail("no migration arrived", &e),
-    };
-    let peer = link.peer();
-    crate::process::say(format_args!("novacron: receiving a VM from {peer}"));
-    let mut incoming = Incoming {
-        claim_from: args.claim_from.clone(),
-        host: HostSide {
-            api_sock: args.api_sock.clone(),
-            serial_file: args.serial_file.clone(),
-            require_permit: args.require_permit,
-        },
-        spec: None,
-        memory: None,
-        ram: Vec::new(),
-        machine: None,
-        run: RunState { paused: false },
-    };
-    let report = match destination::receive(&mut incoming, &mut link, base.as_ref()) {
-        Ok(r) => r,
-        Err(e) => {
-            link.close(Duration::from_millis(300));
-            return fail("the migration failed; nothing runs here", &crate::process::error_chain(&e));
+    // A dry run's probe takes the listener as a migration would: listen again on the same
+    // port (the one the kernel chose, if the request said port 0).
+    let bound = listener.local_addr().unwrap_or(addr);
+    crate::process::say(format_args!("novacron: waiting for a migration on {bound}"));
+    let (link, mut incoming, report) = loop {
+        let mut link = match listener.accept() {
+            Ok(l) => l,
+            Err(e) => return fail("no migration arrived", &e),
+        };
+        let peer = link.peer();
+        crate::process::say(format_args!("novacron: receiving from {peer}"));
+        let mut incoming = Incoming {
+            claim_from: args.claim_from.clone(),
+            host: HostSide {
+                api_sock: args.api_sock.clone(),
+                serial_file: args.serial_file.clone(),
+                require_permit: args.require_permit,
+            },
+            spec: None,
+            memory: None,
+            ram: Vec::new(),
+            machine: None,
+            run: RunState { paused: false },
+        };
+        match destination::receive(&mut incoming, &mut link, base.as_ref()) {
+            Ok(Received::Vm(report)) => break (link, incoming, report),
+            Ok(Received::Probe { bytes }) => {
+                crate::process::say(format_args!(
+                    "novacron: a dry run from {peer} measured the link with {} KiB; waiting for the migration again",
+                    bytes >> 10
+                ));
+                link.close(Duration::from_millis(300));
+                listener = match Listener::bind(bound, &identity) {
+                    Ok(l) => l,
+                    Err(e) => return fail("cannot listen again after a dry run", &e),
+                };
+            }
+            Err(e) => {
+                link.close(Duration::from_millis(300));
+                return fail("the migration failed; nothing runs here", &crate::process::error_chain(&e));
+            }
         }
     };
+    let peer = link.peer();
     crate::process::say(format_args!(
         "novacron: VM received from {peer} ({} pages, {} KiB on the stream, memory digest {}); {}",
         report.pages_received,

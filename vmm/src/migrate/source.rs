@@ -14,7 +14,9 @@ use crate::vstate::vm::Vm;
 use novacron_migration::VmFault;
 use novacron_migration::dirty::DirtySet;
 use novacron_migration::page::PAGE_SIZE;
-use novacron_migration::source::{self, Control, Fault, MigrateError, Report, SourceOptions, SourceVm};
+use novacron_migration::source::{
+    self, Control, Fault, MigrateError, Phase, Prediction, Report, SourceOptions, SourceVm,
+};
 use novacron_migration::throttle::Bandwidth;
 use novacron_migration::tls::Identity;
 use novacron_migration::transport::{self, TransportChoice, TruncateAfter};
@@ -38,7 +40,14 @@ pub enum EngineRequest {
     Resume(Sender<Result<(), ApiError>>),
     Throttle(u8),
     /// The engine is done; the link is closed.
-    Finished(Box<Result<Report, MigrateError>>),
+    Finished(Box<Outcome>),
+}
+
+/// How the engine's thread ended.
+pub enum Outcome {
+    Migrated(Result<Report, MigrateError>),
+    /// A dry run: the VM never stopped running here.
+    Predicted(Result<Prediction, MigrateError>),
 }
 
 /// A running migration, as the VMM thread holds it.
@@ -46,6 +55,7 @@ pub struct Migration {
     /// The id its client gave it, so that a client's progress display shows only its own.
     pub id: Option<String>,
     pub to: String,
+    pub dry_run: bool,
     pub control: Control,
     pub bandwidth: Bandwidth,
     pub requests: Receiver<EngineRequest>,
@@ -64,7 +74,9 @@ impl Migration {
         MigrationStatus {
             id: self.id.clone(),
             to: self.to.clone(),
+            dry_run: self.dry_run,
             progress: self.control.snapshot(),
+            prediction: None,
             report: None,
             error: None,
             arrived: None,
@@ -120,6 +132,9 @@ pub fn start(machine: &Machine, request: &MigrateRequest) -> Result<Migration, A
     if let Some(dir) = &request.keep_snapshot {
         crate::api::check_snapshot_dir("keep_snapshot", dir)?;
     }
+    if request.dry_run && (request.keep_snapshot.is_some() || request.fault.is_some()) {
+        return Err(bad("a dry run moves nothing: it takes neither keep_snapshot nor a fault"));
+    }
     let machine_bytes = postcard::to_stdvec(&machine.spec).map_err(|e| bad(format!("machine spec: {e}")))?;
     let (memory, vm) = machine.memory_and_vm();
     let notify = EventFd::new(EFD_NONBLOCK).map_err(|e| bad(format!("event fd: {e}")))?;
@@ -140,20 +155,25 @@ pub fn start(machine: &Machine, request: &MigrateRequest) -> Result<Migration, A
         _ => None,
     };
     let complete = machine.memory_complete();
-    let choice = request.transport;
+    let (choice, dry_run) = (request.transport, request.dry_run);
     let side = VmSide::new(memory, vm, machine_bytes, (tx, engine_notify), machine.disk_locks(), complete);
     let (engine_control, engine_bandwidth) = (control.clone(), bandwidth.clone());
     let thread = std::thread::Builder::new()
         .name("migration".into())
         .spawn(move || {
             let link = LinkArgs { addr, identity, bandwidth: engine_bandwidth, truncate, choice };
-            run_engine(side, link, options, engine_control)
+            if dry_run {
+                run_dry_run(side, link, options, engine_control)
+            } else {
+                run_engine(side, link, options, engine_control)
+            }
         })
         .map_err(|e| ApiError::new(ErrorKind::Internal, format!("cannot start the migration thread: {e}")))?;
-    tracing::info!(to = %request.to, "migration started");
+    tracing::info!(to = %request.to, dry_run, "migration started");
     Ok(Migration {
         id: request.id.clone(),
         to: request.to.clone(),
+        dry_run,
         control,
         bandwidth,
         requests,
@@ -195,7 +215,27 @@ fn run_engine(mut side: VmSide, link: LinkArgs, options: SourceOptions, control:
         ),
         Err(e) => tracing::warn!("migration failed: {}", novacron_migration::error_chain(e)),
     }
-    side.ask(EngineRequest::Finished(Box::new(result)));
+    side.ask(EngineRequest::Finished(Box::new(Outcome::Migrated(result))));
+}
+
+fn run_dry_run(mut side: VmSide, link: LinkArgs, options: SourceOptions, control: Control) {
+    let LinkArgs { addr, identity, bandwidth, truncate, choice } = link;
+    control.update(|p| p.phase = Phase::Measuring);
+    let cancelled = || control.cancel.load(std::sync::atomic::Ordering::Relaxed);
+    // The probe measures what the link carries; the limit goes into the prediction.
+    let result = match transport::connect(addr, &identity, Bandwidth::new(0), truncate, choice) {
+        Ok(mut link) => {
+            let result = source::dry_run(&mut side, &mut link, &options, bandwidth.get(), &cancelled);
+            link.close(Duration::from_millis(300));
+            result
+        }
+        Err(e) => Err(MigrateError::Link(e)),
+    };
+    control.update(|p| p.phase = if result.is_ok() { Phase::Done } else { Phase::Failed });
+    if let Err(e) = &result {
+        tracing::warn!("dry run failed: {}", novacron_migration::error_chain(e));
+    }
+    side.ask(EngineRequest::Finished(Box::new(Outcome::Predicted(result))));
 }
 
 /// The pages of a region that the VMM itself wrote (vm-memory marks them).
