@@ -17,12 +17,15 @@
 //! engine would. When it would not converge, it tries the options that could help and
 //! says which would. The VM runs on throughout; nothing is sent but filler.
 
-use super::{Convergence, MigrateError, Next, PageCost, RoundFigures, SWITCHOVER_OVERHEAD, SourceOptions, SourceVm};
+use super::{
+    Convergence, MigrateError, Next, PageCost, RATE_BACKLOG, RATE_SAMPLE, RATE_SPAN, RoundFigures, SWITCHOVER_OVERHEAD,
+    SourceOptions, SourceVm,
+};
 use crate::destination::{GuestPages, PageWriter};
 use crate::dirty::DirtySet;
 use crate::encoder::PageEncoder;
 use crate::page::PAGE_SIZE;
-use crate::protocol::{self, Message};
+use crate::protocol::{self, BATCH_PAGES, Message};
 use crate::transport::{Link, LinkError, Transport};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -83,6 +86,10 @@ pub struct Measured {
     /// Round 0's pages, and a later round's (the pages the window dirtied, sent again).
     pub first_pass: PassCost,
     pub later_pass: PassCost,
+    /// Round 0's pages as the engine sends them until it has measured the link (raw on a
+    /// LAN, unless a level outruns even a fast one: `compression::Chooser`).
+    #[serde(default)]
+    pub unmeasured_pass: PassCost,
 }
 
 /// What the migration would take, and whether it would converge.
@@ -121,12 +128,16 @@ pub fn dry_run<V: SourceVm>(
     let link_bytes_per_s = probe(link)?;
     check()?;
     let pages = vm.regions().iter().map(|r| r / PAGE_SIZE as u64).sum::<u64>();
-    let mut pipeline = Pipeline::new(pages, options, link_bytes_per_s, bandwidth_limit, link.rtt())?;
+    let mut pipeline = Pipeline::new(pages, options, Some(link_bytes_per_s), bandwidth_limit, link.rtt())?;
     vm.start_dirty_log().map_err(MigrateError::StartDirtyLog)?;
     let sampled = (|| {
         let touched = vm.touched_pages().unwrap_or_else(|| DirtySet::all(pages));
         let first_sample = stride(touched.iter(), touched.count(), SAMPLE_PAGES);
         let first_pass = pipeline.pass(vm, &first_sample)?;
+        let unmeasured_pass = match options.compress {
+            true => Pipeline::new(pages, options, None, bandwidth_limit, link.rtt())?.pass(vm, &first_sample)?,
+            false => first_pass,
+        };
         let (dirtied, dirty_curve) = sample_dirty(vm, pages, cancelled)?;
         // A later round sends what changed since it was sent: the sampled pages written
         // in the window. (Too few of those, and pages never sent stand in, as whole pages.)
@@ -135,10 +146,10 @@ pub fn dry_run<V: SourceVm>(
             again = stride(dirtied.iter(), dirtied.count(), SAMPLE_DIRTY_PAGES);
         }
         let later_pass = pipeline.pass(vm, &again)?;
-        Ok::<_, MigrateError>((touched.count(), dirty_curve, first_pass, later_pass))
+        Ok::<_, MigrateError>((touched.count(), dirty_curve, [first_pass, later_pass, unmeasured_pass]))
     })();
     vm.stop_dirty_log();
-    let (touched_pages, dirty_curve, first_pass, later_pass) = sampled?;
+    let (touched_pages, dirty_curve, [first_pass, later_pass, unmeasured_pass]) = sampled?;
     let measured = Measured {
         transport: link.transport(),
         rtt_us: link.rtt().as_micros() as u64,
@@ -149,6 +160,7 @@ pub fn dry_run<V: SourceVm>(
         dirty_curve,
         first_pass,
         later_pass,
+        unmeasured_pass,
     };
     let prediction = predict(&measured, options);
     tracing::info!(
@@ -229,10 +241,12 @@ fn sample_dirty<V: SourceVm>(
     Ok((dirtied, curve))
 }
 
-/// At most `n` of `count` pages, evenly spread.
+/// About `n` of `count` pages, in runs of a batch, the runs evenly spread: a batch of
+/// neighbours compresses as the engine's batches do, and reads memory as they do.
 fn stride(pages: impl Iterator<Item = u64>, count: u64, n: u64) -> Vec<u64> {
-    let step = count.div_ceil(n).max(1) as usize;
-    pages.step_by(step).collect()
+    let run = BATCH_PAGES as u64;
+    let step = count.div_ceil(run).div_ceil(n.div_ceil(run)).max(1);
+    pages.enumerate().filter(|(i, _)| (*i as u64 / run).is_multiple_of(step)).map(|(_, p)| p).collect()
 }
 
 /// The engine's encoder and the destination's writer, timed on sampled pages.
@@ -243,11 +257,21 @@ struct Pipeline {
 }
 
 impl Pipeline {
-    fn new(pages: u64, options: &SourceOptions, link: u64, limit: u64, rtt: Duration) -> Result<Self, MigrateError> {
+    /// A pipeline whose encoder knows the link's rate (`link`), or, as the engine's at
+    /// first, only its limit and round trip.
+    fn new(
+        pages: u64,
+        options: &SourceOptions,
+        link: Option<u64>,
+        limit: u64,
+        rtt: Duration,
+    ) -> Result<Self, MigrateError> {
         let mut encoder =
             PageEncoder::new(pages, options.delta_cache, options.compress).map_err(MigrateError::Compressor)?;
         encoder.set_link(limit, rtt);
-        encoder.link_sample(link as f64);
+        if let Some(link) = link {
+            encoder.link_sample(link as f64);
+        }
         Ok(Pipeline {
             encoder,
             writer: PageWriter::new(pages).map_err(MigrateError::DryRunApply)?,
@@ -350,10 +374,13 @@ fn simulate(m: &Measured, options: &SourceOptions) -> Prediction {
     let mut cost = PageCost::default();
     let mut throttle = 0u8;
     let mut sent = m.touched_pages;
+    // Until its first link sample the engine chooses without the link's rate.
+    let early = if options.compress { warm_up_pages(m, link, rtt) } else { 0 };
+    let (before, after) = (&m.unmeasured_pass, &m.first_pass);
+    let mut last = round_time(early, before) + round_time(sent - early, after) - rtt;
+    let mut bytes = (early as f64 * before.bytes_per_page() + (sent - early) as f64 * after.bytes_per_page()) as u64;
     // Connecting and Hello/Welcome: about two round trips.
-    let mut elapsed = rtt * 2 + round_time(sent, &m.first_pass);
-    let mut bytes = (sent as f64 * m.first_pass.bytes_per_page()) as u64;
-    let mut last = elapsed - rtt * 2;
+    let mut elapsed = rtt * 2 + last;
     cost.learn(last, sent, bytes);
     let mut prediction = Prediction { measured: m.clone(), ..Prediction::default() };
     for _ in 0..MAX_SIMULATED_ROUNDS {
@@ -399,6 +426,20 @@ fn simulate(m: &Measured, options: &SourceOptions) -> Prediction {
     prediction.rounds = convergence.rounds;
     prediction.throttle_max = convergence.throttle_max;
     prediction
+}
+
+/// Pages round 0 sends before the first sample of the link's delivery rate: what the
+/// pipeline makes (or the link takes) until a backlog, a sample and a span of receipts
+/// are in (`DeliveryRate`).
+fn warm_up_pages(m: &Measured, link: f64, rtt: Duration) -> u64 {
+    let pass = &m.unmeasured_pass;
+    if pass.pages == 0 {
+        return 0;
+    }
+    let per_page = pass.per_page().as_secs_f64().max(1e-9);
+    let pages_per_s = (1.0 / per_page).min(link / pass.bytes_per_page().max(1.0));
+    let wait = RATE_SPAN + rtt + Duration::from_secs_f64((RATE_BACKLOG + RATE_SAMPLE) as f64 / link);
+    ((pages_per_s * wait.as_secs_f64()) as u64).min(m.touched_pages)
 }
 
 /// The options that would make a migration converge, tried one at a time.

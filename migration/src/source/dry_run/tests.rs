@@ -16,6 +16,7 @@ fn measured(rate: u64) -> Measured {
         dirty_curve: DIRTY_STEPS_MS.iter().map(|&ms| (ms, rate * ms / 1000)).collect(),
         first_pass: pass,
         later_pass: pass,
+        unmeasured_pass: PassCost::default(),
     }
 }
 
@@ -95,8 +96,25 @@ fn round_trips_longer_than_the_downtime_limit_are_predicted_with_the_engines_wor
 }
 
 #[test]
-fn a_stride_spreads_the_sample_over_all_the_pages() {
-    assert_eq!(stride(0..10, 10, 3), vec![0, 4, 8]);
+fn the_sample_is_runs_of_a_batch_spread_over_all_the_pages() {
+    // Ten runs of a batch, three wanted: every fourth run.
+    let pages = stride(0..2560, 2560, 3 * 256);
+    assert_eq!(pages.len(), 3 * 256);
+    assert_eq!((pages[0], pages[255], pages[256], pages[512]), (0, 255, 1024, 2048));
     assert_eq!(stride(0..3, 3, 10), vec![0, 1, 2]);
     assert_eq!(stride(0..0, 0, 10), Vec::<u64>::new());
+}
+
+#[test]
+fn round_0_is_predicted_as_the_engine_sends_it_until_it_has_measured_the_link() {
+    let mut m = measured(0);
+    // Raw: 0.5 µs and 4,100 bytes a page, 240,000 pages/s at 1 GB/s: the link bounds it.
+    m.unmeasured_pass = PassCost { pages: 1000, bytes: 4_100_000, source_us: 500, destination_us: 200 };
+    let p = predict(&m, &options(true));
+
+    // The first sample waits 5 ms, a round trip and 2 MiB: 7.197 ms at 243,902 pages/s.
+    let raw = 1755;
+    assert_eq!(p.bytes, raw * 4100 + (65_536 - raw) * 100);
+    let without = predict(&m, &SourceOptions { compress: false, ..options(true) });
+    assert_eq!(without.bytes, 65_536 * 100, "nothing compresses: the first pass is the raw pass then");
 }
