@@ -181,6 +181,12 @@ pub struct MigrateArgs {
     /// Longest pause of the guest allowed for the switchover.
     #[arg(long, value_name = "MS", default_value_t = 50)]
     downtime_ms: u64,
+    /// Predict instead of moving: measure the guest, the link to the target and the page
+    /// pipeline for about a second, and say how long it would take, how long the guest
+    /// would pause, how many bytes would go, and whether it would converge (and else what
+    /// would make it). The VM stays where it is.
+    #[arg(long)]
+    dry_run: bool,
     /// Print the operation id and return at once instead of following it.
     #[arg(long)]
     no_wait: bool,
@@ -609,6 +615,7 @@ pub fn vm(remote: &Remote, cmd: VmCommand) -> i32 {
                 max_bandwidth: a.max_bandwidth.unwrap_or(0),
                 downtime_ms: a.downtime_ms,
                 to_address: String::new(),
+                dry_run: a.dry_run,
             };
             let op = c.migrate_vm(request).await?.into_inner();
             started(&mut c, op, a.no_wait, output).await

@@ -110,6 +110,21 @@ fn kvm_a_vm_migrates_between_hosts_through_the_control_port() {
         assert!(!out.status.success() && stderr(&out).contains(expected), "{args:?}: {}", stderr(&out));
     }
 
+    // A dry run predicts and moves nothing: the VM stays, the receiver at h2 goes again.
+    let dry = h1.json(&["vm", "migrate", "mover", "--to-host", "h2", "--dry-run"]);
+    assert_eq!((str_of(&dry, "state"), str_of(&dry, "kind")), ("succeeded", "migrate-dry-run"), "{dry}");
+    let p = &dry["prediction"];
+    assert_eq!(p["converges"], true, "{dry}");
+    assert!(p["touched_pages"].as_u64().unwrap() > 1024 && p["link_bytes_per_s"].as_u64().unwrap() > 0, "{dry}");
+    assert!(str_of(&dry, "message").starts_with("would converge"), "{dry}");
+    assert_eq!(host_of(&h1, "mover"), "h1");
+    assert_eq!(h1.vmm_pids().len(), 1, "the VM's VMM runs on at h1");
+    let deadline = Instant::now() + common::TIMEOUT;
+    while !h2.vmm_pids().is_empty() {
+        assert!(Instant::now() < deadline, "the dry run's receiver at h2 stayed: {:?}", h2.vmm_pids());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
     // Through a member's endpoint (it passes the request to the primary), slowly enough
     // that a second migration of the VM meanwhile is refused.
     let op = h2.json(&["vm", "migrate", "mover", "--to-host", "h2", "--max-bandwidth", "100k", "--no-wait"]);

@@ -140,6 +140,26 @@ pub fn snapshot_mismatch(spec: &VmSpec, machine: &MachineSpec) -> Option<String>
     (!diffs.is_empty()).then(|| diffs.join("; "))
 }
 
+/// A dry run's prediction as the control port shows it.
+pub fn prediction_to_pb(p: &novacron_migration::source::Prediction) -> pb::MigrationPrediction {
+    let m = &p.measured;
+    let (window_ms, dirtied) = m.dirty_curve.last().copied().unwrap_or_default();
+    pb::MigrationPrediction {
+        converges: p.converges,
+        total_ms: p.total_ms,
+        downtime_ms: p.downtime_ms,
+        bytes: p.bytes,
+        rounds: p.rounds,
+        throttle_max: p.throttle_max.into(),
+        failure: p.failure.clone().unwrap_or_default(),
+        advice: p.advice.clone(),
+        link_bytes_per_s: m.link_bytes_per_s,
+        rtt_us: m.rtt_us,
+        dirty_pages_per_s: (dirtied * 1000).checked_div(window_ms).unwrap_or(0),
+        touched_pages: m.touched_pages,
+    }
+}
+
 pub fn spec_to_pb(spec: &VmSpec) -> pb::VmSpec {
     pb::VmSpec {
         name: spec.name.clone(),

@@ -59,14 +59,19 @@ pub async fn orchestrate(
     let (vm, from, to) = (r.name.clone(), source.host.clone(), target.host.clone());
     ractor::call_t!(cluster, |reply| ClusterMsg::CheckTarget { vm, source: from, target: to, reply }, 5000)
         .map_err(unavailable)??;
-    ractor::call_t!(cluster, |reply| ClusterMsg::MigrationStarting(r.name.clone(), reply), 5000)
-        .map_err(unavailable)??;
     r.to_address = target.address.clone();
-    let name = r.name.clone();
-    let started = match source.client.clone() {
+    let hand_over = async |r: pb::MigrateVmRequest| match source.client.clone() {
         None => migrate_out(svc, r).await,
         Some(mut client) => client.migrate_vm(forwarded(r)).await.map(|a| a.into_inner()),
     };
+    if r.dry_run {
+        // Nothing moves: the cluster's bookkeeping of migrations stays out of it.
+        return hand_over(r).await;
+    }
+    ractor::call_t!(cluster, |reply| ClusterMsg::MigrationStarting(r.name.clone(), reply), 5000)
+        .map_err(unavailable)??;
+    let name = r.name.clone();
+    let started = hand_over(r).await;
     let op = match started {
         Ok(op) => op,
         Err(e) => {
@@ -117,6 +122,9 @@ pub async fn migrate_out(svc: &ControlService, r: pb::MigrateVmRequest) -> Resul
     let mut target = connect.connect().await.map_err(|e| {
         Status::unavailable(format!("cannot reach the target host: {}", novacron_actors::error_chain(&e)))
     })?;
+    if r.dry_run {
+        return dry_run_out(svc, r, actor, info, target).await;
+    }
     // The record says where the VM goes: only that host's keeper may claim it at the commit.
     let record =
         records::get(svc.store.as_ref(), &r.name).await?.filter(|vm| vm.record.owner == svc.me.name).ok_or_else(
@@ -147,20 +155,7 @@ pub async fn migrate_out(svc: &ControlService, r: pb::MigrateVmRequest) -> Resul
 
     let progress = svc.operations.start("migrate", &r.name, &format!("connecting to {listen}"));
     let op = progress.snapshot();
-    let request = VmmRequest::Migrate(MigrateRequest {
-        to: listen,
-        tls_dir: svc.tls_dir.to_string_lossy().into_owned(),
-        max_bandwidth: r.max_bandwidth,
-        downtime_ms: if r.downtime_ms == 0 { DEFAULT_DOWNTIME_MS } else { r.downtime_ms },
-        auto_converge: true,
-        compress: true,
-        delta_cache_mib: 64,
-        keep_snapshot: None,
-        transport: Default::default(),
-        dry_run: false,
-        fault: None,
-        id: Some(op.id.clone()),
-    });
+    let request = vmm_request(svc, &r, listen, op.id.clone());
     let (host, name, socket) = (svc.host.clone(), r.name.clone(), info.socket.clone());
     tokio::spawn(async move {
         let result = follow(&actor, request, &socket, &progress).await;
@@ -169,6 +164,69 @@ pub async fn migrate_out(svc: &ControlService, r: pb::MigrateVmRequest) -> Resul
         if moved { outgoing.moved() } else { outgoing.failed().await }
     });
     Ok(op)
+}
+
+/// What the VM's VMM is asked to do.
+fn vmm_request(svc: &ControlService, r: &pb::MigrateVmRequest, to: String, id: String) -> VmmRequest {
+    VmmRequest::Migrate(MigrateRequest {
+        to,
+        tls_dir: svc.tls_dir.to_string_lossy().into_owned(),
+        max_bandwidth: r.max_bandwidth,
+        downtime_ms: if r.downtime_ms == 0 { DEFAULT_DOWNTIME_MS } else { r.downtime_ms },
+        auto_converge: true,
+        compress: true,
+        delta_cache_mib: 64,
+        keep_snapshot: None,
+        transport: Default::default(),
+        dry_run: r.dry_run,
+        fault: None,
+        id: Some(id),
+    })
+}
+
+/// On the VM's host: a dry run against a receiver started at the target for it, and
+/// removed after. The records and the VM stay as they are.
+async fn dry_run_out(
+    svc: &ControlService,
+    r: pb::MigrateVmRequest,
+    actor: ActorRef<VmMsg>,
+    info: novacron_actors::VmInfo,
+    mut target: Client,
+) -> Result<pb::Operation, Status> {
+    let receive = pb::ReceiveVmRequest { spec: Some(convert::spec_to_pb(&info.spec)) };
+    let listen = target.receive_vm(forwarded(receive)).await?.into_inner().listen;
+    let progress = svc.operations.start("migrate-dry-run", &r.name, &format!("measuring against {listen}"));
+    let op = progress.snapshot();
+    let request = vmm_request(svc, &r, listen, op.id.clone());
+    tokio::spawn(async move {
+        let result = follow(&actor, request, &info.socket, &progress).await;
+        let vm = pb::VmRef { name: r.name.clone() };
+        if let Err(status) = target.delete_vm(forwarded(vm)).await {
+            tracing::warn!(vm = r.name, "cannot remove the dry run's receiver at the target: {}", status.message());
+        }
+        match result.map(|response| response.migration.and_then(|m| m.prediction)) {
+            Ok(Some(p)) => progress.predicted(&prediction_line(&p), convert::prediction_to_pb(&p)),
+            Ok(None) => progress.fail("the VMM answered the dry run without a prediction"),
+            Err(e) => progress.fail(&e),
+        }
+    });
+    Ok(op)
+}
+
+/// A dry run's outcome in one line.
+fn prediction_line(p: &novacron_migration::source::Prediction) -> String {
+    let mib = p.bytes as f64 / f64::from(1 << 20);
+    match &p.failure {
+        None => format!(
+            "would converge: {} ms in all, {} ms of downtime, {mib:.1} MiB, {} rounds{}",
+            p.total_ms,
+            p.downtime_ms,
+            p.rounds,
+            if p.throttle_max > 0 { format!(", vCPUs throttled up to {}%", p.throttle_max) } else { String::new() }
+        ),
+        Some(f) if p.advice.is_empty() => format!("would not converge: {f}"),
+        Some(f) => format!("would not converge: {f}; would with {}", p.advice.join("; ")),
+    }
 }
 
 /// A VM migrating out of this host: in the reconciler's leaving set while it goes, and

@@ -103,6 +103,12 @@ impl Progress {
         self.end(SUCCEEDED, message, "");
     }
 
+    /// A migration's dry run ended with this prediction.
+    pub fn predicted(self, message: &str, prediction: pb::MigrationPrediction) {
+        self.sender.send_modify(|op| op.prediction = Some(prediction));
+        self.succeed(message);
+    }
+
     pub fn fail(self, error: &str) {
         self.end(FAILED, "", error);
     }
