@@ -10,6 +10,21 @@ use std::time::Instant;
 
 const WAIT: Duration = Duration::from_secs(10);
 
+/// A case run on both transports, as two tests.
+macro_rules! on_both {
+    ($case:ident, $quic:ident, $tcp:ident) => {
+        #[test]
+        fn $quic() {
+            $case(Transport::Quic);
+        }
+
+        #[test]
+        fn $tcp() {
+            $case(Transport::Tcp);
+        }
+    };
+}
+
 fn identity(dir: &std::path::Path, name: &str) -> Identity {
     crate::tls::init(&dir.join(name), name).unwrap();
     Identity::load(&dir.join(name)).unwrap()
@@ -57,15 +72,11 @@ fn messages_cross_both_ways_and_an_abort_carries_its_reason(t: Transport) {
     assert!(link.wire_bytes() > 100_000, "wire bytes {}", link.wire_bytes());
 }
 
-#[test]
-fn quic_messages_cross_both_ways_and_an_abort_carries_its_reason() {
-    messages_cross_both_ways_and_an_abort_carries_its_reason(Transport::Quic);
-}
-
-#[test]
-fn tcp_messages_cross_both_ways_and_an_abort_carries_its_reason() {
-    messages_cross_both_ways_and_an_abort_carries_its_reason(Transport::Tcp);
-}
+on_both!(
+    messages_cross_both_ways_and_an_abort_carries_its_reason,
+    quic_messages_cross_both_ways_and_an_abort_carries_its_reason,
+    tcp_messages_cross_both_ways_and_an_abort_carries_its_reason
+);
 
 /// The source queues 4 MiB behind a 20 MB/s limit (200 ms of frames), then aborts: the
 /// reason reaches the receiver well before those frames would have.
@@ -98,15 +109,11 @@ fn an_abort_does_not_wait_behind_queued_frames(t: Transport) {
     assert!(late < Duration::from_millis(100), "the abort arrived {late:?} after it was sent");
 }
 
-#[test]
-fn quic_an_abort_does_not_wait_behind_queued_frames() {
-    an_abort_does_not_wait_behind_queued_frames(Transport::Quic);
-}
-
-#[test]
-fn tcp_an_abort_does_not_wait_behind_queued_frames() {
-    an_abort_does_not_wait_behind_queued_frames(Transport::Tcp);
-}
+on_both!(
+    an_abort_does_not_wait_behind_queued_frames,
+    quic_an_abort_does_not_wait_behind_queued_frames,
+    tcp_an_abort_does_not_wait_behind_queued_frames
+);
 
 fn a_second_source_hears_that_the_receiver_is_busy(t: Transport) {
     let tmp = tempfile::tempdir().unwrap();
@@ -132,15 +139,11 @@ fn a_second_source_hears_that_the_receiver_is_busy(t: Transport) {
     assert!(started.elapsed() < Duration::from_secs(2), "busy took {:?}", started.elapsed());
 }
 
-#[test]
-fn quic_a_second_source_hears_that_the_receiver_is_busy() {
-    a_second_source_hears_that_the_receiver_is_busy(Transport::Quic);
-}
-
-#[test]
-fn tcp_a_second_source_hears_that_the_receiver_is_busy() {
-    a_second_source_hears_that_the_receiver_is_busy(Transport::Tcp);
-}
+on_both!(
+    a_second_source_hears_that_the_receiver_is_busy,
+    quic_a_second_source_hears_that_the_receiver_is_busy,
+    tcp_a_second_source_hears_that_the_receiver_is_busy
+);
 
 /// A source from another cluster is refused, and the listener then takes the right one.
 fn a_peer_of_another_ca_is_refused_and_the_listener_waits_on(t: Transport) {
@@ -161,15 +164,11 @@ fn a_peer_of_another_ca_is_refused_and_the_listener_waits_on(t: Transport) {
     assert_eq!(server.join().unwrap(), Ok(Message::Commit));
 }
 
-#[test]
-fn quic_a_peer_of_another_ca_is_refused_and_the_listener_waits_on() {
-    a_peer_of_another_ca_is_refused_and_the_listener_waits_on(Transport::Quic);
-}
-
-#[test]
-fn tcp_a_peer_of_another_ca_is_refused_and_the_listener_waits_on() {
-    a_peer_of_another_ca_is_refused_and_the_listener_waits_on(Transport::Tcp);
-}
+on_both!(
+    a_peer_of_another_ca_is_refused_and_the_listener_waits_on,
+    quic_a_peer_of_another_ca_is_refused_and_the_listener_waits_on,
+    tcp_a_peer_of_another_ca_is_refused_and_the_listener_waits_on
+);
 
 /// The stream cut in the middle of a frame is reported as truncated, not as a clean end.
 fn truncation(t: Transport) {
@@ -191,15 +190,11 @@ fn truncation(t: Transport) {
     assert_eq!(second, Err(LinkError::Lost("the stream ended inside a frame (truncated)".into())));
 }
 
-#[test]
-fn quic_a_stream_cut_inside_a_frame_is_reported_truncated() {
-    truncation(Transport::Quic);
-}
-
-#[test]
-fn tcp_a_stream_cut_inside_a_frame_is_reported_truncated() {
-    truncation(Transport::Tcp);
-}
+on_both!(
+    truncation,
+    quic_a_stream_cut_inside_a_frame_is_reported_truncated,
+    tcp_a_stream_cut_inside_a_frame_is_reported_truncated
+);
 
 /// The token bucket paces both alike: 2 MB at 10 MB/s takes about 200 ms.
 fn the_bandwidth_limit_holds(t: Transport) {
@@ -228,15 +223,7 @@ fn the_bandwidth_limit_holds(t: Transport) {
     assert!(took >= Duration::from_millis(170) && took < Duration::from_millis(1500), "{took:?}");
 }
 
-#[test]
-fn quic_the_bandwidth_limit_holds() {
-    the_bandwidth_limit_holds(Transport::Quic);
-}
-
-#[test]
-fn tcp_the_bandwidth_limit_holds() {
-    the_bandwidth_limit_holds(Transport::Tcp);
-}
+on_both!(the_bandwidth_limit_holds, quic_the_bandwidth_limit_holds, tcp_the_bandwidth_limit_holds);
 
 #[test]
 fn tcp_rtt_comes_from_the_kernel_and_auto_takes_tcp_on_loopback() {
@@ -260,8 +247,9 @@ fn tcp_rtt_comes_from_the_kernel_and_auto_takes_tcp_on_loopback() {
     assert!(rtt > Duration::ZERO && rtt < AUTO_TCP_MAX_RTT, "{rtt:?}");
 }
 
-#[test]
-fn quic_a_client_without_a_certificate_is_refused() {
+/// A listener, and a client configuration that trusts the cluster CA but presents no
+/// certificate of its own.
+fn listener_and_a_client_without_a_certificate() -> (tempfile::TempDir, SocketAddr, rustls::ClientConfig) {
     let tmp = tempfile::tempdir().unwrap();
     let id = identity(tmp.path(), "a");
     let (listener, addr) = listen(&id);
@@ -277,6 +265,12 @@ fn quic_a_client_without_a_certificate_is_refused() {
         .with_root_certificates(roots)
         .with_no_client_auth();
     tls.alpn_protocols = vec![crate::protocol::ALPN.to_vec()];
+    (tmp, addr, tls)
+}
+
+#[test]
+fn quic_a_client_without_a_certificate_is_refused() {
+    let (_tmp, addr, tls) = listener_and_a_client_without_a_certificate();
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
     let rt = runtime().unwrap();
     let refused = rt.block_on(async {
@@ -299,20 +293,7 @@ fn quic_a_client_without_a_certificate_is_refused() {
 #[test]
 fn tcp_a_client_without_a_certificate_is_refused() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let tmp = tempfile::tempdir().unwrap();
-    let id = identity(tmp.path(), "a");
-    let (listener, addr) = listen(&id);
-    std::thread::spawn(move || listener.accept());
-    let mut roots = rustls::RootCertStore::empty();
-    let ca = CertificateDer::from_pem_file(tmp.path().join("a").join(crate::tls::CA_CERT)).unwrap();
-    roots.add(ca).unwrap();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![crate::protocol::ALPN.to_vec()];
+    let (_tmp, addr, tls) = listener_and_a_client_without_a_certificate();
     let rt = runtime().unwrap();
     let refused = rt.block_on(async {
         let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
