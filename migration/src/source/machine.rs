@@ -19,6 +19,10 @@ use crate::transport::LinkError;
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+/// A round sends at most this far ahead of the receipts (`SourceMachine::in_flight_cap`).
+const IN_FLIGHT_MIN: u64 = 8 << 20;
+const IN_FLIGHT_TIME: Duration = Duration::from_millis(100);
+
 /// What happened, for the machine to handle.
 #[derive(Debug)]
 pub enum SourceEvent<'a> {
@@ -121,6 +125,10 @@ pub struct SourceMachine {
     queued: u64,
     acked: u64,
     delivery: DeliveryRate,
+    /// The last delivery-rate sample, bytes/s.
+    link_rate: Option<f64>,
+    /// Reading waits until the backlog is under `in_flight_cap` again.
+    link_wait: bool,
     pages_sent: u64,
     rtt: Duration,
     bandwidth_limit: u64,
@@ -168,6 +176,8 @@ impl SourceMachine {
             queued: 0,
             acked: 0,
             delivery: DeliveryRate::default(),
+            link_rate: None,
+            link_wait: false,
             pages_sent: 0,
             rtt: Duration::ZERO,
             bandwidth_limit: 0,
@@ -240,6 +250,12 @@ impl SourceMachine {
                 self.acked = self.acked.max(bytes);
                 if let Some(rate) = self.delivery.receipt(now, self.acked, self.queued) {
                     self.encoder.link_sample(rate);
+                    self.link_rate = Some(rate);
+                }
+                if self.link_wait && self.queued.saturating_sub(self.acked) <= self.in_flight_cap() {
+                    self.link_wait = false;
+                    self.deadline = None;
+                    self.read_more(now)?;
                 }
                 if matches!(self.step, S::Draining | S::FinalDrain) {
                     self.deadline = Some(now + DRAIN_STEP);
@@ -416,8 +432,26 @@ impl SourceMachine {
         self.read_more(now)
     }
 
+    /// How far ahead of the receipts a round may send: 100 ms and two round trips of the
+    /// link, at least IN_FLIGHT_MIN. Beyond it pages wait in guest memory, not in queues:
+    /// read later they are fresher (a page written meanwhile goes once, not twice), and
+    /// the compression choice follows the link sooner.
+    fn in_flight_cap(&self) -> u64 {
+        let mut rate = self.link_rate.unwrap_or(0.0);
+        if self.bandwidth_limit > 0 {
+            rate = rate.min(self.bandwidth_limit as f64);
+        }
+        let time = IN_FLIGHT_TIME + self.rtt * 2;
+        ((rate * time.as_secs_f64()) as u64).max(IN_FLIGHT_MIN)
+    }
+
     /// Asks for the next pages of the set, or goes on once it is sent.
     fn read_more(&mut self, now: Instant) -> Result<(), MigrateError> {
+        if self.step == SourceStep::Sending && self.queued.saturating_sub(self.acked) > self.in_flight_cap() {
+            self.link_wait = true;
+            self.deadline = Some(now + DRAIN_STEP);
+            return Ok(());
+        }
         self.dirty.take_first(BATCH_PAGES, &mut self.scan, &mut self.reading);
         if !self.reading.is_empty() {
             self.actions.push_back(SourceAction::ReadPages(self.reading.clone()));
@@ -565,5 +599,55 @@ fn event_name(event: &SourceEvent<'_>) -> &'static str {
         SourceEvent::PagesRead(_) => "pages read",
         SourceEvent::Harvested(_) => "a harvest",
         SourceEvent::Saved(_) => "the saved state",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::Welcome;
+
+    /// Pages zstd cannot shrink.
+    fn noise(pages: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..pages * PAGE_SIZE)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_round_waits_for_receipts_once_it_is_the_in_flight_cap_ahead() {
+        let now = Instant::now();
+        let mut m = SourceMachine::new(now, vec![], vec![64 << 20], SourceOptions::default()).unwrap();
+        m.handle(now, SourceEvent::Frame(Message::Welcome(Welcome { base: vec![] })));
+        m.handle(now, SourceEvent::DirtyLogStarted(Ok(None)));
+        let mut seed = 0;
+        let mut run = |m: &mut SourceMachine| {
+            while let Some(action) = m.poll() {
+                if let SourceAction::ReadPages(pages) = action {
+                    seed += 1;
+                    let data = noise(pages.len(), seed);
+                    m.handle(now, SourceEvent::PagesRead(Ok(&data)));
+                }
+            }
+        };
+        run(&mut m);
+
+        // No receipt yet: reading stopped one batch past the cap, 8 MiB, with a deadline.
+        let ahead = m.queued - m.acked;
+        assert!(m.link_wait && m.step() == SourceStep::Sending, "{:?}", m.step());
+        assert!(ahead > IN_FLIGHT_MIN && ahead < IN_FLIGHT_MIN + (2 << 20), "{ahead}");
+        assert!(m.deadline().is_some(), "a link that never answers times out");
+        // A receipt for half of it: reading goes on up to the cap again.
+        let acked = m.queued / 2;
+        m.handle(now, SourceEvent::Frame(Message::Received(acked)));
+        run(&mut m);
+        assert!(m.link_wait && m.queued - acked > IN_FLIGHT_MIN, "{}", m.queued - acked);
+        assert!(m.pages_sent < 16384, "not the whole 64 MiB: {}", m.pages_sent);
     }
 }
