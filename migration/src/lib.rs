@@ -34,6 +34,20 @@ pub mod transport;
 #[cfg(test)]
 mod pair_tests;
 
+/// Tests: `len` bytes of xorshift noise from `seed`, which zstd cannot shrink.
+#[cfg(test)]
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
 /// Why the VMM could not do what an engine asked (pause, read memory, build the VM...),
 /// with its causes: the engines keep it as the `#[source]` of their own errors.
 pub type VmFault = Box<dyn std::error::Error + Send + Sync + 'static>;

@@ -78,15 +78,7 @@ struct TestVmFails(&'static str);
 
 /// Page `page`'s first content: bytes no two pages share and zstd cannot shrink much.
 fn content(page: usize) -> Vec<u8> {
-    let mut x = (page as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) + 1;
-    (0..PAGE_SIZE)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    crate::noise((page as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) + 1, PAGE_SIZE)
 }
 
 /// The VM at the destination.

@@ -607,19 +607,6 @@ mod tests {
     use super::*;
     use crate::protocol::Welcome;
 
-    /// Pages zstd cannot shrink.
-    fn noise(pages: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed | 1;
-        (0..pages * PAGE_SIZE)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
-
     #[test]
     fn a_round_waits_for_receipts_once_it_is_the_in_flight_cap_ahead() {
         let now = Instant::now();
@@ -631,7 +618,7 @@ mod tests {
             while let Some(action) = m.poll() {
                 if let SourceAction::ReadPages(pages) = action {
                     seed += 1;
-                    let data = noise(pages.len(), seed);
+                    let data = crate::noise(seed, pages.len() * PAGE_SIZE);
                     m.handle(now, SourceEvent::PagesRead(Ok(&data)));
                 }
             }
