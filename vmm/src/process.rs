@@ -141,6 +141,10 @@ pub enum RestoreMemory {
     Auto,
     Lazy,
     Eager,
+    /// Tests: lazy, but only what is touched comes in (no prefetch), so that the memory
+    /// stays incomplete for as long as a test needs.
+    #[value(hide = true)]
+    OnDemand,
 }
 
 /// Restores a snapshot in this process and runs it; returns the process exit status.
@@ -175,7 +179,8 @@ fn map_snapshot_memory(
         return Ok((snapshot::map_memory(snapshot)?, None));
     }
     let first = snapshot::lazy::first_touched(&snapshot.state);
-    match snapshot::lazy::map_lazily(&snapshot.dir, &snapshot.memory, Prefetch::InOrder, &first, memory_lost) {
+    let prefetch = if how == RestoreMemory::OnDemand { Prefetch::None } else { Prefetch::InOrder };
+    match snapshot::lazy::map_lazily(&snapshot.dir, &snapshot.memory, prefetch, &first, memory_lost) {
         Ok((memory, lazy)) => Ok((memory, Some(lazy))),
         Err(e @ SnapshotError::Userfault(_)) if how == RestoreMemory::Auto => {
             tracing::warn!("{}; restoring eagerly", error_chain(&e));
