@@ -288,6 +288,9 @@ fn kvm_migrate_auto_converge_throttles_a_busy_guest_until_it_converges() {
     assert_moved(src, &mut dst);
 }
 
+/// Pages sent uncompressed.
+const RAW: [&str; 2] = ["--compress", "none"];
+
 /// `vmm migrate --dry-run --json`'s prediction.
 fn dry_run(src: &Host, addr: &str, tls: &Path, extra: &[&str]) -> (Option<i32>, serde_json::Value) {
     let out = migrate(src, addr, tls, &[&["--dry-run"], extra].concat());
@@ -304,7 +307,9 @@ fn kvm_dry_run_predicts_from_what_it_measured_and_the_receiver_then_takes_the_mi
     let mut src = source(dir.path(), 1, 256, "ws=16 rate=500 verify=300 hb=100");
     let (mut dst, addr) = receiver(dir.path(), &tls, &[]);
 
-    let (code, p) = dry_run(&src, &addr, &tls, &[]);
+    // Raw pages both times: whether zstd pays depends on how busy the host is, and the
+    // bytes are compared below.
+    let (code, p) = dry_run(&src, &addr, &tls, &RAW);
 
     assert_eq!(code, Some(0), "{p}");
     assert_eq!(p["converges"], true, "{p}");
@@ -320,11 +325,11 @@ fn kvm_dry_run_predicts_from_what_it_measured_and_the_receiver_then_takes_the_mi
     // Nothing moved: the guest runs on here, and the receiver waits for the migration.
     assert_source_runs(&mut src);
     assert!(dst.vm.child.try_wait().unwrap().is_none(), "the receiver ended after the dry run");
-    let r = report(&migrate(&src, &addr, &tls, &[]));
+    let r = report(&migrate(&src, &addr, &tls, &RAW));
     assert_moved(src, &mut dst);
-    // Bytes, not speed: within a factor of three of what the migration then sent.
+    // Bytes, not speed: within a factor of two of what the migration then sent.
     let (predicted, sent) = (p["bytes"].as_u64().unwrap() as f64, r["bytes_sent"].as_u64().unwrap() as f64);
-    assert!(predicted / sent > 0.33 && predicted / sent < 3.0, "predicted {predicted} bytes, sent {sent}");
+    assert!(predicted / sent > 0.5 && predicted / sent < 2.0, "predicted {predicted} bytes, sent {sent}");
 }
 
 #[test]
