@@ -78,6 +78,25 @@ impl DestinationVm for FuzzVm {
         Ok(())
     }
 
+    fn check_post_copy(&mut self) -> Result<(), VmFault> {
+        Ok(())
+    }
+
+    fn start_post_copy(&mut self, _pending: &novacron_migration::dirty::DirtySet) -> Result<(), VmFault> {
+        self.started = true;
+        Ok(())
+    }
+
+    /// The pages the post-copy brings, where the digest check below reads them.
+    fn place(&mut self, page: u64, content: Option<&[u8]>) -> Result<(), VmFault> {
+        let slot = self.mem.get_mut(usize::try_from(page)?).ok_or("page outside the fuzz VM")?;
+        match content {
+            Some(c) => slot.copy_from_slice(c),
+            None => slot.fill(0),
+        }
+        Ok(())
+    }
+
     fn start(&mut self) -> Result<(), VmFault> {
         if !self.built {
             return Err("not built".into());
@@ -179,15 +198,16 @@ fn receive(messages: Vec<Message>) {
         let was = machine.step();
         let mut next = Some(event);
         while let Some(event) = next.take() {
-            match machine.handle(now, event, &mut vm) {
-                Some(Action::Prepare(hello)) => next = Some(Event::Prepared(vm.prepare(&hello))),
-                Some(Action::Build(state)) => next = Some(Event::Built(vm.build(&state))),
-                Some(Action::Start) => next = Some(Event::Started(vm.start())),
-                Some(Action::Fail(e)) => {
+            let Some(action) = machine.handle(now, event, &mut vm) else { continue };
+            match action.run_on(&mut vm) {
+                Ok(event) => next = Some(event),
+                Err(Action::Fail(e)) => {
                     std::hint::black_box(e.to_string());
                     assert_eq!(machine.step(), Step::Failed, "a failed receive says so");
                 }
-                Some(Action::Send(_)) | None => {}
+                // A post-copy whose link was lost: the next frames come on a new one.
+                Err(Action::Relisten) => next = Some(Event::Relinked),
+                Err(_) => {}
             }
         }
         if let Some(digest) = machine.digest() {

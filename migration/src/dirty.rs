@@ -79,6 +79,39 @@ impl DirtySet {
         }
     }
 
+    /// The set as runs of (first page, count), in order.
+    pub fn runs(&self) -> Vec<(u64, u64)> {
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for page in self.iter() {
+            match runs.last_mut() {
+                Some((first, count)) if *first + *count == page => *count += 1,
+                _ => runs.push((page, 1)),
+            }
+        }
+        runs
+    }
+
+    /// Adds runs of (first page, count); None if one reaches past the set's end.
+    pub fn add_runs(&mut self, runs: &[(u64, u64)]) -> Option<()> {
+        for &(first, count) in runs {
+            if first.checked_add(count)? > self.pages {
+                return None;
+            }
+        }
+        for &(first, count) in runs {
+            for page in first..first + count {
+                self.set(page);
+            }
+        }
+        Some(())
+    }
+
+    pub fn remove(&mut self, page: u64) {
+        if page < self.pages {
+            self.words[(page / 64) as usize] &= !(1 << (page % 64));
+        }
+    }
+
     pub fn clear(&mut self) {
         self.words.iter_mut().for_each(|w| *w = 0);
     }
@@ -101,6 +134,25 @@ impl DirtySet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_runs_round_trip_and_runs_past_the_end_are_refused() {
+        let mut set = DirtySet::new(300);
+        for p in [0, 1, 2, 63, 64, 65, 200, 299] {
+            set.set(p);
+        }
+        assert_eq!(set.runs(), vec![(0, 3), (63, 3), (200, 1), (299, 1)]);
+        let mut back = DirtySet::new(300);
+        assert_eq!(back.add_runs(&set.runs()), Some(()));
+        assert_eq!(back, set);
+        back.remove(64);
+        assert_eq!(back.runs()[1], (63, 1));
+        // Nothing is added when one run is bad, and an overflowing run is bad too.
+        let mut other = DirtySet::new(300);
+        assert_eq!(other.add_runs(&[(5, 1), (299, 2)]), None);
+        assert_eq!(other.add_runs(&[(u64::MAX, 2)]), None);
+        assert_eq!(other.count(), 0);
+    }
 
     #[test]
     fn test_take_first_moves_pages_out_in_order_and_add_all_joins_sets() {

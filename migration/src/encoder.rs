@@ -125,6 +125,24 @@ impl PageEncoder {
         self.sent[page as usize] = new;
     }
 
+    /// Adds page `page` whole (or as a zero entry), whatever the destination held of it:
+    /// in post-copy the destination has dropped the page and runs its guest, so neither
+    /// what it held nor any other page there is a base to build on.
+    pub fn add_whole(&mut self, page: u64, content: &[u8]) {
+        let old = self.sent[page as usize];
+        let new = page::hash(content);
+        if new == ZERO_HASH {
+            self.batch.zero(page);
+            self.counts.zero += 1;
+        } else {
+            self.batch.full(page, content);
+            self.counts.full += 1;
+        }
+        self.cache.forget(page);
+        self.digest.replace(page, &old, &new);
+        self.sent[page as usize] = new;
+    }
+
     /// Counts pages never touched, known to be zeroes without reading them: like the pages
     /// found empty, they cost nothing.
     pub fn skip_untouched(&mut self, pages: u64) {

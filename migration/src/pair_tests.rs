@@ -2,13 +2,15 @@
 //! time: a guest that keeps writing, a link with latency and a rate, and a loss of the link
 //! at every frame, a cancel at every step and a VM failure at every step. Whatever
 //! happens, the VM runs on exactly one side at the end, or (a commit whose answer was lost)
-//! is paused at the source and runs nowhere else unconfirmed.
+//! is paused at the source and runs nowhere else unconfirmed. Post-copy too: with the
+//! guest asking for pages, a link lost at any frame and resumed, a source that never
+//! comes back, and a destination that cannot run post-copy.
 
 use crate::destination::{self, Action, DestinationMachine, DestinationVm, GuestPages, ReceiveError, VmFault};
 use crate::dirty::DirtySet;
 use crate::page::PAGE_SIZE;
 use crate::protocol::{self, Hello, Message};
-use crate::source::{MigrateError, Report, SourceAction, SourceEvent, SourceMachine, SourceOptions};
+use crate::source::{MigrateError, PostCopy, Report, SourceAction, SourceEvent, SourceMachine, SourceOptions};
 use crate::transport::LinkError;
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -87,6 +89,11 @@ struct DestVm {
     mem: Vec<Vec<u8>>,
     built: bool,
     running: bool,
+    refuse_post_copy: bool,
+    /// Post-copy: pages dropped at the start and not yet placed.
+    missing: DirtySet,
+    /// Pages the guest faults on once it runs, to ask the source for.
+    faults: Vec<u64>,
 }
 
 impl GuestPages for DestVm {
@@ -114,6 +121,33 @@ impl DestinationVm for DestVm {
 
     fn start(&mut self) -> Result<(), VmFault> {
         self.running = true;
+        Ok(())
+    }
+
+    fn check_post_copy(&mut self) -> Result<(), VmFault> {
+        match self.refuse_post_copy {
+            true => Err("no userfaultfd here".into()),
+            false => Ok(()),
+        }
+    }
+
+    fn start_post_copy(&mut self, pending: &DirtySet) -> Result<(), VmFault> {
+        for page in pending.iter() {
+            self.mem[page as usize] = vec![0xee; PAGE_SIZE];
+        }
+        self.missing = pending.clone();
+        // The guest touches the pages the push would reach last.
+        self.faults = pending.iter().collect::<Vec<_>>().into_iter().rev().take(4).collect();
+        self.running = true;
+        Ok(())
+    }
+
+    fn place(&mut self, page: u64, content: Option<&[u8]>) -> Result<(), VmFault> {
+        if !self.missing.contains(page) {
+            return Err(format!("page {page} placed twice").into());
+        }
+        self.missing.remove(page);
+        self.mem[page as usize] = content.map_or_else(|| vec![0; PAGE_SIZE], <[u8]>::to_vec);
         Ok(())
     }
 }
@@ -166,6 +200,18 @@ struct Trouble {
     cut_after_frames: Option<usize>,
     cancel_after_events: Option<usize>,
     vm_fails_at_call: Option<usize>,
+    /// After a cut, the source can connect again (once the destination listens).
+    reconnect: bool,
+    refuse_post_copy: bool,
+}
+
+/// The destination's side of a run.
+struct DestSide<'a> {
+    machine: DestinationMachine<'a>,
+    vm: DestVm,
+    result: Option<Result<(), ReceiveError>>,
+    /// It waits for the source on a new link (`Action::Relisten`).
+    listening: bool,
 }
 
 struct Outcome {
@@ -188,13 +234,16 @@ fn run(options: SourceOptions, rate: f64, latency: Duration, trouble: Trouble) -
     let regions = vec![(PAGES * PAGE_SIZE) as u64];
     let mut source = SourceMachine::new(now, b"machine".to_vec(), regions, options).unwrap();
     source.set_link(latency * 2, 0);
-    let mut dest_vm = DestVm::default();
-    let mut dest = DestinationMachine::new(now, None);
-    let mut dest_result: Option<Result<(), ReceiveError>> = None;
+    let mut dest = DestSide {
+        machine: DestinationMachine::new(now, None),
+        vm: DestVm { refuse_post_copy: trouble.refuse_post_copy, ..DestVm::default() },
+        result: None,
+        listening: false,
+    };
     let (mut to_dest, mut to_source) = (Way::new(now, latency, 100e6), Way::new(now, latency, 100e6));
     let (mut frames, mut events) = (0usize, 0usize);
     let mut buf = Vec::new();
-    let (mut cut, mut cancelled) = (false, false);
+    let (mut cut, mut cancelled, mut cut_once) = (false, false, false);
     let mut finished = None;
     while finished.is_none() {
         // The source's actions, each answered at once (the VM is local).
@@ -235,6 +284,24 @@ fn run(options: SourceOptions, rate: f64, latency: Duration, trouble: Trouble) -
                     }
                     None
                 }
+                SourceAction::Reconnect => {
+                    // The destination learns of the cut first (what is on its way to it).
+                    while let Some((at, item)) = to_dest.queue.pop_front() {
+                        deliver_to_dest(at.max(now), item, &mut dest, &mut to_source, &mut frames, cut);
+                    }
+                    if trouble.reconnect && dest.listening {
+                        cut = false;
+                        to_dest = Way::new(now, latency, 100e6);
+                        to_source = Way::new(now, latency, 100e6);
+                        dest.listening = false;
+                        handle_dest(now, destination::Event::Relinked, &mut dest, &mut to_source, &mut frames, cut);
+                        Some(SourceEvent::Reconnected)
+                    } else {
+                        // Nobody answers until the source gives up.
+                        now = source.deadline().unwrap_or(now).max(now);
+                        Some(SourceEvent::Timer)
+                    }
+                }
                 SourceAction::Finish(result) => {
                     finished = Some(*result);
                     break;
@@ -252,7 +319,8 @@ fn run(options: SourceOptions, rate: f64, latency: Duration, trouble: Trouble) -
         if finished.is_some() {
             break;
         }
-        if trouble.cut_after_frames.is_some_and(|n| frames >= n) && !cut {
+        if trouble.cut_after_frames.is_some_and(|n| frames >= n) && !cut && !cut_once {
+            cut_once = true;
             // Nothing more arrives either way; both ends learn it at once.
             cut = true;
             to_dest.queue.clear();
@@ -267,7 +335,7 @@ fn run(options: SourceOptions, rate: f64, latency: Duration, trouble: Trouble) -
         }
         // What arrives now, each way.
         if let Some(item) = to_dest.due(now) {
-            deliver_to_dest(now, item, &mut dest, &mut dest_vm, &mut dest_result, &mut to_source, &mut frames, cut);
+            deliver_to_dest(now, item, &mut dest, &mut to_source, &mut frames, cut);
             continue;
         }
         if let Some(item) = to_source.due(now) {
@@ -279,31 +347,38 @@ fn run(options: SourceOptions, rate: f64, latency: Duration, trouble: Trouble) -
             continue;
         }
         // Nothing to do now: time passes to the next arrival or deadline.
-        let next =
-            [to_dest.next_at(), to_source.next_at(), source.deadline(), dest_result.is_none().then(|| dest.deadline())]
-                .into_iter()
-                .flatten()
-                .min()
-                .expect("a run always waits for something");
+        let next = [
+            to_dest.next_at(),
+            to_source.next_at(),
+            source.deadline(),
+            dest.result.is_none().then(|| dest.machine.deadline()),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .expect("a run always waits for something");
         now = next.max(now);
         source.handle(now, SourceEvent::Timer);
-        if dest_result.is_none()
-            && let Some(Action::Fail(e)) = dest.handle(now, destination::Event::Timer, &mut dest_vm)
-        {
-            dest_result = Some(Err(e));
+        if dest.result.is_none() {
+            handle_dest(now, destination::Event::Timer, &mut dest, &mut to_source, &mut frames, cut);
         }
         assert!(now.duration_since(start) < Duration::from_secs(3600), "a run that never ends");
     }
     // What is still on its way to the destination reaches it (an abort, the last frames).
     while let Some((at, item)) = to_dest.queue.pop_front() {
-        deliver_to_dest(at.max(now), item, &mut dest, &mut dest_vm, &mut dest_result, &mut to_source, &mut frames, cut);
+        deliver_to_dest(at.max(now), item, &mut dest, &mut to_source, &mut frames, cut);
+    }
+    // A destination that waits for its source to come back waits out its window.
+    if dest.listening {
+        let at = dest.machine.deadline().max(now);
+        handle_dest(at, destination::Event::Timer, &mut dest, &mut to_source, &mut frames, cut);
     }
     Outcome {
         source: finished.expect("the loop ends when the source has finished"),
-        destination: dest_result,
+        destination: dest.result,
         source_paused: vm.paused,
         source_mem: vm.mem,
-        dest: dest_vm,
+        dest: dest.vm,
         frames,
         calls: vm.calls,
         events,
@@ -314,46 +389,68 @@ fn decode(frame: &[u8]) -> Message {
     protocol::decode_message(&frame[4..]).unwrap()
 }
 
-#[allow(clippy::too_many_arguments)]
 fn deliver_to_dest(
     now: Instant,
     item: Item,
-    dest: &mut DestinationMachine<'_>,
-    vm: &mut DestVm,
-    result: &mut Option<Result<(), ReceiveError>>,
+    dest: &mut DestSide<'_>,
     to_source: &mut Way,
     frames: &mut usize,
     cut: bool,
 ) {
-    if result.is_some() {
+    let event = match item {
+        Item::Frame(f) => destination::Event::Frame { len: f.len() as u64, message: decode(&f) },
+        Item::Closed(e) => destination::Event::LinkLost(e),
+    };
+    handle_dest(now, event, dest, to_source, frames, cut);
+}
+
+/// The destination handles `event`, and does what it asks as its driver would.
+fn handle_dest(
+    now: Instant,
+    event: destination::Event,
+    dest: &mut DestSide<'_>,
+    to_source: &mut Way,
+    frames: &mut usize,
+    cut: bool,
+) {
+    if dest.result.is_some() {
         return;
     }
-    let mut next = match item {
-        Item::Frame(f) => Some(destination::Event::Frame { len: f.len() as u64, message: decode(&f) }),
-        Item::Closed(e) => {
-            *result = Some(Err(e.into()));
-            return;
+    let mut send = |m: &Message, to_source: &mut Way| {
+        *frames += 1;
+        if !cut {
+            to_source.push(now, Item::Frame(protocol::encode_frame(m).unwrap()));
         }
     };
+    let mut next = Some(event);
     while let Some(event) = next.take() {
-        match dest.handle(now, event, vm) {
-            None => {}
-            Some(Action::Send(m)) => {
-                *frames += 1;
+        let Some(action) = dest.machine.handle(now, event, &mut dest.vm) else { continue };
+        match action.run_on(&mut dest.vm) {
+            Ok(event) => next = Some(event),
+            Err(Action::Send(m)) => {
+                send(&m, to_source);
+                if matches!(m, Message::Running) && !dest.vm.faults.is_empty() {
+                    send(&Message::PageRequest(std::mem::take(&mut dest.vm.faults)), to_source);
+                }
+                if matches!(m, Message::PostCopyComplete)
+                    || (matches!(m, Message::Running) && dest.machine.step() == destination::Step::Done)
+                {
+                    dest.result = Some(Ok(()));
+                }
+            }
+            Err(Action::SendAll(messages)) => messages.iter().for_each(|m| send(m, to_source)),
+            Err(Action::Relisten) => dest.listening = true,
+            Err(Action::Fail(e)) => {
+                if matches!(e, ReceiveError::PostCopyLost { .. }) {
+                    // The driver's caller stops a guest that cannot go on.
+                    dest.vm.running = false;
+                }
                 if !cut {
-                    to_source.push(now, Item::Frame(protocol::encode_frame(&m).unwrap()));
+                    to_source.push(now, Item::Closed(LinkError::PeerAborted(crate::error_chain(&e))));
                 }
-                if matches!(m, Message::Running) {
-                    *result = Some(Ok(()));
-                }
+                dest.result = Some(Err(e));
             }
-            Some(Action::Prepare(hello)) => next = Some(destination::Event::Prepared(vm.prepare(&hello))),
-            Some(Action::Build(state)) => next = Some(destination::Event::Built(vm.build(&state))),
-            Some(Action::Start) => next = Some(destination::Event::Started(vm.start())),
-            Some(Action::Fail(e)) => {
-                to_source.push(now, Item::Closed(LinkError::PeerAborted(crate::error_chain(&e))));
-                *result = Some(Err(e));
-            }
+            Err(other) => panic!("the destination asked for {other:?}"),
         }
     }
 }
@@ -471,4 +568,115 @@ fn test_a_long_link_still_converges_and_counts_its_round_trips() {
     assert!(o.dest.mem == o.source_mem);
     // The pause spans at least the two round trips of Verify/Ready and Commit/Running.
     assert!(report.downtime_us >= 200_000, "{report:?}");
+}
+
+/// A pause of at most 10 ms: the busy guest's 128 pages and the round trips take longer.
+fn post_copy_options() -> SourceOptions {
+    SourceOptions {
+        post_copy: Some(PostCopy::AfterRounds(1)),
+        auto_converge: false,
+        downtime: Duration::from_millis(10),
+        // Whole pages: the busy guest's 128 take 5 ms to send.
+        delta_cache: 0,
+        compress: false,
+        ..options()
+    }
+}
+
+/// A guest that writes 20,000 pages/s, faster than the rounds could catch up with.
+const BUSY: f64 = 20_000.0;
+
+#[test]
+fn test_post_copy_runs_the_guest_there_first_and_its_asked_pages_go_ahead() {
+    let o = run(post_copy_options(), BUSY, Duration::from_millis(1), Trouble::default());
+    let report = o.source.as_ref().unwrap();
+    one_copy(&o);
+    assert_eq!(o.destination.as_ref().map(|r| r.is_ok()), Some(true));
+    assert!(o.dest.mem == o.source_mem, "every page arrived, as it was at the pause");
+    assert_eq!(o.dest.missing.count(), 0);
+    let pc = report.post_copy.expect("a post-copy report");
+    assert!(pc.pages > 4 && pc.requested <= 4, "{pc:?}");
+    assert_eq!((report.rounds, pc.resumes, report.switchover.last_pages), (1, 0, 0), "{report:?}");
+    // The pause ends when the guest runs there, not when its last page does.
+    assert!(report.downtime_us < report.total_ms * 1000, "{report:?}");
+}
+
+#[test]
+fn test_post_copy_auto_switches_when_the_rounds_stop_converging() {
+    let auto = SourceOptions { post_copy: Some(PostCopy::Auto), ..post_copy_options() };
+    let o = run(auto, BUSY, Duration::from_millis(1), Trouble::default());
+    let report = o.source.as_ref().unwrap();
+    one_copy(&o);
+    assert!(o.dest.mem == o.source_mem);
+    assert!(report.post_copy.is_some() && report.rounds > 1, "{report:?}");
+    // Without post-copy the same migration gives up.
+    let plain = run(
+        SourceOptions { post_copy: None, ..post_copy_options() },
+        BUSY,
+        Duration::from_millis(1),
+        Trouble::default(),
+    );
+    assert!(matches!(plain.source, Err(MigrateError::NotConverging { .. })), "{:?}", plain.source);
+}
+
+#[test]
+fn test_post_copy_link_lost_at_any_frame_resumes_or_leaves_one_copy() {
+    let whole = run(post_copy_options(), BUSY, Duration::from_millis(1), Trouble::default());
+    let mut resumed = 0;
+    for cut in 0..=whole.frames {
+        let trouble = Trouble { cut_after_frames: Some(cut), reconnect: true, ..Trouble::default() };
+        let o = run(post_copy_options(), BUSY, Duration::from_millis(1), trouble);
+        one_copy(&o);
+        match &o.source {
+            Ok(report) => {
+                assert!(o.dest.mem == o.source_mem, "cut at {cut}: all of memory arrived");
+                resumed += report.post_copy.map_or(0, |p| p.resumes);
+            }
+            // Before Commit: the VM runs on here. Between Commit and Running: the
+            // destination gave up before its guest ran, and this side cannot know.
+            Err(e @ MigrateError::Link(_)) => assert!(!o.source_paused, "cut at {cut}: {e:?}"),
+            // Only the destination's last answer was lost: it runs the guest.
+            Err(MigrateError::PostCopyUnconfirmed(_)) => {
+                assert!(o.dest.running && o.source_paused && o.dest.mem == o.source_mem, "cut at {cut}")
+            }
+            Err(MigrateError::PostCopyDestinationLost { .. }) => {
+                assert!(
+                    !o.dest.running && o.source_paused,
+                    "cut at {cut}: {:?} {:?}",
+                    o.dest.running,
+                    o.destination.as_ref().map(|r| r.as_ref().err().map(|e| crate::error_chain(e)))
+                )
+            }
+            Err(e) => panic!("cut at {cut}: {e}"),
+        }
+    }
+    assert!(resumed > 0, "some cuts fell in the post-copy and were resumed");
+}
+
+#[test]
+fn test_post_copy_whose_source_never_comes_back_says_the_guest_is_lost() {
+    let whole = run(post_copy_options(), BUSY, Duration::from_millis(1), Trouble::default());
+    // Cut two frames before the end: the post-copy runs, its last pages are not in.
+    let trouble = Trouble { cut_after_frames: Some(whole.frames - 4), ..Trouble::default() };
+    let o = run(post_copy_options(), BUSY, Duration::from_millis(1), trouble);
+    one_copy(&o);
+    let Some(Err(ReceiveError::PostCopyLost { missing, cause, .. })) = &o.destination else {
+        panic!("{:?}", o.destination.as_ref().map(|r| r.as_ref().err().map(|e| e.to_string())));
+    };
+    assert!(*missing > 0 && matches!(**cause, ReceiveError::SourceLost { .. }), "{cause}");
+    let text = crate::error_chain(o.destination.as_ref().unwrap().as_ref().unwrap_err());
+    assert!(text.contains("is lost") && text.contains("did not come back"), "{text}");
+    assert!(!o.dest.running, "the guest that cannot go on is stopped");
+    let e = o.source.as_ref().unwrap_err();
+    assert!(matches!(e, MigrateError::PostCopyDestinationLost { .. }) && o.source_paused, "{e}");
+}
+
+#[test]
+fn test_post_copy_a_destination_cannot_run_is_refused_before_anything_moves() {
+    let trouble = Trouble { refuse_post_copy: true, ..Trouble::default() };
+    let o = run(post_copy_options(), BUSY, Duration::from_millis(1), trouble);
+    one_copy(&o);
+    let e = o.source.as_ref().unwrap_err();
+    assert!(matches!(e, MigrateError::PostCopyRefused(r) if r.contains("no userfaultfd")), "{e}");
+    assert!(!o.source_paused && o.dest.mem.iter().all(|p| p.iter().all(|&b| b == 0)), "nothing moved");
 }

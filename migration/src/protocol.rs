@@ -74,6 +74,25 @@ pub enum Message {
     Probe(#[serde(with = "serde_bytes")] Vec<u8>),
     /// The dry run's probe is over: the destination waits for a migration again.
     ProbeDone,
+    /// Source to destination, right after Welcome, when the migration may switch to
+    /// post-copy: can that side run the guest before all its memory is in?
+    PostCopyAsk,
+    /// The answer: None, it can; or why it cannot (no userfaultfd there, say).
+    PostCopyAnswer(Option<String>),
+    /// Source to destination at a post-copy switchover, before State: pages whose content
+    /// there is out of date (one frame or several). On a resumed link, destination to
+    /// source: the pages still missing there.
+    PostCopyPending(PendingPages),
+    /// Destination to source during post-copy: the guest waits on these pages.
+    PageRequest(Vec<u64>),
+    /// Source to destination: every pending page was sent; the memory digest of the VM as
+    /// it paused.
+    PostCopyDone(Digest),
+    /// Destination to source: every page is in and the digests agree.
+    PostCopyComplete,
+    /// Source to destination, first on a new link after the last one was lost during
+    /// post-copy: the session of `PendingPages`.
+    Resume(u64),
 }
 
 impl Message {
@@ -90,6 +109,13 @@ impl Message {
             Message::Received(_) => "Received",
             Message::Probe(_) => "Probe",
             Message::ProbeDone => "ProbeDone",
+            Message::PostCopyAsk => "PostCopyAsk",
+            Message::PostCopyAnswer(_) => "PostCopyAnswer",
+            Message::PostCopyPending(_) => "PostCopyPending",
+            Message::PageRequest(_) => "PageRequest",
+            Message::PostCopyDone(_) => "PostCopyDone",
+            Message::PostCopyComplete => "PostCopyComplete",
+            Message::Resume(_) => "Resume",
         }
     }
 }
@@ -110,6 +136,17 @@ pub struct Welcome {
     /// VM); the source refers to them by position instead of sending them.
     pub base: Vec<PageHash>,
 }
+
+/// Pages of a post-copy, as runs of (first page, count). `session` names the migration,
+/// so that a resumed link is known to be the same one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingPages {
+    pub session: u64,
+    pub runs: Vec<(u64, u64)>,
+}
+
+/// Runs per `PostCopyPending` frame: about 2 MiB, far inside MAX_FRAME.
+pub const PENDING_RUNS_PER_FRAME: usize = 1 << 17;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Digests {

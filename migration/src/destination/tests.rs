@@ -114,13 +114,13 @@ impl Run {
         self.now += after;
         let (mut sent, mut next) = (Vec::new(), Some(event));
         while let Some(event) = next.take() {
-            match self.machine.handle(self.now, event, &mut self.vm) {
-                None => {}
-                Some(Action::Send(m)) => sent.push(m),
-                Some(Action::Prepare(hello)) => next = Some(Event::Prepared(self.vm.prepare(&hello))),
-                Some(Action::Build(state)) => next = Some(Event::Built(self.vm.build(&state))),
-                Some(Action::Start) => next = Some(Event::Started(self.vm.start())),
-                Some(Action::Fail(e)) => return (sent, Some(e)),
+            let Some(action) = self.machine.handle(self.now, event, &mut self.vm) else { continue };
+            match action.run_on(&mut self.vm) {
+                Ok(event) => next = Some(event),
+                Err(Action::Send(m)) => sent.push(m),
+                Err(Action::SendAll(m)) => sent.extend(m),
+                Err(Action::Fail(e)) => return (sent, Some(e)),
+                Err(other) => panic!("the machine asked for {other:?}"),
             }
         }
         (sent, None)

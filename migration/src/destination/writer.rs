@@ -4,6 +4,7 @@
 
 use super::ReceiveError;
 use crate::digest::MemoryDigest;
+use crate::dirty::DirtySet;
 use crate::page::{self, PAGE_SIZE, PageHash, ZERO_HASH};
 use crate::protocol::{PageBatch, PageEntry};
 use std::fs::File;
@@ -159,11 +160,54 @@ impl PageWriter {
                     self.hashes[from as usize]
                 }
             };
-            let old = self.hashes[page_no as usize];
-            self.digest.replace(page_no, &old, &hash);
-            self.hashes[page_no as usize] = hash;
-            self.received += 1;
+            self.record(page_no, hash);
         }
         Ok(())
+    }
+
+    fn record(&mut self, page: u64, hash: PageHash) {
+        let old = self.hashes[page as usize];
+        self.digest.replace(page, &old, &hash);
+        self.hashes[page as usize] = hash;
+        self.received += 1;
+    }
+
+    /// Applies a post-copy batch: whole and zero pages only (the guest runs on what this
+    /// side holds, so nothing here is a base for a delta or a copy), each one still in
+    /// `pending`, which it leaves once `place` has put it in. Answers the pages placed.
+    pub fn apply_whole(
+        &mut self,
+        batch: &PageBatch,
+        pending: &mut DirtySet,
+        mut place: impl FnMut(u64, Option<&[u8]>) -> Result<(), ReceiveError>,
+    ) -> Result<u64, ReceiveError> {
+        let data = batch.raw_data(&mut self.decompressor).map_err(|e| ReceiveError::BadBatch(e.to_string()))?;
+        let mut at = 0usize;
+        for entry in &batch.entries {
+            let page_no = entry.page();
+            if !pending.contains(page_no) {
+                return Err(ReceiveError::BadBatch(format!("page {page_no} is not missing here")));
+            }
+            let hash = match *entry {
+                PageEntry::Zero { .. } => {
+                    place(page_no, None)?;
+                    ZERO_HASH
+                }
+                PageEntry::Full { .. } => {
+                    let bytes = &data[at..at + PAGE_SIZE];
+                    at += PAGE_SIZE;
+                    place(page_no, Some(bytes))?;
+                    page::hash(bytes)
+                }
+                other => {
+                    return Err(ReceiveError::BadBatch(format!(
+                        "page {page_no}: post-copy takes whole pages, not {other:?}"
+                    )));
+                }
+            };
+            pending.remove(page_no);
+            self.record(page_no, hash);
+        }
+        Ok(batch.entries.len() as u64)
     }
 }

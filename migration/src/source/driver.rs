@@ -10,17 +10,24 @@ use std::time::{Duration, Instant};
 
 /// The longest wait for the destination before a cancel is looked at again.
 const CANCEL_POLL: Duration = Duration::from_millis(50);
+/// Between two tries to reach the destination again during post-copy.
+const RECONNECT_PAUSE: Duration = Duration::from_millis(200);
+
+/// Makes a new link to the destination (during post-copy, after one was lost).
+pub type Reconnect<'a> = &'a mut dyn FnMut() -> Result<Link, LinkError>;
 
 /// Migrates the VM over `link`. On success the VM is paused here and runs there; on a
-/// failure that is not `committed()`, it runs here as before.
+/// failure that is not `committed()`, it runs here as before. A post-copy replaces a
+/// lost link with `reconnect`'s.
 pub fn migrate<V: SourceVm>(
     vm: &mut V,
     link: &mut Link,
     options: SourceOptions,
     control: Control,
+    reconnect: Reconnect<'_>,
 ) -> Result<Report, MigrateError> {
     let mut machine = SourceMachine::new(Instant::now(), vm.machine(), vm.regions(), options)?;
-    let mut driver = Driver { link, control, buf: Vec::new(), cancelled: false };
+    let mut driver = Driver { link, control, buf: Vec::new(), cancelled: false, reconnect };
     loop {
         driver.publish(&machine);
         machine.set_link(driver.link.rtt(), driver.link.bandwidth_limit());
@@ -44,15 +51,16 @@ pub fn migrate<V: SourceVm>(
     }
 }
 
-struct Driver<'l> {
+struct Driver<'l, 'r> {
     link: &'l mut Link,
+    reconnect: Reconnect<'r>,
     control: Control,
     /// Pages read for the machine.
     buf: Vec<u8>,
     cancelled: bool,
 }
 
-impl Driver<'_> {
+impl Driver<'_, '_> {
     /// Does `action`; answers the outcome once the machine has finished.
     fn act<V: SourceVm>(
         &mut self,
@@ -98,6 +106,21 @@ impl Driver<'_> {
                 }
                 return None;
             }
+            SourceAction::Reconnect => loop {
+                if machine.deadline().is_some_and(|d| Instant::now() >= d) {
+                    break SourceEvent::Timer;
+                }
+                match (self.reconnect)() {
+                    Ok(link) => {
+                        *self.link = link;
+                        break SourceEvent::Reconnected;
+                    }
+                    Err(e) => {
+                        tracing::info!("post-copy: the destination is not back yet: {}", crate::error_chain(&e));
+                        std::thread::sleep(RECONNECT_PAUSE);
+                    }
+                }
+            },
             SourceAction::Finish(result) => {
                 return Some((*result).map(|mut report| {
                     report.wire_bytes = self.link.wire_bytes();

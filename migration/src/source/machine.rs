@@ -6,15 +6,17 @@
 
 use super::{
     Convergence, DRAIN_ALLOWANCE, DRAIN_STEP, DeliveryRate, Fault, MigrateError, Next, PageCost, PageCounts, Phase,
-    Progress, READY_TIMEOUT, RUNNING_TIMEOUT, Report, RoundFigures, SWITCHOVER_OVERHEAD, SourceOptions,
-    SwitchoverTimes, WELCOME_TIMEOUT,
+    PostCopy, PostCopyReport, Progress, READY_TIMEOUT, RUNNING_TIMEOUT, Report, RoundFigures, SWITCHOVER_OVERHEAD,
+    SourceOptions, SwitchoverTimes, WELCOME_TIMEOUT,
 };
 use crate::VmFault;
 use crate::digest::hex;
 use crate::dirty::DirtySet;
 use crate::encoder::PageEncoder;
 use crate::page::PAGE_SIZE;
-use crate::protocol::{self, BATCH_PAGES, Digests, Hello, Message, PROTOCOL_VERSION};
+use crate::protocol::{
+    self, BATCH_PAGES, Digests, Hello, Message, PENDING_RUNS_PER_FRAME, PROTOCOL_VERSION, PendingPages,
+};
 use crate::transport::LinkError;
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -22,6 +24,10 @@ use std::time::{Duration, Instant};
 /// A round sends at most this far ahead of the receipts (`SourceMachine::in_flight_cap`).
 const IN_FLIGHT_MIN: u64 = 8 << 20;
 const IN_FLIGHT_TIME: Duration = Duration::from_millis(100);
+/// During post-copy the guest waits on the pages it asks for, behind what is in flight:
+/// a shorter queue (10 ms and two round trips, at least 1 MiB).
+const POST_COPY_IN_FLIGHT_MIN: u64 = 1 << 20;
+const POST_COPY_IN_FLIGHT_TIME: Duration = Duration::from_millis(10);
 
 /// What happened, for the machine to handle.
 #[derive(Debug)]
@@ -40,6 +46,8 @@ pub enum SourceEvent<'a> {
     Harvested(Result<DirtySet, VmFault>),
     /// The answer to `PauseAndSave`: the state stream of the paused VM.
     Saved(Result<Vec<u8>, VmFault>),
+    /// The answer to `Reconnect`: a new link to the destination is up.
+    Reconnected,
 }
 
 /// What the driver is to do.
@@ -65,6 +73,9 @@ pub enum SourceAction {
         dirty_log: bool,
         resume: bool,
     },
+    /// During post-copy: the link is lost; connect to the destination again, trying until
+    /// `deadline()`; answer `Reconnected` (or `Timer`, once the deadline has passed).
+    Reconnect,
     /// The end; nothing follows.
     /// (Boxed: a report is large, and actions are many.)
     Finish(Box<Result<Report, MigrateError>>),
@@ -73,6 +84,8 @@ pub enum SourceAction {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SourceStep {
     Welcome,
+    /// Waiting for the destination's PostCopyAnswer.
+    AskingPostCopy,
     StartingLog,
     /// Reading and sending a round's pages.
     Sending,
@@ -86,6 +99,14 @@ pub enum SourceStep {
     SendingLast,
     Ready,
     Running,
+    /// The guest runs at the destination: its pending pages go, asked-for ones first.
+    PostCopy,
+    /// All sent: waiting for the destination's PostCopyComplete.
+    PostCopyFinishing,
+    /// The link was lost during post-copy: connecting again.
+    Reconnecting,
+    /// Reconnected: waiting for the destination's list of the pages it still misses.
+    Resuming,
     Done,
     Failed,
 }
@@ -98,7 +119,24 @@ struct Switchover {
     sent: Option<Instant>,
     ready: Option<Instant>,
     commit: Option<Instant>,
+    running: Option<Instant>,
     last_pages: u64,
+}
+
+/// A post-copy under way.
+struct PostCopyRun {
+    session: u64,
+    /// Pages the destination misses that have not been read since the last (re)start.
+    pending: DirtySet,
+    /// Pages the guest waits on, oldest first (some may since have gone).
+    requested: VecDeque<u64>,
+    /// Where the push scans `pending`.
+    scan: usize,
+    report: PostCopyReport,
+    /// Pages the destination missed when it last said (or at the start).
+    missing_known: u64,
+    /// PostCopyDone went on the current link.
+    all_sent: bool,
 }
 
 pub struct SourceMachine {
@@ -139,6 +177,11 @@ pub struct SourceMachine {
     ours: Option<Digests>,
     switchover: Switchover,
     progress: Progress,
+    /// The rounds are over: the switchover is a post-copy one.
+    post_copy_switch: bool,
+    post_copy: Option<PostCopyRun>,
+    /// `queued` when the current link began: the destination counts `Received` per link.
+    link_base: u64,
 }
 
 impl SourceMachine {
@@ -188,6 +231,9 @@ impl SourceMachine {
             ours: None,
             switchover: Switchover::default(),
             progress: Progress { total_pages: pages, phase: Phase::Connecting, ..Progress::default() },
+            post_copy_switch: false,
+            post_copy: None,
+            link_base: 0,
         };
         m.send(&Message::Hello(Hello { version: PROTOCOL_VERSION, machine, regions }))?;
         Ok(m)
@@ -245,9 +291,29 @@ impl SourceMachine {
                 _ => Ok(()),
             },
             (_, E::Cancel) => Err(MigrateError::Cancelled),
+            (S::Running | S::PostCopy | S::PostCopyFinishing | S::Reconnecting | S::Resuming, E::LinkFailed(e))
+                if self.post_copy.is_some() =>
+            {
+                self.post_copy_link_lost(now, e)
+            }
             (_, E::LinkFailed(e)) => Err(e.into()),
+            (S::Reconnecting, E::Reconnected) => {
+                let session = self.post_copy.as_ref().map_or(0, |p| p.session);
+                self.link_base = self.queued;
+                self.acked = self.queued;
+                self.link_wait = false;
+                self.step = S::Resuming;
+                self.send(&Message::Resume(session))
+            }
+            (S::Resuming | S::PostCopy, E::Frame(Message::PostCopyPending(p))) => self.resumed(now, p),
+            (S::Reconnecting | S::Resuming, E::Frame(_) | E::PagesRead(_)) => {
+                // From the link that was lost, or pages read for it: what was read is sent
+                // again if the destination still misses it.
+                self.reading.clear();
+                Ok(())
+            }
             (_, E::Frame(Message::Received(bytes))) => {
-                self.acked = self.acked.max(bytes);
+                self.acked = self.acked.max(self.link_base + bytes);
                 if let Some(rate) = self.delivery.receipt(now, self.acked, self.queued) {
                     self.encoder.link_sample(rate);
                     self.link_rate = Some(rate);
@@ -261,6 +327,10 @@ impl SourceMachine {
                     self.deadline = Some(now + DRAIN_STEP);
                     self.check_drained(now)?;
                 }
+                if self.link_wait && self.step == S::PostCopy && self.queued - self.acked <= self.in_flight_cap() {
+                    self.link_wait = false;
+                    self.push(now)?;
+                }
                 Ok(())
             }
             (S::Welcome, E::Frame(Message::Welcome(w))) => {
@@ -268,11 +338,17 @@ impl SourceMachine {
                 if !w.base.is_empty() {
                     tracing::info!(pages = w.base.len(), "the destination holds a base image");
                 }
-                self.deadline = None;
-                self.step = S::StartingLog;
-                self.actions.push_back(SourceAction::StartDirtyLog);
-                Ok(())
+                if self.options.post_copy.is_some() {
+                    self.step = S::AskingPostCopy;
+                    self.deadline = Some(now + WELCOME_TIMEOUT);
+                    return self.send(&Message::PostCopyAsk);
+                }
+                self.start_dirty_log()
             }
+            (S::AskingPostCopy, E::Frame(Message::PostCopyAnswer(answer))) => match answer {
+                None => self.start_dirty_log(),
+                Some(refusal) => Err(MigrateError::PostCopyRefused(refusal)),
+            },
             (S::StartingLog, E::DirtyLogStarted(started)) => {
                 let touched = started.map_err(MigrateError::StartDirtyLog)?;
                 self.dirty_log = true;
@@ -286,13 +362,34 @@ impl SourceMachine {
                 };
                 self.begin_round(now)
             }
+            (S::PostCopy, E::PagesRead(read)) => {
+                let data = read.map_err(MigrateError::ReadPages)?;
+                self.post_copy_pages_read(data)?;
+                self.push(now)
+            }
+            (S::PostCopy, E::Frame(Message::PageRequest(pages))) => {
+                if let Some(run) = self.post_copy.as_mut() {
+                    run.requested.extend(pages.into_iter().filter(|&p| run.pending.contains(p)));
+                }
+                if self.reading.is_empty() && !self.link_wait { self.push(now) } else { Ok(()) }
+            }
+            (S::PostCopyFinishing, E::Frame(Message::PageRequest(_))) => Ok(()),
+            (S::PostCopyFinishing, E::Frame(Message::PostCopyComplete)) => {
+                // The digests agree on all of memory now, not only on what preceded the pause.
+                if let Some(ours) = self.ours.as_mut() {
+                    ours.memory = self.encoder.digest();
+                }
+                let mut report = self.report(now);
+                if let Some(run) = &self.post_copy {
+                    let since = self.switchover.running.map_or(0, |r| now.saturating_duration_since(r).as_millis());
+                    report.post_copy = Some(PostCopyReport { post_copy_ms: since as u64, ..run.report });
+                }
+                self.finish(report);
+                Ok(())
+            }
             (S::Sending | S::SendingLast, E::PagesRead(read)) => {
                 let data = read.map_err(MigrateError::ReadPages)?;
-                let pages = std::mem::take(&mut self.reading);
-                if data.len() != pages.len() * PAGE_SIZE {
-                    let short = format!("{} bytes read for {} pages", data.len(), pages.len());
-                    return Err(MigrateError::ReadPages(short.into()));
-                }
+                let pages = self.take_read(data)?;
                 for (page, content) in pages.iter().zip(data.chunks_exact(PAGE_SIZE)) {
                     self.encoder.add(*page, content);
                     self.progress.remaining_pages = self.progress.remaining_pages.saturating_sub(1);
@@ -319,6 +416,9 @@ impl SourceMachine {
                 // Pages written since the last harvest, up to the pause (saving the vCPUs may
                 // have completed an I/O that wrote memory, so this is after it).
                 self.dirty.add_all(&harvest.map_err(MigrateError::Harvest)?);
+                if self.post_copy_switch {
+                    return self.switch_to_post_copy(now);
+                }
                 self.switchover.last_pages = self.dirty.count();
                 self.step = S::SendingLast;
                 self.scan = 0;
@@ -343,12 +443,17 @@ impl SourceMachine {
                 Ok(())
             }
             (S::Running, E::Frame(Message::Running)) => {
+                self.switchover.running = Some(now);
+                if self.post_copy.is_some() {
+                    tracing::info!(pages = self.dirty.count(), "post-copy: the guest runs at the destination");
+                    self.step = S::PostCopy;
+                    self.deadline = None;
+                    self.progress.phase = Phase::Postcopy;
+                    self.actions.push_back(SourceAction::Throttle(0));
+                    return self.push(now);
+                }
                 let report = self.report(now);
-                self.step = S::Done;
-                self.deadline = None;
-                self.progress.phase = Phase::Done;
-                self.actions.push_back(SourceAction::Throttle(0));
-                self.actions.push_back(SourceAction::Finish(Box::new(Ok(report))));
+                self.finish(report);
                 Ok(())
             }
             (S::Running, E::Frame(other)) => {
@@ -357,7 +462,10 @@ impl SourceMachine {
             (step, E::Frame(other)) => {
                 let expected = match step {
                     S::Welcome => "Welcome",
+                    S::AskingPostCopy => "PostCopyAnswer",
                     S::Ready => "Ready",
+                    S::PostCopy => "PageRequest",
+                    S::PostCopyFinishing => "PostCopyComplete",
                     _ => "Received",
                 };
                 Err(MigrateError::Unexpected { expected, got: other.name() })
@@ -367,8 +475,18 @@ impl SourceMachine {
     }
 
     fn timed_out(&self) -> MigrateError {
+        if let (SourceStep::Reconnecting | SourceStep::Resuming, Some(run)) = (self.step, &self.post_copy) {
+            if run.all_sent {
+                return MigrateError::PostCopyUnconfirmed(LinkError::Timeout(self.options.resume_window));
+            }
+            return MigrateError::PostCopyDestinationLost {
+                window: self.options.resume_window,
+                missing: run.missing_known,
+                cause: LinkError::Timeout(self.options.resume_window),
+            };
+        }
         let after = match self.step {
-            SourceStep::Welcome => WELCOME_TIMEOUT,
+            SourceStep::Welcome | SourceStep::AskingPostCopy => WELCOME_TIMEOUT,
             SourceStep::Ready => READY_TIMEOUT,
             SourceStep::Running => RUNNING_TIMEOUT,
             _ => DRAIN_STEP,
@@ -378,7 +496,11 @@ impl SourceMachine {
 
     /// Ends the migration with `e`: before the commit the VM goes on here as before.
     fn fail(&mut self, e: MigrateError) {
+        let post_copy_ran = self.post_copy.is_some() && self.switchover.running.is_some();
         let e = match e {
+            // The destination ran the guest and gave up on it.
+            MigrateError::DestinationAborted(r) if post_copy_ran => MigrateError::PostCopyFailedThere(r),
+            MigrateError::Link(LinkError::PeerAborted(r)) if post_copy_ran => MigrateError::PostCopyFailedThere(r),
             // After Commit, any failure leaves the end unknown.
             MigrateError::Link(l) if self.committed => MigrateError::CommitUnconfirmed(l),
             MigrateError::DestinationAborted(r) if self.committed => {
@@ -441,8 +563,11 @@ impl SourceMachine {
         if self.bandwidth_limit > 0 {
             rate = rate.min(self.bandwidth_limit as f64);
         }
-        let time = IN_FLIGHT_TIME + self.rtt * 2;
-        ((rate * time.as_secs_f64()) as u64).max(IN_FLIGHT_MIN)
+        let (time, min) = match self.post_copy {
+            Some(_) => (POST_COPY_IN_FLIGHT_TIME, POST_COPY_IN_FLIGHT_MIN),
+            None => (IN_FLIGHT_TIME, IN_FLIGHT_MIN),
+        };
+        ((rate * (time + self.rtt * 2).as_secs_f64()) as u64).max(min)
     }
 
     /// Asks for the next pages of the set, or goes on once it is sent.
@@ -523,7 +648,19 @@ impl SourceMachine {
         self.progress.remaining_pages = dirty;
         self.round += 1;
         let rtt = self.rtt;
-        match self.convergence.after_round(&figures, || rtt)? {
+        let next = self.convergence.after_round(&figures, || rtt);
+        let post_copy_now = match (self.options.post_copy, &next) {
+            (None, _) | (_, Ok(Next::Switchover)) => false,
+            (Some(PostCopy::AfterRounds(n)), _) => self.round >= n,
+            (Some(PostCopy::Auto), Ok(Next::Another)) => false,
+            (Some(PostCopy::Auto), Ok(Next::Throttle(_)) | Err(_)) => true,
+        };
+        if post_copy_now {
+            tracing::info!(round = self.round, dirty, "switching to post-copy");
+            self.post_copy_switch = true;
+            return self.drain(now, SourceStep::FinalDrain);
+        }
+        match next? {
             Next::Switchover => self.drain(now, SourceStep::FinalDrain),
             Next::Another => self.begin_round(now),
             Next::Throttle(percent) => {
@@ -533,6 +670,153 @@ impl SourceMachine {
                 self.begin_round(now)
             }
         }
+    }
+
+    fn start_dirty_log(&mut self) -> Result<(), MigrateError> {
+        self.deadline = None;
+        self.step = SourceStep::StartingLog;
+        self.actions.push_back(SourceAction::StartDirtyLog);
+        Ok(())
+    }
+
+    fn finish(&mut self, report: Report) {
+        self.step = SourceStep::Done;
+        self.deadline = None;
+        self.progress.phase = Phase::Done;
+        self.actions.push_back(SourceAction::Throttle(0));
+        self.actions.push_back(SourceAction::Finish(Box::new(Ok(report))));
+    }
+
+    /// Paused, the last harvest in: instead of the last pages, their list, then the
+    /// state and the digests of what the destination holds now.
+    fn switch_to_post_copy(&mut self, now: Instant) -> Result<(), MigrateError> {
+        let pending = std::mem::replace(&mut self.dirty, DirtySet::new(self.pages));
+        let count = pending.count();
+        let state_hash = self.state.as_deref().map(blake3::hash).unwrap_or_else(|| blake3::hash(b""));
+        let mut session = [0u8; 8];
+        session.copy_from_slice(&state_hash.as_bytes()[..8]);
+        let session = u64::from_le_bytes(session);
+        tracing::info!(pages = count, "post-copy switchover: the guest starts at the destination before these");
+        let runs = pending.runs();
+        for chunk in runs.chunks(PENDING_RUNS_PER_FRAME) {
+            self.send(&Message::PostCopyPending(PendingPages { session, runs: chunk.to_vec() }))?;
+        }
+        if runs.is_empty() {
+            self.send(&Message::PostCopyPending(PendingPages { session, runs: Vec::new() }))?;
+        }
+        self.switchover.last_pages = 0;
+        self.progress.remaining_pages = count;
+        self.post_copy = Some(PostCopyRun {
+            session,
+            pending,
+            requested: VecDeque::new(),
+            scan: 0,
+            report: PostCopyReport { pages: count, ..PostCopyReport::default() },
+            missing_known: count,
+            all_sent: false,
+        });
+        self.send_state(now)
+    }
+
+    /// Sends the next pages the destination misses: asked-for ones first, then the rest
+    /// in order; once none is left, PostCopyDone.
+    fn push(&mut self, now: Instant) -> Result<(), MigrateError> {
+        if !self.reading.is_empty() {
+            return Ok(());
+        }
+        if self.queued.saturating_sub(self.acked) > self.in_flight_cap() {
+            self.link_wait = true;
+            return Ok(());
+        }
+        let Some(run) = self.post_copy.as_mut() else { return Ok(()) };
+        while self.reading.len() < BATCH_PAGES
+            && let Some(page) = run.requested.pop_front()
+        {
+            if run.pending.contains(page) {
+                run.pending.remove(page);
+                run.report.requested += 1;
+                self.reading.push(page);
+            }
+        }
+        if self.reading.is_empty() {
+            run.pending.take_first(BATCH_PAGES, &mut run.scan, &mut self.reading);
+        }
+        self.progress.remaining_pages = run.pending.count();
+        if !self.reading.is_empty() {
+            self.actions.push_back(SourceAction::ReadPages(self.reading.clone()));
+            return Ok(());
+        }
+        run.all_sent = true;
+        let digest = self.encoder.digest();
+        self.step = SourceStep::PostCopyFinishing;
+        self.deadline = Some(now + DRAIN_STEP);
+        self.send(&Message::PostCopyDone(digest))
+    }
+
+    /// The pages `data` was read for, checked against its length.
+    fn take_read(&mut self, data: &[u8]) -> Result<Vec<u64>, MigrateError> {
+        let pages = std::mem::take(&mut self.reading);
+        if data.len() != pages.len() * PAGE_SIZE {
+            let short = format!("{} bytes read for {} pages", data.len(), pages.len());
+            return Err(MigrateError::ReadPages(short.into()));
+        }
+        Ok(pages)
+    }
+
+    /// Pages read for the post-copy: whole, and sent at once (the guest may wait on them).
+    fn post_copy_pages_read(&mut self, data: &[u8]) -> Result<(), MigrateError> {
+        let pages = self.take_read(data)?;
+        for (page, content) in pages.iter().zip(data.chunks_exact(PAGE_SIZE)) {
+            self.encoder.add_whole(*page, content);
+        }
+        self.flush()
+    }
+
+    /// The link is gone after the guest may have started there: connect again.
+    fn post_copy_link_lost(&mut self, now: Instant, e: LinkError) -> Result<(), MigrateError> {
+        if let LinkError::PeerAborted(reason) = e {
+            return Err(MigrateError::DestinationAborted(reason));
+        }
+        if !matches!(self.step, SourceStep::Reconnecting | SourceStep::Resuming) {
+            tracing::warn!("post-copy: the link is lost ({e}); connecting again");
+            self.deadline = Some(now + self.options.resume_window);
+        }
+        // What was queued for the lost link is gone with it.
+        self.actions.retain(|a| !matches!(a, SourceAction::Send(_)));
+        self.encoder.take_batch();
+        self.reading.clear();
+        self.link_wait = false;
+        self.step = SourceStep::Reconnecting;
+        self.actions.push_back(SourceAction::Reconnect);
+        Ok(())
+    }
+
+    /// The destination is back and lists what it still misses: that is what goes now.
+    fn resumed(&mut self, now: Instant, p: PendingPages) -> Result<(), MigrateError> {
+        let pages = self.pages;
+        let Some(run) = self.post_copy.as_mut() else {
+            return Err(MigrateError::Unexpected { expected: "Received", got: "PostCopyPending" });
+        };
+        if p.session != run.session {
+            return Err(MigrateError::Unexpected { expected: "this migration's pages", got: "another session's" });
+        }
+        // A list in several frames: the first replaces, the rest add.
+        if self.step == SourceStep::Resuming {
+            run.pending = DirtySet::new(pages);
+            run.requested.clear();
+            run.scan = 0;
+            run.report.resumes += 1;
+            self.step = SourceStep::PostCopy;
+            self.deadline = None;
+        }
+        run.pending
+            .add_runs(&p.runs)
+            .ok_or(MigrateError::Unexpected { expected: "pages of this VM", got: "pages past its end" })?;
+        run.scan = 0;
+        run.missing_known = run.pending.count();
+        run.all_sent = false;
+        tracing::info!(missing = run.missing_known, "post-copy: resumed");
+        self.push(now)
     }
 
     /// The last pages are out: the state and both digests follow.
@@ -566,12 +850,12 @@ impl SourceMachine {
         let counts: PageCounts = self.encoder.counts();
         Report {
             total_ms: now.saturating_duration_since(self.started).as_millis() as u64,
-            downtime_us: us(s.paused, Some(now)),
+            downtime_us: us(s.paused, s.running.or(Some(now))),
             switchover: SwitchoverTimes {
                 pause_and_save_us: us(s.paused, s.saved),
                 last_pages_us: us(s.saved, s.sent),
                 destination_ready_us: us(s.sent, s.ready),
-                commit_us: us(s.commit, Some(now)),
+                commit_us: us(s.commit, s.running.or(Some(now))),
                 last_pages: s.last_pages,
             },
             rounds: self.round,
@@ -585,6 +869,7 @@ impl SourceMachine {
             memory_digest: hex(&ours.memory),
             state_digest: hex(&ours.state),
             digests_matched: true,
+            post_copy: None,
         }
     }
 }
@@ -599,6 +884,7 @@ fn event_name(event: &SourceEvent<'_>) -> &'static str {
         SourceEvent::PagesRead(_) => "pages read",
         SourceEvent::Harvested(_) => "a harvest",
         SourceEvent::Saved(_) => "the saved state",
+        SourceEvent::Reconnected => "a new link",
     }
 }
 

@@ -19,12 +19,21 @@
 //! Any failure or cancel before Commit resumes the VM here as if nothing happened. A
 //! failure after Commit (the destination's answer is lost) leaves it paused: it may be
 //! running there, and two running copies are worse than a paused one.
+//!
+//! Post-copy (`SourceOptions::post_copy`): after some rounds, or when the rounds would
+//! not converge, the switchover sends the state before the last pages, naming them
+//! (`PostCopyPending`); the destination runs the guest at once and asks for the pages it
+//! faults on (`PageRequest`), which go ahead of a push of the rest. The VM stays paused
+//! here, holding the only copy of those pages: a lost link is reconnected
+//! (`SourceAction::Reconnect`) and resumed where it stopped for `resume_window`; if the
+//! destination never comes back, the guest is lost (`PostCopyDestinationLost`), and this
+//! copy, which the guest has run past there, stays paused.
 
 mod driver;
 mod dry_run;
 mod machine;
 
-pub use driver::migrate;
+pub use driver::{Reconnect, migrate};
 pub use dry_run::{Measured, PassCost, Prediction, dry_run, predict};
 pub use machine::{SourceAction, SourceEvent, SourceMachine, SourceStep};
 
@@ -91,6 +100,26 @@ pub struct SourceOptions {
     /// Give up (without auto-converge) after this many rounds that do not shrink.
     pub max_stuck_rounds: u32,
     pub fault: Option<Fault>,
+    /// When to switch to post-copy (None: never).
+    #[serde(default)]
+    pub post_copy: Option<PostCopy>,
+    /// During post-copy, how long a lost link is tried again.
+    #[serde(default = "default_resume_window")]
+    pub resume_window: Duration,
+}
+
+fn default_resume_window() -> Duration {
+    crate::destination::RESUME_WINDOW
+}
+
+/// When a migration switches to post-copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PostCopy {
+    /// After this many pre-copy rounds (1: after the first pass over memory).
+    AfterRounds(u32),
+    /// When the rounds stop converging: instead of throttling the guest or giving up.
+    Auto,
 }
 
 impl Default for SourceOptions {
@@ -102,6 +131,8 @@ impl Default for SourceOptions {
             delta_cache: 64 << 20,
             max_stuck_rounds: 5,
             fault: None,
+            post_copy: None,
+            resume_window: default_resume_window(),
         }
     }
 }
@@ -145,6 +176,8 @@ pub enum Phase {
     Measuring,
     Precopy,
     Switchover,
+    /// The guest runs at the destination; its last pages go.
+    Postcopy,
     Done,
     Failed,
 }
@@ -227,6 +260,22 @@ pub struct Report {
     pub state_digest: String,
     /// Both sides computed the same digests (a report is only made when they did).
     pub digests_matched: bool,
+    /// When the migration switched to post-copy.
+    #[serde(default)]
+    pub post_copy: Option<PostCopyReport>,
+}
+
+/// What a post-copy did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PostCopyReport {
+    /// Pages out of date at the destination when its guest started.
+    pub pages: u64,
+    /// Of them, sent because the guest waited on them (the rest were pushed).
+    pub requested: u64,
+    /// Times the link was lost and resumed.
+    pub resumes: u32,
+    /// From the destination's Running until it had every page.
+    pub post_copy_ms: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -284,6 +333,21 @@ pub enum MigrateError {
          paused here: check the destination, then resume or shut down this one"
     )]
     CommitUnconfirmed(LinkError),
+    #[error("post-copy cannot work at the destination, so the migration did not start: {0}")]
+    PostCopyRefused(String),
+    #[error(
+        "post-copy: the destination did not come back within {window:?} ({cause}) with {missing} pages of its \
+         guest still here; the guest ran there, so this paused copy is out of date and is not resumed: the guest \
+         is lost unless the destination comes back"
+    )]
+    PostCopyDestinationLost { window: Duration, missing: u64, cause: LinkError },
+    #[error(
+        "post-copy: every page was sent, but the destination's confirmation was lost ({0}); the guest most likely \
+         runs there: check it. This paused copy is out of date and is not resumed"
+    )]
+    PostCopyUnconfirmed(LinkError),
+    #[error("post-copy: the destination lost the guest: {0}")]
+    PostCopyFailedThere(String),
 }
 
 impl From<LinkError> for MigrateError {
@@ -298,7 +362,13 @@ impl From<LinkError> for MigrateError {
 impl MigrateError {
     /// Whether the VM was handed over (or may have been), so that it must not resume here.
     pub fn committed(&self) -> bool {
-        matches!(self, MigrateError::CommitUnconfirmed(_))
+        matches!(
+            self,
+            MigrateError::CommitUnconfirmed(_)
+                | MigrateError::PostCopyDestinationLost { .. }
+                | MigrateError::PostCopyUnconfirmed(_)
+                | MigrateError::PostCopyFailedThere(_)
+        )
     }
 }
 

@@ -136,6 +136,18 @@ enum Backend {
     Tcp(tcp::Conn),
 }
 
+/// Queues messages on a link from another thread (`Link::requester`).
+#[derive(Clone)]
+pub struct Requester(mpsc::Sender<Vec<u8>>);
+
+impl Requester {
+    /// Queues `message`; blocks while the queue is full. Not for a runtime's thread.
+    pub fn send(&self, message: &Message) -> Result<(), LinkError> {
+        let frame = protocol::encode_frame(message)?;
+        self.0.blocking_send(frame).map_err(|_| LinkError::Closed)
+    }
+}
+
 pub struct Link {
     runtime: tokio::runtime::Runtime,
     out: Option<mpsc::Sender<Vec<u8>>>,
@@ -355,6 +367,13 @@ impl Link {
         }
         self.queued += len as u64;
         Ok(())
+    }
+
+    /// A handle that queues frames on this link from another thread (a post-copy's page
+    /// requests, sent by the thread that catches the guest's faults). It fails once the
+    /// link is gone.
+    pub fn requester(&self) -> Option<Requester> {
+        self.out.clone().map(Requester)
     }
 
     /// Frame bytes handed to `send` so far; `stats.sent` counts those the writer has

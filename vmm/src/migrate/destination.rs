@@ -266,7 +266,10 @@ pub fn receive_vm(args: &ReceiveArgs) -> i32 {
             machine: None,
             run: RunState { paused: false },
         };
-        match destination::receive(&mut incoming, &mut link, base.as_ref()) {
+        // This VMM does not run post-copy yet (`DestinationVm::check_post_copy` refuses it),
+        // so no link is ever listened for again.
+        let mut relisten = |_| None;
+        match destination::receive(&mut incoming, &mut link, base.as_ref(), destination::RESUME_WINDOW, &mut relisten) {
             Ok(Received::Vm(report)) => break (link, incoming, report),
             Ok(Received::Probe { bytes }) => {
                 crate::process::say(format_args!(

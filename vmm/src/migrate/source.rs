@@ -196,9 +196,10 @@ struct LinkArgs {
 
 fn run_engine(mut side: VmSide, link: LinkArgs, options: SourceOptions, control: Control) {
     let LinkArgs { addr, identity, bandwidth, truncate, choice } = link;
-    let result = match transport::connect(addr, &identity, bandwidth, truncate, choice) {
+    let result = match transport::connect(addr, &identity, bandwidth.clone(), truncate, choice) {
         Ok(mut link) => {
-            let result = source::migrate(&mut side, &mut link, options, control);
+            let mut reconnect = || transport::connect(addr, &identity, bandwidth.clone(), None, choice);
+            let result = source::migrate(&mut side, &mut link, options, control, &mut reconnect);
             // After success the destination closes; after a failure give the Abort a moment.
             let grace = if result.is_ok() { Duration::from_secs(1) } else { Duration::from_millis(300) };
             link.close(grace);
