@@ -321,15 +321,14 @@ impl SourceMachine {
                 if self.link_wait && self.queued.saturating_sub(self.acked) <= self.in_flight_cap() {
                     self.link_wait = false;
                     self.deadline = None;
-                    self.read_more(now)?;
+                    match self.step {
+                        S::PostCopy => self.push(now)?,
+                        _ => self.read_more(now)?,
+                    }
                 }
                 if matches!(self.step, S::Draining | S::FinalDrain) {
                     self.deadline = Some(now + DRAIN_STEP);
                     self.check_drained(now)?;
-                }
-                if self.link_wait && self.step == S::PostCopy && self.queued - self.acked <= self.in_flight_cap() {
-                    self.link_wait = false;
-                    self.push(now)?;
                 }
                 Ok(())
             }
