@@ -15,6 +15,7 @@ use crate::transport::LinkError;
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+/// Pages of the test VM, unless a run says otherwise (`Trouble::pages`).
 const PAGES: usize = 256;
 const STATE: &[u8] = b"vcpus, devices, clocks";
 
@@ -22,6 +23,7 @@ const STATE: &[u8] = b"vcpus, devices, clocks";
 /// it runs, round-robin over the first half of memory.
 struct SourceVm {
     mem: Vec<Vec<u8>>,
+    pages: usize,
     rate: f64,
     written: f64,
     next: usize,
@@ -34,15 +36,16 @@ struct SourceVm {
 }
 
 impl SourceVm {
-    fn new(now: Instant, rate: f64) -> Self {
-        let mem = (0..PAGES).map(|i| if i % 4 == 3 { vec![0; PAGE_SIZE] } else { content(i) }).collect();
+    fn new(now: Instant, rate: f64, pages: usize) -> Self {
+        let mem = (0..pages).map(|i| if i % 4 == 3 { vec![0; PAGE_SIZE] } else { content(i) }).collect();
         SourceVm {
             mem,
+            pages,
             rate,
             written: 0.0,
             next: 0,
             last: now,
-            dirty: DirtySet::new(PAGES as u64),
+            dirty: DirtySet::new(pages as u64),
             paused: false,
             calls: 0,
             fail_at: None,
@@ -54,7 +57,7 @@ impl SourceVm {
         if !self.paused {
             self.written += now.saturating_duration_since(self.last).as_secs_f64() * self.rate;
             while self.written >= 1.0 {
-                let page = self.next % (PAGES / 2);
+                let page = self.next % (self.pages / 2);
                 self.mem[page][8..16].copy_from_slice(&(self.next as u64).to_le_bytes());
                 self.dirty.set(page as u64);
                 self.next += 1;
@@ -203,6 +206,8 @@ struct Trouble {
     /// After a cut, the source can connect again (once the destination listens).
     reconnect: bool,
     refuse_post_copy: bool,
+    /// A VM of this many pages instead of PAGES.
+    pages: Option<usize>,
 }
 
 /// The destination's side of a run.
@@ -229,9 +234,10 @@ struct Outcome {
 fn run(options: SourceOptions, rate: f64, latency: Duration, trouble: Trouble) -> Outcome {
     let start = Instant::now();
     let mut now = start;
-    let mut vm = SourceVm::new(now, rate);
+    let pages = trouble.pages.unwrap_or(PAGES);
+    let mut vm = SourceVm::new(now, rate, pages);
     vm.fail_at = trouble.vm_fails_at_call;
-    let regions = vec![(PAGES * PAGE_SIZE) as u64];
+    let regions = vec![(pages * PAGE_SIZE) as u64];
     let mut source = SourceMachine::new(now, b"machine".to_vec(), regions, options).unwrap();
     source.set_link(latency * 2, 0);
     let mut dest = DestSide {
@@ -268,7 +274,7 @@ fn run(options: SourceOptions, rate: f64, latency: Duration, trouble: Trouble) -
                 }
                 SourceAction::Harvest => {
                     let harvest =
-                        vm.call("harvest").map(|()| std::mem::replace(&mut vm.dirty, DirtySet::new(PAGES as u64)));
+                        vm.call("harvest").map(|()| std::mem::replace(&mut vm.dirty, DirtySet::new(pages as u64)));
                     Some(SourceEvent::Harvested(harvest))
                 }
                 SourceAction::PauseAndSave => {
@@ -599,6 +605,19 @@ fn test_post_copy_runs_the_guest_there_first_and_its_asked_pages_go_ahead() {
     assert_eq!((report.rounds, pc.resumes, report.switchover.last_pages), (1, 0, 0), "{report:?}");
     // The pause ends when the guest runs there, not when its last page does.
     assert!(report.downtime_us < report.total_ms * 1000, "{report:?}");
+}
+
+#[test]
+fn test_post_copy_of_more_than_its_queue_waits_for_receipts_and_serves_faults_first() {
+    // 16 MiB, 8 MiB of it written: the push is eight times its 1 MiB queue.
+    let trouble = Trouble { pages: Some(4096), ..Trouble::default() };
+    let o = run(post_copy_options(), 200_000.0, Duration::from_millis(1), trouble);
+    let report = o.source.as_ref().unwrap();
+    one_copy(&o);
+    assert!(o.dest.mem == o.source_mem, "every page arrived, as it was at the pause");
+    let pc = report.post_copy.expect("a post-copy report");
+    assert!(pc.pages > 1024, "{pc:?}");
+    assert_eq!(pc.requested, 4, "the pages the guest waits on overtake the push: {pc:?}");
 }
 
 #[test]
