@@ -151,6 +151,9 @@ const SHRINK: f64 = 0.9;
 const HALVING: f64 = 0.5;
 const ROUND_WORTH: Duration = Duration::from_millis(1);
 const MAX_ROUNDS: u32 = 30;
+/// No migration takes more rounds than this, whatever its figures: a downtime limit under
+/// SWITCHOVER_OVERHEAD with rounds that come out empty would otherwise never be "stuck".
+const ROUND_CAP: u32 = 1000;
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(120);
 /// The destination builds the VM before it answers Ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -514,6 +517,15 @@ impl Convergence {
         }
     }
 
+    fn not_converging(&self, f: &RoundFigures, estimate: Duration) -> MigrateError {
+        MigrateError::NotConverging {
+            dirty_rate: f.dirty_rate,
+            bandwidth: f.bandwidth,
+            estimate_ms: estimate.as_millis().min(u128::from(u64::MAX)) as u64,
+            limit_ms: self.limit.as_millis() as u64,
+        }
+    }
+
     fn after_round(&mut self, f: &RoundFigures, rtt: impl FnOnce() -> Duration) -> Result<Next, MigrateError> {
         self.rounds += 1;
         let estimate = f.transfer.saturating_add(f.floor);
@@ -539,6 +551,9 @@ impl Convergence {
             return Ok(Next::Another);
         }
         self.floor_rounds = 0;
+        if self.rounds >= ROUND_CAP {
+            return Err(self.not_converging(f, estimate));
+        }
         if self.rounds >= 2 && f.dirty_pages as f64 > self.previous_dirty as f64 * SHRINK {
             self.stuck += 1;
         } else {
@@ -547,12 +562,7 @@ impl Convergence {
         self.previous_dirty = f.dirty_pages;
         if !self.auto_converge {
             if self.stuck >= self.max_stuck_rounds {
-                return Err(MigrateError::NotConverging {
-                    dirty_rate: f.dirty_rate,
-                    bandwidth: f.bandwidth,
-                    estimate_ms: estimate.as_millis().min(u128::from(u64::MAX)) as u64,
-                    limit_ms: self.limit.as_millis() as u64,
-                });
+                return Err(self.not_converging(f, estimate));
             }
             return Ok(Next::Another);
         }
@@ -590,6 +600,14 @@ mod tests {
     }
 
     const RTT: fn() -> Duration = || Duration::from_millis(40);
+
+    #[test]
+    fn a_limit_under_the_switchover_overhead_gives_up_even_when_rounds_are_empty() {
+        let mut c = Convergence::new(&SourceOptions { downtime: Duration::from_millis(1), ..options(false) });
+        let rtt = || Duration::ZERO;
+        let ended = (0..2 * ROUND_CAP).find_map(|_| c.after_round(&round(0, 0, 7), rtt).err());
+        assert!(matches!(ended, Some(MigrateError::NotConverging { limit_ms: 1, .. })), "{ended:?}");
+    }
 
     #[test]
     fn the_delivery_rate_is_sampled_only_while_a_backlog_waits() {
