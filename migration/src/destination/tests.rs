@@ -2,6 +2,7 @@
 //! receive, and a failure at every step, each asserting which error it is.
 
 use super::*;
+use crate::dirty::DirtySet;
 use crate::page::{self, ZERO_HASH};
 use crate::protocol::BatchBuilder;
 
@@ -20,6 +21,8 @@ struct TestVm {
     built: Option<Vec<u8>>,
     started: bool,
     fail: Option<&'static str>,
+    /// It can run post-copy.
+    post_copy: bool,
 }
 
 impl TestVm {
@@ -62,6 +65,72 @@ impl DestinationVm for TestVm {
         self.started = true;
         Ok(())
     }
+
+    fn check_post_copy(&mut self) -> Result<(), VmFault> {
+        match self.post_copy {
+            true => Ok(()),
+            false => Err("no post-copy here".into()),
+        }
+    }
+
+    fn start_post_copy(&mut self, _pending: &DirtySet) -> Result<(), VmFault> {
+        self.start()
+    }
+
+    fn place(&mut self, page: u64, content: Option<&[u8]>) -> Result<(), VmFault> {
+        let slot = self.mem.get_mut(usize::try_from(page)?).ok_or("no such page")?;
+        slot.copy_from_slice(content.unwrap_or(&[0; PAGE_SIZE]));
+        Ok(())
+    }
+}
+
+/// The frames of a committed fuzz seed.
+fn seed(name: &str) -> Vec<Message> {
+    let path = format!("{}/../fuzz/corpus/migration_stream/{name}", env!("CARGO_MANIFEST_DIR"));
+    let bytes = std::fs::read(&path).unwrap();
+    let mut at = 0;
+    let mut messages = Vec::new();
+    while at < bytes.len() {
+        let len = crate::protocol::frame_len(bytes[at..at + 4].try_into().unwrap()).unwrap();
+        messages.push(crate::protocol::decode_message(&bytes[at + 4..at + 4 + len]).unwrap());
+        at += 4 + len;
+    }
+    messages
+}
+
+#[test]
+fn test_the_post_copy_fuzz_seeds_reach_the_end_and_the_digest_failure() {
+    let mut run = Run::new(TestVm { post_copy: true, ..TestVm::default() });
+    let mut frames = seed("post-copy.bin");
+    let done = frames.pop().unwrap();
+    run.frames(frames);
+    assert_eq!((run.machine.step(), run.vm.started, run.machine.missing_pages()), (Step::PostCopy, true, 0));
+    let (sent, failed) = run.frame(done);
+    assert!(failed.is_none() && matches!(sent[..], [Message::PostCopyComplete]), "{sent:?} {failed:?}");
+    assert_eq!(run.machine.report().map(|r| r.post_copy_pages), Some(2));
+
+    let mut run = Run::new(TestVm { post_copy: true, ..TestVm::default() });
+    let mut frames = seed("post-copy-digest-differs.bin");
+    let done = frames.pop().unwrap();
+    run.frames(frames);
+    let (_, failed) = run.frame(done);
+    let Some(ReceiveError::PostCopyLost { missing: 0, cause, .. }) = failed else { panic!("{failed:?}") };
+    assert!(matches!(*cause, ReceiveError::MemoryDigest { .. }), "{cause}");
+}
+
+#[test]
+fn test_post_copy_is_refused_by_a_vm_that_cannot_and_pending_pages_need_the_offer() {
+    let mut run = Run::new(TestVm::default());
+    let frames = seed("post-copy.bin");
+    run.frame(frames[0].clone());
+    let (answer, _) = run.frame(Message::PostCopyAsk);
+    assert!(
+        matches!(&answer[..], [Message::PostCopyAnswer(Some(why))] if why.contains("no post-copy here")),
+        "{answer:?}"
+    );
+    // Without the offer, a list of pending pages is out of turn.
+    let e = run.fails(frames[4].clone());
+    assert!(matches!(e, ReceiveError::Unexpected { got: "PostCopyPending", .. }), "{e}");
 }
 
 fn hello(version: u16, pages: usize) -> Message {
