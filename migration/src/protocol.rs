@@ -146,7 +146,21 @@ pub struct PendingPages {
 }
 
 /// Runs per `PostCopyPending` frame: about 2 MiB, far inside MAX_FRAME.
-pub const PENDING_RUNS_PER_FRAME: usize = 1 << 17;
+const PENDING_RUNS_PER_FRAME: usize = 1 << 17;
+
+impl PendingPages {
+    /// `runs` of `session` as PostCopyPending frames: as many as they need, at least one.
+    pub fn frames(session: u64, runs: &[(u64, u64)]) -> Vec<Message> {
+        let mut frames: Vec<Message> = runs
+            .chunks(PENDING_RUNS_PER_FRAME)
+            .map(|runs| Message::PostCopyPending(PendingPages { session, runs: runs.to_vec() }))
+            .collect();
+        if frames.is_empty() {
+            frames.push(Message::PostCopyPending(PendingPages { session, runs: Vec::new() }));
+        }
+        frames
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Digests {

@@ -30,9 +30,7 @@ pub use writer::{BaseImage, GuestPages, PageWriter};
 use crate::digest::{MemoryDigest, hex};
 use crate::dirty::DirtySet;
 use crate::page::PAGE_SIZE;
-use crate::protocol::{
-    Digests, Hello, Message, OLDEST_PROTOCOL_VERSION, PENDING_RUNS_PER_FRAME, PROTOCOL_VERSION, PendingPages, Welcome,
-};
+use crate::protocol::{Digests, Hello, Message, OLDEST_PROTOCOL_VERSION, PROTOCOL_VERSION, PendingPages, Welcome};
 use crate::transport::{Link, LinkError};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -619,14 +617,7 @@ impl<'b> DestinationMachine<'b> {
                 self.step = Step::PostCopy;
                 let runs = self.post_copy.pending.as_ref().map(DirtySet::runs).unwrap_or_default();
                 tracing::info!(missing = self.missing_pages(), "post-copy: the source is back; resuming");
-                let mut frames: Vec<Message> = runs
-                    .chunks(PENDING_RUNS_PER_FRAME)
-                    .map(|runs| Message::PostCopyPending(PendingPages { session, runs: runs.to_vec() }))
-                    .collect();
-                if frames.is_empty() {
-                    frames.push(Message::PostCopyPending(PendingPages { session, runs: Vec::new() }));
-                }
-                Some(Action::SendAll(frames))
+                Some(Action::SendAll(PendingPages::frames(session, &runs)))
             }
             (Step::Resuming, event) => {
                 self.step = Step::AwaitingResume;

@@ -14,9 +14,7 @@ use crate::digest::hex;
 use crate::dirty::DirtySet;
 use crate::encoder::PageEncoder;
 use crate::page::PAGE_SIZE;
-use crate::protocol::{
-    self, BATCH_PAGES, Digests, Hello, Message, PENDING_RUNS_PER_FRAME, PROTOCOL_VERSION, PendingPages,
-};
+use crate::protocol::{self, BATCH_PAGES, Digests, Hello, Message, PROTOCOL_VERSION, PendingPages};
 use crate::transport::LinkError;
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -370,7 +368,7 @@ impl SourceMachine {
                 if let Some(run) = self.post_copy.as_mut() {
                     run.requested.extend(pages.into_iter().filter(|&p| run.pending.contains(p)));
                 }
-                if self.reading.is_empty() && !self.link_wait { self.push(now) } else { Ok(()) }
+                self.push(now)
             }
             (S::PostCopyFinishing, E::Frame(Message::PageRequest(_))) => Ok(()),
             (S::PostCopyFinishing, E::Frame(Message::PostCopyComplete)) => {
@@ -499,7 +497,6 @@ impl SourceMachine {
         let e = match e {
             // The destination ran the guest and gave up on it.
             MigrateError::DestinationAborted(r) if post_copy_ran => MigrateError::PostCopyFailedThere(r),
-            MigrateError::Link(LinkError::PeerAborted(r)) if post_copy_ran => MigrateError::PostCopyFailedThere(r),
             // After Commit, any failure leaves the end unknown.
             MigrateError::Link(l) if self.committed => MigrateError::CommitUnconfirmed(l),
             MigrateError::DestinationAborted(r) if self.committed => {
@@ -696,12 +693,8 @@ impl SourceMachine {
         session.copy_from_slice(&state_hash.as_bytes()[..8]);
         let session = u64::from_le_bytes(session);
         tracing::info!(pages = count, "post-copy switchover: the guest starts at the destination before these");
-        let runs = pending.runs();
-        for chunk in runs.chunks(PENDING_RUNS_PER_FRAME) {
-            self.send(&Message::PostCopyPending(PendingPages { session, runs: chunk.to_vec() }))?;
-        }
-        if runs.is_empty() {
-            self.send(&Message::PostCopyPending(PendingPages { session, runs: Vec::new() }))?;
+        for frame in PendingPages::frames(session, &pending.runs()) {
+            self.send(&frame)?;
         }
         self.switchover.last_pages = 0;
         self.progress.remaining_pages = count;
