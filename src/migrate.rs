@@ -4,7 +4,7 @@
 use clap::{Args, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use novacron_migration::compression::CompressionReport;
-use novacron_migration::source::{Fault, PassCost, Phase, Prediction, Progress, Report};
+use novacron_migration::source::{Fault, PassCost, Phase, PostCopy, Prediction, Progress, Report};
 use novacron_migration::transport::TransportChoice;
 use novacron_vmm::api::client::{ClientError, call};
 use novacron_vmm::api::{MigrateRequest, MigrationStatus, Request, VmState};
@@ -107,8 +107,16 @@ pub struct MigrateArgs {
     /// second, and predict the migration's total time, downtime and bytes, and whether
     /// it converges (and else what would make it): nothing moves, the VM runs on, and the
     /// receiver waits on. Exits 4 when it would not converge.
-    #[arg(long, conflicts_with = "keep_snapshot")]
+    #[arg(long, conflicts_with_all = ["keep_snapshot", "post_copy"])]
     dry_run: bool,
+    /// Switch to post-copy: the VM runs at the destination before its last pages are
+    /// there, which fetches each page it touches first. `after-rounds=N` switches after N
+    /// pre-copy rounds (1: after the first pass over memory); `auto` only where pre-copy
+    /// would not converge. The guest then depends on both hosts and the link until the
+    /// last page is in: a link lost meanwhile is resumed for 60 s, and if either side dies
+    /// the guest is lost. Default: pre-copy only.
+    #[arg(long, value_name = "WHEN", value_parser = parse_post_copy)]
+    post_copy: Option<PostCopy>,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -299,6 +307,12 @@ fn print_report(r: &Report, to: &str) {
     if r.throttle_max > 0 {
         println!("  throttle        vCPUs throttled up to {}% (auto-converge)", r.throttle_max);
     }
+    if let Some(p) = &r.post_copy {
+        println!(
+            "  post-copy       {} pages after the switchover in {} ms, {} of them asked for by the guest; {} resumes",
+            p.pages, p.post_copy_ms, p.requested, p.resumes
+        );
+    }
     println!(
         "  verified        memory digest {} {}",
         &r.memory_digest[..16],
@@ -352,6 +366,18 @@ fn print_prediction(p: &Prediction, to: &str) {
     }
 }
 
+/// `--post-copy`: `auto` or `after-rounds=N` (N at least 1).
+fn parse_post_copy(s: &str) -> Result<PostCopy, String> {
+    if s == "auto" {
+        return Ok(PostCopy::Auto);
+    }
+    let rounds = s.strip_prefix("after-rounds=").ok_or_else(|| format!("{s:?}: expected auto or after-rounds=N"))?;
+    match rounds.parse::<u32>() {
+        Ok(n) if n >= 1 => Ok(PostCopy::AfterRounds(n)),
+        _ => Err(format!("{rounds:?}: after-rounds takes a number of rounds, at least 1")),
+    }
+}
+
 pub fn migrate(a: MigrateArgs) -> i32 {
     let tls_dir = match absolute(&a.tls_dir.clone().unwrap_or_else(default_tls_dir)) {
         Ok(d) => d,
@@ -380,6 +406,7 @@ pub fn migrate(a: MigrateArgs) -> i32 {
         transport: a.transport.into(),
         dry_run: a.dry_run,
         fault,
+        post_copy: a.post_copy,
         id: Some(id.clone()),
     });
     let done = Arc::new(AtomicBool::new(false));

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::vmm::{migrate, migrate_cmd, receiver, report, source};
+use common::vmm::{OUTRUN, migrate, migrate_cmd, receiver, report, source};
 use common::{Host, SLOW, TIMEOUT, assert_moved, assert_source_runs, certs, novacron, stderr, wait_until_going};
 use novacron_guest_image::watch::kvm_or_skip;
 use std::path::Path;
@@ -236,22 +236,6 @@ fn kvm_migrate_over_a_slow_link_compresses_and_the_report_says_how() {
     assert!(c["zstd1_speed"].as_u64().unwrap() > 2_000_000 && c["zstd3_speed"].as_u64().unwrap() > 0, "{c}");
     assert!(r["bytes_sent"].as_u64().unwrap() < 4 << 20, "8 MiB of working set sent in under 4 MiB: {r}");
 }
-
-/// A link too slow for the guest's writes: pages go whole (no compression, no deltas) at
-/// 2 MB/s, about 500 pages/s, while the guest writes 2000 pages/s of a 1024-page working
-/// set; no round can shrink below the whole working set.
-const OUTRUN: [&str; 10] = [
-    "--max-bandwidth",
-    "2M",
-    "--downtime-ms",
-    "20",
-    "--compress",
-    "none",
-    "--delta-cache",
-    "0",
-    "--auto-converge",
-    "off",
-];
 
 #[test]
 fn kvm_migrate_that_cannot_converge_gives_up_and_the_source_runs_on() {

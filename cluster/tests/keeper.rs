@@ -320,6 +320,7 @@ fn migrate_request(to: &str, tls: &Path) -> Request {
         transport: Default::default(),
         dry_run: false,
         fault: None,
+        post_copy: None,
         id: None,
     })
 }

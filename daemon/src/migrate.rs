@@ -180,6 +180,7 @@ fn vmm_request(svc: &ControlService, r: &pb::MigrateVmRequest, to: String, id: S
         transport: Default::default(),
         dry_run: r.dry_run,
         fault: None,
+        post_copy: None,
         id: Some(id),
     })
 }

@@ -75,3 +75,19 @@ pub fn json_report(out: &Output) -> serde_json::Value {
     let stdout = String::from_utf8_lossy(&out.stdout);
     serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("not a JSON report ({e}): {stdout}"))
 }
+
+/// A link too slow for the guest's writes: pages go whole (no compression, no deltas) at
+/// 2 MB/s, about 500 pages/s, while the guest writes 2000 pages/s of a 1024-page working
+/// set; no round can shrink below the whole working set.
+pub const OUTRUN: [&str; 10] = [
+    "--max-bandwidth",
+    "2M",
+    "--downtime-ms",
+    "20",
+    "--compress",
+    "none",
+    "--delta-cache",
+    "0",
+    "--auto-converge",
+    "off",
+];

@@ -40,6 +40,7 @@ fn main() {
                 serial_file: vm.serial_file,
                 require_permit: vm.require_permit,
                 claim_from,
+                resume_window: novacron_migration::destination::RESUME_WINDOW.as_secs(),
             };
             novacron_vmm::migrate::destination::receive_vm(&args)
         }

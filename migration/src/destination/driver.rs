@@ -7,17 +7,31 @@ use crate::transport::{Link, LinkError};
 use std::time::{Duration, Instant};
 
 /// How a receive gets a new link after it lost one during post-copy: waits until the
-/// deadline for a source to connect (None: none did).
+/// deadline for a source to connect (None: none did). The lost link is closed first, so
+/// that its port is free to listen on again.
 pub type Relisten<'a> = &'a mut dyn FnMut(Instant) -> Option<Link>;
 
 /// Receives a migration over `link` into `vm`, offering `base` to the source. On an error
 /// the source is told why (unless the link itself failed or the source aborted), and
 /// nothing of the VM runs, unless a post-copy had started it (`PostCopyLost`: the caller
 /// stops it). A dry run's probe ends it too, with nothing built. During post-copy a lost
-/// link is replaced by `relisten`'s, for at most `resume_window`.
+/// link is replaced by `relisten`'s, for at most `resume_window`. Answers the outcome and
+/// the link it ended on (None: it ended waiting for a new one).
 pub fn receive<V: DestinationVm>(
     vm: &mut V,
-    link: &mut Link,
+    link: Link,
+    base: Option<&BaseImage>,
+    resume_window: Duration,
+    relisten: Relisten<'_>,
+) -> (Result<Received, ReceiveError>, Option<Link>) {
+    let mut link = Some(link);
+    let result = drive(vm, &mut link, base, resume_window, relisten);
+    (result, link)
+}
+
+fn drive<V: DestinationVm>(
+    vm: &mut V,
+    link: &mut Option<Link>,
     base: Option<&BaseImage>,
     resume_window: Duration,
     relisten: Relisten<'_>,
@@ -31,13 +45,14 @@ pub fn receive<V: DestinationVm>(
         if let Some(outcome) = machine.outcome() {
             return Ok(outcome);
         }
-        let event = match pending.take() {
-            Some(event) => event,
-            None => {
-                let before = link.consumed();
+        let event = match (pending.take(), link.as_mut()) {
+            (Some(event), _) => event,
+            (None, None) => Event::Timer,
+            (None, Some(l)) => {
+                let before = l.consumed();
                 let wait = machine.deadline().saturating_duration_since(Instant::now());
-                match link.recv(wait) {
-                    Ok(message) => Event::Frame { message, len: link.consumed() - before },
+                match l.recv(wait) {
+                    Ok(message) => Event::Frame { message, len: l.consumed() - before },
                     Err(LinkError::Timeout(_)) => Event::Timer,
                     Err(e) => {
                         link_dead = true;
@@ -54,36 +69,48 @@ pub fn receive<V: DestinationVm>(
         match action.run_on(vm) {
             Ok(event) => pending = Some(event),
             Err(Action::Send(message)) => {
+                let sent = link.as_mut().map_or(Err(LinkError::Closed), |l| l.send(&message).map(drop));
                 // During post-copy a send on a lost link is noticed by the next read.
-                if let Err(e) = link.send(&message)
+                if let Err(e) = sent
                     && !matches!(machine.step(), Step::PostCopy)
                 {
                     return Err(e.into());
                 }
             }
             Err(Action::SendAll(messages)) => {
-                for message in &messages {
-                    if link.send(message).is_err() {
-                        break;
+                if let Some(l) = link.as_mut() {
+                    for message in &messages {
+                        if l.send(message).is_err() {
+                            break;
+                        }
                     }
                 }
             }
-            Err(Action::Relisten) => match relisten(machine.deadline()) {
-                Some(new) => {
-                    *link = new;
-                    link_dead = false;
-                    pending = Some(Event::Relinked);
+            Err(Action::Relisten) => {
+                // The lost link holds the port: drop it (its runtime and sockets) before
+                // listening there again.
+                drop(link.take());
+                match relisten(machine.deadline()) {
+                    Some(new) => {
+                        *link = Some(new);
+                        link_dead = false;
+                        pending = Some(Event::Relinked);
+                    }
+                    None => pending = Some(Event::Timer),
                 }
-                None => pending = Some(Event::Timer),
-            },
+            }
             Err(Action::Reject(reason)) => {
-                link.abort(&reason);
+                if let Some(l) = link.as_mut() {
+                    l.abort(&reason);
+                }
                 link_dead = true;
                 pending = Some(Event::LinkLost(LinkError::PeerAborted(reason)));
             }
             Err(Action::Fail(e)) => {
-                if !link_dead {
-                    link.abort(&crate::error_chain(&e));
+                if let Some(l) = link.as_mut()
+                    && !link_dead
+                {
+                    l.abort(&crate::error_chain(&e));
                 }
                 return Err(e);
             }
@@ -91,8 +118,11 @@ pub fn receive<V: DestinationVm>(
                 tracing::error!(?other, "the receive got an action it cannot do");
             }
         }
-        if machine.step() == Step::PostCopy && was != Step::PostCopy {
-            vm.request_pages_over(link);
+        if machine.step() == Step::PostCopy
+            && was != Step::PostCopy
+            && let Some(l) = link.as_ref()
+        {
+            vm.request_pages_over(l);
         }
     }
 }

@@ -27,7 +27,7 @@ pub fn migrate<V: SourceVm>(
     reconnect: Reconnect<'_>,
 ) -> Result<Report, MigrateError> {
     let mut machine = SourceMachine::new(Instant::now(), vm.machine(), vm.regions(), options)?;
-    let mut driver = Driver { link, control, buf: Vec::new(), cancelled: false, reconnect };
+    let mut driver = Driver { link, control, buf: Vec::new(), cancelled: false, reconnect, earlier_wire_bytes: 0 };
     loop {
         driver.publish(&machine);
         machine.set_link(driver.link.rtt(), driver.link.bandwidth_limit());
@@ -58,6 +58,8 @@ struct Driver<'l, 'r> {
     /// Pages read for the machine.
     buf: Vec<u8>,
     cancelled: bool,
+    /// Wire bytes of the links lost before this one (a post-copy's).
+    earlier_wire_bytes: u64,
 }
 
 impl Driver<'_, '_> {
@@ -112,6 +114,7 @@ impl Driver<'_, '_> {
                 }
                 match (self.reconnect)() {
                     Ok(link) => {
+                        self.earlier_wire_bytes += self.link.wire_bytes();
                         *self.link = link;
                         break SourceEvent::Reconnected;
                     }
@@ -123,7 +126,7 @@ impl Driver<'_, '_> {
             },
             SourceAction::Finish(result) => {
                 return Some((*result).map(|mut report| {
-                    report.wire_bytes = self.link.wire_bytes();
+                    report.wire_bytes = self.earlier_wire_bytes + self.link.wire_bytes();
                     report.transport = self.link.transport();
                     report
                 }));

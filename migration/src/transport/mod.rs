@@ -258,12 +258,27 @@ impl Listener {
     /// one. Once one is taken, every further source hears at once that this receiver is
     /// busy.
     pub fn accept(self) -> Result<Link, LinkError> {
+        self.accept_until(None)
+    }
+
+    /// `accept`, giving up at `deadline` (`LinkError::Timeout`): a post-copy waits only so
+    /// long for its source to come back.
+    pub fn accept_until(self, deadline: Option<std::time::Instant>) -> Result<Link, LinkError> {
         let Listener { runtime, quic, tcp } = self;
         let mut candidates = tcp.start(&runtime);
+        let limit = deadline.map(|d| d.saturating_duration_since(std::time::Instant::now()));
         let connected = runtime.block_on(async {
             let mut tcp_open = true;
+            let expired = async {
+                match limit {
+                    Some(limit) => tokio::time::sleep(limit).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::pin!(expired);
             loop {
                 tokio::select! {
+                    () = &mut expired => break Err(LinkError::Timeout(limit.unwrap_or_default())),
                     q = quic::accept(&quic) => break q,
                     t = candidates.recv(), if tcp_open => match t {
                         Some(t) => match tcp::accepted(t).await {

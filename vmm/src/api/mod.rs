@@ -20,7 +20,7 @@ pub mod server;
 
 use novacron_devices::rate_limiter::{BucketUpdate, TokenBucketConfig};
 use novacron_devices::virtio::LimitTarget;
-use novacron_migration::source::{Fault, Prediction, Progress, Report};
+use novacron_migration::source::{Fault, PostCopy, Prediction, Progress, Report};
 use novacron_migration::transport::TransportChoice;
 use serde::{Deserialize, Serialize};
 
@@ -114,6 +114,10 @@ pub struct MigrateRequest {
     /// Tests only: a fault to inject.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fault: Option<Fault>,
+    /// Switch to post-copy (the VM runs at the destination before its last pages are
+    /// there): after this many rounds, or when pre-copy would not converge (`auto`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub post_copy: Option<PostCopy>,
     /// The client's name for this migration, shown back in `migrate_status`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,

@@ -5,20 +5,25 @@
 //! ordinary VMM process (console on stdout, control socket, exit status). If the migration
 //! fails before the commit, nothing of the VM has run here and the process exits with 1.
 
+use super::post_copy::{PostCopyError, PostCopyMemory, RamLayout};
 use crate::api::server::ApiServer;
 use crate::builder::{self, Source};
 use crate::config::{HostSide, VmConfig};
 use crate::machine::Machine;
 use crate::snapshot::{MachineSpec, RunState, SavedState};
 use crate::vstate::memory::{self, GuestMemory};
-use novacron_migration::destination::{self, BaseImage, DestinationVm, GuestPages, Received, VmFault};
+use crate::vstate::uffd::Userfault;
+use novacron_migration::destination::{self, BaseImage, DestinationVm, GuestPages, ReceiveError, Received, VmFault};
+use novacron_migration::dirty::DirtySet;
 use novacron_migration::page::PAGE_SIZE;
 use novacron_migration::protocol::Hello;
 use novacron_migration::stream;
 use novacron_migration::tls::Identity;
-use novacron_migration::transport::Listener;
+use novacron_migration::transport::{Link, Listener};
+use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 /// How long the keeper may take to claim an arriving VM (a store transaction).
@@ -53,6 +58,11 @@ pub struct ReceiveArgs {
     /// fails (the source keeps the VM) if it refuses.
     #[arg(long, value_name = "PATH", requires = "require_permit")]
     pub claim_from: Option<PathBuf>,
+    /// During a post-copy, how long a lost link waits for the source to come back before
+    /// the guest is given up as lost.
+    #[arg(long, value_name = "SECS", default_value_t = destination::RESUME_WINDOW.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub resume_window: u64,
 }
 
 /// The VM being received.
@@ -61,11 +71,20 @@ struct Incoming {
     claim_from: Option<PathBuf>,
     spec: Option<MachineSpec>,
     memory: Option<GuestMemory>,
-    /// Host address and length of each RAM region, for writing pages.
-    ram: Vec<(*mut u8, usize)>,
+    /// Where each RAM region is, for writing pages.
+    ram: RamLayout,
     machine: Option<Machine>,
     /// Whether the VM ran at the source: it runs here only if it did.
     run: RunState,
+    /// The control socket, for the received VM's event loop.
+    api: Option<ApiServer>,
+    /// Made when the source asks whether this side can run post-copy.
+    userfault: Option<Userfault>,
+    /// While a post-copy runs: the guest's faults on missing pages.
+    post_copy: Option<PostCopyMemory>,
+    /// During post-copy the VM's event loop runs on this thread, while the receive goes on
+    /// here; it answers the process exit status.
+    running: Option<JoinHandle<i32>>,
 }
 
 /// Why the VMM could not take the VM in (the engine keeps it as the source of its
@@ -104,6 +123,16 @@ enum IncomingError {
     Permit(#[source] crate::api::ApiError),
     #[error("cannot resume the VM")]
     Resume(#[source] crate::api::ApiError),
+    #[error("this VMM cannot catch the guest's faults on missing pages")]
+    Userfault(#[source] crate::vstate::uffd::UffdError),
+    #[error("the post-copy check was not made")]
+    NotChecked,
+    #[error("post-copy")]
+    PostCopy(#[source] PostCopyError),
+    #[error("the post-copy has not started")]
+    NoPostCopy,
+    #[error("cannot start the VM's event loop thread")]
+    Thread(#[source] std::io::Error),
 }
 
 impl GuestPages for Incoming {
@@ -111,18 +140,12 @@ impl GuestPages for Incoming {
         if self.machine.is_some() {
             return None; // the VM exists: its memory is no longer ours to write
         }
-        let mut offset = page.checked_mul(PAGE_SIZE as u64)? as usize;
-        for &(ptr, len) in &self.ram {
-            if offset < len {
-                // SAFETY: `ptr..ptr+len` is a live mapping owned by `self.memory` (it is
-                // unmapped only when that is dropped, which needs `&mut self`), the page lies
-                // inside it, and no vCPU or device uses the memory before `build`, after which
-                // this returns None. The `&mut self` borrow makes the slice the only access.
-                return Some(unsafe { std::slice::from_raw_parts_mut(ptr.add(offset), PAGE_SIZE) });
-            }
-            offset -= len;
-        }
-        None
+        let at = self.ram.host(page)?;
+        // SAFETY: the page lies inside a live mapping owned by `self.memory` (it is
+        // unmapped only when that is dropped, which needs `&mut self`), and no vCPU or
+        // device uses the memory before `build`, after which this returns None. The
+        // `&mut self` borrow makes the slice the only access.
+        Some(unsafe { std::slice::from_raw_parts_mut(at as *mut u8, PAGE_SIZE) })
     }
 }
 
@@ -138,6 +161,26 @@ impl DestinationVm for Incoming {
     fn start(&mut self) -> Result<(), VmFault> {
         Ok(self.start_machine()?)
     }
+
+    fn check_post_copy(&mut self) -> Result<(), VmFault> {
+        self.userfault = Some(Userfault::new().map_err(IncomingError::Userfault)?);
+        Ok(())
+    }
+
+    fn start_post_copy(&mut self, pending: &DirtySet) -> Result<(), VmFault> {
+        Ok(self.start_post_copy_machine(pending)?)
+    }
+
+    fn place(&mut self, page: u64, content: Option<&[u8]>) -> Result<(), VmFault> {
+        let post_copy = self.post_copy.as_ref().ok_or(IncomingError::NoPostCopy)?;
+        Ok(post_copy.place(page, content).map_err(IncomingError::PostCopy)?)
+    }
+
+    fn request_pages_over(&mut self, link: &Link) {
+        if let Some(post_copy) = &self.post_copy {
+            post_copy.set_link(link.requester());
+        }
+    }
 }
 
 impl Incoming {
@@ -150,7 +193,7 @@ impl Incoming {
             return Err(IncomingError::Regions { regions: hello.regions.clone(), mem_mib: spec.mem_mib });
         }
         let memory = memory::create(spec.mem_mib << 20).map_err(IncomingError::Memory)?;
-        self.ram = memory.iter().map(|r| (r.as_ptr(), r.len() as usize)).collect();
+        self.ram = RamLayout::new(memory.iter().map(|r| (r.as_ptr() as usize, r.len() as usize)));
         self.memory = Some(memory);
         tracing::info!(vcpus = spec.vcpus, mem_mib = spec.mem_mib, "receiving a VM");
         self.spec = Some(spec);
@@ -199,6 +242,59 @@ impl Incoming {
         }
         machine.resume().map_err(IncomingError::Resume)
     }
+
+    /// The source committed with `pending` pages still to send: drop them, catch the
+    /// guest's faults on them, start the VM as `start_machine` does, and run its event loop
+    /// on a thread of its own, since the receive goes on here until the last page is in.
+    fn start_post_copy_machine(&mut self, pending: &DirtySet) -> Result<(), IncomingError> {
+        let userfault = self.userfault.take().ok_or(IncomingError::NotChecked)?;
+        let post_copy = PostCopyMemory::start(userfault, self.ram.clone(), pending).map_err(IncomingError::PostCopy)?;
+        self.post_copy = Some(post_copy);
+        self.start_machine()?;
+        let mut machine = self.machine.take().ok_or(IncomingError::NotBuilt)?;
+        let api = self.api.take();
+        let running = std::thread::Builder::new()
+            .name("vmm".into())
+            .spawn(move || crate::process::run_machine(&mut machine, api))
+            .map_err(IncomingError::Thread)?;
+        tracing::info!(pending = pending.count(), "post-copy: the VM runs here; its last pages follow");
+        self.running = Some(running);
+        Ok(())
+    }
+
+    /// The end of a post-copy that completed: every page is in.
+    fn finish_post_copy(&mut self) {
+        let Some(post_copy) = self.post_copy.take() else { return };
+        match post_copy.finish() {
+            Ok(faulted) => tracing::info!(faulted, "post-copy done: the guest waited on {faulted} pages"),
+            Err(e) => tracing::warn!("post-copy done, but: {}", crate::process::error_chain(&e)),
+        }
+    }
+}
+
+/// During post-copy, after the link was lost: listens again on the receive's port until
+/// `deadline`, for the source to come back.
+fn listen_again(addr: SocketAddr, identity: &Identity, deadline: Instant) -> Option<Link> {
+    crate::process::say(format_args!("novacron: post-copy: the link is lost; waiting for the source on {addr}"));
+    let listener = match Listener::bind(addr, identity) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!("post-copy: cannot listen again: {e}");
+            // The port may still be closing; the receive asks again, until its deadline.
+            std::thread::sleep(Duration::from_millis(200));
+            return None;
+        }
+    };
+    match listener.accept_until(Some(deadline)) {
+        Ok(link) => {
+            crate::process::say(format_args!("novacron: post-copy: the source is back from {}", link.peer()));
+            Some(link)
+        }
+        Err(e) => {
+            tracing::warn!("post-copy: no source came back: {e}");
+            None
+        }
+    }
 }
 
 /// Receives one VM and runs it; returns the process exit status.
@@ -238,16 +334,18 @@ pub fn receive_vm(args: &ReceiveArgs) -> i32 {
         Err(e) => return fail("cannot listen", &e),
     };
     // Bound after the listener: once the socket exists, the source can connect.
-    let api = match args.api_sock.as_deref().map(ApiServer::bind).transpose() {
+    let mut api = match args.api_sock.as_deref().map(ApiServer::bind).transpose() {
         Ok(a) => a,
         Err(e) => return fail("cannot open the control socket", &crate::process::error_chain(&e)),
     };
     // A dry run's probe takes the listener as a migration would: listen again on the same
-    // port (the one the kernel chose, if the request said port 0).
+    // port (the one the kernel chose, if the request said port 0); so does a post-copy
+    // whose link was lost.
     let bound = listener.local_addr().unwrap_or(addr);
+    let resume_window = Duration::from_secs(args.resume_window);
     crate::process::say(format_args!("novacron: waiting for a migration on {bound}"));
     let (link, mut incoming, report) = loop {
-        let mut link = match listener.accept() {
+        let link = match listener.accept() {
             Ok(l) => l,
             Err(e) => return fail("no migration arrived", &e),
         };
@@ -262,44 +360,73 @@ pub fn receive_vm(args: &ReceiveArgs) -> i32 {
             },
             spec: None,
             memory: None,
-            ram: Vec::new(),
+            ram: RamLayout::new([]),
             machine: None,
             run: RunState { paused: false },
+            api: api.take(),
+            userfault: None,
+            post_copy: None,
+            running: None,
         };
-        // This VMM does not run post-copy yet (`DestinationVm::check_post_copy` refuses it),
-        // so no link is ever listened for again.
-        let mut relisten = |_| None;
-        match destination::receive(&mut incoming, &mut link, base.as_ref(), destination::RESUME_WINDOW, &mut relisten) {
+        let mut relisten = |deadline| listen_again(bound, &identity, deadline);
+        let (result, link) = destination::receive(&mut incoming, link, base.as_ref(), resume_window, &mut relisten);
+        match result {
             Ok(Received::Vm(report)) => break (link, incoming, report),
             Ok(Received::Probe { bytes }) => {
                 crate::process::say(format_args!(
                     "novacron: a dry run from {peer} measured the link with {} KiB; waiting for the migration again",
                     bytes >> 10
                 ));
-                link.close(Duration::from_millis(300));
+                if let Some(link) = link {
+                    link.close(Duration::from_millis(300));
+                }
+                api = incoming.api.take();
                 listener = match Listener::bind(bound, &identity) {
                     Ok(l) => l,
                     Err(e) => return fail("cannot listen again after a dry run", &e),
                 };
             }
             Err(e) => {
-                link.close(Duration::from_millis(300));
-                return fail("the migration failed; nothing runs here", &crate::process::error_chain(&e));
+                if let Some(link) = link {
+                    link.close(Duration::from_millis(300));
+                }
+                if incoming.running.is_some() {
+                    // The guest ran here and cannot go on: end it with the process.
+                    crate::process::say(format_args!("novacron: VM stopped: {}", crate::process::error_chain(&e)));
+                    let _ = std::io::Write::flush(&mut std::io::stdout());
+                    std::process::exit(crate::process::EXIT_VMM_FAULT);
+                }
+                let what = match e {
+                    ReceiveError::PostCopyUnavailable(_) => "the migration asked for post-copy; nothing runs here",
+                    _ => "the migration failed; nothing runs here",
+                };
+                return fail(what, &crate::process::error_chain(&e));
             }
         }
     };
-    let peer = link.peer();
+    incoming.finish_post_copy();
     crate::process::say(format_args!(
-        "novacron: VM received from {peer} ({} pages, {} KiB on the stream, memory digest {}); {}",
+        "novacron: VM received from {} ({} pages, {} KiB on the stream, memory digest {}{}); {}",
+        link.as_ref().map_or_else(|| "its source".to_string(), |l| l.peer().to_string()),
         report.pages_received,
         report.bytes_received >> 10,
         &report.memory_digest[..16],
+        if report.post_copy_pages > 0 || incoming.running.is_some() {
+            format!("; post-copy: {} pages after the start, {} resumes", report.post_copy_pages, report.resumes)
+        } else {
+            String::new()
+        },
         if incoming.run.paused { "paused, as it was at the source (resume it to run)" } else { "running" }
     ));
-    // The source closes the connection once it has read Running.
-    std::thread::spawn(move || link.wait_closed(Duration::from_secs(2)));
+    // The source closes the connection once it has read Running (or PostCopyComplete).
+    if let Some(link) = link {
+        std::thread::spawn(move || link.wait_closed(Duration::from_secs(2)));
+    }
+    if let Some(running) = incoming.running.take() {
+        return running.join().unwrap_or(crate::process::EXIT_VMM_FAULT);
+    }
     let Some(mut machine) = incoming.machine.take() else {
         return fail("the migration ended without a VM", &"internal error");
     };
-    crate::process::run_machine(&mut machine, api)
+    crate::process::run_machine(&mut machine, incoming.api.take())
 }

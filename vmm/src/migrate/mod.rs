@@ -6,8 +6,11 @@
 //!   pause and save, to resume, or to throttle the vCPUs.
 //! - [`destination`]: `vmm receive`: takes a VM over the network into fresh memory, builds
 //!   it paused, and runs it when the source commits.
+//! - [`post_copy`]: the destination's side of a post-copy: the guest runs while its last
+//!   pages arrive, and waits on those it touches first.
 
 pub mod destination;
+pub mod post_copy;
 pub mod source;
 
 use std::path::PathBuf;

@@ -15,7 +15,7 @@ use novacron_migration::VmFault;
 use novacron_migration::dirty::DirtySet;
 use novacron_migration::page::PAGE_SIZE;
 use novacron_migration::source::{
-    self, Control, Fault, MigrateError, Phase, Prediction, Report, SourceOptions, SourceVm,
+    self, Control, Fault, MigrateError, Phase, PostCopy, Prediction, Report, SourceOptions, SourceVm,
 };
 use novacron_migration::throttle::Bandwidth;
 use novacron_migration::tls::Identity;
@@ -135,6 +135,12 @@ pub fn start(machine: &Machine, request: &MigrateRequest) -> Result<Migration, A
     if request.dry_run && (request.keep_snapshot.is_some() || request.fault.is_some()) {
         return Err(bad("a dry run moves nothing: it takes neither keep_snapshot nor a fault"));
     }
+    if request.dry_run && request.post_copy.is_some() {
+        return Err(bad("a dry run predicts a pre-copy migration only: leave post_copy out"));
+    }
+    if request.post_copy == Some(PostCopy::AfterRounds(0)) {
+        return Err(bad("post_copy after_rounds must be at least 1 (round 0 is the first pass over memory)"));
+    }
     let machine_bytes = postcard::to_stdvec(&machine.spec).map_err(|e| bad(format!("machine spec: {e}")))?;
     let (memory, vm) = machine.memory_and_vm();
     let notify = EventFd::new(EFD_NONBLOCK).map_err(|e| bad(format!("event fd: {e}")))?;
@@ -148,6 +154,7 @@ pub fn start(machine: &Machine, request: &MigrateRequest) -> Result<Migration, A
         compress: request.compress,
         delta_cache: (request.delta_cache_mib << 20) as usize,
         fault: request.fault,
+        post_copy: request.post_copy,
         ..SourceOptions::default()
     };
     let truncate = match request.fault {

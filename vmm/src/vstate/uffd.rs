@@ -313,38 +313,41 @@ const _: () = assert!(std::mem::size_of::<UffdioRegister>() == 32);
 const _: () = assert!(std::mem::size_of::<UffdioCopy>() == 40);
 const _: () = assert!(std::mem::size_of::<UffdioZeropage>() == 32);
 
+/// An anonymous mapping of `pages` pages, unmapped on drop (for tests).
+#[cfg(test)]
+pub(crate) struct Mapping(pub *mut u8, pub usize);
+
+#[cfg(test)]
+impl Mapping {
+    pub fn new(pages: usize) -> Self {
+        let len = pages * PAGE;
+        // SAFETY: a fresh private anonymous mapping; nothing else refers to it.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        Mapping(p.cast(), len)
+    }
+}
+
+#[cfg(test)]
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, no longer used.
+        unsafe { libc::munmap(self.0.cast(), self.1) };
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// An anonymous mapping of `pages` pages, unmapped on drop.
-    struct Mapping(*mut u8, usize);
-
-    impl Mapping {
-        fn new(pages: usize) -> Self {
-            let len = pages * PAGE;
-            // SAFETY: a fresh private anonymous mapping; nothing else refers to it.
-            let p = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    len,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                    -1,
-                    0,
-                )
-            };
-            assert_ne!(p, libc::MAP_FAILED);
-            Mapping(p.cast(), len)
-        }
-    }
-
-    impl Drop for Mapping {
-        fn drop(&mut self) {
-            // SAFETY: the mapping made in `new`, no longer used.
-            unsafe { libc::munmap(self.0.cast(), self.1) };
-        }
-    }
 
     #[test]
     fn faults_wait_for_the_server_which_fills_them_from_its_buffer() {

@@ -1,0 +1,340 @@
+//! Post-copy at the destination: the guest runs before all of its memory is here.
+//!
+//! The pages the source named as out of date are dropped (MADV_DONTNEED) and guest memory
+//! is registered with a userfaultfd (`crate::vstate::uffd`), so a touch of a missing page
+//! waits instead of reading zeroes. A fault thread serves those waits:
+//! - a page still pending is asked of the source (`PageRequest`, on the link the receive
+//!   hands over with `set_link`), again every `REQUEST_AGAIN` while it is still missing
+//!   (a request may go down with a link, and a resumed link needs them again);
+//! - any other missing page was never written at the source either: it gets zeroes.
+//!
+//! The receive puts arriving pages in place (`place`), which wakes whoever waits on them.
+//! When the last one is in, `finish` stops the thread and gives the memory back to the
+//! kernel.
+
+use crate::vstate::uffd::{PAGE, UffdError, Userfault};
+use novacron_migration::dirty::DirtySet;
+use novacron_migration::protocol::Message;
+use novacron_migration::transport::Requester;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// How long a requested page may stay missing before it is asked for again.
+const REQUEST_AGAIN: Duration = Duration::from_millis(200);
+/// At most this many pages in one `PageRequest`.
+const REQUEST_PAGES: usize = 256;
+/// How often the fault thread looks at its stop flag and its old requests.
+const POLL_MS: i32 = 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PostCopyError {
+    #[error("cannot drop page {page} for post-copy")]
+    Drop {
+        page: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("page {0} is outside guest RAM")]
+    NotInRam(u64),
+    #[error(transparent)]
+    Userfault(#[from] UffdError),
+    #[error("cannot start the post-copy fault thread")]
+    Thread(#[source] std::io::Error),
+}
+
+/// Guest RAM as host ranges, in the engine's page numbering (regions back to back).
+#[derive(Debug, Clone)]
+pub struct RamLayout(Vec<(usize, usize)>);
+
+impl RamLayout {
+    /// `ram`: host address and length of each region, in guest order.
+    pub fn new(ram: impl IntoIterator<Item = (usize, usize)>) -> Self {
+        RamLayout(ram.into_iter().collect())
+    }
+
+    /// The host address of page `page`.
+    pub fn host(&self, page: u64) -> Option<usize> {
+        let mut offset = page.checked_mul(PAGE as u64)?;
+        for &(start, len) in &self.0 {
+            if offset < len as u64 {
+                return Some(start + offset as usize);
+            }
+            offset -= len as u64;
+        }
+        None
+    }
+
+    /// The page a host address lies in.
+    fn page(&self, addr: usize) -> Option<u64> {
+        let mut first = 0u64;
+        for &(start, len) in &self.0 {
+            if addr >= start && addr < start + len {
+                return Some(first + ((addr - start) / PAGE) as u64);
+            }
+            first += (len / PAGE) as u64;
+        }
+        None
+    }
+
+    fn pages(&self) -> u64 {
+        self.0.iter().map(|&(_, len)| (len / PAGE) as u64).sum()
+    }
+}
+
+/// Pages still missing, shared by the receive (which clears them) and the fault thread.
+struct Missing(Vec<AtomicU64>);
+
+impl Missing {
+    fn new(pending: &DirtySet, pages: u64) -> Self {
+        let words = (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect::<Vec<_>>();
+        for page in pending.iter() {
+            words[(page / 64) as usize].fetch_or(1 << (page % 64), Ordering::Relaxed);
+        }
+        Missing(words)
+    }
+
+    fn contains(&self, page: u64) -> bool {
+        self.0.get((page / 64) as usize).is_some_and(|w| w.load(Ordering::Acquire) & (1 << (page % 64)) != 0)
+    }
+
+    fn clear(&self, page: u64) {
+        if let Some(w) = self.0.get((page / 64) as usize) {
+            w.fetch_and(!(1 << (page % 64)), Ordering::Release);
+        }
+    }
+}
+
+/// What the receive and the fault thread share.
+struct Shared {
+    uffd: Userfault,
+    layout: RamLayout,
+    missing: Missing,
+    /// Where to ask the source for pages (None between links).
+    link: Mutex<Option<Requester>>,
+    /// Pages the guest waited on (each counted once).
+    faulted: AtomicU64,
+    stop: AtomicBool,
+}
+
+/// The fault side of a running post-copy. Dropping it without `finish` stops the thread
+/// and leaves the memory registered: the guest waits on missing pages forever, which is
+/// what must happen to a guest whose memory cannot be completed (the caller ends it).
+pub struct PostCopyMemory {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl PostCopyMemory {
+    /// Drops the `pending` pages, makes faults on missing pages wait, and starts the
+    /// fault thread. Call it while nothing runs on the memory (the VM is built, paused).
+    pub fn start(uffd: Userfault, layout: RamLayout, pending: &DirtySet) -> Result<Self, PostCopyError> {
+        for &(start, len) in &layout.0 {
+            uffd.register(start as *mut u8, len)?;
+        }
+        for (first, count) in pending.runs() {
+            let addr = layout.host(first).ok_or(PostCopyError::NotInRam(first))?;
+            layout.host(first + count - 1).ok_or(PostCopyError::NotInRam(first + count - 1))?;
+            // SAFETY: the range lies inside guest RAM (both ends were checked), which this
+            // process mapped anonymous and private; dropping its pages makes them missing,
+            // and the userfaultfd registered above makes a later touch wait for them. The
+            // VM is paused and no device runs, so nothing reads them meanwhile.
+            if unsafe { libc::madvise(addr as *mut libc::c_void, count as usize * PAGE, libc::MADV_DONTNEED) } != 0 {
+                return Err(PostCopyError::Drop { page: first, source: std::io::Error::last_os_error() });
+            }
+        }
+        let shared = Arc::new(Shared {
+            uffd,
+            missing: Missing::new(pending, layout.pages()),
+            layout,
+            link: Mutex::new(None),
+            faulted: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+        });
+        let server = FaultServer { shared: shared.clone(), requested: HashMap::new() };
+        let thread = std::thread::Builder::new()
+            .name("post-copy-faults".into())
+            .spawn(move || server.run())
+            .map_err(PostCopyError::Thread)?;
+        Ok(PostCopyMemory { shared, thread: Some(thread) })
+    }
+
+    /// The link to ask the source on, from now on.
+    pub fn set_link(&self, requester: Option<Requester>) {
+        if let Ok(mut link) = self.shared.link.lock() {
+            *link = requester;
+        }
+    }
+
+    /// Puts page `page` in place (`content`, or zeroes) and wakes whoever waits on it.
+    pub fn place(&self, page: u64, content: Option<&[u8]>) -> Result<(), PostCopyError> {
+        let shared = &self.shared;
+        let addr = shared.layout.host(page).ok_or(PostCopyError::NotInRam(page))?;
+        match content {
+            Some(bytes) => shared.uffd.copy(addr as *mut u8, bytes)?,
+            None => shared.uffd.zero(addr as *mut u8, PAGE)?,
+        }
+        shared.missing.clear(page);
+        Ok(())
+    }
+
+    /// How many pages the guest waited on.
+    pub fn faulted(&self) -> u64 {
+        self.shared.faulted.load(Ordering::Relaxed)
+    }
+
+    /// Every page is in: stops the fault thread and gives the memory back to the kernel.
+    pub fn finish(mut self) -> Result<u64, PostCopyError> {
+        self.stop_thread();
+        for &(start, len) in &self.shared.layout.0 {
+            self.shared.uffd.unregister(start as *mut u8, len)?;
+        }
+        Ok(self.faulted())
+    }
+
+    fn stop_thread(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for PostCopyMemory {
+    fn drop(&mut self) {
+        self.stop_thread();
+    }
+}
+
+/// The fault thread's side.
+struct FaultServer {
+    shared: Arc<Shared>,
+    /// Pages asked for and not yet in, with when they were last asked for.
+    requested: HashMap<u64, Instant>,
+}
+
+impl FaultServer {
+    fn run(mut self) {
+        let mut faults = Vec::new();
+        while !self.shared.stop.load(Ordering::Acquire) {
+            if let Err(e) = self.serve(&mut faults) {
+                // The guest's faults can no longer be served: it waits, and the receive's
+                // end (a digest, a lost source) says what became of it.
+                tracing::error!("post-copy: {}", crate::process::error_chain(&e));
+                return;
+            }
+        }
+    }
+
+    fn serve(&mut self, faults: &mut Vec<u64>) -> Result<(), UffdError> {
+        let shared = &*self.shared;
+        faults.clear();
+        if shared.uffd.wait(POLL_MS)? {
+            shared.uffd.read_faults(faults)?;
+        }
+        let now = Instant::now();
+        let mut ask = Vec::new();
+        for &addr in faults.iter() {
+            let Some(page) = shared.layout.page(addr as usize) else {
+                tracing::error!(addr, "post-copy: a fault outside guest RAM");
+                continue;
+            };
+            if shared.missing.contains(page) {
+                if self.requested.insert(page, now).is_none() {
+                    shared.faulted.fetch_add(1, Ordering::Relaxed);
+                }
+                ask.push(page);
+            } else if let Some(host) = shared.layout.host(page) {
+                // Never written at the source (or just put in place: then this only wakes).
+                shared.uffd.zero(host as *mut u8, PAGE)?;
+            }
+        }
+        self.requested.retain(|&page, _| shared.missing.contains(page));
+        for (&page, asked) in self.requested.iter_mut() {
+            if now.duration_since(*asked) >= REQUEST_AGAIN && !ask.contains(&page) {
+                *asked = now;
+                ask.push(page);
+            }
+        }
+        if !ask.is_empty() {
+            let requester = shared.link.lock().ok().and_then(|l| l.clone());
+            for chunk in ask.chunks(REQUEST_PAGES) {
+                // A request lost with its link is asked again after REQUEST_AGAIN.
+                if requester.as_ref().is_none_or(|r| r.send(&Message::PageRequest(chunk.to_vec())).is_err()) {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pages_and_host_addresses_map_both_ways_across_regions() {
+        let layout = RamLayout::new([(0x10_0000, 2 * PAGE), (0x80_0000, 3 * PAGE)]);
+        assert_eq!(layout.pages(), 5);
+        assert_eq!(layout.host(1), Some(0x10_0000 + PAGE));
+        assert_eq!(layout.host(2), Some(0x80_0000));
+        assert_eq!(layout.host(5), None);
+        assert_eq!(layout.page(0x80_0000 + 2 * PAGE + 17), Some(4));
+        assert_eq!(layout.page(0x10_0000 + 2 * PAGE), None, "the gap between regions");
+    }
+
+    #[test]
+    fn missing_pages_clear_one_by_one() {
+        let mut pending = DirtySet::new(130);
+        pending.set(3);
+        pending.set(129);
+        let missing = Missing::new(&pending, 130);
+        assert!(missing.contains(3) && missing.contains(129) && !missing.contains(4));
+        missing.clear(129);
+        assert!(!missing.contains(129) && missing.contains(3));
+        assert!(!missing.contains(1 << 40), "out of range is not missing");
+    }
+
+    #[test]
+    fn a_pending_page_waits_until_placed_and_an_untouched_one_reads_zeroes() {
+        let Ok(uffd) = Userfault::new() else {
+            eprintln!("skipped: no userfaultfd here");
+            return;
+        };
+        let map = crate::vstate::uffd::Mapping::new(4);
+        let (base, len) = (map.0 as usize, map.1);
+        // Pages 0 and 1 were received in pre-copy; page 1 is stale, page 3 was never sent.
+        for page in 0..2 {
+            // SAFETY: pages of the live mapping, before anything else uses it.
+            unsafe { std::ptr::write_volatile((base + page * PAGE) as *mut u64, 0xaa + page as u64) };
+        }
+        let mut pending = DirtySet::new(4);
+        pending.set(1);
+        let memory = PostCopyMemory::start(uffd, RamLayout::new([(base, len)]), &pending).unwrap();
+        // SAFETY (both reads): pages of the live mapping; a missing one waits for the server.
+        let read = move |page: usize| unsafe { std::ptr::read_volatile((base + page * PAGE) as *const u64) };
+        assert_eq!(read(0), 0xaa, "a page received before stays");
+        assert_eq!(read(3), 0, "a page never written reads zeroes");
+        let reader = std::thread::spawn(move || read(1));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while memory.faulted() == 0 {
+            assert!(Instant::now() < deadline, "the stale page's fault reaches the server");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(!reader.is_finished(), "the reader waits for the page, not for the stale copy");
+        let mut page = vec![0u8; PAGE];
+        page[..8].copy_from_slice(&0x5eu64.to_ne_bytes());
+        memory.place(1, Some(&page)).unwrap();
+        assert_eq!(reader.join().unwrap(), 0x5e, "the reader gets the source's page");
+        assert_eq!(memory.finish().unwrap(), 1);
+        let err = PostCopyMemory::start(Userfault::new().unwrap(), RamLayout::new([(base, len)]), &{
+            let mut far = DirtySet::new(8);
+            far.set(6);
+            far
+        });
+        assert!(matches!(err, Err(PostCopyError::NotInRam(6))), "{:?}", err.err());
+    }
+}
