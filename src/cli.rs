@@ -80,7 +80,7 @@ enum VmmCommand {
     Snapshot(SnapshotArgs),
     /// Continue a VM from a snapshot in this process, as `vmm run` does.
     Restore(RestoreArgs),
-    /// Move a running VM to another host's `vmm receive`, live (pre-copy over QUIC).
+    /// Move a running VM to another host's `vmm receive`, live (pre-copy, or post-copy with --post-copy, over QUIC or TLS over TCP).
     Migrate(crate::migrate::MigrateArgs),
     /// Stop a running migration; the VM stays (or becomes again) the one running here.
     MigrateCancel(SocketArgs),

@@ -263,7 +263,7 @@ pub enum VmCommand {
     },
     /// Change a device's rate limits while the VM runs.
     SetLimit(SetLimitArgs),
-    /// Move a running VM to another host of the cluster, live (pre-copy over QUIC).
+    /// Move a running VM to another host of the cluster, live (pre-copy over QUIC or TLS over TCP).
     Migrate(MigrateArgs),
     /// Show a long operation (e.g. a snapshot) by its id.
     Operation {

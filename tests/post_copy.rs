@@ -55,6 +55,16 @@ fn kvm_post_copy_moves_a_guest_that_outruns_the_link_and_it_verifies() {
     assert_eq!(p["resumes"], 0, "{r}");
     assert_eq!(r["digests_matched"], true, "{r}");
     assert_moved(src, &mut dst);
+    // The received VM answers on its control socket (its event loop ran on a thread of
+    // its own during the post-copy) and its VMM says how long the guest waited.
+    let shutdown = common::novacron().args(["vmm", "shutdown", "--api-sock"]).arg(&dst.sock).output().unwrap();
+    assert!(shutdown.status.success(), "{}", stderr(&shutdown));
+    let (status, err) = dst.vm.wait_exit(TIMEOUT).unwrap();
+    assert!(status.success(), "{err}");
+    let waited =
+        err.lines().find(|l| l.contains("post-copy done: the guest waited on")).unwrap_or_else(|| panic!("{err}"));
+    eprintln!("{waited}\n{}", r["post_copy"]);
+    assert!(!waited.contains("waited on 0 pages"), "{waited}");
 }
 
 #[test]

@@ -23,9 +23,12 @@ use std::time::{Duration, Instant};
 const IN_FLIGHT_MIN: u64 = 8 << 20;
 const IN_FLIGHT_TIME: Duration = Duration::from_millis(100);
 /// During post-copy the guest waits on the pages it asks for, behind what is in flight:
-/// a shorter queue (10 ms and two round trips, at least 1 MiB).
+/// a shorter queue (10 ms and two round trips), in smaller batches (what 10 ms carries,
+/// at least `POST_COPY_BATCH_MIN` pages), so that a slow link does not hold a fault behind
+/// a whole batch. Until the link's rate is known the queue is at least 1 MiB.
 const POST_COPY_IN_FLIGHT_MIN: u64 = 1 << 20;
 const POST_COPY_IN_FLIGHT_TIME: Duration = Duration::from_millis(10);
+const POST_COPY_BATCH_MIN: usize = 16;
 
 /// What happened, for the machine to handle.
 #[derive(Debug)]
@@ -554,16 +557,36 @@ impl SourceMachine {
     /// link, at least IN_FLIGHT_MIN. Beyond it pages wait in guest memory, not in queues:
     /// read later they are fresher (a page written meanwhile goes once, not twice), and
     /// the compression choice follows the link sooner.
+    /// During post-copy: 10 ms and two round trips, at least two push batches once the
+    /// link's rate is known (else POST_COPY_IN_FLIGHT_MIN).
     fn in_flight_cap(&self) -> u64 {
-        let mut rate = self.link_rate.unwrap_or(0.0);
-        if self.bandwidth_limit > 0 {
-            rate = rate.min(self.bandwidth_limit as f64);
+        let rate = self.rate();
+        match self.post_copy {
+            Some(_) => {
+                let min = match rate {
+                    Some(_) => 2 * (self.push_batch() * PAGE_SIZE) as u64,
+                    None => POST_COPY_IN_FLIGHT_MIN,
+                };
+                ((rate.unwrap_or(0.0) * (POST_COPY_IN_FLIGHT_TIME + self.rtt * 2).as_secs_f64()) as u64).max(min)
+            }
+            None => ((rate.unwrap_or(0.0) * (IN_FLIGHT_TIME + self.rtt * 2).as_secs_f64()) as u64).max(IN_FLIGHT_MIN),
         }
-        let (time, min) = match self.post_copy {
-            Some(_) => (POST_COPY_IN_FLIGHT_TIME, POST_COPY_IN_FLIGHT_MIN),
-            None => (IN_FLIGHT_TIME, IN_FLIGHT_MIN),
-        };
-        ((rate * (time + self.rtt * 2).as_secs_f64()) as u64).max(min)
+    }
+
+    /// What the link carries in bytes per second: the measured rate, under the limit.
+    fn rate(&self) -> Option<f64> {
+        let limit = (self.bandwidth_limit > 0).then_some(self.bandwidth_limit as f64);
+        match (self.link_rate, limit) {
+            (Some(r), Some(l)) => Some(r.min(l)),
+            (r, l) => r.or(l),
+        }
+    }
+
+    /// Pages in one batch of the post-copy's push: what the link carries in 10 ms.
+    fn push_batch(&self) -> usize {
+        let pages =
+            self.rate().map_or(BATCH_PAGES as f64, |r| r * POST_COPY_IN_FLIGHT_TIME.as_secs_f64() / PAGE_SIZE as f64);
+        (pages as usize).clamp(POST_COPY_BATCH_MIN, BATCH_PAGES)
     }
 
     /// Asks for the next pages of the set, or goes on once it is sent.
@@ -720,8 +743,9 @@ impl SourceMachine {
             self.link_wait = true;
             return Ok(());
         }
+        let batch = self.push_batch();
         let Some(run) = self.post_copy.as_mut() else { return Ok(()) };
-        while self.reading.len() < BATCH_PAGES
+        while self.reading.len() < batch
             && let Some(page) = run.requested.pop_front()
         {
             if run.pending.contains(page) {
@@ -731,7 +755,7 @@ impl SourceMachine {
             }
         }
         if self.reading.is_empty() {
-            run.pending.take_first(BATCH_PAGES, &mut run.scan, &mut self.reading);
+            run.pending.take_first(batch, &mut run.scan, &mut self.reading);
         }
         self.progress.remaining_pages = run.pending.count();
         if !self.reading.is_empty() {

@@ -266,7 +266,13 @@ impl Incoming {
     fn finish_post_copy(&mut self) {
         let Some(post_copy) = self.post_copy.take() else { return };
         match post_copy.finish() {
-            Ok(faulted) => tracing::info!(faulted, "post-copy done: the guest waited on {faulted} pages"),
+            Ok(f) => crate::process::say(format_args!(
+                "novacron: post-copy done: the guest waited on {} pages, {:.1} ms at the median, {:.1} ms at p99, {:.1} ms at most",
+                f.pages,
+                f.p50_us as f64 / 1000.0,
+                f.p99_us as f64 / 1000.0,
+                f.max_us as f64 / 1000.0
+            )),
             Err(e) => tracing::warn!("post-copy done, but: {}", crate::process::error_chain(&e)),
         }
     }

@@ -116,7 +116,26 @@ struct Shared {
     link: Mutex<Option<Requester>>,
     /// Pages the guest waited on (each counted once).
     faulted: AtomicU64,
+    waits: Mutex<Waits>,
     stop: AtomicBool,
+}
+
+/// How long the guest waited on each page it touched while missing.
+#[derive(Default)]
+struct Waits {
+    /// Missing pages something waits on, since their first fault.
+    since: HashMap<u64, Instant>,
+    /// Each wait that ended, in microseconds.
+    waited_us: Vec<u64>,
+}
+
+/// How long the guest waited on the pages it touched before they arrived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FaultFigures {
+    pub pages: u64,
+    pub p50_us: u64,
+    pub p99_us: u64,
+    pub max_us: u64,
 }
 
 /// The fault side of a running post-copy. Dropping it without `finish` stops the thread
@@ -151,6 +170,7 @@ impl PostCopyMemory {
             layout,
             link: Mutex::new(None),
             faulted: AtomicU64::new(0),
+            waits: Mutex::new(Waits::default()),
             stop: AtomicBool::new(false),
         });
         let server = FaultServer { shared: shared.clone(), requested: HashMap::new() };
@@ -177,6 +197,11 @@ impl PostCopyMemory {
             None => shared.uffd.zero(addr as *mut u8, PAGE)?,
         }
         shared.missing.clear(page);
+        if let Ok(mut waits) = shared.waits.lock()
+            && let Some(since) = waits.since.remove(&page)
+        {
+            waits.waited_us.push(since.elapsed().as_micros() as u64);
+        }
         Ok(())
     }
 
@@ -186,12 +211,21 @@ impl PostCopyMemory {
     }
 
     /// Every page is in: stops the fault thread and gives the memory back to the kernel.
-    pub fn finish(mut self) -> Result<u64, PostCopyError> {
+    /// Answers how long the guest waited on pages.
+    pub fn finish(mut self) -> Result<FaultFigures, PostCopyError> {
         self.stop_thread();
         for &(start, len) in &self.shared.layout.0 {
             self.shared.uffd.unregister(start as *mut u8, len)?;
         }
-        Ok(self.faulted())
+        let mut waited = self.shared.waits.lock().map(|w| w.waited_us.clone()).unwrap_or_default();
+        waited.sort_unstable();
+        let at = |q: usize| waited.get((waited.len() * q / 100).min(waited.len().saturating_sub(1))).copied();
+        Ok(FaultFigures {
+            pages: self.faulted(),
+            p50_us: at(50).unwrap_or(0),
+            p99_us: at(99).unwrap_or(0),
+            max_us: waited.last().copied().unwrap_or(0),
+        })
     }
 
     fn stop_thread(&mut self) {
@@ -244,6 +278,9 @@ impl FaultServer {
             if shared.missing.contains(page) {
                 if self.requested.insert(page, now).is_none() {
                     shared.faulted.fetch_add(1, Ordering::Relaxed);
+                    if let Ok(mut waits) = shared.waits.lock() {
+                        waits.since.entry(page).or_insert(now);
+                    }
                 }
                 ask.push(page);
             } else if let Some(host) = shared.layout.host(page) {
@@ -329,7 +366,9 @@ mod tests {
         page[..8].copy_from_slice(&0x5eu64.to_ne_bytes());
         memory.place(1, Some(&page)).unwrap();
         assert_eq!(reader.join().unwrap(), 0x5e, "the reader gets the source's page");
-        assert_eq!(memory.finish().unwrap(), 1);
+        let figures = memory.finish().unwrap();
+        assert_eq!(figures.pages, 1);
+        assert!(figures.max_us > 0 && figures.p50_us == figures.max_us, "one wait, measured: {figures:?}");
         let err = PostCopyMemory::start(Userfault::new().unwrap(), RamLayout::new([(base, len)]), &{
             let mut far = DirtySet::new(8);
             far.set(6);
