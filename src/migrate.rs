@@ -111,11 +111,11 @@ pub struct MigrateArgs {
     dry_run: bool,
     /// Switch to post-copy: the VM runs at the destination before its last pages are
     /// there, which fetches each page it touches first. `after-rounds=N` switches after N
-    /// pre-copy rounds (1: after the first pass over memory); `auto` only where pre-copy
-    /// would not converge. The guest then depends on both hosts and the link until the
+    /// pre-copy rounds (1: after the first pass over memory) unless they converge first;
+    /// `auto` only where pre-copy would throttle the guest or give up. The guest then depends on both hosts and the link until the
     /// last page is in: a link lost meanwhile is resumed for 60 s, and if either side dies
     /// the guest is lost. Default: pre-copy only.
-    #[arg(long, value_name = "WHEN", value_parser = parse_post_copy)]
+    #[arg(long, value_name = "WHEN", value_parser = str::parse::<PostCopy>)]
     post_copy: Option<PostCopy>,
     /// Print the report as JSON.
     #[arg(long)]
@@ -363,18 +363,6 @@ fn print_prediction(p: &Prediction, to: &str) {
         for a in &p.advice {
             println!("    {a}");
         }
-    }
-}
-
-/// `--post-copy`: `auto` or `after-rounds=N` (N at least 1).
-fn parse_post_copy(s: &str) -> Result<PostCopy, String> {
-    if s == "auto" {
-        return Ok(PostCopy::Auto);
-    }
-    let rounds = s.strip_prefix("after-rounds=").ok_or_else(|| format!("{s:?}: expected auto or after-rounds=N"))?;
-    match rounds.parse::<u32>() {
-        Ok(n) if n >= 1 => Ok(PostCopy::AfterRounds(n)),
-        _ => Err(format!("{rounds:?}: after-rounds takes a number of rounds, at least 1")),
     }
 }
 

@@ -185,8 +185,13 @@ pub struct MigrateArgs {
     /// pipeline for about a second, and say how long it would take, how long the guest
     /// would pause, how many bytes would go, and whether it would converge (and else what
     /// would make it). The VM stays where it is.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "post_copy")]
     dry_run: bool,
+    /// Switch to post-copy, as `vmm migrate --post-copy`: `after-rounds=N` or `auto`.
+    /// The VM runs at the target at once and fetches its last pages from here; until they
+    /// are in, a host lost on either side loses the VM.
+    #[arg(long, value_name = "WHEN", value_parser = str::parse::<novacron_migration::source::PostCopy>)]
+    post_copy: Option<novacron_migration::source::PostCopy>,
     /// Print the operation id and return at once instead of following it.
     #[arg(long)]
     no_wait: bool,
@@ -616,6 +621,7 @@ pub fn vm(remote: &Remote, cmd: VmCommand) -> i32 {
                 downtime_ms: a.downtime_ms,
                 to_address: String::new(),
                 dry_run: a.dry_run,
+                post_copy: a.post_copy.map(|p| p.to_string()).unwrap_or_default(),
             };
             let op = c.migrate_vm(request).await?.into_inner();
             started(&mut c, op, a.no_wait, output).await

@@ -7,7 +7,7 @@ mod common;
 use common::daemon::{Daemon, pid_of, serial, str_of, wait_heartbeat};
 use common::stderr;
 use novacron_guest_image::watch::kvm_or_skip;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 const WORKLOAD: &str = "ws=4 rate=200 verify=500 hb=100";
@@ -85,6 +85,71 @@ fn placement_rules_are_honoured_across_three_hosts() {
     assert_eq!(from_member.as_array().unwrap().len(), 8);
 }
 
+/// The guest went on at the destination (serial log `dst_log`) where it stopped at the
+/// source (`src_log`, which had beaten `seen` times): the next heartbeat, no reboot, and
+/// its memory verified.
+fn assert_went_on(dst_log: &Path, src_log: &Path, seen: u64) {
+    let deadline = Instant::now() + common::TIMEOUT;
+    loop {
+        let text = std::fs::read_to_string(dst_log).unwrap_or_default();
+        if text.contains("VERIFY OK") {
+            break;
+        }
+        assert!(!text.contains("VERIFY FAIL"), "{text}");
+        assert!(Instant::now() < deadline, "no VERIFY OK at the destination: {text}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (beats, boots) = serial(dst_log);
+    assert_eq!(boots, 0, "not booted again");
+    assert!(beats[0] > seen, "the heartbeat sequence goes on: {} after {seen}", beats[0]);
+    let src_last = *serial(src_log).0.last().unwrap();
+    assert_eq!(beats[0], src_last + 1, "no heartbeat lost or repeated");
+}
+
+#[test]
+fn kvm_a_busy_vm_moves_between_hosts_with_post_copy() {
+    if !kvm_or_skip("kvm_a_busy_vm_moves_between_hosts_with_post_copy") {
+        return;
+    }
+    let h1 = Daemon::start("h1");
+    let h2 = Daemon::join("h2", &h1, &[]);
+    h1.ok(&["vm", "create", "busy", "--vcpus", "2", "--mem", "64", "--cmdline", "ws=4 rate=2000 verify=300 hb=100"]);
+    let before = h1.wait_vm("busy", "ran", |v| str_of(v, "phase") == "running");
+    assert_eq!(str_of(&before, "host"), "h1", "on empty hosts, spread breaks the tie by name");
+    let src_log = PathBuf::from(str_of(&before, "serial_log"));
+    // The workload runs once the guest has verified its working set twice.
+    let deadline = Instant::now() + common::TIMEOUT;
+    while std::fs::read_to_string(&src_log).unwrap_or_default().matches("VERIFY OK").count() < 2 {
+        assert!(Instant::now() < deadline, "the guest never verified its memory");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let seen = wait_heartbeat(&src_log, 3);
+    let bad = h1.cli(&["vm", "migrate", "busy", "--to-host", "h2", "--post-copy", "after-rounds=0"]);
+    assert!(stderr(&bad).contains("at least 1"), "{}", stderr(&bad));
+
+    // The guest's pages compress well (the daemon compresses), but not below what
+    // 50 kB/s carries of 2000 written a second: one round, then post-copy.
+    let done = h1.json(&[
+        "vm",
+        "migrate",
+        "busy",
+        "--to-host",
+        "h2",
+        "--max-bandwidth",
+        "50k",
+        "--post-copy",
+        "after-rounds=1",
+    ]);
+    assert_eq!(str_of(&done, "state"), "succeeded", "{done}");
+    let message = str_of(&done, "message");
+    assert!(message.contains("post-copy: ") && message.contains("memory verified"), "{done}");
+    let after = h1.vm("busy");
+    assert_eq!((str_of(&after, "host"), str_of(&after, "phase")), ("h2", "running"), "{after}");
+    assert!(h1.vmm_pids().is_empty(), "the source VMM is gone");
+    assert_eq!(h2.vmm_pids(), [pid_of(&after)], "one VMM, at the destination");
+    assert_went_on(&PathBuf::from(str_of(&after, "serial_log")), &src_log, seen);
+}
+
 #[test]
 fn kvm_a_vm_migrates_between_hosts_through_the_control_port() {
     if !kvm_or_skip("kvm_a_vm_migrates_between_hosts_through_the_control_port") {
@@ -149,23 +214,7 @@ fn kvm_a_vm_migrates_between_hosts_through_the_control_port() {
     assert_eq!(host_of(&h1, "pinned"), "h1", "the refused migration changed nothing");
     assert_eq!(h2.vmm_pids(), [pid_of(&after)], "one VMM, at the destination");
 
-    // The guest went on at the destination: the next heartbeat, and its memory verified.
-    let dst_log = PathBuf::from(str_of(&after, "serial_log"));
-    let deadline = Instant::now() + common::TIMEOUT;
-    loop {
-        let text = std::fs::read_to_string(&dst_log).unwrap_or_default();
-        if text.contains("VERIFY OK") {
-            break;
-        }
-        assert!(!text.contains("VERIFY FAIL"), "{text}");
-        assert!(Instant::now() < deadline, "no VERIFY OK at the destination: {text}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let (beats, boots) = serial(&dst_log);
-    assert_eq!(boots, 0, "not booted again");
-    assert!(beats[0] > seen, "the heartbeat sequence goes on: {} after {seen}", beats[0]);
-    let src_last = *serial(&src_log).0.last().unwrap();
-    assert_eq!(beats[0], src_last + 1, "no heartbeat lost or repeated");
+    assert_went_on(&PathBuf::from(str_of(&after, "serial_log")), &src_log, seen);
 
     // The destination supervises it now: a SIGKILLed VMM is restarted there.
     // SAFETY: kill has no memory effects; the pid is this test's VMM.

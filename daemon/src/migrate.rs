@@ -19,6 +19,7 @@ use crate::operations::Progress;
 use crate::pb;
 use crate::service::{ControlService, ask, forwarded, unavailable};
 use novacron_actors::{HostMsg, Incoming, VmError, VmMsg, VmPhase};
+use novacron_migration::source::PostCopy;
 use novacron_vmm::api::{MigrateRequest, Request as VmmRequest};
 use ractor::ActorRef;
 use ractor::rpc::CallResult;
@@ -42,6 +43,9 @@ pub async fn orchestrate(
     mut r: pb::MigrateVmRequest,
 ) -> Result<pb::Operation, Status> {
     convert::name(&r.to_host).map_err(|_| invalid(format!("host name {:?} is not valid", r.to_host)))?;
+    if post_copy(&r)?.is_some() && r.dry_run {
+        return Err(invalid("a dry run predicts a pre-copy migration only: leave post_copy out"));
+    }
     let source = ractor::call_t!(cluster, |reply| ClusterMsg::Locate(r.name.clone(), reply), 5000)
         .map_err(unavailable)?
         .ok_or_else(|| Status::not_found(format!("no VM named {:?} in the cluster", r.name)))?;
@@ -166,6 +170,14 @@ pub async fn migrate_out(svc: &ControlService, r: pb::MigrateVmRequest) -> Resul
     Ok(op)
 }
 
+/// The request's post-copy choice, checked.
+fn post_copy(r: &pb::MigrateVmRequest) -> Result<Option<PostCopy>, Status> {
+    match r.post_copy.as_str() {
+        "" => Ok(None),
+        s => s.parse().map(Some).map_err(invalid),
+    }
+}
+
 /// What the VM's VMM is asked to do.
 fn vmm_request(svc: &ControlService, r: &pb::MigrateVmRequest, to: String, id: String) -> VmmRequest {
     VmmRequest::Migrate(MigrateRequest {
@@ -180,7 +192,8 @@ fn vmm_request(svc: &ControlService, r: &pb::MigrateVmRequest, to: String, id: S
         transport: Default::default(),
         dry_run: r.dry_run,
         fault: None,
-        post_copy: None,
+        // Checked by `orchestrate`, on the primary.
+        post_copy: post_copy(r).ok().flatten(),
         id: Some(id),
     })
 }
@@ -339,11 +352,15 @@ async fn finish(
             let report = response.migration.and_then(|m| m.report);
             let message = match report {
                 Some(r) => format!(
-                    "moved in {} ms, {} rounds, downtime {:.1} ms, {:.1} MiB sent, memory verified ({})",
+                    "moved in {} ms, {} rounds, downtime {:.1} ms, {:.1} MiB sent, {}memory verified ({})",
                     r.total_ms,
                     r.rounds,
                     r.downtime_us as f64 / 1000.0,
                     r.bytes_sent as f64 / f64::from(1 << 20),
+                    r.post_copy.map_or(String::new(), |p| format!(
+                        "post-copy: {} pages after the switchover ({} asked for by the guest) in {} ms, ",
+                        p.pages, p.requested, p.post_copy_ms
+                    )),
                     &r.memory_digest[..r.memory_digest.len().min(16)]
                 ),
                 None => "moved".into(),

@@ -122,6 +122,35 @@ pub enum PostCopy {
     Auto,
 }
 
+/// As `vmm migrate --post-copy` takes it: `auto` or `after-rounds=N` (N at least 1).
+impl std::str::FromStr for PostCopy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "auto" {
+            return Ok(PostCopy::Auto);
+        }
+        let rounds = s
+            .strip_prefix("after-rounds=")
+            .ok_or_else(|| format!("post-copy {s:?}: expected auto or after-rounds=N"))?;
+        match rounds.parse::<u32>() {
+            Ok(n) if n >= 1 => Ok(PostCopy::AfterRounds(n)),
+            _ => Err(format!(
+                "post-copy after-rounds={rounds}: give a number of rounds, at least 1 (round 0 is the first pass over memory)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for PostCopy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PostCopy::Auto => f.write_str("auto"),
+            PostCopy::AfterRounds(n) => write!(f, "after-rounds={n}"),
+        }
+    }
+}
+
 impl Default for SourceOptions {
     fn default() -> Self {
         SourceOptions {
