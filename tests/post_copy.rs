@@ -152,7 +152,13 @@ fn kvm_post_copy_link_cut_in_the_middle_resumes_and_the_guest_verifies() {
     wait_for_post_copy(&src, &mut child);
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(cutter.cut(), 1, "one connection carried the migration");
-    let r = report(&child.wait_with_output().unwrap());
+    let out = child.wait_with_output().unwrap();
+    if !out.status.success() {
+        let _ = dst.vm.child.kill();
+        let (_, err) = dst.vm.wait_exit(TIMEOUT).unwrap();
+        panic!("the migration failed: {}\nthe destination said: {err}", stderr(&out));
+    }
+    let r = report(&out);
 
     let p = &r["post_copy"];
     assert!(p["resumes"].as_u64().unwrap() >= 1, "the post-copy resumed on a new link: {r}");
@@ -177,6 +183,20 @@ fn kvm_post_copy_source_killed_in_the_middle_the_destination_says_what_is_lost_a
     let extra = [&OUTRUN[..], &["--post-copy", "after-rounds=1"]].concat();
     let mut child = migrate_cmd(&src, &addr, &tls, &extra).spawn().unwrap();
     wait_for_post_copy(&src, &mut child);
+    // Until its last pages are in, the destination's VM can be neither moved on nor
+    // snapshotted (either would wait on the source).
+    let again = migrate(&dst, &addr, &tls, &[]);
+    assert!(!again.status.success() && stderr(&again).contains("still arriving"), "{}", stderr(&again));
+    let snap = dir.path().join("snap");
+    let snapshot = common::novacron()
+        .args(["vmm", "snapshot", "--api-sock"])
+        .arg(&dst.sock)
+        .arg("--to")
+        .arg(&snap)
+        .output()
+        .unwrap();
+    assert!(stderr(&snapshot).contains("still arriving"), "{}", stderr(&snapshot));
+    assert!(!snap.exists(), "nothing was written");
     src.vm.child.kill().unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(!out.status.success(), "the migrate call lost its VMM");

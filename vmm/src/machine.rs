@@ -72,6 +72,8 @@ pub struct Machine {
     /// Whether a fenced VM runs again once permitted (it ran when it was fenced).
     run_when_permitted: bool,
     start: StartClock,
+    /// True while a post-copy still brings pages in (`migrate::post_copy`).
+    memory_arriving: Arc<std::sync::atomic::AtomicBool>,
     // Dropped last, in this order: the loader of a lazy restore (once the vCPUs are
     // gone: one may wait on it), the buses (devices), the VM fd, then guest memory.
     lazy: Option<LazyMemory>,
@@ -118,6 +120,7 @@ impl Machine {
             fenced,
             run_when_permitted: fenced,
             start,
+            memory_arriving: Arc::default(),
             lazy,
             _buses: buses,
             vm,
@@ -344,6 +347,25 @@ impl Machine {
                 ),
             )
         })
+    }
+
+    /// A flag that stays true while a post-copy still brings the VM's pages in: until
+    /// then it can be neither migrated nor snapshotted (each would wait on the source).
+    pub fn memory_arriving_flag(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        self.memory_arriving.clone()
+    }
+
+    /// Refuses what must wait for a post-copy's last pages.
+    pub fn check_memory_here(&self, what: &str) -> Result<(), ApiError> {
+        if self.memory_arriving.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(ApiError::new(
+                ErrorKind::InvalidState,
+                format!(
+                    "cannot {what} yet: the VM's memory is still arriving from its post-copy; try again in a moment"
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Whether all of guest memory is in: false while a lazy restore still loads it.

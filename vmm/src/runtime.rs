@@ -262,7 +262,9 @@ impl Loop {
             Request::Evict { owner_epoch } => Answer::Stop(Response::done(), VmExit::Evicted(owner_epoch)),
             Request::Snapshot { dir, paused } => {
                 let started = std::time::Instant::now();
-                if let Err(e) = crate::api::check_snapshot_dir("dir", &dir) {
+                if let Err(e) =
+                    machine.check_memory_here("snapshot it").and_then(|()| crate::api::check_snapshot_dir("dir", &dir))
+                {
                     return Ok(Answer::Now(Response::error(e)));
                 }
                 Answer::Now(match machine.snapshot(std::path::Path::new(&dir), paused) {
@@ -285,6 +287,9 @@ impl Loop {
                 if let Some(m) = &self.migration {
                     let msg = format!("a migration to {} is running already", m.to);
                     return Ok(Answer::Now(Response::error(ApiError::new(ErrorKind::InvalidState, msg))));
+                }
+                if let Err(e) = machine.check_memory_here("migrate it") {
+                    return Ok(Answer::Now(Response::error(e)));
                 }
                 match source::start(machine, &request) {
                     Ok(mut m) => {

@@ -77,6 +77,10 @@ const MAX_PAGES: u64 = 1 << 32;
 pub const MAX_PROBE_BYTES: u64 = 1 << 30;
 /// During post-copy, how long a lost link waits for the source to come back.
 pub const RESUME_WINDOW: Duration = Duration::from_secs(60);
+/// How long a new link during post-copy may take to say `Resume`: a connection the
+/// source itself gave up on (it timed out there, and it connects again) must not hold the
+/// port for the whole window.
+pub const RESUME_HELLO: Duration = Duration::from_secs(3);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReceiveError {
@@ -309,6 +313,8 @@ pub struct DestinationMachine<'b> {
     ours: Option<Digests>,
     post_copy: PostCopy,
     resume_window: Duration,
+    /// In `Resuming`: when the new link's `Resume` is due.
+    resume_due: Option<Instant>,
 }
 
 /// What this side knows of a post-copy.
@@ -343,6 +349,7 @@ impl<'b> DestinationMachine<'b> {
             ours: None,
             post_copy: PostCopy::default(),
             resume_window: RESUME_WINDOW,
+            resume_due: None,
         }
     }
 
@@ -363,7 +370,10 @@ impl<'b> DestinationMachine<'b> {
 
     /// When the machine wants `Event::Timer` at the latest, unless a frame comes first.
     pub fn deadline(&self) -> Instant {
-        self.deadline
+        match (self.step, self.resume_due) {
+            (Step::Resuming, Some(due)) => due.min(self.deadline),
+            _ => self.deadline,
+        }
     }
 
     /// The digest of the memory written so far (from the first Pages on).
@@ -427,6 +437,12 @@ impl<'b> DestinationMachine<'b> {
         let unexpected =
             |step: Step, event: &Event| ReceiveError::Unexpected { expected: step.due(), got: event.name() };
         if let Event::Timer = event {
+            if self.step == Step::Resuming && now < self.deadline && self.resume_due.is_some_and(|due| now >= due) {
+                self.step = Step::AwaitingResume;
+                return Ok(Some(Action::Reject(format!(
+                    "no Resume within {RESUME_HELLO:?} on a new link: listening for the source again"
+                ))));
+            }
             if now < self.deadline {
                 return Ok(None);
             }
@@ -442,7 +458,7 @@ impl<'b> DestinationMachine<'b> {
             return self.link_lost(now, e);
         }
         if matches!(self.step, Step::AwaitingResume | Step::Resuming) {
-            return Ok(self.resuming(event));
+            return Ok(self.resuming(now, event));
         }
         self.deadline = now + MESSAGE_TIMEOUT;
         if let Event::Frame { len, .. } = &event {
@@ -602,10 +618,11 @@ impl<'b> DestinationMachine<'b> {
     }
 
     /// During a resume: only the source's Resume, with this migration's session, is taken.
-    fn resuming(&mut self, event: Event) -> Option<Action> {
+    fn resuming(&mut self, now: Instant, event: Event) -> Option<Action> {
         match (self.step, event) {
             (Step::AwaitingResume, Event::Relinked) => {
                 self.step = Step::Resuming;
+                self.resume_due = Some(now + RESUME_HELLO);
                 None
             }
             (Step::Resuming, Event::Frame { message: Message::Resume(session), len })

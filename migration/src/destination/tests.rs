@@ -119,6 +119,33 @@ fn test_the_post_copy_fuzz_seeds_reach_the_end_and_the_digest_failure() {
 }
 
 #[test]
+fn test_a_new_link_that_never_says_resume_is_dropped_and_the_next_one_resumes() {
+    let mut run = Run::new(TestVm { post_copy: true, ..TestVm::default() });
+    let mut frames = seed("post-copy.bin");
+    frames.truncate(frames.len() - 2); // the guest runs; its last pages have not come
+    run.frames(frames);
+    assert_eq!(run.machine.step(), Step::PostCopy);
+    let relisten = run.machine.handle(run.now, Event::LinkLost(LinkError::Closed), &mut run.vm);
+    assert!(matches!(relisten, Some(Action::Relisten)), "{relisten:?}");
+    // A link that stays silent: after RESUME_HELLO it is rejected, and the port listened on again.
+    assert!(run.machine.handle(run.now, Event::Relinked, &mut run.vm).is_none());
+    assert_eq!(run.machine.deadline(), run.now + RESUME_HELLO);
+    let quiet = run.machine.handle(run.now + RESUME_HELLO - Duration::from_millis(1), Event::Timer, &mut run.vm);
+    assert!(quiet.is_none(), "{quiet:?}");
+    let reject = run.machine.handle(run.now + RESUME_HELLO, Event::Timer, &mut run.vm);
+    assert!(matches!(&reject, Some(Action::Reject(why)) if why.contains("no Resume")), "{reject:?}");
+    assert_eq!(run.machine.step(), Step::AwaitingResume);
+    // The next link resumes, within the window.
+    run.now += RESUME_HELLO;
+    assert!(run.machine.handle(run.now, Event::Relinked, &mut run.vm).is_none());
+    let Message::PostCopyPending(pending) = &seed("post-copy.bin")[4] else { panic!("the seed's fifth frame") };
+    let session = pending.session;
+    let (sent, failed) = run.frame(Message::Resume(session));
+    assert!(failed.is_none() && matches!(sent[..], [Message::PostCopyPending(_)]), "{sent:?} {failed:?}");
+    assert_eq!(run.machine.step(), Step::PostCopy);
+}
+
+#[test]
 fn test_post_copy_is_refused_by_a_vm_that_cannot_and_pending_pages_need_the_offer() {
     let mut run = Run::new(TestVm::default());
     let frames = seed("post-copy.bin");

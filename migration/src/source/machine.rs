@@ -790,10 +790,16 @@ impl SourceMachine {
 
     /// The link is gone after the guest may have started there: connect again.
     fn post_copy_link_lost(&mut self, now: Instant, e: LinkError) -> Result<(), MigrateError> {
-        if let LinkError::PeerAborted(reason) = e {
-            return Err(MigrateError::DestinationAborted(reason));
+        let resuming = matches!(self.step, SourceStep::Reconnecting | SourceStep::Resuming);
+        // An abort on a link being resumed is about that link (the destination gave up on
+        // it, or another receiver took the port): connect again. On the link the post-copy
+        // ran on, it is the destination's verdict on the guest.
+        if let LinkError::PeerAborted(reason) = &e
+            && !resuming
+        {
+            return Err(MigrateError::DestinationAborted(reason.clone()));
         }
-        if !matches!(self.step, SourceStep::Reconnecting | SourceStep::Resuming) {
+        if !resuming {
             tracing::warn!("post-copy: the link is lost ({e}); connecting again");
             self.deadline = Some(now + self.options.resume_window);
         }

@@ -22,6 +22,8 @@ use novacron_migration::tls::Identity;
 use novacron_migration::transport::{Link, Listener};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
@@ -85,6 +87,8 @@ struct Incoming {
     /// During post-copy the VM's event loop runs on this thread, while the receive goes on
     /// here; it answers the process exit status.
     running: Option<JoinHandle<i32>>,
+    /// The running VM's `Machine::memory_arriving_flag`, cleared when the post-copy ends.
+    memory_arriving: Option<Arc<AtomicBool>>,
 }
 
 /// Why the VMM could not take the VM in (the engine keeps it as the source of its
@@ -250,6 +254,10 @@ impl Incoming {
         let userfault = self.userfault.take().ok_or(IncomingError::NotChecked)?;
         let post_copy = PostCopyMemory::start(userfault, self.ram.clone(), pending).map_err(IncomingError::PostCopy)?;
         self.post_copy = Some(post_copy);
+        let machine = self.machine.as_ref().ok_or(IncomingError::NotBuilt)?;
+        let arriving = machine.memory_arriving_flag();
+        arriving.store(true, Ordering::Release);
+        self.memory_arriving = Some(arriving);
         self.start_machine()?;
         let mut machine = self.machine.take().ok_or(IncomingError::NotBuilt)?;
         let api = self.api.take();
@@ -265,6 +273,9 @@ impl Incoming {
     /// The end of a post-copy that completed: every page is in.
     fn finish_post_copy(&mut self) {
         let Some(post_copy) = self.post_copy.take() else { return };
+        if let Some(arriving) = self.memory_arriving.take() {
+            arriving.store(false, Ordering::Release);
+        }
         match post_copy.finish() {
             Ok(f) => crate::process::say(format_args!(
                 "novacron: post-copy done: the guest waited on {} pages, {:.1} ms at the median, {:.1} ms at p99, {:.1} ms at most",
@@ -373,6 +384,7 @@ pub fn receive_vm(args: &ReceiveArgs) -> i32 {
             userfault: None,
             post_copy: None,
             running: None,
+            memory_arriving: None,
         };
         let mut relisten = |deadline| listen_again(bound, &identity, deadline);
         let (result, link) = destination::receive(&mut incoming, link, base.as_ref(), resume_window, &mut relisten);
