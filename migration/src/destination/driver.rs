@@ -47,7 +47,8 @@ fn drive<V: DestinationVm>(
         }
         let event = match (pending.take(), link.as_mut()) {
             (Some(event), _) => event,
-            (None, None) => Event::Timer,
+            // No link since a relisten that found none (its port was busy): listen again.
+            (None, None) => Event::LinkLost(LinkError::Closed),
             (None, Some(l)) => {
                 let before = l.consumed();
                 let wait = machine.deadline().saturating_duration_since(Instant::now());

@@ -4,6 +4,9 @@
 //! VM paused from the state, and lets it run when the source commits; from then on it is an
 //! ordinary VMM process (console on stdout, control socket, exit status). If the migration
 //! fails before the commit, nothing of the VM has run here and the process exits with 1.
+//! With post-copy the VM runs from the commit on while its last pages arrive
+//! (`super::post_copy`), its event loop on a thread of its own; if they cannot all come,
+//! the process ends with status 3 and says how many are missing.
 
 use super::post_copy::{PostCopyError, PostCopyMemory, RamLayout};
 use crate::api::server::ApiServer;
