@@ -9,11 +9,17 @@
 //! - the downtime the VMM reports;
 //! - bytes on the wire: IP packets on `lo` of a network namespace of this run's own, both
 //!   ways with headers, for both VMMs alike; and the bytes the VMM says it sent;
-//! - whether the destination's guest verified its memory (VERIFY OK) afterwards.
+//! - whether the destination's guest verified its memory (VERIFY OK) afterwards;
+//! - the largest heartbeat gap in the second after the destination runs: what a
+//!   post-copy's faults on missing pages cost the guest.
+//!
+//! `--tuned=postcopy` compares post-copy: NovaCron with `--post-copy after-rounds=1`
+//! (first), NovaCron pre-copy, QEMU's defaults, and QEMU with postcopy-ram switched over
+//! with `migrate-start-postcopy` once its first pass is done, bandwidth uncapped.
 //!
 //! ```text
 //! cargo bench -p novacron-benches --bench migration [-- RUNS] [--rates=0,2000,10000]
-//!     [--hb=MS] [--tuned=multifd|multifd-zstd|xbzrle|uncapped] [--only=novacron|qemu|tuned]
+//!     [--hb=MS] [--tuned=multifd|multifd-zstd|xbzrle|uncapped|postcopy] [--only=novacron|qemu|tuned]
 //!     [--no-netns] [--verbose]
 //! ```
 //!
@@ -47,11 +53,15 @@ const MAX_VERIFY_MS: u64 = 30_000;
 /// After the destination's first heartbeat: its verification, at most the verify period
 /// plus the pass itself.
 const VERIFY_SLACK: Duration = Duration::from_secs(20);
+/// The window after the destination's first heartbeat whose largest gap is its stall.
+const STALL_WINDOW: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Debug)]
 enum Vmm {
-    NovaCron,
-    Qemu { caps: Vec<&'static str>, params: Value },
+    /// `extra`: more `vmm migrate` options.
+    NovaCron { extra: Vec<&'static str> },
+    /// `post_copy`: switch with migrate-start-postcopy once the first pass is done.
+    Qemu { caps: Vec<&'static str>, params: Value, post_copy: bool },
 }
 
 #[derive(Clone, Debug)]
@@ -80,13 +90,28 @@ fn variants(tuned: &str) -> Result<Vec<Variant>, Error> {
             json!({ "max-bandwidth": 1u64 << 40, "downtime-limit": 50, "xbzrle-cache-size": 64u64 << 20 }),
             "uncapped, xbzrle 64 MiB, downtime-limit 50 ms",
         ),
-        other => return Err(format!("--tuned={other}: choose multifd, multifd-zstd, xbzrle or uncapped").into()),
+        "postcopy" => (
+            vec!["postcopy-ram"],
+            json!({ "max-bandwidth": 1u64 << 40, "downtime-limit": 50 }),
+            "uncapped, postcopy-ram after the first pass, downtime-limit 50 ms",
+        ),
+        other => {
+            return Err(format!("--tuned={other}: choose multifd, multifd-zstd, xbzrle, uncapped or postcopy").into());
+        }
     };
-    Ok(vec![
-        Variant { name: "NovaCron".into(), vmm: Vmm::NovaCron },
-        Variant { name: "QEMU default".into(), vmm: Vmm::Qemu { caps: vec![], params: Value::Null } },
-        Variant { name: format!("QEMU tuned ({label})"), vmm: Vmm::Qemu { caps, params } },
-    ])
+    let post_copy = tuned == "postcopy";
+    let novacron = Variant { name: "NovaCron".into(), vmm: Vmm::NovaCron { extra: vec![] } };
+    let default =
+        Variant { name: "QEMU default".into(), vmm: Vmm::Qemu { caps: vec![], params: Value::Null, post_copy: false } };
+    let tuned = Variant { name: format!("QEMU tuned ({label})"), vmm: Vmm::Qemu { caps, params, post_copy } };
+    Ok(match post_copy {
+        true => {
+            let extra = vec!["--post-copy", "after-rounds=1"];
+            let ours = Variant { name: "NovaCron post-copy (after-rounds=1)".into(), vmm: Vmm::NovaCron { extra } };
+            vec![ours, novacron, default, tuned]
+        }
+        false => vec![novacron, default, tuned],
+    })
 }
 
 struct Options {
@@ -150,6 +175,8 @@ struct Sample {
     verify_ok: bool,
     /// The destination's first heartbeat follows the source's last.
     continuous: bool,
+    /// The largest heartbeat gap at the destination in STALL_WINDOW after its first.
+    stall_ms: f64,
     /// The largest heartbeat gap in the settle window before the migration: the noise.
     jitter_ms: f64,
     /// NovaCron only, from its log: round 0, the later rounds, pages in round 0.
@@ -219,12 +246,20 @@ impl Bench {
     fn run(&mut self, variant: &Variant, rate: u64, verify_ms: u64) -> Result<Result<Sample, Overlap>, Error> {
         let run_dir = tempfile::tempdir_in(&self.dir)?;
         match &variant.vmm {
-            Vmm::NovaCron => self.run_novacron(run_dir.path(), rate, verify_ms),
-            Vmm::Qemu { caps, params } => self.run_qemu(run_dir.path(), caps, params, rate, verify_ms),
+            Vmm::NovaCron { extra } => self.run_novacron(run_dir.path(), extra, rate, verify_ms),
+            Vmm::Qemu { caps, params, post_copy } => {
+                self.run_qemu(run_dir.path(), (caps, params, *post_copy), rate, verify_ms)
+            }
         }
     }
 
-    fn run_novacron(&mut self, dir: &Path, rate: u64, verify_ms: u64) -> Result<Result<Sample, Overlap>, Error> {
+    fn run_novacron(
+        &mut self,
+        dir: &Path,
+        extra: &[&str],
+        rate: u64,
+        verify_ms: u64,
+    ) -> Result<Result<Sample, Overlap>, Error> {
         let addr = self.port()?;
         let (src_sock, dst_sock) = (dir.join("src.sock"), dir.join("dst.sock"));
         let mut cmd = Command::new(&self.novacron);
@@ -261,6 +296,7 @@ impl Bench {
             .arg(&src_sock)
             .arg("--tls-dir")
             .arg(&self.tls)
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -312,8 +348,7 @@ impl Bench {
     fn run_qemu(
         &mut self,
         dir: &Path,
-        caps: &[&'static str],
-        params: &Value,
+        (caps, params, post_copy): (&[&'static str], &Value, bool),
         rate: u64,
         verify_ms: u64,
     ) -> Result<Result<Sample, Overlap>, Error> {
@@ -339,8 +374,14 @@ impl Bench {
 
         let t0 = Instant::now();
         sq.execute("migrate", json!({ "uri": format!("tcp:{addr}") }))?;
+        let mut switched = !post_copy;
         let info = loop {
             let info = sq.execute("query-migrate", Value::Null)?;
+            // The first pass is done once memory was synced a second time.
+            if !switched && info["ram"]["dirty-sync-count"].as_u64().unwrap_or(0) >= 2 {
+                sq.execute("migrate-start-postcopy", Value::Null)?;
+                switched = true;
+            }
             match info["status"].as_str() {
                 Some("completed") => break info,
                 Some(s @ ("failed" | "cancelled")) => {
@@ -410,6 +451,16 @@ fn finish(
         })?;
     }
     let (first_seq, first_at) = heartbeat(&first).ok_or("not a heartbeat")?;
+    // A post-copy's guest waits on the pages it touches that have not come yet.
+    let window_end = first_at + STALL_WINDOW;
+    dst.wait_for("the stall window", MIGRATE_TIMEOUT, |l| l.at >= window_end)?;
+    let later = dst.seen.iter().filter_map(heartbeat).map(|(_, at)| at).filter(|&at| at > first_at && at <= window_end);
+    let beats: Vec<Instant> = std::iter::once(first_at).chain(later).collect();
+    let last_beat = beats.last().copied().unwrap_or(first_at);
+    s.stall_ms = beats
+        .windows(2)
+        .map(|w| (w[1] - w[0]).as_secs_f64() * 1e3)
+        .fold((window_end - last_beat).as_secs_f64() * 1e3, f64::max);
     overlap |= dst.seen.iter().any(is_verdict) || src_lines.iter().any(|l| l.at > t0 && is_verdict(l));
     s.wire_bytes = wire_before.zip(lo_bytes(dst.child.id())).map(|(a, b)| b.saturating_sub(a));
     s.pause_ms = (first_at - last_at).as_secs_f64() * 1e3;
@@ -626,7 +677,7 @@ fn main() -> Result<(), Error> {
     for &rate in &o.rates {
         print_table(rate, &chosen, &samples, &failures, &overlaps);
     }
-    if let Some(ni) = chosen.iter().position(|v| matches!(v.vmm, Vmm::NovaCron)) {
+    if let Some(ni) = chosen.iter().position(|v| matches!(v.vmm, Vmm::NovaCron { .. })) {
         println!("\nWhere NovaCron's time goes (source log, medians):");
         for &rate in &o.rates {
             let Some(v) = samples.get(&(ni, rate)) else { continue };
@@ -649,7 +700,7 @@ fn main() -> Result<(), Error> {
     }
     let pause_10k = chosen
         .iter()
-        .position(|v| matches!(v.vmm, Vmm::NovaCron))
+        .position(|v| matches!(v.vmm, Vmm::NovaCron { .. }))
         .and_then(|ni| samples.get(&(ni, 10_000)))
         .map(|v| median(&mut v.iter().map(|s| s.pause_ms).collect::<Vec<_>>()));
     if let Some(p) = pause_10k {
@@ -679,7 +730,7 @@ fn print_table(
 ) {
     let title = if rate == 0 { "idle guest (rate=0)".to_string() } else { format!("rate={rate} pages/s") };
     println!("\n{title}");
-    let ours = variants.iter().position(|v| matches!(v.vmm, Vmm::NovaCron));
+    let ours = variants.iter().position(|v| matches!(v.vmm, Vmm::NovaCron { .. }));
     let theirs: Vec<usize> = (0..variants.len()).filter(|&i| Some(i) != ours).collect();
     let mut header = format!("| {:<40} |", "");
     for v in variants {
@@ -698,7 +749,7 @@ fn print_table(
     let ms0 = |v: f64| format!("{v:.0} ms");
     let mb = |v: f64| format!("{:.1} MiB", v / (1u64 << 20) as f64);
     let n = |v: f64| format!("{v:.0}");
-    let metrics: [Metric; 8] = [
+    let metrics: [Metric; 9] = [
         ("total, as the VMM reports it", &|s| Some(s.vmm_total_ms), &ms0),
         ("migrate command to destination running", &|s| Some(s.to_running_ms), &ms0),
         ("guest-seen pause (heartbeat gap)", &|s| Some(s.pause_ms), &ms),
@@ -707,6 +758,7 @@ fn print_table(
         ("bytes sent, as the VMM reports it", &|s| Some(s.vmm_bytes as f64), &mb),
         ("rounds (QEMU: dirty syncs)", &|s| Some(s.rounds as f64), &n),
         ("heartbeat jitter before (largest gap)", &|s| Some(s.jitter_ms), &ms),
+        ("largest heartbeat gap, 1 s after running", &|s| Some(s.stall_ms), &ms),
     ];
     for (name, f, fmt) in metrics {
         let meds: Vec<f64> =
