@@ -7,10 +7,15 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-/// A free UDP port on loopback (the receiver binds it right after).
+/// A port on loopback free for both UDP and TCP (the receiver binds both right after).
 pub fn free_addr() -> String {
-    let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    s.local_addr().unwrap().to_string()
+    loop {
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = tcp.local_addr().unwrap();
+        if std::net::UdpSocket::bind(addr).is_ok() {
+            return addr.to_string();
+        }
+    }
 }
 
 /// `novacron vmm run ARGS` with the test guest and control socket `dir/NAME.sock`; waits
@@ -35,20 +40,31 @@ pub fn receiver(dir: &Path, tls: &Path, extra: &[&str]) -> (Host, String) {
 }
 
 /// `novacron vmm receive` on a free port; returns once it listens (its control socket,
-/// `dir/NAME.sock`, is bound right after the listener).
+/// `dir/NAME.sock`, is bound right after the listener). The port is chosen free, but
+/// another test's connection may take it meanwhile: then it tries another.
 pub fn receiver_named(dir: &Path, name: &str, tls: &Path, extra: &[&str]) -> (Host, String) {
-    let addr = free_addr();
     let sock = dir.join(format!("{name}.sock"));
-    let mut cmd = novacron();
-    cmd.args(["vmm", "receive", "--listen", &addr]).arg("--tls-dir").arg(tls).arg("--api-sock").arg(&sock);
-    cmd.args(extra);
-    let vm = Watched::spawn(cmd).unwrap();
-    let deadline = Instant::now() + TIMEOUT;
-    while !sock.exists() {
-        assert!(Instant::now() < deadline, "the receiver never listened");
-        std::thread::sleep(Duration::from_millis(20));
+    for _ in 0..5 {
+        let addr = free_addr();
+        let mut cmd = novacron();
+        cmd.args(["vmm", "receive", "--listen", &addr]).arg("--tls-dir").arg(tls).arg("--api-sock").arg(&sock);
+        cmd.args(extra);
+        let mut vm = Watched::spawn(cmd).unwrap();
+        let deadline = Instant::now() + TIMEOUT;
+        while !sock.exists() {
+            if vm.child.try_wait().unwrap().is_some() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the receiver never listened");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if sock.exists() {
+            return (Host { vm, sock }, addr);
+        }
+        let (status, err) = vm.wait_exit(TIMEOUT).unwrap();
+        assert!(err.contains("cannot listen"), "the receiver ended with {status}: {err}");
     }
-    (Host { vm, sock }, addr)
+    panic!("no free port for the receiver in 5 tries");
 }
 
 pub fn migrate_cmd(src: &Host, addr: &str, tls: &Path, extra: &[&str]) -> Command {
