@@ -18,17 +18,10 @@ use std::time::{Duration, Instant};
 /// Writes 2000 pages/s over a 1024-page working set: more than `OUTRUN` carries, so
 /// pre-copy alone gives up (`kvm_migrate_that_cannot_converge_...`).
 const BUSY: &str = "ws=4 rate=2000 verify=300 hb=100";
-/// The running migration's phase, from the source's control socket.
-fn phase(src: &Host) -> Option<Phase> {
-    use novacron_vmm::api::Request;
-    let r = novacron_vmm::api::client::call(&src.sock, Request::MigrateStatus, Duration::from_secs(5)).ok()?;
-    Some(r.migration?.progress.phase)
-}
-
 /// Waits until the migration from `src` runs post-copy.
 fn wait_for_post_copy(src: &Host, child: &mut std::process::Child) {
     let deadline = Instant::now() + TIMEOUT;
-    while phase(src) != Some(Phase::Postcopy) {
+    while common::migration_progress(&src.sock).map(|p| p.phase) != Some(Phase::Postcopy) {
         if Instant::now() > deadline || child.try_wait().unwrap().is_some() {
             let _ = child.kill();
             panic!("the migration never reached post-copy");

@@ -40,11 +40,16 @@ pub struct Host {
     pub sock: PathBuf,
 }
 
-/// Bytes the running migration has sent, from the control socket.
-pub fn migration_bytes_sent(sock: &Path) -> Option<u64> {
+/// The running migration's progress, from the control socket.
+pub fn migration_progress(sock: &Path) -> Option<novacron_migration::source::Progress> {
     use novacron_vmm::api::Request;
     let r = novacron_vmm::api::client::call(sock, Request::MigrateStatus, Duration::from_secs(5)).ok()?;
-    Some(r.migration?.progress.bytes_sent)
+    Some(r.migration?.progress)
+}
+
+/// Bytes the running migration has sent, from the control socket.
+pub fn migration_bytes_sent(sock: &Path) -> Option<u64> {
+    migration_progress(sock).map(|p| p.bytes_sent)
 }
 
 /// Waits until the migration `child` started from `src` has sent more than 256 KiB and

@@ -432,7 +432,7 @@ pub fn receive_vm(args: &ReceiveArgs) -> i32 {
         report.pages_received,
         report.bytes_received >> 10,
         &report.memory_digest[..16],
-        if report.post_copy_pages > 0 || incoming.running.is_some() {
+        if incoming.running.is_some() {
             format!("; post-copy: {} pages after the start, {} resumes", report.post_copy_pages, report.resumes)
         } else {
             String::new()
