@@ -99,6 +99,10 @@ pub struct MigrateArgs {
     /// MiB of sent pages kept to send changes as deltas.
     #[arg(long, value_name = "MIB", default_value_t = 64)]
     delta_cache: u64,
+    /// Threads for the page work (hashing, deltas, compression), each over its own ranges
+    /// of guest memory. Default: one per core of this host.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
+    workers: Option<u16>,
     /// After the VM has moved, keep a snapshot of it in DIR: a later migration back to
     /// this host (`vmm receive --base DIR`) sends only what changed.
     #[arg(long, value_name = "DIR")]
@@ -304,6 +308,9 @@ fn print_report(r: &Report, to: &str) {
         println!("  saved           {} not sent (the destination had those pages)", human_bytes(r.bytes_saved));
     }
     println!("  compression     {}", compression_line(&r.compression));
+    if r.workers > 0 {
+        println!("  page work       on {} worker thread{}", r.workers, if r.workers == 1 { "" } else { "s" });
+    }
     if r.throttle_max > 0 {
         println!("  throttle        vCPUs throttled up to {}% (auto-converge)", r.throttle_max);
     }
@@ -390,6 +397,7 @@ pub fn migrate(a: MigrateArgs) -> i32 {
         auto_converge: a.auto_converge == OnOff::On,
         compress: a.compress == Compress::Auto,
         delta_cache_mib: a.delta_cache,
+        workers: a.workers.map_or(0, usize::from),
         keep_snapshot,
         transport: a.transport.into(),
         dry_run: a.dry_run,

@@ -61,6 +61,15 @@ fn test_control_commands_without_a_vm_say_what_to_check() {
 }
 
 #[test]
+fn test_migrate_worker_counts_outside_1_to_256_are_refused_in_one_line() {
+    for bad in ["0", "257", "many"] {
+        let out = novacron(&["vmm", "migrate", "--api-sock", "/nonexistent", "--to", "127.0.0.1:1", "--workers", bad]);
+        assert_one_line_error(&out, "--workers");
+        assert_eq!(out.status.code(), Some(2), "--workers {bad}");
+    }
+}
+
+#[test]
 fn test_unknown_command_is_one_line() {
     assert_one_line_error(&novacron(&["vmm", "teleport"]), "teleport");
 }

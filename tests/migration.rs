@@ -22,12 +22,13 @@ fn assert_discarded(dst: &mut Host, needle: &str) {
 }
 
 /// `transport`: `--transport`'s value; on loopback `auto` is TLS over TCP.
-fn moves_and_verifies(vcpus: u8, cmdline: &str, transport: &str) -> serde_json::Value {
+fn moves_and_verifies(vcpus: u8, cmdline: &str, transport: &str, more: &[&str]) -> serde_json::Value {
     let dir = tempfile::tempdir().unwrap();
     let tls = certs(dir.path(), "tls");
     let src = source(dir.path(), vcpus, 256, cmdline);
     let (mut dst, addr) = receiver(dir.path(), &tls, &[]);
-    let out = migrate(&src, &addr, &tls, &["--transport", transport]);
+    let args: Vec<&str> = ["--transport", transport].iter().chain(more).copied().collect();
+    let out = migrate(&src, &addr, &tls, &args);
     let r = report(&out);
     assert_moved(src, &mut dst);
     assert_eq!(r["digests_matched"], true, "{r}");
@@ -40,16 +41,19 @@ fn moves_and_verifies(vcpus: u8, cmdline: &str, transport: &str) -> serde_json::
 #[test]
 fn kvm_migrate_1_vcpu_idle_continues_and_verifies() {
     if kvm_or_skip("kvm_migrate_1_vcpu_idle_continues_and_verifies") {
-        let r = moves_and_verifies(1, "ws=16 rate=50 verify=300 hb=100", "quic");
+        let r = moves_and_verifies(1, "ws=16 rate=50 verify=300 hb=100", "quic", &["--workers", "1"]);
         assert_eq!(r["transport"], "quic", "{r}");
+        assert_eq!(r["workers"], 1, "{r}");
     }
 }
 
 #[test]
 fn kvm_migrate_over_tls_over_tcp_continues_and_verifies() {
     if kvm_or_skip("kvm_migrate_over_tls_over_tcp_continues_and_verifies") {
-        let r = moves_and_verifies(1, "ws=16 rate=50 verify=300 hb=100", "tcp");
+        let r = moves_and_verifies(1, "ws=16 rate=50 verify=300 hb=100", "tcp", &[]);
         assert_eq!(r["transport"], "tcp", "{r}");
+        let cores = std::thread::available_parallelism().unwrap().get();
+        assert_eq!(r["workers"], cores, "one worker per core by default: {r}");
         assert!(r["wire_bytes"].as_u64().unwrap() > r["bytes_sent"].as_u64().unwrap(), "TLS adds bytes: {r}");
     }
 }
@@ -57,8 +61,10 @@ fn kvm_migrate_over_tls_over_tcp_continues_and_verifies() {
 #[test]
 fn kvm_migrate_4_vcpus_high_dirty_rate_continues_and_verifies() {
     if kvm_or_skip("kvm_migrate_4_vcpus_high_dirty_rate_continues_and_verifies") {
-        let r = moves_and_verifies(4, "ws=64 rate=20000 verify=300 hb=100", "auto");
+        // More workers than cores: three shards of memory, each on its own thread.
+        let r = moves_and_verifies(4, "ws=64 rate=20000 verify=300 hb=100", "auto", &["--workers", "3"]);
         assert_eq!(r["transport"], "tcp", "auto on loopback: {r}");
+        assert_eq!(r["workers"], 3, "{r}");
         let p = &r["pages"];
         assert!(p["delta"].as_u64().unwrap() + p["unchanged"].as_u64().unwrap() > 0, "re-sent pages: {r}");
     }

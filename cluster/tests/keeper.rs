@@ -316,6 +316,7 @@ fn migrate_request(to: &str, tls: &Path) -> Request {
         auto_converge: true,
         compress: true,
         delta_cache_mib: 64,
+        workers: 0,
         keep_snapshot: None,
         transport: Default::default(),
         dry_run: false,

@@ -188,6 +188,8 @@ fn vmm_request(svc: &ControlService, r: &pb::MigrateVmRequest, to: String, id: S
         auto_converge: true,
         compress: true,
         delta_cache_mib: 64,
+        // One per core of the VM's host.
+        workers: 0,
         keep_snapshot: None,
         transport: Default::default(),
         dry_run: r.dry_run,

@@ -14,7 +14,8 @@
 //! - `DELTA_MARKER`: the rest is one delta, applied to a page;
 //! - anything else: a stream of frames (`length (u32 LE) | postcard Message`), read as
 //!   `transport::pump::read_frames` reads them (MAX_FRAME, stop at the first error), each given
-//!   to the real `DestinationMachine` a millisecond after the one before, with its actions
+//!   to the real `DestinationMachine` a millisecond after the one before (page batches in a
+//!   row together, as the driver gathers them), with its actions
 //!   done on the fuzz VM as `destination::receive` does them; then its timer fires after
 //!   the message timeout. A receive that fails stays failed, one that ends has started the
 //!   VM it built, and the digest matches memory after every frame.
@@ -188,9 +189,27 @@ fn receive(messages: Vec<Message>) {
     let start = Instant::now();
     let mut machine = DestinationMachine::new(start, Some(base_image()));
     let mut now = start;
-    let events = messages.into_iter().map(|message| Event::Frame { len: 1, message }).chain([Event::Timer]);
-    for event in events {
-        if matches!(event, Event::Timer) {
+    let mut messages = messages.into_iter().peekable();
+    loop {
+        // Page batches one after another go together while receiving, as the driver
+        // gathers them (`Event::Pages`); the rest one by one; then the timer.
+        let event = match messages.next() {
+            Some(Message::Pages(first)) if machine.step() == Step::Receiving => {
+                let mut batches = vec![first];
+                while batches.len() < 8
+                    && let Some(Message::Pages(_)) = messages.peek()
+                {
+                    if let Some(Message::Pages(batch)) = messages.next() {
+                        batches.push(batch);
+                    }
+                }
+                Event::Pages { len: batches.len() as u64, batches }
+            }
+            Some(message) => Event::Frame { len: 1, message },
+            None => Event::Timer,
+        };
+        let last = matches!(event, Event::Timer);
+        if last {
             now += MESSAGE_TIMEOUT + Duration::from_secs(1);
         } else {
             now += Duration::from_millis(1);
@@ -215,6 +234,9 @@ fn receive(messages: Vec<Message>) {
         }
         if matches!(was, Step::Done | Step::Failed | Step::Probed) {
             assert_eq!(machine.step(), was, "a receive that ended took another event");
+        }
+        if last {
+            break;
         }
     }
     match machine.step() {

@@ -3,8 +3,8 @@
 //! Compressing pays only while it shortens the transfer. The engine compresses one batch
 //! while the link carries the one before, so a batch of `n` bytes costs about
 //! `max(n / speed, n * ratio / link)` compressed against `n / link` raw, where `speed` and
-//! `ratio` are the level's measured figures on this VM's pages and `link` the link's
-//! measured delivery rate. On a fast LAN with pages zstd cannot shrink much, that is raw;
+//! `ratio` are the level's measured figures on this VM's pages (the speed times the
+//! number of shards compressing at once) and `link` the link's measured delivery rate. On a fast LAN with pages zstd cannot shrink much, that is raw;
 //! on a WAN link, the level that shrinks most for its speed. A level is tried now and then
 //! even when not chosen, so its figures follow the pages' contents as they change.
 //!
@@ -109,6 +109,32 @@ impl CompressionReport {
         }
     }
 
+    /// The reports of several choosers (a migration's shards) as one: what each codec
+    /// carried in all, and the figures averaged over the choosers that measured them.
+    pub fn merged(reports: &[CompressionReport]) -> CompressionReport {
+        let mut r = CompressionReport::default();
+        let sum = |a: &mut CodecUse, b: &CodecUse| {
+            a.batches += b.batches;
+            a.bytes_in += b.bytes_in;
+            a.bytes_out += b.bytes_out;
+        };
+        for one in reports {
+            sum(&mut r.raw, &one.raw);
+            sum(&mut r.zstd1, &one.zstd1);
+            sum(&mut r.zstd3, &one.zstd3);
+        }
+        let mean = |figure: fn(&CompressionReport) -> u64| {
+            let measured: Vec<u64> = reports.iter().map(figure).filter(|v| *v > 0).collect();
+            measured.iter().sum::<u64>().checked_div(measured.len() as u64).unwrap_or(0)
+        };
+        r.link_rate = mean(|r| r.link_rate);
+        r.zstd1_speed = mean(|r| r.zstd1_speed);
+        r.zstd1_ratio_permille = mean(|r| r.zstd1_ratio_permille);
+        r.zstd3_speed = mean(|r| r.zstd3_speed);
+        r.zstd3_ratio_permille = mean(|r| r.zstd3_ratio_permille);
+        r
+    }
+
     /// The codec that carried most of the page data.
     pub fn main_codec(&self) -> Codec {
         let by = [(Codec::Raw, self.raw), (Codec::Zstd1, self.zstd1), (Codec::Zstd3, self.zstd3)];
@@ -126,6 +152,8 @@ pub struct Chooser {
     link_rate: Average,
     limit: u64,
     rtt: Option<Duration>,
+    /// Choosers compressing at once (a migration's shards), all sharing the link.
+    parallel: u32,
     batches: u64,
     report: CompressionReport,
 }
@@ -133,7 +161,13 @@ pub struct Chooser {
 impl Chooser {
     /// A chooser that compresses only when `enabled`.
     pub fn new(enabled: bool) -> Self {
-        Chooser { enabled, ..Chooser::default() }
+        Chooser { enabled, parallel: 1, ..Chooser::default() }
+    }
+
+    /// How many choosers compress at once over the same link: each level's throughput is
+    /// that many times its measured speed.
+    pub fn set_parallel(&mut self, choosers: u32) {
+        self.parallel = choosers.max(1);
     }
 
     /// A measured delivery rate of the link, in bytes/s.
@@ -208,7 +242,7 @@ impl Chooser {
         let mut best = (Codec::Raw, MARGIN / link);
         for (codec, f) in Codec::LEVELS.iter().zip(&self.levels) {
             let (Some(speed), Some(ratio)) = (f.speed.0, f.ratio.0) else { continue };
-            let cost = (1.0 / speed).max(ratio / link);
+            let cost = (1.0 / (speed * f64::from(self.parallel))).max(ratio / link);
             if cost < best.1 {
                 best = (*codec, cost);
             }

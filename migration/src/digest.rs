@@ -44,6 +44,15 @@ impl MemoryDigest {
         }
     }
 
+    /// The digest of two disjoint sets of pages together (a sum, like each one).
+    pub fn plus(&self, other: &MemoryDigest) -> MemoryDigest {
+        let mut lanes = self.lanes;
+        for (lane, o) in lanes.iter_mut().zip(other.lanes) {
+            *lane = lane.wrapping_add(o);
+        }
+        MemoryDigest { lanes }
+    }
+
     pub fn bytes(&self) -> Digest {
         let mut out = [0u8; 32];
         for (chunk, lane) in out.chunks_exact_mut(8).zip(self.lanes) {

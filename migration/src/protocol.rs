@@ -206,7 +206,7 @@ impl PageEntry {
         }
     }
 
-    fn data_len(&self) -> usize {
+    pub(crate) fn data_len(&self) -> usize {
         match *self {
             PageEntry::Full { .. } => PAGE_SIZE,
             PageEntry::Delta { len, .. } => len as usize,

@@ -3,6 +3,7 @@
 
 use super::{Action, DestinationMachine, DestinationVm, Event, ReceiveError, Received, Step};
 use crate::destination::BaseImage;
+use crate::protocol::{Message, PageBatch};
 use crate::transport::{Link, LinkError};
 use std::time::{Duration, Instant};
 
@@ -40,6 +41,8 @@ fn drive<V: DestinationVm>(
     machine.set_resume_window(resume_window);
     // The answer to the VM step last asked for, handled before the link is read again.
     let mut pending: Option<Event> = None;
+    // What the link gave after a run of page batches, for the next turn.
+    let mut held: Option<Result<Message, LinkError>> = None;
     let mut link_dead = false;
     loop {
         if let Some(outcome) = machine.outcome() {
@@ -52,7 +55,15 @@ fn drive<V: DestinationVm>(
             (None, Some(l)) => {
                 let before = l.consumed();
                 let wait = machine.deadline().saturating_duration_since(Instant::now());
-                match l.recv(wait) {
+                let read = match held.take() {
+                    Some(read) => read,
+                    None => l.recv(wait),
+                };
+                match read {
+                    Ok(Message::Pages(batch)) if machine.step() == Step::Receiving => {
+                        let batches = gather_pages(l, batch, &mut held);
+                        Event::Pages { batches, len: l.consumed() - before }
+                    }
                     Ok(message) => Event::Frame { message, len: l.consumed() - before },
                     Err(LinkError::Timeout(_)) => Event::Timer,
                     Err(e) => {
@@ -91,6 +102,7 @@ fn drive<V: DestinationVm>(
                 // The lost link holds the port: drop it (its runtime and sockets) before
                 // listening there again.
                 drop(link.take());
+                held = None;
                 match relisten(machine.deadline()) {
                     Some(new) => {
                         *link = Some(new);
@@ -126,4 +138,26 @@ fn drive<V: DestinationVm>(
             vm.request_pages_over(l);
         }
     }
+}
+
+/// Batches taken at once at most: enough for the writer's workers to share, few enough
+/// that the receipt for them is not late.
+const GATHER_BATCHES: usize = 8;
+
+/// `first` and the page batches already waiting behind it on `link`; the first other
+/// message (or error) goes into `held`. A held message's frame bytes are counted with
+/// the batches (its own event then has none): the total stays right.
+fn gather_pages(link: &mut Link, first: PageBatch, held: &mut Option<Result<Message, LinkError>>) -> Vec<PageBatch> {
+    let mut batches = vec![first];
+    while batches.len() < GATHER_BATCHES {
+        match link.try_recv() {
+            Some(Ok(Message::Pages(batch))) => batches.push(batch),
+            Some(other) => {
+                *held = Some(other);
+                break;
+            }
+            None => break,
+        }
+    }
+    batches
 }

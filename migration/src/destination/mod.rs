@@ -119,6 +119,8 @@ pub enum ReceiveError {
     },
     #[error("cannot start zstd")]
     Zstd(#[source] std::io::Error),
+    #[error("cannot start the threads that apply pages")]
+    Workers(#[source] rayon::ThreadPoolBuildError),
     #[error("the source's link probe ran past {MAX_PROBE_BYTES} bytes")]
     ProbeTooLong,
     #[error("cannot run a guest here before its memory is in")]
@@ -182,6 +184,12 @@ pub enum Event {
         message: Message,
         len: u64,
     },
+    /// Page batches that arrived one after another, in frames of `len` bytes in all:
+    /// applied together (on the writer's workers), with the result of one by one.
+    Pages {
+        batches: Vec<crate::protocol::PageBatch>,
+        len: u64,
+    },
     /// The deadline (`DestinationMachine::deadline`) may have passed.
     Timer,
     /// The VM steps the machine asked for, done.
@@ -199,6 +207,7 @@ impl Event {
     fn name(&self) -> &'static str {
         match self {
             Event::Frame { message, .. } => message.name(),
+            Event::Pages { .. } => "Pages",
             Event::Timer => "nothing",
             Event::Prepared(_) => "the end of prepare",
             Event::Built(_) => "the end of build",
@@ -461,7 +470,7 @@ impl<'b> DestinationMachine<'b> {
             return Ok(self.resuming(now, event));
         }
         self.deadline = now + MESSAGE_TIMEOUT;
-        if let Event::Frame { len, .. } = &event {
+        if let Event::Frame { len, .. } | Event::Pages { len, .. } = &event {
             self.consumed += len;
             self.post_copy.consumed_on_link += len;
         }
@@ -505,6 +514,12 @@ impl<'b> DestinationMachine<'b> {
                 writer.apply(memory, self.base, &batch)?;
                 // What is applied, not what was read: batches queued here are a backlog
                 // the switchover would wait for.
+                Ok(Some(Action::Send(Message::Received(self.consumed))))
+            }
+            (Step::Receiving, Event::Pages { batches, .. }) => {
+                let writer =
+                    self.writer.as_mut().ok_or(ReceiveError::Unexpected { expected: "Hello", got: "Pages" })?;
+                writer.apply_all(memory, self.base, &batches)?;
                 Ok(Some(Action::Send(Message::Received(self.consumed))))
             }
             (Step::Receiving, Event::Frame { message: Message::PostCopyAsk, .. }) => {

@@ -569,3 +569,83 @@ fn test_a_probe_longer_than_its_bound_is_refused() {
     let e = run.fails(Message::Probe(vec![]));
     assert!(matches!(e, ReceiveError::ProbeTooLong), "{e}");
 }
+
+/// Batches with every kind of entry over `pages` pages, from the source's own encoder on
+/// two workers: a round of new pages (whole, zero, copies), then a round of deltas.
+fn encoded_rounds(pages: u64) -> Vec<crate::protocol::PageBatch> {
+    let mut encoder = crate::encoder::PageEncoder::new(pages, 1 << 20, true, 2).unwrap();
+    let all: Vec<u64> = (0..pages).collect();
+    let mut batches = Vec::new();
+    for round in 0..2u8 {
+        let data: Vec<u8> = all
+            .iter()
+            .flat_map(|&p| match p % 5 {
+                0 => vec![0; PAGE_SIZE],
+                1 => content(1),
+                _ => {
+                    let mut c = crate::noise(p + 1, PAGE_SIZE);
+                    c[16] = round;
+                    c
+                }
+            })
+            .collect();
+        encoder.add_pages(&all, &data);
+        encoder.finish();
+        batches.extend(std::iter::from_fn(|| encoder.take_batch()).map(|(b, _)| b));
+    }
+    batches
+}
+
+#[test]
+fn test_batches_applied_together_on_workers_write_what_one_by_one_writes() {
+    let pages = 1024;
+    let batches = encoded_rounds(pages);
+    assert!(batches.len() > 4, "{} batches", batches.len());
+    let mut one = TestVm { mem: vec![vec![0; PAGE_SIZE]; pages as usize], ..TestVm::default() };
+    let mut by_one = PageWriter::with_workers(pages, 1).unwrap();
+    for batch in &batches {
+        by_one.apply(&mut one, None, batch).unwrap();
+    }
+    let mut together = TestVm { mem: vec![vec![0; PAGE_SIZE]; pages as usize], ..TestVm::default() };
+    let mut on_two = PageWriter::with_workers(pages, 2).unwrap();
+    for run in batches.chunks(3) {
+        on_two.apply_all(&mut together, None, run).unwrap();
+    }
+    assert!(together.mem == one.mem, "the memory differs");
+    assert_eq!(on_two.digest(), by_one.digest());
+    assert_eq!(on_two.received(), by_one.received());
+
+    // A bad batch among them: refused by name, and the batches before it are written,
+    // as one by one.
+    let mut bad = BatchBuilder::default();
+    bad.full(pages, &content(0));
+    let mut run = batches[..2].to_vec();
+    run.push(bad.finish(None));
+    let mut vm = TestVm { mem: vec![vec![0; PAGE_SIZE]; pages as usize], ..TestVm::default() };
+    let e = PageWriter::with_workers(pages, 2).unwrap().apply_all(&mut vm, None, &run).unwrap_err();
+    assert!(matches!(&e, ReceiveError::BadBatch(why) if why.contains("outside the VM's 1024 pages")), "{e}");
+    let mut first_two = TestVm { mem: vec![vec![0; PAGE_SIZE]; pages as usize], ..TestVm::default() };
+    PageWriter::with_workers(pages, 1).unwrap().apply_all(&mut first_two, None, &batches[..2]).unwrap();
+    assert!(vm.mem == first_two.mem);
+}
+
+#[test]
+fn test_a_run_of_batches_is_taken_while_receiving_and_refused_before() {
+    let batch = |page: u64| {
+        let mut b = BatchBuilder::default();
+        b.full(page, &content(page as usize));
+        b.finish(None)
+    };
+    let mut run = Run::new(TestVm::default());
+    let (_, failed) = run.event(Duration::from_millis(1), Event::Pages { batches: vec![batch(0)], len: FRAME });
+    let e = run.failed(failed);
+    assert!(matches!(e, ReceiveError::Unexpected { got: "Pages", .. }), "{e}");
+
+    let mut run = Run::new(TestVm::default());
+    run.frames([hello(PROTOCOL_VERSION, PAGES)]);
+    let (sent, failed) =
+        run.event(Duration::from_millis(1), Event::Pages { batches: vec![batch(1), batch(2)], len: 2 * FRAME });
+    assert!(failed.is_none(), "{failed:?}");
+    assert!(matches!(sent[..], [Message::Received(n)] if n == 3 * FRAME), "one receipt for the run: {sent:?}");
+    assert_eq!((run.vm.mem[1].clone(), run.vm.mem[2].clone()), (content(1), content(2)));
+}

@@ -7,6 +7,8 @@ use crate::digest::MemoryDigest;
 use crate::dirty::DirtySet;
 use crate::page::{self, PAGE_SIZE, PageHash, ZERO_HASH};
 use crate::protocol::{PageBatch, PageEntry};
+use rayon::prelude::*;
+use std::borrow::Cow;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -74,6 +76,10 @@ impl BaseImage {
 /// Applies page batches to guest memory and keeps the digest of what it wrote. Every
 /// entry is checked before the memory it names is written; an error leaves the pages of
 /// earlier entries written (the receive is then abandoned as a whole).
+///
+/// What does not touch guest memory runs on the worker pool: decompressing several
+/// batches at once and hashing their whole pages. The writes themselves go in the order
+/// the batches came, so the result is the same as applying them one by one.
 pub struct PageWriter {
     pages: u64,
     hashes: Vec<PageHash>,
@@ -81,6 +87,23 @@ pub struct PageWriter {
     decompressor: zstd::bulk::Decompressor<'static>,
     scratch: Vec<u8>,
     received: u64,
+    /// None with one worker.
+    pool: Option<rayon::ThreadPool>,
+}
+
+/// Whole pages below this many in a call are hashed on the caller's thread: handing them
+/// to the pool would cost more than it saves.
+const PARALLEL_MIN_PAGES: usize = 32;
+
+/// A batch made ready away from guest memory: its data uncompressed, and the hashes of
+/// its whole pages in entry order.
+struct Unpacked<'b> {
+    data: Cow<'b, [u8]>,
+    full_hashes: Vec<PageHash>,
+}
+
+fn bad_batch(e: crate::protocol::ProtocolError) -> ReceiveError {
+    ReceiveError::BadBatch(e.to_string())
 }
 
 fn page<M: GuestPages>(memory: &mut M, pages: u64, page: u64) -> Result<&mut [u8], ReceiveError> {
@@ -91,8 +114,15 @@ fn page<M: GuestPages>(memory: &mut M, pages: u64, page: u64) -> Result<&mut [u8
 }
 
 impl PageWriter {
-    /// A writer for a VM of `pages` pages whose memory is all zeroes.
+    /// A writer for a VM of `pages` pages whose memory is all zeroes, with a worker per core.
     pub fn new(pages: u64) -> Result<Self, ReceiveError> {
+        Self::with_workers(pages, 0)
+    }
+
+    /// A writer on `workers` threads (0: one per core).
+    pub fn with_workers(pages: u64, workers: usize) -> Result<Self, ReceiveError> {
+        let workers = crate::encoder::workers_or_cores(workers);
+        let pool = crate::encoder::worker_pool(workers, "migration-apply").map_err(ReceiveError::Workers)?;
         Ok(PageWriter {
             pages,
             hashes: vec![ZERO_HASH; pages as usize],
@@ -100,6 +130,7 @@ impl PageWriter {
             decompressor: zstd::bulk::Decompressor::new().map_err(ReceiveError::Zstd)?,
             scratch: vec![0; PAGE_SIZE],
             received: 0,
+            pool,
         })
     }
 
@@ -120,7 +151,79 @@ impl PageWriter {
         base: Option<&BaseImage>,
         batch: &PageBatch,
     ) -> Result<(), ReceiveError> {
-        let data = batch.raw_data(&mut self.decompressor).map_err(|e| ReceiveError::BadBatch(e.to_string()))?;
+        self.apply_all(memory, base, std::slice::from_ref(batch))
+    }
+
+    /// Applies batches to `memory` in order, as `apply` one by one would.
+    pub fn apply_all<M: GuestPages>(
+        &mut self,
+        memory: &mut M,
+        base: Option<&BaseImage>,
+        batches: &[PageBatch],
+    ) -> Result<(), ReceiveError> {
+        let unpacked = self.unpack(batches)?;
+        for (batch, ready) in batches.iter().zip(&unpacked) {
+            self.write(memory, base, batch, ready)?;
+        }
+        Ok(())
+    }
+
+    /// Decompresses the batches and hashes their whole pages, on the pool when there is
+    /// enough to share.
+    fn unpack<'b>(&mut self, batches: &'b [PageBatch]) -> Result<Vec<Unpacked<'b>>, ReceiveError> {
+        let datas: Vec<Cow<'b, [u8]>> = match &self.pool {
+            Some(pool) if batches.len() > 1 => pool.install(|| {
+                batches
+                    .par_iter()
+                    .map_init(zstd::bulk::Decompressor::new, |decompressor, batch| match decompressor {
+                        Ok(d) => batch.raw_data(d).map_err(bad_batch),
+                        Err(e) => Err(ReceiveError::Zstd(std::io::Error::new(e.kind(), e.to_string()))),
+                    })
+                    .collect::<Result<_, _>>()
+            })?,
+            _ => batches
+                .iter()
+                .map(|b| b.raw_data(&mut self.decompressor).map_err(bad_batch))
+                .collect::<Result<_, _>>()?,
+        };
+        // The whole pages of every batch, in order; then their hashes, split back per batch.
+        let mut whole: Vec<&[u8]> = Vec::new();
+        let mut per_batch = Vec::with_capacity(batches.len());
+        for (batch, data) in batches.iter().zip(&datas) {
+            let before = whole.len();
+            let mut at = 0usize;
+            for entry in &batch.entries {
+                if let PageEntry::Full { .. } = entry {
+                    whole.push(&data[at..at + PAGE_SIZE]);
+                }
+                at += entry.data_len();
+            }
+            per_batch.push(whole.len() - before);
+        }
+        let hashes: Vec<PageHash> = match &self.pool {
+            Some(pool) if whole.len() >= PARALLEL_MIN_PAGES => {
+                pool.install(|| whole.par_iter().map(|p| page::hash(p)).collect())
+            }
+            _ => whole.iter().map(|p| page::hash(p)).collect(),
+        };
+        let mut hashes = hashes.into_iter();
+        Ok(datas
+            .into_iter()
+            .zip(per_batch)
+            .map(|(data, n)| Unpacked { data, full_hashes: hashes.by_ref().take(n).collect() })
+            .collect())
+    }
+
+    /// Writes an unpacked batch's entries into `memory`, in order.
+    fn write<M: GuestPages>(
+        &mut self,
+        memory: &mut M,
+        base: Option<&BaseImage>,
+        batch: &PageBatch,
+        ready: &Unpacked<'_>,
+    ) -> Result<(), ReceiveError> {
+        let data = &ready.data;
+        let mut full_hashes = ready.full_hashes.iter();
         let pages = self.pages;
         let mut at = 0usize;
         for entry in &batch.entries {
@@ -134,7 +237,7 @@ impl PageWriter {
                     let bytes = &data[at..at + PAGE_SIZE];
                     at += PAGE_SIZE;
                     page(memory, pages, page_no)?.copy_from_slice(bytes);
-                    page::hash(bytes)
+                    *full_hashes.next().ok_or_else(|| ReceiveError::BadBatch("a whole page was not hashed".into()))?
                 }
                 PageEntry::Delta { len, .. } => {
                     let delta = &data[at..at + len as usize];
@@ -181,7 +284,7 @@ impl PageWriter {
         pending: &mut DirtySet,
         mut place: impl FnMut(u64, Option<&[u8]>) -> Result<(), ReceiveError>,
     ) -> Result<u64, ReceiveError> {
-        let data = batch.raw_data(&mut self.decompressor).map_err(|e| ReceiveError::BadBatch(e.to_string()))?;
+        let data = batch.raw_data(&mut self.decompressor).map_err(bad_batch)?;
         let mut at = 0usize;
         for entry in &batch.entries {
             let page_no = entry.page();

@@ -194,8 +194,8 @@ impl SourceMachine {
         options: SourceOptions,
     ) -> Result<Self, MigrateError> {
         let pages = regions.iter().map(|r| r / PAGE_SIZE as u64).sum();
-        let mut encoder =
-            PageEncoder::new(pages, options.delta_cache, options.compress).map_err(MigrateError::Compressor)?;
+        let mut encoder = PageEncoder::new(pages, options.delta_cache, options.compress, options.workers)
+            .map_err(MigrateError::Compressor)?;
         if options.fault == Some(Fault::FlipPageByte) {
             encoder.flip_next_full_page();
         }
@@ -390,13 +390,9 @@ impl SourceMachine {
             (S::Sending | S::SendingLast, E::PagesRead(read)) => {
                 let data = read.map_err(MigrateError::ReadPages)?;
                 let pages = self.take_read(data)?;
-                for (page, content) in pages.iter().zip(data.chunks_exact(PAGE_SIZE)) {
-                    self.encoder.add(*page, content);
-                    self.progress.remaining_pages = self.progress.remaining_pages.saturating_sub(1);
-                    if self.encoder.batch_full() {
-                        self.flush()?;
-                    }
-                }
+                self.encoder.add_pages(&pages, data);
+                self.progress.remaining_pages = self.progress.remaining_pages.saturating_sub(pages.len() as u64);
+                self.send_ready()?;
                 self.read_more(now)
             }
             (S::Harvesting, E::Harvested(harvest)) => {
@@ -531,12 +527,20 @@ impl SourceMachine {
         Ok(())
     }
 
-    fn flush(&mut self) -> Result<(), MigrateError> {
-        let Some((batch, count)) = self.encoder.take_batch() else { return Ok(()) };
-        self.send(&Message::Pages(batch))?;
-        self.pages_sent += count;
-        self.progress.pages_sent = self.pages_sent;
+    /// Sends the batches the encoder has finished.
+    fn send_ready(&mut self) -> Result<(), MigrateError> {
+        while let Some((batch, count)) = self.encoder.take_batch() {
+            self.send(&Message::Pages(batch))?;
+            self.pages_sent += count;
+            self.progress.pages_sent = self.pages_sent;
+        }
         Ok(())
+    }
+
+    /// Sends everything added to the encoder, batches in progress too.
+    fn flush(&mut self) -> Result<(), MigrateError> {
+        self.encoder.finish();
+        self.send_ready()
     }
 
     fn begin_round(&mut self, now: Instant) -> Result<(), MigrateError> {
@@ -596,7 +600,7 @@ impl SourceMachine {
             self.deadline = Some(now + DRAIN_STEP);
             return Ok(());
         }
-        self.dirty.take_first(BATCH_PAGES, &mut self.scan, &mut self.reading);
+        self.dirty.take_first(self.encoder.read_pages(), &mut self.scan, &mut self.reading);
         if !self.reading.is_empty() {
             self.actions.push_back(SourceAction::ReadPages(self.reading.clone()));
             return Ok(());
@@ -805,7 +809,7 @@ impl SourceMachine {
         }
         // What was queued for the lost link is gone with it.
         self.actions.retain(|a| !matches!(a, SourceAction::Send(_)));
-        self.encoder.take_batch();
+        self.encoder.discard();
         self.reading.clear();
         self.link_wait = false;
         self.step = SourceStep::Reconnecting;
@@ -888,6 +892,7 @@ impl SourceMachine {
             bytes_saved: (counts.base + counts.copy) * PAGE_SIZE as u64,
             throttle_max: self.convergence.throttle_max,
             compression: self.encoder.compression(),
+            workers: self.encoder.workers(),
             memory_digest: hex(&ours.memory),
             state_digest: hex(&ours.state),
             digests_matched: true,

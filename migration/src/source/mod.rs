@@ -106,6 +106,10 @@ pub struct SourceOptions {
     /// During post-copy, how long a lost link is tried again.
     #[serde(default = "default_resume_window")]
     pub resume_window: Duration,
+    /// Threads for the page work (hashing, deltas, compression), each over its own
+    /// ranges of memory (`encoder::Sharding`); 0: one per core.
+    #[serde(default)]
+    pub workers: usize,
 }
 
 fn default_resume_window() -> Duration {
@@ -162,6 +166,7 @@ impl Default for SourceOptions {
             fault: None,
             post_copy: None,
             resume_window: default_resume_window(),
+            workers: 0,
         }
     }
 }
@@ -251,6 +256,20 @@ pub struct PageCounts {
     pub empty: u64,
 }
 
+impl PageCounts {
+    pub fn plus(&self, o: &PageCounts) -> PageCounts {
+        PageCounts {
+            full: self.full + o.full,
+            delta: self.delta + o.delta,
+            zero: self.zero + o.zero,
+            base: self.base + o.base,
+            copy: self.copy + o.copy,
+            unchanged: self.unchanged + o.unchanged,
+            empty: self.empty + o.empty,
+        }
+    }
+}
+
 /// The switchover's steps, in microseconds, as the source saw them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SwitchoverTimes {
@@ -288,6 +307,9 @@ pub struct Report {
     /// Which compression each batch got, and the figures behind the choices.
     #[serde(default)]
     pub compression: CompressionReport,
+    /// Threads the page work ran on (0 in a report from a VMM before they came).
+    #[serde(default)]
+    pub workers: usize,
     pub memory_digest: String,
     pub state_digest: String,
     /// Both sides computed the same digests (a report is only made when they did).
@@ -326,7 +348,7 @@ pub enum MigrateError {
     Harvest(#[source] VmFault),
     #[error("cannot pause the VM and save its state")]
     PauseAndSave(#[source] VmFault),
-    #[error("cannot set up the page compressor")]
+    #[error("cannot set up the page encoder (its compressors and worker threads)")]
     Compressor(#[source] std::io::Error),
     /// The driver answered what the machine did not ask: a bug in the driver.
     #[error("the migration engine got {event} at step {step:?}, which it did not ask for")]

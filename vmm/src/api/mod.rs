@@ -99,6 +99,9 @@ pub struct MigrateRequest {
     /// MiB of last-sent pages kept for deltas.
     #[serde(default = "default_delta_cache_mib")]
     pub delta_cache_mib: u64,
+    /// Threads for the page work (0: one per core).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub workers: usize,
     /// After the VM has moved, write a snapshot of it here (the base for a later
     /// migration back: `vmm receive --base DIR`).
     #[serde(default)]
@@ -133,6 +136,10 @@ fn default_delta_cache_mib() -> u64 {
 
 fn yes() -> bool {
     true
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// A migration as the control socket shows it.

@@ -155,6 +155,7 @@ pub fn start(machine: &Machine, request: &MigrateRequest) -> Result<Migration, A
         delta_cache: (request.delta_cache_mib << 20) as usize,
         fault: request.fault,
         post_copy: request.post_copy,
+        workers: request.workers,
         ..SourceOptions::default()
     };
     let truncate = match request.fault {

@@ -266,8 +266,8 @@ impl Pipeline {
         limit: u64,
         rtt: Duration,
     ) -> Result<Self, MigrateError> {
-        let mut encoder =
-            PageEncoder::new(pages, options.delta_cache, options.compress).map_err(MigrateError::Compressor)?;
+        let mut encoder = PageEncoder::new(pages, options.delta_cache, options.compress, options.workers)
+            .map_err(MigrateError::Compressor)?;
         encoder.set_link(limit, rtt);
         if let Some(link) = link {
             encoder.link_sample(link as f64);
@@ -282,17 +282,18 @@ impl Pipeline {
     /// Sends `pages` through both ends, as a round would.
     fn pass<V: SourceVm>(&mut self, vm: &V, pages: &[u64]) -> Result<PassCost, MigrateError> {
         let mut cost = PassCost { pages: pages.len() as u64, ..PassCost::default() };
-        let mut buf = vec![0u8; PAGE_SIZE];
+        let mut buf = vec![0u8; self.encoder.read_pages() * PAGE_SIZE];
         let mut batches = Vec::new();
         let started = Instant::now();
-        for &page in pages {
-            vm.read_page(page, &mut buf).map_err(MigrateError::ReadPages)?;
-            self.encoder.add(page, &buf);
-            if self.encoder.batch_full() {
-                batches.extend(self.encoder.take_batch().map(|(b, _)| b));
+        for chunk in pages.chunks(self.encoder.read_pages()) {
+            for (&page, into) in chunk.iter().zip(buf.chunks_exact_mut(PAGE_SIZE)) {
+                vm.read_page(page, into).map_err(MigrateError::ReadPages)?;
             }
+            self.encoder.add_pages(chunk, &buf[..chunk.len() * PAGE_SIZE]);
+            batches.extend(std::iter::from_fn(|| self.encoder.take_batch()).map(|(b, _)| b));
         }
-        batches.extend(self.encoder.take_batch().map(|(b, _)| b));
+        self.encoder.finish();
+        batches.extend(std::iter::from_fn(|| self.encoder.take_batch()).map(|(b, _)| b));
         let frames: Vec<Vec<u8>> = batches
             .into_iter()
             .map(|b| protocol::encode_frame(&Message::Pages(b)))
