@@ -5,6 +5,8 @@
 //! - the whole per-page pipeline the source runs in a round (read the page out of guest
 //!   memory, hash, zero check, duplicate lookup, delta against the cache or whole, the
 //!   memory digest, batch, zstd-1 per batch, frame), in GB/s of guest memory;
+//! - the destination's page writer (decompress, check, write, hash) on the same batches,
+//!   on one worker and on every core;
 //! - harvesting dirty pages for 1 GiB of guest memory: KVM's dirty log (a real KVM VM, no
 //!   vCPU) and the VMM's own bitmap;
 //! - the migration's link on loopback, both transports (QUIC with quinn, and TLS 1.3 over
@@ -18,11 +20,13 @@
 //! included).
 
 use criterion::{BatchSize, BenchmarkId, Criterion, Throughput};
+use novacron_benches::contents::{random_page, splitmix, text_page};
 use novacron_benches::tally;
+use novacron_migration::destination::{GuestPages, PageWriter};
 use novacron_migration::dirty::DirtySet;
 use novacron_migration::encoder::{self, PageEncoder};
 use novacron_migration::page::{self, PAGE_SIZE};
-use novacron_migration::protocol::{self, BATCH_PAGES, BatchBuilder, Message};
+use novacron_migration::protocol::{self, BATCH_PAGES, BatchBuilder, Message, PageBatch};
 use novacron_vmm::vstate::memory::{self, GuestMemory};
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -34,13 +38,6 @@ const GIB: u64 = 1 << 30;
 // ---------------------------------------------------------------------------------------
 // Page contents
 
-fn splitmix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
-}
-
 /// A page as the test guest's workload leaves it: zeroes, but for a value derived from
 /// the page number and its generation in the first and last word.
 fn guest_page(page: u64, generation: u64) -> Vec<u8> {
@@ -49,53 +46,6 @@ fn guest_page(page: u64, generation: u64) -> Vec<u8> {
     p[..8].copy_from_slice(&v);
     p[PAGE_SIZE - 8..].copy_from_slice(&v);
     p
-}
-
-/// A page of random-ish text: words from a small vocabulary (zstd-1 makes it about a
-/// third of its size, like logs, configuration and source in a real guest's page cache).
-fn text_page(page: u64) -> Vec<u8> {
-    const WORDS: [&str; 24] = [
-        "the",
-        "migration",
-        "page",
-        "of",
-        "memory",
-        "kernel",
-        "and",
-        "a",
-        "dirty",
-        "vcpu",
-        "round",
-        "to",
-        "send",
-        "guest",
-        "host",
-        "in",
-        "zero",
-        "delta",
-        "batch",
-        "stream",
-        "quic",
-        "state",
-        "ok",
-        "error:",
-    ];
-    let mut p = Vec::with_capacity(PAGE_SIZE + 16);
-    let mut x = page.wrapping_mul(0x2545_f491_4f6c_dd1d) | 1;
-    while p.len() < PAGE_SIZE {
-        x = splitmix(x);
-        p.extend_from_slice(WORDS[(x % WORDS.len() as u64) as usize].as_bytes());
-        p.push(if x >> 60 == 0 { b'\n' } else { b' ' });
-        if x >> 56 == 1 {
-            p.extend_from_slice(format!("{}", x >> 40).as_bytes());
-        }
-    }
-    p.truncate(PAGE_SIZE);
-    p
-}
-
-fn random_page(page: u64) -> Vec<u8> {
-    (0..PAGE_SIZE / 8).flat_map(|i| splitmix(page * 512 + i as u64).to_le_bytes()).collect()
 }
 
 /// `page` with `words` of its 512 words changed, spread over the page.
@@ -297,15 +247,28 @@ fn on(workers: usize) -> String {
     }
 }
 
-fn pipeline(c: &mut Criterion) {
-    // 64 MiB: larger than any cache here, and as large as the delta cache.
-    const PAGES: u64 = 16384;
-    const BYTES: u64 = PAGES * PAGE_SIZE as u64;
-    let mut g = c.benchmark_group("source pipeline, 64 MiB");
-    g.throughput(Throughput::Bytes(BYTES));
+/// Pages the pipeline and writer groups run over: 64 MiB, larger than any cache here, and
+/// as large as the delta cache.
+const PIPELINE_PAGES: u64 = 16384;
+
+/// A group of ten samples over PIPELINE_PAGES pages of guest memory.
+fn memory_group<'c>(
+    c: &'c mut Criterion,
+    name: &str,
+    measure: Duration,
+) -> criterion::BenchmarkGroup<'c, criterion::measurement::WallTime> {
+    let mut g = c.benchmark_group(name);
+    g.throughput(Throughput::Bytes(PIPELINE_PAGES * PAGE_SIZE as u64));
     g.sample_size(10);
     g.warm_up_time(Duration::from_secs(1));
-    g.measurement_time(Duration::from_secs(6));
+    g.measurement_time(measure);
+    g
+}
+
+fn pipeline(c: &mut Criterion) {
+    const PAGES: u64 = PIPELINE_PAGES;
+    const BYTES: u64 = PAGES * PAGE_SIZE as u64;
+    let mut g = memory_group(c, "source pipeline, 64 MiB", Duration::from_secs(6));
 
     // Reading pages out of guest memory alone (vm-memory's read_slice, as the VMM does).
     let text_mem = memory_with(PAGES, &|p| Some(text_page(p)));
@@ -381,6 +344,68 @@ fn pipeline(c: &mut Criterion) {
                 total
             })
         });
+    }
+    g.finish();
+}
+
+// ---------------------------------------------------------------------------------------
+// The destination's page writer
+
+/// Guest memory for the writer: one flat buffer.
+struct FlatMemory(Vec<u8>);
+
+impl GuestPages for FlatMemory {
+    fn page(&mut self, page: u64) -> Option<&mut [u8]> {
+        let at = page as usize * PAGE_SIZE;
+        self.0.get_mut(at..at + PAGE_SIZE)
+    }
+}
+
+/// The batches a round 0 over `pages` pages of `content` gives, from the engine's own
+/// encoder (the link not measured: compressed).
+fn encoded(pages: u64, content: &dyn Fn(u64) -> Vec<u8>) -> Vec<PageBatch> {
+    let mut encoder = PageEncoder::new(pages, 0, true, 0).expect("zstd");
+    let all: Vec<u64> = (0..pages).collect();
+    for chunk in all.chunks(encoder.read_pages()) {
+        let data: Vec<u8> = chunk.iter().flat_map(|p| content(*p)).collect();
+        encoder.add_pages(chunk, &data);
+    }
+    encoder.finish();
+    std::iter::from_fn(|| encoder.take_batch()).map(|(b, _)| b).collect()
+}
+
+fn writer(c: &mut Criterion) {
+    const PAGES: u64 = PIPELINE_PAGES;
+    const BYTES: u64 = PAGES * PAGE_SIZE as u64;
+    let mut g = memory_group(c, "destination writer, 64 MiB", Duration::from_secs(4));
+    let cases: [(&str, Vec<PageBatch>); 2] = [
+        ("round 0, test-guest pages", encoded(PAGES, &|p| guest_page(p, 1))),
+        ("round 0, text pages (zstd)", encoded(PAGES, &text_page)),
+    ];
+    for workers in worker_counts() {
+        for (case, batches) in &cases {
+            let name: &'static str = format!("{case}, {}", on(workers)).leak();
+            g.bench_function(name, |b| {
+                b.iter_custom(|iters| {
+                    let setup = || {
+                        let writer = PageWriter::with_workers(PAGES, workers).expect("writer");
+                        // Memory already faulted in (a byte per page written), so that this
+                        // times the writer's work, not the kernel's first touch of each page.
+                        let mut memory = vec![0u8; BYTES as usize];
+                        memory.iter_mut().step_by(PAGE_SIZE).for_each(|b| *b = 1);
+                        (writer, FlatMemory(memory))
+                    };
+                    // As the driver hands them over: up to 8 waiting batches at a time.
+                    let total = timed(iters, setup, |(writer, memory)| {
+                        for run in batches.chunks(8) {
+                            writer.apply_all(memory, None, run).expect("apply");
+                        }
+                    });
+                    tally::record(name, iters * BYTES, total);
+                    total
+                })
+            });
+        }
     }
     g.finish();
 }
@@ -593,9 +618,12 @@ fn summary() {
             if r >= 2e9 { "met" } else { "NOT met" }
         );
     }
-    for case in
-        ["round 0, test-guest memory (half working set, half untouched)", "round 0, text pages (all sent whole)"]
-    {
+    for case in [
+        "round 0, test-guest memory (half working set, half untouched)",
+        "round 0, text pages (all sent whole)",
+        "round 0, test-guest pages",
+        "round 0, text pages (zstd)",
+    ] {
         if let (Some(one), Some(n)) =
             (tally::rate(&format!("{case}, 1 worker")), tally::rate(&format!("{case}, {}", on(workers))))
             && workers > 1
@@ -617,6 +645,7 @@ fn main() {
     let mut c = Criterion::default().configure_from_args();
     codecs(&mut c);
     pipeline(&mut c);
+    writer(&mut c);
     dirty_log(&mut c);
     transport(&mut c);
     c.final_summary();

@@ -13,14 +13,25 @@
 //! - the largest heartbeat gap in the second after the destination runs: what a
 //!   post-copy's faults on missing pages cost the guest.
 //!
-//! `--tuned=postcopy` compares post-copy: NovaCron with `--post-copy after-rounds=1`
+//! `--memory=image` puts a realistic memory image (192 MiB of text, machine code,
+//! random/compressed data, zero and sparse pages, in runs: `contents::realistic_image`)
+//! into guest memory as an initrd, which both VMMs load at the top of RAM, clear of the
+//! working set; the guest never touches it, so it moves in the first pass, as a real
+//! guest's page cache and code would, at no cost to the emulated guest.
+//!
+//! Before each NovaCron pre-copy run, `vmm migrate --dry-run` predicts it (to the same
+//! receiver, which waits on); rows compare the prediction with the run (`--no-dry-run`
+//! leaves it out).
+//!
+//! `--tuned=` takes one QEMU configuration or several, comma-separated: each becomes a
+//! column next to QEMU's defaults. `--tuned=postcopy` compares post-copy: NovaCron with `--post-copy after-rounds=1`
 //! (first), NovaCron pre-copy, QEMU's defaults, and QEMU with postcopy-ram switched over
 //! with `migrate-start-postcopy` once its first pass is done, bandwidth uncapped.
 //!
 //! ```text
 //! cargo bench -p novacron-benches --bench migration [-- RUNS] [--rates=0,2000,10000]
-//!     [--hb=MS] [--tuned=multifd|multifd-zstd|xbzrle|uncapped|postcopy] [--only=novacron|qemu|tuned]
-//!     [--no-netns] [--verbose]
+//!     [--hb=MS] [--tuned=multifd|multifd-zstd|xbzrle|uncapped|postcopy[,...]]
+//!     [--only=novacron|qemu|tuned] [--memory=guest|image] [--no-dry-run] [--no-netns] [--verbose]
 //! ```
 //!
 //! The guest verifies its whole working set every `verify` ms, and prints no heartbeat
@@ -28,6 +39,7 @@
 //! verify period is set per configuration from the slowest migration seen so far, and a
 //! run whose switchover met a verification pass is repeated with a longer period.
 
+use novacron_benches::contents::realistic_image;
 use novacron_benches::netns::{NetNs, lo_bytes};
 use novacron_benches::qmp::Qmp;
 use novacron_benches::{Error, median, qemu, release_binary, test_guest_file};
@@ -42,6 +54,8 @@ use std::time::{Duration, Instant};
 const MEM_MIB: u64 = 512;
 const VCPUS: u8 = 2;
 const WS_MIB: u64 = 256;
+/// The realistic image's size (`--memory=image`): with the working set, 448 of the 512 MiB.
+const IMAGE_MIB: u64 = 192;
 /// From the guest's first heartbeat to the migration's start: the workload is in its
 /// steady state (the working set written, dirtying at its rate).
 const SETTLE: Duration = Duration::from_millis(500);
@@ -70,9 +84,10 @@ struct Variant {
     vmm: Vmm,
 }
 
-fn variants(tuned: &str) -> Result<Vec<Variant>, Error> {
+/// QEMU tuned as `tuned` names it: its capabilities, parameters and a label.
+fn qemu_tuned(tuned: &str) -> Result<(Vec<&'static str>, Value, &'static str), Error> {
     let uncapped = json!({ "max-bandwidth": 1u64 << 40, "downtime-limit": 50 });
-    let (caps, params, label) = match tuned {
+    Ok(match tuned {
         "uncapped" => (vec![], uncapped, "uncapped, downtime-limit 50 ms"),
         "multifd" => (
             vec!["multifd"],
@@ -90,28 +105,35 @@ fn variants(tuned: &str) -> Result<Vec<Variant>, Error> {
             json!({ "max-bandwidth": 1u64 << 40, "downtime-limit": 50, "xbzrle-cache-size": 64u64 << 20 }),
             "uncapped, xbzrle 64 MiB, downtime-limit 50 ms",
         ),
-        "postcopy" => (
-            vec!["postcopy-ram"],
-            json!({ "max-bandwidth": 1u64 << 40, "downtime-limit": 50 }),
-            "uncapped, postcopy-ram after the first pass, downtime-limit 50 ms",
-        ),
+        "postcopy" => {
+            (vec!["postcopy-ram"], uncapped, "uncapped, postcopy-ram after the first pass, downtime-limit 50 ms")
+        }
         other => {
             return Err(format!("--tuned={other}: choose multifd, multifd-zstd, xbzrle, uncapped or postcopy").into());
         }
-    };
-    let post_copy = tuned == "postcopy";
-    let novacron = Variant { name: "NovaCron".into(), vmm: Vmm::NovaCron { extra: vec![] } };
-    let default =
-        Variant { name: "QEMU default".into(), vmm: Vmm::Qemu { caps: vec![], params: Value::Null, post_copy: false } };
-    let tuned = Variant { name: format!("QEMU tuned ({label})"), vmm: Vmm::Qemu { caps, params, post_copy } };
-    Ok(match post_copy {
-        true => {
-            let extra = vec!["--post-copy", "after-rounds=1"];
-            let ours = Variant { name: "NovaCron post-copy (after-rounds=1)".into(), vmm: Vmm::NovaCron { extra } };
-            vec![ours, novacron, default, tuned]
-        }
-        false => vec![novacron, default, tuned],
     })
+}
+
+/// NovaCron (and NovaCron post-copy when QEMU's post-copy is among them), QEMU's
+/// defaults, and QEMU tuned each way `tuned` lists.
+fn variants(tuned: &str) -> Result<Vec<Variant>, Error> {
+    let mut list = Vec::new();
+    let names: Vec<&str> = tuned.split(',').map(str::trim).filter(|t| !t.is_empty()).collect();
+    if names.contains(&"postcopy") {
+        let extra = vec!["--post-copy", "after-rounds=1"];
+        list.push(Variant { name: "NovaCron post-copy (after-rounds=1)".into(), vmm: Vmm::NovaCron { extra } });
+    }
+    list.push(Variant { name: "NovaCron".into(), vmm: Vmm::NovaCron { extra: vec![] } });
+    list.push(Variant {
+        name: "QEMU default".into(),
+        vmm: Vmm::Qemu { caps: vec![], params: Value::Null, post_copy: false },
+    });
+    for name in names {
+        let (caps, params, label) = qemu_tuned(name)?;
+        let post_copy = name == "postcopy";
+        list.push(Variant { name: format!("QEMU {name} ({label})"), vmm: Vmm::Qemu { caps, params, post_copy } });
+    }
+    Ok(list)
 }
 
 struct Options {
@@ -120,6 +142,9 @@ struct Options {
     hb_ms: u64,
     tuned: String,
     only: Option<String>,
+    /// Put the realistic image into guest memory.
+    image: bool,
+    dry_run: bool,
     netns: bool,
     verbose: bool,
 }
@@ -131,6 +156,8 @@ fn options() -> Result<Options, Error> {
         hb_ms: 2,
         tuned: "multifd".into(),
         only: None,
+        image: false,
+        dry_run: true,
         netns: true,
         verbose: false,
     };
@@ -145,6 +172,14 @@ fn options() -> Result<Options, Error> {
             o.tuned = v.into();
         } else if let Some(v) = arg.strip_prefix("--only=") {
             o.only = Some(v.to_lowercase());
+        } else if let Some(v) = arg.strip_prefix("--memory=") {
+            o.image = match v {
+                "guest" => false,
+                "image" => true,
+                other => return Err(format!("--memory={other}: choose guest or image").into()),
+            };
+        } else if arg == "--no-dry-run" {
+            o.dry_run = false;
         } else if arg == "--no-netns" {
             o.netns = false;
         } else if arg == "--verbose" {
@@ -170,6 +205,12 @@ struct Sample {
     wire_bytes: Option<u64>,
     /// What the VMM says it sent: NovaCron's UDP payloads, QEMU's ram "transferred".
     vmm_bytes: u64,
+    /// NovaCron's frame bytes (what a dry run predicts).
+    frame_bytes: Option<f64>,
+    /// The dry run's prediction of total time and frame bytes, and how long it took.
+    predicted_ms: Option<f64>,
+    predicted_bytes: Option<f64>,
+    dry_run_ms: f64,
     /// NovaCron's rounds; QEMU's dirty-sync-count.
     rounds: u64,
     verify_ok: bool,
@@ -193,6 +234,9 @@ struct Bench {
     novacron: PathBuf,
     qemu: PathBuf,
     guest: PathBuf,
+    /// The realistic image, loaded as an initrd (`--memory=image`).
+    initrd: Option<PathBuf>,
+    dry_run: bool,
     tls: PathBuf,
     dir: PathBuf,
     netns: Option<NetNs>,
@@ -219,7 +263,9 @@ impl Bench {
     }
 
     fn cmdline(&self, rate: u64, verify_ms: u64) -> String {
-        format!("ws={WS_MIB} rate={rate} verify={verify_ms} hb={}", self.hb_ms)
+        // The image is not the guest's to read: hashing 192 MiB would take it minutes.
+        let initrd = if self.initrd.is_some() { " initrd=skip" } else { "" };
+        format!("ws={WS_MIB} rate={rate} verify={verify_ms} hb={}{initrd}", self.hb_ms)
     }
 
     fn spawn(&self, mut cmd: Command) -> Result<Watched, Error> {
@@ -237,6 +283,9 @@ impl Bench {
             .arg(&self.guest)
             .args(["-append", cmdline, "-qmp"])
             .arg(format!("unix:{},server=on,wait=off", qmp.display()));
+        if let Some(initrd) = &self.initrd {
+            c.arg("-initrd").arg(initrd);
+        }
         if incoming {
             c.args(["-incoming", "defer"]);
         }
@@ -284,8 +333,19 @@ impl Bench {
             .arg("--api-sock")
             .arg(&src_sock)
             .env("NOVACRON_LOG", "info");
+        if let Some(initrd) = &self.initrd {
+            cmd.arg("--initrd").arg(initrd);
+        }
         let mut src = self.spawn(cmd)?;
         let jitter_ms = settle(&mut src)?;
+        // The prediction first (post-copy has none): the receiver takes the probe and
+        // waits on for the migration itself.
+        let dry_started = Instant::now();
+        let prediction = match self.dry_run && extra.is_empty() {
+            true => Some(self.dry_run(&src_sock, &addr)?),
+            false => None,
+        };
+        let dry_run_ms = dry_started.elapsed().as_secs_f64() * 1e3;
         let wire_before = lo_bytes(dst.child.id());
 
         let t0 = Instant::now();
@@ -320,6 +380,10 @@ impl Bench {
             vmm_total_ms: f("total_ms"),
             vmm_downtime_ms: f("downtime_us") / 1000.0,
             vmm_bytes: report["wire_bytes"].as_u64().unwrap_or(0),
+            frame_bytes: Some(f("bytes_sent")),
+            predicted_ms: prediction.as_ref().and_then(|p| p["total_ms"].as_f64()),
+            predicted_bytes: prediction.as_ref().and_then(|p| p["bytes"].as_f64()),
+            dry_run_ms,
             rounds: report["rounds"].as_u64().unwrap_or(0),
             jitter_ms,
             ..Sample::default()
@@ -343,6 +407,31 @@ impl Bench {
             c["zstd3_ratio_permille"]
         ));
         finish(&mut s, &src, &mut dst, t0, wire_before, verify_ms)
+    }
+
+    /// `vmm migrate --dry-run` of the source at `sock` to `addr`: its prediction.
+    fn dry_run(&self, sock: &Path, addr: &str) -> Result<Value, Error> {
+        let mut cmd = Command::new(&self.novacron);
+        cmd.args(["vmm", "migrate", "--dry-run", "--to", addr, "--json"])
+            .arg("--api-sock")
+            .arg(sock)
+            .arg("--tls-dir")
+            .arg(&self.tls)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let out = output_within(cmd, MIGRATE_TIMEOUT)?;
+        // Exit 4: it would not converge; the prediction says so and is still a prediction.
+        if !out.status.success() && out.status.code() != Some(4) {
+            return Err(format!(
+                "novacron vmm migrate --dry-run failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            )
+            .into());
+        }
+        let report: Value = serde_json::from_slice(&out.stdout)?;
+        Ok(report.get("prediction").cloned().unwrap_or(report))
     }
 
     fn run_qemu(
@@ -586,6 +675,15 @@ fn main() -> Result<(), Error> {
     let dir = std::env::temp_dir().join(format!("novacron-migration-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let guest = test_guest_file(&dir)?;
+    let initrd = match o.image {
+        true => {
+            let path = dir.join("memory-image.bin");
+            let mix = realistic_image(&path, IMAGE_MIB << 20, &novacron)?;
+            eprintln!("memory image: {mix}");
+            Some((path, mix))
+        }
+        false => None,
+    };
     let tls = dir.join("tls");
     let out = Command::new(&novacron).args(["certs", "init", "--dir"]).arg(&tls).output()?;
     if !out.status.success() {
@@ -602,8 +700,18 @@ fn main() -> Result<(), Error> {
     } else {
         None
     };
-    let mut bench =
-        Bench { novacron, qemu: qemu_path, guest, tls, dir: dir.clone(), netns, hb_ms: o.hb_ms, next_port: 4700 };
+    let mut bench = Bench {
+        novacron,
+        qemu: qemu_path,
+        guest,
+        initrd: initrd.as_ref().map(|(p, _)| p.clone()),
+        dry_run: o.dry_run,
+        tls,
+        dir: dir.clone(),
+        netns,
+        hb_ms: o.hb_ms,
+        next_port: 4700,
+    };
     eprintln!("{qemu_version}; {} runs of each of {} configurations", o.runs, o.rates.len() * chosen.len());
 
     let started = Instant::now();
@@ -651,7 +759,7 @@ fn main() -> Result<(), Error> {
                             }
                         }
                         let e = slowest.entry(key).or_default();
-                        *e = e.max(s.to_running_ms);
+                        *e = e.max(s.to_running_ms + s.dry_run_ms);
                         samples.entry(key).or_default().push(s);
                     }
                     Err(e) => {
@@ -673,7 +781,16 @@ fn main() -> Result<(), Error> {
         o.runs,
         elapsed.as_secs_f64()
     );
-    println!("QEMU: {qemu_version}, -M microvm; tuned = {}", chosen.last().map_or("", |v| v.name.as_str()));
+    let tuned: Vec<&str> = chosen
+        .iter()
+        .filter(|v| v.name.starts_with("QEMU ") && v.name != "QEMU default")
+        .map(|v| v.name.as_str())
+        .collect();
+    println!("QEMU: {qemu_version}, -M microvm; tuned: {}", tuned.join("; "));
+    match &initrd {
+        Some((_, mix)) => println!("guest memory: the working set, and a {IMAGE_MIB} MiB image as initrd: {mix}"),
+        None => println!("guest memory: the test guest's own pages (two words each in the working set)"),
+    }
     for &rate in &o.rates {
         print_table(rate, &chosen, &samples, &failures, &overlaps);
     }
@@ -749,7 +866,8 @@ fn print_table(
     let ms0 = |v: f64| format!("{v:.0} ms");
     let mb = |v: f64| format!("{:.1} MiB", v / (1u64 << 20) as f64);
     let n = |v: f64| format!("{v:.0}");
-    let metrics: [Metric; 9] = [
+    let x = |v: f64| format!("{v:.2}x");
+    let metrics: [Metric; 12] = [
         ("total, as the VMM reports it", &|s| Some(s.vmm_total_ms), &ms0),
         ("migrate command to destination running", &|s| Some(s.to_running_ms), &ms0),
         ("guest-seen pause (heartbeat gap)", &|s| Some(s.pause_ms), &ms),
@@ -759,6 +877,9 @@ fn print_table(
         ("rounds (QEMU: dirty syncs)", &|s| Some(s.rounds as f64), &n),
         ("heartbeat jitter before (largest gap)", &|s| Some(s.jitter_ms), &ms),
         ("largest heartbeat gap, 1 s after running", &|s| Some(s.stall_ms), &ms),
+        ("dry run: predicted total", &|s| s.predicted_ms, &ms0),
+        ("dry run ÷ real: total time", &|s| s.predicted_ms.map(|p| p / s.vmm_total_ms), &x),
+        ("dry run ÷ real: bytes sent", &|s| s.predicted_bytes.zip(s.frame_bytes).map(|(p, f)| p / f), &x),
     ];
     for (name, f, fmt) in metrics {
         let meds: Vec<f64> =

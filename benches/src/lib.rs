@@ -406,6 +406,149 @@ pub mod netns {
 
 /// Work and time of every timed iteration, by benchmark name, for the summary a criterion
 /// bench prints after its own lines (criterion keeps its estimates to itself).
+/// Page contents for the benchmarks: a guest's text, code and compressed data, and a
+/// realistic memory image made of them in runs.
+pub mod contents {
+    use std::io::Write;
+    use std::path::Path;
+
+    pub const PAGE: usize = 4096;
+
+    pub fn splitmix(mut x: u64) -> u64 {
+        x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        x ^ (x >> 31)
+    }
+
+    /// A page of random-ish text: words from a small vocabulary (zstd-1 makes it about a
+    /// third of its size, like logs, configuration and source in a real guest's page cache).
+    pub fn text_page(page: u64) -> Vec<u8> {
+        const WORDS: [&str; 24] = [
+            "the",
+            "migration",
+            "page",
+            "of",
+            "memory",
+            "kernel",
+            "and",
+            "a",
+            "dirty",
+            "vcpu",
+            "round",
+            "to",
+            "send",
+            "guest",
+            "host",
+            "in",
+            "zero",
+            "delta",
+            "batch",
+            "stream",
+            "quic",
+            "state",
+            "ok",
+            "error:",
+        ];
+        let mut p = Vec::with_capacity(PAGE + 16);
+        let mut x = page.wrapping_mul(0x2545_f491_4f6c_dd1d) | 1;
+        while p.len() < PAGE {
+            x = splitmix(x);
+            p.extend_from_slice(WORDS[(x % WORDS.len() as u64) as usize].as_bytes());
+            p.push(if x >> 60 == 0 { b'\n' } else { b' ' });
+            if x >> 56 == 1 {
+                p.extend_from_slice(format!("{}", x >> 40).as_bytes());
+            }
+        }
+        p.truncate(PAGE);
+        p
+    }
+
+    /// Noise no compressor shrinks: compressed files, encrypted data, media.
+    pub fn random_page(page: u64) -> Vec<u8> {
+        (0..PAGE / 8).flat_map(|i| splitmix(page * 512 + i as u64).to_le_bytes()).collect()
+    }
+
+    /// What a realistic image holds, in pages of each kind.
+    #[derive(Debug, Default, Clone, Copy)]
+    pub struct Mix {
+        pub text: u64,
+        pub code: u64,
+        pub random: u64,
+        pub zero: u64,
+        pub sparse: u64,
+    }
+
+    impl std::fmt::Display for Mix {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            let mib = |pages: u64| pages as f64 * PAGE as f64 / f64::from(1u32 << 20);
+            write!(
+                f,
+                "{:.0} MiB text, {:.0} MiB code, {:.0} MiB random/compressed, {:.0} MiB zero, {:.0} MiB sparse pages",
+                mib(self.text),
+                mib(self.code),
+                mib(self.random),
+                mib(self.zero),
+                mib(self.sparse)
+            )
+        }
+    }
+
+    /// Writes `bytes` of a guest's memory as it looks after a while, to `path`: runs of 1
+    /// to 64 pages of text (30%), machine code (25%, pages of the ELF file `code`, in
+    /// order), random or compressed data (20%), zero pages (15%) and sparse pages (10%, a
+    /// few words set in a zero page), the kinds and lengths drawn from a fixed seed.
+    pub fn realistic_image(path: &Path, bytes: u64, code: &Path) -> std::io::Result<Mix> {
+        let code = std::fs::read(code)?;
+        let code_pages = (code.len() / PAGE).max(1) as u64;
+        let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+        let pages = bytes / PAGE as u64;
+        let (mut mix, mut page, mut x, mut code_at) = (Mix::default(), 0u64, 0x5eed_u64, 0u64);
+        while page < pages {
+            x = splitmix(x);
+            let run = (1 + (x >> 58)).min(pages - page);
+            let kind = (x % 100) as u32;
+            for p in page..page + run {
+                let content = match kind {
+                    0..30 => {
+                        mix.text += 1;
+                        text_page(p)
+                    }
+                    30..55 => {
+                        mix.code += 1;
+                        let at = (code_at % code_pages) as usize * PAGE;
+                        code_at += 1;
+                        let mut c = code.get(at..at + PAGE).map_or_else(|| vec![0xcc; PAGE], <[u8]>::to_vec);
+                        c.resize(PAGE, 0xcc);
+                        c
+                    }
+                    55..75 => {
+                        mix.random += 1;
+                        random_page(p)
+                    }
+                    75..90 => {
+                        mix.zero += 1;
+                        vec![0; PAGE]
+                    }
+                    _ => {
+                        mix.sparse += 1;
+                        let mut c = vec![0u8; PAGE];
+                        for k in 0..1 + splitmix(p) % 8 {
+                            let w = (splitmix(p + k) % (PAGE as u64 / 8)) as usize * 8;
+                            c[w..w + 8].copy_from_slice(&splitmix(p ^ k).to_le_bytes());
+                        }
+                        c
+                    }
+                };
+                out.write_all(&content)?;
+            }
+            page += run;
+        }
+        out.flush()?;
+        Ok(mix)
+    }
+}
+
 pub mod tally {
     use std::collections::BTreeMap;
     use std::sync::Mutex;

@@ -166,6 +166,14 @@ fn kvm_initrd_reaches_the_pvh_guest_intact() {
     let expected = format!("INITRD bytes={} hash={:#x}", bytes.len(), word_hash(&bytes));
     assert_eq!(line.text, expected);
     assert_eq!(vm.wait_exit(TIMEOUT).unwrap().0.code(), Some(0));
+
+    // initrd=skip (the migration benchmark's memory image): the size only.
+    let mut cmd = vmm();
+    cmd.args(["--mem", "64", "--cmdline", "ws=4 hb=100 exit=1 initrd=skip"]).arg("--initrd").arg(&initrd);
+    let mut vm = Watched::spawn(cmd).unwrap();
+    let line = vm.wait_for("the INITRD line", TIMEOUT, |l| l.text.starts_with("INITRD ")).unwrap();
+    assert_eq!(line.text, format!("INITRD bytes={} hash=skipped", bytes.len()));
+    assert_eq!(vm.wait_exit(TIMEOUT).unwrap().0.code(), Some(0));
 }
 
 #[test]

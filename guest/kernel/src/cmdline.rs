@@ -32,6 +32,10 @@ pub struct Params {
     /// Stop after this many heartbeats (0: never), the way `exit_mode` says.
     pub exit_after: u64,
     pub exit_mode: ExitMode,
+    /// Hash the initrd and print it (`initrd=hash`, the default), or only its size
+    /// (`initrd=skip`: a large one, such as a benchmark's memory image, would take the
+    /// emulated guest minutes to read).
+    pub hash_initrd: bool,
     /// Corrupt one page before this verification epoch (0: never), to show a FAIL verdict.
     pub corrupt_epoch: u64,
     /// Sectors each block device's test writes and reads back (0: no block test).
@@ -65,6 +69,7 @@ pub fn parse(cmdline: &[u8], mut bad: impl FnMut(&[u8])) -> Params {
         hb_ms: 500,
         exit_after: 0,
         exit_mode: ExitMode::PowerOff,
+        hash_initrd: true,
         corrupt_epoch: 0,
         blk_sectors: 0,
         net: NetTest::Off,
@@ -80,6 +85,14 @@ pub fn parse(cmdline: &[u8], mut bad: impl FnMut(&[u8])) -> Params {
                 b"poweroff" => p.exit_mode = ExitMode::PowerOff,
                 b"reset" => p.exit_mode = ExitMode::Reset,
                 b"triplefault" => p.exit_mode = ExitMode::TripleFault,
+                _ => bad(word),
+            }
+            continue;
+        }
+        if key == b"initrd" {
+            match value {
+                b"hash" => p.hash_initrd = true,
+                b"skip" => p.hash_initrd = false,
                 _ => bad(word),
             }
             continue;

@@ -7,7 +7,7 @@
 //! ```text
 //! NOVACRON-GUEST boot                                  (first instruction, before anything)
 //! NOVACRON-GUEST v1 cpus=4 mem=512 ws=64 rate=1000 verify=1000 hb=500 exit=0 clock=kvm
-//! INITRD bytes=65536 hash=0x5b1d...                    (only with an initrd)
+//! INITRD bytes=65536 hash=0x5b1d...                    (only with an initrd; hash=skipped with initrd=skip)
 //! SMP online=4
 //! READY pages=16384 base=0x1000000
 //! HB 1                                                 (every hb ms, sequence from 1)
@@ -16,7 +16,8 @@
 //! ```
 //!
 //! Command line words (all optional): `ws=MiB rate=pages/s verify=ms hb=ms exit=N`
-//! `exitmode=poweroff|reset|triplefault corrupt=EPOCH blk=N rng=N net=send:N|echo`.
+//! `exitmode=poweroff|reset|triplefault corrupt=EPOCH blk=N rng=N net=send:N|echo`
+//! `initrd=hash|skip`.
 //! `mem` is in MiB.
 //! It is frugal in instructions: this machine's KVM emulates guests at ~1.3 MIPS.
 //!
@@ -255,7 +256,10 @@ extern "C" fn kmain(start_info: u64) -> ! {
         .str(if kvm_clock { " clock=kvm" } else { " clock=tsc" })
         .print();
     if let Some((addr, size)) = info.module {
-        Line::new().str("INITRD").kv("bytes", size).str(" hash=").hex(hash_bytes(addr, size)).print();
+        match params.hash_initrd {
+            true => Line::new().str("INITRD").kv("bytes", size).str(" hash=").hex(hash_bytes(addr, size)).print(),
+            false => Line::new().str("INITRD").kv("bytes", size).str(" hash=skipped").print(),
+        }
     }
     if acpi.ignored_cpus > 0 {
         Line::new().str("SMP ignoring").kv("cpus", acpi.ignored_cpus as u64).print();

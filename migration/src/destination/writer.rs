@@ -87,7 +87,9 @@ pub struct PageWriter {
     decompressor: zstd::bulk::Decompressor<'static>,
     scratch: Vec<u8>,
     received: u64,
-    /// None with one worker.
+    workers: usize,
+    /// Started on the first call with enough work to share (a receive of a few pages, or
+    /// a fuzz input, never starts one); None until then, and with one worker.
     pool: Option<rayon::ThreadPool>,
 }
 
@@ -121,8 +123,6 @@ impl PageWriter {
 
     /// A writer on `workers` threads (0: one per core).
     pub fn with_workers(pages: u64, workers: usize) -> Result<Self, ReceiveError> {
-        let workers = crate::encoder::workers_or_cores(workers);
-        let pool = crate::encoder::worker_pool(workers, "migration-apply").map_err(ReceiveError::Workers)?;
         Ok(PageWriter {
             pages,
             hashes: vec![ZERO_HASH; pages as usize],
@@ -130,7 +130,8 @@ impl PageWriter {
             decompressor: zstd::bulk::Decompressor::new().map_err(ReceiveError::Zstd)?,
             scratch: vec![0; PAGE_SIZE],
             received: 0,
-            pool,
+            workers: crate::encoder::workers_or_cores(workers),
+            pool: None,
         })
     }
 
@@ -171,6 +172,11 @@ impl PageWriter {
     /// Decompresses the batches and hashes their whole pages, on the pool when there is
     /// enough to share.
     fn unpack<'b>(&mut self, batches: &'b [PageBatch]) -> Result<Vec<Unpacked<'b>>, ReceiveError> {
+        let whole_pages =
+            batches.iter().flat_map(|b| &b.entries).filter(|e| matches!(e, PageEntry::Full { .. })).count();
+        if self.pool.is_none() && (batches.len() > 1 || whole_pages >= PARALLEL_MIN_PAGES) {
+            self.pool = crate::encoder::worker_pool(self.workers, "migration-apply").map_err(ReceiveError::Workers)?;
+        }
         let datas: Vec<Cow<'b, [u8]>> = match &self.pool {
             Some(pool) if batches.len() > 1 => pool.install(|| {
                 batches
