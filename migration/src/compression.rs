@@ -4,8 +4,9 @@
 //! while the link carries the one before, so a batch of `n` bytes costs about
 //! `max(n / speed, n * ratio / link)` compressed against `n / link` raw, where `speed` and
 //! `ratio` are the level's measured figures on this VM's pages (the speed times the
-//! number of shards compressing at once) and `link` the link's measured delivery rate. On a fast LAN with pages zstd cannot shrink much, that is raw;
-//! on a WAN link, the level that shrinks most for its speed. A level is tried now and then
+//! number of shards compressing at once) and `link` the link's measured delivery rate.
+//! On a fast LAN with pages zstd cannot shrink much, that is raw; on a WAN link, the
+//! level that shrinks most for its speed. A level is tried now and then
 //! even when not chosen, so its figures follow the pages' contents as they change.
 //!
 //! No clock here: the encoder measures each compression and the engine the link, and
@@ -334,6 +335,19 @@ mod tests {
         let mut c = tried(240.0, 0.6);
         c.add_link_sample(150.0 * MIB);
         assert!(mostly(&next(&mut c, 320), Codec::Zstd1));
+    }
+
+    #[test]
+    fn shards_compressing_at_once_make_a_level_pay_on_a_link_one_of_them_could_not_fill() {
+        // zstd-1 at 240 MiB/s to 0.6 on a 300 MiB/s link: one compressor holds the link
+        // back (raw), two at once outpace it and halve what it carries.
+        let mut one = tried(240.0, 0.6);
+        one.add_link_sample(300.0 * MIB);
+        assert!(mostly(&next(&mut one, 320), Codec::Raw));
+        let mut two = tried(240.0, 0.6);
+        two.set_parallel(2);
+        two.add_link_sample(300.0 * MIB);
+        assert!(mostly(&next(&mut two, 320), Codec::Zstd1));
     }
 
     #[test]

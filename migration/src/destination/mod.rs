@@ -185,7 +185,7 @@ pub enum Event {
         len: u64,
     },
     /// Page batches that arrived one after another, in frames of `len` bytes in all:
-    /// applied together (on the writer's workers), with the result of one by one.
+    /// applied together (`PageWriter::apply_all`, on the writer's workers).
     Pages {
         batches: Vec<crate::protocol::PageBatch>,
         len: u64,

@@ -615,8 +615,8 @@ fn test_batches_applied_together_on_workers_write_what_one_by_one_writes() {
     assert_eq!(on_two.digest(), by_one.digest());
     assert_eq!(on_two.received(), by_one.received());
 
-    // A bad batch among them: refused by name, and the batches before it are written,
-    // as one by one.
+    // A batch refused while it is written: refused by name, and the batches before it
+    // are written, as one by one.
     let mut bad = BatchBuilder::default();
     bad.full(pages, &content(0));
     let mut run = batches[..2].to_vec();

@@ -79,7 +79,9 @@ impl BaseImage {
 ///
 /// What does not touch guest memory runs on the worker pool: decompressing several
 /// batches at once and hashing their whole pages. The writes themselves go in the order
-/// the batches came, so the result is the same as applying them one by one.
+/// the batches came, so good batches leave the memory and digest that applying them one
+/// by one leaves. A batch whose data does not decompress fails the call before any of
+/// its run is written (the receive is abandoned either way).
 pub struct PageWriter {
     pages: u64,
     hashes: Vec<PageHash>,
@@ -155,7 +157,8 @@ impl PageWriter {
         self.apply_all(memory, base, std::slice::from_ref(batch))
     }
 
-    /// Applies batches to `memory` in order, as `apply` one by one would.
+    /// Applies batches to `memory` in order, as `apply` one by one would (see the type's
+    /// doc for a batch that does not decompress).
     pub fn apply_all<M: GuestPages>(
         &mut self,
         memory: &mut M,
