@@ -1,12 +1,14 @@
-//! The migration source's per-page work and what carries it, one core each:
+//! The migration's per-page work and what carries it, one core each unless it says
+//! workers:
 //!
 //! - page codecs: zero detection, the page hash, zstd levels 1 and 3 on batches of 256
 //!   pages, word-level deltas (encode and apply);
 //! - the whole per-page pipeline the source runs in a round (read the page out of guest
 //!   memory, hash, zero check, duplicate lookup, delta against the cache or whole, the
-//!   memory digest, batch, zstd-1 per batch, frame), in GB/s of guest memory;
-//! - the destination's page writer (decompress, check, write, hash) on the same batches,
-//!   on one worker and on every core;
+//!   memory digest, batch, the compression chosen per batch, frame), in GB/s of guest
+//!   memory, on one worker and on every core (the engine's sharded encoder);
+//! - the destination's page writer (decompress, check, write, hash) on the encoder's
+//!   batches, on one worker and on every core;
 //! - harvesting dirty pages for 1 GiB of guest memory: KVM's dirty log (a real KVM VM, no
 //!   vCPU) and the VMM's own bitmap;
 //! - the migration's link on loopback, both transports (QUIC with quinn, and TLS 1.3 over
