@@ -406,11 +406,9 @@ pub async fn receive(svc: &ControlService, r: pb::ReceiveVmRequest) -> Result<pb
         .parse::<std::net::SocketAddr>()
         .map_err(|e| Status::internal(format!("this host's address {}: {e}", svc.me.address)))?
         .ip();
-    // A free UDP port on the control port's address (QUIC is UDP).
-    let port = std::net::UdpSocket::bind((ip, 0))
-        .and_then(|s| s.local_addr())
-        .map_err(|e| Status::unavailable(format!("no free UDP port on {ip}: {e}")))?
-        .port();
+    // A port on the control port's address free for QUIC (UDP) and TLS over TCP alike.
+    let port = novacron_migration::transport::free_port(ip)
+        .map_err(|e| Status::unavailable(format!("no free port for the receiver on {ip}: {e}")))?;
     let listen = std::net::SocketAddr::new(ip, port).to_string();
     let runtime_dir = ask(&svc.host, HostMsg::HostInfo).await?.runtime_dir;
     let socket = runtime_dir.join(format!("{}.sock", spec.name));

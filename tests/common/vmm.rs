@@ -9,13 +9,8 @@ use std::time::{Duration, Instant};
 
 /// A port on loopback free for both UDP and TCP (the receiver binds both right after).
 pub fn free_addr() -> String {
-    loop {
-        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = tcp.local_addr().unwrap();
-        if std::net::UdpSocket::bind(addr).is_ok() {
-            return addr.to_string();
-        }
-    }
+    let ip = std::net::Ipv4Addr::LOCALHOST.into();
+    format!("127.0.0.1:{}", novacron_migration::transport::free_port(ip).unwrap())
 }
 
 /// `novacron vmm run ARGS` with the test guest and control socket `dir/NAME.sock`; waits

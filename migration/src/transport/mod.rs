@@ -219,6 +219,25 @@ pub fn connect(
     Ok(Link::start(runtime, connected, bandwidth, fault))
 }
 
+/// A port on `ip` free for both transports right now (a receiver binds it for UDP and
+/// TCP): one a TCP listener got from the kernel, kept only if UDP takes it too. A port
+/// free for UDP alone may be an outgoing TCP connection's, and the receiver would then
+/// fail to listen.
+pub fn free_port(ip: std::net::IpAddr) -> std::io::Result<u16> {
+    const TRIES: usize = 64;
+    for _ in 0..TRIES {
+        let tcp = std::net::TcpListener::bind((ip, 0))?;
+        let port = tcp.local_addr()?.port();
+        if std::net::UdpSocket::bind((ip, port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::AddrInUse,
+        format!("no port free for both TCP and UDP in {TRIES} tries"),
+    ))
+}
+
 /// A bound receiver waiting for the migration's source: a QUIC endpoint on UDP and a TLS
 /// listener on TCP, on the same port number.
 pub struct Listener {

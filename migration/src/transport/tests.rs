@@ -308,3 +308,16 @@ fn tcp_a_client_without_a_certificate_is_refused() {
     let err = refused.expect_err("a client without a certificate got through");
     assert!(err.contains("Certificate") || err.contains("certificate"), "refused for another reason: {err}");
 }
+
+#[test]
+fn test_a_free_port_takes_both_a_tcp_listener_and_a_udp_socket() {
+    let ip = std::net::Ipv4Addr::LOCALHOST.into();
+    // Hold a TCP port: what free_port answers is never one TCP already has.
+    let held = std::net::TcpListener::bind((ip, 0)).unwrap();
+    for _ in 0..20 {
+        let port = free_port(ip).unwrap();
+        assert_ne!(port, held.local_addr().unwrap().port());
+        let _tcp = std::net::TcpListener::bind((ip, port)).expect("TCP takes it");
+        let _udp = std::net::UdpSocket::bind((ip, port)).expect("UDP takes it");
+    }
+}
