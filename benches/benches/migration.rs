@@ -430,8 +430,7 @@ impl Bench {
             )
             .into());
         }
-        let report: Value = serde_json::from_slice(&out.stdout)?;
-        Ok(report.get("prediction").cloned().unwrap_or(report))
+        Ok(serde_json::from_slice(&out.stdout)?)
     }
 
     fn run_qemu(

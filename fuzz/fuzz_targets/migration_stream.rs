@@ -23,7 +23,8 @@
 
 use libfuzzer_sys::fuzz_target;
 use novacron_migration::destination::{
-    Action, BaseImage, DestinationMachine, DestinationVm, Event, GuestPages, MESSAGE_TIMEOUT, PageWriter, Step, VmFault,
+    Action, BaseImage, DestinationMachine, DestinationVm, Event, GATHER_BATCHES, GuestPages, MESSAGE_TIMEOUT,
+    PageWriter, Step, VmFault,
 };
 use novacron_migration::digest::MemoryDigest;
 use novacron_migration::page::{self, PAGE_SIZE, ZERO_HASH};
@@ -196,12 +197,10 @@ fn receive(messages: Vec<Message>) {
         let event = match messages.next() {
             Some(Message::Pages(first)) if machine.step() == Step::Receiving => {
                 let mut batches = vec![first];
-                while batches.len() < 8
-                    && let Some(Message::Pages(_)) = messages.peek()
+                while batches.len() < GATHER_BATCHES
+                    && let Some(Message::Pages(batch)) = messages.next_if(|m| matches!(m, Message::Pages(_)))
                 {
-                    if let Some(Message::Pages(batch)) = messages.next() {
-                        batches.push(batch);
-                    }
+                    batches.push(batch);
                 }
                 Event::Pages { len: batches.len() as u64, batches }
             }

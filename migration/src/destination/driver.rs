@@ -142,7 +142,7 @@ fn drive<V: DestinationVm>(
 
 /// Batches taken at once at most: enough for the writer's workers to share, few enough
 /// that the receipt for them is not late.
-const GATHER_BATCHES: usize = 8;
+pub const GATHER_BATCHES: usize = 8;
 
 /// `first` and the page batches already waiting behind it on `link`; the first other
 /// message (or error) goes into `held`. A held message's frame bytes are counted with

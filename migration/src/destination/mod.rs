@@ -24,7 +24,7 @@
 mod driver;
 mod writer;
 
-pub use driver::{Relisten, receive};
+pub use driver::{GATHER_BATCHES, Relisten, receive};
 pub use writer::{BaseImage, GuestPages, PageWriter};
 
 use crate::digest::{MemoryDigest, hex};

@@ -175,13 +175,9 @@ impl PageWriter {
     /// Decompresses the batches and hashes their whole pages, on the pool when there is
     /// enough to share.
     fn unpack<'b>(&mut self, batches: &'b [PageBatch]) -> Result<Vec<Unpacked<'b>>, ReceiveError> {
-        let whole_pages =
-            batches.iter().flat_map(|b| &b.entries).filter(|e| matches!(e, PageEntry::Full { .. })).count();
-        if self.pool.is_none() && (batches.len() > 1 || whole_pages >= PARALLEL_MIN_PAGES) {
-            self.pool = crate::encoder::worker_pool(self.workers, "migration-apply").map_err(ReceiveError::Workers)?;
-        }
+        let parallel = batches.len() > 1 && self.has_pool()?;
         let datas: Vec<Cow<'b, [u8]>> = match &self.pool {
-            Some(pool) if batches.len() > 1 => pool.install(|| {
+            Some(pool) if parallel => pool.install(|| {
                 batches
                     .par_iter()
                     .map_init(zstd::bulk::Decompressor::new, |decompressor, batch| match decompressor {
@@ -209,10 +205,9 @@ impl PageWriter {
             }
             per_batch.push(whole.len() - before);
         }
+        let parallel = whole.len() >= PARALLEL_MIN_PAGES && self.has_pool()?;
         let hashes: Vec<PageHash> = match &self.pool {
-            Some(pool) if whole.len() >= PARALLEL_MIN_PAGES => {
-                pool.install(|| whole.par_iter().map(|p| page::hash(p)).collect())
-            }
+            Some(pool) if parallel => pool.install(|| whole.par_iter().map(|p| page::hash(p)).collect()),
             _ => whole.iter().map(|p| page::hash(p)).collect(),
         };
         let mut hashes = hashes.into_iter();
@@ -221,6 +216,15 @@ impl PageWriter {
             .zip(per_batch)
             .map(|(data, n)| Unpacked { data, full_hashes: hashes.by_ref().take(n).collect() })
             .collect())
+    }
+
+    /// Starts the worker pool the first time there is work to share; whether there is one
+    /// (never with one worker).
+    fn has_pool(&mut self) -> Result<bool, ReceiveError> {
+        if self.pool.is_none() {
+            self.pool = crate::encoder::worker_pool(self.workers, "migration-apply").map_err(ReceiveError::Workers)?;
+        }
+        Ok(self.pool.is_some())
     }
 
     /// Writes an unpacked batch's entries into `memory`, in order.
