@@ -309,7 +309,12 @@ fn print_report(r: &Report, to: &str) {
     }
     println!("  compression     {}", compression_line(&r.compression));
     if r.workers > 0 {
-        println!("  page work       on {} worker thread{}", r.workers, if r.workers == 1 { "" } else { "s" });
+        let lanes = match r.lanes {
+            0 => String::new(),
+            1 => ", its batches on a QUIC stream of their own".to_string(),
+            n => format!(", its batches on {n} QUIC streams, one per range of memory"),
+        };
+        println!("  page work       on {} worker thread{}{lanes}", r.workers, if r.workers == 1 { "" } else { "s" });
     }
     if r.throttle_max > 0 {
         println!("  throttle        vCPUs throttled up to {}% (auto-converge)", r.throttle_max);

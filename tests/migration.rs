@@ -41,9 +41,10 @@ fn moves_and_verifies(vcpus: u8, cmdline: &str, transport: &str, more: &[&str]) 
 #[test]
 fn kvm_migrate_1_vcpu_idle_continues_and_verifies() {
     if kvm_or_skip("kvm_migrate_1_vcpu_idle_continues_and_verifies") {
-        let r = moves_and_verifies(1, "ws=16 rate=50 verify=300 hb=100", "quic", &["--workers", "1"]);
-        assert_eq!(r["transport"], "quic", "{r}");
+        let r = moves_and_verifies(1, "ws=16 rate=50 verify=300 hb=100", "auto", &["--workers", "1"]);
+        assert_eq!(r["transport"], "tcp", "auto on loopback: {r}");
         assert_eq!(r["workers"], 1, "{r}");
+        assert_eq!(r["lanes"], 0, "TLS over TCP has one stream: {r}");
     }
 }
 
@@ -61,10 +62,12 @@ fn kvm_migrate_over_tls_over_tcp_continues_and_verifies() {
 #[test]
 fn kvm_migrate_4_vcpus_high_dirty_rate_continues_and_verifies() {
     if kvm_or_skip("kvm_migrate_4_vcpus_high_dirty_rate_continues_and_verifies") {
-        // More workers than cores: three shards of memory, each on its own thread.
-        let r = moves_and_verifies(4, "ws=64 rate=20000 verify=300 hb=100", "auto", &["--workers", "3"]);
-        assert_eq!(r["transport"], "tcp", "auto on loopback: {r}");
+        // More workers than cores: three shards of memory, each on its own thread, and
+        // each shard's batches on a QUIC stream of its own.
+        let r = moves_and_verifies(4, "ws=64 rate=20000 verify=300 hb=100", "quic", &["--workers", "3"]);
+        assert_eq!(r["transport"], "quic", "{r}");
         assert_eq!(r["workers"], 3, "{r}");
+        assert_eq!(r["lanes"], 3, "{r}");
         let p = &r["pages"];
         assert!(p["delta"].as_u64().unwrap() + p["unchanged"].as_u64().unwrap() > 0, "re-sent pages: {r}");
     }

@@ -50,6 +50,9 @@ pub enum ProtocolError {
     Encode(String),
     #[error("page batch: {0}")]
     Batch(String),
+    /// The page lanes' framing (`transport::lanes`) does not add up.
+    #[error("page lanes: {0}")]
+    Lane(String),
 }
 
 pub type Digest = [u8; 32];

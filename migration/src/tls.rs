@@ -9,6 +9,7 @@
 //! node certificate names `novacron-node`, the name a client checks.
 
 use crate::protocol::ALPN;
+use crate::transport::{CONNECTION_WINDOW, LANES_ALPN, MAX_LANES, STREAM_WINDOW};
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
@@ -186,7 +187,7 @@ impl Identity {
             .with_client_cert_verifier(verifier)
             .with_single_cert(self.chain.clone(), self.key.clone_key())
             .map_err(|e| TlsError::Config(format!("this node's certificate or key: {e}")))?;
-        tls.alpn_protocols = vec![ALPN.to_vec()];
+        tls.alpn_protocols = alpn();
         Ok(tls)
     }
 
@@ -200,7 +201,7 @@ impl Identity {
             .with_root_certificates(self.roots()?)
             .with_client_auth_cert(self.chain.clone(), self.key.clone_key())
             .map_err(|e| TlsError::Config(format!("this node's certificate or key: {e}")))?;
-        tls.alpn_protocols = vec![ALPN.to_vec()];
+        tls.alpn_protocols = alpn();
         Ok(tls)
     }
 
@@ -235,12 +236,18 @@ pub const MTU_UPPER_BOUND: u16 = 6500;
 /// is noticed within seconds, and keep-alives so that a quiet but live one is not. GSO
 /// stays on (quinn's default; without it loopback carried a third), and so does cubic
 /// (quinn's BBR measured no better on loopback, and far worse with the CPU contended).
+/// The ALPNs both ends offer, the one with page lanes first: a VMM that knows only the
+/// plain one (an older release) still connects (`transport::lanes`).
+fn alpn() -> Vec<Vec<u8>> {
+    vec![LANES_ALPN.to_vec(), ALPN.to_vec()]
+}
+
 fn transport() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.max_concurrent_bidi_streams(1u32.into());
-    t.max_concurrent_uni_streams(0u32.into());
-    t.stream_receive_window((64u32 << 20).into());
-    t.receive_window((64u32 << 20).into());
+    t.max_concurrent_uni_streams((MAX_LANES as u32).into());
+    t.stream_receive_window(STREAM_WINDOW.into());
+    t.receive_window(CONNECTION_WINDOW.into());
     t.send_window(64 << 20);
     t.keep_alive_interval(Some(Duration::from_millis(500)));
     t.max_idle_timeout(IDLE_TIMEOUT.try_into().ok());

@@ -123,6 +123,11 @@ impl PageEncoder {
         self.shards.len()
     }
 
+    /// The shard `page` belongs to (every entry of a batch is of one shard).
+    pub fn shard_of(&self, page: u64) -> usize {
+        self.sharding.shard(page)
+    }
+
     /// Pages to read at a time: enough for a batch per shard.
     pub fn read_pages(&self) -> usize {
         BATCH_PAGES * self.shards.len()

@@ -75,6 +75,10 @@ impl Driver<'_, '_> {
                 Ok(()) => return None,
                 Err(e) => SourceEvent::LinkFailed(e),
             },
+            SourceAction::SendPages { frame, shard } => match self.link.send_pages(shard, frame) {
+                Ok(()) => return None,
+                Err(e) => SourceEvent::LinkFailed(e),
+            },
             SourceAction::StartDirtyLog => {
                 SourceEvent::DirtyLogStarted(vm.start_dirty_log().map(|()| vm.touched_pages()))
             }
@@ -128,6 +132,7 @@ impl Driver<'_, '_> {
                 return Some((*result).map(|mut report| {
                     report.wire_bytes = self.earlier_wire_bytes + self.link.wire_bytes();
                     report.transport = self.link.transport();
+                    report.lanes = self.link.lanes_opened();
                     report
                 }));
             }

@@ -56,6 +56,13 @@ pub enum SourceEvent<'a> {
 pub enum SourceAction {
     /// Put this frame on the link.
     Send(Vec<u8>),
+    /// Put this frame of page batches on the link, on the lane of its shard (the
+    /// encoder's): batches of one shard keep their order, those of different shards
+    /// commute.
+    SendPages {
+        frame: Vec<u8>,
+        shard: usize,
+    },
     /// Turn the VM's dirty logging on; answer `DirtyLogStarted`.
     StartDirtyLog,
     /// Read these pages; answer `PagesRead`.
@@ -520,17 +527,24 @@ impl SourceMachine {
     }
 
     fn send(&mut self, message: &Message) -> Result<(), MigrateError> {
+        let frame = self.encode(message)?;
+        self.actions.push_back(SourceAction::Send(frame));
+        Ok(())
+    }
+
+    fn encode(&mut self, message: &Message) -> Result<Vec<u8>, MigrateError> {
         let frame = protocol::encode_frame(message).map_err(|e| MigrateError::Link(LinkError::from(e)))?;
         self.queued += frame.len() as u64;
         self.progress.bytes_sent = self.queued;
-        self.actions.push_back(SourceAction::Send(frame));
-        Ok(())
+        Ok(frame)
     }
 
     /// Sends the batches the encoder has finished.
     fn send_ready(&mut self) -> Result<(), MigrateError> {
         while let Some((batch, count)) = self.encoder.take_batch() {
-            self.send(&Message::Pages(batch))?;
+            let shard = batch.entries.first().map_or(0, |e| self.encoder.shard_of(e.page()));
+            let frame = self.encode(&Message::Pages(batch))?;
+            self.actions.push_back(SourceAction::SendPages { frame, shard });
             self.pages_sent += count;
             self.progress.pages_sent = self.pages_sent;
         }
@@ -808,7 +822,7 @@ impl SourceMachine {
             self.deadline = Some(now + self.options.resume_window);
         }
         // What was queued for the lost link is gone with it.
-        self.actions.retain(|a| !matches!(a, SourceAction::Send(_)));
+        self.actions.retain(|a| !matches!(a, SourceAction::Send(_) | SourceAction::SendPages { .. }));
         self.encoder.discard();
         self.reading.clear();
         self.link_wait = false;
@@ -893,6 +907,8 @@ impl SourceMachine {
             throttle_max: self.convergence.throttle_max,
             compression: self.encoder.compression(),
             workers: self.encoder.workers(),
+            // The driver's to say: the link knows.
+            lanes: 0,
             memory_digest: hex(&ours.memory),
             state_digest: hex(&ours.state),
             digests_matched: true,

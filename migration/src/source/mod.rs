@@ -310,6 +310,10 @@ pub struct Report {
     /// Threads the page work ran on (0 in a report from a VMM before they came).
     #[serde(default)]
     pub workers: usize,
+    /// QUIC streams of their own the page batches took, one per shard ("page lanes"); 0
+    /// when they shared the control stream (TLS over TCP, or an older destination).
+    #[serde(default)]
+    pub lanes: usize,
     pub memory_digest: String,
     pub state_digest: String,
     /// Both sides computed the same digests (a report is only made when they did).

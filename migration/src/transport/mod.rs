@@ -2,9 +2,11 @@
 //! TLS 1.3 with the cluster's certificates, and a bandwidth limit on what this side sends.
 //! Two transports carry it ("Transports" in `docs/migration.md`):
 //!
-//! - [`Transport::Quic`] ([`quic`]): quinn, one bidirectional stream. Its own congestion
-//!   control and loss recovery in user space, no head-of-line blocking by the kernel's
-//!   buffers, an abort that overtakes everything queued: for long or lossy links.
+//! - [`Transport::Quic`] ([`quic`]): quinn, one bidirectional stream for control and the
+//!   source's page lanes beside it ([`lanes`]: one stream per shard of memory). Its own
+//!   congestion control and loss recovery in user space, no head-of-line blocking by the
+//!   kernel's buffers nor between lanes, an abort that overtakes everything queued: for
+//!   long or lossy links.
 //! - [`Transport::Tcp`] ([`tcp`]): rustls over a kernel TCP socket. The kernel does the
 //!   segmentation, acknowledgements and retransmissions, so a core carries several times
 //!   QUIC's rate: for loopback and LANs.
@@ -20,6 +22,9 @@
 //! them and queues the messages. A failure on either side ends the link, and the engine's
 //! next call returns the error.
 
+#[cfg(test)]
+mod lane_tests;
+mod lanes;
 mod pump;
 mod quic;
 mod tcp;
@@ -29,7 +34,8 @@ mod tests;
 use crate::protocol::{self, Message, ProtocolError};
 use crate::throttle::Bandwidth;
 use crate::tls::{Identity, TlsError};
-use pump::{WireReader, WireWriter};
+pub use lanes::{CONNECTION_WINDOW, LANES_ALPN, MAX_LANES, STREAM_WINDOW};
+use pump::{Outgoing, SharedBucket, WireReader, WireWriter};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -136,21 +142,39 @@ enum Backend {
     Tcp(tcp::Conn),
 }
 
+/// Which end of page lanes a link is (`lanes`): the source sends on them, the
+/// destination reads them; `None` when a peer does not speak them, or over TCP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LaneRole {
+    None,
+    Send,
+    Receive,
+}
+
 /// Queues messages on a link from another thread (`Link::requester`).
 #[derive(Clone)]
-pub struct Requester(mpsc::Sender<Vec<u8>>);
+pub struct Requester(mpsc::Sender<Outgoing>);
 
 impl Requester {
     /// Queues `message`; blocks while the queue is full. Not for a runtime's thread.
     pub fn send(&self, message: &Message) -> Result<(), LinkError> {
         let frame = protocol::encode_frame(message)?;
-        self.0.blocking_send(frame).map_err(|_| LinkError::Closed)
+        self.0.blocking_send(Outgoing::bare(frame)).map_err(|_| LinkError::Closed)
     }
+}
+
+/// The source's page lanes: what heads each frame, and each lane's writer once it is open.
+struct SendLanes {
+    counter: lanes::LaneCounter,
+    writers: Vec<Option<lanes::LaneWriter>>,
+    connection: quinn::Connection,
+    bucket: SharedBucket,
+    fault: Option<TruncateAfter>,
 }
 
 pub struct Link {
     runtime: tokio::runtime::Runtime,
-    out: Option<mpsc::Sender<Vec<u8>>>,
+    out: Option<mpsc::Sender<Outgoing>>,
     /// Messages read by the reader task, with their frame sizes.
     incoming: mpsc::Receiver<Result<(Message, u64), LinkError>>,
     writer: Option<tokio::task::JoinHandle<Result<(), LinkError>>>,
@@ -162,6 +186,8 @@ pub struct Link {
     backend: Backend,
     peer: SocketAddr,
     bandwidth: Bandwidth,
+    /// Where this end sends page lanes (a source over QUIC to a peer that speaks them).
+    lanes: Option<SendLanes>,
     /// Frame bytes handed to `send`, written or still queued for the writer.
     queued: u64,
     consumed: u64,
@@ -195,6 +221,7 @@ struct Connected {
     writer: WireWriter,
     reader: WireReader,
     peer: SocketAddr,
+    lanes: LaneRole,
 }
 
 /// Connects to a receiving VMM at `addr` over the transport `choice` names.
@@ -333,15 +360,39 @@ impl Link {
         bandwidth: Bandwidth,
         fault: Option<TruncateAfter>,
     ) -> Link {
-        let Connected { backend, writer, reader, peer } = connected;
+        let Connected { backend, writer, reader, peer, lanes } = connected;
         let stats = Arc::new(LinkStats::default());
         let (out, frames) = mpsc::channel(QUEUE_FRAMES);
         let (messages, incoming) = mpsc::channel(QUEUE_FRAMES * 4);
         let (abort, aborted) = oneshot::channel();
-        let pump =
-            pump::Writer { wire: writer, frames, aborted, bandwidth: bandwidth.clone(), stats: stats.clone(), fault };
+        let bucket = pump::shared_bucket();
+        let pump = pump::Writer {
+            wire: writer,
+            frames,
+            aborted,
+            bandwidth: bandwidth.clone(),
+            bucket: bucket.clone(),
+            stats: stats.clone(),
+            fault,
+        };
         let writer = runtime.spawn(pump.run());
-        let reader = runtime.spawn(pump::read_frames(reader, messages, stats.clone()));
+        let connection = match &backend {
+            Backend::Quic(c) => Some(c.connection.clone()),
+            Backend::Tcp(_) => None,
+        };
+        let (reader, lanes) = match (lanes, connection) {
+            (LaneRole::Receive, Some(connection)) => {
+                let gate = Arc::new(lanes::Gate::default());
+                runtime.spawn(lanes::accept_lanes(connection, gate.clone(), messages.clone(), stats.clone()));
+                (runtime.spawn(lanes::read_control(reader, gate, messages, stats.clone())), None)
+            }
+            (LaneRole::Send, Some(connection)) => {
+                let writers = (0..MAX_LANES).map(|_| None).collect();
+                let lanes = SendLanes { counter: lanes::LaneCounter::default(), writers, connection, bucket, fault };
+                (runtime.spawn(pump::read_frames(reader, messages, stats.clone())), Some(lanes))
+            }
+            _ => (runtime.spawn(pump::read_frames(reader, messages, stats.clone())), None),
+        };
         Link {
             runtime,
             out: Some(out),
@@ -353,6 +404,7 @@ impl Link {
             backend,
             peer,
             bandwidth,
+            lanes,
             queued: 0,
             consumed: 0,
         }
@@ -392,8 +444,9 @@ impl Link {
     /// Queues a frame (`protocol::encode_frame`'s); blocks while the queue is full.
     pub fn send_frame(&mut self, frame: Vec<u8>) -> Result<(), LinkError> {
         let len = frame.len();
+        let head = self.lanes.as_mut().map(|l| l.counter.control_head()).unwrap_or_default();
         let sent = match &self.out {
-            Some(out) => out.blocking_send(frame).is_ok(),
+            Some(out) => out.blocking_send(Outgoing { head, frame }).is_ok(),
             None => false,
         };
         if !sent {
@@ -403,10 +456,59 @@ impl Link {
         Ok(())
     }
 
+    /// How many page lanes this link sends on: 0 when pages share the control stream
+    /// (TLS over TCP, a receiver without lanes, the receiving end).
+    pub fn page_lanes(&self) -> usize {
+        if self.lanes.is_some() { MAX_LANES } else { 0 }
+    }
+
+    /// How many page lanes have carried frames on this link.
+    pub fn lanes_opened(&self) -> usize {
+        self.lanes.as_ref().map_or(0, |l| l.writers.iter().flatten().count())
+    }
+
+    /// Queues a frame of page batches of shard `shard` (of the source's page pipeline) on
+    /// that shard's lane, or on the control stream when the link has no lanes. Every
+    /// batch of one shard must go through here, so that they keep their order.
+    pub fn send_pages(&mut self, shard: usize, frame: Vec<u8>) -> Result<(), LinkError> {
+        let Some(lanes) = self.lanes.as_mut() else { return self.send_frame(frame) };
+        let lane = shard % MAX_LANES;
+        let first = lanes.writers[lane].is_none();
+        if first {
+            let wire = self.runtime.block_on(quic::open_lane(&lanes.connection))?;
+            let (out, frames) = mpsc::channel(QUEUE_FRAMES);
+            // A lane has no abort of its own: QUIC's abort closes the whole connection.
+            let (_, aborted) = oneshot::channel();
+            let pump = pump::Writer {
+                wire,
+                frames,
+                aborted,
+                bandwidth: self.bandwidth.clone(),
+                bucket: lanes.bucket.clone(),
+                stats: self.stats.clone(),
+                fault: lanes.fault,
+            };
+            lanes.writers[lane] = Some(lanes::LaneWriter { out, task: self.runtime.spawn(pump.run()) });
+        }
+        let len = frame.len();
+        let head = lanes.counter.lane_head(lane, first);
+        let Some(writer) = lanes.writers[lane].as_mut() else { return Err(LinkError::Closed) };
+        if writer.out.blocking_send(Outgoing { head, frame }).is_err() {
+            let failed = lanes.writers[lane].take().map(|w| w.task);
+            return Err(self.task_error(failed));
+        }
+        self.queued += len as u64;
+        Ok(())
+    }
+
     /// A handle that queues frames on this link from another thread (a post-copy's page
     /// requests, sent by the thread that catches the guest's faults). It fails once the
-    /// link is gone.
+    /// link is gone. None on a link that sends on lanes: its control frames are counted
+    /// in the engine's order.
     pub fn requester(&self) -> Option<Requester> {
+        if self.lanes.is_some() {
+            return None;
+        }
         self.out.clone().map(Requester)
     }
 
@@ -419,7 +521,13 @@ impl Link {
     /// Why the writer stopped.
     fn writer_error(&mut self) -> LinkError {
         self.out = None;
-        match self.writer.take() {
+        let writer = self.writer.take();
+        self.task_error(writer)
+    }
+
+    /// Why a writer task stopped.
+    fn task_error(&self, task: Option<tokio::task::JoinHandle<Result<(), LinkError>>>) -> LinkError {
+        match task {
             Some(w) => match self.runtime.block_on(w) {
                 Ok(Err(e)) => e,
                 Ok(Ok(())) => LinkError::Closed,
@@ -474,13 +582,19 @@ impl Link {
     pub fn close(mut self, grace: Duration) {
         self.out = None;
         self.abort = None;
-        let writer = self.writer.take();
+        let mut writers: Vec<_> = self.writer.take().into_iter().collect();
+        if let Some(lanes) = self.lanes.take() {
+            writers.extend(lanes.writers.into_iter().flatten().map(|w| w.task));
+        }
         let reader = self.reader.take();
         let backend = &self.backend;
         self.runtime.block_on(async move {
-            if let Some(w) = writer {
-                let _ = tokio::time::timeout(grace, w).await;
-            }
+            let _ = tokio::time::timeout(grace, async {
+                for w in writers {
+                    let _ = w.await;
+                }
+            })
+            .await;
             match backend {
                 Backend::Quic(c) => c.close().await,
                 Backend::Tcp(c) => c.close(reader).await,
@@ -502,6 +616,7 @@ impl Link {
             let _ = abort.send(reason.to_string());
         }
         self.out = None;
+        self.lanes = None;
         let writer = self.writer.take();
         let backend = &self.backend;
         self.runtime.block_on(async move {

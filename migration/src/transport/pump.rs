@@ -5,14 +5,34 @@
 use super::{LinkError, LinkStats, TruncateAfter, quic, tcp};
 use crate::protocol::{self, Message};
 use crate::throttle::{Bandwidth, TokenBucket};
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
 
 /// The writer waits on the bucket per chunk, so a slow limit does not come in bursts; an
 /// abort waits for at most one chunk.
 pub(super) const WRITE_CHUNK: usize = 64 << 10;
+
+/// A frame queued for a writer, after the head its stream's framing puts before it
+/// (`lanes`; empty on a link without lanes).
+pub(super) struct Outgoing {
+    pub head: Vec<u8>,
+    pub frame: Vec<u8>,
+}
+
+impl Outgoing {
+    pub fn bare(frame: Vec<u8>) -> Self {
+        Outgoing { head: Vec::new(), frame }
+    }
+}
+
+/// One bandwidth limit over every stream of a link.
+pub(super) type SharedBucket = Arc<Mutex<TokenBucket>>;
+
+pub(super) fn shared_bucket() -> SharedBucket {
+    Arc::new(Mutex::new(TokenBucket::new(Instant::now())))
+}
 
 /// The sending half of a connection's stream.
 pub(super) enum WireWriter {
@@ -69,7 +89,7 @@ pub(super) enum WireReader {
 
 impl WireReader {
     /// Fills `buf`, or says how much it got before the stream ended.
-    async fn read_full(&mut self, buf: &mut [u8]) -> Result<usize, LinkError> {
+    pub(super) async fn read_full(&mut self, buf: &mut [u8]) -> Result<usize, LinkError> {
         match self {
             WireReader::Quic(r) => r.read_full(buf).await,
             WireReader::Tcp(r) => r.read_full(buf).await,
@@ -79,9 +99,10 @@ impl WireReader {
 
 pub(super) struct Writer {
     pub wire: WireWriter,
-    pub frames: mpsc::Receiver<Vec<u8>>,
+    pub frames: mpsc::Receiver<Outgoing>,
     pub aborted: oneshot::Receiver<String>,
     pub bandwidth: Bandwidth,
+    pub bucket: SharedBucket,
     pub stats: Arc<LinkStats>,
     pub fault: Option<TruncateAfter>,
 }
@@ -90,7 +111,6 @@ impl Writer {
     /// Writes the queued frames until the engine drops its sender (then ends the stream
     /// once the peer has all of it) or aborts (then drops what is queued and says why).
     pub async fn run(mut self) -> Result<(), LinkError> {
-        let mut bucket = TokenBucket::new(Instant::now());
         let mut abort_open = true;
         loop {
             let frame = tokio::select! {
@@ -105,7 +125,10 @@ impl Writer {
                 },
                 frame = self.frames.recv() => frame,
             };
-            let Some(frame) = frame else { break };
+            let Some(Outgoing { head, frame }) = frame else { break };
+            if !head.is_empty() {
+                self.wire.write(&head).await?;
+            }
             for chunk in frame.chunks(WRITE_CHUNK) {
                 if abort_open {
                     match self.aborted.try_recv() {
@@ -114,7 +137,7 @@ impl Writer {
                         Err(oneshot::error::TryRecvError::Empty) => {}
                     }
                 }
-                let wait = bucket.take(chunk.len() as u64, self.bandwidth.get(), Instant::now());
+                let wait = self.take(chunk.len() as u64);
                 if !wait.is_zero() {
                     tokio::time::sleep(wait).await;
                 }
@@ -139,6 +162,13 @@ impl Writer {
         // that closing the connection loses nothing.
         self.wire.finish().await;
         Ok(())
+    }
+
+    /// How long to wait before `bytes` may go, by the link's bandwidth limit.
+    fn take(&self, bytes: u64) -> std::time::Duration {
+        // The bucket holds three numbers and no code that can panic.
+        let mut bucket = self.bucket.lock().unwrap_or_else(|p| p.into_inner());
+        bucket.take(bytes, self.bandwidth.get(), Instant::now())
     }
 
     async fn abort(mut self, reason: &str) -> Result<(), LinkError> {
@@ -170,7 +200,7 @@ pub(super) async fn read_frames(
     }
 }
 
-async fn read_frame(wire: &mut WireReader, stats: &LinkStats) -> Result<(Message, u64), LinkError> {
+pub(super) async fn read_frame(wire: &mut WireReader, stats: &LinkStats) -> Result<(Message, u64), LinkError> {
     let mut header = [0u8; 4];
     match wire.read_full(&mut header).await? {
         4 => {}
@@ -186,6 +216,6 @@ async fn read_frame(wire: &mut WireReader, stats: &LinkStats) -> Result<(Message
     Ok((protocol::decode_message(&body)?, 4 + len as u64))
 }
 
-fn truncated(where_: &str) -> LinkError {
+pub(super) fn truncated(where_: &str) -> LinkError {
     LinkError::Lost(format!("the stream ended {where_} (truncated)"))
 }

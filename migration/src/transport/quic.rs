@@ -1,9 +1,12 @@
-//! QUIC (quinn): one bidirectional stream per migration; an abort is an application close
-//! (code 1, the reason as text), which overtakes every stream byte still queued; a second
-//! source is refused with CONNECTION_REFUSED. The transport's tuning is in `tls::transport`.
+//! QUIC (quinn): one bidirectional stream per migration for control, and the source's page
+//! lanes as unidirectional streams where both ends speak them (`lanes`); an abort is an
+//! application close (code 1, the reason as text), which overtakes every stream byte still
+//! queued; a second source is refused with CONNECTION_REFUSED. The transport's tuning is
+//! in `tls::transport`.
 
+use super::lanes::LANES_ALPN;
 use super::pump::{WireReader, WireWriter};
-use super::{BUSY, Backend, CA_HINT, CLOSE_LINGER, CONNECT_TIMEOUT, Connected, LinkError, lost};
+use super::{BUSY, Backend, CA_HINT, CLOSE_LINGER, CONNECT_TIMEOUT, Connected, LaneRole, LinkError, lost};
 use crate::tls::{Identity, SERVER_NAME};
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -81,7 +84,8 @@ pub(super) fn connect(
             .map_err(|_| connect_err(format!("no answer within {CONNECT_TIMEOUT:?}")))?
             .map_err(|e| connect_err(handshake_reason(&e)))?;
         let streams = connection.open_bi().await.map_err(|e| connect_err(e.to_string()))?;
-        Ok(connected(endpoint, connection, streams))
+        let lanes = if speaks_lanes(&connection) { LaneRole::Send } else { LaneRole::None };
+        Ok(connected(endpoint, connection, streams, lanes))
     })
 }
 
@@ -89,14 +93,34 @@ fn connected(
     endpoint: quinn::Endpoint,
     connection: quinn::Connection,
     (send, recv): (quinn::SendStream, quinn::RecvStream),
+    lanes: LaneRole,
 ) -> Connected {
     let peer = connection.remote_address();
+    // Control frames go ahead of the lanes' pages: they wait for them at the destination
+    // anyway, and a post-copy's page requests should not.
+    let _ = send.set_priority(1);
     Connected {
         writer: WireWriter::Quic(Writer { send, connection: connection.clone() }),
         reader: WireReader::Quic(Reader { recv }),
         backend: Backend::Quic(Conn { endpoint, connection }),
         peer,
+        lanes,
     }
+}
+
+/// Whether the handshake chose the ALPN of page lanes (both ends are new enough).
+fn speaks_lanes(connection: &quinn::Connection) -> bool {
+    connection
+        .handshake_data()
+        .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|d| d.protocol)
+        .is_some_and(|p| p == LANES_ALPN)
+}
+
+/// Opens a page lane's stream (the peer speaks lanes).
+pub(super) async fn open_lane(connection: &quinn::Connection) -> Result<WireWriter, LinkError> {
+    let send = connection.open_uni().await.map_err(|e| connection_error(&e))?;
+    Ok(WireWriter::Quic(Writer { send, connection: connection.clone() }))
 }
 
 /// TLS alerts travel as QUIC transport error codes 0x100 + alert.
@@ -135,7 +159,10 @@ pub(super) async fn accept(endpoint: &quinn::Endpoint) -> Result<Connected, Link
             }
         };
         match connection.accept_bi().await {
-            Ok(streams) => return Ok(connected(endpoint.clone(), connection, streams)),
+            Ok(streams) => {
+                let lanes = if speaks_lanes(&connection) { LaneRole::Receive } else { LaneRole::None };
+                return Ok(connected(endpoint.clone(), connection, streams, lanes));
+            }
             Err(e) => tracing::warn!(%remote, "migration peer left before it sent anything: {e}"),
         }
     }
@@ -183,6 +210,10 @@ pub(super) struct Reader {
 }
 
 impl Reader {
+    pub fn new(recv: quinn::RecvStream) -> Self {
+        Reader { recv }
+    }
+
     pub async fn read_full(&mut self, buf: &mut [u8]) -> Result<usize, LinkError> {
         match self.recv.read_exact(buf).await {
             Ok(()) => Ok(buf.len()),

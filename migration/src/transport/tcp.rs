@@ -205,6 +205,7 @@ fn split(tls: Tls, conn: Conn, peer: SocketAddr) -> Connected {
         reader: WireReader::Tcp(Reader { half: read, left: 0 }),
         backend: Backend::Tcp(conn),
         peer,
+        lanes: super::LaneRole::None,
     }
 }
 
