@@ -474,6 +474,7 @@ fn dirty_log(c: &mut Criterion) {
 
 const FRAME_PAYLOAD: usize = 1 << 20;
 const QUIC: &str = "QUIC (quinn, TLS 1.3), one stream";
+const QUIC_LANES: &str = "QUIC (quinn, TLS 1.3), 2 page lanes";
 const TLS_TCP: &str = "TLS 1.3 over TCP (rustls), the migration's link";
 const TCP_FRAMES: &str = "TCP (std::net), same frames";
 const TCP_BYTES: &str = "TCP (std::net), bytes only (no encoding)";
@@ -511,7 +512,10 @@ fn transport(c: &mut Criterion) {
 
     // The migration's own link, both ends in this process (two runtimes, one worker each,
     // as in the two VMMs), over each transport.
-    for (name, choice) in [(QUIC, TransportChoice::Quic), (TLS_TCP, TransportChoice::Tcp)] {
+    // With lanes, the frames go out on two lanes by turns, as two shards' batches do.
+    for (name, choice, lanes) in
+        [(QUIC, TransportChoice::Quic, 0), (QUIC_LANES, TransportChoice::Quic, 2), (TLS_TCP, TransportChoice::Tcp, 0)]
+    {
         let listener = Listener::bind("127.0.0.1:0".parse().expect("addr"), &Identity::load(dir.path()).expect("id"))
             .expect("listener");
         let addr = listener.local_addr().expect("local addr");
@@ -527,10 +531,17 @@ fn transport(c: &mut Criterion) {
         });
         let id = Identity::load(dir.path()).expect("id");
         let mut link = connect(addr, &id, Bandwidth::new(0), None, choice).expect("connect");
+        let mut sent = 0usize;
         g.bench_function(name, |b| {
             b.iter_custom(|iters| {
                 let t = sent_and_acked(iters, &acks, || {
-                    link.send(&message).expect("send");
+                    if lanes == 0 {
+                        link.send(&message).expect("send");
+                    } else {
+                        let frame = protocol::encode_frame(&message).expect("frame");
+                        link.send_pages(sent % lanes, frame).expect("send");
+                        sent += 1;
+                    }
                 });
                 tally::record(name, iters * frame_len, t);
                 t
@@ -633,7 +644,7 @@ fn summary() {
             println!("  {case}: {} / 1 worker: {:.2}x", on(workers), n / one);
         }
     }
-    for link in [QUIC, TLS_TCP] {
+    for link in [QUIC, QUIC_LANES, TLS_TCP] {
         if let (Some(l), Some(t)) = (tally::rate(link), tally::rate(TCP_FRAMES)) {
             println!("  {link} / plain TCP on loopback, the same frames: {:.2}x", l / t);
         }

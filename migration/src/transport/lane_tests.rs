@@ -279,3 +279,23 @@ fn quic_lane_framing_that_does_not_add_up_is_refused_by_name() {
     let err = refused(two, Some(lane), Vec::new());
     assert_eq!(bad(err), "lane 0 carried a frame of epoch 1 after control frame 2 was delivered");
 }
+
+/// QUIC shows the destination a stream only once it carries bytes, and the destination
+/// takes a link by its control stream: batches sent before any control frame go there.
+#[test]
+fn quic_batches_sent_before_any_control_frame_still_arrive() {
+    let tmp = tempfile::tempdir().unwrap();
+    let id = identity(tmp.path());
+    let (listener, addr) = listen(&id);
+    let server = std::thread::spawn(move || {
+        let mut link = listener.accept().unwrap();
+        [link.recv(WAIT).unwrap(), link.recv(WAIT).unwrap(), link.recv(WAIT).unwrap()]
+    });
+    let mut link = connect(addr, &id, Bandwidth::default(), None, TransportChoice::Quic).unwrap();
+    for n in 0..3 {
+        link.send_pages(1, protocol::encode_frame(&batch(1, n)).unwrap()).unwrap();
+    }
+
+    assert_eq!(server.join().unwrap(), [batch(1, 0), batch(1, 1), batch(1, 2)]);
+    assert_eq!(link.lanes_opened(), 1, "the first went on the control stream, the others on a lane");
+}

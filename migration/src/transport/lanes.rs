@@ -68,6 +68,12 @@ impl LaneCounter {
         head
     }
 
+    /// Whether a control frame went: until one has, the destination has not taken the
+    /// link (QUIC shows it a stream only once it carries bytes).
+    pub fn control_sent(&self) -> bool {
+        self.epoch > 0
+    }
+
     /// The head of the next control frame.
     pub fn control_head(&mut self) -> Vec<u8> {
         let mut head = Vec::with_capacity(2 + 4 * self.counts.len());

@@ -472,6 +472,11 @@ impl Link {
     /// batch of one shard must go through here, so that they keep their order.
     pub fn send_pages(&mut self, shard: usize, frame: Vec<u8>) -> Result<(), LinkError> {
         let Some(lanes) = self.lanes.as_mut() else { return self.send_frame(frame) };
+        // The destination takes the link by its control stream's first frame, so that one
+        // goes there (in a migration it is the Hello).
+        if !lanes.counter.control_sent() {
+            return self.send_frame(frame);
+        }
         let lane = shard % MAX_LANES;
         let first = lanes.writers[lane].is_none();
         if first {
