@@ -231,17 +231,18 @@ impl Identity {
 /// path's MTU (`docs/migration.md`, "Transports").
 pub const MTU_UPPER_BOUND: u16 = 6500;
 
-/// One stream carries the whole migration: windows large enough for a fast link with
-/// some delay (64 MiB covers 1 GB/s at 50 ms), a short idle timeout so that a dead peer
-/// is noticed within seconds, and keep-alives so that a quiet but live one is not. GSO
-/// stays on (quinn's default; without it loopback carried a third), and so does cubic
-/// (quinn's BBR measured no better on loopback, and far worse with the CPU contended).
 /// The ALPNs both ends offer, the one with page lanes first: a VMM that knows only the
 /// plain one (an older release) still connects (`transport::lanes`).
 fn alpn() -> Vec<Vec<u8>> {
     vec![LANES_ALPN.to_vec(), ALPN.to_vec()]
 }
 
+/// A control stream and up to MAX_LANES page lanes carry a migration: windows large
+/// enough for a fast link with some delay (16 MiB a lane covers 320 MB/s at 50 ms, and
+/// the connection's is every stream's together), a short idle timeout so that a dead peer
+/// is noticed within seconds, and keep-alives so that a quiet but live one is not. GSO
+/// stays on (quinn's default; without it loopback carried a third), and so does cubic
+/// (quinn's BBR measured no better on loopback, and far worse with the CPU contended).
 fn transport() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.max_concurrent_bidi_streams(1u32.into());
