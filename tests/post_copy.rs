@@ -39,8 +39,11 @@ fn kvm_post_copy_moves_a_guest_that_outruns_the_link_and_it_verifies() {
     let tls = certs(dir.path(), "tls");
     let src = source(dir.path(), 2, 128, BUSY);
     let (mut dst, addr) = receiver(dir.path(), &tls, &[]);
-    let r = report(&migrate(&src, &addr, &tls, &[&OUTRUN[..], &["--post-copy", "auto"]].concat()));
+    // Over QUIC (the link-cut test below takes TLS over TCP).
+    let extra = [&OUTRUN[..], &["--post-copy", "auto", "--transport", "quic"]].concat();
+    let r = report(&migrate(&src, &addr, &tls, &extra));
 
+    assert_eq!(r["transport"], "quic", "{r}");
     let p = &r["post_copy"];
     assert!(p["pages"].as_u64().unwrap() > 0, "pages went after the switchover: {r}");
     assert!(p["requested"].as_u64().unwrap() > 0, "the guest waited on pages and asked for them: {r}");

@@ -559,7 +559,7 @@ fn over_lanes(options: SourceOptions, rate: f64) -> Report {
     let o = run(options, rate, Duration::from_millis(1), lanes);
     assert_eq!(o.destination.as_ref().map(|r| r.is_ok()), Some(true));
     one_copy(&o);
-    assert!(o.overtaken > 10, "the lanes did not overtake each other: {}", o.overtaken);
+    assert!(o.overtaken > 0, "the lanes did not overtake each other: {}", o.overtaken);
     assert!(o.dest.mem == o.source_mem, "the destination holds the memory as it was at the pause");
     o.source.unwrap()
 }
@@ -573,7 +573,8 @@ fn test_batches_of_different_shards_arriving_out_of_order_move_the_same_memory()
     assert!(ordered > 0, "deltas and copies, which need their shard's order: {report:?}");
 }
 
-/// The same with post-copy: pushed and asked-for pages on their shards' lanes.
+/// The same with post-copy: the rounds before the switch on lanes that overtake each other,
+/// the pages after it on the control stream, behind every batch the lanes carried.
 #[test]
 fn test_post_copy_over_lanes_that_overtake_each_other_moves_the_same_memory() {
     let report = over_lanes(post_copy_options(), 20_000.0);
