@@ -61,11 +61,15 @@ fn test_control_commands_without_a_vm_say_what_to_check() {
 }
 
 #[test]
-fn test_migrate_worker_counts_outside_1_to_256_are_refused_in_one_line() {
+fn test_migrate_and_receive_worker_counts_outside_1_to_256_are_refused_in_one_line() {
     for bad in ["0", "257", "many"] {
-        let out = novacron(&["vmm", "migrate", "--api-sock", "/nonexistent", "--to", "127.0.0.1:1", "--workers", bad]);
-        assert_one_line_error(&out, "--workers");
-        assert_eq!(out.status.code(), Some(2), "--workers {bad}");
+        let migrate = ["vmm", "migrate", "--api-sock", "/nonexistent", "--to", "127.0.0.1:1", "--workers", bad];
+        let receive = ["vmm", "receive", "--listen", "127.0.0.1:0", "--tls-dir", "/nonexistent", "--workers", bad];
+        for args in [&migrate[..], &receive[..]] {
+            let out = novacron(args);
+            assert_one_line_error(&out, "--workers");
+            assert_eq!(out.status.code(), Some(2), "{args:?}");
+        }
     }
 }
 

@@ -21,12 +21,19 @@ fn assert_discarded(dst: &mut Host, needle: &str) {
     assert!(dst.vm.seen.is_empty(), "the guest ran at the destination: {:?}", dst.vm.seen);
 }
 
-/// `transport`: `--transport`'s value; on loopback `auto` is TLS over TCP.
-fn moves_and_verifies(vcpus: u8, cmdline: &str, transport: &str, more: &[&str]) -> serde_json::Value {
+/// `transport`: `--transport`'s value; on loopback `auto` is TLS over TCP. `more` goes to
+/// `vmm migrate`, `receiving` to `vmm receive`.
+fn moves_and_verifies(
+    vcpus: u8,
+    cmdline: &str,
+    transport: &str,
+    more: &[&str],
+    receiving: &[&str],
+) -> serde_json::Value {
     let dir = tempfile::tempdir().unwrap();
     let tls = certs(dir.path(), "tls");
     let src = source(dir.path(), vcpus, 256, cmdline);
-    let (mut dst, addr) = receiver(dir.path(), &tls, &[]);
+    let (mut dst, addr) = receiver(dir.path(), &tls, receiving);
     let args: Vec<&str> = ["--transport", transport].iter().chain(more).copied().collect();
     let out = migrate(&src, &addr, &tls, &args);
     let r = report(&out);
@@ -41,7 +48,9 @@ fn moves_and_verifies(vcpus: u8, cmdline: &str, transport: &str, more: &[&str]) 
 #[test]
 fn kvm_migrate_1_vcpu_idle_continues_and_verifies() {
     if kvm_or_skip("kvm_migrate_1_vcpu_idle_continues_and_verifies") {
-        let r = moves_and_verifies(1, "ws=16 rate=50 verify=300 hb=100", "auto", &["--workers", "1"]);
+        // One worker at each end.
+        let one = ["--workers", "1"];
+        let r = moves_and_verifies(1, "ws=16 rate=50 verify=300 hb=100", "auto", &one, &one);
         assert_eq!(r["transport"], "tcp", "auto on loopback: {r}");
         assert_eq!(r["workers"], 1, "{r}");
         assert_eq!(r["lanes"], 0, "TLS over TCP has one stream: {r}");
@@ -51,7 +60,7 @@ fn kvm_migrate_1_vcpu_idle_continues_and_verifies() {
 #[test]
 fn kvm_migrate_over_tls_over_tcp_continues_and_verifies() {
     if kvm_or_skip("kvm_migrate_over_tls_over_tcp_continues_and_verifies") {
-        let r = moves_and_verifies(1, "ws=16 rate=50 verify=300 hb=100", "tcp", &[]);
+        let r = moves_and_verifies(1, "ws=16 rate=50 verify=300 hb=100", "tcp", &[], &[]);
         assert_eq!(r["transport"], "tcp", "{r}");
         let cores = std::thread::available_parallelism().unwrap().get();
         assert_eq!(r["workers"], cores, "one worker per core by default: {r}");
@@ -64,7 +73,7 @@ fn kvm_migrate_4_vcpus_high_dirty_rate_continues_and_verifies() {
     if kvm_or_skip("kvm_migrate_4_vcpus_high_dirty_rate_continues_and_verifies") {
         // More workers than cores: three shards of memory, each on its own thread, and
         // each shard's batches on a QUIC stream of its own.
-        let r = moves_and_verifies(4, "ws=64 rate=20000 verify=300 hb=100", "quic", &["--workers", "3"]);
+        let r = moves_and_verifies(4, "ws=64 rate=20000 verify=300 hb=100", "quic", &["--workers", "3"], &[]);
         assert_eq!(r["transport"], "quic", "{r}");
         assert_eq!(r["workers"], 3, "{r}");
         assert_eq!(r["lanes"], 3, "{r}");

@@ -41,6 +41,7 @@ fn main() {
                 require_permit: vm.require_permit,
                 claim_from,
                 resume_window: novacron_migration::destination::RESUME_WINDOW.as_secs(),
+                workers: None,
             };
             novacron_vmm::migrate::destination::receive_vm(&args)
         }

@@ -16,29 +16,45 @@ pub type Relisten<'a> = &'a mut dyn FnMut(Instant) -> Option<Link>;
 /// the source is told why (unless the link itself failed or the source aborted), and
 /// nothing of the VM runs, unless a post-copy had started it (`PostCopyLost`: the caller
 /// stops it). A dry run's probe ends it too, with nothing built. During post-copy a lost
-/// link is replaced by `relisten`'s, for at most `resume_window`. Answers the outcome and
-/// the link it ended on (None: it ended waiting for a new one).
+/// link is replaced by `relisten`'s, for at most `options.resume_window`. Answers the
+/// outcome and the link it ended on (None: it ended waiting for a new one).
 pub fn receive<V: DestinationVm>(
     vm: &mut V,
     link: Link,
     base: Option<&BaseImage>,
-    resume_window: Duration,
+    options: ReceiveOptions,
     relisten: Relisten<'_>,
 ) -> (Result<Received, ReceiveError>, Option<Link>) {
     let mut link = Some(link);
-    let result = drive(vm, &mut link, base, resume_window, relisten);
+    let result = drive(vm, &mut link, base, options, relisten);
     (result, link)
+}
+
+/// How a receive runs.
+#[derive(Debug, Clone, Copy)]
+pub struct ReceiveOptions {
+    /// During a post-copy, how long a lost link waits for the source to come back.
+    pub resume_window: Duration,
+    /// Threads the page writer decompresses and hashes on (0: one per core).
+    pub workers: usize,
+}
+
+impl Default for ReceiveOptions {
+    fn default() -> Self {
+        ReceiveOptions { resume_window: super::RESUME_WINDOW, workers: 0 }
+    }
 }
 
 fn drive<V: DestinationVm>(
     vm: &mut V,
     link: &mut Option<Link>,
     base: Option<&BaseImage>,
-    resume_window: Duration,
+    options: ReceiveOptions,
     relisten: Relisten<'_>,
 ) -> Result<Received, ReceiveError> {
     let mut machine = DestinationMachine::new(Instant::now(), base);
-    machine.set_resume_window(resume_window);
+    machine.set_resume_window(options.resume_window);
+    machine.set_workers(options.workers);
     // The answer to the VM step last asked for, handled before the link is read again.
     let mut pending: Option<Event> = None;
     // What the link gave after a run of page batches, for the next turn.

@@ -24,7 +24,7 @@
 mod driver;
 mod writer;
 
-pub use driver::{GATHER_BATCHES, Relisten, receive};
+pub use driver::{GATHER_BATCHES, ReceiveOptions, Relisten, receive};
 pub use writer::{BaseImage, GuestPages, PageWriter};
 
 use crate::digest::{MemoryDigest, hex};
@@ -322,6 +322,8 @@ pub struct DestinationMachine<'b> {
     ours: Option<Digests>,
     post_copy: PostCopy,
     resume_window: Duration,
+    /// For the page writer (0: one per core).
+    workers: usize,
     /// In `Resuming`: when the new link's `Resume` is due.
     resume_due: Option<Instant>,
 }
@@ -358,12 +360,18 @@ impl<'b> DestinationMachine<'b> {
             ours: None,
             post_copy: PostCopy::default(),
             resume_window: RESUME_WINDOW,
+            workers: 0,
             resume_due: None,
         }
     }
 
     /// How long a link lost during post-copy waits for the source (RESUME_WINDOW unless
     /// set).
+    /// Threads the page writer decompresses and hashes on (0: one per core).
+    pub fn set_workers(&mut self, workers: usize) {
+        self.workers = workers;
+    }
+
     pub fn set_resume_window(&mut self, window: Duration) {
         self.resume_window = window;
     }
@@ -503,7 +511,7 @@ impl<'b> DestinationMachine<'b> {
             }
             (Step::Preparing, Event::Prepared(done)) => {
                 done.map_err(ReceiveError::Prepare)?;
-                self.writer = Some(PageWriter::new(self.pages)?);
+                self.writer = Some(PageWriter::with_workers(self.pages, self.workers)?);
                 self.step = Step::Receiving;
                 let base = self.base.map(|b| b.hashes.clone()).unwrap_or_default();
                 Ok(Some(Action::Send(Message::Welcome(Welcome { base }))))

@@ -164,7 +164,7 @@ pub(super) async fn read_control(
             return;
         }
         gate.update(|d| {
-            d.epoch += 1;
+            d.epoch = d.epoch.saturating_add(1);
             d.counts = [0; MAX_LANES];
         });
     }
@@ -265,7 +265,7 @@ async fn read_lane(
                 if messages.send(Ok(frame)).await.is_err() {
                     return;
                 }
-                gate.update(|d| d.counts[lane] += 1);
+                gate.update(|d| d.counts[lane] = d.counts[lane].saturating_add(1));
             }
             Err(e) => {
                 let _ = messages.send(Err(e)).await;

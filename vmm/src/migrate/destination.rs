@@ -68,6 +68,10 @@ pub struct ReceiveArgs {
     #[arg(long, value_name = "SECS", default_value_t = destination::RESUME_WINDOW.as_secs(),
           value_parser = clap::value_parser!(u64).range(1..))]
     pub resume_window: u64,
+    /// Threads that decompress and hash the arriving pages. Default: one per core of
+    /// this host.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub workers: Option<u16>,
 }
 
 /// The VM being received.
@@ -362,7 +366,10 @@ pub fn receive_vm(args: &ReceiveArgs) -> i32 {
     // port (the one the kernel chose, if the request said port 0); so does a post-copy
     // whose link was lost.
     let bound = listener.local_addr().unwrap_or(addr);
-    let resume_window = Duration::from_secs(args.resume_window);
+    let options = destination::ReceiveOptions {
+        resume_window: Duration::from_secs(args.resume_window),
+        workers: args.workers.map_or(0, usize::from),
+    };
     crate::process::say(format_args!("novacron: waiting for a migration on {bound}"));
     let (link, mut incoming, report) = loop {
         let link = match listener.accept() {
@@ -390,7 +397,7 @@ pub fn receive_vm(args: &ReceiveArgs) -> i32 {
             memory_arriving: None,
         };
         let mut relisten = |deadline| listen_again(bound, &identity, deadline);
-        let (result, link) = destination::receive(&mut incoming, link, base.as_ref(), resume_window, &mut relisten);
+        let (result, link) = destination::receive(&mut incoming, link, base.as_ref(), options, &mut relisten);
         match result {
             Ok(Received::Vm(report)) => break (link, incoming, report),
             Ok(Received::Probe { bytes }) => {
