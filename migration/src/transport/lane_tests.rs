@@ -17,6 +17,19 @@ fn listen(id: &Identity) -> (Listener, SocketAddr) {
     (listener, addr)
 }
 
+/// A listener whose link's first `n` messages the returned thread answers, and this
+/// node's identity to connect with.
+fn receiving(n: usize) -> (tempfile::TempDir, Identity, SocketAddr, std::thread::JoinHandle<Vec<Message>>) {
+    let tmp = tempfile::tempdir().unwrap();
+    let id = identity(tmp.path());
+    let (listener, addr) = listen(&id);
+    let server = std::thread::spawn(move || {
+        let mut link = listener.accept().unwrap();
+        (0..n).map(|_| link.recv(WAIT).unwrap()).collect()
+    });
+    (tmp, id, addr, server)
+}
+
 /// A batch of shard `shard`'s `n`-th frame, told apart by its page number.
 fn batch(shard: usize, n: u64) -> Message {
     let page = (shard as u64) << 32 | n;
@@ -58,7 +71,6 @@ fn quic_lanes_deliver_each_control_frame_after_the_batches_before_it_and_before_
         }
     });
     let mut link = connect(addr, &id, Bandwidth::default(), None, TransportChoice::Quic).unwrap();
-    assert_eq!(link.page_lanes(), MAX_LANES);
     assert!(link.requester().is_none(), "a link with lanes handed out a requester");
     let mut numbers = [0u64; SHARDS];
     let mut sent = 0;
@@ -86,6 +98,7 @@ fn quic_lanes_deliver_each_control_frame_after_the_batches_before_it_and_before_
     }
     link.send(&Message::Commit).unwrap();
     let got = server.join().unwrap();
+    assert_eq!(link.lanes_opened(), SHARDS);
     link.close(WAIT);
 
     assert_eq!(got.len(), sent + 4, "every frame arrived once");
@@ -116,19 +129,14 @@ fn quic_lanes_deliver_each_control_frame_after_the_batches_before_it_and_before_
 
 #[test]
 fn tcp_links_have_no_lanes_and_send_pages_on_the_one_stream() {
-    let tmp = tempfile::tempdir().unwrap();
-    let id = identity(tmp.path());
-    let (listener, addr) = listen(&id);
-    let server = std::thread::spawn(move || {
-        let mut link = listener.accept().unwrap();
-        [link.recv(WAIT).unwrap(), link.recv(WAIT).unwrap()]
-    });
+    let (_tmp, id, addr, server) = receiving(3);
     let mut link = connect(addr, &id, Bandwidth::default(), None, TransportChoice::Tcp).unwrap();
-    assert_eq!(link.page_lanes(), 0);
+    link.send(&Message::Commit).unwrap();
     link.send_pages(3, protocol::encode_frame(&batch(3, 0)).unwrap()).unwrap();
     link.send(&Message::Commit).unwrap();
 
-    assert_eq!(server.join().unwrap(), [batch(3, 0), Message::Commit]);
+    assert_eq!(server.join().unwrap(), [Message::Commit, batch(3, 0), Message::Commit]);
+    assert_eq!(link.lanes_opened(), 0);
 }
 
 fn quic_runtime() -> tokio::runtime::Runtime {
@@ -194,11 +202,11 @@ fn quic_a_receiver_without_lanes_gets_plain_frames_on_one_stream() {
         frames
     });
     let mut link = connect(addr, &id, Bandwidth::default(), None, TransportChoice::Quic).unwrap();
-    assert_eq!(link.page_lanes(), 0);
-    link.send_pages(2, protocol::encode_frame(&batch(2, 0)).unwrap()).unwrap();
     link.send(&Message::Commit).unwrap();
+    link.send_pages(2, protocol::encode_frame(&batch(2, 0)).unwrap()).unwrap();
 
-    assert_eq!(rt.block_on(reading).unwrap(), [batch(2, 0), Message::Commit]);
+    assert_eq!(rt.block_on(reading).unwrap(), [Message::Commit, batch(2, 0)]);
+    assert_eq!(link.lanes_opened(), 0);
 }
 
 fn frame(m: &Message) -> Vec<u8> {
@@ -284,13 +292,7 @@ fn quic_lane_framing_that_does_not_add_up_is_refused_by_name() {
 /// takes a link by its control stream: batches sent before any control frame go there.
 #[test]
 fn quic_batches_sent_before_any_control_frame_still_arrive() {
-    let tmp = tempfile::tempdir().unwrap();
-    let id = identity(tmp.path());
-    let (listener, addr) = listen(&id);
-    let server = std::thread::spawn(move || {
-        let mut link = listener.accept().unwrap();
-        [link.recv(WAIT).unwrap(), link.recv(WAIT).unwrap(), link.recv(WAIT).unwrap()]
-    });
+    let (_tmp, id, addr, server) = receiving(3);
     let mut link = connect(addr, &id, Bandwidth::default(), None, TransportChoice::Quic).unwrap();
     for n in 0..3 {
         link.send_pages(1, protocol::encode_frame(&batch(1, n)).unwrap()).unwrap();

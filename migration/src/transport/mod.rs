@@ -456,13 +456,8 @@ impl Link {
         Ok(())
     }
 
-    /// How many page lanes this link sends on: 0 when pages share the control stream
-    /// (TLS over TCP, a receiver without lanes, the receiving end).
-    pub fn page_lanes(&self) -> usize {
-        if self.lanes.is_some() { MAX_LANES } else { 0 }
-    }
-
-    /// How many page lanes have carried frames on this link.
+    /// How many page lanes have carried frames on this link: 0 when pages share the
+    /// control stream (TLS over TCP, a receiver without lanes, the receiving end).
     pub fn lanes_opened(&self) -> usize {
         self.lanes.as_ref().map_or(0, |l| l.writers.iter().flatten().count())
     }
