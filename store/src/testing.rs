@@ -29,17 +29,18 @@ impl EtcdMember {
 pub struct EtcdCluster {
     pub members: Vec<EtcdMember>,
     tls_dir: Option<PathBuf>,
-    _dir: tempfile::TempDir,
+    /// Holds the members' data and their logs.
+    dir: tempfile::TempDir,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
     #[error("cannot start etcd (install Debian's etcd-server: scripts/test-deps)")]
     Spawn(#[source] std::io::Error),
-    #[error("cannot make the cluster's directory")]
+    #[error("cannot make the cluster's directory or find it free ports")]
     Dir(#[source] std::io::Error),
-    #[error("etcd did not elect a leader within {0:?}")]
-    NoLeader(Duration),
+    #[error("etcd did not elect a leader within {limit:?}{members}")]
+    NoLeader { limit: Duration, members: String },
     #[error("cannot ask etcd which member leads")]
     Store(#[source] crate::StoreError),
     #[error("etcd has no leader now")]
@@ -96,8 +97,48 @@ fn member_args(i: usize, dir: &Path, urls: &MemberUrls, initial: &str, tls_dir: 
     args
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0)
+/// The lowest port the kernel hands to outgoing connections (Linux's default if unread).
+fn ephemeral_low() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768)
+}
+
+/// `n` distinct free ports on loopback, below the kernel's ephemeral range: a port in it
+/// can be taken by any outgoing connection (a member's own, to its peers) between the
+/// choice and the member's bind, and a member that cannot bind leaves its cluster
+/// without a leader. Each port is held until all are chosen, so none is chosen twice.
+fn free_ports(n: usize) -> Result<Vec<u16>, ClusterError> {
+    const FIRST: u16 = 10_000;
+    let top = ephemeral_low().max(FIRST + 1000);
+    // Processes, and clusters of one process (tests run in threads), start from different
+    // places: a cluster's ports are free again once its members bind them.
+    static STARTED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let span = u32::from(top - FIRST);
+    let earlier = STARTED.fetch_add(n as u32 * 4, std::sync::atomic::Ordering::Relaxed);
+    let start = std::process::id().wrapping_mul(2_654_435_761).wrapping_add(earlier) % span;
+    let mut port = FIRST + start as u16;
+    let mut held = Vec::new();
+    for _ in 0..span {
+        if held.len() == n {
+            break;
+        }
+        port = if port + 1 >= top { FIRST } else { port + 1 };
+        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            held.push(l);
+        }
+    }
+    if held.len() < n {
+        let e = std::io::Error::new(std::io::ErrorKind::AddrInUse, format!("{n} free ports below {top}"));
+        return Err(ClusterError::Dir(e));
+    }
+    held.iter().map(|l| l.local_addr().map(|a| a.port()).map_err(ClusterError::Dir)).collect()
+}
+
+/// Member `i`'s log (its standard error), in the cluster's directory.
+fn member_log(dir: &Path, i: usize) -> PathBuf {
+    dir.join(format!("m{i}.log"))
 }
 
 /// Whether `etcd` can be run here.
@@ -141,9 +182,11 @@ impl EtcdCluster {
         also: Option<std::net::Ipv4Addr>,
     ) -> Result<EtcdCluster, ClusterError> {
         let scheme = scheme(tls_dir);
-        let urls = (0..n)
-            .map(|_| {
-                let (client, peer) = (free_port(), free_port());
+        let ports = free_ports(2 * n)?;
+        let urls = ports
+            .chunks(2)
+            .map(|pair| {
+                let (client, peer) = (pair[0], pair[1]);
                 let client_url = format!("{scheme}://127.0.0.1:{client}");
                 let listen_clients = match also {
                     Some(ip) => format!("{client_url},{scheme}://{ip}:{client}"),
@@ -189,7 +232,7 @@ impl EtcdCluster {
                 child: None,
             })
             .collect();
-        let mut cluster = EtcdCluster { members, tls_dir: tls_dir.map(Path::to_owned), _dir: dir };
+        let mut cluster = EtcdCluster { members, tls_dir: tls_dir.map(Path::to_owned), dir };
         for i in 0..cluster.members.len() {
             cluster.start_member(i)?;
         }
@@ -197,6 +240,12 @@ impl EtcdCluster {
     }
 
     pub fn start_member(&mut self, i: usize) -> Result<(), ClusterError> {
+        // Appended to: a member started again keeps what it said before.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(member_log(self.dir.path(), i))
+            .map_err(ClusterError::Dir)?;
         let m = &mut self.members[i];
         let mut command = match &m.netns {
             // `ip netns exec` execs etcd: the child is the member.
@@ -211,7 +260,7 @@ impl EtcdCluster {
             .args(&m.args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .map_err(ClusterError::Spawn)?;
         m.child = Some(child);
@@ -263,7 +312,18 @@ impl EtcdCluster {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Err(ClusterError::NoLeader(limit))
+        Err(ClusterError::NoLeader { limit, members: self.last_log_lines() })
+    }
+
+    /// Each member's last log line, for an error that says why no leader came.
+    fn last_log_lines(&self) -> String {
+        (0..self.members.len())
+            .filter_map(|i| {
+                let text = std::fs::read_to_string(member_log(self.dir.path(), i)).ok()?;
+                let last = text.lines().rev().find(|l| !l.trim().is_empty())?;
+                Some(format!("; m{i}'s log ends: {last}"))
+            })
+            .collect()
     }
 }
 
@@ -282,7 +342,7 @@ pub async fn until_a_write(store: &dyn crate::Store, limit: Duration) -> Result<
     let started = Instant::now();
     while store.txn(Txn::new().then(Op::put("/novacron-test/write", "x"))).await.is_err() {
         if started.elapsed() > limit {
-            return Err(ClusterError::NoLeader(limit));
+            return Err(ClusterError::NoLeader { limit, members: String::new() });
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
