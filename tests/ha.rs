@@ -53,6 +53,13 @@ impl Cluster {
         }
     }
 
+    /// Once every host is up: the leader, and the other hosts' names.
+    fn leader_and_others(&self) -> (String, Vec<String>) {
+        let leader = self.wait_all_up(0);
+        let others = self.hosts.iter().map(|h| h.name.clone()).filter(|n| *n != leader).collect();
+        (leader, others)
+    }
+
     fn etcd(&mut self) -> &mut EtcdCluster {
         self.etcd.as_mut().expect("a cluster on etcd")
     }
@@ -127,11 +134,16 @@ impl Cluster {
     /// Creates VM `name` (restart `always`) on host `on`: the other hosts are cordoned
     /// while it is placed.
     fn create_on(&self, on: &str, name: &str) -> serde_json::Value {
+        self.create_on_running(on, name, WORKLOAD)
+    }
+
+    /// As `create_on`, with the guest running `cmdline`.
+    fn create_on_running(&self, on: &str, name: &str, cmdline: &str) -> serde_json::Value {
         let others: Vec<&str> = self.hosts.iter().map(|h| h.name.as_str()).filter(|n| *n != on).collect();
         for other in &others {
             self.hosts[0].ok(&["host", "cordon", other]);
         }
-        let vm = create(&self.hosts[0], name, "always");
+        let vm = create_running(&self.hosts[0], name, "always", cmdline);
         for other in &others {
             self.hosts[0].ok(&["host", "uncordon", other]);
         }
@@ -259,7 +271,11 @@ fn serial_of(v: &serde_json::Value) -> PathBuf {
 }
 
 fn create(d: &Daemon, name: &str, restart: &str) -> serde_json::Value {
-    d.ok(&["vm", "create", name, "--mem", "32", "--cmdline", WORKLOAD, "--restart", restart]);
+    create_running(d, name, restart, WORKLOAD)
+}
+
+fn create_running(d: &Daemon, name: &str, restart: &str, cmdline: &str) -> serde_json::Value {
+    d.ok(&["vm", "create", name, "--mem", "32", "--cmdline", cmdline, "--restart", restart]);
     d.wait_vm(name, "ran", |v| str_of(v, "phase") == "running")
 }
 
@@ -471,9 +487,8 @@ fn kvm_etcd_the_leader_daemon_killed_mid_migration_leaves_the_vm_on_exactly_one_
         return;
     }
     let Some(mut c) = cluster() else { return };
-    let leader = c.wait_all_up(0);
+    let (leader, others) = c.leader_and_others();
     let l = c.index(&leader);
-    let others: Vec<String> = c.hosts.iter().map(|h| h.name.clone()).filter(|n| *n != leader).collect();
     let vm = c.create_on(&leader, "web");
     let log = serial_of(&vm);
     let seen = wait_heartbeat(&log, 2);
@@ -514,9 +529,8 @@ fn kvm_etcd_a_host_killed_mid_migration_has_its_vm_started_once_elsewhere_and_th
         return;
     }
     let Some(mut c) = cluster() else { return };
-    let leader = c.wait_all_up(0);
+    let (leader, others) = c.leader_and_others();
     let l = c.index(&leader);
-    let others: Vec<String> = c.hosts.iter().map(|h| h.name.clone()).filter(|n| *n != leader).collect();
     let (from, to) = (c.index(&others[0]), others[1].clone());
     c.create_on(&others[0], "web");
     let checker = Checker::start(c.dirs(), vec!["web".into()]);
@@ -543,6 +557,71 @@ fn kvm_etcd_a_host_killed_mid_migration_has_its_vm_started_once_elsewhere_and_th
     assert_eq!(copies_running(&c.dirs(), "web"), 1, "one copy in the cluster");
     let (_, boots) = common::daemon::serial(&serial_of(&moved));
     assert_eq!(boots, 1, "started again from its disk (its memory died with its host)");
+}
+
+#[test]
+fn kvm_etcd_a_host_killed_mid_post_copy_loses_the_guests_memory_and_its_vm_boots_once_at_the_target() {
+    let test = "kvm_etcd_a_host_killed_mid_post_copy_loses_the_guests_memory_and_its_vm_boots_once_at_the_target";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    let Some(mut c) = cluster() else { return };
+    let (leader, others) = c.leader_and_others();
+    let l = c.index(&leader);
+    let (from, to) = (c.index(&others[0]), c.index(&others[1]));
+    // 2000 pages/s over a 4 MiB working set: far more than 5 kB/s carries, so the pages
+    // written during the first pass follow the switchover for seconds.
+    c.create_on_running(&others[0], "web", "ws=4 rate=2000 verify=300 hb=100");
+    let checker = Checker::start(c.dirs(), vec!["web".into()]);
+    let op = c.hosts[l].json(&[
+        "vm",
+        "migrate",
+        "web",
+        "--to-host",
+        &others[1],
+        "--max-bandwidth",
+        "5k",
+        "--post-copy",
+        "after-rounds=1",
+        "--no-wait",
+    ]);
+    let id = str_of(&op, "id").to_string();
+    let target_log = c.hosts[to].dir.path().join("run").join("web.serial");
+    let started = Instant::now();
+    let deadline = started + common::TIMEOUT;
+    loop {
+        let op = c.hosts[l].json(&["vm", "operation", &id]);
+        assert_eq!(str_of(&op, "state"), "running", "the migration ended before its post-copy: {op}");
+        if str_of(&op, "message").starts_with("Postcopy") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the migration never reached post-copy: {op}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The guest runs at the target, on the pages it has: its heartbeats go on there.
+    let beat = wait_heartbeat(&target_log, 0);
+    let killed = Instant::now();
+    eprintln!("{test}: post-copy ran {:?} after the migrate call; its source killed", killed - started);
+    c.hosts[from].kill_host();
+
+    // The pages still at the source are gone with it: the target's VMM gives up once the
+    // source has not come back within the resume window, says what it lost, and the VM
+    // boots again from its disk where the keeper claimed it, never anywhere else.
+    let vmm_log = c.hosts[to].dir.path().join("run").join("web.vmm.log");
+    let booted = c.hosts[l].wait_vm("web", "booted again", |v| {
+        str_of(v, "phase") == "running" && common::daemon::serial(&serial_of(v)).1 >= 1
+    });
+    eprintln!("{test}: booted again {:?} after the kill", killed.elapsed());
+    assert_eq!(str_of(&booted, "host"), others[1], "where the keeper claimed it at the switchover: {booted}");
+    let said = std::fs::read_to_string(&vmm_log).unwrap_or_default();
+    assert!(said.contains("never received") && said.contains("lost"), "the target's VMM said: {said}");
+    wait_heartbeat(&serial_of(&booted), 0);
+    let (samples, most) = checker.finish();
+    assert!(samples > 20 && most <= 1, "{most} copies of web at once in {samples} samples");
+    assert_eq!(copies_running(&c.dirs(), "web"), 1, "one copy in the cluster");
+    let (beats, boots) = common::daemon::serial(&serial_of(&booted));
+    assert_eq!(boots, 1, "booted once, from its disk: {beats:?}");
+    assert!(beat > 0, "the guest had run at the target before its source died");
 }
 
 #[test]

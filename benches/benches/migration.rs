@@ -28,9 +28,15 @@
 //! (first), NovaCron pre-copy, QEMU's defaults, and QEMU with postcopy-ram switched over
 //! with `migrate-start-postcopy` once its first pass is done, bandwidth uncapped.
 //!
+//! `--max-bandwidth=MIB` caps every configuration's link at MIB MiB/s: NovaCron's
+//! `--max-bandwidth`, QEMU's `max-bandwidth` (and `max-postcopy-bandwidth` for its
+//! post-copy), in place of each one's own limit. `--rates=20000 --max-bandwidth=32
+//! --tuned=postcopy` is the case where a guest dirties faster than its link can carry:
+//! pre-copy alone never converges.
+//!
 //! ```text
 //! cargo bench -p novacron-benches --bench migration [-- RUNS] [--rates=0,2000,10000]
-//!     [--hb=MS] [--tuned=multifd|multifd-zstd|xbzrle|uncapped|postcopy[,...]]
+//!     [--hb=MS] [--tuned=multifd|multifd-zstd|xbzrle|uncapped|postcopy[,...]] [--max-bandwidth=MIB]
 //!     [--only=novacron|qemu|tuned] [--memory=guest|image] [--no-dry-run] [--no-netns] [--verbose]
 //! ```
 //!
@@ -144,6 +150,8 @@ struct Options {
     only: Option<String>,
     /// Put the realistic image into guest memory.
     image: bool,
+    /// Every configuration's bandwidth limit, bytes/s.
+    cap: Option<u64>,
     dry_run: bool,
     netns: bool,
     verbose: bool,
@@ -157,6 +165,7 @@ fn options() -> Result<Options, Error> {
         tuned: "multifd".into(),
         only: None,
         image: false,
+        cap: None,
         dry_run: true,
         netns: true,
         verbose: false,
@@ -178,6 +187,9 @@ fn options() -> Result<Options, Error> {
                 "image" => true,
                 other => return Err(format!("--memory={other}: choose guest or image").into()),
             };
+        } else if let Some(v) = arg.strip_prefix("--max-bandwidth=") {
+            let mib: u64 = v.parse().map_err(|e| format!("--max-bandwidth={v}: MiB/s, a whole number ({e})"))?;
+            o.cap = Some(mib.max(1) << 20);
         } else if arg == "--no-dry-run" {
             o.dry_run = false;
         } else if arg == "--no-netns" {
@@ -236,6 +248,8 @@ struct Bench {
     guest: PathBuf,
     /// The realistic image, loaded as an initrd (`--memory=image`).
     initrd: Option<PathBuf>,
+    /// Every configuration's bandwidth limit, bytes/s (`--max-bandwidth`).
+    cap: Option<u64>,
     dry_run: bool,
     tls: PathBuf,
     dir: PathBuf,
@@ -266,6 +280,25 @@ impl Bench {
         // The image is not the guest's to read: hashing 192 MiB would take it minutes.
         let initrd = if self.initrd.is_some() { " initrd=skip" } else { "" };
         format!("ws={WS_MIB} rate={rate} verify={verify_ms} hb={}{initrd}", self.hb_ms)
+    }
+
+    /// `vmm migrate`'s options for the bandwidth cap.
+    fn cap_args(&self) -> Vec<String> {
+        self.cap.map(|bytes| vec!["--max-bandwidth".to_string(), bytes.to_string()]).unwrap_or_default()
+    }
+
+    /// QEMU's parameters with the bandwidth cap in place of their own limit.
+    fn capped(&self, params: &Value, post_copy: bool) -> Value {
+        let Some(bytes) = self.cap else { return params.clone() };
+        let mut params = match params {
+            Value::Object(_) => params.clone(),
+            _ => json!({}),
+        };
+        params["max-bandwidth"] = json!(bytes);
+        if post_copy {
+            params["max-postcopy-bandwidth"] = json!(bytes);
+        }
+        params
     }
 
     fn spawn(&self, mut cmd: Command) -> Result<Watched, Error> {
@@ -356,6 +389,7 @@ impl Bench {
             .arg(&src_sock)
             .arg("--tls-dir")
             .arg(&self.tls)
+            .args(self.cap_args())
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -417,6 +451,7 @@ impl Bench {
             .arg(sock)
             .arg("--tls-dir")
             .arg(&self.tls)
+            .args(self.cap_args())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -447,6 +482,7 @@ impl Bench {
         let mut dq = Qmp::connect(&dst_qmp, BOOT_TIMEOUT)?;
         let mut src = self.spawn(self.qemu_cmd(&cmdline, &src_qmp, false))?;
         let mut sq = Qmp::connect(&src_qmp, BOOT_TIMEOUT)?;
+        let params = self.capped(params, post_copy);
         for q in [&mut sq, &mut dq] {
             if !caps.is_empty() {
                 let caps: Vec<Value> = caps.iter().map(|c| json!({ "capability": c, "state": true })).collect();
@@ -704,6 +740,7 @@ fn main() -> Result<(), Error> {
         qemu: qemu_path,
         guest,
         initrd: initrd.as_ref().map(|(p, _)| p.clone()),
+        cap: o.cap,
         dry_run: o.dry_run,
         tls,
         dir: dir.clone(),
@@ -786,6 +823,9 @@ fn main() -> Result<(), Error> {
         .map(|v| v.name.as_str())
         .collect();
     println!("QEMU: {qemu_version}, -M microvm; tuned: {}", tuned.join("; "));
+    if let Some(bytes) = o.cap {
+        println!("every configuration's link capped at {} MiB/s, in place of its own limit", bytes >> 20);
+    }
     match &initrd {
         Some((_, mix)) => println!("guest memory: the working set, and a {IMAGE_MIB} MiB image as initrd: {mix}"),
         None => println!("guest memory: the test guest's own pages (two words each in the working set)"),
