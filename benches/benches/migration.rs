@@ -616,8 +616,8 @@ fn output_within(mut cmd: Command, limit: Duration) -> Result<std::process::Outp
     match rx.recv_timeout(limit) {
         Ok(out) => Ok(out?),
         Err(_) => {
-            // SAFETY: kill(2) on the pid of the child spawned above, which has not been
-            // reaped yet (its waiting thread has not returned).
+            // The child spawned above has not been reaped yet: its waiting thread has not returned.
+            // SAFETY: kill(2) on that child's pid, which no other process can have yet.
             unsafe { libc::kill(id as libc::pid_t, libc::SIGKILL) };
             Err(format!("{cmd:?} did not finish within {limit:?}").into())
         }

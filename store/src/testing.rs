@@ -37,8 +37,10 @@ pub struct EtcdCluster {
 pub enum ClusterError {
     #[error("cannot start etcd (install Debian's etcd-server: scripts/test-deps)")]
     Spawn(#[source] std::io::Error),
-    #[error("cannot make the cluster's directory or find it free ports")]
+    #[error("cannot make the cluster's directory")]
     Dir(#[source] std::io::Error),
+    #[error("cannot find free ports for the cluster's members")]
+    Ports(#[source] std::io::Error),
     #[error("etcd did not elect a leader within {limit:?}{members}")]
     NoLeader { limit: Duration, members: String },
     #[error("cannot ask etcd which member leads")]
@@ -131,9 +133,9 @@ fn free_ports(n: usize) -> Result<Vec<u16>, ClusterError> {
     }
     if held.len() < n {
         let e = std::io::Error::new(std::io::ErrorKind::AddrInUse, format!("{n} free ports below {top}"));
-        return Err(ClusterError::Dir(e));
+        return Err(ClusterError::Ports(e));
     }
-    held.iter().map(|l| l.local_addr().map(|a| a.port()).map_err(ClusterError::Dir)).collect()
+    held.iter().map(|l| l.local_addr().map(|a| a.port()).map_err(ClusterError::Ports)).collect()
 }
 
 /// Member `i`'s log (its standard error), in the cluster's directory.
