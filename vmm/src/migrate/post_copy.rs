@@ -12,6 +12,7 @@
 //! When the last one is in, `finish` stops the thread and gives the memory back to the
 //! kernel.
 
+use crate::vstate::memory;
 use crate::vstate::uffd::{PAGE, UffdError, Userfault};
 use novacron_migration::dirty::DirtySet;
 use novacron_migration::protocol::Message;
@@ -35,7 +36,7 @@ pub enum PostCopyError {
     Drop {
         page: u64,
         #[source]
-        source: std::io::Error,
+        source: memory::DiscardError,
     },
     #[error("page {0} is outside guest RAM")]
     NotInRam(u64),
@@ -65,6 +66,25 @@ impl RamLayout {
             offset -= len as u64;
         }
         None
+    }
+
+    /// Adds to `ranges` the host ranges of pages `first..first + count`: one for each
+    /// region the run touches (regions are back to back in page numbers, not in the host's
+    /// address space).
+    fn host_ranges(&self, first: u64, count: u64, ranges: &mut Vec<(usize, usize)>) -> Result<(), PostCopyError> {
+        let end = first.checked_add(count).ok_or(PostCopyError::NotInRam(first))?;
+        let mut region_first = 0u64;
+        let mut at = first;
+        for &(start, len) in &self.0 {
+            let region_end = region_first + (len / PAGE) as u64;
+            if at < region_end && at < end {
+                let stop = end.min(region_end);
+                ranges.push((start + ((at - region_first) as usize) * PAGE, ((stop - at) as usize) * PAGE));
+                at = stop;
+            }
+            region_first = region_end;
+        }
+        if at < end { Err(PostCopyError::NotInRam(at)) } else { Ok(()) }
     }
 
     /// The page a host address lies in.
@@ -153,17 +173,16 @@ impl PostCopyMemory {
         for &(start, len) in &layout.0 {
             uffd.register(start as *mut u8, len)?;
         }
+        let mut ranges = Vec::new();
         for (first, count) in pending.runs() {
-            let addr = layout.host(first).ok_or(PostCopyError::NotInRam(first))?;
-            layout.host(first + count - 1).ok_or(PostCopyError::NotInRam(first + count - 1))?;
-            // SAFETY: the range lies inside guest RAM (both ends were checked), which this
-            // process mapped anonymous and private; dropping its pages makes them missing,
-            // and the userfaultfd registered above makes a later touch wait for them. The
-            // VM is paused and no device runs, so nothing reads them meanwhile.
-            if unsafe { libc::madvise(addr as *mut libc::c_void, count as usize * PAGE, libc::MADV_DONTNEED) } != 0 {
-                return Err(PostCopyError::Drop { page: first, source: std::io::Error::last_os_error() });
-            }
+            layout.host_ranges(first, count, &mut ranges)?;
         }
+        // SAFETY: each range lies inside one region of guest RAM, which this process mapped
+        // anonymous and private; dropping its pages makes them missing, and
+        // the userfaultfd registered above makes a later touch wait for them. The VM is
+        // paused and no device runs, so nothing reads them meanwhile.
+        unsafe { memory::discard(&ranges) }
+            .map_err(|e| PostCopyError::Drop { page: layout.page(e.addr).unwrap_or_default(), source: e })?;
         let shared = Arc::new(Shared {
             uffd,
             missing: Missing::new(pending, layout.pages()),
@@ -324,6 +343,19 @@ mod tests {
     }
 
     #[test]
+    fn a_run_across_two_regions_is_split_where_the_regions_are() {
+        let layout = RamLayout::new([(0x10_0000, 4 * PAGE), (0x90_0000, 8 * PAGE)]);
+        let mut ranges = Vec::new();
+        layout.host_ranges(2, 5, &mut ranges).unwrap();
+        assert_eq!(ranges, vec![(0x10_0000 + 2 * PAGE, 2 * PAGE), (0x90_0000, 3 * PAGE)]);
+        ranges.clear();
+        layout.host_ranges(5, 2, &mut ranges).unwrap();
+        assert_eq!(ranges, vec![(0x90_0000 + PAGE, 2 * PAGE)], "a run inside the second region");
+        assert!(matches!(layout.host_ranges(10, 3, &mut ranges), Err(PostCopyError::NotInRam(12))), "past the end");
+        assert!(matches!(layout.host_ranges(u64::MAX, 2, &mut ranges), Err(PostCopyError::NotInRam(_))));
+    }
+
+    #[test]
     fn missing_pages_clear_one_by_one() {
         let mut pending = DirtySet::new(130);
         pending.set(3);
@@ -333,6 +365,21 @@ mod tests {
         missing.clear(129);
         assert!(!missing.contains(129) && missing.contains(3));
         assert!(!missing.contains(1 << 40), "out of range is not missing");
+    }
+
+    /// `reader` reads the first word of `page`, which is missing: its fault reaches the
+    /// server and it waits, until the page placed here wakes it with the source's content.
+    fn reader_waits_until_placed(memory: &PostCopyMemory, page: u64, reader: JoinHandle<u64>) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while memory.faulted() == 0 {
+            assert!(Instant::now() < deadline, "the missing page's fault reaches the server");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(!reader.is_finished(), "the reader waits for the page, not for the stale copy");
+        let mut content = vec![0u8; PAGE];
+        content[..8].copy_from_slice(&0x5eu64.to_ne_bytes());
+        memory.place(page, Some(&content)).unwrap();
+        assert_eq!(reader.join().unwrap(), 0x5e, "the reader gets the source's page");
     }
 
     #[test]
@@ -355,17 +402,7 @@ mod tests {
         let read = move |page: usize| unsafe { std::ptr::read_volatile((base + page * PAGE) as *const u64) };
         assert_eq!(read(0), 0xaa, "a page received before stays");
         assert_eq!(read(3), 0, "a page never written reads zeroes");
-        let reader = std::thread::spawn(move || read(1));
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while memory.faulted() == 0 {
-            assert!(Instant::now() < deadline, "the stale page's fault reaches the server");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        assert!(!reader.is_finished(), "the reader waits for the page, not for the stale copy");
-        let mut page = vec![0u8; PAGE];
-        page[..8].copy_from_slice(&0x5eu64.to_ne_bytes());
-        memory.place(1, Some(&page)).unwrap();
-        assert_eq!(reader.join().unwrap(), 0x5e, "the reader gets the source's page");
+        reader_waits_until_placed(&memory, 1, std::thread::spawn(move || read(1)));
         let figures = memory.finish().unwrap();
         assert_eq!(figures.pages, 1);
         assert!(figures.max_us > 0 && figures.p50_us == figures.max_us, "one wait, measured: {figures:?}");
@@ -375,5 +412,32 @@ mod tests {
             far
         });
         assert!(matches!(err, Err(PostCopyError::NotInRam(6))), "{:?}", err.err());
+    }
+
+    #[test]
+    fn a_long_run_of_pending_pages_moved_away_waits_as_a_dropped_page_does() {
+        let Ok(uffd) = Userfault::new() else {
+            eprintln!("skipped: no userfaultfd here");
+            return;
+        };
+        let map = crate::vstate::uffd::Mapping::new(512);
+        let (base, len) = (map.0 as usize, map.1);
+        // SAFETY (writes and reads): pages of the live mapping; a missing one waits for
+        // the server.
+        let write =
+            |page: usize| unsafe { std::ptr::write_volatile((base + page * PAGE) as *mut u64, page as u64 + 1) };
+        let read = move |page: usize| unsafe { std::ptr::read_volatile((base + page * PAGE) as *const u64) };
+        (0..512).for_each(write);
+        // Pages 10..400 are stale: long enough to be moved away rather than dropped.
+        let mut pending = DirtySet::new(512);
+        (10..400).for_each(|p| pending.set(p));
+        let memory = PostCopyMemory::start(uffd, RamLayout::new([(base, len)]), &pending).unwrap();
+        assert_eq!((read(9), read(400)), (10, 401), "the pages around the run stay");
+        reader_waits_until_placed(&memory, 200, std::thread::spawn(move || read(200)));
+        for p in (10..400).filter(|&p| p != 200) {
+            memory.place(p as u64, None).unwrap();
+        }
+        memory.finish().unwrap();
+        assert_eq!((read(10), read(200), read(399)), (0, 0x5e, 0), "placed pages read what was placed");
     }
 }
