@@ -177,10 +177,8 @@ impl PostCopyMemory {
         for (first, count) in pending.runs() {
             layout.host_ranges(first, count, &mut ranges)?;
         }
-        // SAFETY: each range lies inside one region of guest RAM, which this process mapped
-        // anonymous and private; dropping its pages makes them missing, and
-        // the userfaultfd registered above makes a later touch wait for them. The VM is
-        // paused and no device runs, so nothing reads them meanwhile.
+        // Dropped pages are missing: the userfaultfd registered above makes a later touch wait.
+        // SAFETY: each range is in one region of our private anonymous guest RAM; the VM is paused.
         unsafe { memory::discard(&ranges) }
             .map_err(|e| PostCopyError::Drop { page: layout.page(e.addr).unwrap_or_default(), source: e })?;
         let shared = Arc::new(Shared {
@@ -422,10 +420,11 @@ mod tests {
         };
         let map = crate::vstate::uffd::Mapping::new(512);
         let (base, len) = (map.0 as usize, map.1);
-        // SAFETY (writes and reads): pages of the live mapping; a missing one waits for
-        // the server.
-        let write =
-            |page: usize| unsafe { std::ptr::write_volatile((base + page * PAGE) as *mut u64, page as u64 + 1) };
+        let write = |page: usize| {
+            // SAFETY: a page of the live mapping, before the post-copy starts.
+            unsafe { std::ptr::write_volatile((base + page * PAGE) as *mut u64, page as u64 + 1) }
+        };
+        // SAFETY: a page of the live mapping; a missing one waits for the server.
         let read = move |page: usize| unsafe { std::ptr::read_volatile((base + page * PAGE) as *const u64) };
         (0..512).for_each(write);
         // Pages 10..400 are stale: long enough to be moved away rather than dropped.

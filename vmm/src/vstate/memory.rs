@@ -54,10 +54,10 @@ pub unsafe fn discard(ranges: &[(usize, usize)]) -> Result<(), DiscardError> {
     let mut in_place = Vec::with_capacity(ranges.len());
     for &(addr, len) in ranges {
         if len >= MOVE_AWAY_BYTES && moved.len() < MOVE_AWAY_MAX {
-            // SAFETY: the caller promises the range is private anonymous memory of this
-            // process that nothing relies on; its pages go to a new mapping that the
-            // kernel places where nothing is, and the range stays mapped, empty. The
-            // variadic new address is given (null: no hint), or the kernel reads garbage.
+            // The pages go to a new mapping the kernel places where nothing is; the range stays
+            // mapped, empty. The variadic new address is given (null: no hint), or the kernel
+            // reads garbage and refuses.
+            // SAFETY: the caller promises private anonymous memory of ours that nothing relies on.
             let to = unsafe {
                 libc::mremap(
                     addr as *mut libc::c_void,
@@ -76,23 +76,23 @@ pub unsafe fn discard(ranges: &[(usize, usize)]) -> Result<(), DiscardError> {
         in_place.push((addr, len));
     }
     free_in_background(moved);
-    let mut batched = true;
+    // process_madvise names its process by a pidfd: this one's, opened once.
+    let mut pidfd = if in_place.is_empty() { None } else { own_pidfd().ok() };
     for batch in in_place.chunks(DISCARD_BATCH) {
-        if batched {
-            match process_madvise_dontneed(batch) {
+        if let Some(fd) = &pidfd {
+            match process_madvise_dontneed(fd, batch) {
                 Ok(()) => continue,
                 // Not this kernel's (old, or MADV_DONTNEED not taken there): range by range.
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS | libc::EPERM)) => {
                     tracing::debug!("process_madvise refused ({e}): one madvise a range");
-                    batched = false
+                    pidfd = None
                 }
                 // Any other failure is found, and named, range by range.
                 Err(_) => {}
             }
         }
         for &(addr, len) in batch {
-            // SAFETY: the caller promises the range is private anonymous memory of this
-            // process that nothing relies on; dropping its pages unmaps nothing.
+            // SAFETY: the caller promises private anonymous memory of ours that nothing relies on.
             if unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_DONTNEED) } != 0 {
                 return Err(DiscardError { addr, len, source: std::io::Error::last_os_error() });
             }
@@ -120,31 +120,27 @@ fn free_in_background(moved: Vec<(usize, usize)>) {
     }
 }
 
-/// One process_madvise(2) call with MADV_DONTNEED on this process; an error also when the
-/// kernel advised less than all of `batch`.
-fn process_madvise_dontneed(batch: &[(usize, usize)]) -> std::io::Result<()> {
-    use std::os::fd::{FromRawFd, OwnedFd};
-    let iov: Vec<libc::iovec> =
-        batch.iter().map(|&(addr, len)| libc::iovec { iov_base: addr as *mut libc::c_void, iov_len: len }).collect();
+/// A pidfd of this process, for process_madvise(2).
+fn own_pidfd() -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
     // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0) };
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }
     // SAFETY: `fd` was just returned by pidfd_open and is owned by nothing else.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    // SAFETY: the kernel reads `iov.len()` iovecs from `iov`, which lives across the call;
-    // the ranges are `discard`'s, whose caller answers for them.
-    let advised = unsafe {
-        libc::syscall(
-            libc::SYS_process_madvise,
-            std::os::fd::AsRawFd::as_raw_fd(&pidfd),
-            iov.as_ptr(),
-            iov.len(),
-            libc::MADV_DONTNEED,
-            0,
-        )
-    };
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// One process_madvise(2) call with MADV_DONTNEED on this process (`pidfd`); an error also
+/// when the kernel advised less than all of `batch`.
+fn process_madvise_dontneed(pidfd: &std::os::fd::OwnedFd, batch: &[(usize, usize)]) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let iov: Vec<libc::iovec> =
+        batch.iter().map(|&(addr, len)| libc::iovec { iov_base: addr as *mut libc::c_void, iov_len: len }).collect();
+    let (fd, iovs, n) = (pidfd.as_raw_fd(), iov.as_ptr(), iov.len());
+    // SAFETY: the kernel reads `n` iovecs at `iovs` (alive across the call); `discard`'s caller answers for the ranges.
+    let advised = unsafe { libc::syscall(libc::SYS_process_madvise, fd, iovs, n, libc::MADV_DONTNEED, 0) };
     let wanted: usize = batch.iter().map(|&(_, len)| len).sum();
     match advised {
         n if n < 0 => Err(std::io::Error::last_os_error()),
